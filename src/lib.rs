@@ -1,0 +1,17 @@
+//! A pool of worker processes with the API of Python's `multiprocessing.Pool`.
+#![warn(missing_docs)]
+
+mod codec;
+mod error;
+mod pool;
+mod result;
+mod server;
+mod supervisor;
+mod sys;
+mod task;
+mod wire;
+mod worker;
+
+pub use error::{CodecError, Error, Result};
+pub use pool::{Data, MapOptions, Pool, PoolBuilder, TaskOptions};
+pub use result::{AsyncResult, Imap, ImapUnordered, MapResult};

@@ -1,0 +1,782 @@
+//! [`Pool`] and [`PoolBuilder`]: the public API.
+
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::result::{
+    AsyncResult, Feeder, Group, Hook, Imap, ImapUnordered, MapResult, Outcome, Payload, Pending,
+    Slot, assemble, decode_payload,
+};
+use crate::server::{self, Init, Spec};
+use crate::supervisor::{self, Config, JobSpec, Phase, Shared};
+use crate::sys;
+use crate::task::{self, TaskFn};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::marker::PhantomData;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// A value that can travel to a worker and back: anything serde can
+/// serialize and deserialize into an owned value.
+pub trait Data: Serialize + DeserializeOwned + Send + 'static {}
+impl<T: Serialize + DeserializeOwned + Send + 'static> Data for T {}
+
+type OnSuccess<R> = Box<dyn FnOnce(&R) + Send>;
+type OnError = Box<dyn FnOnce(&Error) + Send>;
+
+/// Per-task settings for [`Pool::apply_async_with`]: a timeout, retries and
+/// callbacks. Callbacks run on the pool's result-handler thread, one at a
+/// time, in completion order, before the result becomes ready; a callback
+/// that panics turns the task's result into [`Error::CallbackPanicked`].
+///
+/// ```
+/// use procpool::{Pool, TaskOptions};
+/// use std::sync::mpsc;
+/// fn square(x: u64) -> u64 { x * x }
+/// let pool = Pool::builder().processes(2).build()?;
+/// let (tx, rx) = mpsc::channel();
+/// let r = pool.apply_async_with(square, 9, TaskOptions::new().on_success(move |v: &u64| {
+///     tx.send(*v).unwrap();
+/// }))?;
+/// assert_eq!(r.get()?, 81);
+/// assert_eq!(rx.recv().unwrap(), 81);
+/// # Ok::<(), procpool::Error>(())
+/// ```
+pub struct TaskOptions<R> {
+    timeout: Option<Duration>,
+    retries: Option<u32>,
+    on_success: Option<OnSuccess<R>>,
+    on_error: Option<OnError>,
+}
+
+impl<R> Default for TaskOptions<R> {
+    fn default() -> Self {
+        TaskOptions {
+            timeout: None,
+            retries: None,
+            on_success: None,
+            on_error: None,
+        }
+    }
+}
+
+impl<R> TaskOptions<R> {
+    /// No timeout beyond the pool's, no retries beyond the pool's, no callbacks.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Kill the worker and fail the task with [`Error::Timeout`] if it runs
+    /// longer than this (overrides the pool's default).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Run the task again, up to `n` times, if its worker dies under it
+    /// (overrides the pool's default). Only for idempotent work.
+    pub fn retries(mut self, n: u32) -> Self {
+        self.retries = Some(n);
+        self
+    }
+
+    /// Called with the value on the result-handler thread.
+    pub fn on_success(mut self, f: impl FnOnce(&R) + Send + 'static) -> Self {
+        self.on_success = Some(Box::new(f));
+        self
+    }
+
+    /// Called with the error on the result-handler thread.
+    pub fn on_error(mut self, f: impl FnOnce(&Error) + Send + 'static) -> Self {
+        self.on_error = Some(Box::new(f));
+        self
+    }
+}
+
+impl<R> std::fmt::Debug for TaskOptions<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskOptions")
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .field("on_success", &self.on_success.is_some())
+            .field("on_error", &self.on_error.is_some())
+            .finish()
+    }
+}
+
+/// Settings for the map family: chunk size, per-chunk timeout and retries,
+/// how many chunks an `imap` keeps in flight, and (for `map_async_with`)
+/// callbacks that receive the whole list.
+///
+/// ```
+/// use procpool::{MapOptions, Pool};
+/// fn inc(x: u32) -> u32 { x + 1 }
+/// let pool = Pool::builder().processes(2).build()?;
+/// let v = pool.map_with(inc, 0..10, MapOptions::new().chunksize(3))?;
+/// assert_eq!(v, (1..11).collect::<Vec<_>>());
+/// # Ok::<(), procpool::Error>(())
+/// ```
+pub struct MapOptions<R> {
+    chunksize: Option<usize>,
+    timeout: Option<Duration>,
+    retries: Option<u32>,
+    in_flight: Option<usize>,
+    on_success: Option<OnSuccess<Vec<R>>>,
+    on_error: Option<OnError>,
+}
+
+impl<R> Default for MapOptions<R> {
+    fn default() -> Self {
+        MapOptions {
+            chunksize: None,
+            timeout: None,
+            retries: None,
+            in_flight: None,
+            on_success: None,
+            on_error: None,
+        }
+    }
+}
+
+impl<R> MapOptions<R> {
+    /// The defaults: CPython's chunk sizes, the pool's timeout and retries.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Items per task. `map` defaults to ceil(n / (4 × workers)) as in
+    /// CPython; `imap` and `imap_unordered` to 1. Zero counts as 1.
+    pub fn chunksize(mut self, n: usize) -> Self {
+        self.chunksize = Some(n.max(1));
+        self
+    }
+
+    /// A timeout for each chunk (see [`TaskOptions::timeout`]).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Retries for each chunk whose worker dies (see [`TaskOptions::retries`]).
+    pub fn retries(mut self, n: u32) -> Self {
+        self.retries = Some(n);
+        self
+    }
+
+    /// For `imap`: at most this many chunks in flight (default: enough to
+    /// keep every worker busy, at least 4 per worker).
+    pub fn in_flight(mut self, chunks: usize) -> Self {
+        self.in_flight = Some(chunks.max(1));
+        self
+    }
+
+    /// For `map_async_with`: called with every value, in input order.
+    pub fn on_success(mut self, f: impl FnOnce(&Vec<R>) + Send + 'static) -> Self {
+        self.on_success = Some(Box::new(f));
+        self
+    }
+
+    /// For `map_async_with`: called with the first error in input order.
+    pub fn on_error(mut self, f: impl FnOnce(&Error) + Send + 'static) -> Self {
+        self.on_error = Some(Box::new(f));
+        self
+    }
+}
+
+impl<R> std::fmt::Debug for MapOptions<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MapOptions")
+            .field("chunksize", &self.chunksize)
+            .field("timeout", &self.timeout)
+            .field("retries", &self.retries)
+            .field("in_flight", &self.in_flight)
+            .finish()
+    }
+}
+
+/// Builds a [`Pool`].
+///
+/// ```
+/// fn setup(level: u32) { let _ = level; }
+/// fn work(x: u32) -> u32 { x * 2 }
+/// let pool = procpool::Pool::builder()
+///     .processes(2)
+///     .initializer(setup, 3)
+///     .max_tasks_per_child(1000)
+///     .build()?;
+/// assert_eq!(pool.apply(work, 21)?, 42);
+/// # Ok::<(), procpool::Error>(())
+/// ```
+#[derive(Debug, Default)]
+pub struct PoolBuilder {
+    processes: Option<usize>,
+    init: Option<std::result::Result<Init, Error>>,
+    max_tasks_per_child: Option<u64>,
+    timeout: Option<Duration>,
+    retries: u32,
+}
+
+impl std::fmt::Debug for Init {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Init")
+            .field("arg_bytes", &self.arg.len())
+            .finish()
+    }
+}
+
+impl PoolBuilder {
+    /// The number of worker processes (default: the CPU count). Zero is an error.
+    pub fn processes(mut self, n: usize) -> Self {
+        self.processes = Some(n);
+        self
+    }
+
+    /// A function that every worker runs once, with `arg`, before its first
+    /// task (replacements too). If it panics or the worker dies in it,
+    /// [`build`](Self::build) returns [`Error::InitializerFailed`]; a pool
+    /// never respawns a worker whose initializer failed.
+    pub fn initializer<A: Data>(mut self, f: fn(A), arg: A) -> Self {
+        let mut bytes = Vec::new();
+        self.init = Some(match codec::encode_into(&arg, &mut bytes) {
+            Ok(()) => Ok(Init {
+                f: TaskFn::single::<A, ()>(f),
+                arg: bytes,
+            }),
+            Err(source) => Err(Error::Encode {
+                what: "argument",
+                source,
+            }),
+        });
+        self
+    }
+
+    /// A worker exits after this many tasks (chunks, for the map family) and
+    /// is replaced, as CPython's `maxtasksperchild`. Zero is an error.
+    pub fn max_tasks_per_child(mut self, n: u64) -> Self {
+        self.max_tasks_per_child = Some(n);
+        self
+    }
+
+    /// A default timeout for every task (see [`TaskOptions::timeout`]).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Default retries for a task whose worker dies (see [`TaskOptions::retries`]).
+    pub fn retries(mut self, n: u32) -> Self {
+        self.retries = n;
+        self
+    }
+
+    /// Forks the fork server, starts the workers (running the initializer in
+    /// each) and returns once every worker is ready.
+    pub fn build(self) -> Result<Pool> {
+        let processes = match self.processes {
+            Some(0) => return Err(Error::Config("processes must be at least 1")),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        if self.max_tasks_per_child == Some(0) {
+            return Err(Error::Config("max_tasks_per_child must be at least 1"));
+        }
+        let init = self.init.transpose()?;
+        let cfg = Config {
+            processes,
+            max_tasks_per_child: self.max_tasks_per_child,
+            timeout: self.timeout,
+            retries: self.retries,
+        };
+        let slots = processes * 2;
+        let words = Arc::new(
+            sys::SharedWords::new(slots).map_err(|e| Error::io("mapping shared memory", e))?,
+        );
+        let (parent_end, server_end) =
+            sys::seqpacket_pair().map_err(|e| Error::io("creating the fork server socket", e))?;
+        let spec = Spec {
+            init,
+            words: words.clone(),
+            sock_buf: 1 << 20,
+        };
+        // Hold the stdio locks across the fork: no other thread is then in
+        // the middle of printing, and the children (whose one thread is a
+        // copy of this one) own the locks and can print. Flush so buffered
+        // output is not printed twice.
+        let mut out = std::io::stdout().lock();
+        let mut err = std::io::stderr().lock();
+        let _ = out.flush();
+        let _ = err.flush();
+        let forked = sys::fork().map_err(|e| Error::io("forking the fork server", e));
+        let server_pid = match forked? {
+            sys::Forked::Child => {
+                drop(parent_end);
+                server::run(server_end, &spec)
+            }
+            sys::Forked::Parent(pid) => pid,
+        };
+        drop(err);
+        drop(out);
+        drop(server_end);
+        let shared = Shared::new(cfg, parent_end, server_pid, words, slots)?;
+        let s2 = shared.clone();
+        let io = std::thread::Builder::new()
+            .name("procpool-supervisor".into())
+            .spawn(move || supervisor::run(s2))
+            .map_err(|e| {
+                shared.terminate();
+                Error::io("starting the supervisor thread", e)
+            })?;
+        let pool = Pool {
+            shared,
+            io: Mutex::new(Some(io)),
+        };
+        pool.shared.start_workers()?;
+        Ok(pool)
+    }
+}
+
+/// A pool of worker processes.
+///
+/// Tasks are plain functions `fn(A) -> R` whose argument and result travel
+/// serialized. A task that panics fails alone; a worker that dies fails
+/// only the task it held and is replaced. Dropping the pool terminates it:
+/// workers are killed and reaped, outstanding results resolve with
+/// [`Error::Terminated`]. `Pool` is `Send + Sync`: share it between threads
+/// by reference or in an `Arc`.
+///
+/// ```
+/// use procpool::Pool;
+/// fn square(x: u64) -> u64 { x * x }
+/// fn add((a, b): (i64, i64)) -> i64 { a + b }
+///
+/// let pool = Pool::builder().processes(2).build()?;
+/// assert_eq!(pool.apply(square, 12)?, 144);
+/// assert_eq!(pool.map(square, 1..=4)?, vec![1, 4, 9, 16]);
+/// assert_eq!(pool.map(add, vec![(1, 2), (3, 4)])?, vec![3, 7]);   // starmap
+/// let r = pool.apply_async(square, 5)?;
+/// assert_eq!(r.get()?, 25);
+/// pool.close();
+/// pool.join()?;
+/// # Ok::<(), procpool::Error>(())
+/// ```
+///
+/// A capturing closure cannot be a task, since what it captures could not
+/// travel:
+///
+/// ```compile_fail
+/// let pool = procpool::Pool::new().unwrap();
+/// let k = 3;
+/// pool.apply(move |x: i32| x + k, 1);
+/// ```
+pub struct Pool {
+    shared: Arc<Shared>,
+    io: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("processes", &self.shared.cfg.processes)
+            .field("phase", &self.shared.phase())
+            .finish()
+    }
+}
+
+fn encode_arg<A: Serialize>(arg: &A) -> Result<Vec<u8>> {
+    let mut v = Vec::new();
+    codec::encode_into(arg, &mut v).map_err(|source| Error::Encode {
+        what: "argument",
+        source,
+    })?;
+    Ok(v)
+}
+
+impl Pool {
+    /// A pool with one worker per CPU (`std::thread::available_parallelism`).
+    pub fn new() -> Result<Pool> {
+        Pool::builder().build()
+    }
+
+    /// A builder for a pool with other settings.
+    pub fn builder() -> PoolBuilder {
+        PoolBuilder::default()
+    }
+
+    /// The number of worker processes the pool keeps.
+    pub fn processes(&self) -> usize {
+        self.shared.cfg.processes
+    }
+
+    /// The pids of the live workers.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.shared.worker_pids()
+    }
+
+    /// Runs `f(arg)` in a worker and waits for its value.
+    pub fn apply<A: Data, R: Data>(&self, f: fn(A) -> R, arg: A) -> Result<R> {
+        self.apply_async(f, arg)?.get()
+    }
+
+    /// [`apply`](Self::apply) with per-task options.
+    pub fn apply_with<A: Data, R: Data>(
+        &self,
+        f: fn(A) -> R,
+        arg: A,
+        opts: TaskOptions<R>,
+    ) -> Result<R> {
+        self.apply_async_with(f, arg, opts)?.get()
+    }
+
+    /// Queues `f(arg)` and returns at once. Fails with [`Error::Closed`]
+    /// after [`close`](Self::close), [`Error::Terminated`] after
+    /// [`terminate`](Self::terminate), and [`Error::Encode`] if `arg`
+    /// cannot be serialized.
+    pub fn apply_async<A: Data, R: Data>(&self, f: fn(A) -> R, arg: A) -> Result<AsyncResult<R>> {
+        self.apply_async_with(f, arg, TaskOptions::default())
+    }
+
+    /// [`apply_async`](Self::apply_async) with a timeout, retries and callbacks.
+    pub fn apply_async_with<A: Data, R: Data>(
+        &self,
+        f: fn(A) -> R,
+        arg: A,
+        opts: TaskOptions<R>,
+    ) -> Result<AsyncResult<R>> {
+        let payload = encode_arg(&arg)?;
+        let hook = match (opts.on_success, opts.on_error) {
+            (None, None) => Hook::None,
+            (ok, err) => Hook::Handler(Box::new(move |o: Outcome| {
+                let r = decode_payload::<R>(o);
+                run_callbacks(r, ok, err)
+            })),
+        };
+        let slot = self.shared.new_slot();
+        self.shared.submit(vec![(
+            slot.clone(),
+            JobSpec {
+                f: TaskFn::single(f),
+                payload,
+                hook,
+                timeout: opts.timeout,
+                retries: opts.retries,
+            },
+        )])?;
+        Ok(AsyncResult {
+            slot,
+            pool: Arc::downgrade(&self.shared),
+            _r: PhantomData,
+        })
+    }
+
+    /// Applies `f` to every item, in chunks, and returns the values in input
+    /// order. On failure, returns the first error in input order, once every
+    /// chunk has finished.
+    pub fn map<A: Data, R: Data>(
+        &self,
+        f: fn(A) -> R,
+        items: impl IntoIterator<Item = A>,
+    ) -> Result<Vec<R>> {
+        self.map_async(f, items)?.get()
+    }
+
+    /// [`map`](Self::map) with options (chunk size, timeout, retries).
+    pub fn map_with<A: Data, R: Data>(
+        &self,
+        f: fn(A) -> R,
+        items: impl IntoIterator<Item = A>,
+        opts: MapOptions<R>,
+    ) -> Result<Vec<R>> {
+        self.map_async_with(f, items, opts)?.get()
+    }
+
+    /// Queues a map and returns at once; see [`MapResult`].
+    pub fn map_async<A: Data, R: Data>(
+        &self,
+        f: fn(A) -> R,
+        items: impl IntoIterator<Item = A>,
+    ) -> Result<MapResult<R>> {
+        self.map_async_with(f, items, MapOptions::default())
+    }
+
+    /// [`map_async`](Self::map_async) with options and callbacks (which
+    /// receive the whole list, or the first error).
+    pub fn map_async_with<A: Data, R: Data>(
+        &self,
+        f: fn(A) -> R,
+        items: impl IntoIterator<Item = A>,
+        opts: MapOptions<R>,
+    ) -> Result<MapResult<R>> {
+        let items: Vec<A> = items.into_iter().collect();
+        let total = items.len();
+        let chunksize = opts
+            .chunksize
+            .unwrap_or_else(|| total.div_ceil(4 * self.processes()).max(1));
+        let tf = TaskFn::chunk(f);
+        let mut payloads = Vec::with_capacity(total.div_ceil(chunksize));
+        for chunk in items.chunks(chunksize) {
+            let mut p = Vec::new();
+            for a in chunk {
+                task::push_item(&mut p, a).map_err(|source| Error::Encode {
+                    what: "argument",
+                    source,
+                })?;
+            }
+            payloads.push((p, chunk.len()));
+        }
+        drop(items);
+        let first = self.shared.reserve_ids(payloads.len() as u64);
+        let done = Slot::new(0);
+        let group = Group::new(payloads.len(), done.clone());
+        let chunks: Vec<Arc<Slot>> = (0..payloads.len())
+            .map(|i| Slot::new(first + i as u64))
+            .collect();
+        if opts.on_success.is_some() || opts.on_error.is_some() {
+            let (ok, err) = (opts.on_success, opts.on_error);
+            let cs = chunks.clone();
+            group.set_on_done(Box::new(move || {
+                run_callbacks(assemble::<R>(&cs, total), ok, err)
+            }));
+        }
+        if payloads.is_empty() {
+            // Nothing to run: the map is done now (callbacks still run on the
+            // result-handler thread).
+            let f = group.set_on_done_take();
+            match f {
+                Some(f) => {
+                    let d = done.clone();
+                    self.shared.handler.run(Box::new(move || d.set(f())));
+                }
+                None => done.set(Ok(Payload::Unit)),
+            }
+        } else {
+            let jobs = payloads
+                .into_iter()
+                .zip(chunks.iter())
+                .map(|((payload, n), slot)| {
+                    (
+                        slot.clone(),
+                        JobSpec {
+                            f: tf,
+                            payload,
+                            hook: Hook::Group(group.clone(), n),
+                            timeout: opts.timeout,
+                            retries: opts.retries,
+                        },
+                    )
+                })
+                .collect();
+            self.shared.submit(jobs)?;
+        }
+        Ok(MapResult {
+            chunks,
+            group,
+            total,
+            pool: Arc::downgrade(&self.shared),
+            early: None,
+            _r: PhantomData,
+        })
+    }
+
+    fn feeder<'a, A: Data, R: Data>(
+        &self,
+        f: fn(A) -> R,
+        items: impl IntoIterator<Item = A, IntoIter: 'a>,
+        opts: &MapOptions<R>,
+    ) -> (Box<dyn Feeder + 'a>, usize) {
+        let chunksize = opts.chunksize.unwrap_or(1);
+        let in_flight = opts
+            .in_flight
+            .unwrap_or_else(|| (4 * self.processes()).max(4096usize.div_ceil(chunksize)));
+        (
+            Box::new(ChunkFeeder {
+                it: items.into_iter(),
+                f: TaskFn::chunk(f),
+                chunksize,
+                shared: self.shared.clone(),
+                timeout: opts.timeout,
+                retries: opts.retries,
+            }),
+            in_flight,
+        )
+    }
+
+    /// A lazy iterator of `f(item)` for every item, in input order (chunk
+    /// size 1). It pulls input only as results are consumed and keeps a
+    /// bounded number of tasks in flight, so an endless input is fine.
+    pub fn imap<'a, A: Data, R: Data>(
+        &self,
+        f: fn(A) -> R,
+        items: impl IntoIterator<Item = A, IntoIter: 'a>,
+    ) -> Imap<'a, R> {
+        self.imap_with(f, items, MapOptions::default())
+    }
+
+    /// [`imap`](Self::imap) with options (chunk size, in-flight bound, ...).
+    pub fn imap_with<'a, A: Data, R: Data>(
+        &self,
+        f: fn(A) -> R,
+        items: impl IntoIterator<Item = A, IntoIter: 'a>,
+        opts: MapOptions<R>,
+    ) -> Imap<'a, R> {
+        let (feeder, max_in_flight) = self.feeder(f, items, &opts);
+        Imap {
+            feeder,
+            window: VecDeque::new(),
+            ready: VecDeque::new(),
+            max_in_flight,
+            exhausted: false,
+            pool: Arc::downgrade(&self.shared),
+        }
+    }
+
+    /// Like [`imap`](Self::imap), but yields results in the order they finish.
+    pub fn imap_unordered<'a, A: Data, R: Data>(
+        &self,
+        f: fn(A) -> R,
+        items: impl IntoIterator<Item = A, IntoIter: 'a>,
+    ) -> ImapUnordered<'a, R> {
+        self.imap_unordered_with(f, items, MapOptions::default())
+    }
+
+    /// [`imap_unordered`](Self::imap_unordered) with options.
+    pub fn imap_unordered_with<'a, A: Data, R: Data>(
+        &self,
+        f: fn(A) -> R,
+        items: impl IntoIterator<Item = A, IntoIter: 'a>,
+        opts: MapOptions<R>,
+    ) -> ImapUnordered<'a, R> {
+        let (feeder, max_in_flight) = self.feeder(f, items, &opts);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        ImapUnordered {
+            feeder,
+            in_flight: HashMap::new(),
+            ready: VecDeque::new(),
+            max_in_flight,
+            exhausted: false,
+            next_index: 0,
+            tx,
+            rx,
+            pool: Arc::downgrade(&self.shared),
+        }
+    }
+
+    /// Stops taking tasks; queued tasks still run. Then [`join`](Self::join)
+    /// waits for them and for the workers to exit.
+    pub fn close(&self) {
+        self.shared.close();
+    }
+
+    /// Kills the workers at once and resolves every outstanding result with
+    /// [`Error::Terminated`]; returns once every process of the pool is reaped.
+    pub fn terminate(&self) {
+        self.shared.terminate();
+        self.join_supervisor();
+    }
+
+    /// Waits for the workers to finish and exit, and reaps them. Allowed only
+    /// after [`close`](Self::close) or [`terminate`](Self::terminate), as in
+    /// CPython: otherwise [`Error::StillRunning`].
+    pub fn join(&self) -> Result<()> {
+        if self.shared.phase() == Phase::Running {
+            return Err(Error::StillRunning);
+        }
+        self.join_supervisor();
+        Ok(())
+    }
+
+    fn join_supervisor(&self) {
+        let h = self.io.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = h {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// Runs the user's callbacks on the result-handler thread and returns what
+/// the result then holds.
+fn run_callbacks<R: Send + 'static>(
+    r: Result<R>,
+    ok: Option<OnSuccess<R>>,
+    err: Option<OnError>,
+) -> Outcome {
+    let called = catch_unwind(AssertUnwindSafe(|| match &r {
+        Ok(v) => {
+            if let Some(f) = ok {
+                f(v)
+            }
+        }
+        Err(e) => {
+            if let Some(f) = err {
+                f(e)
+            }
+        }
+    }));
+    match called {
+        Err(p) => Err(Error::CallbackPanicked {
+            message: task::panic_message(&*p),
+        }),
+        Ok(()) => r.map(|v| Payload::Value(Box::new(v))),
+    }
+}
+
+struct ChunkFeeder<I> {
+    it: I,
+    f: TaskFn,
+    chunksize: usize,
+    shared: Arc<Shared>,
+    timeout: Option<Duration>,
+    retries: Option<u32>,
+}
+
+impl<I> Feeder for ChunkFeeder<I>
+where
+    I: Iterator,
+    I::Item: Serialize,
+{
+    fn next_chunk(&mut self, hook: &mut dyn FnMut(usize) -> Hook) -> Option<Pending> {
+        let mut payload = Vec::new();
+        let mut n = 0;
+        let mut err = None;
+        while n < self.chunksize {
+            let Some(a) = self.it.next() else { break };
+            if let Err(e) = task::push_item(&mut payload, &a) {
+                err.get_or_insert(e);
+            }
+            n += 1;
+        }
+        if n == 0 {
+            return None;
+        }
+        if let Some(source) = err {
+            return Some(Pending::Failed(
+                Error::Encode {
+                    what: "argument",
+                    source,
+                },
+                n,
+            ));
+        }
+        let slot = self.shared.new_slot();
+        let spec = JobSpec {
+            f: self.f,
+            payload,
+            hook: hook(n),
+            timeout: self.timeout,
+            retries: self.retries,
+        };
+        match self.shared.submit(vec![(slot.clone(), spec)]) {
+            Ok(()) => Some(Pending::Chunk(slot, n)),
+            Err(e) => Some(Pending::Failed(e, n)),
+        }
+    }
+}

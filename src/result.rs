@@ -1,0 +1,666 @@
+//! What a caller holds while a task runs: [`AsyncResult`], [`MapResult`] and
+//! the `imap` iterators, and the slot each of them waits on.
+
+use crate::error::{Error, Result};
+use crate::supervisor::Shared;
+use crate::task;
+use crossbeam_channel::{Receiver, Sender};
+use serde::de::DeserializeOwned;
+use std::any::Any;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// The output bytes of a task: `vec[start..]`.
+pub(crate) struct Buf {
+    pub(crate) vec: Vec<u8>,
+    pub(crate) start: usize,
+}
+
+impl Buf {
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.vec[self.start..]
+    }
+}
+
+/// A finished task's value before the caller takes it.
+pub(crate) enum Payload {
+    /// The encoded output, decoded by whoever takes it.
+    Bytes(Buf),
+    /// A value already decoded (by the result-handler thread, for callbacks).
+    Value(Box<dyn Any + Send>),
+    /// Nothing: the value lives elsewhere (a map's chunks).
+    Unit,
+}
+
+pub(crate) type Outcome = Result<Payload>;
+
+/// What to do when a task finishes, besides storing its outcome.
+pub(crate) enum Hook {
+    None,
+    /// Run on the result-handler thread; its return value is stored.
+    Handler(Box<dyn FnOnce(Outcome) -> Outcome + Send>),
+    /// Send this index on the channel once stored (imap_unordered).
+    Notify(Sender<usize>, usize),
+    /// One chunk (of this many items) of a map.
+    Group(Arc<Group>, usize),
+}
+
+/// Where one task's outcome lands.
+pub(crate) struct Slot {
+    pub(crate) id: u64,
+    m: Mutex<SlotState>,
+    cv: Condvar,
+}
+
+struct SlotState {
+    outcome: Option<Outcome>,
+    taken: bool,
+    waker: Option<Waker>,
+}
+
+impl Slot {
+    pub(crate) fn new(id: u64) -> Arc<Slot> {
+        Arc::new(Slot {
+            id,
+            m: Mutex::new(SlotState {
+                outcome: None,
+                taken: false,
+                waker: None,
+            }),
+            cv: Condvar::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stores the outcome (the first one wins) and wakes every waiter.
+    pub(crate) fn set(&self, o: Outcome) {
+        let waker = {
+            let mut s = self.lock();
+            if s.outcome.is_some() || s.taken {
+                return;
+            }
+            s.outcome = Some(o);
+            s.waker.take()
+        };
+        self.cv.notify_all();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    pub(crate) fn is_ready(&self) -> bool {
+        let s = self.lock();
+        s.outcome.is_some() || s.taken
+    }
+
+    fn successful(&self) -> Option<bool> {
+        let s = self.lock();
+        s.outcome.as_ref().map(|o| o.is_ok())
+    }
+
+    pub(crate) fn wait(&self) {
+        let mut s = self.lock();
+        while s.outcome.is_none() && !s.taken {
+            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn wait_timeout(&self, d: Duration) -> bool {
+        let end = Instant::now() + d;
+        let mut s = self.lock();
+        while s.outcome.is_none() && !s.taken {
+            let now = Instant::now();
+            if now >= end {
+                return false;
+            }
+            s = self
+                .cv
+                .wait_timeout(s, end - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Waits, then takes the outcome out.
+    pub(crate) fn take(&self) -> Outcome {
+        let mut s = self.lock();
+        while s.outcome.is_none() && !s.taken {
+            s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.taken = true;
+        s.outcome.take().unwrap_or(Err(Error::Broken {
+            reason: "the result was already taken".into(),
+        }))
+    }
+
+    fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let mut s = self.lock();
+        if let Some(o) = s.outcome.take() {
+            s.taken = true;
+            return Poll::Ready(o);
+        }
+        if s.taken {
+            return Poll::Ready(Err(Error::Broken {
+                reason: "the result was already taken".into(),
+            }));
+        }
+        match &s.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => s.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+/// The pool's one result-handler thread, started on first use: callbacks
+/// run there, one at a time, in completion order.
+pub(crate) struct Handler {
+    tx: OnceLock<Sender<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Handler {
+    pub(crate) fn new() -> Self {
+        Handler {
+            tx: OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn run(&self, f: Box<dyn FnOnce() + Send>) {
+        let tx = self.tx.get_or_init(|| {
+            let (tx, rx) = crossbeam_channel::unbounded::<Box<dyn FnOnce() + Send>>();
+            let spawned = std::thread::Builder::new()
+                .name("procpool-results".into())
+                .spawn(move || {
+                    for f in rx {
+                        f();
+                    }
+                });
+            if spawned.is_err() {
+                // No thread: run handlers inline on the thread that completes them.
+                let (tx2, _) = crossbeam_channel::bounded(0);
+                return tx2;
+            }
+            tx
+        });
+        if let Err(e) = tx.send(f) {
+            (e.into_inner())();
+        }
+    }
+}
+
+/// The chunks of one map: counts them down and completes the map's own slot
+/// when the last one is in.
+pub(crate) struct Group {
+    remaining: AtomicUsize,
+    items_done: AtomicUsize,
+    pub(crate) done: Arc<Slot>,
+    on_done: Mutex<Option<Box<dyn FnOnce() -> Outcome + Send>>>,
+}
+
+impl Group {
+    pub(crate) fn new(chunks: usize, done: Arc<Slot>) -> Arc<Group> {
+        Arc::new(Group {
+            remaining: AtomicUsize::new(chunks),
+            items_done: AtomicUsize::new(0),
+            done,
+            on_done: Mutex::new(None),
+        })
+    }
+
+    pub(crate) fn set_on_done(&self, f: Box<dyn FnOnce() -> Outcome + Send>) {
+        *self.on_done.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+    }
+
+    pub(crate) fn set_on_done_take(&self) -> Option<Box<dyn FnOnce() -> Outcome + Send>> {
+        self.on_done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    fn chunk_done(self: &Arc<Self>, items: usize, handler: &Handler) {
+        self.items_done.fetch_add(items, Ordering::SeqCst);
+        if self.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let f = self
+                .on_done
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            match f {
+                Some(f) => {
+                    let done = self.done.clone();
+                    handler.run(Box::new(move || done.set(f())));
+                }
+                None => self.done.set(Ok(Payload::Unit)),
+            }
+        }
+    }
+}
+
+/// Stores a finished task's outcome, running its hook.
+pub(crate) fn complete(slot: Arc<Slot>, hook: Hook, outcome: Outcome, handler: &Handler) {
+    match hook {
+        Hook::None => slot.set(outcome),
+        Hook::Notify(tx, i) => {
+            slot.set(outcome);
+            let _ = tx.send(i);
+        }
+        Hook::Group(g, n) => {
+            slot.set(outcome);
+            g.chunk_done(n, handler);
+        }
+        Hook::Handler(f) => handler.run(Box::new(move || slot.set(f(outcome)))),
+    }
+}
+
+pub(crate) fn decode_payload<R: DeserializeOwned + 'static>(o: Outcome) -> Result<R> {
+    match o? {
+        Payload::Bytes(b) => task::decode_outcome(task::status::OK, b.bytes()),
+        Payload::Value(v) => v.downcast::<R>().map(|b| *b).map_err(|_| Error::Broken {
+            reason: "a stored value had an unexpected type".into(),
+        }),
+        Payload::Unit => Err(Error::Broken {
+            reason: "a result had no value".into(),
+        }),
+    }
+}
+
+/// The result of [`Pool::apply_async`](crate::Pool::apply_async): a task
+/// that runs in a worker while the caller goes on.
+///
+/// It resolves exactly once, to the task's value or an [`Error`]. It is
+/// also a [`Future`] with the same output, woken when the task finishes, so
+/// it can be awaited in any async runtime (the crate depends on none).
+///
+/// ```
+/// fn square(x: u64) -> u64 { x * x }
+/// let pool = procpool::Pool::builder().processes(2).build()?;
+/// let r = pool.apply_async(square, 7)?;
+/// r.wait();
+/// assert!(r.ready());
+/// assert_eq!(r.successful(), Some(true));
+/// assert_eq!(r.get()?, 49);
+/// # Ok::<(), procpool::Error>(())
+/// ```
+#[must_use = "the task's result is lost unless you get() or await it"]
+pub struct AsyncResult<R> {
+    pub(crate) slot: Arc<Slot>,
+    pub(crate) pool: Weak<Shared>,
+    pub(crate) _r: PhantomData<fn() -> R>,
+}
+
+impl<R: DeserializeOwned + 'static> AsyncResult<R> {
+    /// Whether the task has finished (with a value or an error).
+    pub fn ready(&self) -> bool {
+        self.slot.is_ready()
+    }
+
+    /// `None` until the task has finished; then whether it succeeded.
+    pub fn successful(&self) -> Option<bool> {
+        self.slot.successful()
+    }
+
+    /// Blocks until the task has finished.
+    pub fn wait(&self) {
+        self.slot.wait()
+    }
+
+    /// Blocks until the task has finished or `timeout` has passed; returns
+    /// whether it finished.
+    pub fn wait_timeout(&self, timeout: Duration) -> bool {
+        self.slot.wait_timeout(timeout)
+    }
+
+    /// Waits for the task and returns its value or its error.
+    pub fn get(self) -> Result<R> {
+        decode_payload(self.slot.take())
+    }
+
+    /// Cancels the task: a task still queued is removed; a task running in a
+    /// worker has its worker killed (and replaced). The result then resolves
+    /// with [`Error::Cancelled`]. Returns false if the task had already
+    /// finished (or the pool is gone).
+    pub fn cancel(&self) -> bool {
+        match self.pool.upgrade() {
+            Some(p) => p.cancel(&[self.slot.id]),
+            None => false,
+        }
+    }
+}
+
+impl<R: DeserializeOwned + 'static> Future for AsyncResult<R> {
+    type Output = Result<R>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<R>> {
+        self.slot.poll_take(cx).map(decode_payload)
+    }
+}
+
+impl<R> std::fmt::Debug for AsyncResult<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncResult")
+            .field("id", &self.slot.id)
+            .field("ready", &self.slot.is_ready())
+            .finish()
+    }
+}
+
+/// The result of [`Pool::map_async`](crate::Pool::map_async): the values of
+/// every item, in input order, once all chunks have finished.
+///
+/// ```
+/// fn double(x: i32) -> i32 { 2 * x }
+/// let pool = procpool::Pool::builder().processes(2).build()?;
+/// let r = pool.map_async(double, 0..100)?;
+/// let v = r.get()?;
+/// assert_eq!(v[99], 198);
+/// # Ok::<(), procpool::Error>(())
+/// ```
+#[must_use = "the map's results are lost unless you get() or await it"]
+pub struct MapResult<R> {
+    pub(crate) chunks: Vec<Arc<Slot>>,
+    pub(crate) group: Arc<Group>,
+    pub(crate) total: usize,
+    pub(crate) pool: Weak<Shared>,
+    pub(crate) early: Option<Error>,
+    pub(crate) _r: PhantomData<fn() -> R>,
+}
+
+pub(crate) fn assemble<R: DeserializeOwned>(chunks: &[Arc<Slot>], total: usize) -> Result<Vec<R>> {
+    let mut out = Vec::with_capacity(total);
+    let mut first: Option<Error> = None;
+    for c in chunks {
+        match c.take() {
+            Ok(Payload::Bytes(b)) => {
+                for item in task::decode_chunk::<R>(b.bytes()) {
+                    match item {
+                        Ok(v) if first.is_none() => out.push(v),
+                        Ok(_) => {}
+                        Err(e) => {
+                            first.get_or_insert(e);
+                        }
+                    }
+                }
+            }
+            Ok(_) => {
+                first.get_or_insert(Error::Broken {
+                    reason: "a chunk had no value".into(),
+                });
+            }
+            Err(e) => {
+                first.get_or_insert(e);
+            }
+        }
+    }
+    match first {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+impl<R: DeserializeOwned + 'static> MapResult<R> {
+    /// Whether every chunk has finished.
+    pub fn ready(&self) -> bool {
+        self.early.is_some() || self.group.done.is_ready()
+    }
+
+    /// Blocks until every chunk has finished.
+    pub fn wait(&self) {
+        if self.early.is_none() {
+            self.group.done.wait()
+        }
+    }
+
+    /// Blocks until every chunk has finished or `timeout` has passed.
+    pub fn wait_timeout(&self, timeout: Duration) -> bool {
+        self.early.is_some() || self.group.done.wait_timeout(timeout)
+    }
+
+    /// `None` until every chunk has finished; then whether all succeeded.
+    pub fn successful(&self) -> Option<bool> {
+        if self.early.is_some() {
+            return Some(false);
+        }
+        if !self.group.done.is_ready() {
+            return None;
+        }
+        if self.group.done.successful() == Some(false) {
+            return Some(false);
+        }
+        Some(self.chunks.iter().all(|c| c.successful() != Some(false)))
+    }
+
+    /// How many items have finished, out of how many.
+    pub fn progress(&self) -> (usize, usize) {
+        (self.group.items_done.load(Ordering::SeqCst), self.total)
+    }
+
+    /// Waits for every chunk and returns the values in input order, or the
+    /// first error in input order.
+    pub fn get(self) -> Result<Vec<R>> {
+        if let Some(e) = self.early {
+            return Err(e);
+        }
+        match self.group.done.take()? {
+            Payload::Value(v) => v
+                .downcast::<Vec<R>>()
+                .map(|b| *b)
+                .map_err(|_| Error::Broken {
+                    reason: "a stored value had an unexpected type".into(),
+                }),
+            _ => assemble(&self.chunks, self.total),
+        }
+    }
+
+    /// Cancels every chunk that has not finished (see [`AsyncResult::cancel`]).
+    /// Returns whether any was cancelled.
+    pub fn cancel(&self) -> bool {
+        let ids: Vec<u64> = self.chunks.iter().map(|c| c.id).collect();
+        match self.pool.upgrade() {
+            Some(p) => p.cancel(&ids),
+            None => false,
+        }
+    }
+}
+
+impl<R: DeserializeOwned + 'static> Future for MapResult<R> {
+    type Output = Result<Vec<R>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Vec<R>>> {
+        if let Some(e) = self.early.take() {
+            return Poll::Ready(Err(e));
+        }
+        match self.group.done.poll_take(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(Payload::Value(v))) => Poll::Ready(
+                v.downcast::<Vec<R>>()
+                    .map(|b| *b)
+                    .map_err(|_| Error::Broken {
+                        reason: "a stored value had an unexpected type".into(),
+                    }),
+            ),
+            Poll::Ready(Ok(_)) => Poll::Ready(assemble(&self.chunks, self.total)),
+        }
+    }
+}
+
+impl<R> std::fmt::Debug for MapResult<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MapResult")
+            .field("chunks", &self.chunks.len())
+            .field("items", &self.total)
+            .finish()
+    }
+}
+
+/// A chunk that an imap iterator has submitted (or failed to).
+pub(crate) enum Pending {
+    Chunk(Arc<Slot>, usize),
+    Failed(Error, usize),
+}
+
+/// Pulls input for an imap iterator, one chunk at a time.
+pub(crate) trait Feeder {
+    /// Submits the next chunk; None when the input is exhausted.
+    fn next_chunk(&mut self, hook: &mut dyn FnMut(usize) -> Hook) -> Option<Pending>;
+}
+
+fn unpack<R: DeserializeOwned>(p: Pending, into: &mut VecDeque<Result<R>>) {
+    match p {
+        Pending::Failed(e, n) => into.extend(std::iter::repeat_n(e, n).map(Err)),
+        Pending::Chunk(slot, n) => match slot.take() {
+            Ok(Payload::Bytes(b)) => into.extend(task::decode_chunk::<R>(b.bytes())),
+            Ok(_) => into.push_back(Err(Error::Broken {
+                reason: "a chunk had no value".into(),
+            })),
+            Err(e) => into.extend(std::iter::repeat_n(e, n).map(Err)),
+        },
+    }
+}
+
+/// The iterator of [`Pool::imap`](crate::Pool::imap): each item's
+/// `Result`, in input order. It pulls its input lazily and keeps a bounded
+/// number of chunks in flight, so an endless input runs in bounded memory.
+/// Dropping it cancels the chunks still in flight.
+#[must_use = "iterators are lazy: nothing runs until it is iterated"]
+pub struct Imap<'a, R> {
+    pub(crate) feeder: Box<dyn Feeder + 'a>,
+    pub(crate) window: VecDeque<Pending>,
+    pub(crate) ready: VecDeque<Result<R>>,
+    pub(crate) max_in_flight: usize,
+    pub(crate) exhausted: bool,
+    pub(crate) pool: Weak<Shared>,
+}
+
+impl<R: DeserializeOwned> Iterator for Imap<'_, R> {
+    type Item = Result<R>;
+
+    fn next(&mut self) -> Option<Result<R>> {
+        loop {
+            if let Some(x) = self.ready.pop_front() {
+                return Some(x);
+            }
+            while !self.exhausted && self.window.len() < self.max_in_flight {
+                match self.feeder.next_chunk(&mut |_| Hook::None) {
+                    Some(p) => self.window.push_back(p),
+                    None => self.exhausted = true,
+                }
+            }
+            let front = self.window.pop_front()?;
+            unpack(front, &mut self.ready);
+        }
+    }
+}
+
+fn cancel_pending(pool: &Weak<Shared>, pending: impl Iterator<Item = u64>) {
+    let ids: Vec<u64> = pending.collect();
+    if ids.is_empty() {
+        return;
+    }
+    if let Some(p) = pool.upgrade() {
+        p.cancel(&ids);
+    }
+}
+
+impl<R> Drop for Imap<'_, R> {
+    fn drop(&mut self) {
+        cancel_pending(
+            &self.pool,
+            self.window.iter().filter_map(|p| match p {
+                Pending::Chunk(s, _) if !s.is_ready() => Some(s.id),
+                _ => None,
+            }),
+        );
+    }
+}
+
+/// The iterator of [`Pool::imap_unordered`](crate::Pool::imap_unordered):
+/// each item's `Result`, in the order the chunks finish. Lazy and bounded
+/// like [`Imap`].
+#[must_use = "iterators are lazy: nothing runs until it is iterated"]
+pub struct ImapUnordered<'a, R> {
+    pub(crate) feeder: Box<dyn Feeder + 'a>,
+    pub(crate) in_flight: HashMap<usize, Pending>,
+    pub(crate) ready: VecDeque<Result<R>>,
+    pub(crate) max_in_flight: usize,
+    pub(crate) exhausted: bool,
+    pub(crate) next_index: usize,
+    pub(crate) tx: Sender<usize>,
+    pub(crate) rx: Receiver<usize>,
+    pub(crate) pool: Weak<Shared>,
+}
+
+impl<R: DeserializeOwned> Iterator for ImapUnordered<'_, R> {
+    type Item = Result<R>;
+
+    fn next(&mut self) -> Option<Result<R>> {
+        loop {
+            if let Some(x) = self.ready.pop_front() {
+                return Some(x);
+            }
+            while !self.exhausted && self.in_flight.len() < self.max_in_flight {
+                let i = self.next_index;
+                let tx = self.tx.clone();
+                match self.feeder.next_chunk(&mut |_| Hook::Notify(tx.clone(), i)) {
+                    Some(Pending::Failed(e, n)) => {
+                        self.ready.extend(std::iter::repeat_n(e, n).map(Err));
+                    }
+                    Some(p) => {
+                        self.in_flight.insert(i, p);
+                        self.next_index += 1;
+                    }
+                    None => self.exhausted = true,
+                }
+            }
+            if !self.ready.is_empty() {
+                continue;
+            }
+            if self.in_flight.is_empty() {
+                return None;
+            }
+            let i = self.rx.recv().ok()?;
+            if let Some(p) = self.in_flight.remove(&i) {
+                unpack(p, &mut self.ready);
+            }
+        }
+    }
+}
+
+impl<R> Drop for ImapUnordered<'_, R> {
+    fn drop(&mut self) {
+        cancel_pending(
+            &self.pool,
+            self.in_flight.values().filter_map(|p| match p {
+                Pending::Chunk(s, _) if !s.is_ready() => Some(s.id),
+                _ => None,
+            }),
+        );
+    }
+}
+
+impl<R> std::fmt::Debug for Imap<'_, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Imap")
+            .field("in_flight", &self.window.len())
+            .finish()
+    }
+}
+
+impl<R> std::fmt::Debug for ImapUnordered<'_, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImapUnordered")
+            .field("in_flight", &self.in_flight.len())
+            .finish()
+    }
+}

@@ -1,0 +1,212 @@
+//! The fork server: a single-threaded child that the pool forks once, before
+//! it starts any thread, and that forks every worker after that.
+//!
+//! `fork()` in a process with threads copies only the calling thread; a lock
+//! held by another thread stays locked forever in the child. The pool has
+//! threads as soon as it runs, so it never forks again itself: it asks this
+//! server, whose one thread holds no lock, and gets each worker's socket back
+//! over `SCM_RIGHTS`. The server is also the only process that reaps the
+//! workers, so it is the only one that may signal them: a pid it has not
+//! reaped cannot have been reused.
+//!
+//! Protocol (24-byte datagrams on a `SOCK_SEQPACKET` pair):
+//! parent → server: `SPAWN slot`, `KILL pid`;
+//! server → parent: `SPAWNED slot pid` (+ the worker's socket),
+//! `SPAWN_FAILED slot errno`, `EXITED pid status`.
+//! End-of-file from the parent (it closed the socket, or died) makes the
+//! server SIGKILL every worker, reap them all, and exit.
+
+use crate::sys;
+use crate::task::TaskFn;
+use crate::worker;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+pub(crate) const SPAWN: u32 = 1;
+pub(crate) const KILL: u32 = 2;
+pub(crate) const SPAWNED: u32 = 3;
+pub(crate) const SPAWN_FAILED: u32 = 4;
+pub(crate) const EXITED: u32 = 5;
+
+/// One message between the parent and the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Msg {
+    pub(crate) kind: u32,
+    pub(crate) slot: u32,
+    pub(crate) a: u64,
+    pub(crate) b: u64,
+}
+
+impl Msg {
+    pub(crate) fn to_bytes(self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b[0..4].copy_from_slice(&self.kind.to_le_bytes());
+        b[4..8].copy_from_slice(&self.slot.to_le_bytes());
+        b[8..16].copy_from_slice(&self.a.to_le_bytes());
+        b[16..24].copy_from_slice(&self.b.to_le_bytes());
+        b
+    }
+
+    pub(crate) fn from_bytes(b: &[u8]) -> Option<Msg> {
+        if b.len() != 24 {
+            return None;
+        }
+        Some(Msg {
+            kind: u32::from_le_bytes(b[0..4].try_into().unwrap()),
+            slot: u32::from_le_bytes(b[4..8].try_into().unwrap()),
+            a: u64::from_le_bytes(b[8..16].try_into().unwrap()),
+            b: u64::from_le_bytes(b[16..24].try_into().unwrap()),
+        })
+    }
+}
+
+/// The initializer every worker runs before its first task.
+#[derive(Clone)]
+pub(crate) struct Init {
+    pub(crate) f: TaskFn,
+    pub(crate) arg: Vec<u8>,
+}
+
+/// What the server needs to start workers; it is in the server's memory from
+/// the fork on.
+pub(crate) struct Spec {
+    pub(crate) init: Option<Init>,
+    pub(crate) words: std::sync::Arc<sys::SharedWords>,
+    pub(crate) sock_buf: usize,
+}
+
+/// The server's main loop; runs in the forked child and never returns.
+pub(crate) fn run(sock: OwnedFd, spec: &Spec) -> ! {
+    let fd = sock.as_raw_fd();
+    sys::close_fds_except(&[fd]);
+    let Ok(sigfd) = sys::sigchld_fd() else {
+        sys::exit_now(2)
+    };
+    let me = std::process::id() as libc::pid_t;
+    let mut live: Vec<libc::pid_t> = Vec::with_capacity(64);
+    let mut buf = [0u8; 64];
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: sigfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        if sys::poll(&mut fds, -1).is_err() {
+            shut_down(&live);
+        }
+        if fds[1].revents != 0 {
+            sys::drain(sigfd.as_raw_fd());
+            while let Some((pid, status)) = sys::try_reap_any() {
+                live.retain(|&p| p != pid);
+                let m = Msg {
+                    kind: EXITED,
+                    slot: 0,
+                    a: pid as u64,
+                    b: status as u32 as u64,
+                };
+                if sys::send_with_fds(fd, &m.to_bytes(), &[]).is_err() {
+                    shut_down(&live);
+                }
+            }
+        }
+        if fds[0].revents != 0 {
+            let (n, _) = match sys::recv_with_fds(fd, &mut buf) {
+                Ok(r) => r,
+                Err(_) => shut_down(&live),
+            };
+            if n == 0 {
+                shut_down(&live);
+            }
+            let Some(m) = Msg::from_bytes(&buf[..n]) else {
+                continue;
+            };
+            match m.kind {
+                SPAWN => match spawn(m.slot, fd, sigfd.as_raw_fd(), me, spec) {
+                    Ok((pid, parent_end)) => {
+                        live.push(pid);
+                        let reply = Msg {
+                            kind: SPAWNED,
+                            slot: m.slot,
+                            a: pid as u64,
+                            b: 0,
+                        };
+                        if sys::send_with_fds(fd, &reply.to_bytes(), &[parent_end.as_raw_fd()])
+                            .is_err()
+                        {
+                            shut_down(&live);
+                        }
+                    }
+                    Err(e) => {
+                        let reply = Msg {
+                            kind: SPAWN_FAILED,
+                            slot: m.slot,
+                            a: e.raw_os_error().unwrap_or(0) as u64,
+                            b: 0,
+                        };
+                        if sys::send_with_fds(fd, &reply.to_bytes(), &[]).is_err() {
+                            shut_down(&live);
+                        }
+                    }
+                },
+                KILL => {
+                    let pid = m.a as libc::pid_t;
+                    if live.contains(&pid) {
+                        sys::kill(pid, libc::SIGKILL);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Forks one worker; returns its pid and the parent's end of its socket.
+fn spawn(
+    slot: u32,
+    server_fd: i32,
+    sigfd: i32,
+    me: libc::pid_t,
+    spec: &Spec,
+) -> std::io::Result<(libc::pid_t, OwnedFd)> {
+    let (parent_end, worker_end) = sys::stream_pair()?;
+    sys::set_socket_buffers(&parent_end, spec.sock_buf);
+    sys::set_socket_buffers(&worker_end, spec.sock_buf);
+    spec.words
+        .word(slot as usize)
+        .store(0, std::sync::atomic::Ordering::SeqCst);
+    match sys::fork()? {
+        sys::Forked::Child => {
+            let _ = (server_fd, sigfd);
+            let keep = worker_end.as_raw_fd();
+            sys::close_fds_except(&[keep]);
+            std::mem::forget(parent_end);
+            sys::reset_signals();
+            if sys::die_with_parent() != me {
+                sys::exit_now(1);
+            }
+            worker::run(
+                worker_end,
+                spec.words.word(slot as usize),
+                spec.init.as_ref(),
+            )
+        }
+        sys::Forked::Parent(pid) => Ok((pid, parent_end)),
+    }
+}
+
+/// The parent is gone or asked us to stop: kill and reap every worker, exit.
+fn shut_down(live: &[libc::pid_t]) -> ! {
+    for &pid in live {
+        sys::kill(pid, libc::SIGKILL);
+    }
+    for &pid in live {
+        let _ = sys::reap(pid);
+    }
+    sys::exit_now(0)
+}

@@ -1,0 +1,886 @@
+//! The parent's side of the pool: the task queue, dispatch to workers, the
+//! supervisor thread that collects results, sees deaths, enforces timeouts
+//! and replaces workers.
+//!
+//! Locking: one mutex guards [`State`]. Callers submit under it and, when a
+//! worker is idle, write the tasks to its socket themselves (non-blocking),
+//! so a synchronous `apply` costs no hop through another thread on the way
+//! out. The supervisor thread polls every worker socket, the fork server's
+//! socket and an eventfd; it reads results without ever waiting behind a
+//! write (every parent-side socket is non-blocking and unsent bytes wait in
+//! a per-worker buffer until the socket is writable). Outcomes are stored
+//! in their slots after the lock is released.
+
+use crate::error::Error;
+use crate::result::{Buf, Handler, Hook, Outcome, Payload, Slot, complete};
+use crate::server::{self, Msg};
+use crate::sys::{self, SharedWords};
+use crate::task::{self, TaskFn, status};
+use crate::wire::{self, HDR, Header};
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// At most this many tasks go to one worker in one write.
+const MAX_BATCH: usize = 4096;
+/// ... and at most about this many bytes.
+const MAX_BATCH_BYTES: usize = 4 << 20;
+/// A result body at least this large is handed over without a copy.
+const HAND_OVER: usize = 1 << 20;
+const READ_CHUNK: usize = 256 << 10;
+
+/// The pool's settings, fixed at build time.
+#[derive(Clone, Debug)]
+pub(crate) struct Config {
+    pub(crate) processes: usize,
+    pub(crate) max_tasks_per_child: Option<u64>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) retries: u32,
+}
+
+/// RUNNING → CLOSED → (all work done, workers exited) finished;
+/// RUNNING or CLOSED → TERMINATED → (workers killed and reaped) finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Running,
+    Closed,
+    Terminated,
+}
+
+/// One task on its way through the pool.
+pub(crate) struct Job {
+    pub(crate) id: u64,
+    pub(crate) f: TaskFn,
+    pub(crate) payload: Vec<u8>,
+    pub(crate) slot: Arc<Slot>,
+    pub(crate) hook: Hook,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) retries: u32,
+    pub(crate) cancelled: bool,
+}
+
+/// What a caller hands to `submit`.
+pub(crate) struct JobSpec {
+    pub(crate) f: TaskFn,
+    pub(crate) payload: Vec<u8>,
+    pub(crate) hook: Hook,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) retries: Option<u32>,
+}
+
+struct InFlight {
+    seq: u64,
+    job: Job,
+}
+
+/// Why the pool itself killed a worker.
+enum KillReason {
+    Timeout { id: u64, timeout: Duration },
+    Cancel,
+    Error(Error),
+}
+
+struct Worker {
+    slot: usize,
+    pid: u32,
+    fd: OwnedFd,
+    ready: bool,
+    /// Its write side is shut: it exits once its tasks are done.
+    retiring: bool,
+    eof: bool,
+    out: Vec<u8>,
+    out_pos: usize,
+    inbuf: Vec<u8>,
+    in_flight: VecDeque<InFlight>,
+    next_seq: u64,
+    sent: u64,
+    deadline: Option<Instant>,
+    kill: Option<KillReason>,
+    init_msg: Option<String>,
+}
+
+type Completion = (Arc<Slot>, Hook, Outcome);
+
+pub(crate) struct State {
+    pub(crate) phase: Phase,
+    queue: VecDeque<Job>,
+    workers: Vec<Worker>,
+    /// Slots whose worker the server is forking, with the outcomes held
+    /// back until it exists (so that once a lost task's error is seen, its
+    /// replacement is already in `worker_pids`).
+    spawning: Vec<(usize, Vec<Completion>)>,
+    free_slots: Vec<usize>,
+    next_id: u64,
+    broken: Option<Error>,
+    building: bool,
+    init_error: Option<Error>,
+    ready: usize,
+    server: Option<OwnedFd>,
+    server_pid: libc::pid_t,
+    pub(crate) finished: bool,
+}
+
+/// Everything the pool's threads share.
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    cv: Condvar,
+    wake: OwnedFd,
+    words: Arc<SharedWords>,
+    pub(crate) handler: Handler,
+    pub(crate) cfg: Config,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        cfg: Config,
+        server: OwnedFd,
+        server_pid: libc::pid_t,
+        words: Arc<SharedWords>,
+        slots: usize,
+    ) -> Result<Arc<Shared>, Error> {
+        sys::set_nonblocking(&server)
+            .map_err(|e| Error::io("configuring the fork server socket", e))?;
+        let wake = sys::eventfd().map_err(|e| Error::io("creating an eventfd", e))?;
+        Ok(Arc::new(Shared {
+            state: Mutex::new(State {
+                phase: Phase::Running,
+                queue: VecDeque::new(),
+                workers: Vec::new(),
+                spawning: Vec::new(),
+                free_slots: (0..slots).rev().collect(),
+                next_id: 1,
+                broken: None,
+                building: true,
+                init_error: None,
+                ready: 0,
+                server: Some(server),
+                server_pid,
+                finished: false,
+            }),
+            cv: Condvar::new(),
+            wake,
+            words,
+            handler: Handler::new(),
+            cfg,
+        }))
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wake(&self) {
+        sys::eventfd_signal(self.wake.as_raw_fd());
+    }
+
+    fn run_completions(&self, done: Vec<Completion>) {
+        for (slot, hook, outcome) in done {
+            complete(slot, hook, outcome, &self.handler);
+        }
+    }
+
+    /// Asks the server for the first workers and waits until all are ready.
+    pub(crate) fn start_workers(&self) -> Result<(), Error> {
+        let mut st = self.lock();
+        for _ in 0..self.cfg.processes {
+            let _ = st.request_spawn(Vec::new());
+        }
+        drop(st);
+        self.wake();
+        let mut st = self.lock();
+        loop {
+            if let Some(e) = st.init_error.clone().or_else(|| st.broken.clone()) {
+                st.building = false;
+                return Err(e);
+            }
+            if st.ready >= self.cfg.processes {
+                st.building = false;
+                return Ok(());
+            }
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// A fresh slot for a task (its id is the job's).
+    pub(crate) fn new_slot(&self) -> Arc<Slot> {
+        let mut st = self.lock();
+        let id = st.next_id;
+        st.next_id += 1;
+        Slot::new(id)
+    }
+
+    /// Reserves `n` consecutive job ids.
+    pub(crate) fn reserve_ids(&self, n: u64) -> u64 {
+        let mut st = self.lock();
+        let id = st.next_id;
+        st.next_id += n;
+        id
+    }
+
+    /// Queues jobs (all or none) and dispatches what idle workers can take.
+    pub(crate) fn submit(&self, jobs: Vec<(Arc<Slot>, JobSpec)>) -> Result<(), Error> {
+        let mut st = self.lock();
+        match st.phase {
+            Phase::Running => {}
+            Phase::Closed => return Err(Error::Closed),
+            Phase::Terminated => return Err(Error::Terminated),
+        }
+        if let Some(e) = &st.broken {
+            if st.workers.is_empty() && st.spawning.is_empty() {
+                return Err(e.clone());
+            }
+        }
+        for (slot, s) in jobs {
+            st.queue.push_back(Job {
+                id: slot.id,
+                f: s.f,
+                payload: s.payload,
+                slot,
+                hook: s.hook,
+                timeout: s.timeout.or(self.cfg.timeout),
+                retries: s.retries.unwrap_or(self.cfg.retries),
+                cancelled: false,
+            });
+        }
+        let pending = st.dispatch(&self.cfg);
+        drop(st);
+        if pending {
+            self.wake();
+        }
+        Ok(())
+    }
+
+    /// Cancels the jobs with these ids; returns whether any was cancelled.
+    pub(crate) fn cancel(&self, ids: &[u64]) -> bool {
+        let mut done = Vec::new();
+        let mut any = false;
+        {
+            let mut st = self.lock();
+            for &id in ids {
+                if let Some(i) = st.queue.iter().position(|j| j.id == id) {
+                    let j = st.queue.remove(i).expect("index from position");
+                    done.push((j.slot, j.hook, Err(Error::Cancelled)));
+                    any = true;
+                    continue;
+                }
+                let words = &self.words;
+                let server = st.server.as_ref().map(|f| f.as_raw_fd());
+                for w in st.workers.iter_mut() {
+                    let Some(i) = w.in_flight.iter().position(|f| f.job.id == id) else {
+                        continue;
+                    };
+                    let started = words.word(w.slot).load(Ordering::SeqCst);
+                    let f = &mut w.in_flight[i];
+                    if f.job.cancelled {
+                        break;
+                    }
+                    f.job.cancelled = true;
+                    let hook = std::mem::replace(&mut f.job.hook, Hook::None);
+                    done.push((f.job.slot.clone(), hook, Err(Error::Cancelled)));
+                    any = true;
+                    if f.seq <= started && w.kill.is_none() {
+                        // It is running: kill its worker.
+                        w.kill = Some(KillReason::Cancel);
+                        if let Some(s) = server {
+                            send_server(s, server::KILL, 0, w.pid as u64);
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        self.run_completions(done);
+        any
+    }
+
+    pub(crate) fn worker_pids(&self) -> Vec<u32> {
+        self.lock().workers.iter().map(|w| w.pid).collect()
+    }
+
+    pub(crate) fn close(&self) {
+        let mut st = self.lock();
+        if st.phase == Phase::Running {
+            st.phase = Phase::Closed;
+        }
+        drop(st);
+        self.wake();
+    }
+
+    /// Marks the pool terminated and resolves every outstanding task with
+    /// `Terminated`; the supervisor thread then kills and reaps the processes.
+    pub(crate) fn terminate(&self) {
+        let mut done = Vec::new();
+        {
+            let mut st = self.lock();
+            if st.phase != Phase::Terminated {
+                st.phase = Phase::Terminated;
+            }
+            st.fail_all(Error::Terminated, &mut done);
+        }
+        self.cv.notify_all();
+        self.run_completions(done);
+        self.wake();
+    }
+
+    pub(crate) fn phase(&self) -> Phase {
+        self.lock().phase
+    }
+}
+
+fn send_server(fd: i32, kind: u32, slot: u32, a: u64) {
+    let m = Msg {
+        kind,
+        slot,
+        a,
+        b: 0,
+    };
+    let _ = sys::send_with_fds(fd, &m.to_bytes(), &[]);
+}
+
+impl State {
+    /// Asks the server for a worker; `held` outcomes wait for it. Returns
+    /// them at once if no spawn could be asked for.
+    #[must_use]
+    fn request_spawn(&mut self, held: Vec<Completion>) -> Vec<Completion> {
+        let (Some(slot), Some(server)) = (self.free_slots.pop(), self.server.as_ref()) else {
+            return held;
+        };
+        send_server(server.as_raw_fd(), server::SPAWN, slot as u32, 0);
+        self.spawning.push((slot, held));
+        Vec::new()
+    }
+
+    fn fail_all(&mut self, e: Error, done: &mut Vec<Completion>) {
+        for j in self.queue.drain(..) {
+            done.push((j.slot, j.hook, Err(e.clone())));
+        }
+        for w in self.workers.iter_mut() {
+            for f in w.in_flight.drain(..) {
+                if !f.job.cancelled {
+                    done.push((f.job.slot, f.job.hook, Err(e.clone())));
+                }
+            }
+        }
+        for (_, held) in self.spawning.iter_mut() {
+            done.append(held);
+        }
+    }
+
+    /// Sends queued jobs to idle workers. Returns true if some bytes are
+    /// still waiting for a socket to become writable.
+    fn dispatch(&mut self, cfg: &Config) -> bool {
+        let mut pending = false;
+        let live = self.workers.iter().filter(|w| w.ready).count().max(1);
+        let now = Instant::now();
+        for w in self.workers.iter_mut() {
+            if self.queue.is_empty() {
+                break;
+            }
+            if !w.ready || w.retiring || w.eof || w.kill.is_some() || !w.in_flight.is_empty() {
+                pending |= w.out_pos < w.out.len();
+                continue;
+            }
+            let room = cfg
+                .max_tasks_per_child
+                .map(|m| m.saturating_sub(w.sent))
+                .unwrap_or(u64::MAX);
+            let mut take = self
+                .queue
+                .len()
+                .div_ceil(2 * live)
+                .clamp(1, MAX_BATCH)
+                .min(usize::try_from(room).unwrap_or(usize::MAX));
+            let mut bytes = 0usize;
+            while take > 0 {
+                let Some(front) = self.queue.front() else {
+                    break;
+                };
+                if front.timeout.is_some() && !w.in_flight.is_empty() {
+                    break;
+                }
+                let job = self.queue.pop_front().expect("front exists");
+                let seq = w.next_seq;
+                w.next_seq += 1;
+                w.sent += 1;
+                let mut h = Header::new(wire::TASK, seq, job.f.tramp, job.f.func);
+                h.len = job.payload.len() as u64;
+                h.begin(&mut w.out);
+                w.out.extend_from_slice(&job.payload);
+                bytes += job.payload.len() + HDR;
+                let timed = job.timeout;
+                w.in_flight.push_back(InFlight { seq, job });
+                if let Some(t) = timed {
+                    w.deadline = Some(now + t);
+                    break;
+                }
+                take -= 1;
+                if bytes >= MAX_BATCH_BYTES {
+                    break;
+                }
+            }
+            if cfg.max_tasks_per_child.is_some_and(|m| w.sent >= m) {
+                w.retiring = true;
+            }
+            pending |= flush_out(w);
+        }
+        pending
+    }
+}
+
+/// Writes what the socket takes of a worker's pending bytes; shuts the write
+/// side of a retiring worker once everything is out. Returns true if bytes
+/// remain.
+fn flush_out(w: &mut Worker) -> bool {
+    while w.out_pos < w.out.len() {
+        match sys::send(w.fd.as_raw_fd(), &w.out[w.out_pos..]) {
+            Ok(n) => w.out_pos += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+            Err(_) => {
+                // The worker is gone; its exit report will follow.
+                w.out.clear();
+                w.out_pos = 0;
+                w.eof = true;
+                return false;
+            }
+        }
+    }
+    w.out.clear();
+    w.out_pos = 0;
+    if w.out.capacity() > (8 << 20) {
+        w.out = Vec::new();
+    }
+    if w.retiring {
+        sys::shutdown_write(&w.fd);
+    }
+    false
+}
+
+/// Reads everything a worker has sent and turns whole frames into outcomes.
+fn read_worker(w: &mut Worker, st_ready: &mut usize, done: &mut Vec<Completion>) {
+    loop {
+        let need = wire::missing(&w.inbuf);
+        let want = if need > 0 {
+            usize::try_from(need).unwrap_or(usize::MAX)
+        } else {
+            READ_CHUNK
+        };
+        match sys::read_append(w.fd.as_raw_fd(), &mut w.inbuf, want) {
+            Ok(0) => {
+                w.eof = true;
+                break;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::OutOfMemory => {
+                // A result larger than this process can hold.
+                w.kill = Some(KillReason::Error(Error::TooLarge { len: need }));
+                w.eof = true;
+                break;
+            }
+            Err(_) => {
+                w.eof = true;
+                break;
+            }
+        }
+        parse_frames(w, st_ready, done);
+    }
+    parse_frames(w, st_ready, done);
+}
+
+fn parse_frames(w: &mut Worker, st_ready: &mut usize, done: &mut Vec<Completion>) {
+    let mut pos = 0usize;
+    while let Some((h, total)) = wire::complete(&w.inbuf[pos..]) {
+        let body_at = pos + HDR;
+        let end = pos + total;
+        match h.kind {
+            wire::READY if !w.ready => {
+                w.ready = true;
+                *st_ready += 1;
+            }
+            wire::INIT_FAILED => {
+                w.init_msg = Some(task::take_message(&w.inbuf[body_at..end]));
+            }
+            wire::DONE => {
+                let outcome = if h.status == status::OK {
+                    if h.len as usize >= HAND_OVER {
+                        let rest = w.inbuf[end..].to_vec();
+                        let mut v = std::mem::replace(&mut w.inbuf, rest);
+                        v.truncate(end);
+                        pos = 0;
+                        Ok(Payload::Bytes(Buf {
+                            vec: v,
+                            start: body_at,
+                        }))
+                    } else {
+                        pos = end;
+                        Ok(Payload::Bytes(Buf {
+                            vec: w.inbuf[body_at..end].to_vec(),
+                            start: 0,
+                        }))
+                    }
+                } else {
+                    pos = end;
+                    Err(task::status_error(
+                        h.status,
+                        task::take_message(&w.inbuf[body_at..end]),
+                    ))
+                };
+                match w.in_flight.front() {
+                    Some(f) if f.seq == h.seq => {
+                        let f = w.in_flight.pop_front().expect("front exists");
+                        if !f.job.cancelled {
+                            done.push((f.job.slot, f.job.hook, outcome));
+                        }
+                    }
+                    _ => {
+                        w.kill = Some(KillReason::Error(Error::Broken {
+                            reason: format!("worker {} answered a task it was not given", w.pid),
+                        }));
+                    }
+                }
+                if w.in_flight.is_empty() {
+                    w.deadline = None;
+                }
+                continue;
+            }
+            _ => {}
+        }
+        pos = end;
+    }
+    w.inbuf.drain(..pos);
+    if w.inbuf.is_empty() && w.inbuf.capacity() > (8 << 20) {
+        w.inbuf = Vec::new();
+    }
+}
+
+/// The supervisor thread's loop.
+pub(crate) fn run(shared: Arc<Shared>) {
+    let mut pfds: Vec<libc::pollfd> = Vec::new();
+    let mut who: Vec<usize> = Vec::new();
+    loop {
+        let timeout_ms;
+        {
+            let st = shared.lock();
+            if st.finished {
+                break;
+            }
+            pfds.clear();
+            who.clear();
+            pfds.push(libc::pollfd {
+                fd: shared.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            if let Some(s) = &st.server {
+                pfds.push(libc::pollfd {
+                    fd: s.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            let now = Instant::now();
+            let mut next: Option<Instant> = None;
+            for w in st.workers.iter() {
+                let mut ev = 0;
+                if !w.eof {
+                    ev |= libc::POLLIN;
+                }
+                if w.out_pos < w.out.len() {
+                    ev |= libc::POLLOUT;
+                }
+                if ev != 0 {
+                    pfds.push(libc::pollfd {
+                        fd: w.fd.as_raw_fd(),
+                        events: ev,
+                        revents: 0,
+                    });
+                    who.push(w.slot);
+                }
+                if let (Some(d), None) = (w.deadline, &w.kill) {
+                    next = Some(next.map_or(d, |n: Instant| n.min(d)));
+                }
+            }
+            timeout_ms = match next {
+                None => -1,
+                Some(d) if d <= now => 0,
+                Some(d) => ((d - now).as_micros().div_ceil(1000)).min(i32::MAX as u128) as i32,
+            };
+        }
+        if sys::poll(&mut pfds, timeout_ms).is_err() {
+            std::thread::yield_now();
+        }
+        let mut done: Vec<Completion> = Vec::new();
+        let mut reap_server = None;
+        {
+            let mut guard = shared.lock();
+            let st = &mut *guard;
+            if pfds[0].revents != 0 {
+                sys::drain(shared.wake.as_raw_fd());
+            }
+            let wf = if st.server.is_some() { 2 } else { 1 };
+            let ready_before = st.ready;
+            for (i, p) in pfds.iter().enumerate().skip(wf) {
+                if p.revents == 0 {
+                    continue;
+                }
+                let slot = who[i - wf];
+                let Some(w) = st.workers.iter_mut().find(|w| w.slot == slot) else {
+                    continue;
+                };
+                if p.revents & libc::POLLOUT != 0 {
+                    flush_out(w);
+                }
+                if p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                    read_worker(w, &mut st.ready, &mut done);
+                }
+            }
+            if st.ready != ready_before {
+                shared.cv.notify_all();
+            }
+            if wf == 2 && pfds[1].revents != 0 {
+                server_messages(&shared, st, &mut done);
+            }
+            check_timeouts(st);
+            match st.phase {
+                Phase::Terminated => {
+                    st.fail_all(Error::Terminated, &mut done);
+                    st.workers.clear();
+                    st.spawning.clear();
+                    st.server = None;
+                    reap_server = Some(st.server_pid);
+                    st.finished = true;
+                }
+                Phase::Closed => {
+                    if st.queue.is_empty() {
+                        for w in st.workers.iter_mut() {
+                            if w.ready && !w.retiring && w.in_flight.is_empty() {
+                                w.retiring = true;
+                                flush_out(w);
+                            }
+                        }
+                    }
+                    if st.queue.is_empty() && st.workers.is_empty() && st.spawning.is_empty() {
+                        st.server = None;
+                        reap_server = Some(st.server_pid);
+                        st.finished = true;
+                    }
+                }
+                Phase::Running => {}
+            }
+            if !st.finished {
+                st.dispatch(&shared.cfg);
+            }
+        }
+        shared.cv.notify_all();
+        shared.run_completions(done);
+        if let Some(pid) = reap_server {
+            let _ = sys::reap(pid);
+            shared.cv.notify_all();
+            break;
+        }
+    }
+}
+
+fn check_timeouts(st: &mut State) {
+    let now = Instant::now();
+    let server = st.server.as_ref().map(|f| f.as_raw_fd());
+    for w in st.workers.iter_mut() {
+        let (Some(d), None) = (w.deadline, &w.kill) else {
+            continue;
+        };
+        if d > now {
+            continue;
+        }
+        let Some(f) = w.in_flight.front() else {
+            w.deadline = None;
+            continue;
+        };
+        let timeout = f.job.timeout.unwrap_or_default();
+        w.kill = Some(KillReason::Timeout {
+            id: f.job.id,
+            timeout,
+        });
+        if let Some(s) = server {
+            send_server(s, server::KILL, 0, w.pid as u64);
+        }
+    }
+}
+
+fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) {
+    let mut buf = [0u8; 64];
+    loop {
+        let Some(fd) = st.server.as_ref().map(|f| f.as_raw_fd()) else {
+            return;
+        };
+        let (n, mut fds) = match sys::recv_with_fds(fd, &mut buf) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(_) => (0, Vec::new()),
+        };
+        if n == 0 {
+            // The fork server is gone: nothing can be spawned or reaped.
+            let e = Error::Broken {
+                reason: "the fork server exited".into(),
+            };
+            st.broken = Some(e.clone());
+            st.fail_all(e, done);
+            st.workers.clear();
+            st.spawning.clear();
+            st.server = None;
+            st.phase = Phase::Terminated;
+            shared.cv.notify_all();
+            return;
+        }
+        let Some(m) = Msg::from_bytes(&buf[..n]) else {
+            continue;
+        };
+        match m.kind {
+            server::SPAWNED => {
+                let slot = m.slot as usize;
+                let held = match st.spawning.iter().position(|s| s.0 == slot) {
+                    Some(i) => st.spawning.swap_remove(i).1,
+                    None => Vec::new(),
+                };
+                done.extend(held);
+                let Some(fd) = fds.pop() else { continue };
+                let _ = sys::set_nonblocking(&fd);
+                st.workers.push(Worker {
+                    slot,
+                    pid: m.a as u32,
+                    fd,
+                    ready: false,
+                    retiring: false,
+                    eof: false,
+                    out: Vec::new(),
+                    out_pos: 0,
+                    inbuf: Vec::new(),
+                    in_flight: VecDeque::new(),
+                    next_seq: 1,
+                    sent: 0,
+                    deadline: None,
+                    kill: None,
+                    init_msg: None,
+                });
+            }
+            server::SPAWN_FAILED => {
+                let slot = m.slot as usize;
+                if let Some(i) = st.spawning.iter().position(|s| s.0 == slot) {
+                    let (slot, held) = st.spawning.swap_remove(i);
+                    st.free_slots.push(slot);
+                    done.extend(held);
+                }
+                let e = Error::Broken {
+                    reason: format!(
+                        "the fork server could not start a worker: {}",
+                        std::io::Error::from_raw_os_error(m.a as i32)
+                    ),
+                };
+                if st.building {
+                    st.init_error = Some(e.clone());
+                }
+                st.broken = Some(e);
+                fail_if_no_workers(st, done);
+                shared.cv.notify_all();
+            }
+            server::EXITED => {
+                let pid = m.a as u32;
+                let status = ExitStatus::from_raw(m.b as u32 as i32);
+                if let Some(i) = st.workers.iter().position(|w| w.pid == pid) {
+                    let w = st.workers.swap_remove(i);
+                    worker_exited(shared, st, w, status, done);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn fail_if_no_workers(st: &mut State, done: &mut Vec<Completion>) {
+    if let Some(e) = st.broken.clone() {
+        if st.workers.is_empty() && st.spawning.is_empty() {
+            for j in st.queue.drain(..) {
+                done.push((j.slot, j.hook, Err(e.clone())));
+            }
+        }
+    }
+}
+
+fn worker_exited(
+    shared: &Shared,
+    st: &mut State,
+    mut w: Worker,
+    status: ExitStatus,
+    done: &mut Vec<Completion>,
+) {
+    // Everything it wrote before dying is in its socket: take it first.
+    let mut ready = st.ready;
+    read_worker(&mut w, &mut ready, done);
+    st.ready = ready;
+    let started = shared.words.word(w.slot).load(Ordering::SeqCst);
+    let mut lost = Vec::new();
+    let mut requeue = Vec::new();
+    let pool_killed = w.kill.is_some();
+    for f in w.in_flight.drain(..) {
+        if f.job.cancelled {
+            continue;
+        }
+        if f.seq > started {
+            // Never started: run it elsewhere.
+            requeue.push(f.job);
+            continue;
+        }
+        let mut job = f.job;
+        let err = match &w.kill {
+            Some(KillReason::Timeout { id, timeout }) if *id == job.id => Some(Error::Timeout {
+                timeout: *timeout,
+                pid: w.pid,
+            }),
+            Some(KillReason::Error(e)) => Some(e.clone()),
+            // Interrupted by a kill the pool made for another task.
+            _ if pool_killed => None,
+            _ if job.retries > 0 => {
+                job.retries -= 1;
+                None
+            }
+            _ => Some(Error::WorkerLost { pid: w.pid, status }),
+        };
+        match err {
+            Some(e) => lost.push((job.slot, job.hook, Err(e))),
+            None => requeue.push(job),
+        }
+    }
+    for job in requeue.into_iter().rev() {
+        st.queue.push_front(job);
+    }
+    st.free_slots.push(w.slot);
+    if !w.ready {
+        let message = w
+            .init_msg
+            .take()
+            .unwrap_or_else(|| format!("worker {} died in its initializer ({status})", w.pid));
+        let e = Error::InitializerFailed { message };
+        if st.building {
+            st.init_error = Some(e.clone());
+        }
+        // Never respawn a worker whose initializer failed.
+        st.broken = Some(e);
+        shared.cv.notify_all();
+    }
+    let wanted = match st.phase {
+        Phase::Running => true,
+        Phase::Closed => !st.queue.is_empty(),
+        Phase::Terminated => false,
+    };
+    if wanted && st.broken.is_none() && st.workers.len() + st.spawning.len() < shared.cfg.processes
+    {
+        let back = st.request_spawn(lost);
+        done.extend(back);
+    } else {
+        done.extend(lost);
+        fail_if_no_workers(st, done);
+    }
+}

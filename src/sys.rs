@@ -1,0 +1,467 @@
+//! The only module that makes raw libc calls. Each function is a safe wrapper;
+//! each `unsafe` block says why it holds.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::AtomicU64;
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn cvt_size(r: libc::ssize_t) -> io::Result<usize> {
+    if r == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// What `fork` returned.
+pub(crate) enum Forked {
+    /// In the child.
+    Child,
+    /// In the parent, with the child's pid.
+    Parent(libc::pid_t),
+}
+
+/// `fork(2)`. The child must keep to async-signal-safe work until it has
+/// made sure that no lock it needs was held by another thread of the parent
+/// (see DESIGN.md); in this crate it only ever runs the fork server or a worker.
+pub(crate) fn fork() -> io::Result<Forked> {
+    // SAFETY: fork has no memory-safety preconditions; the callers keep the
+    // child's work to the fork server and the worker loop (DESIGN.md).
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(Forked::Child),
+        p => Ok(Forked::Parent(p)),
+    }
+}
+
+/// Ends the calling process at once, without running atexit handlers or
+/// flushing stdio buffers that a forked child shares with its parent.
+pub(crate) fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit is always safe to call; it does not return.
+    unsafe { libc::_exit(code) }
+}
+
+/// A connected pair of close-on-exec stream sockets (one per worker: tasks
+/// go one way, results the other). Writes use `MSG_NOSIGNAL`, so a dead peer
+/// is `EPIPE`, never `SIGPIPE`.
+pub(crate) fn stream_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    socket_pair(libc::SOCK_STREAM)
+}
+
+/// A connected pair of close-on-exec datagram-boundary sockets (the fork
+/// server's channel, which also carries file descriptors).
+pub(crate) fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    socket_pair(libc::SOCK_SEQPACKET)
+}
+
+fn socket_pair(kind: libc::c_int) -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: fds is a valid array of two c_ints for socketpair to fill.
+    cvt(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            kind | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: socketpair succeeded, so both are fresh fds that we alone own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Sets a socket's send and receive buffer sizes (best effort).
+pub(crate) fn set_socket_buffers(fd: &OwnedFd, bytes: usize) {
+    let v: libc::c_int = bytes.min(i32::MAX as usize) as libc::c_int;
+    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: v is a live c_int and its size is passed; the fd is open.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+/// Puts an fd in non-blocking mode.
+pub(crate) fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: fcntl on an open fd with integer arguments.
+    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    // SAFETY: as above.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
+    Ok(())
+}
+
+/// Half-closes a stream socket for writing: the peer reads end-of-file.
+pub(crate) fn shutdown_write(fd: &OwnedFd) {
+    // SAFETY: shutdown on an open fd; failure (already shut) is harmless.
+    unsafe {
+        libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR);
+    }
+}
+
+/// `read(2)` into `buf`, retrying on `EINTR`. `Ok(0)` is end-of-file.
+pub(crate) fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: buf is a valid writable region of buf.len() bytes.
+        let r = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        match cvt_size(r) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Reads into the spare capacity of `buf` (at most `max` bytes), retrying on
+/// `EINTR`; returns how many bytes were appended (0 is end-of-file).
+pub(crate) fn read_append(fd: RawFd, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    if buf.capacity() - buf.len() < max {
+        buf.try_reserve(max)
+            .map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+    }
+    let spare = buf.capacity() - buf.len();
+    let want = spare.min(max.max(1));
+    loop {
+        // SAFETY: the region [len, len + want) lies within buf's allocation
+        // (want <= spare capacity); read writes at most `want` bytes there.
+        let r = unsafe { libc::read(fd, buf.as_mut_ptr().add(buf.len()).cast(), want) };
+        match cvt_size(r) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+            Ok(n) => {
+                // SAFETY: read initialised exactly n <= want bytes past len.
+                unsafe { buf.set_len(buf.len() + n) };
+                return Ok(n);
+            }
+        }
+    }
+}
+
+/// `send(2)` with `MSG_NOSIGNAL`, retrying on `EINTR`: a dead peer gives
+/// `EPIPE` rather than a `SIGPIPE` that could end the process.
+pub(crate) fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: buf is a valid readable region of buf.len() bytes.
+        let r = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+        match cvt_size(r) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Sends all of `buf` on a blocking socket.
+pub(crate) fn send_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = send(fd, buf)?;
+        buf = &buf[n..];
+    }
+    Ok(())
+}
+
+/// Sends one datagram with file descriptors attached (`SCM_RIGHTS`).
+pub(crate) fn send_with_fds(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    let fd_bytes = std::mem::size_of_val(fds) as u32;
+    // SAFETY: CMSG_SPACE is a pure computation on its argument.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
+    let mut cbuf = vec![0u64; space.div_ceil(8).max(1)];
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: msg_control points to `space` zeroed, 8-aligned bytes, enough
+        // for one header with fds.len() descriptors (CMSG_SPACE above); the
+        // header pointer CMSG_FIRSTHDR returns lies within it, and CMSG_DATA
+        // has room for fd_bytes bytes.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr().cast::<u8>(),
+                libc::CMSG_DATA(c),
+                fd_bytes as usize,
+            );
+        }
+    }
+    loop {
+        // SAFETY: msg and everything it points to (iov, cbuf) live across the call.
+        let r = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
+        match cvt_size(r) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+            Ok(_) => return Ok(()),
+        }
+    }
+}
+
+/// Receives one datagram and any file descriptors attached to it (made
+/// close-on-exec). Returns the byte count (0 is end-of-file) and the fds.
+pub(crate) fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut cbuf = [0u64; 16];
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
+    let n = loop {
+        // SAFETY: msg points to live buffers (buf via iov, cbuf) of the sizes given.
+        let r = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        match cvt_size(r) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+            Ok(n) => break n,
+        }
+    };
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled msg_control with well-formed headers up to
+    // msg_controllen; CMSG_FIRSTHDR/NXTHDR walk only within it, and each
+    // SCM_RIGHTS payload holds (cmsg_len - CMSG_LEN(0)) / 4 fds that were
+    // installed in this process for us alone to own.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c);
+                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                    / std::mem::size_of::<RawFd>();
+                for i in 0..count {
+                    let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
+                    fds.push(OwnedFd::from_raw_fd(fd));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok((n, fds))
+}
+
+/// Closes every fd from 3 up, except those in `keep`.
+pub(crate) fn close_fds_except(keep: &[RawFd]) {
+    let mut keep: Vec<RawFd> = keep.iter().copied().filter(|&f| f >= 3).collect();
+    keep.sort_unstable();
+    let mut from: u32 = 3;
+    for k in keep {
+        let k = k as u32;
+        if k > from {
+            close_range(from, k - 1);
+        }
+        from = k + 1;
+    }
+    close_range(from, u32::MAX);
+}
+
+fn close_range(first: u32, last: u32) {
+    // SAFETY: close_range only closes fds; the callers own every fd in the
+    // range (they run in a freshly forked child that keeps none of them).
+    let r = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
+    if r == -1 {
+        // Kernels before 5.9: close one by one up to the fd limit.
+        // SAFETY: sysconf has no preconditions.
+        let max = unsafe { libc::sysconf(libc::_SC_OPEN_MAX) };
+        let max = if max < 0 { 1024 } else { max as u64 };
+        let last = (last as u64).min(max);
+        for fd in first as u64..=last {
+            // SAFETY: as above; closing a closed fd is a harmless EBADF.
+            unsafe { libc::close(fd as RawFd) };
+        }
+    }
+}
+
+/// Sends `sig` to `pid`. Only the fork server calls this, and only for
+/// children it has not yet reaped (so the pid cannot have been reused).
+pub(crate) fn kill(pid: libc::pid_t, sig: libc::c_int) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// Reaps any exited child without blocking: `(pid, raw wait status)`.
+pub(crate) fn try_reap_any() -> Option<(libc::pid_t, i32)> {
+    let mut status = 0;
+    // SAFETY: status is a valid out-pointer.
+    let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+    if pid > 0 { Some((pid, status)) } else { None }
+}
+
+/// Waits for (and reaps) one specific child; returns its raw wait status.
+pub(crate) fn reap(pid: libc::pid_t) -> io::Result<i32> {
+    let mut status = 0;
+    loop {
+        // SAFETY: status is a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == -1 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        return Ok(status);
+    }
+}
+
+/// Blocks `SIGCHLD` in the calling (single) thread and returns a signalfd
+/// that becomes readable when a child changes state.
+pub(crate) fn sigchld_fd() -> io::Result<OwnedFd> {
+    // SAFETY: set is a local sigset_t that the calls initialise and read.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        cvt(libc::pthread_sigmask(
+            libc::SIG_BLOCK,
+            &set,
+            std::ptr::null_mut(),
+        ))?;
+        let fd = cvt(libc::signalfd(
+            -1,
+            &set,
+            libc::SFD_CLOEXEC | libc::SFD_NONBLOCK,
+        ))?;
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Empties a signalfd (or eventfd) that is in non-blocking mode.
+pub(crate) fn drain(fd: RawFd) {
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = read(fd, &mut buf) {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// Unblocks every signal and restores the default `SIGCHLD` disposition, in
+/// a new worker (the fork server blocks `SIGCHLD`).
+pub(crate) fn reset_signals() {
+    // SAFETY: set is a local sigset_t; signal() with SIG_DFL has no preconditions.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+    }
+}
+
+/// Asks the kernel to SIGKILL this process when its parent (the fork
+/// server, which has one thread) exits; returns the parent pid to check
+/// against, since the parent may already have gone.
+pub(crate) fn die_with_parent() -> libc::pid_t {
+    // SAFETY: prctl with integer arguments; getppid has no preconditions.
+    unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+        libc::getppid()
+    }
+}
+
+/// A non-blocking, close-on-exec eventfd, used to wake the supervisor thread.
+pub(crate) fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd with integer flags.
+    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+    // SAFETY: a fresh fd that we alone own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Increments an eventfd (wakes whoever polls it).
+pub(crate) fn eventfd_signal(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: writes the 8 bytes of a live u64.
+    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+}
+
+/// `poll(2)` on `fds`, retrying on `EINTR` (with the same timeout).
+pub(crate) fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
+    loop {
+        // SAFETY: fds is a valid mutable slice of pollfd of the given length.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        match cvt(r) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+            Ok(n) => return Ok(n as usize),
+        }
+    }
+}
+
+/// A region of memory shared with every process forked after it was made
+/// (`MAP_SHARED | MAP_ANONYMOUS`), seen as an array of `AtomicU64`.
+pub(crate) struct SharedWords {
+    ptr: *mut AtomicU64,
+    len: usize,
+}
+
+// SAFETY: the region is only ever accessed through &AtomicU64, which is Sync.
+unsafe impl Send for SharedWords {}
+// SAFETY: as above.
+unsafe impl Sync for SharedWords {}
+
+impl SharedWords {
+    /// A zeroed region of `len` words.
+    pub(crate) fn new(len: usize) -> io::Result<Self> {
+        let bytes = (len.max(1) * 8).next_multiple_of(4096);
+        // SAFETY: an anonymous shared mapping with no address hint.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(SharedWords { ptr: p.cast(), len })
+    }
+
+    /// Word `i`.
+    pub(crate) fn word(&self, i: usize) -> &AtomicU64 {
+        assert!(i < self.len);
+        // SAFETY: i < len and the mapping holds len zero-initialised,
+        // 8-aligned u64s (page aligned); AtomicU64 has u64's layout, and the
+        // mapping lives as long as &self.
+        unsafe { &*self.ptr.add(i) }
+    }
+}
+
+impl Drop for SharedWords {
+    fn drop(&mut self) {
+        let bytes = (self.len.max(1) * 8).next_multiple_of(4096);
+        // SAFETY: ptr/bytes are exactly the mapping made in new(), and no
+        // reference into it outlives self.
+        unsafe { libc::munmap(self.ptr.cast(), bytes) };
+    }
+}

@@ -1,0 +1,259 @@
+//! How a task travels: a plain `fn(A) -> R` is sent as two code offsets (a
+//! trampoline monomorphised for `A` and `R`, and the function itself),
+//! measured from one anchor function of this crate. Offsets, unlike raw
+//! addresses, agree between a process and any fork of it, and between
+//! separate executions of the same binary (address randomisation moves the
+//! whole image, not its parts).
+
+use crate::codec;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::any::Any;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+/// The outcome of one task (or one item of a chunk), as a status byte.
+pub(crate) mod status {
+    /// The body is the encoded result.
+    pub(crate) const OK: u8 = 0;
+    /// The task panicked; the body is the encoded message.
+    pub(crate) const PANIC: u8 = 1;
+    /// The result could not be encoded; the body is the encoded message.
+    pub(crate) const ENCODE: u8 = 2;
+    /// The argument could not be decoded; the body is the encoded message.
+    pub(crate) const DECODE: u8 = 3;
+}
+
+/// Runs a task: decodes the input, calls the function, appends the encoded
+/// output (or an encoded error message) to `out`, and returns a status.
+type Trampoline = fn(func: usize, input: &[u8], out: &mut Vec<u8>) -> u8;
+
+/// A task function as it travels: offsets of the trampoline and of the
+/// function from the anchor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TaskFn {
+    pub(crate) tramp: u64,
+    pub(crate) func: u64,
+}
+
+#[inline(never)]
+fn anchor() {}
+
+fn base() -> usize {
+    anchor as fn() as usize
+}
+
+fn to_offset(addr: usize) -> u64 {
+    addr.wrapping_sub(base()) as u64
+}
+
+fn from_offset(off: u64) -> usize {
+    base().wrapping_add(off as usize)
+}
+
+impl TaskFn {
+    /// A task that maps one `A` to one `R`.
+    pub(crate) fn single<A, R>(f: fn(A) -> R) -> Self
+    where
+        A: DeserializeOwned,
+        R: Serialize,
+    {
+        TaskFn {
+            tramp: to_offset(run_single::<A, R> as Trampoline as usize),
+            func: to_offset(f as usize),
+        }
+    }
+
+    /// A task that maps a chunk of `A`s (each framed by `push_item`) to a
+    /// chunk of `(status, R)`s.
+    pub(crate) fn chunk<A, R>(f: fn(A) -> R) -> Self
+    where
+        A: DeserializeOwned,
+        R: Serialize,
+    {
+        TaskFn {
+            tramp: to_offset(run_chunk::<A, R> as Trampoline as usize),
+            func: to_offset(f as usize),
+        }
+    }
+
+    /// Runs the task in this process (a worker).
+    pub(crate) fn call(self, input: &[u8], out: &mut Vec<u8>) -> u8 {
+        // SAFETY: `tramp` was made by `single`/`chunk` from a value of type
+        // `Trampoline` in this same binary: the process is a fork of the one
+        // that made it (identical image), or an exec of the same executable,
+        // which the MPI backend checks by hash before any task is sent. The
+        // anchor and the trampoline move together under address
+        // randomisation, so base + offset is the trampoline's address here.
+        let t = unsafe { std::mem::transmute::<usize, Trampoline>(from_offset(self.tramp)) };
+        t(from_offset(self.func), input, out)
+    }
+}
+
+/// The message of a panic payload.
+pub(crate) fn panic_message(p: &(dyn Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic with a non-string payload".to_string()
+    }
+}
+
+fn put_message(out: &mut Vec<u8>, msg: &str) {
+    // Encoding a str into a Vec cannot fail.
+    let _ = codec::encode_into(msg, out);
+}
+
+/// Decodes an error message written by `put_message`.
+pub(crate) fn take_message(bytes: &[u8]) -> String {
+    codec::decode::<String>(bytes)
+        .map(|(s, _)| s)
+        .unwrap_or_else(|e| format!("(an undecodable message: {e})"))
+}
+
+fn run_one<A, R>(f: fn(A) -> R, input: &[u8], out: &mut Vec<u8>) -> u8
+where
+    A: DeserializeOwned,
+    R: Serialize,
+{
+    let start = out.len();
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        let a = match codec::decode::<A>(input) {
+            Ok((a, _)) => a,
+            Err(e) => return (status::DECODE, e.to_string()),
+        };
+        let r = f(a);
+        match codec::encode_into(&r, out) {
+            Ok(()) => (status::OK, String::new()),
+            Err(e) => (status::ENCODE, e.to_string()),
+        }
+    }));
+    match outcome {
+        Ok((status::OK, _)) => status::OK,
+        Ok((st, msg)) => {
+            out.truncate(start);
+            put_message(out, &msg);
+            st
+        }
+        Err(p) => {
+            out.truncate(start);
+            put_message(out, &panic_message(&*p));
+            status::PANIC
+        }
+    }
+}
+
+fn func_of<A, R>(func: usize) -> fn(A) -> R {
+    // SAFETY: `func` is the address of a `fn(A) -> R` (TaskFn::single/chunk
+    // took it from a value of exactly that type, and pair it only with this
+    // trampoline instantiated for the same A and R); fn pointers and usize
+    // have the same size on every platform Rust supports.
+    unsafe { std::mem::transmute_copy::<usize, fn(A) -> R>(&func) }
+}
+
+fn run_single<A, R>(func: usize, input: &[u8], out: &mut Vec<u8>) -> u8
+where
+    A: DeserializeOwned,
+    R: Serialize,
+{
+    run_one(func_of::<A, R>(func), input, out)
+}
+
+/// Appends one item to a chunk's input: a 4-byte length, then the encoding.
+pub(crate) fn push_item<A: Serialize>(
+    buf: &mut Vec<u8>,
+    item: &A,
+) -> Result<(), crate::error::CodecError> {
+    let at = buf.len();
+    buf.extend_from_slice(&[0; 4]);
+    if let Err(e) = codec::encode_into(item, buf) {
+        buf.truncate(at);
+        return Err(e);
+    }
+    let n = (buf.len() - at - 4) as u32;
+    buf[at..at + 4].copy_from_slice(&n.to_le_bytes());
+    Ok(())
+}
+
+/// Splits a chunk's input into its items.
+fn items(mut input: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        if input.len() < 4 {
+            return None;
+        }
+        let n = u32::from_le_bytes(input[..4].try_into().unwrap()) as usize;
+        let n = n.min(input.len() - 4);
+        let item = &input[4..4 + n];
+        input = &input[4 + n..];
+        Some(item)
+    })
+}
+
+fn run_chunk<A, R>(func: usize, input: &[u8], out: &mut Vec<u8>) -> u8
+where
+    A: DeserializeOwned,
+    R: Serialize,
+{
+    let f = func_of::<A, R>(func);
+    for item in items(input) {
+        let at = out.len();
+        out.extend_from_slice(&[0; 5]);
+        let st = run_one(f, item, out);
+        let n = (out.len() - at - 5) as u32;
+        out[at] = st;
+        out[at + 1..at + 5].copy_from_slice(&n.to_le_bytes());
+    }
+    status::OK
+}
+
+/// Decodes the items of a chunk's output, in order: each is the task's value
+/// or its own error.
+pub(crate) fn decode_chunk<R: DeserializeOwned>(
+    mut bytes: &[u8],
+) -> impl Iterator<Item = Result<R, crate::Error>> {
+    std::iter::from_fn(move || {
+        if bytes.len() < 5 {
+            return None;
+        }
+        let st = bytes[0];
+        let n = u32::from_le_bytes(bytes[1..5].try_into().unwrap()) as usize;
+        let n = n.min(bytes.len() - 5);
+        let body = &bytes[5..5 + n];
+        bytes = &bytes[5 + n..];
+        Some(decode_outcome(st, body))
+    })
+}
+
+/// Decodes one task's output given its status.
+pub(crate) fn decode_outcome<R: DeserializeOwned>(st: u8, body: &[u8]) -> Result<R, crate::Error> {
+    if st == status::OK {
+        codec::decode::<R>(body)
+            .map(|(r, _)| r)
+            .map_err(|e| crate::Error::Decode {
+                what: "result",
+                source: e,
+            })
+    } else {
+        Err(status_error(st, take_message(body)))
+    }
+}
+
+/// The error that a non-OK status with its message stands for.
+pub(crate) fn status_error(st: u8, message: String) -> crate::Error {
+    use crate::error::CodecError;
+    match st {
+        status::PANIC => crate::Error::TaskPanicked { message },
+        status::ENCODE => crate::Error::Encode {
+            what: "result",
+            source: CodecError::new(message),
+        },
+        status::DECODE => crate::Error::Decode {
+            what: "argument",
+            source: CodecError::new(message),
+        },
+        _ => crate::Error::Broken {
+            reason: format!("a worker sent an unknown status {st}: {message}"),
+        },
+    }
+}

@@ -1,0 +1,136 @@
+//! The worker loop: read task frames, run each, write result frames.
+//!
+//! A worker runs every task under `catch_unwind`, so a panic becomes a
+//! `TaskPanicked` result and the worker goes on. Before each task it stores
+//! the task's sequence number in a word of memory shared with the parent, so
+//! that if the worker dies the parent knows which task was running (it gets
+//! `WorkerLost`) and which were still waiting in the socket (they are
+//! queued again).
+//!
+//! Results are coalesced into one write while more tasks of the same read
+//! are waiting and the oldest unwritten result is younger than
+//! `FLUSH_AFTER`: many tiny tasks cost one write, and a slow task's result is
+//! never held back behind the next task.
+
+use crate::server::Init;
+use crate::sys;
+use crate::task::{TaskFn, status};
+use crate::wire::{self, HDR, Header};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const FLUSH_AFTER: Duration = Duration::from_micros(50);
+const FLUSH_BYTES: usize = 256 << 10;
+const READ_CHUNK: usize = 256 << 10;
+const KEEP_CAPACITY: usize = 4 << 20;
+
+/// Runs the worker in this (forked) process; never returns.
+pub(crate) fn run(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> ! {
+    let fd = sock.as_raw_fd();
+    let mut out: Vec<u8> = Vec::with_capacity(64 << 10);
+    if let Some(init) = init {
+        let at = Header::new(wire::INIT_FAILED, 0, 0, 0).begin(&mut out);
+        let st = init.f.call(&init.arg, &mut out);
+        if st != status::OK {
+            wire::finish(&mut out, at, st);
+            let _ = sys::send_all(fd, &out);
+            sys::exit_now(1);
+        }
+        out.clear();
+    }
+    let at = Header::new(wire::READY, 0, std::process::id() as u64, 0).begin(&mut out);
+    wire::finish(&mut out, at, 0);
+    if sys::send_all(fd, &out).is_err() {
+        sys::exit_now(0);
+    }
+    out.clear();
+
+    let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let mut pos = 0usize;
+    loop {
+        let mut oldest: Option<Instant> = None;
+        while let Some((h, total)) = wire::complete(&inbuf[pos..]) {
+            let body = &inbuf[pos + HDR..pos + total];
+            pos += total;
+            if h.kind != wire::TASK {
+                continue;
+            }
+            started.store(h.seq, Ordering::SeqCst);
+            let at = Header::new(wire::DONE, h.seq, 0, 0).begin(&mut out);
+            let st = TaskFn {
+                tramp: h.a,
+                func: h.b,
+            }
+            .call(body, &mut out);
+            wire::finish(&mut out, at, st);
+            let now = Instant::now();
+            let first = *oldest.get_or_insert(now);
+            let more = wire::complete(&inbuf[pos..]).is_some();
+            if !more || out.len() >= FLUSH_BYTES || now - first >= FLUSH_AFTER {
+                flush(fd, &mut out);
+                oldest = None;
+            }
+        }
+        if !out.is_empty() {
+            flush(fd, &mut out);
+        }
+        // Keep the partial frame, if any, at the front of the buffer.
+        inbuf.drain(..pos);
+        pos = 0;
+        if inbuf.is_empty() && inbuf.capacity() > KEEP_CAPACITY {
+            inbuf = Vec::with_capacity(READ_CHUNK);
+        }
+        let need = wire::missing(&inbuf);
+        let want = if need > 0 {
+            usize::try_from(need).unwrap_or(usize::MAX)
+        } else {
+            READ_CHUNK
+        };
+        match sys::read_append(fd, &mut inbuf, want) {
+            Ok(0) => sys::exit_now(0),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::OutOfMemory => {
+                // A frame larger than this worker can hold: answer it with an
+                // error and skip its bytes.
+                skip_oversized(fd, &mut inbuf, &mut out, need);
+            }
+            Err(_) => sys::exit_now(0),
+        }
+    }
+}
+
+fn flush(fd: i32, out: &mut Vec<u8>) {
+    if sys::send_all(fd, out).is_err() {
+        // The parent is gone.
+        sys::exit_now(0);
+    }
+    out.clear();
+    if out.capacity() > KEEP_CAPACITY {
+        *out = Vec::with_capacity(64 << 10);
+    }
+}
+
+fn skip_oversized(fd: i32, inbuf: &mut Vec<u8>, out: &mut Vec<u8>, need: u64) {
+    let Some(h) = Header::parse(inbuf) else {
+        sys::exit_now(3)
+    };
+    let mut left = need;
+    inbuf.clear();
+    let mut scratch = vec![0u8; READ_CHUNK];
+    while left > 0 {
+        let want = (left as usize).min(scratch.len());
+        match sys::read(fd, &mut scratch[..want]) {
+            Ok(0) | Err(_) => sys::exit_now(0),
+            Ok(n) => left -= n as u64,
+        }
+    }
+    let at = Header::new(wire::DONE, h.seq, 0, 0).begin(out);
+    let msg = format!(
+        "a task of {} bytes is larger than the worker can hold",
+        h.len
+    );
+    let _ = crate::codec::encode_into(&msg, out);
+    wire::finish(out, at, status::DECODE);
+    flush(fd, out);
+}

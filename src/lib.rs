@@ -1,4 +1,4 @@
-//! A pool of worker processes with the API of Python's `multiprocessing.Pool`.
+#![doc = include_str!("tutorial.md")]
 #![warn(missing_docs)]
 
 mod codec;

@@ -412,8 +412,21 @@ impl Pool {
     }
 
     /// The pids of the live workers.
+    ///
+    /// ```
+    /// let pool = procpool::Pool::builder().processes(3).build()?;
+    /// assert_eq!(pool.worker_pids().len(), 3);
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
     pub fn worker_pids(&self) -> Vec<u32> {
         self.shared.worker_pids()
+    }
+
+    /// The pid of the pool's fork server: the parent of every worker, and
+    /// the pool's one child process. It exits (and is reaped) when the pool
+    /// is joined, terminated or dropped.
+    pub fn server_pid(&self) -> u32 {
+        self.shared.server_pid()
     }
 
     /// Runs `f(arg)` in a worker and waits for its value.

@@ -297,6 +297,10 @@ impl Shared {
         any
     }
 
+    pub(crate) fn server_pid(&self) -> u32 {
+        self.lock().server_pid as u32
+    }
+
     pub(crate) fn worker_pids(&self) -> Vec<u32> {
         self.lock().workers.iter().map(|w| w.pid).collect()
     }
@@ -704,6 +708,11 @@ fn check_timeouts(st: &mut State) {
             id: f.job.id,
             timeout,
         });
+        log::warn!(
+            "procpool: task {} timed out after {timeout:?}; killing worker {}",
+            f.job.id,
+            w.pid
+        );
         if let Some(s) = server {
             send_server(s, server::KILL, 0, w.pid as u64);
         }
@@ -748,6 +757,7 @@ fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) 
                 done.extend(held);
                 let Some(fd) = fds.pop() else { continue };
                 let _ = sys::set_nonblocking(&fd);
+                log::debug!("procpool: worker {} started", m.a);
                 st.workers.push(Worker {
                     slot,
                     pid: m.a as u32,
@@ -773,6 +783,7 @@ fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) 
                     st.free_slots.push(slot);
                     done.extend(held);
                 }
+                log::warn!("procpool: the fork server could not start a worker (errno {})", m.a);
                 let e = Error::Broken {
                     reason: format!(
                         "the fork server could not start a worker: {}",
@@ -821,6 +832,15 @@ fn worker_exited(
     read_worker(&mut w, &mut ready, done);
     st.ready = ready;
     let started = shared.words.word(w.slot).load(Ordering::SeqCst);
+    if w.in_flight.is_empty() && w.kill.is_none() {
+        log::debug!("procpool: worker {} exited ({status})", w.pid);
+    } else if w.kill.is_none() {
+        log::warn!(
+            "procpool: worker {} lost ({status}) with {} task(s) in flight",
+            w.pid,
+            w.in_flight.len()
+        );
+    }
     let mut lost = Vec::new();
     let mut requeue = Vec::new();
     let pool_killed = w.kill.is_some();
@@ -877,6 +897,7 @@ fn worker_exited(
     };
     if wanted && st.broken.is_none() && st.workers.len() + st.spawning.len() < shared.cfg.processes
     {
+        log::debug!("procpool: replacing worker {}", w.pid);
         let back = st.request_spawn(lost);
         done.extend(back);
     } else {

@@ -1,0 +1,78 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::process::Command;
+
+const ISOLATED: &str = "PROCPOOL_TEST_ISOLATED";
+
+/// Runs the calling test's body in a fresh process of this test binary, so
+/// that it can count the process's children or open fds without the other
+/// tests that `cargo test` runs on other threads of the same process.
+///
+/// Call it first thing in a test, with the test's own name:
+/// `if common::isolated("my_test") { return; }`. In the parent it re-runs
+/// the binary with only that test and returns true (after asserting that the
+/// child passed); in that child it returns false, and the body runs.
+pub fn isolated(name: &str) -> bool {
+    if std::env::var(ISOLATED).as_deref() == Ok(name) {
+        return false;
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let out = Command::new(exe)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(ISOLATED, name)
+        .output()
+        .expect("re-running the test binary");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "isolated run of {name} failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(
+        stdout.contains("1 passed"),
+        "isolated run of {name} ran no test:\n{stdout}\n{stderr}"
+    );
+    true
+}
+
+/// The pids of this process's direct children (every thread's).
+pub fn children() -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// How many fds this process has open.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// Whether a process with this pid exists (a zombie counts).
+pub fn exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Waits (polling, bounded) until `cond` holds; returns whether it did.
+/// For waiting on an outside event such as a process disappearing, never
+/// as a timing assertion: the bound is generous.
+pub fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::time::Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    cond()
+}

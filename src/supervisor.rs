@@ -114,7 +114,6 @@ pub(crate) struct State {
     /// replacement is already in `worker_pids`).
     spawning: Vec<(usize, Vec<Completion>)>,
     free_slots: Vec<usize>,
-    next_id: u64,
     broken: Option<Error>,
     building: bool,
     init_error: Option<Error>,
@@ -130,6 +129,7 @@ pub(crate) struct Shared {
     cv: Condvar,
     wake: OwnedFd,
     words: Arc<SharedWords>,
+    next_id: std::sync::atomic::AtomicU64,
     pub(crate) handler: Handler,
     pub(crate) cfg: Config,
 }
@@ -152,7 +152,6 @@ impl Shared {
                 workers: Vec::new(),
                 spawning: Vec::new(),
                 free_slots: (0..slots).rev().collect(),
-                next_id: 1,
                 broken: None,
                 building: true,
                 init_error: None,
@@ -164,6 +163,7 @@ impl Shared {
             cv: Condvar::new(),
             wake,
             words,
+            next_id: std::sync::atomic::AtomicU64::new(1),
             handler: Handler::new(),
             cfg,
         }))
@@ -207,18 +207,12 @@ impl Shared {
 
     /// A fresh slot for a task (its id is the job's).
     pub(crate) fn new_slot(&self) -> Arc<Slot> {
-        let mut st = self.lock();
-        let id = st.next_id;
-        st.next_id += 1;
-        Slot::new(id)
+        Slot::new(self.reserve_ids(1))
     }
 
     /// Reserves `n` consecutive job ids.
     pub(crate) fn reserve_ids(&self, n: u64) -> u64 {
-        let mut st = self.lock();
-        let id = st.next_id;
-        st.next_id += n;
-        id
+        self.next_id.fetch_add(n, Ordering::Relaxed)
     }
 
     /// Queues jobs (all or none) and dispatches what idle workers can take.
@@ -419,6 +413,8 @@ impl State {
                 w.in_flight.push_back(InFlight { seq, job });
                 if let Some(t) = timed {
                     w.deadline = Some(now + t);
+                    // The supervisor's poll must learn the new deadline.
+                    pending = true;
                     break;
                 }
                 take -= 1;
@@ -567,6 +563,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
     let mut who: Vec<usize> = Vec::new();
     loop {
         let timeout_ms;
+        let wf;
         {
             let st = shared.lock();
             if st.finished {
@@ -586,6 +583,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
                     revents: 0,
                 });
             }
+            wf = pfds.len();
             let now = Instant::now();
             let mut next: Option<Instant> = None;
             for w in st.workers.iter() {
@@ -625,7 +623,6 @@ pub(crate) fn run(shared: Arc<Shared>) {
             if pfds[0].revents != 0 {
                 sys::drain(shared.wake.as_raw_fd());
             }
-            let wf = if st.server.is_some() { 2 } else { 1 };
             let ready_before = st.ready;
             for (i, p) in pfds.iter().enumerate().skip(wf) {
                 if p.revents == 0 {

@@ -1,0 +1,2 @@
+//! Criterion benchmarks for procpool (being written).
+fn main() {}

@@ -25,6 +25,16 @@ pub(crate) fn encode_into<T: Serialize + ?Sized>(
     }
 }
 
+/// Writes the encoding of `value` to `w`.
+pub(crate) fn encode_to<T: Serialize + ?Sized, W: std::io::Write>(
+    value: &T,
+    w: &mut W,
+) -> Result<(), CodecError> {
+    bincode::serde::encode_into_std_write(value, w, config())
+        .map(|_| ())
+        .map_err(|e| CodecError::new(e.to_string()))
+}
+
 /// Decodes one value from the front of `bytes`; returns it and the number of
 /// bytes it took.
 pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), CodecError> {

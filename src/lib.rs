@@ -6,6 +6,7 @@ mod error;
 mod pool;
 mod result;
 mod server;
+mod shm;
 mod supervisor;
 mod sys;
 mod task;

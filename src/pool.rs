@@ -7,6 +7,7 @@ use crate::result::{
     Slot, assemble, decode_payload,
 };
 use crate::server::{self, Init, Spec};
+use crate::shm::{BlockCache, Body, Spill, Target};
 use crate::supervisor::{self, Config, JobSpec, Phase, Shared};
 use crate::sys;
 use crate::task::{self, TaskFn};
@@ -386,13 +387,23 @@ impl std::fmt::Debug for Pool {
     }
 }
 
-fn encode_arg<A: Serialize>(arg: &A) -> Result<Vec<u8>> {
+/// Encodes an argument: in a buffer, or in a shared-memory block once it
+/// grows large.
+fn encode_arg<A: Serialize>(arg: &A, cache: &BlockCache) -> Result<Body> {
     let mut v = Vec::new();
-    codec::encode_into(arg, &mut v).map_err(|source| Error::Encode {
-        what: "argument",
-        source,
-    })?;
-    Ok(v)
+    let mut w = Spill::new(&mut v, Target::Cache(cache));
+    if let Err(source) = codec::encode_to(arg, &mut w) {
+        w.discard();
+        return Err(Error::Encode {
+            what: "argument",
+            source,
+        });
+    }
+    match w.finish() {
+        Ok((Some((b, n)), _)) => Ok(Body::Shm(b, n)),
+        Ok((None, _)) => Ok(Body::Heap(v)),
+        Err(e) => Err(Error::io("making a shared-memory block", e)),
+    }
 }
 
 impl Pool {
@@ -459,7 +470,7 @@ impl Pool {
         arg: A,
         opts: TaskOptions<R>,
     ) -> Result<AsyncResult<R>> {
-        let payload = encode_arg(&arg)?;
+        let payload = encode_arg(&arg, &self.shared.blocks)?;
         let hook = match (opts.on_success, opts.on_error) {
             (None, None) => Hook::None,
             (ok, err) => Hook::Handler(Box::new(move |o: Outcome| {
@@ -574,7 +585,7 @@ impl Pool {
                         slot.clone(),
                         JobSpec {
                             f: tf,
-                            payload,
+                            payload: Body::Heap(payload),
                             hook: Hook::Group(group.clone(), n),
                             timeout: opts.timeout,
                             retries: opts.retries,
@@ -782,7 +793,7 @@ where
         let slot = self.shared.new_slot();
         let spec = JobSpec {
             f: self.f,
-            payload,
+            payload: Body::Heap(payload),
             hook: hook(n),
             timeout: self.timeout,
             retries: self.retries,

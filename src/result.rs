@@ -16,15 +16,20 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-/// The output bytes of a task: `vec[start..]`.
-pub(crate) struct Buf {
-    pub(crate) vec: Vec<u8>,
-    pub(crate) start: usize,
+/// The output bytes of a task.
+pub(crate) enum Buf {
+    /// `vec[start..]`.
+    Heap { vec: Vec<u8>, start: usize },
+    /// A shared-memory block, back to the cache when dropped.
+    Block(crate::shm::Lent),
 }
 
 impl Buf {
     pub(crate) fn bytes(&self) -> &[u8] {
-        &self.vec[self.start..]
+        match self {
+            Buf::Heap { vec, start } => &vec[*start..],
+            Buf::Block(l) => l.bytes(),
+        }
     }
 }
 

@@ -14,6 +14,7 @@
 use crate::error::Error;
 use crate::result::{Buf, Handler, Hook, Outcome, Payload, Slot, complete};
 use crate::server::{self, Msg};
+use crate::shm::{BlockCache, Body, Lent};
 use crate::sys::{self, SharedWords};
 use crate::task::{self, TaskFn, status};
 use crate::wire::{self, HDR, Header};
@@ -55,7 +56,7 @@ pub(crate) enum Phase {
 pub(crate) struct Job {
     pub(crate) id: u64,
     pub(crate) f: TaskFn,
-    pub(crate) payload: Vec<u8>,
+    pub(crate) payload: Body,
     pub(crate) slot: Arc<Slot>,
     pub(crate) hook: Hook,
     pub(crate) timeout: Option<Duration>,
@@ -66,7 +67,7 @@ pub(crate) struct Job {
 /// What a caller hands to `submit`.
 pub(crate) struct JobSpec {
     pub(crate) f: TaskFn,
-    pub(crate) payload: Vec<u8>,
+    pub(crate) payload: Body,
     pub(crate) hook: Hook,
     pub(crate) timeout: Option<Duration>,
     pub(crate) retries: Option<u32>,
@@ -94,7 +95,12 @@ struct Worker {
     eof: bool,
     out: Vec<u8>,
     out_pos: usize,
+    /// fds to send with the byte at each offset of `out` (blocks that the
+    /// jobs in flight own).
+    out_fds: VecDeque<(usize, i32)>,
     inbuf: Vec<u8>,
+    /// fds received, in order, for the frames that name a block.
+    in_fds: VecDeque<OwnedFd>,
     in_flight: VecDeque<InFlight>,
     next_seq: u64,
     sent: u64,
@@ -129,6 +135,7 @@ pub(crate) struct Shared {
     cv: Condvar,
     wake: OwnedFd,
     words: Arc<SharedWords>,
+    pub(crate) blocks: Arc<BlockCache>,
     next_id: std::sync::atomic::AtomicU64,
     pub(crate) handler: Handler,
     pub(crate) cfg: Config,
@@ -163,6 +170,7 @@ impl Shared {
             cv: Condvar::new(),
             wake,
             words,
+            blocks: Arc::new(BlockCache::default()),
             next_id: std::sync::atomic::AtomicU64::new(1),
             handler: Handler::new(),
             cfg,
@@ -405,10 +413,25 @@ impl State {
                 w.next_seq += 1;
                 w.sent += 1;
                 let mut h = Header::new(wire::TASK, seq, job.f.tramp, job.f.func);
-                h.len = job.payload.len() as u64;
-                h.begin(&mut w.out);
-                w.out.extend_from_slice(&job.payload);
-                bytes += job.payload.len() + HDR;
+                match &job.payload {
+                    Body::Heap(p) => {
+                        h.len = p.len() as u64;
+                        h.begin(&mut w.out);
+                        w.out.extend_from_slice(p);
+                        bytes += p.len() + HDR;
+                    }
+                    Body::Shm(b, n) => {
+                        h.len = 8;
+                        h.status = wire::IN_BLOCK;
+                        if job.retries > 0 {
+                            h.status |= wire::KEEP_INPUT;
+                        }
+                        w.out_fds.push_back((w.out.len(), b.raw_fd()));
+                        h.begin(&mut w.out);
+                        w.out.extend_from_slice(&(*n as u64).to_le_bytes());
+                        bytes += HDR + 8;
+                    }
+                }
                 let timed = job.timeout;
                 w.in_flight.push_back(InFlight { seq, job });
                 if let Some(t) = timed {
@@ -436,12 +459,26 @@ impl State {
 /// remain.
 fn flush_out(w: &mut Worker) -> bool {
     while w.out_pos < w.out.len() {
-        match sys::send(w.fd.as_raw_fd(), &w.out[w.out_pos..]) {
+        let sock = w.fd.as_raw_fd();
+        let sent = match w.out_fds.front() {
+            Some(&(at, fd)) if at == w.out_pos => {
+                let end = w.out_fds.get(1).map_or(w.out.len(), |x| x.0);
+                let r = sys::send_fd(sock, &w.out[w.out_pos..end], fd);
+                if matches!(r, Ok(n) if n > 0) {
+                    w.out_fds.pop_front();
+                }
+                r
+            }
+            Some(&(at, _)) => sys::send(sock, &w.out[w.out_pos..at]),
+            None => sys::send(sock, &w.out[w.out_pos..]),
+        };
+        match sent {
             Ok(n) => w.out_pos += n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
             Err(_) => {
                 // The worker is gone; its exit report will follow.
                 w.out.clear();
+                w.out_fds.clear();
                 w.out_pos = 0;
                 w.eof = true;
                 return false;
@@ -449,6 +486,7 @@ fn flush_out(w: &mut Worker) -> bool {
         }
     }
     w.out.clear();
+    w.out_fds.clear();
     w.out_pos = 0;
     if w.out.capacity() > (8 << 20) {
         w.out = Vec::new();
@@ -460,7 +498,12 @@ fn flush_out(w: &mut Worker) -> bool {
 }
 
 /// Reads everything a worker has sent and turns whole frames into outcomes.
-fn read_worker(w: &mut Worker, st_ready: &mut usize, done: &mut Vec<Completion>) {
+fn read_worker(
+    w: &mut Worker,
+    st_ready: &mut usize,
+    cache: &Arc<BlockCache>,
+    done: &mut Vec<Completion>,
+) {
     loop {
         let need = wire::missing(&w.inbuf);
         let want = if need > 0 {
@@ -468,7 +511,7 @@ fn read_worker(w: &mut Worker, st_ready: &mut usize, done: &mut Vec<Completion>)
         } else {
             READ_CHUNK
         };
-        match sys::read_append(w.fd.as_raw_fd(), &mut w.inbuf, want) {
+        match sys::recv_append(w.fd.as_raw_fd(), &mut w.inbuf, want, &mut w.in_fds) {
             Ok(0) => {
                 w.eof = true;
                 break;
@@ -486,12 +529,59 @@ fn read_worker(w: &mut Worker, st_ready: &mut usize, done: &mut Vec<Completion>)
                 break;
             }
         }
-        parse_frames(w, st_ready, done);
+        parse_frames(w, st_ready, cache, done);
     }
-    parse_frames(w, st_ready, done);
+    parse_frames(w, st_ready, cache, done);
 }
 
-fn parse_frames(w: &mut Worker, st_ready: &mut usize, done: &mut Vec<Completion>) {
+/// The outcome of a DONE frame whose output is in a block.
+fn block_outcome(
+    w: &mut Worker,
+    tag: u64,
+    body: &[u8],
+    cache: &Arc<BlockCache>,
+) -> Result<Payload, Error> {
+    let broken = |what: &str| Error::Broken {
+        reason: format!("worker {}: {what}", w.pid),
+    };
+    let len = body
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize)
+        .ok_or_else(|| broken("a block length is missing"))?;
+    let mut block = if tag == wire::OUT_SAME_BLOCK {
+        match w.in_flight.front_mut().map(|f| &mut f.job.payload) {
+            Some(p @ Body::Shm(..)) => match std::mem::replace(p, Body::Heap(Vec::new())) {
+                Body::Shm(b, _) => b,
+                Body::Heap(_) => unreachable!(),
+            },
+            _ => return Err(broken("a result named an input block that it had not")),
+        }
+    } else {
+        let fd = w
+            .in_fds
+            .pop_front()
+            .ok_or_else(|| broken("a result's block did not arrive"))?;
+        crate::shm::Block::from_fd(fd).map_err(|e| Error::io("mapping a result's block", e))?
+    };
+    block
+        .refresh()
+        .map_err(|e| Error::io("mapping a result's block", e))?;
+    if block.capacity() < len {
+        return Err(broken("a result's block is shorter than the result"));
+    }
+    Ok(Payload::Bytes(Buf::Block(Lent {
+        block: Some(block),
+        len,
+        cache: cache.clone(),
+    })))
+}
+
+fn parse_frames(
+    w: &mut Worker,
+    st_ready: &mut usize,
+    cache: &Arc<BlockCache>,
+    done: &mut Vec<Completion>,
+) {
     let mut pos = 0usize;
     while let Some((h, total)) = wire::complete(&w.inbuf[pos..]) {
         let body_at = pos + HDR;
@@ -505,19 +595,23 @@ fn parse_frames(w: &mut Worker, st_ready: &mut usize, done: &mut Vec<Completion>
                 w.init_msg = Some(task::take_message(&w.inbuf[body_at..end]));
             }
             wire::DONE => {
-                let outcome = if h.status == status::OK {
+                let outcome = if h.a == wire::OUT_SAME_BLOCK || h.a == wire::OUT_NEW_BLOCK {
+                    pos = end;
+                    let body = w.inbuf[body_at..end].to_vec();
+                    block_outcome(w, h.a, &body, cache)
+                } else if h.status == status::OK {
                     if h.len as usize >= HAND_OVER {
                         let rest = w.inbuf[end..].to_vec();
                         let mut v = std::mem::replace(&mut w.inbuf, rest);
                         v.truncate(end);
                         pos = 0;
-                        Ok(Payload::Bytes(Buf {
+                        Ok(Payload::Bytes(Buf::Heap {
                             vec: v,
                             start: body_at,
                         }))
                     } else {
                         pos = end;
-                        Ok(Payload::Bytes(Buf {
+                        Ok(Payload::Bytes(Buf::Heap {
                             vec: w.inbuf[body_at..end].to_vec(),
                             start: 0,
                         }))
@@ -534,6 +628,9 @@ fn parse_frames(w: &mut Worker, st_ready: &mut usize, done: &mut Vec<Completion>
                         let f = w.in_flight.pop_front().expect("front exists");
                         if !f.job.cancelled {
                             done.push((f.job.slot, f.job.hook, outcome));
+                        }
+                        if let Body::Shm(b, _) = f.job.payload {
+                            cache.put(b);
                         }
                     }
                     _ => {
@@ -636,7 +733,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
                     flush_out(w);
                 }
                 if p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
-                    read_worker(w, &mut st.ready, &mut done);
+                    read_worker(w, &mut st.ready, &shared.blocks, &mut done);
                 }
             }
             if st.ready != ready_before {
@@ -764,7 +861,9 @@ fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) 
                     eof: false,
                     out: Vec::new(),
                     out_pos: 0,
+                    out_fds: VecDeque::new(),
                     inbuf: Vec::new(),
+                    in_fds: VecDeque::new(),
                     in_flight: VecDeque::new(),
                     next_seq: 1,
                     sent: 0,
@@ -780,7 +879,10 @@ fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) 
                     st.free_slots.push(slot);
                     done.extend(held);
                 }
-                log::warn!("procpool: the fork server could not start a worker (errno {})", m.a);
+                log::warn!(
+                    "procpool: the fork server could not start a worker (errno {})",
+                    m.a
+                );
                 let e = Error::Broken {
                     reason: format!(
                         "the fork server could not start a worker: {}",
@@ -826,7 +928,7 @@ fn worker_exited(
 ) {
     // Everything it wrote before dying is in its socket: take it first.
     let mut ready = st.ready;
-    read_worker(&mut w, &mut ready, done);
+    read_worker(&mut w, &mut ready, &shared.blocks, done);
     st.ready = ready;
     let started = shared.words.word(w.slot).load(Ordering::SeqCst);
     if w.in_flight.is_empty() && w.kill.is_none() {
@@ -851,6 +953,9 @@ fn worker_exited(
             continue;
         }
         let mut job = f.job;
+        // A started task may have written its result over its input block
+        // (unless it was told to keep it): it cannot run again.
+        let clobbered = matches!(job.payload, Body::Shm(..)) && job.retries == 0;
         let err = match &w.kill {
             Some(KillReason::Timeout { id, timeout }) if *id == job.id => Some(Error::Timeout {
                 timeout: *timeout,
@@ -858,7 +963,7 @@ fn worker_exited(
             }),
             Some(KillReason::Error(e)) => Some(e.clone()),
             // Interrupted by a kill the pool made for another task.
-            _ if pool_killed => None,
+            _ if pool_killed && !clobbered => None,
             _ if job.retries > 0 => {
                 job.retries -= 1;
                 None

@@ -124,31 +124,6 @@ pub(crate) fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// Reads into the spare capacity of `buf` (at most `max` bytes), retrying on
-/// `EINTR`; returns how many bytes were appended (0 is end-of-file).
-pub(crate) fn read_append(fd: RawFd, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
-    if buf.capacity() - buf.len() < max {
-        buf.try_reserve(max)
-            .map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
-    }
-    let spare = buf.capacity() - buf.len();
-    let want = spare.min(max.max(1));
-    loop {
-        // SAFETY: the region [len, len + want) lies within buf's allocation
-        // (want <= spare capacity); read writes at most `want` bytes there.
-        let r = unsafe { libc::read(fd, buf.as_mut_ptr().add(buf.len()).cast(), want) };
-        match cvt_size(r) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-            Ok(n) => {
-                // SAFETY: read initialised exactly n <= want bytes past len.
-                unsafe { buf.set_len(buf.len() + n) };
-                return Ok(n);
-            }
-        }
-    }
-}
-
 /// `send(2)` with `MSG_NOSIGNAL`, retrying on `EINTR`: a dead peer gives
 /// `EPIPE` rather than a `SIGPIPE` that could end the process.
 pub(crate) fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
@@ -238,13 +213,20 @@ pub(crate) fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, V
             Ok(n) => break n,
         }
     };
-    let mut fds = Vec::new();
+    let mut fds = std::collections::VecDeque::new();
+    take_fds(&msg, &mut fds);
+    Ok((n, fds.into()))
+}
+
+/// Takes ownership of the fds that `recvmsg` delivered into `msg`'s
+/// control buffer.
+fn take_fds(msg: &libc::msghdr, fds: &mut std::collections::VecDeque<OwnedFd>) {
     // SAFETY: the kernel filled msg_control with well-formed headers up to
     // msg_controllen; CMSG_FIRSTHDR/NXTHDR walk only within it, and each
     // SCM_RIGHTS payload holds (cmsg_len - CMSG_LEN(0)) / 4 fds that were
     // installed in this process for us alone to own.
     unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        let mut c = libc::CMSG_FIRSTHDR(msg);
         while !c.is_null() {
             if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
                 let data = libc::CMSG_DATA(c);
@@ -252,13 +234,12 @@ pub(crate) fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, V
                     / std::mem::size_of::<RawFd>();
                 for i in 0..count {
                     let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
-                    fds.push(OwnedFd::from_raw_fd(fd));
+                    fds.push_back(OwnedFd::from_raw_fd(fd));
                 }
             }
-            c = libc::CMSG_NXTHDR(&msg, c);
+            c = libc::CMSG_NXTHDR(msg, c);
         }
     }
-    Ok((n, fds))
 }
 
 /// Closes every fd from 3 up, except those in `keep`.
@@ -464,4 +445,176 @@ impl Drop for SharedWords {
         // reference into it outlives self.
         unsafe { libc::munmap(self.ptr.cast(), bytes) };
     }
+}
+
+/// A new anonymous memory file (`memfd_create`), close-on-exec.
+pub(crate) fn memfd() -> io::Result<OwnedFd> {
+    // SAFETY: the name is a NUL-terminated static string.
+    let fd = cvt(unsafe { libc::memfd_create(c"procpool".as_ptr(), libc::MFD_CLOEXEC) })?;
+    // SAFETY: a fresh fd that we alone own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sets a file's size.
+pub(crate) fn set_len(fd: &OwnedFd, len: usize) -> io::Result<()> {
+    // SAFETY: ftruncate on an open fd with an integer length.
+    cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) })?;
+    Ok(())
+}
+
+/// A file's size.
+pub(crate) fn file_len(fd: &OwnedFd) -> io::Result<usize> {
+    // SAFETY: st is a plain-data out-parameter for fstat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is open and st is valid for writes.
+    cvt(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    Ok(st.st_size as usize)
+}
+
+/// A shared, read-write mapping of the first `len` bytes of a file.
+pub(crate) struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory; access is coordinated by the pool's
+// protocol (one side at a time touches a block) and by &/&mut on Mapping.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; &Mapping only reads.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` (which must be at least that long);
+    /// `populate` pre-faults the pages.
+    pub(crate) fn new(fd: &OwnedFd, len: usize, populate: bool) -> io::Result<Mapping> {
+        if len == 0 {
+            return Ok(Mapping {
+                ptr: std::ptr::NonNull::dangling().as_ptr(),
+                len: 0,
+            });
+        }
+        let flags = libc::MAP_SHARED | if populate { libc::MAP_POPULATE } else { 0 };
+        // SAFETY: a fresh shared mapping of an open fd with no address hint;
+        // the kernel checks the length against the file.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // Large blocks: ask for huge pages where the kernel offers them on request.
+        // SAFETY: advice on a range we just mapped; failure is harmless.
+        unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
+        Ok(Mapping { ptr: p.cast(), len })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len bytes for the mapping's lifetime
+        // (dangling but unused when len is 0).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in as_slice; &mut self makes this the only view here.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: exactly the region mapped in new(); no view outlives self.
+            unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        }
+    }
+}
+
+/// `sendmsg` of `buf` with one fd attached (to its first byte), with
+/// `MSG_NOSIGNAL`; returns the bytes sent (the fd went with them if > 0).
+pub(crate) fn send_fd(sock: RawFd, buf: &[u8], fd: RawFd) -> io::Result<usize> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    let fd_bytes = std::mem::size_of::<RawFd>() as u32;
+    let mut cbuf = [0u64; 4];
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is a pure computation.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(fd_bytes) } as _;
+    // SAFETY: cbuf (32 bytes, 8-aligned) holds CMSG_SPACE(4) = 24 bytes: one
+    // header and one fd, which CMSG_FIRSTHDR/CMSG_DATA address within it.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd);
+    }
+    loop {
+        // SAFETY: msg and what it points to (iov, cbuf) live across the call.
+        let r = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
+        match cvt_size(r) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Like [`read_append`], through `recvmsg`: fds that arrive are appended
+/// to `fds` in order (made close-on-exec).
+pub(crate) fn recv_append(
+    sock: RawFd,
+    buf: &mut Vec<u8>,
+    max: usize,
+    fds: &mut std::collections::VecDeque<OwnedFd>,
+) -> io::Result<usize> {
+    if buf.capacity() - buf.len() < max {
+        buf.try_reserve(max)
+            .map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+    }
+    let spare = buf.capacity() - buf.len();
+    let want = spare.min(max.max(1));
+    let mut iov = libc::iovec {
+        // SAFETY: len <= capacity, so the pointer stays within the allocation.
+        iov_base: unsafe { buf.as_mut_ptr().add(buf.len()) }.cast(),
+        iov_len: want,
+    };
+    let mut cbuf = [0u64; 16];
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
+    let n = loop {
+        // SAFETY: iov covers `want` bytes of buf's spare capacity; cbuf is live.
+        let r = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        match cvt_size(r) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+            Ok(n) => break n,
+        }
+    };
+    // SAFETY: recvmsg initialised exactly n <= want bytes past len.
+    unsafe { buf.set_len(buf.len() + n) };
+    take_fds(&msg, fds);
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::other("file descriptors were truncated"));
+    }
+    Ok(n)
 }

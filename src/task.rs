@@ -6,6 +6,7 @@
 //! whole image, not its parts).
 
 use crate::codec;
+use crate::shm::{Block, Spill, Target};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::any::Any;
@@ -23,9 +24,24 @@ pub(crate) mod status {
     pub(crate) const DECODE: u8 = 3;
 }
 
-/// Runs a task: decodes the input, calls the function, appends the encoded
-/// output (or an encoded error message) to `out`, and returns a status.
-type Trampoline = fn(func: usize, input: &[u8], out: &mut Vec<u8>) -> u8;
+/// Runs a task: decodes the input, calls the function, writes the encoded
+/// output (or an encoded error message), and returns a status.
+type Trampoline = fn(func: usize, io: &mut Io<'_>) -> u8;
+
+/// A task's input and output in a worker.
+pub(crate) struct Io<'a> {
+    /// The input, when it came in the frame.
+    pub(crate) input: &'a [u8],
+    /// The input, when it came in a block (and its length).
+    pub(crate) block: Option<(Block, usize)>,
+    /// Whether the result may be written into the input's block.
+    pub(crate) reuse: bool,
+    /// Where a small output goes (appended).
+    pub(crate) out: &'a mut Vec<u8>,
+    /// A large output: its block and length, and whether that block is the
+    /// input's.
+    pub(crate) spilled: Option<(Block, usize, bool)>,
+}
 
 /// A task function as it travels: offsets of the trampoline and of the
 /// function from the anchor.
@@ -77,7 +93,7 @@ impl TaskFn {
     }
 
     /// Runs the task in this process (a worker).
-    pub(crate) fn call(self, input: &[u8], out: &mut Vec<u8>) -> u8 {
+    pub(crate) fn call(self, io: &mut Io<'_>) -> u8 {
         // SAFETY: `tramp` was made by `single`/`chunk` from a value of type
         // `Trampoline` in this same binary: the process is a fork of the one
         // that made it (identical image), or an exec of the same executable,
@@ -85,7 +101,7 @@ impl TaskFn {
         // anchor and the trampoline move together under address
         // randomisation, so base + offset is the trampoline's address here.
         let t = unsafe { std::mem::transmute::<usize, Trampoline>(from_offset(self.tramp)) };
-        t(from_offset(self.func), input, out)
+        t(from_offset(self.func), io)
     }
 }
 
@@ -112,33 +128,59 @@ pub(crate) fn take_message(bytes: &[u8]) -> String {
         .unwrap_or_else(|e| format!("(an undecodable message: {e})"))
 }
 
-fn run_one<A, R>(f: fn(A) -> R, input: &[u8], out: &mut Vec<u8>) -> u8
+fn run_one<A, R>(f: fn(A) -> R, io: &mut Io<'_>) -> u8
 where
     A: DeserializeOwned,
     R: Serialize,
 {
-    let start = out.len();
+    let start = io.out.len();
     let outcome = catch_unwind(AssertUnwindSafe(|| {
-        let a = match codec::decode::<A>(input) {
+        let decoded = {
+            let input = match &io.block {
+                Some((b, n)) => b.bytes(*n),
+                None => io.input,
+            };
+            codec::decode::<A>(input)
+        };
+        let a = match decoded {
             Ok((a, _)) => a,
             Err(e) => return (status::DECODE, e.to_string()),
         };
         let r = f(a);
-        match codec::encode_into(&r, out) {
-            Ok(()) => (status::OK, String::new()),
-            Err(e) => (status::ENCODE, e.to_string()),
+        let had_block = io.block.is_some();
+        let reuse = if io.reuse {
+            io.block.take().map(|(b, _)| b)
+        } else {
+            None
+        };
+        let mut w = Spill::new(io.out, Target::Reuse(reuse));
+        match codec::encode_to(&r, &mut w) {
+            Ok(()) => match w.finish() {
+                Ok((spilled, unused)) => {
+                    let same = had_block && io.reuse && unused.is_none();
+                    io.spilled = spilled.map(|(b, n)| (b, n, same));
+                    (status::OK, String::new())
+                }
+                Err(e) => (status::ENCODE, e.to_string()),
+            },
+            Err(e) => {
+                w.discard();
+                (status::ENCODE, e.to_string())
+            }
         }
     }));
     match outcome {
         Ok((status::OK, _)) => status::OK,
         Ok((st, msg)) => {
-            out.truncate(start);
-            put_message(out, &msg);
+            io.out.truncate(start);
+            io.spilled = None;
+            put_message(io.out, &msg);
             st
         }
         Err(p) => {
-            out.truncate(start);
-            put_message(out, &panic_message(&*p));
+            io.out.truncate(start);
+            io.spilled = None;
+            put_message(io.out, &panic_message(&*p));
             status::PANIC
         }
     }
@@ -152,12 +194,12 @@ fn func_of<A, R>(func: usize) -> fn(A) -> R {
     unsafe { std::mem::transmute_copy::<usize, fn(A) -> R>(&func) }
 }
 
-fn run_single<A, R>(func: usize, input: &[u8], out: &mut Vec<u8>) -> u8
+fn run_single<A, R>(func: usize, io: &mut Io<'_>) -> u8
 where
     A: DeserializeOwned,
     R: Serialize,
 {
-    run_one(func_of::<A, R>(func), input, out)
+    run_one(func_of::<A, R>(func), io)
 }
 
 /// Appends one item to a chunk's input: a 4-byte length, then the encoding.
@@ -190,19 +232,37 @@ fn items(mut input: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
-fn run_chunk<A, R>(func: usize, input: &[u8], out: &mut Vec<u8>) -> u8
+fn run_chunk<A, R>(func: usize, io: &mut Io<'_>) -> u8
 where
     A: DeserializeOwned,
     R: Serialize,
 {
     let f = func_of::<A, R>(func);
+    let input = io.input;
     for item in items(input) {
-        let at = out.len();
-        out.extend_from_slice(&[0; 5]);
-        let st = run_one(f, item, out);
-        let n = (out.len() - at - 5) as u32;
-        out[at] = st;
-        out[at + 1..at + 5].copy_from_slice(&n.to_le_bytes());
+        let at = io.out.len();
+        io.out.extend_from_slice(&[0; 5]);
+        // Items are small and go in the frame: no block for them.
+        let mut item_io = Io {
+            input: item,
+            block: None,
+            reuse: false,
+            out: &mut *io.out,
+            spilled: None,
+        };
+        let mut st = run_one(f, &mut item_io);
+        if let Some((b, n, _)) = item_io.spilled.take() {
+            let bytes = b.bytes(n);
+            if io.out.try_reserve(bytes.len()).is_ok() {
+                io.out.extend_from_slice(bytes);
+            } else {
+                st = status::ENCODE;
+                put_message(io.out, "an item's result is too large");
+            }
+        }
+        let n = (io.out.len() - at - 5) as u32;
+        io.out[at] = st;
+        io.out[at + 1..at + 5].copy_from_slice(&n.to_le_bytes());
     }
     status::OK
 }

@@ -21,6 +21,19 @@ pub(crate) const DONE: u8 = 3;
 /// Parent to worker: run task `seq`.
 pub(crate) const TASK: u8 = 4;
 
+/// TASK flag (in `status`): the body is the 8-byte length of the input,
+/// which is in the block whose fd came with the frame.
+pub(crate) const IN_BLOCK: u8 = 1;
+/// TASK flag: the worker must not write the result into the input's block
+/// (the parent may need the input again, to retry the task).
+pub(crate) const KEEP_INPUT: u8 = 2;
+/// DONE (in `a`): the body is the 8-byte length of the output, which is in
+/// the task's input block.
+pub(crate) const OUT_SAME_BLOCK: u64 = 1;
+/// DONE (in `a`): the body is the 8-byte length of the output, which is in
+/// the block whose fd came with the frame.
+pub(crate) const OUT_NEW_BLOCK: u64 = 2;
+
 /// A frame header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Header {

@@ -10,12 +10,15 @@
 //! Results are coalesced into one write while more tasks of the same read
 //! are waiting and the oldest unwritten result is younger than
 //! `FLUSH_AFTER`: many tiny tasks cost one write, and a slow task's result is
-//! never held back behind the next task.
+//! never held back behind the next task. Large inputs and outputs travel in
+//! shared-memory blocks (see `shm.rs`).
 
 use crate::server::Init;
+use crate::shm::Block;
 use crate::sys;
-use crate::task::{TaskFn, status};
+use crate::task::{Io, TaskFn, status};
 use crate::wire::{self, HDR, Header};
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -31,7 +34,14 @@ pub(crate) fn run(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> ! 
     let mut out: Vec<u8> = Vec::with_capacity(64 << 10);
     if let Some(init) = init {
         let at = Header::new(wire::INIT_FAILED, 0, 0, 0).begin(&mut out);
-        let st = init.f.call(&init.arg, &mut out);
+        let mut io = Io {
+            input: &init.arg,
+            block: None,
+            reuse: false,
+            out: &mut out,
+            spilled: None,
+        };
+        let st = init.f.call(&mut io);
         if st != status::OK {
             wire::finish(&mut out, at, st);
             let _ = sys::send_all(fd, &out);
@@ -47,6 +57,7 @@ pub(crate) fn run(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> ! 
     out.clear();
 
     let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let mut fds: VecDeque<OwnedFd> = VecDeque::new();
     let mut pos = 0usize;
     loop {
         let mut oldest: Option<Instant> = None;
@@ -58,12 +69,63 @@ pub(crate) fn run(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> ! 
             }
             started.store(h.seq, Ordering::SeqCst);
             let at = Header::new(wire::DONE, h.seq, 0, 0).begin(&mut out);
-            let st = TaskFn {
-                tramp: h.a,
-                func: h.b,
+            let mut io = Io {
+                input: body,
+                block: None,
+                reuse: h.status & wire::KEEP_INPUT == 0,
+                out: &mut out,
+                spilled: None,
+            };
+            let mut st = status::OK;
+            if h.status & wire::IN_BLOCK != 0 {
+                match in_block(body, fds.pop_front()) {
+                    Ok(b) => {
+                        io.input = &[];
+                        io.block = Some(b);
+                    }
+                    Err(msg) => {
+                        let _ = crate::codec::encode_into(&msg, io.out);
+                        st = status::DECODE;
+                    }
+                }
             }
-            .call(body, &mut out);
-            wire::finish(&mut out, at, st);
+            if st == status::OK {
+                st = TaskFn {
+                    tramp: h.a,
+                    func: h.b,
+                }
+                .call(&mut io);
+            }
+            let spilled = io.spilled.take();
+            drop(io);
+            match spilled {
+                None => wire::finish(&mut out, at, st),
+                Some((block, len, same)) => {
+                    // The frame is a header and the output's length; a new
+                    // block's fd goes with it.
+                    out.truncate(at);
+                    let tag = if same {
+                        wire::OUT_SAME_BLOCK
+                    } else {
+                        wire::OUT_NEW_BLOCK
+                    };
+                    let mut h = Header::new(wire::DONE, h.seq, tag, 0);
+                    h.len = 8;
+                    let mut frame = Vec::with_capacity(HDR + 8);
+                    h.begin(&mut frame);
+                    frame.extend_from_slice(&(len as u64).to_le_bytes());
+                    flush(fd, &mut out);
+                    let sent = if same {
+                        sys::send_all(fd, &frame)
+                    } else {
+                        send_with_block(fd, &frame, &block)
+                    };
+                    if sent.is_err() {
+                        sys::exit_now(0);
+                    }
+                    drop(block);
+                }
+            }
             let now = Instant::now();
             let first = *oldest.get_or_insert(now);
             let more = wire::complete(&inbuf[pos..]).is_some();
@@ -87,7 +149,7 @@ pub(crate) fn run(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> ! 
         } else {
             READ_CHUNK
         };
-        match sys::read_append(fd, &mut inbuf, want) {
+        match sys::recv_append(fd, &mut inbuf, want, &mut fds) {
             Ok(0) => sys::exit_now(0),
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::OutOfMemory => {
@@ -100,7 +162,28 @@ pub(crate) fn run(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> ! 
     }
 }
 
+fn in_block(body: &[u8], fd: Option<OwnedFd>) -> Result<(Block, usize), String> {
+    let fd = fd.ok_or("a task's block did not arrive")?;
+    let len = body
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize)
+        .ok_or("a task's block length is missing")?;
+    let b = Block::from_fd(fd).map_err(|e| format!("could not map a task's block: {e}"))?;
+    if b.capacity() < len {
+        return Err("a task's block is shorter than its input".into());
+    }
+    Ok((b, len))
+}
+
+fn send_with_block(fd: i32, frame: &[u8], block: &Block) -> std::io::Result<()> {
+    let n = sys::send_fd(fd, frame, block.raw_fd())?;
+    sys::send_all(fd, &frame[n..])
+}
+
 fn flush(fd: i32, out: &mut Vec<u8>) {
+    if out.is_empty() {
+        return;
+    }
     if sys::send_all(fd, out).is_err() {
         // The parent is gone.
         sys::exit_now(0);

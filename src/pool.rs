@@ -4,7 +4,7 @@ use crate::codec;
 use crate::error::{Error, Result};
 use crate::result::{
     AsyncResult, Feeder, Group, Hook, Imap, ImapUnordered, MapResult, Outcome, Payload, Pending,
-    Slot, assemble, decode_payload,
+    Slot, assemble, complete, decode_payload,
 };
 use crate::server::{self, Init, Spec};
 use crate::shm::{BlockCache, Body, Spill, Target};
@@ -540,69 +540,71 @@ impl Pool {
             .chunksize
             .unwrap_or_else(|| total.div_ceil(4 * self.processes()).max(1));
         let tf = TaskFn::chunk(f);
-        let mut payloads = Vec::with_capacity(total.div_ceil(chunksize));
-        for chunk in items.chunks(chunksize) {
-            let mut p = Vec::new();
-            for a in chunk {
-                task::push_item(&mut p, a).map_err(|source| Error::Encode {
-                    what: "argument",
-                    source,
-                })?;
-            }
-            payloads.push((p, chunk.len()));
-        }
-        drop(items);
-        let first = self.shared.reserve_ids(payloads.len() as u64);
+        let nchunks = total.div_ceil(chunksize);
+        let first = self.shared.reserve_ids(nchunks as u64);
         let done = Slot::new(0);
-        let group = Group::new(payloads.len(), done.clone());
-        let chunks: Vec<Arc<Slot>> = (0..payloads.len())
-            .map(|i| Slot::new(first + i as u64))
-            .collect();
-        if opts.on_success.is_some() || opts.on_error.is_some() {
+        let group = Group::new(nchunks, done.clone());
+        let chunks: Vec<Arc<Slot>> = (0..nchunks).map(|i| Slot::new(first + i as u64)).collect();
+        let callbacks = opts.on_success.is_some() || opts.on_error.is_some();
+        if callbacks {
             let (ok, err) = (opts.on_success, opts.on_error);
             let cs = chunks.clone();
             group.set_on_done(Box::new(move || {
                 run_callbacks(assemble::<R>(&cs, total), ok, err)
             }));
         }
-        if payloads.is_empty() {
-            // Nothing to run: the map is done now (callbacks still run on the
-            // result-handler thread).
-            let f = group.set_on_done_take();
-            match f {
-                Some(f) => {
-                    let d = done.clone();
-                    self.shared.handler.run(Box::new(move || d.set(f())));
-                }
-                None => done.set(Ok(Payload::Unit)),
-            }
-        } else {
-            let jobs = payloads
-                .into_iter()
-                .zip(chunks.iter())
-                .map(|((payload, n), slot)| {
-                    (
-                        slot.clone(),
-                        JobSpec {
-                            f: tf,
-                            payload: Body::Heap(payload),
-                            hook: Hook::Group(group.clone(), n),
-                            timeout: opts.timeout,
-                            retries: opts.retries,
-                        },
-                    )
-                })
-                .collect();
-            self.shared.submit(jobs)?;
-        }
-        Ok(MapResult {
+        let result = MapResult {
             chunks,
             group,
             total,
             pool: Arc::downgrade(&self.shared),
             early: None,
+            callbacks,
             _r: PhantomData,
-        })
+        };
+        if nchunks == 0 {
+            // Nothing to run: the map is done now (callbacks still run on the
+            // result-handler thread).
+            match result.group.set_on_done_take() {
+                Some(f) => self.shared.handler.run(Box::new(move || done.set(f()))),
+                None => done.set(Ok(Payload::Unit)),
+            }
+            return Ok(result);
+        }
+        // Submit each chunk as soon as it is encoded, so the workers start
+        // while the rest is being encoded. A chunk that cannot be encoded
+        // fails as a whole, in its place in the input order.
+        for (chunk, slot) in items.chunks(chunksize).zip(result.chunks.iter()) {
+            let hook = Hook::Group(result.group.clone(), chunk.len());
+            let mut p = Vec::new();
+            let mut failed = None;
+            for a in chunk {
+                if let Err(source) = task::push_item(&mut p, a) {
+                    failed = Some(Error::Encode {
+                        what: "argument",
+                        source,
+                    });
+                    break;
+                }
+            }
+            if let Some(e) = failed {
+                complete(slot.clone(), hook, Err(e), &self.shared.handler);
+                continue;
+            }
+            let spec = JobSpec {
+                f: tf,
+                payload: Body::Heap(p),
+                hook,
+                timeout: opts.timeout,
+                retries: opts.retries,
+            };
+            if let Err(e) = self.shared.submit(vec![(slot.clone(), spec)]) {
+                // Closed or terminated: nothing of this map may run.
+                result.cancel();
+                return Err(e);
+            }
+        }
+        Ok(result)
     }
 
     fn feeder<'a, A: Data, R: Data>(

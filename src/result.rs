@@ -66,6 +66,8 @@ pub(crate) struct Slot {
 struct SlotState {
     outcome: Option<Outcome>,
     taken: bool,
+    /// Whether a thread waits on the condvar (notifying costs a syscall).
+    waiting: bool,
     waker: Option<Waker>,
 }
 
@@ -76,6 +78,7 @@ impl Slot {
             m: Mutex::new(SlotState {
                 outcome: None,
                 taken: false,
+                waiting: false,
                 waker: None,
             }),
             cv: Condvar::new(),
@@ -88,15 +91,17 @@ impl Slot {
 
     /// Stores the outcome (the first one wins) and wakes every waiter.
     pub(crate) fn set(&self, o: Outcome) {
-        let waker = {
+        let (waker, waiting) = {
             let mut s = self.lock();
             if s.outcome.is_some() || s.taken {
                 return;
             }
             s.outcome = Some(o);
-            s.waker.take()
+            (s.waker.take(), s.waiting)
         };
-        self.cv.notify_all();
+        if waiting {
+            self.cv.notify_all();
+        }
         if let Some(w) = waker {
             w.wake();
         }
@@ -115,6 +120,7 @@ impl Slot {
     pub(crate) fn wait(&self) {
         let mut s = self.lock();
         while s.outcome.is_none() && !s.taken {
+            s.waiting = true;
             s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
         }
     }
@@ -127,6 +133,7 @@ impl Slot {
             if now >= end {
                 return false;
             }
+            s.waiting = true;
             s = self
                 .cv
                 .wait_timeout(s, end - now)
@@ -140,6 +147,7 @@ impl Slot {
     pub(crate) fn take(&self) -> Outcome {
         let mut s = self.lock();
         while s.outcome.is_none() && !s.taken {
+            s.waiting = true;
             s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
         }
         s.taken = true;
@@ -378,6 +386,9 @@ pub struct MapResult<R> {
     pub(crate) total: usize,
     pub(crate) pool: Weak<Shared>,
     pub(crate) early: Option<Error>,
+    /// Whether callbacks run when the map is done (then the value is
+    /// decoded once, on the result-handler thread).
+    pub(crate) callbacks: bool,
     pub(crate) _r: PhantomData<fn() -> R>,
 }
 
@@ -455,6 +466,10 @@ impl<R: DeserializeOwned + 'static> MapResult<R> {
     pub fn get(self) -> Result<Vec<R>> {
         if let Some(e) = self.early {
             return Err(e);
+        }
+        if !self.callbacks {
+            // Decode each chunk as it arrives, while later ones still run.
+            return assemble(&self.chunks, self.total);
         }
         match self.group.done.take()? {
             Payload::Value(v) => v

@@ -30,6 +30,11 @@ use std::time::{Duration, Instant};
 const MAX_BATCH: usize = 4096;
 /// ... and at most about this many bytes.
 const MAX_BATCH_BYTES: usize = 4 << 20;
+/// A task shorter than this (as its worker measured the last ones) may be
+/// sent while the worker is still busy with others.
+const SHORT_TASK_NS: u64 = 200_000;
+/// How much work, in nanoseconds, a worker with short tasks may hold.
+const PIPELINE_NS: u64 = 2_000_000;
 /// A result body at least this large is handed over without a copy.
 const HAND_OVER: usize = 1 << 20;
 const READ_CHUNK: usize = 256 << 10;
@@ -107,6 +112,8 @@ struct Worker {
     deadline: Option<Instant>,
     kill: Option<KillReason>,
     init_msg: Option<String>,
+    /// A moving average of how long its tasks take, as it reports them.
+    est_ns: Option<u64>,
 }
 
 type Completion = (Arc<Slot>, Hook, Outcome);
@@ -386,7 +393,25 @@ impl State {
             if self.queue.is_empty() {
                 break;
             }
-            if !w.ready || w.retiring || w.eof || w.kill.is_some() || !w.in_flight.is_empty() {
+            // How many tasks this worker may hold: one while its tasks are
+            // long (or unknown), so that long tasks spread evenly; enough
+            // for about PIPELINE of work while they are short, so that it
+            // never waits for the next batch.
+            let cap = match w.est_ns {
+                Some(ns) if ns < SHORT_TASK_NS => {
+                    (PIPELINE_NS / ns.max(1)).clamp(2, 2 * MAX_BATCH as u64) as usize
+                }
+                _ => 1,
+            };
+            let busy = w.in_flight.len();
+            if !w.ready
+                || w.retiring
+                || w.eof
+                || w.kill.is_some()
+                || w.deadline.is_some()
+                || (busy > 0
+                    && (busy > cap / 2 || self.queue.front().is_some_and(|j| j.timeout.is_some())))
+            {
                 pending |= w.out_pos < w.out.len();
                 continue;
             }
@@ -399,6 +424,7 @@ impl State {
                 .len()
                 .div_ceil(2 * live)
                 .clamp(1, MAX_BATCH)
+                .min(cap - busy)
                 .min(usize::try_from(room).unwrap_or(usize::MAX));
             let mut bytes = 0usize;
             while take > 0 {
@@ -623,6 +649,11 @@ fn parse_frames(
                         task::take_message(&w.inbuf[body_at..end]),
                     ))
                 };
+                // The worker reports each task's run time in `b`.
+                w.est_ns = Some(match w.est_ns {
+                    None => h.b,
+                    Some(e) => (e * 7 + h.b) / 8,
+                });
                 match w.in_flight.front() {
                     Some(f) if f.seq == h.seq => {
                         let f = w.in_flight.pop_front().expect("front exists");
@@ -870,6 +901,7 @@ fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) 
                     deadline: None,
                     kill: None,
                     init_msg: None,
+                    est_ns: None,
                 });
             }
             server::SPAWN_FAILED => {

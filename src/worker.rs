@@ -68,6 +68,7 @@ pub(crate) fn run(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> ! 
                 continue;
             }
             started.store(h.seq, Ordering::SeqCst);
+            let t0 = Instant::now();
             let at = Header::new(wire::DONE, h.seq, 0, 0).begin(&mut out);
             let mut io = Io {
                 input: body,
@@ -98,8 +99,14 @@ pub(crate) fn run(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> ! 
             }
             let spilled = io.spilled.take();
             drop(io);
+            let now = Instant::now();
+            let took = (now - t0).as_nanos().min(u64::MAX as u128) as u64;
             match spilled {
-                None => wire::finish(&mut out, at, st),
+                None => {
+                    wire::finish(&mut out, at, st);
+                    // The run time, for the parent's dispatch (header field `b`).
+                    out[at + 26..at + 34].copy_from_slice(&took.to_le_bytes());
+                }
                 Some((block, len, same)) => {
                     // The frame is a header and the output's length; a new
                     // block's fd goes with it.
@@ -109,7 +116,7 @@ pub(crate) fn run(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> ! 
                     } else {
                         wire::OUT_NEW_BLOCK
                     };
-                    let mut h = Header::new(wire::DONE, h.seq, tag, 0);
+                    let mut h = Header::new(wire::DONE, h.seq, tag, took);
                     h.len = 8;
                     let mut frame = Vec::with_capacity(HDR + 8);
                     h.begin(&mut frame);
@@ -126,7 +133,6 @@ pub(crate) fn run(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> ! 
                     drop(block);
                 }
             }
-            let now = Instant::now();
             let first = *oldest.get_or_insert(now);
             let more = wire::complete(&inbuf[pos..]).is_some();
             if !more || out.len() >= FLUSH_BYTES || now - first >= FLUSH_AFTER {

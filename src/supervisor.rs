@@ -81,6 +81,8 @@ pub(crate) struct JobSpec {
 struct InFlight {
     seq: u64,
     job: Job,
+    /// The work, in estimated nanoseconds, this task counts for while held.
+    charge: u64,
 }
 
 /// Why the pool itself killed a worker.
@@ -112,8 +114,8 @@ struct Worker {
     deadline: Option<Instant>,
     kill: Option<KillReason>,
     init_msg: Option<String>,
-    /// A moving average of how long its tasks take, as it reports them.
-    est_ns: Option<u64>,
+    /// The estimated work (ns) of the tasks it holds.
+    held_ns: u64,
 }
 
 type Completion = (Arc<Slot>, Hook, Outcome);
@@ -127,6 +129,9 @@ pub(crate) struct State {
     /// replacement is already in `worker_pids`).
     spawning: Vec<(usize, Vec<Completion>)>,
     free_slots: Vec<usize>,
+    /// How long each task function takes: a moving average of the run times
+    /// that workers report.
+    est: std::collections::HashMap<TaskFn, u64>,
     broken: Option<Error>,
     building: bool,
     init_error: Option<Error>,
@@ -166,6 +171,7 @@ impl Shared {
                 workers: Vec::new(),
                 spawning: Vec::new(),
                 free_slots: (0..slots).rev().collect(),
+                est: std::collections::HashMap::new(),
                 broken: None,
                 building: true,
                 init_error: None,
@@ -393,25 +399,7 @@ impl State {
             if self.queue.is_empty() {
                 break;
             }
-            // How many tasks this worker may hold: one while its tasks are
-            // long (or unknown), so that long tasks spread evenly; enough
-            // for about PIPELINE of work while they are short, so that it
-            // never waits for the next batch.
-            let cap = match w.est_ns {
-                Some(ns) if ns < SHORT_TASK_NS => {
-                    (PIPELINE_NS / ns.max(1)).clamp(2, 2 * MAX_BATCH as u64) as usize
-                }
-                _ => 1,
-            };
-            let busy = w.in_flight.len();
-            if !w.ready
-                || w.retiring
-                || w.eof
-                || w.kill.is_some()
-                || w.deadline.is_some()
-                || (busy > 0
-                    && (busy > cap / 2 || self.queue.front().is_some_and(|j| j.timeout.is_some())))
-            {
+            if !w.ready || w.retiring || w.eof || w.kill.is_some() || w.deadline.is_some() {
                 pending |= w.out_pos < w.out.len();
                 continue;
             }
@@ -424,16 +412,26 @@ impl State {
                 .len()
                 .div_ceil(2 * live)
                 .clamp(1, MAX_BATCH)
-                .min(cap - busy)
                 .min(usize::try_from(room).unwrap_or(usize::MAX));
             let mut bytes = 0usize;
             while take > 0 {
                 let Some(front) = self.queue.front() else {
                     break;
                 };
-                if front.timeout.is_some() && !w.in_flight.is_empty() {
+                // A worker holds one long task (or one of unknown length, or
+                // one with a timeout) alone, so that long tasks spread evenly
+                // over the workers; it may hold about PIPELINE_NS of short
+                // ones, so that it never waits for the next batch.
+                let est = self.est.get(&front.f).copied();
+                let short = est.is_some_and(|e| e < SHORT_TASK_NS) && front.timeout.is_none();
+                if !w.in_flight.is_empty() && (!short || w.held_ns >= PIPELINE_NS) {
                     break;
                 }
+                let charge = if short {
+                    est.unwrap_or(0).max(1)
+                } else {
+                    PIPELINE_NS
+                };
                 let job = self.queue.pop_front().expect("front exists");
                 let seq = w.next_seq;
                 w.next_seq += 1;
@@ -459,7 +457,8 @@ impl State {
                     }
                 }
                 let timed = job.timeout;
-                w.in_flight.push_back(InFlight { seq, job });
+                w.held_ns += charge;
+                w.in_flight.push_back(InFlight { seq, job, charge });
                 if let Some(t) = timed {
                     w.deadline = Some(now + t);
                     // The supervisor's poll must learn the new deadline.
@@ -467,7 +466,7 @@ impl State {
                     break;
                 }
                 take -= 1;
-                if bytes >= MAX_BATCH_BYTES {
+                if !short || bytes >= MAX_BATCH_BYTES {
                     break;
                 }
             }
@@ -527,6 +526,7 @@ fn flush_out(w: &mut Worker) -> bool {
 fn read_worker(
     w: &mut Worker,
     st_ready: &mut usize,
+    est: &mut std::collections::HashMap<TaskFn, u64>,
     cache: &Arc<BlockCache>,
     done: &mut Vec<Completion>,
 ) {
@@ -555,9 +555,9 @@ fn read_worker(
                 break;
             }
         }
-        parse_frames(w, st_ready, cache, done);
+        parse_frames(w, st_ready, est, cache, done);
     }
-    parse_frames(w, st_ready, cache, done);
+    parse_frames(w, st_ready, est, cache, done);
 }
 
 /// The outcome of a DONE frame whose output is in a block.
@@ -605,6 +605,7 @@ fn block_outcome(
 fn parse_frames(
     w: &mut Worker,
     st_ready: &mut usize,
+    est: &mut std::collections::HashMap<TaskFn, u64>,
     cache: &Arc<BlockCache>,
     done: &mut Vec<Completion>,
 ) {
@@ -649,14 +650,14 @@ fn parse_frames(
                         task::take_message(&w.inbuf[body_at..end]),
                     ))
                 };
-                // The worker reports each task's run time in `b`.
-                w.est_ns = Some(match w.est_ns {
-                    None => h.b,
-                    Some(e) => (e * 7 + h.b) / 8,
-                });
                 match w.in_flight.front() {
                     Some(f) if f.seq == h.seq => {
                         let f = w.in_flight.pop_front().expect("front exists");
+                        w.held_ns = w.held_ns.saturating_sub(f.charge);
+                        // The worker reports each task's run time in `b`.
+                        est.entry(f.job.f)
+                            .and_modify(|e| *e = (*e * 3 + h.b) / 4)
+                            .or_insert(h.b);
                         if !f.job.cancelled {
                             done.push((f.job.slot, f.job.hook, outcome));
                         }
@@ -764,7 +765,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
                     flush_out(w);
                 }
                 if p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
-                    read_worker(w, &mut st.ready, &shared.blocks, &mut done);
+                    read_worker(w, &mut st.ready, &mut st.est, &shared.blocks, &mut done);
                 }
             }
             if st.ready != ready_before {
@@ -901,7 +902,7 @@ fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) 
                     deadline: None,
                     kill: None,
                     init_msg: None,
-                    est_ns: None,
+                    held_ns: 0,
                 });
             }
             server::SPAWN_FAILED => {
@@ -960,7 +961,7 @@ fn worker_exited(
 ) {
     // Everything it wrote before dying is in its socket: take it first.
     let mut ready = st.ready;
-    read_worker(&mut w, &mut ready, &shared.blocks, done);
+    read_worker(&mut w, &mut ready, &mut st.est, &shared.blocks, done);
     st.ready = ready;
     let started = shared.words.word(w.slot).load(Ordering::SeqCst);
     if w.in_flight.is_empty() && w.kill.is_none() {

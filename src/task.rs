@@ -45,7 +45,7 @@ pub(crate) struct Io<'a> {
 
 /// A task function as it travels: offsets of the trampoline and of the
 /// function from the anchor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct TaskFn {
     pub(crate) tramp: u64,
     pub(crate) func: u64,

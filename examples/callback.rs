@@ -26,6 +26,17 @@ fn thread_name() -> String {
 }
 
 fn main() -> Result<(), Error> {
+    // A task's panic is printed by the panic hook in its worker (and then
+    // reported to the parent as Error::TaskPanicked). Workers are forks of
+    // this program, so a hook set before the pool is built is theirs too:
+    // here, one short line instead of the default message.
+    std::panic::set_hook(Box::new(|info| {
+        let p = info.payload();
+        let message = (p.downcast_ref::<String>().map(String::as_str))
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("?");
+        eprintln!("   (worker {} panicked: {message})", std::process::id());
+    }));
     let t = Instant::now();
     let pool = Pool::builder().processes(4).build()?;
     // The callbacks send their findings here; the main thread sums them up.
@@ -63,9 +74,13 @@ fn main() -> Result<(), Error> {
     // totals what they sent. The loop ends once every callback (and so every
     // sender) is gone.
     let total: usize = rx.iter().sum();
+    // A callback runs before its result becomes ready: wait for each.
     let failed = pending
-        .into_iter()
-        .filter(|r| r.successful() == Some(false))
+        .iter()
+        .filter(|r| {
+            r.wait();
+            r.successful() == Some(false)
+        })
         .count();
     println!(
         "{:>5} ms  [{}] {total} bytes in all, {failed} page(s) failed",

@@ -1,0 +1,325 @@
+//! The figures of `shared/bench/pool_bench.py` (CPython's `multiprocessing.Pool`)
+//! for procpool: the same workloads, sizes, repetition counts and medians,
+//! printed as the same `name: value` lines so that `compare.py` can put the
+//! two side by side.
+//!
+//!     cargo run --release --example bench_report
+//!
+//! `WORKERS` sets the worker count (default: the CPU count). For profiling,
+//! `BENCH_ONLY=name,name` runs only the named figures (the names printed
+//! below; `imap_10M_peak_rss_mb` included).
+//!
+//! Each figure, as pool_bench.py computes it:
+//!   startup_s                 new pool, one apply, close, join (median of 5)
+//!   apply_sync_us_per_task    10,000 sequential apply(inc, i) (median of 3)
+//!   apply_async_tasks_per_s   100,000 apply_async(inc, i), then get each
+//!   map_1M_items_per_s        map(inc, 0..1_000_000), default chunk size
+//!   imap_unordered_1M_chunk1000_items_per_s   chunk size 1000
+//!   echo_64MiB_GBps           apply(echo, 64 MiB ByteBuf): 2 x 64 MiB / time
+//!   cpu_bound_speedup         32 tasks of ~20 ms of CPU: sequential in the
+//!                             caller / through map_with(chunksize 1)
+//!   spawn_per_task_100_s      100 trivial tasks, one fork()ed process each
+//!                             (fork + _exit + waitpid, as Python's fork start
+//!                             method: no exec)
+//!   pool_map_100_incl_startup_s   new pool, map over 100, close, join
+//!
+//! and one figure that pool_bench.py lacks (compare.py ignores it):
+//!   imap_10M_peak_rss_mb      the caller's peak RSS (VmHWM, MiB) while a
+//!                             fresh pool runs imap_unordered over 10 M items
+//!                             (chunk 1000); the peak is reset first through
+//!                             /proc/self/clear_refs, so it is that
+//!                             workload's own peak (baseline RSS included).
+//!                             Runs last.
+use procpool::{MapOptions, Pool};
+use serde_bytes::ByteBuf;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn inc(x: u64) -> u64 {
+    x + 1
+}
+
+fn echo(b: ByteBuf) -> ByteBuf {
+    b
+}
+
+/// The arithmetic of pool_bench.py's `spin`: n rounds of
+/// `s = (s * 31 + i) & 0xFFFFFFFF`; black_box keeps every round.
+fn spin(n: u64) -> u64 {
+    let mut s: u64 = 0;
+    for i in 0..n {
+        s = black_box((s.wrapping_mul(31).wrapping_add(i)) & 0xFFFF_FFFF);
+    }
+    s
+}
+
+/// The median of `reps` timings of `f`, in seconds.
+fn med(reps: usize, mut f: impl FnMut() -> BoxResult<()>) -> BoxResult<f64> {
+    let mut xs = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        xs.push(t.elapsed().as_secs_f64());
+    }
+    Ok(median(xs))
+}
+
+/// Python's statistics.median: the mean of the middle two for an even count.
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+/// Python's `format(v, ".4g")`.
+fn g4(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return format!("{v}");
+    }
+    let exp = v.abs().log10().floor() as i32;
+    // Rounding to 4 digits can carry into the next power of ten.
+    let e = format!("{v:.3e}");
+    let (mant, ex) = e.split_once('e').expect("{:e} has an exponent");
+    let ex: i32 = ex.parse().unwrap_or(exp);
+    let strip = |s: &str| {
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    if !(-4..4).contains(&ex) {
+        let sign = if ex < 0 { '-' } else { '+' };
+        format!("{}e{sign}{:02}", strip(mant), ex.abs())
+    } else {
+        let decimals = (3 - ex).max(0) as usize;
+        strip(&format!("{v:.decimals$}"))
+    }
+}
+
+/// A spin count for about `target` of CPU in this process: the fastest of a
+/// few timings (the machine is shared; the minimum is the least disturbed).
+fn calibrate(target: Duration) -> u64 {
+    let mut n: u64 = 100_000;
+    loop {
+        let t = Instant::now();
+        black_box(spin(black_box(n)));
+        if t.elapsed() >= Duration::from_millis(20) {
+            break;
+        }
+        n *= 2;
+    }
+    let best = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            black_box(spin(black_box(n)));
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    ((n as f64) * target.as_secs_f64() / best).round().max(1.0) as u64
+}
+
+/// `field` of /proc/self/status (a `kB` figure), in MiB.
+fn status_mib(field: &str) -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with(field))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// 100 children, one per trivial task, started all before any is waited
+/// for (as pool_bench.py starts 100 `Process`es, then joins them). Each
+/// runs the no-op task and `_exit`s: after a fork in a process that may
+/// have threads, the child does only async-signal-safe work.
+fn spawn_per_task(n: usize) -> BoxResult<()> {
+    fn noop() {}
+    let mut pids = Vec::with_capacity(n);
+    for _ in 0..n {
+        // SAFETY: the child calls only a no-op and _exit, which is
+        // async-signal-safe; the parent only records the pid.
+        let pid = unsafe { libc::fork() };
+        match pid {
+            -1 => return Err(std::io::Error::last_os_error().into()),
+            0 => {
+                noop();
+                // SAFETY: _exit never returns and runs no atexit handlers.
+                unsafe { libc::_exit(0) }
+            }
+            p => pids.push(p),
+        }
+    }
+    for p in pids {
+        let mut status = 0;
+        // SAFETY: status is a valid out-pointer; p is our unreaped child.
+        let r = unsafe { libc::waitpid(p, &mut status, 0) };
+        if r != p || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+            return Err(format!("child {p}: waitpid {r}, status {status:#x}").into());
+        }
+    }
+    Ok(())
+}
+
+fn main() -> BoxResult<()> {
+    let n: usize = match std::env::var("WORKERS") {
+        Ok(v) => v.trim().parse()?,
+        Err(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let only: Option<Vec<String>> = std::env::var("BENCH_ONLY")
+        .ok()
+        .map(|v| v.split(',').map(|s| s.trim().to_string()).collect());
+    let want = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
+    let mut out: Vec<(&str, f64)> = Vec::new();
+
+    if want("startup_s") {
+        let t = med(5, || {
+            let p = Pool::builder().processes(n).build()?;
+            assert_eq!(p.apply(inc, 1)?, 2);
+            p.close();
+            p.join()?;
+            Ok(())
+        })?;
+        out.push(("startup_s", t));
+    }
+
+    {
+        let p = Pool::builder().processes(n).build()?;
+
+        if want("apply_sync_us_per_task") {
+            const K: u64 = 10_000;
+            let t = med(3, || {
+                for i in 0..K {
+                    black_box(p.apply(inc, i)?);
+                }
+                Ok(())
+            })?;
+            out.push(("apply_sync_us_per_task", t / K as f64 * 1e6));
+        }
+
+        if want("apply_async_tasks_per_s") {
+            const K: u64 = 100_000;
+            let t = med(3, || {
+                let rs = (0..K)
+                    .map(|i| p.apply_async(inc, i))
+                    .collect::<Result<Vec<_>, _>>()?;
+                for r in rs {
+                    black_box(r.get()?);
+                }
+                Ok(())
+            })?;
+            out.push(("apply_async_tasks_per_s", K as f64 / t));
+        }
+
+        const M: u64 = 1_000_000;
+        if want("map_1M_items_per_s") {
+            let t = med(3, || {
+                let v = p.map(inc, 0..M)?;
+                assert_eq!((v.len(), v[v.len() - 1]), (M as usize, M));
+                Ok(())
+            })?;
+            out.push(("map_1M_items_per_s", M as f64 / t));
+        }
+
+        if want("imap_unordered_1M_chunk1000_items_per_s") {
+            let t = med(3, || {
+                let mut count = 0u64;
+                for r in p.imap_unordered_with(inc, 0..M, MapOptions::new().chunksize(1000)) {
+                    black_box(r?);
+                    count += 1;
+                }
+                assert_eq!(count, M);
+                Ok(())
+            })?;
+            out.push(("imap_unordered_1M_chunk1000_items_per_s", M as f64 / t));
+        }
+
+        if want("echo_64MiB_GBps") {
+            let payload = ByteBuf::from(vec![b'x'; 64 << 20]);
+            // `apply` takes its argument by value, where Python passes a
+            // reference: the copy for each repetition is made before the
+            // clock starts. Dropping the returned buffer is timed, as
+            // Python frees its result inside the timing too.
+            let mut xs = Vec::with_capacity(3);
+            for _ in 0..3 {
+                let arg = payload.clone();
+                let t = Instant::now();
+                let r = p.apply(echo, arg)?;
+                assert_eq!(r.len(), payload.len());
+                drop(r);
+                xs.push(t.elapsed().as_secs_f64());
+            }
+            out.push((
+                "echo_64MiB_GBps",
+                2.0 * payload.len() as f64 / median(xs) / 1e9,
+            ));
+        }
+
+        if want("cpu_bound_speedup") {
+            let per_task = calibrate(Duration::from_millis(20));
+            let work = vec![per_task; 32];
+            let t_seq = med(3, || {
+                black_box(work.iter().map(|&w| spin(w)).collect::<Vec<_>>());
+                Ok(())
+            })?;
+            let t_par = med(3, || {
+                let v = p.map_with(spin, work.iter().copied(), MapOptions::new().chunksize(1))?;
+                assert_eq!(v.len(), work.len());
+                Ok(())
+            })?;
+            out.push(("cpu_bound_speedup", t_seq / t_par));
+        }
+        // As pool_bench.py's `with` block: the pool ends here.
+    }
+
+    if want("spawn_per_task_100_s") {
+        out.push(("spawn_per_task_100_s", med(5, || spawn_per_task(100))?));
+    }
+
+    if want("pool_map_100_incl_startup_s") {
+        let t = med(5, || {
+            let p = Pool::builder().processes(n).build()?;
+            assert_eq!(p.map(inc, 0..100)?.len(), 100);
+            p.close();
+            p.join()?;
+            Ok(())
+        })?;
+        out.push(("pool_map_100_incl_startup_s", t));
+    }
+
+    if want("imap_10M_peak_rss_mb") {
+        // Reset VmHWM to the current RSS (Linux 4.0+), so the peak read
+        // afterwards is this workload's, not the 64 MiB echo's.
+        let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+        let p = Pool::builder().processes(n).build()?;
+        let mut count = 0u64;
+        for r in p.imap_unordered_with(inc, 0..10_000_000u64, MapOptions::new().chunksize(1000)) {
+            black_box(r?);
+            count += 1;
+        }
+        assert_eq!(count, 10_000_000);
+        drop(p);
+        if !reset {
+            eprintln!(
+                "bench_report: could not reset VmHWM; imap_10M_peak_rss_mb is the run's peak"
+            );
+        }
+        if let Some(hwm) = status_mib("VmHWM:") {
+            out.push(("imap_10M_peak_rss_mb", hwm));
+        }
+    }
+
+    // No colon in the header: compare.py reads only `name: number` lines.
+    println!(
+        "procpool {} workers={n} start=fork-server",
+        env!("CARGO_PKG_VERSION")
+    );
+    for (k, v) in out {
+        println!("{k}: {}", g4(v));
+    }
+    Ok(())
+}

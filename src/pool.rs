@@ -534,6 +534,7 @@ impl Pool {
         items: impl IntoIterator<Item = A>,
         opts: MapOptions<R>,
     ) -> Result<MapResult<R>> {
+        self.shared.check_running()?;
         let items: Vec<A> = items.into_iter().collect();
         let total = items.len();
         let chunksize = opts
@@ -711,6 +712,8 @@ impl Pool {
             return Err(Error::StillRunning);
         }
         self.join_supervisor();
+        // As in CPython, the callbacks of finished tasks have run by now.
+        self.shared.handler.drain();
         Ok(())
     }
 

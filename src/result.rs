@@ -117,6 +117,18 @@ impl Slot {
         s.outcome.as_ref().map(|o| o.is_ok())
     }
 
+    /// For a finished chunk of a map: whether it and every item in it
+    /// succeeded (false while it is not finished, or once it was taken).
+    fn all_items_ok(&self) -> bool {
+        let s = self.lock();
+        match &s.outcome {
+            Some(Ok(Payload::Bytes(b))) => task::chunk_all_ok(b.bytes()),
+            Some(Ok(_)) => true,
+            Some(Err(_)) => false,
+            None => s.taken,
+        }
+    }
+
     pub(crate) fn wait(&self) {
         let mut s = self.lock();
         while s.outcome.is_none() && !s.taken {
@@ -185,6 +197,24 @@ impl Handler {
     pub(crate) fn new() -> Self {
         Handler {
             tx: OnceLock::new(),
+        }
+    }
+
+    /// Waits until every handler queued so far has run (unless called from
+    /// the handler thread itself, which cannot wait for itself).
+    pub(crate) fn drain(&self) {
+        let Some(tx) = self.tx.get() else { return };
+        if std::thread::current().name() == Some("procpool-results") {
+            return;
+        }
+        let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(1);
+        if tx
+            .send(Box::new(move || {
+                let _ = done_tx.send(());
+            }))
+            .is_ok()
+        {
+            let _ = done_rx.recv();
         }
     }
 
@@ -453,7 +483,8 @@ impl<R: DeserializeOwned + 'static> MapResult<R> {
         if self.group.done.successful() == Some(false) {
             return Some(false);
         }
-        Some(self.chunks.iter().all(|c| c.successful() != Some(false)))
+        // A chunk can succeed as a whole while some of its items failed.
+        Some(self.chunks.iter().all(|c| c.all_items_ok()))
     }
 
     /// How many items have finished, out of how many.

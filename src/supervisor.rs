@@ -348,6 +348,15 @@ impl Shared {
     pub(crate) fn phase(&self) -> Phase {
         self.lock().phase
     }
+
+    /// `Ok` while the pool takes tasks.
+    pub(crate) fn check_running(&self) -> Result<(), Error> {
+        match self.lock().phase {
+            Phase::Running => Ok(()),
+            Phase::Closed => Err(Error::Closed),
+            Phase::Terminated => Err(Error::Terminated),
+        }
+    }
 }
 
 fn send_server(fd: i32, kind: u32, slot: u32, a: u64) {
@@ -395,7 +404,12 @@ impl State {
         let mut pending = false;
         let live = self.workers.iter().filter(|w| w.ready).count().max(1);
         let now = Instant::now();
-        for w in self.workers.iter_mut() {
+        // The least busy workers first, so that a new task never waits
+        // behind another while a worker idles.
+        let mut order: Vec<usize> = (0..self.workers.len()).collect();
+        order.sort_by_key(|&i| (self.workers[i].held_ns, self.workers[i].in_flight.len()));
+        for i in order {
+            let w = &mut self.workers[i];
             if self.queue.is_empty() {
                 break;
             }

@@ -285,6 +285,18 @@ pub(crate) fn decode_chunk<R: DeserializeOwned>(
     })
 }
 
+/// Whether every item of a chunk's output succeeded.
+pub(crate) fn chunk_all_ok(mut bytes: &[u8]) -> bool {
+    while bytes.len() >= 5 {
+        if bytes[0] != status::OK {
+            return false;
+        }
+        let n = u32::from_le_bytes(bytes[1..5].try_into().unwrap()) as usize;
+        bytes = &bytes[(5 + n).min(bytes.len())..];
+    }
+    true
+}
+
 /// Decodes one task's output given its status.
 pub(crate) fn decode_outcome<R: DeserializeOwned>(st: u8, body: &[u8]) -> Result<R, crate::Error> {
     if st == status::OK {

@@ -322,7 +322,13 @@ impl PoolBuilder {
         drop(err);
         drop(out);
         drop(server_end);
-        let shared = Shared::new(cfg, parent_end, server_pid, words, slots)?;
+        let shared = Shared::new(
+            cfg,
+            parent_end,
+            supervisor::ServerHandle::Process(server_pid),
+            words,
+            slots,
+        )?;
         let s2 = shared.clone();
         let io = std::thread::Builder::new()
             .name("procpool-supervisor".into())

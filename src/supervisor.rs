@@ -39,6 +39,30 @@ const PIPELINE_NS: u64 = 2_000_000;
 const HAND_OVER: usize = 1 << 20;
 const READ_CHUNK: usize = 256 << 10;
 
+/// What answers the supervisor's SPAWN and KILL requests and reports exits
+/// (the protocol in `server.rs`): the fork server, a child process; or a
+/// thread of this process that speaks the same protocol for another
+/// transport (MPI ranks).
+pub(crate) enum ServerHandle {
+    Process(libc::pid_t),
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    Thread(std::thread::JoinHandle<()>),
+}
+
+impl ServerHandle {
+    /// Waits for the server to end (reaps the process, joins the thread).
+    fn wait(self) {
+        match self {
+            ServerHandle::Process(pid) => {
+                let _ = sys::reap(pid);
+            }
+            ServerHandle::Thread(h) => {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
 /// The pool's settings, fixed at build time.
 #[derive(Clone, Debug)]
 pub(crate) struct Config {
@@ -137,7 +161,8 @@ pub(crate) struct State {
     init_error: Option<Error>,
     ready: usize,
     server: Option<OwnedFd>,
-    server_pid: libc::pid_t,
+    server_pid: u32,
+    server_handle: Option<ServerHandle>,
     pub(crate) finished: bool,
 }
 
@@ -157,7 +182,7 @@ impl Shared {
     pub(crate) fn new(
         cfg: Config,
         server: OwnedFd,
-        server_pid: libc::pid_t,
+        handle: ServerHandle,
         words: Arc<SharedWords>,
         slots: usize,
     ) -> Result<Arc<Shared>, Error> {
@@ -177,7 +202,11 @@ impl Shared {
                 init_error: None,
                 ready: 0,
                 server: Some(server),
-                server_pid,
+                server_pid: match &handle {
+                    ServerHandle::Process(pid) => *pid as u32,
+                    ServerHandle::Thread(_) => std::process::id(),
+                },
+                server_handle: Some(handle),
                 finished: false,
             }),
             cv: Condvar::new(),
@@ -313,7 +342,7 @@ impl Shared {
     }
 
     pub(crate) fn server_pid(&self) -> u32 {
-        self.lock().server_pid as u32
+        self.lock().server_pid
     }
 
     pub(crate) fn worker_pids(&self) -> Vec<u32> {
@@ -795,7 +824,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
                     st.workers.clear();
                     st.spawning.clear();
                     st.server = None;
-                    reap_server = Some(st.server_pid);
+                    reap_server = st.server_handle.take();
                     st.finished = true;
                 }
                 Phase::Closed => {
@@ -809,7 +838,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
                     }
                     if st.queue.is_empty() && st.workers.is_empty() && st.spawning.is_empty() {
                         st.server = None;
-                        reap_server = Some(st.server_pid);
+                        reap_server = st.server_handle.take();
                         st.finished = true;
                     }
                 }
@@ -821,8 +850,8 @@ pub(crate) fn run(shared: Arc<Shared>) {
         }
         shared.cv.notify_all();
         shared.run_completions(done);
-        if let Some(pid) = reap_server {
-            let _ = sys::reap(pid);
+        if let Some(h) = reap_server {
+            h.wait();
             shared.cv.notify_all();
             break;
         }

@@ -30,6 +30,27 @@ const KEEP_CAPACITY: usize = 4 << 20;
 
 /// Runs the worker in this (forked) process; never returns.
 pub(crate) fn run(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> ! {
+    let code = match serve(sock, started, init) {
+        Ok(()) => 0,
+        Err(Stop::InitFailed) => 1,
+        Err(Stop::Gone) => 0,
+    };
+    sys::exit_now(code)
+}
+
+/// Why [`serve`] stopped early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// The initializer failed (and said so to the parent).
+    InitFailed,
+    /// The parent is gone, or the socket failed.
+    Gone,
+}
+
+/// Serves tasks from `sock` until the parent closes it (`Ok`). A worker
+/// process exits when this returns; another transport (an MPI rank) may
+/// clean up first.
+pub(crate) fn serve(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> Result<(), Stop> {
     let fd = sock.as_raw_fd();
     let mut out: Vec<u8> = Vec::with_capacity(64 << 10);
     if let Some(init) = init {
@@ -45,15 +66,13 @@ pub(crate) fn run(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> ! 
         if st != status::OK {
             wire::finish(&mut out, at, st);
             let _ = sys::send_all(fd, &out);
-            sys::exit_now(1);
+            return Err(Stop::InitFailed);
         }
         out.clear();
     }
     let at = Header::new(wire::READY, 0, std::process::id() as u64, 0).begin(&mut out);
     wire::finish(&mut out, at, 0);
-    if sys::send_all(fd, &out).is_err() {
-        sys::exit_now(0);
-    }
+    sys::send_all(fd, &out).map_err(|_| Stop::Gone)?;
     out.clear();
 
     let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
@@ -121,28 +140,24 @@ pub(crate) fn run(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> ! 
                     let mut frame = Vec::with_capacity(HDR + 8);
                     h.begin(&mut frame);
                     frame.extend_from_slice(&(len as u64).to_le_bytes());
-                    flush(fd, &mut out);
-                    let sent = if same {
+                    flush(fd, &mut out)?;
+                    if same {
                         sys::send_all(fd, &frame)
                     } else {
                         send_with_block(fd, &frame, &block)
-                    };
-                    if sent.is_err() {
-                        sys::exit_now(0);
                     }
+                    .map_err(|_| Stop::Gone)?;
                     drop(block);
                 }
             }
             let first = *oldest.get_or_insert(now);
             let more = wire::complete(&inbuf[pos..]).is_some();
             if !more || out.len() >= FLUSH_BYTES || now - first >= FLUSH_AFTER {
-                flush(fd, &mut out);
+                flush(fd, &mut out)?;
                 oldest = None;
             }
         }
-        if !out.is_empty() {
-            flush(fd, &mut out);
-        }
+        flush(fd, &mut out)?;
         // Keep the partial frame, if any, at the front of the buffer.
         inbuf.drain(..pos);
         pos = 0;
@@ -156,14 +171,14 @@ pub(crate) fn run(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> ! 
             READ_CHUNK
         };
         match sys::recv_append(fd, &mut inbuf, want, &mut fds) {
-            Ok(0) => sys::exit_now(0),
+            Ok(0) => return Ok(()),
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::OutOfMemory => {
                 // A frame larger than this worker can hold: answer it with an
                 // error and skip its bytes.
-                skip_oversized(fd, &mut inbuf, &mut out, need);
+                skip_oversized(fd, &mut inbuf, &mut out, need)?;
             }
-            Err(_) => sys::exit_now(0),
+            Err(_) => return Err(Stop::Gone),
         }
     }
 }
@@ -186,23 +201,22 @@ fn send_with_block(fd: i32, frame: &[u8], block: &Block) -> std::io::Result<()> 
     sys::send_all(fd, &frame[n..])
 }
 
-fn flush(fd: i32, out: &mut Vec<u8>) {
+fn flush(fd: i32, out: &mut Vec<u8>) -> Result<(), Stop> {
     if out.is_empty() {
-        return;
+        return Ok(());
     }
-    if sys::send_all(fd, out).is_err() {
-        // The parent is gone.
-        sys::exit_now(0);
-    }
+    // An error means the parent is gone.
+    sys::send_all(fd, out).map_err(|_| Stop::Gone)?;
     out.clear();
     if out.capacity() > KEEP_CAPACITY {
         *out = Vec::with_capacity(64 << 10);
     }
+    Ok(())
 }
 
-fn skip_oversized(fd: i32, inbuf: &mut Vec<u8>, out: &mut Vec<u8>, need: u64) {
+fn skip_oversized(fd: i32, inbuf: &mut Vec<u8>, out: &mut Vec<u8>, need: u64) -> Result<(), Stop> {
     let Some(h) = Header::parse(inbuf) else {
-        sys::exit_now(3)
+        return Err(Stop::Gone);
     };
     let mut left = need;
     inbuf.clear();
@@ -210,7 +224,7 @@ fn skip_oversized(fd: i32, inbuf: &mut Vec<u8>, out: &mut Vec<u8>, need: u64) {
     while left > 0 {
         let want = (left as usize).min(scratch.len());
         match sys::read(fd, &mut scratch[..want]) {
-            Ok(0) | Err(_) => sys::exit_now(0),
+            Ok(0) | Err(_) => return Err(Stop::Gone),
             Ok(n) => left -= n as u64,
         }
     }
@@ -221,5 +235,5 @@ fn skip_oversized(fd: i32, inbuf: &mut Vec<u8>, out: &mut Vec<u8>, need: u64) {
     );
     let _ = crate::codec::encode_into(&msg, out);
     wire::finish(out, at, status::DECODE);
-    flush(fd, out);
+    flush(fd, out)
 }

@@ -290,7 +290,7 @@ impl Shared {
                 cancelled: false,
             });
         }
-        let pending = st.dispatch(&self.cfg);
+        let pending = st.dispatch(&self.cfg, true);
         drop(st);
         if pending {
             self.wake();
@@ -429,7 +429,10 @@ impl State {
 
     /// Sends queued jobs to idle workers. Returns true if some bytes are
     /// still waiting for a socket to become writable.
-    fn dispatch(&mut self, cfg: &Config) -> bool {
+    /// A caller (`from_caller`) only hands tasks to idle workers: topping up
+    /// a busy worker is left to the supervisor, which does it when results
+    /// come back, with everything queued by then in one write.
+    fn dispatch(&mut self, cfg: &Config, from_caller: bool) -> bool {
         let mut pending = false;
         let live = self.workers.iter().filter(|w| w.ready).count().max(1);
         let now = Instant::now();
@@ -442,7 +445,13 @@ impl State {
             if self.queue.is_empty() {
                 break;
             }
-            if !w.ready || w.retiring || w.eof || w.kill.is_some() || w.deadline.is_some() {
+            if !w.ready
+                || w.retiring
+                || w.eof
+                || w.kill.is_some()
+                || w.deadline.is_some()
+                || (from_caller && !w.in_flight.is_empty())
+            {
                 pending |= w.out_pos < w.out.len();
                 continue;
             }
@@ -784,7 +793,16 @@ pub(crate) fn run(shared: Arc<Shared>) {
                 Some(d) => ((d - now).as_micros().div_ceil(1000)).min(i32::MAX as u128) as i32,
             };
         }
-        if sys::poll(&mut pfds, timeout_ms).is_err() {
+        // Poll without sleeping for a moment first: results often follow
+        // within microseconds, and waking from sleep costs more.
+        let mut n = 0;
+        if timeout_ms != 0 {
+            sys::spin_until(|| {
+                n = sys::poll(&mut pfds, 0).unwrap_or(0);
+                n > 0
+            });
+        }
+        if n == 0 && sys::poll(&mut pfds, timeout_ms).is_err() {
             std::thread::yield_now();
         }
         let mut done: Vec<Completion> = Vec::new();
@@ -845,10 +863,9 @@ pub(crate) fn run(shared: Arc<Shared>) {
                 Phase::Running => {}
             }
             if !st.finished {
-                st.dispatch(&shared.cfg);
+                st.dispatch(&shared.cfg, false);
             }
         }
-        shared.cv.notify_all();
         shared.run_completions(done);
         if let Some(h) = reap_server {
             h.wait();

@@ -8,7 +8,7 @@
 //! queued again).
 //!
 //! Results are coalesced into one write while more tasks of the same read
-//! are waiting and the oldest unwritten result is younger than
+//! are waiting and the oldest unwritten result was started less than
 //! `FLUSH_AFTER`: many tiny tasks cost one write, and a slow task's result is
 //! never held back behind the next task. Large inputs and outputs travel in
 //! shared-memory blocks (see `shm.rs`).
@@ -150,7 +150,9 @@ pub(crate) fn serve(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> 
                     drop(block);
                 }
             }
-            let first = *oldest.get_or_insert(now);
+            // Measured from the start of the oldest task whose result is
+            // unwritten: a slow task's result goes out at once.
+            let first = *oldest.get_or_insert(t0);
             let more = wire::complete(&inbuf[pos..]).is_some();
             if !more || out.len() >= FLUSH_BYTES || now - first >= FLUSH_AFTER {
                 flush(fd, &mut out)?;
@@ -170,6 +172,9 @@ pub(crate) fn serve(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> 
         } else {
             READ_CHUNK
         };
+        // Wait a moment for the next task without sleeping: it often comes
+        // within microseconds, and waking from sleep costs more.
+        let _ = sys::spin_until(|| sys::readable_now(fd));
         match sys::recv_append(fd, &mut inbuf, want, &mut fds) {
             Ok(0) => return Ok(()),
             Ok(_) => {}

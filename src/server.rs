@@ -76,6 +76,7 @@ pub(crate) struct Spec {
 
 /// The server's main loop; runs in the forked child and never returns.
 pub(crate) fn run(sock: OwnedFd, spec: &Spec) -> ! {
+    worker::mark_worker_process();
     let fd = sock.as_raw_fd();
     sys::close_fds_except(&[fd]);
     let Ok(sigfd) = sys::sigchld_fd() else {

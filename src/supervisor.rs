@@ -70,6 +70,8 @@ pub(crate) struct Config {
     pub(crate) max_tasks_per_child: Option<u64>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) retries: u32,
+    /// Whether workers run an initializer before they are ready.
+    pub(crate) has_init: bool,
 }
 
 /// RUNNING → CLOSED → (all work done, workers exited) finished;
@@ -157,6 +159,9 @@ pub(crate) struct State {
     /// that workers report.
     est: std::collections::HashMap<TaskFn, u64>,
     broken: Option<Error>,
+    /// Workers with an initializer that died before they were ready, since
+    /// one last was (see `worker_exited`).
+    unready_deaths: u32,
     building: bool,
     init_error: Option<Error>,
     ready: usize,
@@ -198,6 +203,7 @@ impl Shared {
                 free_slots: (0..slots).rev().collect(),
                 est: std::collections::HashMap::new(),
                 broken: None,
+                unready_deaths: 0,
                 building: true,
                 init_error: None,
                 ready: 0,
@@ -830,6 +836,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
                 }
             }
             if st.ready != ready_before {
+                st.unready_deaths = 0;
                 shared.cv.notify_all();
             }
             if wf == 2 && pfds[1].revents != 0 {
@@ -1073,17 +1080,26 @@ fn worker_exited(
     }
     st.free_slots.push(w.slot);
     if !w.ready {
-        let message = w
-            .init_msg
-            .take()
-            .unwrap_or_else(|| format!("worker {} died in its initializer ({status})", w.pid));
-        let e = Error::InitializerFailed { message };
-        if st.building {
-            st.init_error = Some(e.clone());
+        // Died before it was ready. With an initializer that said it failed,
+        // or that the worker died in while the pool was being built, or in
+        // three replacements in a row, the initializer is at fault: stop
+        // (never respawn a failing initializer). Otherwise (no initializer,
+        // or a kill from outside while it ran) just replace the worker.
+        st.unready_deaths += u32::from(shared.cfg.has_init);
+        let init_failed = w.init_msg.is_some()
+            || (shared.cfg.has_init && (st.building || st.unready_deaths >= 3));
+        if init_failed {
+            let message = w
+                .init_msg
+                .take()
+                .unwrap_or_else(|| format!("worker {} died in its initializer ({status})", w.pid));
+            let e = Error::InitializerFailed { message };
+            if st.building {
+                st.init_error = Some(e.clone());
+            }
+            st.broken = Some(e);
+            shared.cv.notify_all();
         }
-        // Never respawn a worker whose initializer failed.
-        st.broken = Some(e);
-        shared.cv.notify_all();
     }
     let wanted = match st.phase {
         Phase::Running => true,

@@ -7,11 +7,13 @@
 //! `WorkerLost`) and which were still waiting in the socket (they are
 //! queued again).
 //!
-//! Results are coalesced into one write while more tasks of the same read
-//! are waiting and the oldest unwritten result was started less than
-//! `FLUSH_AFTER`: many tiny tasks cost one write, and a slow task's result is
-//! never held back behind the next task. Large inputs and outputs travel in
-//! shared-memory blocks (see `shm.rs`).
+//! Each result is written before the next task starts, so a worker that
+//! dies loses no finished task's result: everything it finished is in the
+//! socket, and the parent reads it before it decides what was lost.
+//! (Holding results back to write several at once was tried; a crash then
+//! failed tasks that had finished. Tasks still arrive in batches, one read
+//! for many.) Large inputs and outputs travel in shared-memory blocks (see
+//! `shm.rs`).
 
 use crate::server::Init;
 use crate::shm::Block;
@@ -21,12 +23,43 @@ use crate::wire::{self, HDR, Header};
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-const FLUSH_AFTER: Duration = Duration::from_micros(50);
-const FLUSH_BYTES: usize = 256 << 10;
 const READ_CHUNK: usize = 256 << 10;
 const KEEP_CAPACITY: usize = 4 << 20;
+
+/// Set in the fork server, and so in every worker it forks.
+static IN_WORKER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Marks this process as the fork server (and its future workers).
+pub(crate) fn mark_worker_process() {
+    IN_WORKER.store(true, Ordering::SeqCst);
+}
+
+/// Installs, once per process, a panic hook that is silent in workers and
+/// calls the hook it replaced everywhere else.
+///
+/// In a worker a task's panic goes back to the caller as `TaskPanicked`,
+/// so there is nothing to print; and printing would be dangerous: std's
+/// default hook takes a lock (the backtrace lock) that another thread of
+/// the parent may have held when the fork server was forked, and a lock
+/// copied while held is never released in the child, so the panicking
+/// task would hang forever. The hook is installed in the parent before it
+/// forks the fork server, so every worker has it.
+pub(crate) fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    if std::thread::panicking() {
+        return;
+    }
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !IN_WORKER.load(Ordering::Relaxed) {
+                previous(info);
+            }
+        }));
+    });
+}
 
 /// Runs the worker in this (forked) process; never returns.
 pub(crate) fn run(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> ! {
@@ -79,7 +112,6 @@ pub(crate) fn serve(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> 
     let mut fds: VecDeque<OwnedFd> = VecDeque::new();
     let mut pos = 0usize;
     loop {
-        let mut oldest: Option<Instant> = None;
         while let Some((h, total)) = wire::complete(&inbuf[pos..]) {
             let body = &inbuf[pos + HDR..pos + total];
             pos += total;
@@ -150,16 +182,9 @@ pub(crate) fn serve(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> 
                     drop(block);
                 }
             }
-            // Measured from the start of the oldest task whose result is
-            // unwritten: a slow task's result goes out at once.
-            let first = *oldest.get_or_insert(t0);
-            let more = wire::complete(&inbuf[pos..]).is_some();
-            if !more || out.len() >= FLUSH_BYTES || now - first >= FLUSH_AFTER {
-                flush(fd, &mut out)?;
-                oldest = None;
-            }
+            // Out before the next task starts (see the module comment).
+            flush(fd, &mut out)?;
         }
-        flush(fd, &mut out)?;
         // Keep the partial frame, if any, at the front of the buffer.
         inbuf.drain(..pos);
         pos = 0;

@@ -219,6 +219,8 @@ pub struct PoolBuilder {
     max_tasks_per_child: Option<u64>,
     timeout: Option<Duration>,
     retries: u32,
+    #[cfg(feature = "mpi")]
+    mpi: bool,
 }
 
 impl std::fmt::Debug for Init {
@@ -274,6 +276,51 @@ impl PoolBuilder {
         self
     }
 
+    /// Runs the workers as MPI ranks, possibly on other machines, instead
+    /// of forked processes (cargo feature `mpi`). See `src/mpi.rs` for details.
+    ///
+    /// Start the program with an MPI launcher: `mpirun -n N ./prog`, or
+    /// `srun -n N ./prog` on a Slurm cluster. On rank 0, `build` returns the
+    /// pool. Its workers are ranks 1 to N-1: at most
+    /// [`processes`](Self::processes) of them, and the other ranks are kept
+    /// as replacements. On every other rank `build` never returns. The rank
+    /// serves tasks, then exits with status 0 when rank 0's pool closes or
+    /// is dropped. `main` runs on every rank, so build the pool before any
+    /// other work. The [`initializer`](Self::initializer) runs on each
+    /// worker rank.
+    ///
+    /// Every rank must run the same executable. This is checked by hashing
+    /// `/proc/self/exe` on each rank; if they differ, `build` returns
+    /// [`Error::Config`] on rank 0 and the other ranks exit. If the program
+    /// was not started by a launcher, or has a single rank, `build` returns
+    /// [`Error::Config`] without touching MPI. To fall back to local
+    /// workers, build again without `mpi()`. MPI can be initialised only
+    /// once per process, so a program builds at most one MPI pool.
+    ///
+    /// Differences from the local pool:
+    /// - [`Pool::worker_pids`] returns rank numbers.
+    /// - A timeout cannot kill a remote process. It costs the rank instead:
+    ///   the rank abandons the task and serves no more tasks for the rest
+    ///   of the run.
+    /// - [`AsyncResult::cancel`] on a running task resolves it as
+    ///   `Cancelled` right away, but the task still runs to the end on its
+    ///   rank. Its result is then discarded.
+    /// - A task that ends its rank's process (abort, segfault, `exit`) ends
+    ///   the whole MPI job.
+    ///
+    /// ```no_run
+    /// fn square(x: u64) -> u64 { x * x }
+    /// // Under `mpirun -n 3`, ranks 1 and 2 never return from build().
+    /// let pool = procpool::Pool::builder().mpi().build()?;
+    /// assert_eq!(pool.map(square, 1..=4)?, vec![1, 4, 9, 16]);
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
+    #[cfg(feature = "mpi")]
+    pub fn mpi(mut self) -> Self {
+        self.mpi = true;
+        self
+    }
+
     /// Forks the fork server, starts the workers (running the initializer in
     /// each) and returns once every worker is ready.
     pub fn build(self) -> Result<Pool> {
@@ -291,7 +338,12 @@ impl PoolBuilder {
             max_tasks_per_child: self.max_tasks_per_child,
             timeout: self.timeout,
             retries: self.retries,
+            has_init: init.is_some(),
         };
+        #[cfg(feature = "mpi")]
+        if self.mpi {
+            return crate::mpi::build_pool(self.processes, cfg, init);
+        }
         let slots = processes * 2;
         let words = Arc::new(
             sys::SharedWords::new(slots).map_err(|e| Error::io("mapping shared memory", e))?,
@@ -303,6 +355,7 @@ impl PoolBuilder {
             words: words.clone(),
             sock_buf: 1 << 20,
         };
+        crate::worker::install_panic_hook();
         // Hold the stdio locks across the fork: no other thread is then in
         // the middle of printing, and the children (whose one thread is a
         // copy of this one) own the locks and can print. Flush so buffered
@@ -413,6 +466,16 @@ fn encode_arg<A: Serialize>(arg: &A, cache: &BlockCache) -> Result<Body> {
 }
 
 impl Pool {
+    /// A pool over a supervisor thread that is already running (the MPI
+    /// backend starts its own server; see `mpi.rs`).
+    #[cfg(feature = "mpi")]
+    pub(crate) fn from_parts(shared: Arc<Shared>, io: JoinHandle<()>) -> Pool {
+        Pool {
+            shared,
+            io: Mutex::new(Some(io)),
+        }
+    }
+
     /// A pool with one worker per CPU (`std::thread::available_parallelism`).
     pub fn new() -> Result<Pool> {
         Pool::builder().build()

@@ -1,0 +1,169 @@
+//! Resource leaks: fds and child processes across many pool lifecycles, and
+//! the fds that the pool's own processes hold.
+
+mod common;
+
+use procpool::Pool;
+
+fn double(x: u64) -> u64 {
+    x * 2
+}
+
+fn abort_now(_: ()) {
+    let zero = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit reads a valid rlimit struct (no core file, please).
+    unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) };
+    std::process::abort();
+}
+
+/// The open fds of `dir` (a /proc/<pid>/fd directory) from 3 up, with what
+/// each points at. An fd that closes between listing and readlink is left
+/// out.
+fn fds_from_3(dir: &str) -> Vec<(i32, String)> {
+    // Collect the names first: the listing's own fd is then closed again,
+    // and its readlink below fails, so it is left out.
+    let names: Vec<i32> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("listing {dir}: {e}"))
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let mut out: Vec<(i32, String)> = names
+        .into_iter()
+        .filter(|&fd| fd >= 3)
+        .filter_map(|fd| {
+            let target = std::fs::read_link(format!("{dir}/{fd}")).ok()?;
+            Some((fd, target.to_string_lossy().into_owned()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// A task: the worker's own fds from 3 up.
+fn my_fds(_: ()) -> Vec<(i32, String)> {
+    fds_from_3("/proc/self/fd")
+}
+
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
+/// One pool from build to end; `how` picks the end.
+fn lifecycle(i: u64) {
+    let pool = Pool::builder().processes(2).build().unwrap();
+    assert_eq!(pool.apply(double, i).unwrap(), 2 * i);
+    let workers = pool.worker_pids();
+    let server = pool.server_pid();
+    match i % 3 {
+        0 => {
+            pool.close();
+            pool.join().unwrap();
+            drop(pool);
+        }
+        1 => {
+            pool.terminate();
+            drop(pool);
+        }
+        _ => drop(pool),
+    }
+    // Every one of them is reaped by now: the server by this process, the
+    // workers by the server before it exited.
+    assert!(
+        common::children().is_empty(),
+        "lifecycle {i}: children left: {:?}",
+        common::children()
+    );
+    for p in std::iter::once(server).chain(workers) {
+        assert!(!common::exists(p), "lifecycle {i}: process {p} is left");
+    }
+}
+
+#[test]
+fn no_fd_or_child_left_after_200_pools() {
+    if common::isolated("no_fd_or_child_left_after_200_pools") {
+        return;
+    }
+    // One lifecycle first, so that whatever the standard library opens once
+    // and keeps is already open when counting starts.
+    lifecycle(0);
+    let fds = common::open_fds();
+    let fd_list = fds_from_3("/proc/self/fd");
+    let nthreads = threads();
+    for i in 1..=200 {
+        lifecycle(i);
+    }
+    assert_eq!(
+        common::open_fds(),
+        fds,
+        "open fds before: {fd_list:?}, after: {:?}",
+        fds_from_3("/proc/self/fd")
+    );
+    assert!(common::children().is_empty());
+    // Threads are not fds, but a pool's threads must not pile up either (the
+    // result-handler thread may end just after its pool, hence the wait).
+    assert!(
+        common::eventually(|| threads() <= nthreads),
+        "threads: {nthreads} before, {} after",
+        threads()
+    );
+}
+
+/// Each worker holds exactly one fd besides stdio: its own socket to the
+/// parent (none of another worker's, nor the server's).
+#[test]
+fn a_worker_holds_only_its_own_socket() {
+    let pool = Pool::builder().processes(2).build().unwrap();
+    let check = |pool: &Pool, when: &str| {
+        for _ in 0..4 {
+            let fds = pool.apply(my_fds, ()).unwrap();
+            assert_eq!(fds.len(), 1, "{when}: a worker's fds from 3 up: {fds:?}");
+            assert!(fds[0].1.starts_with("socket:"), "{when}: {fds:?}");
+        }
+    };
+    check(&pool, "first workers");
+    // A replacement worker too.
+    let _ = pool.apply(abort_now, ());
+    assert_eq!(pool.worker_pids().len(), 2);
+    check(&pool, "after a replacement");
+}
+
+/// The same, seen from outside for every worker at once: each holds one
+/// socket, and no two workers share one; the fork server holds its socket
+/// to the parent and its signalfd.
+#[test]
+fn every_worker_and_the_server_hold_only_their_own_fds() {
+    let pool = Pool::builder().processes(3).build().unwrap();
+    // The workers are idle (all ready once build returns).
+    let mut sockets = Vec::new();
+    for w in pool.worker_pids() {
+        let fds = fds_from_3(&format!("/proc/{w}/fd"));
+        assert_eq!(fds.len(), 1, "worker {w}'s fds from 3 up: {fds:?}");
+        assert!(fds[0].1.starts_with("socket:"), "worker {w}: {fds:?}");
+        sockets.push(fds[0].1.clone());
+    }
+    sockets.sort();
+    sockets.dedup();
+    assert_eq!(sockets.len(), 3, "workers share a socket: {sockets:?}");
+    let server = pool.server_pid();
+    let fds = fds_from_3(&format!("/proc/{server}/fd"));
+    let mut kinds: Vec<&str> = fds
+        .iter()
+        .map(|(_, t)| {
+            if t.starts_with("socket:") {
+                "socket"
+            } else {
+                t.as_str()
+            }
+        })
+        .collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        vec!["anon_inode:[signalfd]", "socket"],
+        "the fork server's fds from 3 up: {fds:?}"
+    );
+    // Still serving.
+    assert_eq!(pool.apply(double, 4).unwrap(), 8);
+}

@@ -1,0 +1,123 @@
+//! When the process that owns a pool dies (SIGKILL: no destructor runs),
+//! its fork server and every worker must die too.
+
+mod common;
+
+use procpool::Pool;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const HELPER_ENV: &str = "PROCPOOL_PARENT_DEATH_HELPER";
+const HELPER: &str = "parent_death_helper";
+const TAG: &str = "PROCPOOL-PIDS";
+const WORKERS: usize = 3;
+
+/// Not a test of its own: the body of the helper process that
+/// `pool_processes_die_with_their_owner` starts. Without the environment
+/// variable it passes at once.
+#[test]
+fn parent_death_helper() {
+    if std::env::var_os(HELPER_ENV).is_none() {
+        return;
+    }
+    let pool = Pool::builder().processes(WORKERS).build().unwrap();
+    let pids: Vec<String> = std::iter::once(pool.server_pid())
+        .chain(pool.worker_pids())
+        .map(|p| p.to_string())
+        .collect();
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{TAG} {}", pids.join(" ")).unwrap();
+    out.flush().unwrap();
+    drop(out);
+    // Wait to be killed (the test does it as soon as it has read the line).
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// The parent pid and the state letter of a process, from /proc/<pid>/stat
+/// (None once it is gone).
+fn stat(pid: u32) -> Option<(u32, char)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain anything: parse
+    // after the last ')'.
+    let rest = &s[s.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    let ppid = f.next()?.parse().ok()?;
+    Some((ppid, state))
+}
+
+/// Dead: gone, or a zombie (dead, waiting for a reaper; once its parent is
+/// gone, that is init or a subreaper, which this test does not control).
+fn dead(pid: u32) -> bool {
+    !common::exists(pid) || matches!(stat(pid), None | Some((_, 'Z' | 'X')))
+}
+
+#[test]
+fn pool_processes_die_with_their_owner() {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut child = Command::new(exe)
+        .args([HELPER, "--exact", "--nocapture", "--test-threads=1"])
+        .env(HELPER_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting the helper");
+    let stdout = child.stdout.take().unwrap();
+    // Read the helper's line on another thread, so that a helper that never
+    // prints fails the test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            // libtest may have printed "test name ... " on the same line.
+            if let Some(at) = line.find(TAG) {
+                let _ = tx.send(line[at + TAG.len()..].to_string());
+            }
+        }
+    });
+    let line = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the helper printed no pids ({e})");
+        }
+    };
+    let pids: Vec<u32> = line
+        .split_whitespace()
+        .map(|p| p.parse().expect("a pid"))
+        .collect();
+    assert_eq!(pids.len(), 1 + WORKERS, "server and workers: {line}");
+    let (server, workers) = (pids[0], &pids[1..]);
+    // The process tree is as documented: the server is the helper's child,
+    // the workers are the server's.
+    assert_eq!(
+        stat(server).map(|s| s.0),
+        Some(child.id()),
+        "the fork server's parent"
+    );
+    for &w in workers {
+        assert_eq!(stat(w).map(|s| s.0), Some(server), "worker {w}'s parent");
+    }
+
+    child.kill().expect("killing the helper");
+    let status = child.wait().expect("reaping the helper");
+    assert!(!status.success());
+    reader.join().unwrap();
+
+    let all_dead = common::eventually(|| pids.iter().all(|&p| dead(p)));
+    let alive: Vec<(u32, Option<(u32, char)>)> = pids
+        .iter()
+        .filter(|&&p| !dead(p))
+        .map(|&p| (p, stat(p)))
+        .collect();
+    assert!(
+        all_dead,
+        "still alive after their owner died (pid, (ppid, state)): {alive:?}; \
+         server {server}, workers {workers:?}"
+    );
+}

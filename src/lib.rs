@@ -3,6 +3,8 @@
 
 mod codec;
 mod error;
+#[cfg(feature = "mpi")]
+mod mpi;
 mod pool;
 mod result;
 mod server;

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Tests of the MPI backend (cargo feature `mpi`). .ci/run calls this after
+# it installs Open MPI. This script installs nothing: it needs mpirun, and
+# the MPI headers and libclang that the `mpi` crate builds against.
+#
+# Each MPI run is bounded by `timeout`, so a hang is a failure and never
+# stalls CI. The last line is "N passed, M failed".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TERM_COLOR=never
+EX="${CARGO_TARGET_DIR:-target}/release/examples"
+
+echo "== the mpi feature: build and lints"
+cargo build --release --features mpi --examples || exit 1
+cargo clippy --features mpi --all-targets -- -D warnings || exit 1
+
+MPIRUN=(mpirun)
+if mpirun --version 2>&1 | grep -q "Open MPI"; then
+  # Two cores here, up to four ranks.
+  MPIRUN+=(--oversubscribe)
+  if [ "$(id -u)" = 0 ]; then
+    # Open MPI refuses to run as root without these.
+    export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+  fi
+fi
+
+passed=0
+failed=0
+
+# case NAME WANT PATTERN COMMAND...: runs COMMAND under a timeout. It
+# passes if its exit status is WANT ("nonzero": any failure except a
+# timeout) and its output contains PATTERN. With SHOW set, a passing
+# case's output is printed too.
+case_() {
+  local name=$1 want=$2 pattern=$3
+  shift 3
+  local out rc why=""
+  out=$(mktemp)
+  local t0=$SECONDS
+  timeout 120 "$@" >"$out" 2>&1
+  rc=$?
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    why="timed out"
+  elif [ "$want" = nonzero ] && [ "$rc" = 0 ]; then
+    why="exited 0; a failure was expected"
+  elif [ "$want" != nonzero ] && [ "$rc" != "$want" ]; then
+    why="exited $rc; $want was expected"
+  elif ! grep -qF -- "$pattern" "$out"; then
+    why="its output lacks: $pattern"
+  fi
+  if [ -z "$why" ]; then
+    passed=$((passed + 1))
+    echo "PASS $name ($((SECONDS - t0)) s)"
+    if [ -n "${SHOW:-}" ]; then
+      sed 's/^/    | /' "$out"
+    fi
+  else
+    failed=$((failed + 1))
+    echo "FAIL $name: $why"
+    sed 's/^/    | /' "$out"
+  fi
+  rm -f "$out"
+}
+
+echo "== MPI runs"
+case_ "primes over 3 ranks match a sequential count" 0 "mpi_primes: ok" \
+  "${MPIRUN[@]}" -np 3 "$EX/mpi_primes"
+case_ "a task that panics on a rank fails alone; the job goes on" 0 "mpi_panic: ok" \
+  "${MPIRUN[@]}" -np 3 "$EX/mpi_panic"
+case_ "a timeout costs its rank; a spare replaces it; the job goes on" 0 "mpi_timeout: ok" \
+  "${MPIRUN[@]}" -np 4 "$EX/mpi_timeout"
+case_ "ranks that run different binaries are refused" nonzero \
+  "do not all run the same executable" \
+  "${MPIRUN[@]}" -np 1 "$EX/mpi_primes" : -np 2 "$EX/mpi_panic"
+case_ "without mpirun: a clear error, no hang" 2 "needs at least 2 MPI ranks" \
+  "$EX/mpi_primes"
+case_ "one rank: a clear error, no hang" nonzero "needs at least 2 MPI ranks" \
+  "${MPIRUN[@]}" -np 1 "$EX/mpi_primes"
+SHOW=1 case_ "the benchmark runs (MPI beside local)" 0 "MPI, 2 worker ranks" \
+  "${MPIRUN[@]}" -np 3 "$EX/mpi_bench"
+
+echo "$passed passed, $failed failed"
+[ "$failed" = 0 ]

@@ -36,6 +36,8 @@ pub(crate) struct Io<'a> {
     pub(crate) block: Option<(Block, usize)>,
     /// Whether the result may be written into the input's block.
     pub(crate) reuse: bool,
+    /// Whether a large result may go to a block (else it stays in `out`).
+    pub(crate) spill: bool,
     /// Where a small output goes (appended).
     pub(crate) out: &'a mut Vec<u8>,
     /// A large output: its block and length, and whether that block is the
@@ -147,6 +149,13 @@ where
             Err(e) => return (status::DECODE, e.to_string()),
         };
         let r = f(a);
+        if !io.spill {
+            // Items of a chunk: straight into the frame, no block.
+            return match codec::encode_into(&r, io.out) {
+                Ok(()) => (status::OK, String::new()),
+                Err(e) => (status::ENCODE, e.to_string()),
+            };
+        }
         let had_block = io.block.is_some();
         let reuse = if io.reuse {
             io.block.take().map(|(b, _)| b)
@@ -247,19 +256,11 @@ where
             input: item,
             block: None,
             reuse: false,
+            spill: false,
             out: &mut *io.out,
             spilled: None,
         };
-        let mut st = run_one(f, &mut item_io);
-        if let Some((b, n, _)) = item_io.spilled.take() {
-            let bytes = b.bytes(n);
-            if io.out.try_reserve(bytes.len()).is_ok() {
-                io.out.extend_from_slice(bytes);
-            } else {
-                st = status::ENCODE;
-                put_message(io.out, "an item's result is too large");
-            }
-        }
+        let st = run_one(f, &mut item_io);
         let n = (io.out.len() - at - 5) as u32;
         io.out[at] = st;
         io.out[at + 1..at + 5].copy_from_slice(&n.to_le_bytes());

@@ -92,6 +92,7 @@ pub(crate) fn serve(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> 
             input: &init.arg,
             block: None,
             reuse: false,
+            spill: false,
             out: &mut out,
             spilled: None,
         };
@@ -125,6 +126,7 @@ pub(crate) fn serve(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> 
                 input: body,
                 block: None,
                 reuse: h.status & wire::KEEP_INPUT == 0,
+                spill: true,
                 out: &mut out,
                 spilled: None,
             };

@@ -193,9 +193,26 @@ pub(crate) fn send_with_fds(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Res
 /// Receives one datagram and any file descriptors attached to it (made
 /// close-on-exec). Returns the byte count (0 is end-of-file) and the fds.
 pub(crate) fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut fds = std::collections::VecDeque::new();
+    // SAFETY: buf is valid for writes of buf.len() bytes.
+    let n = unsafe { recv_raw(sock, buf.as_mut_ptr(), buf.len(), &mut fds)? };
+    Ok((n, fds.into()))
+}
+
+/// `recvmsg` of at most `len` bytes into `ptr`, retrying on `EINTR`; fds
+/// that arrive are appended to `fds` (made close-on-exec).
+///
+/// # Safety
+/// `ptr` must be valid for writes of `len` bytes.
+unsafe fn recv_raw(
+    sock: RawFd,
+    ptr: *mut u8,
+    len: usize,
+    fds: &mut std::collections::VecDeque<OwnedFd>,
+) -> io::Result<usize> {
     let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
+        iov_base: ptr.cast(),
+        iov_len: len,
     };
     let mut cbuf = [0u64; 16];
     // SAFETY: msghdr is plain data; all-zero is a valid empty header.
@@ -205,7 +222,8 @@ pub(crate) fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, V
     msg.msg_control = cbuf.as_mut_ptr().cast();
     msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
     let n = loop {
-        // SAFETY: msg points to live buffers (buf via iov, cbuf) of the sizes given.
+        // SAFETY: iov covers `len` writable bytes (the caller's promise) and
+        // cbuf is live for the call.
         let r = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
         match cvt_size(r) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -213,9 +231,11 @@ pub(crate) fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, V
             Ok(n) => break n,
         }
     };
-    let mut fds = std::collections::VecDeque::new();
-    take_fds(&msg, &mut fds);
-    Ok((n, fds.into()))
+    take_fds(&msg, fds);
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::other("file descriptors were truncated"));
+    }
+    Ok(n)
 }
 
 /// Takes ownership of the fds that `recvmsg` delivered into `msg`'s
@@ -589,33 +609,11 @@ pub(crate) fn recv_append(
     }
     let spare = buf.capacity() - buf.len();
     let want = spare.min(max.max(1));
-    let mut iov = libc::iovec {
-        // SAFETY: len <= capacity, so the pointer stays within the allocation.
-        iov_base: unsafe { buf.as_mut_ptr().add(buf.len()) }.cast(),
-        iov_len: want,
-    };
-    let mut cbuf = [0u64; 16];
-    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
-    let n = loop {
-        // SAFETY: iov covers `want` bytes of buf's spare capacity; cbuf is live.
-        let r = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        match cvt_size(r) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-            Ok(n) => break n,
-        }
-    };
+    // SAFETY: [len, len + want) lies within buf's allocation (want <= spare
+    // capacity), so the pointer is valid for writes of `want` bytes.
+    let n = unsafe { recv_raw(sock, buf.as_mut_ptr().add(buf.len()), want, fds)? };
     // SAFETY: recvmsg initialised exactly n <= want bytes past len.
     unsafe { buf.set_len(buf.len() + n) };
-    take_fds(&msg, fds);
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(io::Error::other("file descriptors were truncated"));
-    }
     Ok(n)
 }
 

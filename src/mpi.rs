@@ -54,7 +54,7 @@ use crate::error::Error;
 use crate::pool::Pool;
 use crate::server::{self, Init, Msg};
 use crate::shm::Block;
-use crate::supervisor::{self, Config, ServerHandle, Shared};
+use crate::supervisor::{Config, ServerHandle};
 use crate::sys::{self, SharedWords};
 use crate::task::status;
 use crate::wire::{self, HDR, Header};
@@ -177,18 +177,7 @@ pub(crate) fn build_pool(
         .map_err(|_| Error::Broken {
             reason: "the MPI thread ended early".into(),
         })?;
-    let shared = Shared::new(cfg, parent_end, ServerHandle::Thread(thread), words, slots)?;
-    let s2 = shared.clone();
-    let io = std::thread::Builder::new()
-        .name("procpool-supervisor".into())
-        .spawn(move || supervisor::run(s2))
-        .map_err(|e| {
-            shared.terminate();
-            Error::io("starting the supervisor thread", e)
-        })?;
-    let pool = Pool::from_parts(shared.clone(), io);
-    shared.start_workers()?;
-    Ok(pool)
+    Pool::start(cfg, parent_end, ServerHandle::Thread(thread), words, slots)
 }
 
 /// Refuses early when no MPI launcher started this process, or when it

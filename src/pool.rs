@@ -375,27 +375,13 @@ impl PoolBuilder {
         drop(err);
         drop(out);
         drop(server_end);
-        let shared = Shared::new(
+        Pool::start(
             cfg,
             parent_end,
             supervisor::ServerHandle::Process(server_pid),
             words,
             slots,
-        )?;
-        let s2 = shared.clone();
-        let io = std::thread::Builder::new()
-            .name("procpool-supervisor".into())
-            .spawn(move || supervisor::run(s2))
-            .map_err(|e| {
-                shared.terminate();
-                Error::io("starting the supervisor thread", e)
-            })?;
-        let pool = Pool {
-            shared,
-            io: Mutex::new(Some(io)),
-        };
-        pool.shared.start_workers()?;
-        Ok(pool)
+        )
     }
 }
 
@@ -466,14 +452,31 @@ fn encode_arg<A: Serialize>(arg: &A, cache: &BlockCache) -> Result<Body> {
 }
 
 impl Pool {
-    /// A pool over a supervisor thread that is already running (the MPI
-    /// backend starts its own server; see `mpi.rs`).
-    #[cfg(feature = "mpi")]
-    pub(crate) fn from_parts(shared: Arc<Shared>, io: JoinHandle<()>) -> Pool {
-        Pool {
+    /// Starts the supervisor thread over a server (the fork server, or a
+    /// thread that speaks its protocol), asks for the workers and waits
+    /// until they are ready.
+    pub(crate) fn start(
+        cfg: Config,
+        server: std::os::fd::OwnedFd,
+        handle: supervisor::ServerHandle,
+        words: Arc<sys::SharedWords>,
+        slots: usize,
+    ) -> Result<Pool> {
+        let shared = Shared::new(cfg, server, handle, words, slots)?;
+        let s2 = shared.clone();
+        let io = std::thread::Builder::new()
+            .name("procpool-supervisor".into())
+            .spawn(move || supervisor::run(s2))
+            .map_err(|e| {
+                shared.terminate();
+                Error::io("starting the supervisor thread", e)
+            })?;
+        let pool = Pool {
             shared,
             io: Mutex::new(Some(io)),
-        }
+        };
+        pool.shared.start_workers()?;
+        Ok(pool)
     }
 
     /// A pool with one worker per CPU (`std::thread::available_parallelism`).

@@ -3,13 +3,13 @@
 
 mod common;
 
+use common::Gate;
+
 use procpool::{AsyncResult, Error, MapResult, Pool};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
@@ -22,43 +22,10 @@ fn pool(n: usize) -> Pool {
 
 // ---- a gate: a task that waits for a file, opened by the test -------------
 
-static GATES: AtomicUsize = AtomicUsize::new(0);
-
-/// A file that a gated task waits for; the test creates it to let the task
-/// finish. Makes "not finished yet" states deterministic.
-struct Gate(PathBuf);
-
-impl Gate {
-    fn new() -> Gate {
-        let n = GATES.fetch_add(1, Ordering::Relaxed);
-        let p =
-            std::env::temp_dir().join(format!("procpool-apply-gate-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_file(&p);
-        Gate(p)
-    }
-
-    fn key(&self) -> String {
-        self.0.to_string_lossy().into_owned()
-    }
-
-    fn open(&self) {
-        std::fs::write(&self.0, b"open").expect("opening the gate");
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 /// In a worker: waits (bounded, in case the test failed) for the gate, then
 /// returns `v`.
 fn gated((gate, v): (String, u64)) -> u64 {
-    let end = Instant::now() + Duration::from_secs(60);
-    while !Path::new(&gate).exists() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    common::wait_for_gate(&gate);
     v
 }
 
@@ -315,7 +282,7 @@ fn apply_async_from_eight_threads_at_once() {
 #[test]
 fn apply_async_is_not_ready_until_its_task_finishes() {
     let pool = pool(2);
-    let gate = Gate::new();
+    let gate = Gate::new("apply");
     let r = pool.apply_async(gated, (gate.key(), 9)).unwrap();
     assert!(!r.ready());
     assert_eq!(r.successful(), None, "successful() is None before ready");
@@ -339,7 +306,7 @@ fn apply_async_is_not_ready_until_its_task_finishes() {
 #[test]
 fn apply_async_failure_is_not_successful() {
     let pool = pool(2);
-    let gate = Gate::new();
+    let gate = Gate::new("apply");
     let r = pool.apply_async(gated_panic, gate.key()).unwrap();
     assert_eq!(r.successful(), None);
     assert!(!r.ready());
@@ -379,7 +346,7 @@ fn apply_async_wait_blocks_until_a_sleeping_task_is_done() {
 #[test]
 fn async_result_can_be_waited_on_and_got_from_another_thread() {
     let pool = pool(2);
-    let gate = Gate::new();
+    let gate = Gate::new("apply");
     let r = pool.apply_async(gated, (gate.key(), 77)).unwrap();
     let quick = pool.apply_async(square, 11).unwrap();
     let h = std::thread::spawn(move || {
@@ -447,7 +414,7 @@ fn async_result_is_a_future() {
     assert_eq!(block_on(r).unwrap(), 36);
     let r = pool.apply_async(boom, 1).unwrap();
     assert!(matches!(block_on(r), Err(Error::TaskPanicked { .. })));
-    let gate = Gate::new();
+    let gate = Gate::new("apply");
     let r = pool.apply_async(gated, (gate.key(), 5)).unwrap();
     let opener = std::thread::spawn({
         let key = gate.key();
@@ -467,7 +434,7 @@ fn a_quick_task_does_not_wait_behind_a_blocked_one_while_a_worker_is_idle() {
             assert_eq!(pool.apply(square, i).unwrap(), i * i);
         }
     }
-    let gate = Gate::new();
+    let gate = Gate::new("apply");
     let blocked = pool.apply_async(gated, (gate.key(), 1)).unwrap();
     // One worker holds the blocked task and the other is idle: quick tasks
     // submitted now must not wait for the gate (as in CPython, where an

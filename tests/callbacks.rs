@@ -5,13 +5,14 @@
 
 mod common;
 
+use common::Gate;
+
 use procpool::{Error, MapOptions, Pool, TaskOptions};
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread::ThreadId;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Generous: only there so that a bug fails the test instead of hanging it.
 const BOUND: Duration = Duration::from_secs(30);
@@ -47,41 +48,9 @@ fn assert_results_thread(threads: &[(ThreadId, Option<String>)]) {
 
 // ---- a gate: a task that waits for a file, opened by the test -------------
 
-static GATES: AtomicUsize = AtomicUsize::new(0);
-
-struct Gate(PathBuf);
-
-impl Gate {
-    fn new() -> Gate {
-        let n = GATES.fetch_add(1, Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!(
-            "procpool-callbacks-gate-{}-{n}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_file(&p);
-        Gate(p)
-    }
-
-    fn key(&self) -> String {
-        self.0.to_string_lossy().into_owned()
-    }
-
-    fn open(&self) {
-        std::fs::write(&self.0, b"open").expect("opening the gate");
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
+/// In a worker: waits for the gate, then returns `v`.
 fn gated((gate, v): (String, u64)) -> u64 {
-    let end = Instant::now() + Duration::from_secs(60);
-    while !Path::new(&gate).exists() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    common::wait_for_gate(&gate);
     v
 }
 
@@ -165,7 +134,7 @@ fn apply_with_runs_the_callback_and_returns_the_value() {
 fn callbacks_run_in_completion_order_not_submission_order() {
     let pool = pool(2);
     let (tx, rx) = mpsc::channel();
-    let (a, b) = (Gate::new(), Gate::new());
+    let (a, b) = (Gate::new("callbacks"), Gate::new("callbacks"));
     let mk = |label: &'static str| {
         let tx = tx.clone();
         TaskOptions::new().on_success(move |v: &u64| tx.send((label, *v, thread())).unwrap())
@@ -325,7 +294,7 @@ fn a_panicking_callback_gives_callback_panicked_and_the_handler_goes_on() {
 #[test]
 fn on_error_sees_cancellation() {
     let pool = pool(2);
-    let gate = Gate::new();
+    let gate = Gate::new("callbacks");
     // Both workers held, so the third task waits in the queue.
     let held: Vec<_> = (0..2u64)
         .map(|i| pool.apply_async(gated, (gate.key(), i)).unwrap())

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::Gate;
+
 use procpool::{Error, Pool};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -12,7 +14,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// How many times the initializer ran in this process (a worker).
 static INIT_RUNS: AtomicU32 = AtomicU32::new(0);
@@ -59,45 +61,22 @@ fn die(_: ()) -> Report {
 
 // ---- a gate, so that tasks are held in every worker at once ----------------
 
-static GATES: AtomicUsize = AtomicUsize::new(0);
+static TEMP_PATHS: AtomicUsize = AtomicUsize::new(0);
 
+/// A path under the temp dir, unique to this process and call; the caller
+/// removes the file.
 fn temp_path(what: &str) -> PathBuf {
-    let n = GATES.fetch_add(1, Ordering::Relaxed);
+    let n = TEMP_PATHS.fetch_add(1, Ordering::Relaxed);
     let p = std::env::temp_dir().join(format!("procpool-init-{what}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_file(&p);
     p
-}
-
-struct Gate(PathBuf);
-
-impl Gate {
-    fn new() -> Gate {
-        Gate(temp_path("gate"))
-    }
-
-    fn key(&self) -> String {
-        self.0.to_string_lossy().into_owned()
-    }
-
-    fn open(&self) {
-        std::fs::write(&self.0, b"open").expect("opening the gate");
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 /// Notes its arrival (its pid, appended to `<gate>.arrived`), waits
 /// (bounded) for the gate, then reports.
 fn gated_report(gate: String) -> Report {
     note_attempt(&format!("{gate}.arrived"));
-    let end = Instant::now() + Duration::from_secs(60);
-    while !Path::new(&gate).exists() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    common::wait_for_gate(&gate);
     report(())
 }
 
@@ -108,7 +87,7 @@ fn gated_report(gate: String) -> Report {
 /// queue such tasks to a busy worker.)
 fn report_from_every_worker(pool: &Pool) -> Vec<Report> {
     let n = pool.processes();
-    let gate = Gate::new();
+    let gate = Gate::new("init");
     let arrived = PathBuf::from(format!("{}.arrived", gate.key()));
     let rs: Vec<_> = (0..n)
         .map(|_| pool.apply_async(gated_report, gate.key()).unwrap())

@@ -3,12 +3,12 @@
 
 mod common;
 
+use common::Gate;
+
 use procpool::{Error, MapOptions, Pool};
 use std::collections::{BTreeSet, HashSet};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn pool(n: usize) -> Pool {
     Pool::builder()
@@ -54,40 +54,10 @@ fn fail_10_and_50(x: u64) -> u64 {
 
 // ---- a gate: a task that waits for a file, opened by the test -------------
 
-static GATES: AtomicUsize = AtomicUsize::new(0);
-
-struct Gate(PathBuf);
-
-impl Gate {
-    fn new() -> Gate {
-        let n = GATES.fetch_add(1, Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("procpool-map-gate-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_file(&p);
-        Gate(p)
-    }
-
-    fn key(&self) -> String {
-        self.0.to_string_lossy().into_owned()
-    }
-
-    fn open(&self) {
-        std::fs::write(&self.0, b"open").expect("opening the gate");
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 /// Item 0 waits (bounded) for the gate; every item returns its double.
 fn gated_double((gate, x): (String, u64)) -> u64 {
     if x == 0 {
-        let end = Instant::now() + Duration::from_secs(60);
-        while !Path::new(&gate).exists() && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        common::wait_for_gate(&gate);
     }
     x * 2
 }
@@ -202,7 +172,7 @@ fn map_of_large_results() {
 #[test]
 fn map_async_state_and_progress() {
     let pool = pool(2);
-    let gate = Gate::new();
+    let gate = Gate::new("map");
     let n = 20u64;
     let r = pool
         .map_async_with(

@@ -76,3 +76,46 @@ pub fn eventually(mut cond: impl FnMut() -> bool) -> bool {
     }
     cond()
 }
+
+/// A file that a gated task waits for (with [`wait_for_gate`]); the test
+/// creates it with [`Gate::open`] to let the task finish. Makes "not finished
+/// yet" states deterministic. The file is removed on drop.
+pub struct Gate(std::path::PathBuf);
+
+impl Gate {
+    /// A fresh gate, shut, under the temp dir: its name holds `label`, this
+    /// process's pid and a counter, so that no two gates share a file.
+    pub fn new(label: &str) -> Gate {
+        static GATES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = GATES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p =
+            std::env::temp_dir().join(format!("procpool-{label}-gate-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        Gate(p)
+    }
+
+    /// The gate's path, to send to a task.
+    pub fn key(&self) -> String {
+        self.0.to_string_lossy().into_owned()
+    }
+
+    /// Opens the gate: creates the file that the gated tasks wait for.
+    pub fn open(&self) {
+        std::fs::write(&self.0, b"open").expect("opening the gate");
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// In a worker: waits until the gate at `path` (a [`Gate::key`]) is open,
+/// polling every 2 ms; bounded (60 s) in case the test failed.
+pub fn wait_for_gate(path: &str) {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !std::path::Path::new(path).exists() && std::time::Instant::now() < end {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}

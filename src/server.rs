@@ -78,7 +78,7 @@ pub(crate) struct Spec {
 pub(crate) fn run(sock: OwnedFd, spec: &Spec) -> ! {
     worker::mark_worker_process();
     let fd = sock.as_raw_fd();
-    sys::close_fds_except(&[fd]);
+    sys::neuter_fds_except(&[fd]);
     let Ok(sigfd) = sys::sigchld_fd() else {
         sys::exit_now(2)
     };
@@ -183,10 +183,11 @@ fn spawn(
         .store(0, std::sync::atomic::Ordering::SeqCst);
     match sys::fork()? {
         sys::Forked::Child => {
-            let _ = (server_fd, sigfd);
-            let keep = worker_end.as_raw_fd();
-            sys::close_fds_except(&[keep]);
-            std::mem::forget(parent_end);
+            // Of the server's own fds, keep only this worker's end (the
+            // host's inherited fds already point at /dev/null).
+            sys::close_fd(server_fd);
+            sys::close_fd(sigfd);
+            drop(parent_end);
             sys::reset_signals();
             if sys::die_with_parent() != me {
                 sys::exit_now(1);

@@ -262,6 +262,47 @@ fn take_fds(msg: &libc::msghdr, fds: &mut std::collections::VecDeque<OwnedFd>) {
     }
 }
 
+/// In a freshly forked child: points every inherited fd from 3 up, except
+/// those in `keep`, at `/dev/null` (close-on-exec).
+///
+/// The child's memory still holds the host's values that own those fds (a
+/// `File` in a static, another pool's sockets): closing the fds would let
+/// their numbers be reused for this process's own sockets and memory
+/// blocks, and a task that wrote to the host's file would write into them.
+/// Pointed at `/dev/null`, the numbers stay taken, harmlessly, and the
+/// real files and sockets are released in this process (so another pool's
+/// worker still sees end-of-file when its parent closes its end).
+pub(crate) fn neuter_fds_except(keep: &[RawFd]) {
+    let listed: Option<Vec<RawFd>> = std::fs::read_dir("/proc/self/fd").ok().map(|d| {
+        d.flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+            .collect()
+    });
+    // SAFETY: a NUL-terminated static path and integer flags.
+    let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    let (Some(fds), true) = (listed, null >= 0) else {
+        close_fds_except(keep);
+        return;
+    };
+    for fd in fds {
+        if fd < 3 || fd == null || keep.contains(&fd) {
+            continue;
+        }
+        // SAFETY: dup3 atomically replaces what `fd` refers to; the fd was
+        // listed as open a moment ago (the directory's own fd, now closed,
+        // simply becomes a /dev/null too).
+        unsafe { libc::dup3(null, fd, libc::O_CLOEXEC) };
+    }
+    close_fd(null);
+}
+
+/// Closes one fd that the caller owns by number only (in a forked child,
+/// whose owning values are never dropped there).
+pub(crate) fn close_fd(fd: RawFd) {
+    // SAFETY: the caller owns `fd`; closing a closed fd is a harmless EBADF.
+    unsafe { libc::close(fd) };
+}
+
 /// Closes every fd from 3 up, except those in `keep`.
 pub(crate) fn close_fds_except(keep: &[RawFd]) {
     let mut keep: Vec<RawFd> = keep.iter().copied().filter(|&f| f >= 3).collect();
@@ -278,8 +319,10 @@ pub(crate) fn close_fds_except(keep: &[RawFd]) {
 }
 
 fn close_range(first: u32, last: u32) {
-    // SAFETY: close_range only closes fds; the callers own every fd in the
-    // range (they run in a freshly forked child that keeps none of them).
+    // SAFETY: close_range only closes fds. It is the fallback where
+    // /proc/self/fd cannot be read, in a freshly forked child; values that
+    // still own those numbers there are never used by the child's code
+    // (see neuter_fds_except for what a task could still reach).
     let r = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
     if r == -1 {
         // Kernels before 5.9: close one by one up to the fd limit.

@@ -21,7 +21,9 @@ fn abort_now(_: ()) {
 
 /// The open fds of `dir` (a /proc/<pid>/fd directory) from 3 up, with what
 /// each points at. An fd that closes between listing and readlink is left
-/// out.
+/// out, and so is every fd that points at /dev/null: the fork server keeps
+/// the numbers of the fds it inherited from the host taken that way (see
+/// `a_task_writing_to_a_host_file_cannot_reach_the_pools_fds`).
 fn fds_from_3(dir: &str) -> Vec<(i32, String)> {
     // Collect the names first: the listing's own fd is then closed again,
     // and its readlink below fails, so it is left out.
@@ -36,6 +38,7 @@ fn fds_from_3(dir: &str) -> Vec<(i32, String)> {
             let target = std::fs::read_link(format!("{dir}/{fd}")).ok()?;
             Some((fd, target.to_string_lossy().into_owned()))
         })
+        .filter(|(_, target)| target != "/dev/null")
         .collect();
     out.sort();
     out
@@ -166,4 +169,43 @@ fn every_worker_and_the_server_hold_only_their_own_fds() {
     );
     // Still serving.
     assert_eq!(pool.apply(double, 4).unwrap(), 8);
+}
+
+static HOST_LOG: std::sync::OnceLock<std::sync::Mutex<std::fs::File>> = std::sync::OnceLock::new();
+
+/// A task that writes to a file the host opened before the pool was built.
+fn write_host_log(x: u64) -> u64 {
+    use std::io::Write;
+    if let Some(f) = HOST_LOG.get() {
+        let mut f = f.lock().unwrap();
+        // 64 bytes that would read as a huge frame header if they reached a
+        // pool socket.
+        let _ = f.write_all(&[0xff; 64]);
+    }
+    x + 1
+}
+
+/// The host's own files are still values in a worker's memory; what their
+/// fds refer to there must not be one of the pool's sockets or blocks, or a
+/// task writing to them would corrupt the pool's traffic.
+#[test]
+fn a_task_writing_to_a_host_file_cannot_reach_the_pools_fds() {
+    let path = std::env::temp_dir().join(format!("procpool-host-log-{}", std::process::id()));
+    let file = std::fs::File::create(&path).unwrap();
+    let _ = HOST_LOG.set(std::sync::Mutex::new(file));
+    let pool = Pool::builder().processes(2).build().unwrap();
+    for i in 0..50 {
+        assert_eq!(pool.apply(write_host_log, i).unwrap(), i + 1);
+    }
+    // A large result goes through a shared-memory block: still intact.
+    let big = pool.apply(write_then_big, 3 << 20).unwrap();
+    assert_eq!(big.len(), 3 << 20);
+    assert!(big.iter().all(|&b| b == 7));
+    drop(pool);
+    let _ = std::fs::remove_file(&path);
+}
+
+fn write_then_big(n: usize) -> Vec<u8> {
+    write_host_log(0);
+    vec![7u8; n]
 }

@@ -639,7 +639,10 @@ impl Pool {
             // Nothing to run: the map is done now (callbacks still run on the
             // result-handler thread).
             match result.group.set_on_done_take() {
-                Some(f) => self.shared.handler.run(Box::new(move || done.set(f()))),
+                Some(f) => self
+                    .shared
+                    .handler
+                    .run(Box::new(move || done.set(crate::result::guarded(f)))),
                 None => done.set(Ok(Payload::Unit)),
             }
             return Ok(result);

@@ -225,7 +225,9 @@ impl Handler {
                 .name("procpool-results".into())
                 .spawn(move || {
                     for f in rx {
-                        f();
+                        // Each job resolves its own slot; a panic that
+                        // escaped one must not end the thread.
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
                     }
                 });
             if spawned.is_err() {
@@ -282,12 +284,23 @@ impl Group {
             match f {
                 Some(f) => {
                     let done = self.done.clone();
-                    handler.run(Box::new(move || done.set(f())));
+                    handler.run(Box::new(move || done.set(guarded(f))));
                 }
                 None => self.done.set(Ok(Payload::Unit)),
             }
         }
     }
+}
+
+/// Runs work of the result-handler thread (decoding with the user's
+/// `Deserialize`, callbacks): a panic there becomes the result's error, so
+/// the result still resolves and the thread lives on.
+pub(crate) fn guarded(f: impl FnOnce() -> Outcome) -> Outcome {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        Err(Error::CallbackPanicked {
+            message: task::panic_message(&*p),
+        })
+    })
 }
 
 /// Stores a finished task's outcome, running its hook.
@@ -302,7 +315,7 @@ pub(crate) fn complete(slot: Arc<Slot>, hook: Hook, outcome: Outcome, handler: &
             slot.set(outcome);
             g.chunk_done(n, handler);
         }
-        Hook::Handler(f) => handler.run(Box::new(move || slot.set(f(outcome)))),
+        Hook::Handler(f) => handler.run(Box::new(move || slot.set(guarded(|| f(outcome))))),
     }
 }
 

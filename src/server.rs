@@ -10,9 +10,11 @@
 //! reaped cannot have been reused.
 //!
 //! Protocol (24-byte datagrams on a `SOCK_SEQPACKET` pair):
-//! parent → server: `SPAWN slot`, `KILL pid`;
+//! parent → server: `SPAWN slot`, `KILL slot pid seq` (seq 0: whatever the
+//! worker runs; else only while the worker's shared word says it runs task
+//! `seq`, so a cancel never kills the task after the one it was for);
 //! server → parent: `SPAWNED slot pid` (+ the worker's socket),
-//! `SPAWN_FAILED slot errno`, `EXITED pid status`.
+//! `SPAWN_FAILED slot errno`, `EXITED pid status`, `KILL_REFUSED pid`.
 //! End-of-file from the parent (it closed the socket, or died) makes the
 //! server SIGKILL every worker, reap them all, and exit.
 
@@ -26,6 +28,7 @@ pub(crate) const KILL: u32 = 2;
 pub(crate) const SPAWNED: u32 = 3;
 pub(crate) const SPAWN_FAILED: u32 = 4;
 pub(crate) const EXITED: u32 = 5;
+pub(crate) const KILL_REFUSED: u32 = 6;
 
 /// One message between the parent and the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,8 +160,24 @@ pub(crate) fn run(sock: OwnedFd, spec: &Spec) -> ! {
                 },
                 KILL => {
                     let pid = m.a as libc::pid_t;
-                    if live.contains(&pid) {
+                    let running = m.b == 0
+                        || spec
+                            .words
+                            .word(m.slot as usize)
+                            .load(std::sync::atomic::Ordering::SeqCst)
+                            == m.b;
+                    if live.contains(&pid) && running {
                         sys::kill(pid, libc::SIGKILL);
+                    } else if live.contains(&pid) {
+                        let reply = Msg {
+                            kind: KILL_REFUSED,
+                            slot: m.slot,
+                            a: m.a,
+                            b: m.b,
+                        };
+                        if sys::send_with_fds(fd, &reply.to_bytes(), &[]).is_err() {
+                            shut_down(&live);
+                        }
                     }
                 }
                 _ => {}

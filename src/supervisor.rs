@@ -139,6 +139,10 @@ struct Worker {
     sent: u64,
     deadline: Option<Instant>,
     kill: Option<KillReason>,
+    /// The task the kill is for (the server kills only while the worker
+    /// runs it; 0: whatever it runs), and whether the server was asked.
+    kill_seq: u64,
+    kill_sent: bool,
     init_msg: Option<String>,
     /// The estimated work (ns) of the tasks it holds.
     held_ns: u64,
@@ -165,7 +169,7 @@ pub(crate) struct State {
     building: bool,
     init_error: Option<Error>,
     ready: usize,
-    server: Option<OwnedFd>,
+    server: Link,
     server_pid: u32,
     server_handle: Option<ServerHandle>,
     pub(crate) finished: bool,
@@ -207,7 +211,10 @@ impl Shared {
                 building: true,
                 init_error: None,
                 ready: 0,
-                server: Some(server),
+                server: Link {
+                    fd: Some(server),
+                    out: VecDeque::new(),
+                },
                 server_pid: match &handle {
                     ServerHandle::Process(pid) => *pid as u32,
                     ServerHandle::Thread(_) => std::process::id(),
@@ -306,43 +313,41 @@ impl Shared {
 
     /// Cancels the jobs with these ids; returns whether any was cancelled.
     pub(crate) fn cancel(&self, ids: &[u64]) -> bool {
+        let ids: std::collections::HashSet<u64> = ids.iter().copied().collect();
         let mut done = Vec::new();
-        let mut any = false;
         {
-            let mut st = self.lock();
-            for &id in ids {
-                if let Some(i) = st.queue.iter().position(|j| j.id == id) {
-                    let j = st.queue.remove(i).expect("index from position");
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            let mut kept = VecDeque::with_capacity(st.queue.len());
+            for j in st.queue.drain(..) {
+                if ids.contains(&j.id) {
                     done.push((j.slot, j.hook, Err(Error::Cancelled)));
-                    any = true;
-                    continue;
+                } else {
+                    kept.push_back(j);
                 }
-                let words = &self.words;
-                let server = st.server.as_ref().map(|f| f.as_raw_fd());
-                for w in st.workers.iter_mut() {
-                    let Some(i) = w.in_flight.iter().position(|f| f.job.id == id) else {
+            }
+            st.queue = kept;
+            for w in st.workers.iter_mut() {
+                let started = self.words.word(w.slot).load(Ordering::SeqCst);
+                for f in w.in_flight.iter_mut() {
+                    if f.job.cancelled || !ids.contains(&f.job.id) {
                         continue;
-                    };
-                    let started = words.word(w.slot).load(Ordering::SeqCst);
-                    let f = &mut w.in_flight[i];
-                    if f.job.cancelled {
-                        break;
                     }
                     f.job.cancelled = true;
                     let hook = std::mem::replace(&mut f.job.hook, Hook::None);
                     done.push((f.job.slot.clone(), hook, Err(Error::Cancelled)));
-                    any = true;
-                    if f.seq <= started && w.kill.is_none() {
-                        // It is running: kill its worker.
+                    // Running now: kill its worker (the server checks that it
+                    // still runs this task). Finished already, or not yet
+                    // started: its result will be dropped.
+                    if f.seq == started && w.kill.is_none() {
                         w.kill = Some(KillReason::Cancel);
-                        if let Some(s) = server {
-                            send_server(s, server::KILL, 0, w.pid as u64);
-                        }
+                        w.kill_seq = f.seq;
                     }
-                    break;
                 }
             }
+            send_kills(st);
         }
+        let any = !done.is_empty();
         self.run_completions(done);
         any
     }
@@ -394,14 +399,59 @@ impl Shared {
     }
 }
 
-fn send_server(fd: i32, kind: u32, slot: u32, a: u64) {
-    let m = Msg {
-        kind,
-        slot,
-        a,
-        b: 0,
-    };
-    let _ = sys::send_with_fds(fd, &m.to_bytes(), &[]);
+/// The parent's end of the server's socket, with the requests that did
+/// not fit in it yet (the socket is non-blocking: the supervisor must never
+/// wait on the server, which may itself be waiting to hand it an exit).
+struct Link {
+    fd: Option<OwnedFd>,
+    out: VecDeque<[u8; 24]>,
+}
+
+impl Link {
+    fn raw(&self) -> Option<i32> {
+        self.fd.as_ref().map(|f| f.as_raw_fd())
+    }
+
+    /// Queues a request and sends what the socket takes.
+    fn send(&mut self, kind: u32, slot: u32, a: u64, b: u64) {
+        self.out.push_back(Msg { kind, slot, a, b }.to_bytes());
+        self.flush();
+    }
+
+    /// Sends queued requests until the socket is full; returns whether
+    /// some are still waiting.
+    fn flush(&mut self) -> bool {
+        let Some(fd) = self.raw() else {
+            self.out.clear();
+            return false;
+        };
+        while let Some(m) = self.out.front() {
+            match sys::send_with_fds(fd, m, &[]) {
+                Ok(()) => {
+                    self.out.pop_front();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                Err(_) => {
+                    // The server is gone; its end-of-file will be seen.
+                    self.out.clear();
+                    return false;
+                }
+            }
+        }
+        false
+    }
+}
+
+/// Asks the server to SIGKILL every worker the pool has marked for a kill
+/// and not yet asked about.
+fn send_kills(st: &mut State) {
+    for w in st.workers.iter_mut() {
+        if w.kill.is_some() && !w.kill_sent {
+            w.kill_sent = true;
+            st.server
+                .send(server::KILL, w.slot as u32, w.pid as u64, w.kill_seq);
+        }
+    }
 }
 
 impl State {
@@ -409,10 +459,13 @@ impl State {
     /// them at once if no spawn could be asked for.
     #[must_use]
     fn request_spawn(&mut self, held: Vec<Completion>) -> Vec<Completion> {
-        let (Some(slot), Some(server)) = (self.free_slots.pop(), self.server.as_ref()) else {
+        if self.server.fd.is_none() {
+            return held;
+        }
+        let Some(slot) = self.free_slots.pop() else {
             return held;
         };
-        send_server(server.as_raw_fd(), server::SPAWN, slot as u32, 0);
+        self.server.send(server::SPAWN, slot as u32, 0, 0);
         self.spawning.push((slot, held));
         Vec::new()
     }
@@ -422,6 +475,10 @@ impl State {
             done.push((j.slot, j.hook, Err(e.clone())));
         }
         for w in self.workers.iter_mut() {
+            // Unsent bytes may name blocks of the jobs dropped below.
+            w.out.clear();
+            w.out_fds.clear();
+            w.out_pos = 0;
             for f in w.in_flight.drain(..) {
                 if !f.job.cancelled {
                     done.push((f.job.slot, f.job.hook, Err(e.clone())));
@@ -714,7 +771,7 @@ fn parse_frames(
                         w.held_ns = w.held_ns.saturating_sub(f.charge);
                         // The worker reports each task's run time in `b`.
                         est.entry(f.job.f)
-                            .and_modify(|e| *e = (*e * 3 + h.b) / 4)
+                            .and_modify(|e| *e = e.saturating_mul(3).saturating_add(h.b) / 4)
                             .or_insert(h.b);
                         if !f.job.cancelled {
                             done.push((f.job.slot, f.job.hook, outcome));
@@ -744,8 +801,38 @@ fn parse_frames(
     }
 }
 
-/// The supervisor thread's loop.
+/// The supervisor thread. A panic in it (a bug) fails every outstanding
+/// task and kills the workers rather than leave callers waiting forever.
 pub(crate) fn run(shared: Arc<Shared>) {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_loop(&shared)));
+    if let Err(p) = outcome {
+        let reason = format!(
+            "the pool's supervisor thread panicked: {}",
+            task::panic_message(&*p)
+        );
+        log::error!("procpool: {reason}");
+        let e = Error::Broken { reason };
+        let mut done = Vec::new();
+        let handle = {
+            let mut st = shared.lock();
+            st.broken = Some(e.clone());
+            st.phase = Phase::Terminated;
+            st.fail_all(e, &mut done);
+            st.workers.clear();
+            st.spawning.clear();
+            st.server.fd = None;
+            st.finished = true;
+            st.server_handle.take()
+        };
+        shared.cv.notify_all();
+        shared.run_completions(done);
+        if let Some(h) = handle {
+            h.wait();
+        }
+    }
+}
+
+fn run_loop(shared: &Shared) {
     let mut pfds: Vec<libc::pollfd> = Vec::new();
     let mut who: Vec<usize> = Vec::new();
     loop {
@@ -763,10 +850,15 @@ pub(crate) fn run(shared: Arc<Shared>) {
                 events: libc::POLLIN,
                 revents: 0,
             });
-            if let Some(s) = &st.server {
+            if let Some(fd) = st.server.raw() {
+                let out = if st.server.out.is_empty() {
+                    0
+                } else {
+                    libc::POLLOUT
+                };
                 pfds.push(libc::pollfd {
-                    fd: s.as_raw_fd(),
-                    events: libc::POLLIN,
+                    fd,
+                    events: libc::POLLIN | out,
                     revents: 0,
                 });
             }
@@ -839,16 +931,20 @@ pub(crate) fn run(shared: Arc<Shared>) {
                 st.unready_deaths = 0;
                 shared.cv.notify_all();
             }
-            if wf == 2 && pfds[1].revents != 0 {
-                server_messages(&shared, st, &mut done);
+            if wf == 2 && pfds[1].revents & libc::POLLOUT != 0 {
+                st.server.flush();
+            }
+            if wf == 2 && pfds[1].revents & !libc::POLLOUT != 0 {
+                server_messages(shared, st, &mut done);
             }
             check_timeouts(st);
+            send_kills(st);
             match st.phase {
                 Phase::Terminated => {
                     st.fail_all(Error::Terminated, &mut done);
                     st.workers.clear();
                     st.spawning.clear();
-                    st.server = None;
+                    st.server.fd = None;
                     reap_server = st.server_handle.take();
                     st.finished = true;
                 }
@@ -862,7 +958,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
                         }
                     }
                     if st.queue.is_empty() && st.workers.is_empty() && st.spawning.is_empty() {
-                        st.server = None;
+                        st.server.fd = None;
                         reap_server = st.server_handle.take();
                         st.finished = true;
                     }
@@ -884,7 +980,6 @@ pub(crate) fn run(shared: Arc<Shared>) {
 
 fn check_timeouts(st: &mut State) {
     let now = Instant::now();
-    let server = st.server.as_ref().map(|f| f.as_raw_fd());
     for w in st.workers.iter_mut() {
         let (Some(d), None) = (w.deadline, &w.kill) else {
             continue;
@@ -901,21 +996,20 @@ fn check_timeouts(st: &mut State) {
             id: f.job.id,
             timeout,
         });
+        // A timed task is alone on its worker: whatever it runs is this task.
+        w.kill_seq = 0;
         log::warn!(
             "procpool: task {} timed out after {timeout:?}; killing worker {}",
             f.job.id,
             w.pid
         );
-        if let Some(s) = server {
-            send_server(s, server::KILL, 0, w.pid as u64);
-        }
     }
 }
 
 fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) {
     let mut buf = [0u8; 64];
     loop {
-        let Some(fd) = st.server.as_ref().map(|f| f.as_raw_fd()) else {
+        let Some(fd) = st.server.raw() else {
             return;
         };
         let (n, mut fds) = match sys::recv_with_fds(fd, &mut buf) {
@@ -932,7 +1026,7 @@ fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) 
             st.fail_all(e, done);
             st.workers.clear();
             st.spawning.clear();
-            st.server = None;
+            st.server.fd = None;
             st.phase = Phase::Terminated;
             shared.cv.notify_all();
             return;
@@ -947,8 +1041,16 @@ fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) 
                     Some(i) => st.spawning.swap_remove(i).1,
                     None => Vec::new(),
                 };
+                let Some(fd) = fds.pop() else {
+                    // Its socket did not arrive (this process is out of fds):
+                    // that worker reads end-of-file and exits; ask again.
+                    log::warn!("procpool: a new worker's socket did not arrive");
+                    st.free_slots.push(slot);
+                    let back = st.request_spawn(held);
+                    done.extend(back);
+                    continue;
+                };
                 done.extend(held);
-                let Some(fd) = fds.pop() else { continue };
                 let _ = sys::set_nonblocking(&fd);
                 log::debug!("procpool: worker {} started", m.a);
                 st.workers.push(Worker {
@@ -968,9 +1070,23 @@ fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) 
                     sent: 0,
                     deadline: None,
                     kill: None,
+                    kill_seq: 0,
+                    kill_sent: false,
                     init_msg: None,
                     held_ns: 0,
                 });
+            }
+            server::KILL_REFUSED => {
+                // The cancelled task had finished before the kill: the
+                // worker goes on.
+                let pid = m.a as u32;
+                if let Some(w) = st.workers.iter_mut().find(|w| w.pid == pid) {
+                    if matches!(w.kill, Some(KillReason::Cancel)) && w.kill_seq == m.b {
+                        w.kill = None;
+                        w.kill_sent = false;
+                        w.kill_seq = 0;
+                    }
+                }
             }
             server::SPAWN_FAILED => {
                 let slot = m.slot as usize;
@@ -979,21 +1095,21 @@ fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) 
                     st.free_slots.push(slot);
                     done.extend(held);
                 }
-                log::warn!(
-                    "procpool: the fork server could not start a worker (errno {})",
-                    m.a
-                );
+                let err = std::io::Error::from_raw_os_error(m.a as i32);
+                log::warn!("procpool: the fork server could not start a worker: {err}");
                 let e = Error::Broken {
-                    reason: format!(
-                        "the fork server could not start a worker: {}",
-                        std::io::Error::from_raw_os_error(m.a as i32)
-                    ),
+                    reason: format!("the fork server could not start a worker: {err}"),
                 };
                 if st.building {
                     st.init_error = Some(e.clone());
+                    st.broken = Some(e);
+                } else if st.workers.is_empty() && st.spawning.is_empty() {
+                    // No worker left to run anything: fail what waits.
+                    st.broken = Some(e);
+                    fail_if_no_workers(st, done);
                 }
-                st.broken = Some(e);
-                fail_if_no_workers(st, done);
+                // Otherwise the pool goes on with a worker fewer; the next
+                // exit asks for replacements again.
                 shared.cv.notify_all();
             }
             server::EXITED => {
@@ -1042,7 +1158,6 @@ fn worker_exited(
     }
     let mut lost = Vec::new();
     let mut requeue = Vec::new();
-    let pool_killed = w.kill.is_some();
     for f in w.in_flight.drain(..) {
         if f.job.cancelled {
             continue;
@@ -1053,17 +1168,14 @@ fn worker_exited(
             continue;
         }
         let mut job = f.job;
-        // A started task may have written its result over its input block
-        // (unless it was told to keep it): it cannot run again.
-        let clobbered = matches!(job.payload, Body::Shm(..)) && job.retries == 0;
         let err = match &w.kill {
             Some(KillReason::Timeout { id, timeout }) if *id == job.id => Some(Error::Timeout {
                 timeout: *timeout,
                 pid: w.pid,
             }),
             Some(KillReason::Error(e)) => Some(e.clone()),
-            // Interrupted by a kill the pool made for another task.
-            _ if pool_killed && !clobbered => None,
+            // A task that started runs again only if it may (its input was
+            // kept for that: KEEP_INPUT).
             _ if job.retries > 0 => {
                 job.retries -= 1;
                 None
@@ -1111,6 +1223,19 @@ fn worker_exited(
         log::debug!("procpool: replacing worker {}", w.pid);
         let back = st.request_spawn(lost);
         done.extend(back);
+        // Also make up for spawns that failed earlier.
+        while st.workers.len() + st.spawning.len() < shared.cfg.processes
+            && !st.free_slots.is_empty()
+        {
+            let back = st.request_spawn(Vec::new());
+            if !back.is_empty() {
+                done.extend(back);
+                break;
+            }
+            if st.server.fd.is_none() {
+                break;
+            }
+        }
     } else {
         done.extend(lost);
         fail_if_no_workers(st, done);

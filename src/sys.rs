@@ -231,10 +231,9 @@ unsafe fn recv_raw(
             Ok(n) => break n,
         }
     };
+    // Fds that did not fit (MSG_CTRUNC, or none at all under EMFILE) are
+    // simply missing: each frame that names one reports its own error.
     take_fds(&msg, fds);
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(io::Error::other("file descriptors were truncated"));
-    }
     Ok(n)
 }
 
@@ -510,12 +509,22 @@ impl Drop for SharedWords {
     }
 }
 
-/// A new anonymous memory file (`memfd_create`), close-on-exec.
+/// A new anonymous memory file (`memfd_create`), close-on-exec, sealed
+/// against shrinking: a mapping of it can never lose pages under it (which
+/// would turn reads into SIGBUS).
 pub(crate) fn memfd() -> io::Result<OwnedFd> {
     // SAFETY: the name is a NUL-terminated static string.
-    let fd = cvt(unsafe { libc::memfd_create(c"procpool".as_ptr(), libc::MFD_CLOEXEC) })?;
+    let fd = cvt(unsafe {
+        libc::memfd_create(
+            c"procpool".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    })?;
     // SAFETY: a fresh fd that we alone own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: fcntl on an open fd with integer arguments.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) })?;
+    Ok(fd)
 }
 
 /// Sets a file's size.
@@ -540,8 +549,12 @@ pub(crate) struct Mapping {
     len: usize,
 }
 
-// SAFETY: the mapping is plain memory; access is coordinated by the pool's
-// protocol (one side at a time touches a block) and by &/&mut on Mapping.
+// SAFETY: the mapping is plain memory. It is shared with another process,
+// and handed out as &[u8]/&mut [u8]: that is sound because the pool's
+// protocol gives a block to one side at a time (the parent writes an
+// argument and does not touch the block until the worker's DONE; the worker
+// writes nothing to it once it has sent DONE), and &/&mut on Mapping order the
+// accesses within this process.
 unsafe impl Send for Mapping {}
 // SAFETY: as above; &Mapping only reads.
 unsafe impl Sync for Mapping {}
@@ -557,8 +570,10 @@ impl Mapping {
             });
         }
         let flags = libc::MAP_SHARED | if populate { libc::MAP_POPULATE } else { 0 };
-        // SAFETY: a fresh shared mapping of an open fd with no address hint;
-        // the kernel checks the length against the file.
+        // SAFETY: a fresh shared mapping of an open fd with no address hint.
+        // The callers map at most the file's length (fstat, or the length
+        // they just set), and every block file is sealed against shrinking
+        // (memfd), so no page of the mapping can vanish under a reader.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),

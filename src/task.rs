@@ -95,13 +95,17 @@ impl TaskFn {
     }
 
     /// Runs the task in this process (a worker).
-    pub(crate) fn call(self, io: &mut Io<'_>) -> u8 {
-        // SAFETY: `tramp` was made by `single`/`chunk` from a value of type
-        // `Trampoline` in this same binary: the process is a fork of the one
-        // that made it (identical image), or an exec of the same executable,
-        // which the MPI backend checks by hash before any task is sent. The
-        // anchor and the trampoline move together under address
-        // randomisation, so base + offset is the trampoline's address here.
+    ///
+    /// # Safety
+    /// `self` must have been made by [`TaskFn::single`] or [`TaskFn::chunk`]
+    /// in a process running this same binary (a fork of this process's
+    /// image, or an exec of the same executable): the offsets are turned
+    /// back into code addresses and called.
+    pub(crate) unsafe fn call(self, io: &mut Io<'_>) -> u8 {
+        // SAFETY: by the caller's promise, `tramp` was made by `single`/`chunk`
+        // from a value of type `Trampoline` in this same binary; the anchor
+        // and the trampoline move together under address randomisation, so
+        // base + offset is the trampoline's address here.
         let t = unsafe { std::mem::transmute::<usize, Trampoline>(from_offset(self.tramp)) };
         t(from_offset(self.func), io)
     }

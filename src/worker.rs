@@ -96,7 +96,10 @@ pub(crate) fn serve(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> 
             out: &mut out,
             spilled: None,
         };
-        let st = init.f.call(&mut io);
+        // SAFETY: the initializer was made by PoolBuilder::initializer
+        // (TaskFn::single) in the process this one was forked from, or in
+        // this same executable on an MPI rank.
+        let st = unsafe { init.f.call(&mut io) };
         if st != status::OK {
             wire::finish(&mut out, at, st);
             let _ = sys::send_all(fd, &out);
@@ -144,11 +147,15 @@ pub(crate) fn serve(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> 
                 }
             }
             if st == status::OK {
-                st = TaskFn {
+                let f = TaskFn {
                     tramp: h.a,
                     func: h.b,
-                }
-                .call(&mut io);
+                };
+                // SAFETY: task frames come only from this worker's parent,
+                // which encodes TaskFn::single/chunk values of this same
+                // binary (a fork of it, or, for MPI, an exec of the same
+                // executable, checked by hash at start-up).
+                st = unsafe { f.call(&mut io) };
             }
             let spilled = io.spilled.take();
             drop(io);

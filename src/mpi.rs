@@ -657,8 +657,18 @@ impl<'c> Root<'c> {
 
     fn reply(&self, kind: u32, slot: u32, a: u64, b: u64, fds: &[i32]) {
         let m = Msg { kind, slot, a, b };
-        // A failure means the supervisor is gone; its end-of-file follows.
-        let _ = sys::send_with_fds(self.server.as_raw_fd(), &m.to_bytes(), fds);
+        // The socket is non-blocking; when it is full, wait for the
+        // supervisor to drain it (it never waits on this thread: its own
+        // requests queue). Another failure means the supervisor is gone;
+        // its end-of-file follows.
+        loop {
+            match sys::send_with_fds(self.server.as_raw_fd(), &m.to_bytes(), fds) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                }
+                _ => break,
+            }
+        }
     }
 
     /// Handles the supervisor's requests. None: it closed the socket.

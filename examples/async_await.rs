@@ -31,9 +31,7 @@ fn sleep_ms(ms: u64) -> u64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // Keep the worker's panic quiet: the error is printed below. (Workers
-    // are forks of this program, so they inherit the hook.)
-    std::panic::set_hook(Box::new(|_| {}));
+    // A task's panic is not printed by its worker; the error is printed below.
     let pool = Pool::builder().processes(4).build()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

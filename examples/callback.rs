@@ -26,17 +26,8 @@ fn thread_name() -> String {
 }
 
 fn main() -> Result<(), Error> {
-    // A task's panic is printed by the panic hook in its worker (and then
-    // reported to the parent as Error::TaskPanicked). Workers are forks of
-    // this program, so a hook set before the pool is built is theirs too:
-    // here, one short line instead of the default message.
-    std::panic::set_hook(Box::new(|info| {
-        let p = info.payload();
-        let message = (p.downcast_ref::<String>().map(String::as_str))
-            .or_else(|| p.downcast_ref::<&str>().copied())
-            .unwrap_or("?");
-        eprintln!("   (worker {} panicked: {message})", std::process::id());
-    }));
+    // A task's panic is not printed by its worker: it comes back to the
+    // parent as Error::TaskPanicked, and the on_error callback prints it.
     let t = Instant::now();
     let pool = Pool::builder().processes(4).build()?;
     // The callbacks send their findings here; the main thread sums them up.

@@ -195,9 +195,18 @@ impl Shared {
         words: Arc<SharedWords>,
         slots: usize,
     ) -> Result<Arc<Shared>, Error> {
-        sys::set_nonblocking(&server)
-            .map_err(|e| Error::io("configuring the fork server socket", e))?;
-        let wake = sys::eventfd().map_err(|e| Error::io("creating an eventfd", e))?;
+        let ready = sys::set_nonblocking(&server)
+            .map_err(|e| Error::io("configuring the fork server socket", e))
+            .and_then(|()| sys::eventfd().map_err(|e| Error::io("creating an eventfd", e)));
+        let wake = match ready {
+            Ok(fd) => fd,
+            Err(e) => {
+                // Closing its socket makes the server exit; reap it.
+                drop(server);
+                handle.wait();
+                return Err(e);
+            }
+        };
         Ok(Arc::new(Shared {
             state: Mutex::new(State {
                 phase: Phase::Running,

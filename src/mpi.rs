@@ -22,10 +22,11 @@
 //!   end, tells the rank to ABANDON the worker, and reports
 //!   EXITED(rank, SIGKILL). The rank serves no more tasks in this run. A
 //!   spare rank, if there is one, replaces it. If there is none, SPAWN
-//!   fails and the pool goes on with fewer workers. The supervisor's shared
-//!   words (which task a worker started) stay 0 while a worker runs. So
-//!   cancelling a running task never asks for a KILL: the task runs to the
-//!   end and its result is dropped.
+//!   fails and the pool goes on with fewer workers. The remote worker cannot
+//!   write the supervisor's shared word (which task a worker started), so
+//!   this thread stores each task's number there as it forwards the task: a
+//!   task handed to a rank counts as started. A KILL for one task (a
+//!   cancel) is refused: the task runs to the end and its result is dropped.
 //! - End-of-file from the supervisor (the pool is finished): the thread tells
 //!   every rank to STOP, waits for each to acknowledge, and finalises MPI.
 //!
@@ -688,6 +689,13 @@ impl<'c> Root<'c> {
             };
             match m.kind {
                 server::SPAWN => self.spawn(m.slot),
+                // A KILL for one task (a cancel) would cost the whole rank:
+                // refuse it, and the task runs to its end (its result is
+                // dropped). A KILL for whatever the rank runs (a timeout)
+                // abandons the rank.
+                server::KILL if m.b != 0 => {
+                    self.reply(server::KILL_REFUSED, m.slot, m.a, m.b, &[]);
+                }
                 server::KILL => self.kill(m.a),
                 _ => {}
             }
@@ -772,6 +780,14 @@ impl<'c> Root<'c> {
         let mut pos = 0;
         while let Some((h, total)) = wire::complete(&s.inbuf[pos..]) {
             let frame = &s.inbuf[pos..pos + total];
+            if h.kind == wire::TASK {
+                // The remote worker cannot write the shared word: a task
+                // handed to its rank counts as started (so its timeout runs,
+                // and it is not silently run again if the rank is lost).
+                self.words
+                    .word(s.slot)
+                    .store(h.seq, std::sync::atomic::Ordering::SeqCst);
+            }
             if h.kind == wire::TASK && h.status & wire::IN_BLOCK != 0 {
                 let len = block_len(&frame[HDR..]).unwrap_or(0);
                 match map_block(s.in_fds.pop_front(), len) {

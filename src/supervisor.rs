@@ -946,7 +946,7 @@ fn run_loop(shared: &Shared) {
             if wf == 2 && pfds[1].revents & !libc::POLLOUT != 0 {
                 server_messages(shared, st, &mut done);
             }
-            check_timeouts(st);
+            check_timeouts(st, &shared.words);
             send_kills(st);
             match st.phase {
                 Phase::Terminated => {
@@ -987,7 +987,7 @@ fn run_loop(shared: &Shared) {
     }
 }
 
-fn check_timeouts(st: &mut State) {
+fn check_timeouts(st: &mut State, words: &SharedWords) {
     let now = Instant::now();
     for w in st.workers.iter_mut() {
         let (Some(d), None) = (w.deadline, &w.kill) else {
@@ -1001,6 +1001,14 @@ fn check_timeouts(st: &mut State) {
             continue;
         };
         let timeout = f.job.timeout.unwrap_or_default();
+        if words.word(w.slot).load(Ordering::SeqCst) < f.seq {
+            // Not started yet (its worker was slow to pick it up): the
+            // timeout counts from the start, so give it its full time again
+            // rather than kill a task that never ran (and requeue it, and
+            // perhaps kill it again).
+            w.deadline = Some(now + timeout);
+            continue;
+        }
         w.kill = Some(KillReason::Timeout {
             id: f.job.id,
             timeout,

@@ -66,7 +66,7 @@ use mpi::traits::*;
 use std::collections::VecDeque;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
@@ -166,8 +166,10 @@ pub(crate) fn build_pool(
     // end of the socket makes the MPI thread stop the ranks and finalise.
     cfg.processes = requested.unwrap_or(workers).min(workers);
     let slots = cfg.processes * 2;
-    let words =
-        Arc::new(SharedWords::new(slots).map_err(|e| Error::io("mapping shared memory", e))?);
+    let words = Arc::new(
+        SharedWords::new(slots * sys::STATUS_WORDS)
+            .map_err(|e| Error::io("mapping shared memory", e))?,
+    );
     let (parent_end, server_end) =
         sys::seqpacket_pair().map_err(|e| Error::io("creating the MPI server socket", e))?;
     setup_tx
@@ -723,9 +725,7 @@ impl<'c> Root<'c> {
                 return;
             }
         };
-        self.words
-            .word(slot as usize)
-            .store(0, std::sync::atomic::Ordering::SeqCst);
+        self.words.status(slot as usize).reset();
         send(self.comm, &mut self.inbox, rank, &[M_START]);
         self.ranks[rank] = RankState::Busy(Box::new(Session {
             slot: slot as usize,
@@ -755,7 +755,8 @@ impl<'c> Root<'c> {
         // The tasks it holds count as started: the one that timed out gets
         // its Timeout, the others go back to the queue.
         self.words
-            .word(s.slot)
+            .status(s.slot)
+            .started
             .store(u64::MAX, std::sync::atomic::Ordering::SeqCst);
         flush(&s.sock, &mut s.out, &mut s.out_pos);
         self.ranks[rank] = RankState::Lost;
@@ -784,8 +785,12 @@ impl<'c> Root<'c> {
                 // The remote worker cannot write the shared word: a task
                 // handed to its rank counts as started (so its timeout runs,
                 // and it is not silently run again if the rank is lost).
-                self.words
-                    .word(s.slot)
+                let status = self.words.status(s.slot);
+                status
+                    .start_ns
+                    .store(sys::monotonic_ns(), std::sync::atomic::Ordering::SeqCst);
+                status
+                    .started
                     .store(h.seq, std::sync::atomic::Ordering::SeqCst);
             }
             if h.kind == wire::TASK && h.status & wire::IN_BLOCK != 0 {
@@ -1063,11 +1068,14 @@ fn start_worker(init: Option<Init>) -> std::io::Result<Local> {
     let thread = std::thread::Builder::new()
         .name("procpool-worker".into())
         .spawn(move || {
-            let started = AtomicU64::new(0);
+            // This rank's own status words (rank 0 keeps its own copy).
+            let Ok(words) = sys::SharedWords::new(sys::STATUS_WORDS) else {
+                return 1;
+            };
             // Tasks run under catch_unwind already; this catches a panic of
             // the loop itself, which must not unwind into MPI.
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                worker::serve(theirs, &started, init.as_ref())
+                worker::serve(theirs, words.status(0), init.as_ref())
             }));
             match r {
                 Ok(Ok(())) | Ok(Err(Stop::Gone)) => 0,

@@ -346,7 +346,8 @@ impl PoolBuilder {
         }
         let slots = processes * 2;
         let words = Arc::new(
-            sys::SharedWords::new(slots).map_err(|e| Error::io("mapping shared memory", e))?,
+            sys::SharedWords::new(slots * sys::STATUS_WORDS)
+                .map_err(|e| Error::io("mapping shared memory", e))?,
         );
         let (parent_end, server_end) =
             sys::seqpacket_pair().map_err(|e| Error::io("creating the fork server socket", e))?;
@@ -468,7 +469,7 @@ impl Pool {
             .name("procpool-supervisor".into())
             .spawn(move || supervisor::run(s2))
             .map_err(|e| {
-                shared.terminate();
+                shared.abandon();
                 Error::io("starting the supervisor thread", e)
             })?;
         let pool = Pool {

@@ -382,10 +382,11 @@ impl<R: DeserializeOwned + 'static> AsyncResult<R> {
         decode_payload(self.slot.take())
     }
 
-    /// Cancels the task: a task still queued is removed; a task running in a
-    /// worker has its worker killed (and replaced). The result then resolves
-    /// with [`Error::Cancelled`]. Returns false if the task had already
-    /// finished (or the pool is gone).
+    /// Cancels the task: a task still queued is removed; a task that a
+    /// worker runs, or starts later, has its worker killed (and replaced).
+    /// The result then resolves with [`Error::Cancelled`], even if the task
+    /// had finished but its value had not reached this process yet.
+    /// Returns false if the result had already arrived (or the pool is gone).
     pub fn cancel(&self) -> bool {
         match self.pool.upgrade() {
             Some(p) => p.cancel(&[self.slot.id]),

@@ -160,15 +160,12 @@ pub(crate) fn run(sock: OwnedFd, spec: &Spec) -> ! {
                 },
                 KILL => {
                     let pid = m.a as libc::pid_t;
-                    let running = m.b == 0
-                        || spec
-                            .words
-                            .word(m.slot as usize)
-                            .load(std::sync::atomic::Ordering::SeqCst)
-                            == m.b;
-                    if live.contains(&pid) && running {
+                    if !live.contains(&pid) {
+                        continue;
+                    }
+                    if m.b == 0 || still_running(pid, spec.words.status(m.slot as usize), m.b) {
                         sys::kill(pid, libc::SIGKILL);
-                    } else if live.contains(&pid) {
+                    } else {
                         let reply = Msg {
                             kind: KILL_REFUSED,
                             slot: m.slot,
@@ -197,9 +194,7 @@ fn spawn(
     let (parent_end, worker_end) = sys::stream_pair()?;
     sys::set_socket_buffers(&parent_end, spec.sock_buf);
     sys::set_socket_buffers(&worker_end, spec.sock_buf);
-    spec.words
-        .word(slot as usize)
-        .store(0, std::sync::atomic::Ordering::SeqCst);
+    spec.words.status(slot as usize).reset();
     match sys::fork()? {
         sys::Forked::Child => {
             // Of the server's own fds, keep only this worker's end (the
@@ -213,12 +208,32 @@ fn spawn(
             }
             worker::run(
                 worker_end,
-                spec.words.word(slot as usize),
+                spec.words.status(slot as usize),
                 spec.init.as_ref(),
             )
         }
         sys::Forked::Parent(pid) => Ok((pid, parent_end)),
     }
+}
+
+/// Whether worker `pid` runs task `seq`, checked with the worker stopped
+/// (SIGSTOP, then wait until it has stopped), so that it cannot move on to
+/// its next task between the check and the kill. Resumes it (SIGCONT) if
+/// it does not run that task. A worker that exits meanwhile is left for the
+/// SIGCHLD loop to reap (waitid with WNOWAIT leaves it unreaped).
+fn still_running(pid: libc::pid_t, status: sys::Status<'_>, seq: u64) -> bool {
+    if !status.running(seq) {
+        return false;
+    }
+    sys::kill(pid, libc::SIGSTOP);
+    if !sys::wait_stopped(pid) {
+        return false;
+    }
+    let running = status.running(seq);
+    if !running {
+        sys::kill(pid, libc::SIGCONT);
+    }
+    running
 }
 
 /// The parent is gone or asked us to stop: kill and reap every worker, exit.

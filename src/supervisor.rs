@@ -143,6 +143,9 @@ struct Worker {
     /// runs it; 0: whatever it runs), and whether the server was asked.
     kill_seq: u64,
     kill_sent: bool,
+    /// Cancelled tasks it holds that had not started when cancelled: each
+    /// is killed if it starts before it would finish (checked every ms).
+    cancels: Vec<u64>,
     init_msg: Option<String>,
     /// The estimated work (ns) of the tasks it holds.
     held_ns: u64,
@@ -337,7 +340,8 @@ impl Shared {
             }
             st.queue = kept;
             for w in st.workers.iter_mut() {
-                let started = self.words.word(w.slot).load(Ordering::SeqCst);
+                let status = self.words.status(w.slot);
+                let mut run = None;
                 for f in w.in_flight.iter_mut() {
                     if f.job.cancelled || !ids.contains(&f.job.id) {
                         continue;
@@ -345,16 +349,26 @@ impl Shared {
                     f.job.cancelled = true;
                     let hook = std::mem::replace(&mut f.job.hook, Hook::None);
                     done.push((f.job.slot.clone(), hook, Err(Error::Cancelled)));
-                    // Running now: kill its worker (the server checks that it
-                    // still runs this task). Finished already, or not yet
-                    // started: its result will be dropped.
-                    if f.seq == started && w.kill.is_none() {
-                        w.kill = Some(KillReason::Cancel);
-                        w.kill_seq = f.seq;
+                    // Running now: kill its worker (the server checks, with
+                    // the worker stopped, that it still runs this task). Not
+                    // started yet: watch for its start. Finished: its result
+                    // is dropped when it arrives.
+                    if status.running(f.seq) {
+                        run = Some(f.seq);
+                    } else if status.started.load(Ordering::SeqCst) < f.seq {
+                        w.cancels.push(f.seq);
                     }
+                }
+                if let (Some(seq), None) = (run, &w.kill) {
+                    set_kill(w, KillReason::Cancel, seq);
                 }
             }
             send_kills(st);
+            if !st.server.out.is_empty() || st.workers.iter().any(|w| !w.cancels.is_empty()) {
+                // The supervisor must send what is queued, and watch the
+                // pending cancels.
+                self.wake();
+            }
         }
         let any = !done.is_empty();
         self.run_completions(done);
@@ -392,6 +406,25 @@ impl Shared {
         self.cv.notify_all();
         self.run_completions(done);
         self.wake();
+    }
+
+    /// Gives up on a pool whose supervisor thread could not start: fails
+    /// everything, closes the server's socket and reaps the server.
+    pub(crate) fn abandon(&self) {
+        let mut done = Vec::new();
+        let handle = {
+            let mut st = self.lock();
+            st.phase = Phase::Terminated;
+            st.fail_all(Error::Terminated, &mut done);
+            st.workers.clear();
+            st.server.fd = None;
+            st.finished = true;
+            st.server_handle.take()
+        };
+        self.run_completions(done);
+        if let Some(h) = handle {
+            h.wait();
+        }
     }
 
     pub(crate) fn phase(&self) -> Phase {
@@ -449,6 +482,15 @@ impl Link {
         }
         false
     }
+}
+
+/// Marks a worker for a kill (sent by `send_kills`). A kill for a reason
+/// other than a cancel is unconditional and replaces a cancel's, which the
+/// server may refuse.
+fn set_kill(w: &mut Worker, reason: KillReason, seq: u64) {
+    w.kill = Some(reason);
+    w.kill_seq = seq;
+    w.kill_sent = false;
 }
 
 /// Asks the server to SIGKILL every worker the pool has marked for a kill
@@ -670,11 +712,25 @@ fn read_worker(
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == std::io::ErrorKind::OutOfMemory => {
                 // A result larger than this process can hold.
-                w.kill = Some(KillReason::Error(Error::TooLarge { len: need }));
+                set_kill(w, KillReason::Error(Error::TooLarge { len: need }), 0);
                 w.eof = true;
                 break;
             }
-            Err(_) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                ) =>
+            {
+                // It died (with bytes of ours unread); its exit report follows.
+                w.eof = true;
+                break;
+            }
+            Err(e) => {
+                // Its stream can no longer be trusted (fds lost, say): make
+                // sure it dies.
+                let e = Error::io("reading from a worker", e);
+                set_kill(w, KillReason::Error(e), 0);
                 w.eof = true;
                 break;
             }
@@ -790,9 +846,10 @@ fn parse_frames(
                         }
                     }
                     _ => {
-                        w.kill = Some(KillReason::Error(Error::Broken {
+                        let e = Error::Broken {
                             reason: format!("worker {} answered a task it was not given", w.pid),
-                        }));
+                        };
+                        set_kill(w, KillReason::Error(e), 0);
                     }
                 }
                 if w.in_flight.is_empty() {
@@ -893,6 +950,10 @@ fn run_loop(shared: &Shared) {
                 if let (Some(d), None) = (w.deadline, &w.kill) {
                     next = Some(next.map_or(d, |n: Instant| n.min(d)));
                 }
+                if !w.cancels.is_empty() && w.kill.is_none() {
+                    let d = now + RECHECK;
+                    next = Some(next.map_or(d, |n: Instant| n.min(d)));
+                }
             }
             timeout_ms = match next {
                 None => -1,
@@ -946,7 +1007,7 @@ fn run_loop(shared: &Shared) {
             if wf == 2 && pfds[1].revents & !libc::POLLOUT != 0 {
                 server_messages(shared, st, &mut done);
             }
-            check_timeouts(st, &shared.words);
+            check_clocks(st, &shared.words);
             send_kills(st);
             match st.phase {
                 Phase::Terminated => {
@@ -987,37 +1048,68 @@ fn run_loop(shared: &Shared) {
     }
 }
 
-fn check_timeouts(st: &mut State, words: &SharedWords) {
+/// How often a task not yet started is looked at again (a timed task, to
+/// start its clock; a cancelled one, to kill it if it starts).
+const RECHECK: Duration = Duration::from_millis(1);
+
+/// Timeouts and pending cancels. A timeout counts from the moment the
+/// worker started the task (the start time it stored in shared memory).
+fn check_clocks(st: &mut State, words: &SharedWords) {
     let now = Instant::now();
+    let now_ns = sys::monotonic_ns();
     for w in st.workers.iter_mut() {
-        let (Some(d), None) = (w.deadline, &w.kill) else {
+        if w.kill.is_some() {
+            continue;
+        }
+        let status = words.status(w.slot);
+        if !w.cancels.is_empty() {
+            let started = status.started.load(Ordering::SeqCst);
+            let mut run = None;
+            w.cancels.retain(|&seq| {
+                if status.running(seq) {
+                    run = Some(seq);
+                    false
+                } else {
+                    // Still waiting to start (past it: it ran and finished).
+                    started < seq
+                }
+            });
+            if let Some(seq) = run {
+                set_kill(w, KillReason::Cancel, seq);
+                continue;
+            }
+        }
+        let Some(d) = w.deadline else {
             continue;
         };
         if d > now {
             continue;
         }
-        let Some(f) = w.in_flight.front() else {
+        let Some((seq, id, timeout)) = w
+            .in_flight
+            .front()
+            .map(|f| (f.seq, f.job.id, f.job.timeout.unwrap_or_default()))
+        else {
             w.deadline = None;
             continue;
         };
-        let timeout = f.job.timeout.unwrap_or_default();
-        if words.word(w.slot).load(Ordering::SeqCst) < f.seq {
-            // Not started yet (its worker was slow to pick it up): the
-            // timeout counts from the start, so give it its full time again
-            // rather than kill a task that never ran (and requeue it, and
-            // perhaps kill it again).
-            w.deadline = Some(now + timeout);
+        if status.started.load(Ordering::SeqCst) < seq {
+            // Not started yet: look again soon.
+            w.deadline = Some(now + RECHECK);
             continue;
         }
-        w.kill = Some(KillReason::Timeout {
-            id: f.job.id,
-            timeout,
-        });
-        // A timed task is alone on its worker: whatever it runs is this task.
-        w.kill_seq = 0;
+        let start = status.start_ns.load(Ordering::SeqCst);
+        let ran = Duration::from_nanos(now_ns.saturating_sub(start));
+        if ran < timeout {
+            w.deadline = Some(now + (timeout - ran));
+            continue;
+        }
+        // A timed task is alone on its worker: whatever it runs is this task
+        // (or it has just finished, and its result is read before the exit
+        // is handled).
+        set_kill(w, KillReason::Timeout { id, timeout }, 0);
         log::warn!(
-            "procpool: task {} timed out after {timeout:?}; killing worker {}",
-            f.job.id,
+            "procpool: task {id} timed out after {timeout:?}; killing worker {}",
             w.pid
         );
     }
@@ -1060,11 +1152,13 @@ fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) 
                 };
                 let Some(fd) = fds.pop() else {
                     // Its socket did not arrive (this process is out of fds):
-                    // that worker reads end-of-file and exits; ask again.
+                    // that worker reads end-of-file and exits. Not asked for
+                    // again at once (that could loop as fast as fork): the
+                    // next exit makes up the count.
                     log::warn!("procpool: a new worker's socket did not arrive");
                     st.free_slots.push(slot);
-                    let back = st.request_spawn(held);
-                    done.extend(back);
+                    done.extend(held);
+                    fail_if_no_workers(st, done);
                     continue;
                 };
                 done.extend(held);
@@ -1089,6 +1183,7 @@ fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) 
                     kill: None,
                     kill_seq: 0,
                     kill_sent: false,
+                    cancels: Vec::new(),
                     init_msg: None,
                     held_ns: 0,
                 });
@@ -1163,7 +1258,7 @@ fn worker_exited(
     let mut ready = st.ready;
     read_worker(&mut w, &mut ready, &mut st.est, &shared.blocks, done);
     st.ready = ready;
-    let started = shared.words.word(w.slot).load(Ordering::SeqCst);
+    let started = shared.words.status(w.slot).started.load(Ordering::SeqCst);
     if w.in_flight.is_empty() && w.kill.is_none() {
         log::debug!("procpool: worker {} exited ({status})", w.pid);
     } else if w.kill.is_none() {

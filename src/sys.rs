@@ -194,13 +194,16 @@ pub(crate) fn send_with_fds(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Res
 /// close-on-exec). Returns the byte count (0 is end-of-file) and the fds.
 pub(crate) fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
     let mut fds = std::collections::VecDeque::new();
+    // A datagram whose fd was lost is delivered without it: its handler
+    // copes with a missing fd.
     // SAFETY: buf is valid for writes of buf.len() bytes.
-    let n = unsafe { recv_raw(sock, buf.as_mut_ptr(), buf.len(), &mut fds)? };
+    let (n, _lost) = unsafe { recv_raw(sock, buf.as_mut_ptr(), buf.len(), &mut fds)? };
     Ok((n, fds.into()))
 }
 
 /// `recvmsg` of at most `len` bytes into `ptr`, retrying on `EINTR`; fds
-/// that arrive are appended to `fds` (made close-on-exec).
+/// that arrive are appended to `fds` (made close-on-exec). Returns the byte
+/// count and whether fds were lost (`MSG_CTRUNC`: EMFILE, or too many).
 ///
 /// # Safety
 /// `ptr` must be valid for writes of `len` bytes.
@@ -209,7 +212,7 @@ unsafe fn recv_raw(
     ptr: *mut u8,
     len: usize,
     fds: &mut std::collections::VecDeque<OwnedFd>,
-) -> io::Result<usize> {
+) -> io::Result<(usize, bool)> {
     let mut iov = libc::iovec {
         iov_base: ptr.cast(),
         iov_len: len,
@@ -231,10 +234,8 @@ unsafe fn recv_raw(
             Ok(n) => break n,
         }
     };
-    // Fds that did not fit (MSG_CTRUNC, or none at all under EMFILE) are
-    // simply missing: each frame that names one reports its own error.
     take_fds(&msg, fds);
-    Ok(n)
+    Ok((n, msg.msg_flags & libc::MSG_CTRUNC != 0))
 }
 
 /// Takes ownership of the fds that `recvmsg` delivered into `msg`'s
@@ -341,6 +342,32 @@ fn close_range(first: u32, last: u32) {
 pub(crate) fn kill(pid: libc::pid_t, sig: libc::c_int) {
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(pid, sig) };
+}
+
+/// Waits until child `pid` has stopped (after a SIGSTOP), without reaping
+/// it if it exits instead; returns whether it stopped.
+pub(crate) fn wait_stopped(pid: libc::pid_t) -> bool {
+    loop {
+        // SAFETY: info is a plain-data out-parameter for waitid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid id type, pid and out-pointer. WNOWAIT leaves the
+        // child waitable: an exit is still reaped by the SIGCHLD loop.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                pid as libc::id_t,
+                &mut info,
+                libc::WSTOPPED | libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        if r == -1 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return false;
+        }
+        return info.si_code == libc::CLD_STOPPED;
+    }
 }
 
 /// Reaps any exited child without blocking: `(pid, raw wait status)`.
@@ -457,6 +484,46 @@ pub(crate) fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usiz
     }
 }
 
+/// How many words each worker slot has in [`SharedWords`].
+pub(crate) const STATUS_WORDS: usize = 4;
+
+/// What a worker says of itself, in memory its parent reads: the sequence
+/// number of the task it started last, when it started it (CLOCK_MONOTONIC
+/// nanoseconds, the clock of `Instant`), and the sequence number of the
+/// last task whose result it has written. A task is running while
+/// `started == seq && finished < seq`.
+#[derive(Clone, Copy)]
+pub(crate) struct Status<'a> {
+    pub(crate) started: &'a AtomicU64,
+    pub(crate) start_ns: &'a AtomicU64,
+    pub(crate) finished: &'a AtomicU64,
+}
+
+impl Status<'_> {
+    /// Zeroes the words (for a new worker in the slot).
+    pub(crate) fn reset(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.started.store(0, SeqCst);
+        self.start_ns.store(0, SeqCst);
+        self.finished.store(0, SeqCst);
+    }
+
+    /// Whether task `seq` is running now.
+    pub(crate) fn running(&self, seq: u64) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.started.load(SeqCst) == seq && self.finished.load(SeqCst) < seq
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (the clock `Instant` reads on Linux).
+pub(crate) fn monotonic_ns() -> u64 {
+    // SAFETY: ts is a plain-data out-parameter for clock_gettime.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid clock id and a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// A region of memory shared with every process forked after it was made
 /// (`MAP_SHARED | MAP_ANONYMOUS`), seen as an array of `AtomicU64`.
 pub(crate) struct SharedWords {
@@ -490,8 +557,17 @@ impl SharedWords {
         Ok(SharedWords { ptr: p.cast(), len })
     }
 
+    /// The status words of worker slot `slot`.
+    pub(crate) fn status(&self, slot: usize) -> Status<'_> {
+        Status {
+            started: self.word(slot * STATUS_WORDS),
+            start_ns: self.word(slot * STATUS_WORDS + 1),
+            finished: self.word(slot * STATUS_WORDS + 2),
+        }
+    }
+
     /// Word `i`.
-    pub(crate) fn word(&self, i: usize) -> &AtomicU64 {
+    fn word(&self, i: usize) -> &AtomicU64 {
         assert!(i < self.len);
         // SAFETY: i < len and the mapping holds len zero-initialised,
         // 8-aligned u64s (page aligned); AtomicU64 has u64's layout, and the
@@ -669,9 +745,16 @@ pub(crate) fn recv_append(
     let want = spare.min(max.max(1));
     // SAFETY: [len, len + want) lies within buf's allocation (want <= spare
     // capacity), so the pointer is valid for writes of `want` bytes.
-    let n = unsafe { recv_raw(sock, buf.as_mut_ptr().add(buf.len()), want, fds)? };
+    let (n, lost) = unsafe { recv_raw(sock, buf.as_mut_ptr().add(buf.len()), want, fds)? };
     // SAFETY: recvmsg initialised exactly n <= want bytes past len.
     unsafe { buf.set_len(buf.len() + n) };
+    if lost {
+        // The frames that name the lost fds would take the wrong ones: the
+        // stream cannot be trusted any more.
+        return Err(io::Error::other(
+            "file descriptors sent with the stream were lost",
+        ));
+    }
     Ok(n)
 }
 

@@ -18,11 +18,12 @@
 use crate::server::Init;
 use crate::shm::Block;
 use crate::sys;
+use crate::sys::Status;
 use crate::task::{Io, TaskFn, status};
 use crate::wire::{self, HDR, Header};
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 const READ_CHUNK: usize = 256 << 10;
@@ -62,8 +63,8 @@ pub(crate) fn install_panic_hook() {
 }
 
 /// Runs the worker in this (forked) process; never returns.
-pub(crate) fn run(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> ! {
-    let code = match serve(sock, started, init) {
+pub(crate) fn run(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> ! {
+    let code = match serve(sock, status, init) {
         Ok(()) => 0,
         Err(Stop::InitFailed) => 1,
         Err(Stop::Gone) => 0,
@@ -83,7 +84,7 @@ pub(crate) enum Stop {
 /// Serves tasks from `sock` until the parent closes it (`Ok`). A worker
 /// process exits when this returns; another transport (an MPI rank) may
 /// clean up first.
-pub(crate) fn serve(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> Result<(), Stop> {
+pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> Result<(), Stop> {
     let fd = sock.as_raw_fd();
     let mut out: Vec<u8> = Vec::with_capacity(64 << 10);
     if let Some(init) = init {
@@ -122,7 +123,8 @@ pub(crate) fn serve(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> 
             if h.kind != wire::TASK {
                 continue;
             }
-            started.store(h.seq, Ordering::SeqCst);
+            status.start_ns.store(sys::monotonic_ns(), Ordering::SeqCst);
+            status.started.store(h.seq, Ordering::SeqCst);
             let t0 = Instant::now();
             let at = Header::new(wire::DONE, h.seq, 0, 0).begin(&mut out);
             let mut io = Io {
@@ -193,6 +195,7 @@ pub(crate) fn serve(sock: OwnedFd, started: &AtomicU64, init: Option<&Init>) -> 
             }
             // Out before the next task starts (see the module comment).
             flush(fd, &mut out)?;
+            status.finished.store(h.seq, Ordering::SeqCst);
         }
         // Keep the partial frame, if any, at the front of the buffer.
         inbuf.drain(..pos);

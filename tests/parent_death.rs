@@ -14,9 +14,9 @@ const TAG: &str = "PROCPOOL-PIDS";
 const WORKERS: usize = 3;
 
 /// Not a test of its own: the body of the helper process that
-/// `pool_processes_die_with_their_owner` starts. Without the environment
-/// variable it passes at once.
+/// `pool_processes_die_with_their_owner` starts (with `--ignored`).
 #[test]
+#[ignore = "the helper process of pool_processes_die_with_their_owner"]
 fn parent_death_helper() {
     if std::env::var_os(HELPER_ENV).is_none() {
         return;
@@ -59,7 +59,13 @@ fn dead(pid: u32) -> bool {
 fn pool_processes_die_with_their_owner() {
     let exe = std::env::current_exe().expect("current_exe");
     let mut child = Command::new(exe)
-        .args([HELPER, "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            HELPER,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(HELPER_ENV, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

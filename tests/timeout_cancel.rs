@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-const SHORT: Duration = Duration::from_millis(200);
+/// Long enough that a fast task never reaches it, even on a loaded machine.
+const SHORT: Duration = Duration::from_millis(1000);
 /// A timeout no task here comes near: it must not fire.
 const LONG: Duration = Duration::from_secs(30);
 
@@ -376,5 +377,56 @@ fn retries_run_a_task_at_most_one_plus_retries_times() {
     let pids: Vec<&str> = attempts.lines().collect();
     assert_eq!(pids.len(), 3, "attempts (one per line, by pid): {pids:?}");
     assert_eq!(pool.worker_pids().len(), 2);
+    serves(&pool);
+}
+
+/// A task that waits (bounded) for a gate file, then writes a marker.
+fn finish_after_gate((gate, marker): (String, String)) -> u64 {
+    let end = std::time::Instant::now() + LONG;
+    while !std::path::Path::new(&gate).exists() && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::fs::write(&marker, b"ran to the end").unwrap();
+    1
+}
+
+/// A task cancelled right after it was handed to an idle worker (sent, not
+/// yet started) must not run to its end: it is killed once it starts.
+#[test]
+fn cancel_a_task_sent_but_not_yet_started() {
+    let pool = pool(1);
+    serves(&pool);
+    let gate = TempPath::new("sent-gate");
+    let marker = TempPath::new("sent-marker");
+    let r = pool
+        .apply_async(finish_after_gate, (gate.string(), marker.string()))
+        .unwrap();
+    assert!(r.cancel());
+    assert!(matches!(r.get(), Err(Error::Cancelled)));
+    // Were the task still running, the open gate would let it finish (and
+    // write its marker) before the worker could take the next task.
+    gate.create();
+    assert_eq!(pool.apply(double, 21).unwrap(), 42);
+    assert!(!marker.exists(), "the cancelled task ran to its end");
+}
+
+/// A timeout counts from the task's start, not from when it was sent: a
+/// task that waits for its worker longer than its timeout, then runs well
+/// within it, succeeds.
+#[test]
+fn a_timeout_counts_from_the_start_of_the_task() {
+    let pool = pool(1);
+    serves(&pool);
+    let pid = pool.worker_pids()[0];
+    // SAFETY: kill with a pid of this pool's own worker.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+    let r = pool
+        .apply_async_with(nap_ms, 100, TaskOptions::new().timeout(SHORT))
+        .unwrap();
+    // The worker cannot start it while stopped: longer than the timeout.
+    std::thread::sleep(SHORT + Duration::from_millis(500));
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGCONT) }, 0);
+    assert_eq!(r.get().unwrap(), 100);
     serves(&pool);
 }

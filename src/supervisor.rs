@@ -349,14 +349,23 @@ impl Shared {
                     f.job.cancelled = true;
                     let hook = std::mem::replace(&mut f.job.hook, Hook::None);
                     done.push((f.job.slot.clone(), hook, Err(Error::Cancelled)));
+                    // Not started yet: tell the worker to skip it, through
+                    // the one `skip` word if it is free (the worker stores
+                    // `started` then reads `skip`; this thread stores `skip`
+                    // then reads `started`: if it reads an earlier task, the
+                    // worker will see the skip). Else watch for its start.
                     // Running now: kill its worker (the server checks, with
-                    // the worker stopped, that it still runs this task). Not
-                    // started yet: watch for its start. Finished: its result
-                    // is dropped when it arrives.
+                    // the worker stopped, that it still runs this task).
+                    // Finished: its result is dropped when it arrives.
+                    let started = status.started.load(Ordering::SeqCst);
+                    if started < f.seq && status.skip.load(Ordering::SeqCst) <= started {
+                        status.skip.store(f.seq, Ordering::SeqCst);
+                    } else if started < f.seq {
+                        w.cancels.push(f.seq);
+                        continue;
+                    }
                     if status.running(f.seq) {
                         run = Some(f.seq);
-                    } else if status.started.load(Ordering::SeqCst) < f.seq {
-                        w.cancels.push(f.seq);
                     }
                 }
                 if let (Some(seq), None) = (run, &w.kill) {

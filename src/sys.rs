@@ -489,14 +489,18 @@ pub(crate) const STATUS_WORDS: usize = 4;
 
 /// What a worker says of itself, in memory its parent reads: the sequence
 /// number of the task it started last, when it started it (CLOCK_MONOTONIC
-/// nanoseconds, the clock of `Instant`), and the sequence number of the
-/// last task whose result it has written. A task is running while
+/// nanoseconds, the clock of `Instant`), the sequence number of the last
+/// task whose result it has written, and (written by the parent) a task to
+/// skip. A task is running while
 /// `started == seq && finished < seq`.
 #[derive(Clone, Copy)]
 pub(crate) struct Status<'a> {
     pub(crate) started: &'a AtomicU64,
     pub(crate) start_ns: &'a AtomicU64,
     pub(crate) finished: &'a AtomicU64,
+    /// Written by the parent: a task the worker must skip (cancelled before
+    /// it started).
+    pub(crate) skip: &'a AtomicU64,
 }
 
 impl Status<'_> {
@@ -506,6 +510,7 @@ impl Status<'_> {
         self.started.store(0, SeqCst);
         self.start_ns.store(0, SeqCst);
         self.finished.store(0, SeqCst);
+        self.skip.store(0, SeqCst);
     }
 
     /// Whether task `seq` is running now.
@@ -563,6 +568,7 @@ impl SharedWords {
             started: self.word(slot * STATUS_WORDS),
             start_ns: self.word(slot * STATUS_WORDS + 1),
             finished: self.word(slot * STATUS_WORDS + 2),
+            skip: self.word(slot * STATUS_WORDS + 3),
         }
     }
 

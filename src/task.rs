@@ -22,6 +22,8 @@ pub(crate) mod status {
     pub(crate) const ENCODE: u8 = 2;
     /// The argument could not be decoded; the body is the encoded message.
     pub(crate) const DECODE: u8 = 3;
+    /// The task was cancelled before it started and did not run.
+    pub(crate) const CANCELLED: u8 = 4;
 }
 
 /// Runs a task: decodes the input, calls the function, writes the encoded
@@ -329,6 +331,7 @@ pub(crate) fn status_error(st: u8, message: String) -> crate::Error {
             what: "argument",
             source: CodecError::new(message),
         },
+        status::CANCELLED => crate::Error::Cancelled,
         _ => crate::Error::Broken {
             reason: format!("a worker sent an unknown status {st}: {message}"),
         },

@@ -136,7 +136,14 @@ pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> R
                 spilled: None,
             };
             let mut st = status::OK;
-            if h.status & wire::IN_BLOCK != 0 {
+            // Cancelled before it started: skip it. (The parent writes
+            // `skip` before it reads `started`, this process the other way
+            // round: one of the two sees the other's write, so a task is
+            // either skipped here or killed there once it runs.)
+            if status.skip.load(Ordering::SeqCst) == h.seq {
+                let _ = crate::codec::encode_into("cancelled", io.out);
+                st = status::CANCELLED;
+            } else if h.status & wire::IN_BLOCK != 0 {
                 match in_block(body, fds.pop_front()) {
                     Ok(b) => {
                         io.input = &[];

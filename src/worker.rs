@@ -136,6 +136,9 @@ pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> R
                 spilled: None,
             };
             let mut st = status::OK;
+            // The fd of an input block is taken whatever happens next, so
+            // that the next frame's fd stays paired with its frame.
+            let block_fd = (h.status & wire::IN_BLOCK != 0).then(|| fds.pop_front());
             // Cancelled before it started: skip it. (The parent writes
             // `skip` before it reads `started`, this process the other way
             // round: one of the two sees the other's write, so a task is
@@ -143,8 +146,8 @@ pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> R
             if status.skip.load(Ordering::SeqCst) == h.seq {
                 let _ = crate::codec::encode_into("cancelled", io.out);
                 st = status::CANCELLED;
-            } else if h.status & wire::IN_BLOCK != 0 {
-                match in_block(body, fds.pop_front()) {
+            } else if let Some(fd) = block_fd {
+                match in_block(body, fd) {
                     Ok(b) => {
                         io.input = &[];
                         io.block = Some(b);

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::Gate;
+use common::{Gate, pool};
 
 use procpool::{AsyncResult, Error, MapResult, Pool};
 use serde::{Deserialize, Serialize};
@@ -12,13 +12,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
-
-fn pool(n: usize) -> Pool {
-    Pool::builder()
-        .processes(n)
-        .build()
-        .expect("building the pool")
-}
 
 // ---- a gate: a task that waits for a file, opened by the test -------------
 

@@ -5,9 +5,9 @@
 
 mod common;
 
-use common::Gate;
+use common::{Gate, pool};
 
-use procpool::{Error, MapOptions, Pool, TaskOptions};
+use procpool::{Error, MapOptions, TaskOptions};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
@@ -16,13 +16,6 @@ use std::time::Duration;
 
 /// Generous: only there so that a bug fails the test instead of hanging it.
 const BOUND: Duration = Duration::from_secs(30);
-
-fn pool(n: usize) -> Pool {
-    Pool::builder()
-        .processes(n)
-        .build()
-        .expect("building the pool")
-}
 
 fn square(x: u64) -> u64 {
     x * x

@@ -5,19 +5,14 @@
 
 mod common;
 
+use common::pool;
+
 use procpool::{Error, MapOptions, Pool};
 use serde::de::Error as _;
 use serde::ser::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::HashSet;
 use std::time::Duration;
-
-fn pool(n: usize) -> Pool {
-    Pool::builder()
-        .processes(n)
-        .build()
-        .expect("building the pool")
-}
 
 fn inc(x: u64) -> u64 {
     x + 1

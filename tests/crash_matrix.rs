@@ -10,62 +10,17 @@
 
 mod common;
 
+use common::{TempPath, write_pid};
+
 use procpool::{Error, Pool};
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 const WORKERS: usize = 2;
 const PANIC_TEXT: &str = "crash-matrix deliberate panic";
-
-/// A file under the temp dir with a name unique to this process and call;
-/// removed (with its `.tmp` sibling) on drop.
-struct TempPath(PathBuf);
-
-impl TempPath {
-    fn new(tag: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let p =
-            std::env::temp_dir().join(format!("procpool-crash-{tag}-{}-{n}", std::process::id()));
-        let t = TempPath(p);
-        t.clean();
-        t
-    }
-
-    fn string(&self) -> String {
-        self.0.to_str().expect("utf-8 temp path").to_string()
-    }
-
-    fn clean(&self) {
-        let _ = std::fs::remove_file(&self.0);
-        let _ = std::fs::remove_file(tmp_of(&self.0.to_string_lossy()));
-    }
-}
-
-impl Drop for TempPath {
-    fn drop(&mut self) {
-        self.clean();
-    }
-}
-
-fn tmp_of(path: &str) -> String {
-    format!("{path}.tmp")
-}
-
-/// Writes this process's pid into `path` atomically (write, then rename).
-fn write_pid(path: &str) {
-    let tmp = tmp_of(path);
-    std::fs::write(&tmp, std::process::id().to_string()).expect("writing the marker");
-    std::fs::rename(&tmp, path).expect("renaming the marker");
-}
-
-fn read_pid(path: &TempPath) -> Option<u32> {
-    std::fs::read_to_string(&path.0).ok()?.trim().parse().ok()
-}
 
 fn sigkill(pid: u32) {
     // SAFETY: kill has no memory-safety preconditions; the pid is a live
@@ -220,10 +175,10 @@ fn run_case(mode: Mode, phase: Phase) {
     let r = pool.apply_async(crash_task, Arg(spec)).unwrap();
     if mode == Mode::Sigkill {
         assert!(
-            common::eventually(|| read_pid(&marker).is_some()),
+            common::eventually(|| marker.read_pid().is_some()),
             "the task never reached the {phase:?} phase"
         );
-        let pid = read_pid(&marker).unwrap();
+        let pid = marker.read_pid().unwrap();
         assert!(
             pool.worker_pids().contains(&pid),
             "the task ran in {pid}, not one of the pool's workers {:?}",
@@ -245,7 +200,9 @@ fn run_case(mode: Mode, phase: Phase) {
         WORKERS,
         "worker count right after the error ({res:?}): {after:?}"
     );
-    let worker = read_pid(&marker).expect("the task wrote its pid before failing");
+    let worker = marker
+        .read_pid()
+        .expect("the task wrote its pid before failing");
     assert!(
         before.contains(&worker),
         "{worker} was not a worker: {before:?}"

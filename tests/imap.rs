@@ -3,7 +3,9 @@
 
 mod common;
 
-use procpool::{Error, MapOptions, Pool};
+use common::pool;
+
+use procpool::{Error, MapOptions};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,13 +14,6 @@ use std::time::Duration;
 
 /// Generous: only there so that a hang fails the test instead.
 const BOUND: Duration = Duration::from_secs(30);
-
-fn pool(n: usize) -> Pool {
-    Pool::builder()
-        .processes(n)
-        .build()
-        .expect("building the pool")
-}
 
 fn square(x: u64) -> u64 {
     x * x

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::pool;
+
 use procpool::{Error, MapOptions, Pool, TaskOptions};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,13 +13,6 @@ use std::time::Duration;
 
 /// Generous: only there so that a bug fails the test instead of hanging it.
 const BOUND: Duration = Duration::from_secs(20);
-
-fn pool(n: usize) -> Pool {
-    Pool::builder()
-        .processes(n)
-        .build()
-        .expect("building the pool")
-}
 
 fn inc(x: u64) -> u64 {
     x + 1

@@ -3,19 +3,12 @@
 
 mod common;
 
-use common::Gate;
+use common::{Gate, pool};
 
-use procpool::{Error, MapOptions, Pool};
+use procpool::{Error, MapOptions};
 use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
-
-fn pool(n: usize) -> Pool {
-    Pool::builder()
-        .processes(n)
-        .build()
-        .expect("building the pool")
-}
 
 fn square(x: u64) -> u64 {
     x * x

@@ -4,7 +4,9 @@
 
 mod common;
 
-use procpool::{Pool, TaskOptions};
+use common::pool;
+
+use procpool::TaskOptions;
 use std::collections::HashSet;
 use std::sync::mpsc;
 use std::thread::ThreadId;
@@ -19,13 +21,6 @@ fn square(x: u64) -> u64 {
 
 fn whoami(_: ()) -> u32 {
     std::process::id()
-}
-
-fn pool(n: usize) -> Pool {
-    Pool::builder()
-        .processes(n)
-        .build()
-        .expect("building the pool")
 }
 
 #[test]

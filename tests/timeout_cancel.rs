@@ -3,60 +3,16 @@
 
 mod common;
 
+use common::{TempPath, pool, write_pid};
+
 use procpool::{Error, MapOptions, Pool, TaskOptions};
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Long enough that a fast task never reaches it, even on a loaded machine.
 const SHORT: Duration = Duration::from_millis(1000);
 /// A timeout no task here comes near: it must not fire.
 const LONG: Duration = Duration::from_secs(30);
-
-/// A path under the temp dir, unique to this process and call; removed on drop.
-struct TempPath(PathBuf);
-
-impl TempPath {
-    fn new(tag: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let p =
-            std::env::temp_dir().join(format!("procpool-timeout-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_file(&p);
-        TempPath(p)
-    }
-
-    fn string(&self) -> String {
-        self.0.to_str().expect("utf-8 temp path").to_string()
-    }
-
-    fn exists(&self) -> bool {
-        self.0.exists()
-    }
-
-    fn read_pid(&self) -> Option<u32> {
-        std::fs::read_to_string(&self.0).ok()?.trim().parse().ok()
-    }
-
-    fn create(&self) {
-        std::fs::write(&self.0, b"").expect("creating a gate file");
-    }
-}
-
-impl Drop for TempPath {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-        let _ = std::fs::remove_file(format!("{}.tmp", self.0.display()));
-    }
-}
-
-/// Writes this process's pid into `path` atomically.
-fn write_pid(path: &str) {
-    let tmp = format!("{path}.tmp");
-    std::fs::write(&tmp, std::process::id().to_string()).expect("writing a marker");
-    std::fs::rename(&tmp, path).expect("renaming a marker");
-}
 
 fn no_core_files() {
     let zero = libc::rlimit {
@@ -137,10 +93,6 @@ fn abort_always(log: String) -> u32 {
 }
 
 // ---- helpers ----
-
-fn pool(n: usize) -> Pool {
-    Pool::builder().processes(n).build().unwrap()
-}
 
 /// The worker `pid` is replaced: out of the list, the count restored, the
 /// process gone.

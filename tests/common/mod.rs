@@ -119,3 +119,65 @@ pub fn wait_for_gate(path: &str) {
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
 }
+
+/// A pool of `n` worker processes with the default settings.
+pub fn pool(n: usize) -> procpool::Pool {
+    procpool::Pool::builder()
+        .processes(n)
+        .build()
+        .expect("building the pool")
+}
+
+/// A path under the temp dir, unique to this process and call (its name holds
+/// `tag`, this process's pid and a counter); it and its `.tmp` sibling (see
+/// [`write_pid`]) are removed on creation and on drop.
+pub struct TempPath(pub std::path::PathBuf);
+
+impl TempPath {
+    pub fn new(tag: &str) -> TempPath {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("procpool-tmp-{tag}-{}-{n}", std::process::id()));
+        let t = TempPath(p);
+        t.clean();
+        t
+    }
+
+    /// The path, to send to a task.
+    pub fn string(&self) -> String {
+        self.0.to_str().expect("utf-8 temp path").to_string()
+    }
+
+    pub fn exists(&self) -> bool {
+        self.0.exists()
+    }
+
+    /// The pid that [`write_pid`] left in the file, once it has.
+    pub fn read_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(&self.0).ok()?.trim().parse().ok()
+    }
+
+    /// Creates the file, empty (for a task polling for it).
+    pub fn create(&self) {
+        std::fs::write(&self.0, b"").expect("creating a gate file");
+    }
+
+    fn clean(&self) {
+        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_file(format!("{}.tmp", self.0.display()));
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        self.clean();
+    }
+}
+
+/// In a worker: writes this process's pid into `path` atomically (write,
+/// then rename), for [`TempPath::read_pid`].
+pub fn write_pid(path: &str) {
+    let tmp = format!("{path}.tmp");
+    std::fs::write(&tmp, std::process::id().to_string()).expect("writing a marker");
+    std::fs::rename(&tmp, path).expect("renaming a marker");
+}

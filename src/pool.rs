@@ -639,13 +639,7 @@ impl Pool {
         if nchunks == 0 {
             // Nothing to run: the map is done now (callbacks still run on the
             // result-handler thread).
-            match result.group.set_on_done_take() {
-                Some(f) => self
-                    .shared
-                    .handler
-                    .run(Box::new(move || done.set(crate::result::guarded(f)))),
-                None => done.set(Ok(Payload::Unit)),
-            }
+            result.group.finish(&self.shared.handler);
             return Ok(result);
         }
         // Submit each chunk as soon as it is encoded, so the workers start

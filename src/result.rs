@@ -266,28 +266,27 @@ impl Group {
         *self.on_done.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
     }
 
-    pub(crate) fn set_on_done_take(&self) -> Option<Box<dyn FnOnce() -> Outcome + Send>> {
-        self.on_done
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-    }
-
     fn chunk_done(self: &Arc<Self>, items: usize, handler: &Handler) {
         self.items_done.fetch_add(items, Ordering::SeqCst);
         if self.remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
-            let f = self
-                .on_done
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take();
-            match f {
-                Some(f) => {
-                    let done = self.done.clone();
-                    handler.run(Box::new(move || done.set(guarded(f))));
-                }
-                None => self.done.set(Ok(Payload::Unit)),
+            self.finish(handler);
+        }
+    }
+
+    /// Completes the map's own slot: through its callbacks on the
+    /// result-handler thread, if it has any.
+    pub(crate) fn finish(&self, handler: &Handler) {
+        let f = self
+            .on_done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match f {
+            Some(f) => {
+                let done = self.done.clone();
+                handler.run(Box::new(move || done.set(guarded(f))));
             }
+            None => self.done.set(Ok(Payload::Unit)),
         }
     }
 }

@@ -746,7 +746,6 @@ fn read_worker(
         }
         parse_frames(w, st_ready, est, cache, done);
     }
-    parse_frames(w, st_ready, est, cache, done);
 }
 
 /// The outcome of a DONE frame whose output is in a block.

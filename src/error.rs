@@ -124,6 +124,16 @@ pub enum Error {
         #[source]
         source: Arc<std::io::Error>,
     },
+    /// The fork server could not be started (for example, the program's
+    /// executable cannot be exec'd for [`StartMethod::ForkServer`]); the
+    /// reason says what to do instead.
+    ///
+    /// [`StartMethod::ForkServer`]: crate::StartMethod::ForkServer
+    #[error("could not start the fork server: {reason}")]
+    ServerStart {
+        /// What went wrong, and the way out.
+        reason: String,
+    },
     /// The pool can no longer run tasks (its fork server died, or no worker
     /// could be started).
     #[error("the pool is broken: {reason}")]

@@ -8,6 +8,7 @@ use crate::result::{
 };
 use crate::server::{self, Init, Spec};
 use crate::shm::{BlockCache, Body, Spill, Target};
+use crate::start::StartMethod;
 use crate::supervisor::{self, Config, JobSpec, Phase, Shared};
 use crate::sys;
 use crate::task::{self, TaskFn};
@@ -219,6 +220,7 @@ pub struct PoolBuilder {
     max_tasks_per_child: Option<u64>,
     timeout: Option<Duration>,
     retries: u32,
+    start_method: Option<StartMethod>,
     #[cfg(feature = "mpi")]
     mpi: bool,
 }
@@ -276,6 +278,22 @@ impl PoolBuilder {
         self
     }
 
+    /// How the pool starts its fork server (see [`StartMethod`]). The
+    /// default is [`StartMethod::ForkServer`], safe in any program, unless
+    /// the environment variable `PROCPOOL_START_METHOD` says otherwise.
+    ///
+    /// With `ForkServer`, workers do not see the caller's memory: a
+    /// `static` filled before `build()` is empty in them (build such data
+    /// in the [`initializer`](Self::initializer), or pass it in the task's
+    /// argument). With [`StartMethod::Fork`] they see the caller's memory
+    /// as it was at `build()`, and a lock another thread held at that
+    /// instant stays held in every worker: use it only before the program
+    /// starts threads.
+    pub fn start_method(mut self, method: StartMethod) -> Self {
+        self.start_method = Some(method);
+        self
+    }
+
     /// Runs the workers as MPI ranks, possibly on other machines, instead
     /// of forked processes (cargo feature `mpi`). See `src/mpi.rs` for details.
     ///
@@ -321,8 +339,9 @@ impl PoolBuilder {
         self
     }
 
-    /// Forks the fork server, starts the workers (running the initializer in
-    /// each) and returns once every worker is ready.
+    /// Starts the fork server (see [`start_method`](Self::start_method)),
+    /// starts the workers (running the initializer in each) and returns
+    /// once every worker is ready.
     pub fn build(self) -> Result<Pool> {
         let processes = match self.processes {
             Some(0) => return Err(Error::Config("processes must be at least 1")),
@@ -333,12 +352,26 @@ impl PoolBuilder {
             return Err(Error::Config("max_tasks_per_child must be at least 1"));
         }
         let init = self.init.transpose()?;
+        let method = match self.start_method {
+            Some(m) => m,
+            None => StartMethod::from_env()?,
+        };
+        #[cfg(feature = "mpi")]
+        let mpi = self.mpi;
+        #[cfg(not(feature = "mpi"))]
+        let mpi = false;
+        if let Some(init) = &init {
+            if method != StartMethod::Fork || mpi {
+                crate::start::check_task(init.f)?;
+            }
+        }
         let cfg = Config {
             processes,
             max_tasks_per_child: self.max_tasks_per_child,
             timeout: self.timeout,
             retries: self.retries,
             has_init: init.is_some(),
+            check_tasks: method != StartMethod::Fork || mpi,
         };
         #[cfg(feature = "mpi")]
         if self.mpi {
@@ -349,33 +382,16 @@ impl PoolBuilder {
             sys::SharedWords::new(slots * sys::STATUS_WORDS)
                 .map_err(|e| Error::io("mapping shared memory", e))?,
         );
-        let (parent_end, server_end) =
-            sys::seqpacket_pair().map_err(|e| Error::io("creating the fork server socket", e))?;
         let spec = Spec {
             init,
             words: words.clone(),
             sock_buf: 1 << 20,
         };
         crate::worker::install_panic_hook();
-        // Hold the stdio locks across the fork: no other thread is then in
-        // the middle of printing, and the children (whose one thread is a
-        // copy of this one) own the locks and can print. Flush so buffered
-        // output is not printed twice.
-        let mut out = std::io::stdout().lock();
-        let mut err = std::io::stderr().lock();
-        let _ = out.flush();
-        let _ = err.flush();
-        let forked = sys::fork().map_err(|e| Error::io("forking the fork server", e));
-        let server_pid = match forked? {
-            sys::Forked::Child => {
-                drop(parent_end);
-                server::run(server_end, &spec)
-            }
-            sys::Forked::Parent(pid) => pid,
+        let (parent_end, server_pid) = match method {
+            StartMethod::ForkServer => crate::start::exec_server(&spec)?,
+            StartMethod::Fork => fork_server(spec)?,
         };
-        drop(err);
-        drop(out);
-        drop(server_end);
         Pool::start(
             cfg,
             parent_end,
@@ -384,6 +400,32 @@ impl PoolBuilder {
             slots,
         )
     }
+}
+
+/// Starts the fork server as a fork of the caller ([`StartMethod::Fork`]).
+fn fork_server(spec: Spec) -> Result<(std::os::fd::OwnedFd, libc::pid_t)> {
+    let (parent_end, server_end) =
+        sys::seqpacket_pair().map_err(|e| Error::io("creating the fork server socket", e))?;
+    // Hold the stdio locks across the fork: no other thread is then in
+    // the middle of printing, and the children (whose one thread is a
+    // copy of this one) own the locks and can print. Flush so buffered
+    // output is not printed twice.
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr().lock();
+    let _ = out.flush();
+    let _ = err.flush();
+    let forked = sys::fork().map_err(|e| Error::io("forking the fork server", e));
+    let server_pid = match forked? {
+        sys::Forked::Child => {
+            drop(parent_end);
+            server::run(server_end, &spec)
+        }
+        sys::Forked::Parent(pid) => pid,
+    };
+    drop(err);
+    drop(out);
+    drop(server_end);
+    Ok((parent_end, server_pid))
 }
 
 /// A pool of worker processes.

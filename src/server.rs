@@ -14,7 +14,8 @@
 //! worker runs; else only while the worker's shared word says it runs task
 //! `seq`, so a cancel never kills the task after the one it was for);
 //! server → parent: `SPAWNED slot pid` (+ the worker's socket),
-//! `SPAWN_FAILED slot errno`, `EXITED pid status`, `KILL_REFUSED pid`.
+//! `SPAWN_FAILED slot errno`, `EXITED pid status`, `KILL_REFUSED pid`, and
+//! first of all, from a server started by exec, `HELLO 0 pid`.
 //! End-of-file from the parent (it closed the socket, or died) makes the
 //! server SIGKILL every worker, reap them all, and exit.
 
@@ -29,6 +30,8 @@ pub(crate) const SPAWNED: u32 = 3;
 pub(crate) const SPAWN_FAILED: u32 = 4;
 pub(crate) const EXITED: u32 = 5;
 pub(crate) const KILL_REFUSED: u32 = 6;
+/// The first message of a server started by exec: `HELLO 0 pid`.
+pub(crate) const HELLO: u32 = 7;
 
 /// One message between the parent and the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -72,6 +72,9 @@ pub(crate) struct Config {
     pub(crate) retries: u32,
     /// Whether workers run an initializer before they are ready.
     pub(crate) has_init: bool,
+    /// Whether each task's code must lie in the executable (workers that
+    /// are not forks of the caller: an exec'd server, MPI ranks).
+    pub(crate) check_tasks: bool,
 }
 
 /// RUNNING → CLOSED → (all work done, workers exited) finished;
@@ -292,6 +295,11 @@ impl Shared {
 
     /// Queues jobs (all or none) and dispatches what idle workers can take.
     pub(crate) fn submit(&self, jobs: Vec<(Arc<Slot>, JobSpec)>) -> Result<(), Error> {
+        if self.cfg.check_tasks {
+            for (_, s) in &jobs {
+                crate::start::check_task(s.f)?;
+            }
+        }
         let mut st = self.lock();
         match st.phase {
             Phase::Running => {}

@@ -529,11 +529,13 @@ pub(crate) fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// A region of memory shared with every process forked after it was made
-/// (`MAP_SHARED | MAP_ANONYMOUS`), seen as an array of `AtomicU64`.
+/// A region of memory shared with the fork server and every worker, seen
+/// as an array of `AtomicU64`. It is a mapping of a memfd, so that a
+/// server started by exec (which inherits no memory) can map it too.
 pub(crate) struct SharedWords {
     ptr: *mut AtomicU64,
     len: usize,
+    fd: OwnedFd,
 }
 
 // SAFETY: the region is only ever accessed through &AtomicU64, which is Sync.
@@ -544,22 +546,52 @@ unsafe impl Sync for SharedWords {}
 impl SharedWords {
     /// A zeroed region of `len` words.
     pub(crate) fn new(len: usize) -> io::Result<Self> {
-        let bytes = (len.max(1) * 8).next_multiple_of(4096);
-        // SAFETY: an anonymous shared mapping with no address hint.
+        let fd = memfd()?;
+        set_len(&fd, Self::bytes(len))?;
+        Self::map(fd, len)
+    }
+
+    /// Maps the region whose memfd is `fd` (made by [`SharedWords::new`] in
+    /// the parent, inherited through exec).
+    pub(crate) fn from_fd(fd: OwnedFd) -> io::Result<Self> {
+        let len = file_len(&fd)? / 8;
+        if len == 0 {
+            return Err(io::Error::other("the shared status words are empty"));
+        }
+        Self::map(fd, len)
+    }
+
+    fn bytes(len: usize) -> usize {
+        (len.max(1) * 8).next_multiple_of(4096)
+    }
+
+    fn map(fd: OwnedFd, len: usize) -> io::Result<Self> {
+        // SAFETY: a fresh shared mapping of an open memfd with no address
+        // hint, of at most the file's length (set in new(), or read by
+        // from_fd); the memfd is sealed against shrinking.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                bytes,
+                Self::bytes(len).min(file_len(&fd)?),
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                -1,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
                 0,
             )
         };
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(SharedWords { ptr: p.cast(), len })
+        Ok(SharedWords {
+            ptr: p.cast(),
+            len,
+            fd,
+        })
+    }
+
+    /// The memfd behind the region.
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
     }
 
     /// The status words of worker slot `slot`.
@@ -584,8 +616,8 @@ impl SharedWords {
 
 impl Drop for SharedWords {
     fn drop(&mut self) {
-        let bytes = (self.len.max(1) * 8).next_multiple_of(4096);
-        // SAFETY: ptr/bytes are exactly the mapping made in new(), and no
+        let bytes = Self::bytes(self.len);
+        // SAFETY: ptr/bytes are exactly the mapping made in map(), and no
         // reference into it outlives self.
         unsafe { libc::munmap(self.ptr.cast(), bytes) };
     }
@@ -813,4 +845,388 @@ pub(crate) fn readable_now(fd: RawFd) -> bool {
         revents: 0,
     }];
     matches!(poll(&mut p, 0), Ok(n) if n > 0)
+}
+
+// ---------------------------------------------------------------------------
+// The program image: the constructor that turns an exec'd copy of the
+// program into a fork server, the object that holds the task code, and the
+// spawn of that copy. See `start.rs` for the design.
+// ---------------------------------------------------------------------------
+
+/// The environment variable that makes an exec'd copy of the program a fork
+/// server; its value is `SOCKET_FD,WORDS_FD,CONFIG_FD`.
+pub(crate) const SERVER_ENV: &str = "PROCPOOL_FORK_SERVER";
+
+/// Set by the constructor in every process that it did not turn into a
+/// server: proof that the constructor is linked in and runs in this image.
+static CONSTRUCTOR_RAN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+type Constructor =
+    extern "C" fn(libc::c_int, *const *const libc::c_char, *const *const libc::c_char);
+
+/// The crate's one constructor, run by the C runtime before `main` (glibc
+/// passes `argc`, `argv` and `envp` to `.init_array` entries). `#[used]`
+/// keeps it from being dropped as unreferenced, and `image_anchor()`
+/// references it from `PoolBuilder::build`, so the object file that holds
+/// it is always linked into a program that builds a pool.
+#[used]
+#[unsafe(link_section = ".init_array")]
+static CONSTRUCTOR: Constructor = on_load;
+
+/// Whether the crate's constructor ran in this process (and so will run in
+/// an exec'd copy of it). Also keeps [`CONSTRUCTOR`] referenced.
+pub(crate) fn constructor_ran() -> bool {
+    std::hint::black_box(&CONSTRUCTOR);
+    CONSTRUCTOR_RAN.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+extern "C" fn on_load(
+    argc: libc::c_int,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+) {
+    // One environment check, with no allocation, in every process.
+    let Some(value) = server_marker(envp) else {
+        CONSTRUCTOR_RAN.store(true, std::sync::atomic::Ordering::SeqCst);
+        return;
+    };
+    // The constructors after this one would run after we return; we never
+    // return, so run them first: registries built before `main` are then
+    // there for tasks, as in the host.
+    run_later_constructors(argc, argv, envp);
+    crate::start::serve_exec(&value)
+}
+
+/// The value of [`SERVER_ENV`] in `envp`, if it is set.
+fn server_marker(envp: *const *const libc::c_char) -> Option<String> {
+    if envp.is_null() {
+        return None;
+    }
+    let key = SERVER_ENV.as_bytes();
+    let mut i = 0;
+    loop {
+        // SAFETY: envp is the NULL-terminated array of NUL-terminated
+        // strings that the C runtime passes to constructors; we stop at
+        // the NULL entry.
+        let entry = unsafe { *envp.add(i) };
+        if entry.is_null() {
+            return None;
+        }
+        // SAFETY: entry is a NUL-terminated string of the environment.
+        let bytes = unsafe { std::ffi::CStr::from_ptr(entry) }.to_bytes();
+        if bytes.len() > key.len() && bytes.starts_with(key) && bytes[key.len()] == b'=' {
+            return Some(String::from_utf8_lossy(&bytes[key.len() + 1..]).into_owned());
+        }
+        i += 1;
+    }
+}
+
+const DT_INIT_ARRAY: isize = 25;
+const DT_INIT_ARRAYSZ: isize = 27;
+
+/// The main executable's `.init_array` (from its dynamic section), or
+/// `None` for an executable without one (a static, non-PIE program).
+fn main_init_array() -> Option<&'static [usize]> {
+    struct Found {
+        array: usize,
+        bytes: usize,
+    }
+    /// An entry of an ELF dynamic section (`Elf64_Dyn`/`Elf32_Dyn`).
+    #[repr(C)]
+    struct Dyn {
+        d_tag: isize,
+        d_val: usize,
+    }
+    extern "C" fn visit(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        data: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: dl_iterate_phdr passes a valid info for the duration of
+        // the call, and data is the &mut Found given below.
+        let (info, found) = unsafe { (&*info, &mut *data.cast::<Found>()) };
+        for k in 0..info.dlpi_phnum as usize {
+            // SAFETY: dlpi_phdr points at dlpi_phnum program headers.
+            let ph = unsafe { &*info.dlpi_phdr.add(k) };
+            if ph.p_type != libc::PT_DYNAMIC {
+                continue;
+            }
+            let mut d = (info.dlpi_addr as usize + ph.p_vaddr as usize) as *const Dyn;
+            // SAFETY: PT_DYNAMIC of a loaded object is its mapped dynamic
+            // section, an array of Dyn (the native word size) ended by
+            // DT_NULL.
+            unsafe {
+                while (*d).d_tag != 0 {
+                    match (*d).d_tag {
+                        DT_INIT_ARRAY => found.array = info.dlpi_addr as usize + (*d).d_val,
+                        DT_INIT_ARRAYSZ => found.bytes = (*d).d_val,
+                        _ => {}
+                    }
+                    d = d.add(1);
+                }
+            }
+        }
+        // The first object is the main program: stop there.
+        1
+    }
+    let mut found = Found { array: 0, bytes: 0 };
+    // SAFETY: visit matches the callback type and only reads what the
+    // loader passes; data points at `found`, alive across the call.
+    unsafe { libc::dl_iterate_phdr(Some(visit), (&mut found as *mut Found).cast()) };
+    if found.array == 0 || found.bytes == 0 {
+        return None;
+    }
+    // SAFETY: DT_INIT_ARRAY/DT_INIT_ARRAYSZ describe an array of function
+    // addresses in the main program's mapped, never-unmapped image.
+    Some(unsafe {
+        std::slice::from_raw_parts(
+            found.array as *const usize,
+            found.bytes / std::mem::size_of::<usize>(),
+        )
+    })
+}
+
+/// Runs the main executable's constructors that come after this crate's
+/// own, as the C runtime would have once `on_load` returned.
+fn run_later_constructors(
+    argc: libc::c_int,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+) {
+    let Some(array) = main_init_array() else {
+        return;
+    };
+    let me = on_load as Constructor as usize;
+    let Some(at) = array.iter().position(|&f| f == me) else {
+        return;
+    };
+    for &f in &array[at + 1..] {
+        if f == 0 || f == usize::MAX {
+            continue;
+        }
+        // SAFETY: every other entry of .init_array is a constructor the C
+        // runtime would call with exactly these arguments, once, before
+        // main; it is called here instead, once, since the runtime's loop
+        // never gets past this crate's entry in a server.
+        let c = unsafe { std::mem::transmute::<usize, Constructor>(f) };
+        c(argc, argv, envp);
+    }
+}
+
+/// A loaded ELF object: the address ranges of its `PT_LOAD` segments, and
+/// whether it is the main program.
+pub(crate) struct Object {
+    pub(crate) ranges: Vec<(usize, usize)>,
+    pub(crate) is_main: bool,
+}
+
+/// The loaded ELF object that contains `addr`.
+pub(crate) fn object_of(addr: usize) -> Option<Object> {
+    struct Search {
+        addr: usize,
+        index: usize,
+        found: Option<Object>,
+    }
+    extern "C" fn visit(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        data: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: as in main_init_array: a valid info for the call, and
+        // data is the &mut Search given below.
+        let (info, s) = unsafe { (&*info, &mut *data.cast::<Search>()) };
+        let mut ranges = Vec::new();
+        for k in 0..info.dlpi_phnum as usize {
+            // SAFETY: dlpi_phdr points at dlpi_phnum program headers.
+            let ph = unsafe { &*info.dlpi_phdr.add(k) };
+            if ph.p_type == libc::PT_LOAD {
+                let lo = info.dlpi_addr as usize + ph.p_vaddr as usize;
+                ranges.push((lo, lo + ph.p_memsz as usize));
+            }
+        }
+        let index = s.index;
+        s.index += 1;
+        if ranges.iter().any(|&(lo, hi)| (lo..hi).contains(&s.addr)) {
+            s.found = Some(Object {
+                ranges,
+                is_main: index == 0,
+            });
+            return 1;
+        }
+        0
+    }
+    let mut s = Search {
+        addr,
+        index: 0,
+        found: None,
+    };
+    // SAFETY: visit matches the callback type; data points at `s`, alive
+    // across the call.
+    unsafe { libc::dl_iterate_phdr(Some(visit), (&mut s as *mut Search).cast()) };
+    s.found
+}
+
+/// Spawns `cmd` with the fds in `keep` left open across its exec (they are
+/// close-on-exec here, and stay so: only the child clears the flag, after
+/// the fork, so no other thread's spawn can inherit them).
+pub(crate) fn spawn_keeping(
+    cmd: &mut std::process::Command,
+    keep: [RawFd; 3],
+) -> io::Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and
+    // makes only fcntl calls, which are async-signal-safe, on fds that the
+    // child inherited from this process; it touches no lock and allocates
+    // nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in keep {
+                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// Removes a variable from the environment of this single-threaded
+/// process (the exec'd fork server, before it starts any worker).
+pub(crate) fn remove_env_single_threaded(key: &str) {
+    // SAFETY: the exec'd fork server has one thread (it never ran `main`,
+    // and the constructors it ran do not leave threads that read the
+    // environment), so nothing reads the environment concurrently.
+    unsafe { std::env::remove_var(key) };
+}
+
+/// Ignores `SIGPIPE`, as std does before `main` in a Rust program (the
+/// exec'd fork server never gets there): a write to a closed pipe in a
+/// task is then an `EPIPE` error, as it would be in the host.
+pub(crate) fn ignore_sigpipe() {
+    // SAFETY: signal() with SIG_IGN has no memory-safety preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+}
+
+/// Waits until `fd` is readable (or hung up), at most `timeout`; returns
+/// whether it is.
+pub(crate) fn wait_readable(fd: RawFd, timeout: std::time::Duration) -> io::Result<bool> {
+    let mut p = [libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    Ok(poll(&mut p, ms)? > 0)
+}
+
+/// Kills and reaps a child that this process spawned and has not reaped.
+pub(crate) fn kill_and_reap(pid: libc::pid_t) {
+    kill(pid, libc::SIGKILL);
+    let _ = reap(pid);
+}
+
+static GUARD_LO: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static GUARD_HI: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Stack-overflow detection for the calling (main) thread, as std sets up
+/// before `main` (the exec'd fork server never gets there): a fault in the
+/// page below the stack prints "has overflowed its stack" and aborts
+/// (SIGABRT), any other fault keeps its default action. Best effort: where
+/// the stack bounds or an alternate stack cannot be had, nothing changes.
+pub(crate) fn install_stack_overflow_handler() {
+    const ALT: usize = 64 << 10;
+    // SAFETY: the attr is initialised by pthread_getattr_np before use and
+    // destroyed after; the out-parameters are valid locals.
+    let (addr, _size) = unsafe {
+        let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+        if libc::pthread_getattr_np(libc::pthread_self(), &mut attr) != 0 {
+            return;
+        }
+        let mut addr: *mut libc::c_void = std::ptr::null_mut();
+        let mut size: libc::size_t = 0;
+        let r = libc::pthread_attr_getstack(&attr, &mut addr, &mut size);
+        libc::pthread_attr_destroy(&mut attr);
+        if r != 0 {
+            return;
+        }
+        (addr as usize, size)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    GUARD_LO.store(
+        addr.saturating_sub(page),
+        std::sync::atomic::Ordering::SeqCst,
+    );
+    GUARD_HI.store(addr, std::sync::atomic::Ordering::SeqCst);
+    // SAFETY: a fresh private anonymous mapping with no address hint.
+    let stack = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            ALT,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if stack == libc::MAP_FAILED {
+        return;
+    }
+    let ss = libc::stack_t {
+        ss_sp: stack,
+        ss_flags: 0,
+        ss_size: ALT,
+    };
+    // SAFETY: ss describes the mapping just made, which is never unmapped;
+    // the sigaction struct is zeroed plain data with its fields then set.
+    unsafe {
+        if libc::sigaltstack(&ss, std::ptr::null_mut()) != 0 {
+            return;
+        }
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_fault as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGSEGV, &sa, std::ptr::null_mut());
+        libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut());
+    }
+}
+
+extern "C" fn on_fault(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for SIGSEGV/SIGBUS, whose
+    // si_addr is the faulting address.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    let lo = GUARD_LO.load(std::sync::atomic::Ordering::Relaxed);
+    let hi = GUARD_HI.load(std::sync::atomic::Ordering::Relaxed);
+    if (lo..hi).contains(&addr) {
+        let msg =
+            b"\nthread 'main' has overflowed its stack\nfatal runtime error: stack overflow\n";
+        // SAFETY: write and abort are async-signal-safe; msg is a static buffer.
+        unsafe {
+            libc::write(2, msg.as_ptr().cast(), msg.len());
+            libc::abort();
+        }
+    }
+    // Not a stack overflow: the default action, when the fault recurs on
+    // return.
+    // SAFETY: signal() with SIG_DFL is async-signal-safe.
+    unsafe { libc::signal(sig, libc::SIG_DFL) };
+}
+
+/// Takes ownership of an fd that this process inherited through exec by
+/// number (named by its parent), after checking it is open; makes it
+/// close-on-exec again.
+pub(crate) fn adopt_fd(fd: RawFd) -> Option<OwnedFd> {
+    if fd < 3 {
+        return None;
+    }
+    // SAFETY: fcntl on an integer fd: EBADF if it is not open.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } == -1 {
+        return None;
+    }
+    // SAFETY: the fd is open, and its number was handed to this process
+    // (through the environment, by the parent that left it open across
+    // exec) for it alone to own; nothing else in this fresh image uses it.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }

@@ -70,6 +70,16 @@ fn from_offset(off: u64) -> usize {
     base().wrapping_add(off as usize)
 }
 
+/// The address of the anchor that offsets are measured from.
+pub(crate) fn anchor_addr() -> usize {
+    base()
+}
+
+/// The address an offset stands for in this process.
+pub(crate) fn addr_of(off: u64) -> usize {
+    from_offset(off)
+}
+
 impl TaskFn {
     /// A task that maps one `A` to one `R`.
     pub(crate) fn single<A, R>(f: fn(A) -> R) -> Self

@@ -10,7 +10,9 @@
 //! below; `imap_10M_peak_rss_mb` included).
 //!
 //! Each figure, as pool_bench.py computes it:
-//!   startup_s                 new pool, one apply, close, join (median of 5)
+//!   startup_s                 new pool, one apply, close, join (median of 5),
+//!                             with the default start method (an exec'd server)
+//!   startup_fork_s            the same with StartMethod::Fork
 //!   apply_sync_us_per_task    10,000 sequential apply(inc, i) (median of 3)
 //!   apply_async_tasks_per_s   100,000 apply_async(inc, i), then get each
 //!   map_1M_items_per_s        map(inc, 0..1_000_000), default chunk size
@@ -187,6 +189,20 @@ fn main() -> BoxResult<()> {
         out.push(("startup_s", t));
     }
 
+    if want("startup_fork_s") {
+        let t = med(5, || {
+            let p = Pool::builder()
+                .processes(n)
+                .start_method(procpool::StartMethod::Fork)
+                .build()?;
+            assert_eq!(p.apply(inc, 1)?, 2);
+            p.close();
+            p.join()?;
+            Ok(())
+        })?;
+        out.push(("startup_fork_s", t));
+    }
+
     {
         let p = Pool::builder().processes(n).build()?;
 
@@ -315,8 +331,9 @@ fn main() -> BoxResult<()> {
 
     // No colon in the header: compare.py reads only `name: number` lines.
     println!(
-        "procpool {} workers={n} start=fork-server",
-        env!("CARGO_PKG_VERSION")
+        "procpool {} workers={n} start={:?}",
+        env!("CARGO_PKG_VERSION"),
+        procpool::StartMethod::from_env()?
     );
     for (k, v) in out {
         println!("{k}: {}", g4(v));

@@ -181,3 +181,76 @@ pub fn write_pid(path: &str) {
     std::fs::write(&tmp, std::process::id().to_string()).expect("writing a marker");
     std::fs::rename(&tmp, path).expect("renaming a marker");
 }
+
+/// What a helper run of this test binary ended with.
+pub struct HelperRun {
+    /// The exit status; `None` if the run passed its deadline and was killed.
+    pub status: Option<std::process::ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs this test binary again with only test `name`, `envs` added to its
+/// environment, and a deadline: a run still going at the deadline is killed
+/// (it is our own child) and reported with `status: None`. For tests that
+/// need a fresh process (its own environment or threads) or that must show
+/// a hang without hanging.
+pub fn run_helper(name: &str, envs: &[(&str, &str)], deadline: std::time::Duration) -> HelperRun {
+    let exe = std::env::current_exe().expect("current_exe");
+    run_program_with_deadline(
+        Command::new(exe)
+            .args([name, "--exact", "--nocapture", "--test-threads=1"])
+            .envs(envs.iter().copied()),
+        deadline,
+    )
+}
+
+/// Runs a prepared command to its end, or kills it at `deadline`.
+pub fn run_program_with_deadline(cmd: &mut Command, deadline: std::time::Duration) -> HelperRun {
+    use std::io::Read;
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // A program file just written may be busy for a moment (ETXTBSY): a
+    // process forked by another thread meanwhile holds it open for writing
+    // until it execs.
+    let mut tries = 0;
+    let mut child = loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => break other.expect("starting a helper run"),
+        }
+    };
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let end = std::time::Instant::now() + deadline;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("waiting for a helper run") {
+            break Some(st);
+        }
+        if std::time::Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    HelperRun {
+        status,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+    }
+}

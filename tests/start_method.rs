@@ -420,7 +420,7 @@ fn a_task_from_outside_the_executable_is_refused() {
     // crate's anchor would mean nothing in the exec'd server.
     // SAFETY: the pointer is only compared against the executable's address
     // ranges and refused; it is never called.
-    let foreign: fn(u64) -> u64 = unsafe { std::mem::transmute(libc::labs as usize) };
+    let foreign: fn(u64) -> u64 = unsafe { std::mem::transmute(libc::labs as *const ()) };
     let pool = pool_with(StartMethod::ForkServer, 1);
     match pool.apply(foreign, 3) {
         Err(Error::Config(msg)) => assert!(msg.contains("shared library"), "{msg}"),

@@ -924,42 +924,75 @@ fn server_marker(envp: *const *const libc::c_char) -> Option<String> {
 const DT_INIT_ARRAY: isize = 25;
 const DT_INIT_ARRAYSZ: isize = 27;
 
-/// The main executable's `.init_array` (from its dynamic section), or
-/// `None` for an executable without one (a static, non-PIE program).
-fn main_init_array() -> Option<&'static [usize]> {
-    struct Found {
-        array: usize,
-        bytes: usize,
-    }
-    /// An entry of an ELF dynamic section (`Elf64_Dyn`/`Elf32_Dyn`).
-    #[repr(C)]
-    struct Dyn {
-        d_tag: isize,
-        d_val: usize,
-    }
-    extern "C" fn visit(
+/// A loaded ELF object, as the dynamic loader describes it: its load
+/// bias and its program headers.
+struct Loaded<'a> {
+    bias: usize,
+    headers: &'a [libc::Elf64_Phdr],
+}
+
+/// Calls `visit` for each loaded object, the main program first, until it
+/// returns true.
+fn each_object(mut visit: impl FnMut(&Loaded<'_>) -> bool) {
+    extern "C" fn callback(
         info: *mut libc::dl_phdr_info,
         _size: libc::size_t,
         data: *mut libc::c_void,
     ) -> libc::c_int {
         // SAFETY: dl_iterate_phdr passes a valid info for the duration of
-        // the call, and data is the &mut Found given below.
-        let (info, found) = unsafe { (&*info, &mut *data.cast::<Found>()) };
-        for k in 0..info.dlpi_phnum as usize {
-            // SAFETY: dlpi_phdr points at dlpi_phnum program headers.
-            let ph = unsafe { &*info.dlpi_phdr.add(k) };
-            if ph.p_type != libc::PT_DYNAMIC {
-                continue;
-            }
-            let mut d = (info.dlpi_addr as usize + ph.p_vaddr as usize) as *const Dyn;
+        // the call, whose dlpi_phdr points at dlpi_phnum program headers;
+        // data is the &mut dyn FnMut given below, alive across the call.
+        let (info, visit) = unsafe {
+            (
+                &*info,
+                &mut *data.cast::<&mut dyn FnMut(&Loaded<'_>) -> bool>(),
+            )
+        };
+        let headers = if info.dlpi_phdr.is_null() {
+            &[][..]
+        } else {
+            // SAFETY: as above.
+            unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) }
+        };
+        let o = Loaded {
+            bias: info.dlpi_addr as usize,
+            headers,
+        };
+        libc::c_int::from(visit(&o))
+    }
+    let mut visit: &mut dyn FnMut(&Loaded<'_>) -> bool = &mut visit;
+    // SAFETY: callback matches the type dl_iterate_phdr expects and only
+    // reads what the loader passes; data points at `visit`, alive across
+    // the call.
+    unsafe {
+        libc::dl_iterate_phdr(
+            Some(callback),
+            (&mut visit as *mut &mut dyn FnMut(&Loaded<'_>) -> bool).cast(),
+        )
+    };
+}
+
+/// The main executable's `.init_array` (from its dynamic section), or
+/// `None` for an executable without one (a static, non-PIE program).
+fn main_init_array() -> Option<&'static [usize]> {
+    /// An entry of an ELF dynamic section (`Elf64_Dyn`).
+    #[repr(C)]
+    struct Dyn {
+        d_tag: isize,
+        d_val: usize,
+    }
+    let (mut array, mut bytes) = (0usize, 0usize);
+    each_object(|o| {
+        for ph in o.headers.iter().filter(|ph| ph.p_type == libc::PT_DYNAMIC) {
+            let mut d = (o.bias + ph.p_vaddr as usize) as *const Dyn;
             // SAFETY: PT_DYNAMIC of a loaded object is its mapped dynamic
             // section, an array of Dyn (the native word size) ended by
             // DT_NULL.
             unsafe {
                 while (*d).d_tag != 0 {
                     match (*d).d_tag {
-                        DT_INIT_ARRAY => found.array = info.dlpi_addr as usize + (*d).d_val,
-                        DT_INIT_ARRAYSZ => found.bytes = (*d).d_val,
+                        DT_INIT_ARRAY => array = o.bias + (*d).d_val,
+                        DT_INIT_ARRAYSZ => bytes = (*d).d_val,
                         _ => {}
                     }
                     d = d.add(1);
@@ -967,23 +1000,14 @@ fn main_init_array() -> Option<&'static [usize]> {
             }
         }
         // The first object is the main program: stop there.
-        1
-    }
-    let mut found = Found { array: 0, bytes: 0 };
-    // SAFETY: visit matches the callback type and only reads what the
-    // loader passes; data points at `found`, alive across the call.
-    unsafe { libc::dl_iterate_phdr(Some(visit), (&mut found as *mut Found).cast()) };
-    if found.array == 0 || found.bytes == 0 {
+        true
+    });
+    if array == 0 || bytes == 0 {
         return None;
     }
     // SAFETY: DT_INIT_ARRAY/DT_INIT_ARRAYSZ describe an array of function
     // addresses in the main program's mapped, never-unmapped image.
-    Some(unsafe {
-        std::slice::from_raw_parts(
-            found.array as *const usize,
-            found.bytes / std::mem::size_of::<usize>(),
-        )
-    })
+    Some(unsafe { std::slice::from_raw_parts(array as *const usize, bytes / size_of::<usize>()) })
 }
 
 /// Runs the main executable's constructors that come after this crate's
@@ -1022,48 +1046,27 @@ pub(crate) struct Object {
 
 /// The loaded ELF object that contains `addr`.
 pub(crate) fn object_of(addr: usize) -> Option<Object> {
-    struct Search {
-        addr: usize,
-        index: usize,
-        found: Option<Object>,
-    }
-    extern "C" fn visit(
-        info: *mut libc::dl_phdr_info,
-        _size: libc::size_t,
-        data: *mut libc::c_void,
-    ) -> libc::c_int {
-        // SAFETY: as in main_init_array: a valid info for the call, and
-        // data is the &mut Search given below.
-        let (info, s) = unsafe { (&*info, &mut *data.cast::<Search>()) };
-        let mut ranges = Vec::new();
-        for k in 0..info.dlpi_phnum as usize {
-            // SAFETY: dlpi_phdr points at dlpi_phnum program headers.
-            let ph = unsafe { &*info.dlpi_phdr.add(k) };
-            if ph.p_type == libc::PT_LOAD {
-                let lo = info.dlpi_addr as usize + ph.p_vaddr as usize;
-                ranges.push((lo, lo + ph.p_memsz as usize));
-            }
+    let mut index = 0;
+    let mut found = None;
+    each_object(|o| {
+        let ranges: Vec<(usize, usize)> = o
+            .headers
+            .iter()
+            .filter(|ph| ph.p_type == libc::PT_LOAD)
+            .map(|ph| {
+                let lo = o.bias + ph.p_vaddr as usize;
+                (lo, lo + ph.p_memsz as usize)
+            })
+            .collect();
+        let is_main = index == 0;
+        index += 1;
+        if ranges.iter().any(|&(lo, hi)| (lo..hi).contains(&addr)) {
+            found = Some(Object { ranges, is_main });
+            return true;
         }
-        let index = s.index;
-        s.index += 1;
-        if ranges.iter().any(|&(lo, hi)| (lo..hi).contains(&s.addr)) {
-            s.found = Some(Object {
-                ranges,
-                is_main: index == 0,
-            });
-            return 1;
-        }
-        0
-    }
-    let mut s = Search {
-        addr,
-        index: 0,
-        found: None,
-    };
-    // SAFETY: visit matches the callback type; data points at `s`, alive
-    // across the call.
-    unsafe { libc::dl_iterate_phdr(Some(visit), (&mut s as *mut Search).cast()) };
-    s.found
+        false
+    });
+    found
 }
 
 /// Spawns `cmd` with the fds in `keep` left open across its exec (they are

@@ -43,7 +43,9 @@ fn start_hammering() {
             // SAFETY: this helper process reads and writes its environment
             // only through std (set_var/var), which serialises those calls
             // with its environment lock; no thread reads it through libc.
-            unsafe { std::env::set_var("PROCPOOL_HAMMER", i.to_string()) };
+            unsafe { std::env::set_var("PROCPOOL_HAMMER", (i % 16).to_string()) };
+            // A few values only: glibc keeps every distinct string it was
+            // given, so endless new values would grow memory without bound.
             i += 1;
         }
     });

@@ -44,7 +44,7 @@ use crate::server::{self, Init, Msg, Spec};
 use crate::sys;
 use crate::task::TaskFn;
 use std::io::{Read, Seek, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -176,6 +176,27 @@ pub(crate) fn exec_server(spec: &Spec) -> Result<(OwnedFd, libc::pid_t), Error> 
         sys::seqpacket_pair().map_err(|e| Error::io("creating the fork server socket", e))?;
     let config =
         write_config(spec).map_err(|e| Error::io("writing the fork server's settings", e))?;
+    // In a program started with stdin, stdout or stderr closed, these may
+    // have numbers 0-2, which the server would take for its stdio.
+    let above = |fd: &OwnedFd| -> Result<Option<OwnedFd>, Error> {
+        if fd.as_raw_fd() > 2 {
+            return Ok(None);
+        }
+        sys::dup_above_stdio(fd)
+            .map(Some)
+            .map_err(|e| Error::io("moving an fd above stdio", e))
+    };
+    let moved = [
+        above(&server_end)?,
+        above(spec.words.fd())?,
+        above(&config)?,
+    ];
+    let raw = |i: usize, fd: RawFd| moved[i].as_ref().map_or(fd, |m| m.as_raw_fd());
+    let keep = [
+        raw(0, server_end.as_raw_fd()),
+        raw(1, spec.words.raw_fd()),
+        raw(2, config.as_raw_fd()),
+    ];
     let mut cmd = std::process::Command::new("/proc/self/exe");
     {
         use std::os::unix::process::CommandExt;
@@ -189,22 +210,13 @@ pub(crate) fn exec_server(spec: &Spec) -> Result<(OwnedFd, libc::pid_t), Error> 
     }
     cmd.env(
         sys::SERVER_ENV,
-        format!(
-            "{},{},{}",
-            server_end.as_raw_fd(),
-            spec.words.raw_fd(),
-            config.as_raw_fd()
-        ),
+        format!("{},{},{}", keep[0], keep[1], keep[2]),
     );
-    let keep = [
-        server_end.as_raw_fd(),
-        spec.words.raw_fd(),
-        config.as_raw_fd(),
-    ];
     let child = sys::spawn_keeping(&mut cmd, keep)
         .map_err(|e| cannot_exec(format!("could not exec /proc/self/exe: {e}")))?;
     drop(server_end);
     drop(config);
+    drop(moved);
     let pid = child.id() as libc::pid_t;
     // The Child handle neither waits nor kills when dropped; the pool reaps
     // the server by pid.
@@ -328,4 +340,78 @@ pub(crate) fn serve_exec(value: &str) -> ! {
         sys::exit_now(124)
     }
     server::run(sock, &spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(init: Option<Init>) -> Spec {
+        Spec {
+            init,
+            words: Arc::new(sys::SharedWords::new(8).unwrap()),
+            sock_buf: 12345,
+        }
+    }
+
+    #[test]
+    fn the_config_travels_whole() {
+        let init = Init {
+            f: TaskFn {
+                tramp: 0x1234,
+                func: 0xfedc_ba98,
+            },
+            arg: (0..=255u8).collect(),
+        };
+        let s = spec(Some(init));
+        let fd = write_config(&s).unwrap();
+        let back = read_config(fd, s.words.clone()).unwrap();
+        assert_eq!(back.sock_buf, 12345);
+        let i = back.init.unwrap();
+        assert_eq!(
+            i.f,
+            TaskFn {
+                tramp: 0x1234,
+                func: 0xfedc_ba98
+            }
+        );
+        assert_eq!(i.arg, (0..=255u8).collect::<Vec<_>>());
+        let s = spec(None);
+        let back = read_config(write_config(&s).unwrap(), s.words.clone()).unwrap();
+        assert!(back.init.is_none());
+    }
+
+    #[test]
+    fn a_truncated_or_foreign_config_is_refused() {
+        let init = Init {
+            f: TaskFn { tramp: 1, func: 2 },
+            arg: vec![7; 100],
+        };
+        let s = spec(Some(init));
+        let fd = write_config(&s).unwrap();
+        let mut f = std::fs::File::from(fd);
+        let mut bytes = Vec::new();
+        f.rewind().unwrap();
+        f.read_to_end(&mut bytes).unwrap();
+        for cut in [0, 4, 8, 16, 20, bytes.len() - 1] {
+            let fd = sys::memfd().unwrap();
+            let mut g = std::fs::File::from(fd);
+            g.write_all(&bytes[..cut]).unwrap();
+            assert!(
+                read_config(OwnedFd::from(g), s.words.clone()).is_none(),
+                "cut {cut}"
+            );
+        }
+        let fd = sys::memfd().unwrap();
+        let mut g = std::fs::File::from(fd);
+        g.write_all(b"NOTOURS!and more bytes").unwrap();
+        assert!(read_config(OwnedFd::from(g), s.words.clone()).is_none());
+    }
+
+    #[test]
+    fn the_crates_code_is_in_the_executable() {
+        let o = home().as_ref().expect("the anchor's object");
+        assert!(o.is_main);
+        assert!(check_task(TaskFn::single::<u32, u32>(|x| x + 1)).is_ok());
+    }
 }

@@ -594,6 +594,11 @@ impl SharedWords {
         self.fd.as_raw_fd()
     }
 
+    /// The memfd behind the region.
+    pub(crate) fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
     /// The status words of worker slot `slot`.
     pub(crate) fn status(&self, slot: usize) -> Status<'_> {
         Status {
@@ -1232,4 +1237,14 @@ pub(crate) fn adopt_fd(fd: RawFd) -> Option<OwnedFd> {
     // (through the environment, by the parent that left it open across
     // exec) for it alone to own; nothing else in this fresh image uses it.
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A close-on-exec duplicate of `fd` numbered 3 or above: for an fd that
+/// must not be mistaken for stdin, stdout or stderr (a program started with
+/// those closed gets its first sockets at 0-2).
+pub(crate) fn dup_above_stdio(fd: &OwnedFd) -> io::Result<OwnedFd> {
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) on an open fd makes a new fd.
+    let new = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) })?;
+    // SAFETY: a fresh fd that we alone own.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }

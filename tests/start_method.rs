@@ -526,6 +526,39 @@ fn the_server_starts_from_the_callers_environment_and_directory_at_build() {
     }
 }
 
+/// Helper mode: closes stdin (so the pool's first fds get low numbers),
+/// then builds pools under both methods.
+#[test]
+fn closed_stdin_helper() {
+    if std::env::var_os("PROCPOOL_CLOSED_STDIN").is_none() {
+        return;
+    }
+    // SAFETY: fd 0 is this helper process's stdin, which nothing in it uses.
+    unsafe { libc::close(0) };
+    for method in BOTH {
+        let pool = pool_with(method, 2);
+        println!("{method:?} {}", pool.apply(square, 12).unwrap());
+        pool.close();
+        pool.join().unwrap();
+    }
+}
+
+#[test]
+fn a_program_with_stdin_closed_builds_pools() {
+    let run = common::run_helper(
+        "closed_stdin_helper",
+        &[("PROCPOOL_CLOSED_STDIN", "1")],
+        Duration::from_secs(120),
+    );
+    assert!(
+        run.stdout.contains("ForkServer 144") && run.stdout.contains("Fork 144"),
+        "{:?}\n{}\n{}",
+        run.status,
+        run.stdout,
+        run.stderr
+    );
+}
+
 #[test]
 fn a_process_started_with_the_server_marker_never_runs_main() {
     // The constructor takes over before main; with fds that are not open it

@@ -365,7 +365,17 @@ impl PoolBuilder {
         let mut err = std::io::stderr().lock();
         let _ = out.flush();
         let _ = err.flush();
+        // Every signal stays blocked across the fork, until the server has
+        // left the terminal's job and set its own dispositions (server::run):
+        // a Ctrl-C meanwhile must not kill it with the host's dispositions.
+        let mask = sys::block_all_signals();
         let forked = sys::fork().map_err(|e| Error::io("forking the fork server", e));
+        if let Ok(sys::Forked::Parent(pid)) = &forked {
+            sys::child_own_process_group(*pid);
+        }
+        if !matches!(forked, Ok(sys::Forked::Child)) {
+            sys::restore_signal_mask(&mask);
+        }
         let server_pid = match forked? {
             sys::Forked::Child => {
                 drop(parent_end);

@@ -78,10 +78,30 @@ pub(crate) struct Spec {
 }
 
 /// The server's main loop; runs in the forked child and never returns.
+///
+/// First it leaves the terminal's foreground job and sets its signals, for
+/// itself and every worker it will fork (whatever starts it): a process
+/// group of its own, so that the terminal's Ctrl-C (SIGINT to that job)
+/// reaches the host program, which decides what becomes of its pool, and
+/// never the pool's processes; every disposition back to a Rust program's
+/// defaults, so that neither a handler of the host nor a disposition
+/// inherited as ignored reaches a task (SIGCHLD ignored would also make the
+/// kernel reap the workers and lose their exit status); and stdin from
+/// `/dev/null`. Signals stay blocked until that is done (the parent blocks
+/// them across the fork), and one sent to the old group meanwhile is
+/// discarded.
 pub(crate) fn run(sock: OwnedFd, spec: &Spec) -> ! {
+    sys::block_all_signals();
+    sys::own_process_group();
+    sys::default_dispositions();
     worker::mark_worker_process();
     let fd = sock.as_raw_fd();
     sys::neuter_fds_except(&[fd]);
+    if fd != 0 {
+        sys::stdin_from_dev_null();
+    }
+    // SIGCHLD stays blocked (it is read from the signalfd); every other
+    // signal is unblocked.
     let Ok(sigfd) = sys::sigchld_fd() else {
         sys::exit_now(2)
     };

@@ -787,6 +787,11 @@ impl Pool {
     /// Waits for the workers to finish and exit, and reaps them. Allowed only
     /// after [`close`](Self::close) or [`terminate`](Self::terminate), as in
     /// CPython: otherwise [`Error::StillRunning`].
+    ///
+    /// If the pool broke meanwhile (its fork server was killed, no worker
+    /// could be started, the initializer kept failing), it returns that
+    /// error ([`Error::Broken`], [`Error::InitializerFailed`]) once
+    /// everything is reaped: the tasks that were waiting did not run.
     pub fn join(&self) -> Result<()> {
         if self.shared.phase() == Phase::Running {
             return Err(Error::StillRunning);
@@ -794,7 +799,10 @@ impl Pool {
         self.join_supervisor();
         // As in CPython, the callbacks of finished tasks have run by now.
         self.shared.handler.drain();
-        Ok(())
+        match self.shared.broken() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     fn join_supervisor(&self) {

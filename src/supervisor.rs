@@ -50,17 +50,53 @@ pub(crate) enum ServerHandle {
 }
 
 impl ServerHandle {
-    /// Waits for the server to end (reaps the process, joins the thread).
-    fn wait(self) {
+    /// Waits for the server to end (reaps the process, joins the thread);
+    /// returns the process's exit status, if it could be had. Never waits
+    /// for a server that has ended: one reaped by another (the kernel, when
+    /// this process ignores SIGCHLD) is `ECHILD`, and counts as gone.
+    fn wait(self) -> Option<ExitStatus> {
         match self {
-            ServerHandle::Process(pid) => {
-                let _ = sys::reap(pid);
-            }
+            ServerHandle::Process(pid) => sys::reap(pid).ok().map(ExitStatus::from_raw),
             ServerHandle::Thread(h) => {
                 let _ = h.join();
+                None
             }
         }
     }
+
+    /// What the server is, for an error message.
+    fn what(&self) -> &'static str {
+        match self {
+            ServerHandle::Process(_) => "the fork server",
+            ServerHandle::Thread(_) => "the pool's server thread",
+        }
+    }
+}
+
+/// Why the pool broke when its server ended on its own: "the fork server
+/// exited (killed by signal 9, SIGKILL)".
+fn server_exit_reason(what: &str, status: Option<ExitStatus>) -> String {
+    let how = match status {
+        Some(s) => match (s.signal(), s.code()) {
+            (Some(sig), _) => {
+                let name = match sig {
+                    libc::SIGHUP => ", SIGHUP",
+                    libc::SIGINT => ", SIGINT",
+                    libc::SIGQUIT => ", SIGQUIT",
+                    libc::SIGABRT => ", SIGABRT",
+                    libc::SIGKILL => ", SIGKILL",
+                    libc::SIGSEGV => ", SIGSEGV",
+                    libc::SIGTERM => ", SIGTERM",
+                    _ => "",
+                };
+                format!(" (killed by signal {sig}{name})")
+            }
+            (None, Some(code)) => format!(" (exit status {code})"),
+            (None, None) => String::new(),
+        },
+        None => String::new(),
+    };
+    format!("{what} exited{how}")
 }
 
 /// The pool's settings, fixed at build time.
@@ -175,6 +211,9 @@ pub(crate) struct State {
     server: Link,
     server_pid: u32,
     server_handle: Option<ServerHandle>,
+    /// The server closed its socket: it is ending on its own (it never
+    /// closes it otherwise), and the pool with it.
+    server_lost: bool,
     pub(crate) finished: bool,
 }
 
@@ -232,6 +271,7 @@ impl Shared {
                     ServerHandle::Thread(_) => std::process::id(),
                 },
                 server_handle: Some(handle),
+                server_lost: false,
                 finished: false,
             }),
             cv: Condvar::new(),
@@ -293,15 +333,8 @@ impl Shared {
     /// Queues jobs (all or none) and dispatches what idle workers can take.
     pub(crate) fn submit(&self, jobs: Vec<(Arc<Slot>, JobSpec)>) -> Result<(), Error> {
         let mut st = self.lock();
-        match st.phase {
-            Phase::Running => {}
-            Phase::Closed => return Err(Error::Closed),
-            Phase::Terminated => return Err(Error::Terminated),
-        }
-        if let Some(e) = &st.broken {
-            if st.workers.is_empty() && st.spawning.is_empty() {
-                return Err(e.clone());
-            }
+        if let Some(e) = st.refusal() {
+            return Err(e);
         }
         for (slot, s) in jobs {
             st.queue.push_back(Job {
@@ -442,11 +475,16 @@ impl Shared {
 
     /// `Ok` while the pool takes tasks.
     pub(crate) fn check_running(&self) -> Result<(), Error> {
-        match self.lock().phase {
-            Phase::Running => Ok(()),
-            Phase::Closed => Err(Error::Closed),
-            Phase::Terminated => Err(Error::Terminated),
+        match self.lock().refusal() {
+            None => Ok(()),
+            Some(e) => Err(e),
         }
+    }
+
+    /// What broke the pool, if something did (its server died, no worker
+    /// could be started, the initializer keeps failing).
+    pub(crate) fn broken(&self) -> Option<Error> {
+        self.lock().broken.clone()
     }
 }
 
@@ -515,6 +553,19 @@ fn send_kills(st: &mut State) {
 }
 
 impl State {
+    /// Why a submission is refused now, if it is: `Closed` after `close()`;
+    /// else what broke the pool, once no worker is left to run anything
+    /// (also after the pool ended because of it); else `Terminated` after
+    /// `terminate()`.
+    fn refusal(&self) -> Option<Error> {
+        match (&self.phase, &self.broken) {
+            (Phase::Closed, _) => Some(Error::Closed),
+            (_, Some(e)) if self.workers.is_empty() && self.spawning.is_empty() => Some(e.clone()),
+            (Phase::Terminated, _) => Some(Error::Terminated),
+            _ => None,
+        }
+    }
+
     /// Asks the server for a worker; `held` outcomes wait for it. Returns
     /// them at once if no spawn could be asked for.
     #[must_use]
@@ -983,6 +1034,7 @@ fn run_loop(shared: &Shared) {
         }
         let mut done: Vec<Completion> = Vec::new();
         let mut reap_server = None;
+        let mut lost_server = None;
         {
             let mut guard = shared.lock();
             let st = &mut *guard;
@@ -1015,45 +1067,77 @@ fn run_loop(shared: &Shared) {
             if wf == 2 && pfds[1].revents & !libc::POLLOUT != 0 {
                 server_messages(shared, st, &mut done);
             }
-            check_clocks(st, &shared.words);
-            send_kills(st);
-            match st.phase {
-                Phase::Terminated => {
-                    st.fail_all(Error::Terminated, &mut done);
-                    st.workers.clear();
-                    st.spawning.clear();
-                    st.server.fd = None;
-                    reap_server = st.server_handle.take();
-                    st.finished = true;
-                }
-                Phase::Closed => {
-                    if st.queue.is_empty() {
-                        for w in st.workers.iter_mut() {
-                            if w.ready && !w.retiring && w.in_flight.is_empty() {
-                                w.retiring = true;
-                                flush_out(w);
-                            }
-                        }
-                    }
-                    if st.queue.is_empty() && st.workers.is_empty() && st.spawning.is_empty() {
+            if st.server_lost {
+                lost_server = Some(st.server_handle.take());
+            } else {
+                check_clocks(st, &shared.words);
+                send_kills(st);
+                match st.phase {
+                    Phase::Terminated => {
+                        st.fail_all(Error::Terminated, &mut done);
+                        st.workers.clear();
+                        st.spawning.clear();
                         st.server.fd = None;
                         reap_server = st.server_handle.take();
                         st.finished = true;
                     }
+                    Phase::Closed => {
+                        if st.queue.is_empty() {
+                            for w in st.workers.iter_mut() {
+                                if w.ready && !w.retiring && w.in_flight.is_empty() {
+                                    w.retiring = true;
+                                    flush_out(w);
+                                }
+                            }
+                        }
+                        if st.queue.is_empty() && st.workers.is_empty() && st.spawning.is_empty() {
+                            st.server.fd = None;
+                            reap_server = st.server_handle.take();
+                            st.finished = true;
+                        }
+                    }
+                    Phase::Running => {}
                 }
-                Phase::Running => {}
-            }
-            if !st.finished {
-                st.dispatch(&shared.cfg, false);
+                if !st.finished {
+                    st.dispatch(&shared.cfg, false);
+                }
             }
         }
         shared.run_completions(done);
+        if let Some(h) = lost_server {
+            let (what, status) = match h {
+                Some(h) => (h.what(), h.wait()),
+                None => ("the fork server", None),
+            };
+            server_lost(shared, server_exit_reason(what, status));
+            break;
+        }
         if let Some(h) = reap_server {
             h.wait();
             shared.cv.notify_all();
             break;
         }
     }
+}
+
+/// The server ended on its own (killed from outside, say): the pool is
+/// broken. Every outstanding task fails with the error that says why, and
+/// so do later submissions and `join`.
+fn server_lost(shared: &Shared, reason: String) {
+    log::error!("procpool: {reason}; the pool is broken");
+    let e = Error::Broken { reason };
+    let mut done = Vec::new();
+    {
+        let mut st = shared.lock();
+        st.broken = Some(e.clone());
+        st.fail_all(e, &mut done);
+        st.workers.clear();
+        st.spawning.clear();
+        st.phase = Phase::Terminated;
+        st.finished = true;
+    }
+    shared.cv.notify_all();
+    shared.run_completions(done);
 }
 
 /// How often a task not yet started is looked at again (a timed task, to
@@ -1136,16 +1220,10 @@ fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) 
         };
         if n == 0 {
             // The fork server is gone: nothing can be spawned or reaped.
-            let e = Error::Broken {
-                reason: "the fork server exited".into(),
-            };
-            st.broken = Some(e.clone());
-            st.fail_all(e, done);
-            st.workers.clear();
-            st.spawning.clear();
+            // The supervisor reaps it (outside the lock), to say how it
+            // ended, and then breaks the pool (`server_lost`).
             st.server.fd = None;
-            st.phase = Phase::Terminated;
-            shared.cv.notify_all();
+            st.server_lost = true;
             return;
         }
         let Some(m) = Msg::from_bytes(&buf[..n]) else {

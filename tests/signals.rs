@@ -462,3 +462,64 @@ fn sigchld_ignored_by_the_host_loses_no_worker() {
     let all: Vec<u32> = std::iter::once(server).chain(first).chain(later).collect();
     common::assert_dead(&all, "the pool's processes after close() and join()");
 }
+
+// ---- the fork server killed from outside (in this process) ----------------
+
+fn gated_one(gate: String) -> u64 {
+    common::wait_for_gate(&gate);
+    1
+}
+
+fn assert_broken_by_kill<T: std::fmt::Debug>(r: Result<T, Error>, what: &str) -> String {
+    match r {
+        Err(Error::Broken { reason }) => {
+            assert!(
+                reason.contains("the fork server exited (killed by signal 9"),
+                "{what}: {reason}"
+            );
+            reason
+        }
+        other => panic!("{what}: expected Broken, got {other:?}"),
+    }
+}
+
+/// The fork server SIGKILLed: the task in flight fails with Broken, saying
+/// how the server ended; so does every later call, and join().
+#[test]
+fn a_killed_fork_server_breaks_the_pool_for_every_later_call() {
+    let pool = Pool::builder().processes(2).build().unwrap();
+    let gate = common::Gate::new("server-killed");
+    let running = pool.apply_async(gated_one, gate.key()).unwrap();
+    let server = pool.server_pid();
+    let workers = pool.worker_pids();
+    // SAFETY: a signal to the pool's own server, a pid from its API and a
+    // child of this process that has not been reaped (the pool reaps it).
+    assert_eq!(
+        unsafe { libc::kill(server as libc::pid_t, libc::SIGKILL) },
+        0
+    );
+    assert!(
+        running.wait_timeout(common::HELPER_BOUND),
+        "the task in flight never resolved"
+    );
+    let reason = assert_broken_by_kill(running.get(), "the task in flight");
+    assert_broken_by_kill(pool.apply(inc, 1), "apply");
+    assert_broken_by_kill(pool.apply_async(inc, 1).map(|_| ()), "apply_async");
+    assert_broken_by_kill(pool.map(inc, 0..10), "map");
+    assert_broken_by_kill(pool.map_async(inc, 0..10).map(|_| ()), "map_async");
+    let first = pool.imap(inc, 0..10).next().expect("one item");
+    assert_broken_by_kill(first, "imap");
+    pool.close();
+    assert_eq!(
+        assert_broken_by_kill(pool.join(), "join"),
+        reason,
+        "join's error"
+    );
+    assert_broken_by_kill(pool.join(), "join, again");
+    assert_broken_by_kill(pool.apply(inc, 1), "apply after close");
+    // The server was reaped (it was this process's child); the workers died
+    // with it.
+    assert!(!common::exists(server), "server {server} was not reaped");
+    common::assert_dead(&workers, "the workers of a killed server");
+    gate.open();
+}

@@ -14,7 +14,8 @@
 //! worker runs; else only while the worker's shared word says it runs task
 //! `seq`, so a cancel never kills the task after the one it was for);
 //! server → parent: `SPAWNED slot pid` (+ the worker's socket),
-//! `SPAWN_FAILED slot errno`, `EXITED pid status`, `KILL_REFUSED pid`.
+//! `SPAWN_FAILED slot errno` (slot `u32::MAX`: the server could not set
+//! itself up, and exits), `EXITED pid status`, `KILL_REFUSED pid`.
 //! End-of-file from the parent (it closed the socket, or died) makes the
 //! server SIGKILL every worker, reap them all, and exit.
 
@@ -102,8 +103,19 @@ pub(crate) fn run(sock: OwnedFd, spec: &Spec) -> ! {
     }
     // SIGCHLD stays blocked (it is read from the signalfd); every other
     // signal is unblocked.
-    let Ok(sigfd) = sys::sigchld_fd() else {
-        sys::exit_now(2)
+    let sigfd = match sys::sigchld_fd() {
+        Ok(s) => s,
+        Err(e) => {
+            // Out of fds, say: tell the parent why no worker will start.
+            let m = Msg {
+                kind: SPAWN_FAILED,
+                slot: u32::MAX,
+                a: e.raw_os_error().unwrap_or(0) as u64,
+                b: 0,
+            };
+            let _ = sys::send_with_fds(fd, &m.to_bytes(), &[]);
+            sys::exit_now(2)
+        }
     };
     let me = std::process::id() as libc::pid_t;
     let mut live: Vec<libc::pid_t> = Vec::with_capacity(64);

@@ -530,6 +530,15 @@ fn set_disposition(sig: libc::c_int, handler: libc::sighandler_t) {
     }
 }
 
+/// This process's open-file limit (the soft `RLIMIT_NOFILE`), for messages.
+pub(crate) fn open_file_limit() -> Option<u64> {
+    // SAFETY: rl is a plain-data out-parameter for getrlimit.
+    let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid resource and out-pointer.
+    let r = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) };
+    (r == 0 && rl.rlim_cur != libc::RLIM_INFINITY).then_some(rl.rlim_cur as u64)
+}
+
 /// Points fd 0 at `/dev/null`, as Python's pool does for its workers: a
 /// task that reads stdin gets end-of-file instead of competing with the
 /// host for the terminal (and, outside the terminal's foreground job,

@@ -268,3 +268,88 @@ fn failed_replacements_fail_queued_tasks_once_no_worker_is_left() {
     let all: Vec<u32> = std::iter::once(server).chain(workers).collect();
     common::assert_dead(&all, "the pool's processes after join()");
 }
+
+// ---- shared memory held after large values ---------------------------------
+
+/// The bound on the free blocks the pool keeps (src/shm.rs, CACHE_BYTES).
+const CACHE_BOUND: u64 = 128 << 20;
+
+fn big_result(n: usize) -> serde_bytes::ByteBuf {
+    serde_bytes::ByteBuf::from(vec![7u8; n])
+}
+
+fn echo(b: serde_bytes::ByteBuf) -> serde_bytes::ByteBuf {
+    b
+}
+
+/// The pool's shared-memory blocks that this process holds: their count
+/// and the sum of their sizes (memfds among /proc/self/fd, sized by fstat).
+fn memfd_bytes() -> (usize, u64) {
+    let mut count = 0;
+    let mut bytes = 0;
+    for e in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        if target.to_string_lossy().starts_with("/memfd:procpool") {
+            if let Ok(m) = std::fs::metadata(e.path()) {
+                count += 1;
+                bytes += m.len();
+            }
+        }
+    }
+    (count, bytes)
+}
+
+/// RssShmem of this process, in bytes: the shared memory it has mapped
+/// and touched.
+fn rss_shmem() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = s
+        .lines()
+        .find(|l| l.starts_with("RssShmem:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// After 10 round trips of 200 MB results, the shared memory this process
+/// still holds is at most the cache's bound; a block that fits (a 40 MB
+/// argument echoed back) is kept warm. Isolated: it counts this process's
+/// memfds.
+#[test]
+fn shared_memory_held_after_big_results_stays_under_the_cache_bound() {
+    if common::isolated("shared_memory_held_after_big_results_stays_under_the_cache_bound") {
+        return;
+    }
+    let pool = common::pool(1);
+    let arg = serde_bytes::ByteBuf::from(vec![3u8; 40_000_000]);
+    for _ in 0..3 {
+        let back = pool.apply(echo, arg.clone()).unwrap();
+        assert!(back == arg, "the echo came back changed");
+    }
+    let (warm, _) = memfd_bytes();
+    assert!(
+        warm >= 1,
+        "no block was kept warm for the next large message"
+    );
+    const N: usize = 200_000_000;
+    for i in 0..10 {
+        let v = pool.apply(big_result, N).unwrap();
+        assert_eq!(v.len(), N, "round trip {i}");
+        assert!(v[0] == 7 && v[N - 1] == 7, "round trip {i}");
+    }
+    let (count, bytes) = memfd_bytes();
+    let shmem = rss_shmem();
+    assert!(
+        bytes <= CACHE_BOUND,
+        "{count} blocks of {bytes} bytes held after 10 results of 200 MB"
+    );
+    assert!(
+        shmem <= CACHE_BOUND,
+        "RssShmem {shmem} bytes after 10 results of 200 MB ({count} blocks of {bytes} bytes)"
+    );
+    pool.close();
+    pool.join().unwrap();
+}

@@ -323,6 +323,13 @@ impl PoolBuilder {
 
     /// Forks the fork server, starts the workers (running the initializer in
     /// each) and returns once every worker is ready.
+    ///
+    /// If a worker cannot be started (this process or the fork server is out
+    /// of file descriptors, processes or memory), it returns
+    /// [`Error::Broken`] at once, saying how many had started and why, after
+    /// killing and reaping those. The fork server, and so every worker, runs
+    /// in a process group of its own: a terminal's Ctrl-C reaches this
+    /// program only (see the crate documentation, "Ctrl-C and other signals").
     pub fn build(self) -> Result<Pool> {
         let processes = match self.processes {
             Some(0) => return Err(Error::Config("processes must be at least 1")),

@@ -5,6 +5,9 @@ use std::process::Command;
 
 const ISOLATED: &str = "PROCPOOL_TEST_ISOLATED";
 
+/// How long an isolated run may take before the test calls it hung.
+const ISOLATED_BOUND: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Runs the calling test's body in a fresh process of this test binary, so
 /// that it can count the process's children or open fds without the other
 /// tests that `cargo test` runs on other threads of the same process.
@@ -18,17 +21,45 @@ pub fn isolated(name: &str) -> bool {
         return false;
     }
     let exe = std::env::current_exe().expect("current_exe");
-    let out = Command::new(exe)
+    let mut child = Command::new(exe)
         .args([name, "--exact", "--nocapture", "--test-threads=1"])
         .env(ISOLATED, name)
-        .output()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("re-running the test binary");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Read both pipes on threads and wait for the child with a bound: a
+    // hung run is killed (it is our own child) and fails the test.
+    let drain = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            String::from_utf8_lossy(&v).into_owned()
+        })
+    };
+    let out_t = drain(Box::new(child.stdout.take().unwrap()));
+    let err_t = drain(Box::new(child.stderr.take().unwrap()));
+    let end = std::time::Instant::now() + ISOLATED_BOUND;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("waiting for the isolated run") {
+            break Some(s);
+        }
+        if std::time::Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let stdout = out_t.join().unwrap_or_default();
+    let stderr = err_t.join().unwrap_or_default();
+    let Some(status) = status else {
+        panic!("isolated run of {name} did not finish in {ISOLATED_BOUND:?}:\n{stdout}\n{stderr}");
+    };
     assert!(
-        out.status.success(),
-        "isolated run of {name} failed ({}):\n{stdout}\n{stderr}",
-        out.status
+        status.success(),
+        "isolated run of {name} failed ({status}):\n{stdout}\n{stderr}"
     );
     assert!(
         stdout.contains("1 passed"),

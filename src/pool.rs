@@ -342,6 +342,13 @@ impl PoolBuilder {
     /// Starts the fork server (see [`start_method`](Self::start_method)),
     /// starts the workers (running the initializer in each) and returns
     /// once every worker is ready.
+    ///
+    /// If a worker cannot be started (this process or the fork server is out
+    /// of file descriptors, processes or memory), it returns
+    /// [`Error::Broken`] at once, saying how many had started and why, after
+    /// killing and reaping those. The fork server, and so every worker, runs
+    /// in a process group of its own: a terminal's Ctrl-C reaches this
+    /// program only (see the crate documentation, "Ctrl-C and other signals").
     pub fn build(self) -> Result<Pool> {
         let processes = match self.processes {
             Some(0) => return Err(Error::Config("processes must be at least 1")),
@@ -414,7 +421,17 @@ fn fork_server(spec: Spec) -> Result<(std::os::fd::OwnedFd, libc::pid_t)> {
     let mut err = std::io::stderr().lock();
     let _ = out.flush();
     let _ = err.flush();
+    // Every signal stays blocked across the fork, until the server has
+    // left the terminal's job and set its own dispositions (server::run):
+    // a Ctrl-C meanwhile must not kill it with the host's dispositions.
+    let mask = sys::block_all_signals();
     let forked = sys::fork().map_err(|e| Error::io("forking the fork server", e));
+    if let Ok(sys::Forked::Parent(pid)) = &forked {
+        sys::child_own_process_group(*pid);
+    }
+    if !matches!(forked, Ok(sys::Forked::Child)) {
+        sys::restore_signal_mask(&mask);
+    }
     let server_pid = match forked? {
         sys::Forked::Child => {
             drop(parent_end);
@@ -819,6 +836,11 @@ impl Pool {
     /// Waits for the workers to finish and exit, and reaps them. Allowed only
     /// after [`close`](Self::close) or [`terminate`](Self::terminate), as in
     /// CPython: otherwise [`Error::StillRunning`].
+    ///
+    /// If the pool broke meanwhile (its fork server was killed, no worker
+    /// could be started, the initializer kept failing), it returns that
+    /// error ([`Error::Broken`], [`Error::InitializerFailed`]) once
+    /// everything is reaped: the tasks that were waiting did not run.
     pub fn join(&self) -> Result<()> {
         if self.shared.phase() == Phase::Running {
             return Err(Error::StillRunning);
@@ -826,7 +848,10 @@ impl Pool {
         self.join_supervisor();
         // As in CPython, the callbacks of finished tasks have run by now.
         self.shared.handler.drain();
-        Ok(())
+        match self.shared.broken() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     fn join_supervisor(&self) {

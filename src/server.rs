@@ -14,7 +14,8 @@
 //! worker runs; else only while the worker's shared word says it runs task
 //! `seq`, so a cancel never kills the task after the one it was for);
 //! server → parent: `SPAWNED slot pid` (+ the worker's socket),
-//! `SPAWN_FAILED slot errno`, `EXITED pid status`, `KILL_REFUSED pid`, and
+//! `SPAWN_FAILED slot errno` (slot `u32::MAX`: the server could not set
+//! itself up, and exits), `EXITED pid status`, `KILL_REFUSED pid`, and
 //! first of all, from a server started by exec, `HELLO 0 pid`.
 //! End-of-file from the parent (it closed the socket, or died) makes the
 //! server SIGKILL every worker, reap them all, and exit.
@@ -81,12 +82,43 @@ pub(crate) struct Spec {
 }
 
 /// The server's main loop; runs in the forked child and never returns.
+///
+/// First it leaves the terminal's foreground job and sets its signals, for
+/// itself and every worker it will fork (whatever starts it): a process
+/// group of its own, so that the terminal's Ctrl-C (SIGINT to that job)
+/// reaches the host program, which decides what becomes of its pool, and
+/// never the pool's processes; every disposition back to a Rust program's
+/// defaults, so that neither a handler of the host nor a disposition
+/// inherited as ignored reaches a task (SIGCHLD ignored would also make the
+/// kernel reap the workers and lose their exit status); and stdin from
+/// `/dev/null`. Signals stay blocked until that is done (the parent blocks
+/// them across the fork), and one sent to the old group meanwhile is
+/// discarded.
 pub(crate) fn run(sock: OwnedFd, spec: &Spec) -> ! {
+    sys::block_all_signals();
+    sys::own_process_group();
+    sys::default_dispositions();
     worker::mark_worker_process();
     let fd = sock.as_raw_fd();
     sys::neuter_fds_except(&[fd]);
-    let Ok(sigfd) = sys::sigchld_fd() else {
-        sys::exit_now(2)
+    if fd != 0 {
+        sys::stdin_from_dev_null();
+    }
+    // SIGCHLD stays blocked (it is read from the signalfd); every other
+    // signal is unblocked.
+    let sigfd = match sys::sigchld_fd() {
+        Ok(s) => s,
+        Err(e) => {
+            // Out of fds, say: tell the parent why no worker will start.
+            let m = Msg {
+                kind: SPAWN_FAILED,
+                slot: u32::MAX,
+                a: e.raw_os_error().unwrap_or(0) as u64,
+                b: 0,
+            };
+            let _ = sys::send_with_fds(fd, &m.to_bytes(), &[]);
+            sys::exit_now(2)
+        }
     };
     let me = std::process::id() as libc::pid_t;
     let mut live: Vec<libc::pid_t> = Vec::with_capacity(64);

@@ -16,10 +16,20 @@ use std::sync::{Arc, Mutex};
 
 /// Bodies above this size go through a block.
 pub(crate) const SPILL_AT: usize = 512 << 10;
-/// The cache keeps at most this many free blocks...
+/// The cache keeps at most this many bytes of free blocks (the sum of
+/// their sizes) ...
+///
+/// A warm block saves its pages' first-touch faults (about 35 ms per 64 MiB
+/// here) each time it is reused, but the memory stays with the pool for
+/// its lifetime: without a bound, a program that once received a few
+/// 200 MB results kept a gigabyte. 128 MiB keeps warm the block of a
+/// 64 MiB argument that goes to a worker and comes back as the result (66
+/// MiB, rounded up; the largest case the benchmarks measure) and a few
+/// smaller ones. A block that would not fit is freed (unmapped and closed)
+/// as soon as its value is decoded.
+const CACHE_BYTES: usize = 128 << 20;
+/// ... in at most this many blocks.
 const CACHE_BLOCKS: usize = 4;
-/// ... of at most this many bytes each.
-const CACHE_MAX_BYTES: usize = 1 << 30;
 
 /// A memory file and this process's mapping of it.
 pub(crate) struct Block {
@@ -88,20 +98,24 @@ fn round_up(len: usize) -> usize {
     len.max(1).next_multiple_of(2 << 20)
 }
 
-/// Free blocks, kept warm for the next large message.
+/// Free blocks, kept warm for the next large message: at most
+/// [`CACHE_BLOCKS`] of them, [`CACHE_BYTES`] in all.
 #[derive(Default)]
 pub(crate) struct BlockCache {
+    /// Largest first.
     free: Mutex<Vec<Block>>,
 }
 
 impl BlockCache {
-    /// A free block of at least `len` bytes, or a new one.
+    /// The smallest free block of at least `len` bytes; else the largest,
+    /// grown; else a new one.
     pub(crate) fn take(&self, len: usize) -> io::Result<Block> {
         let found = {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-            match free.iter().position(|b| b.capacity() >= len) {
-                Some(i) => Some(free.swap_remove(i)),
-                None => free.pop(),
+            match free.iter().rposition(|b| b.capacity() >= len) {
+                Some(i) => Some(free.remove(i)),
+                None if free.is_empty() => None,
+                None => Some(free.remove(0)),
             }
         };
         match found {
@@ -113,16 +127,29 @@ impl BlockCache {
         }
     }
 
+    /// Keeps a block for reuse, within the bounds: the largest blocks stay
+    /// (they serve any smaller message too); the others are freed.
     pub(crate) fn put(&self, b: Block) {
-        if b.capacity() > CACHE_MAX_BYTES {
+        if b.capacity() > CACHE_BYTES {
             return;
         }
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if free.len() < CACHE_BLOCKS {
-            free.push(b);
-        } else if let Some(i) = free.iter().position(|x| x.capacity() < b.capacity()) {
-            free[i] = b;
-        }
+        let dropped = {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            let at = free.partition_point(|x| x.capacity() >= b.capacity());
+            free.insert(at, b);
+            let mut total = 0;
+            let keep = free
+                .iter()
+                .take(CACHE_BLOCKS)
+                .take_while(|x| {
+                    total += x.capacity();
+                    total <= CACHE_BYTES
+                })
+                .count();
+            free.split_off(keep)
+        };
+        // Unmapped and closed outside the lock.
+        drop(dropped);
     }
 }
 

@@ -50,17 +50,53 @@ pub(crate) enum ServerHandle {
 }
 
 impl ServerHandle {
-    /// Waits for the server to end (reaps the process, joins the thread).
-    fn wait(self) {
+    /// Waits for the server to end (reaps the process, joins the thread);
+    /// returns the process's exit status, if it could be had. Never waits
+    /// for a server that has ended: one reaped by another (the kernel, when
+    /// this process ignores SIGCHLD) is `ECHILD`, and counts as gone.
+    fn wait(self) -> Option<ExitStatus> {
         match self {
-            ServerHandle::Process(pid) => {
-                let _ = sys::reap(pid);
-            }
+            ServerHandle::Process(pid) => sys::reap(pid).ok().map(ExitStatus::from_raw),
             ServerHandle::Thread(h) => {
                 let _ = h.join();
+                None
             }
         }
     }
+
+    /// What the server is, for an error message.
+    fn what(&self) -> &'static str {
+        match self {
+            ServerHandle::Process(_) => "the fork server",
+            ServerHandle::Thread(_) => "the pool's server thread",
+        }
+    }
+}
+
+/// Why the pool broke when its server ended on its own: "the fork server
+/// exited (killed by signal 9, SIGKILL)".
+fn server_exit_reason(what: &str, status: Option<ExitStatus>) -> String {
+    let how = match status {
+        Some(s) => match (s.signal(), s.code()) {
+            (Some(sig), _) => {
+                let name = match sig {
+                    libc::SIGHUP => ", SIGHUP",
+                    libc::SIGINT => ", SIGINT",
+                    libc::SIGQUIT => ", SIGQUIT",
+                    libc::SIGABRT => ", SIGABRT",
+                    libc::SIGKILL => ", SIGKILL",
+                    libc::SIGSEGV => ", SIGSEGV",
+                    libc::SIGTERM => ", SIGTERM",
+                    _ => "",
+                };
+                format!(" (killed by signal {sig}{name})")
+            }
+            (None, Some(code)) => format!(" (exit status {code})"),
+            (None, None) => String::new(),
+        },
+        None => String::new(),
+    };
+    format!("{what} exited{how}")
 }
 
 /// The pool's settings, fixed at build time.
@@ -178,6 +214,13 @@ pub(crate) struct State {
     server: Link,
     server_pid: u32,
     server_handle: Option<ServerHandle>,
+    /// Failed worker starts in a row (see `start_failed`), and when the
+    /// next retry is due.
+    start_failures: u32,
+    respawn_at: Option<Instant>,
+    /// The server closed its socket: it is ending on its own (it never
+    /// closes it otherwise), and the pool with it.
+    server_lost: bool,
     pub(crate) finished: bool,
 }
 
@@ -235,6 +278,9 @@ impl Shared {
                     ServerHandle::Thread(_) => std::process::id(),
                 },
                 server_handle: Some(handle),
+                start_failures: 0,
+                respawn_at: None,
+                server_lost: false,
                 finished: false,
             }),
             cv: Condvar::new(),
@@ -301,15 +347,8 @@ impl Shared {
             }
         }
         let mut st = self.lock();
-        match st.phase {
-            Phase::Running => {}
-            Phase::Closed => return Err(Error::Closed),
-            Phase::Terminated => return Err(Error::Terminated),
-        }
-        if let Some(e) = &st.broken {
-            if st.workers.is_empty() && st.spawning.is_empty() {
-                return Err(e.clone());
-            }
+        if let Some(e) = st.refusal() {
+            return Err(e);
         }
         for (slot, s) in jobs {
             st.queue.push_back(Job {
@@ -450,11 +489,16 @@ impl Shared {
 
     /// `Ok` while the pool takes tasks.
     pub(crate) fn check_running(&self) -> Result<(), Error> {
-        match self.lock().phase {
-            Phase::Running => Ok(()),
-            Phase::Closed => Err(Error::Closed),
-            Phase::Terminated => Err(Error::Terminated),
+        match self.lock().refusal() {
+            None => Ok(()),
+            Some(e) => Err(e),
         }
+    }
+
+    /// What broke the pool, if something did (its server died, no worker
+    /// could be started, the initializer keeps failing).
+    pub(crate) fn broken(&self) -> Option<Error> {
+        self.lock().broken.clone()
     }
 }
 
@@ -523,6 +567,19 @@ fn send_kills(st: &mut State) {
 }
 
 impl State {
+    /// Why a submission is refused now, if it is: `Closed` after `close()`;
+    /// else what broke the pool, once no worker is left to run anything
+    /// (also after the pool ended because of it); else `Terminated` after
+    /// `terminate()`.
+    fn refusal(&self) -> Option<Error> {
+        match (&self.phase, &self.broken) {
+            (Phase::Closed, _) => Some(Error::Closed),
+            (_, Some(e)) if self.workers.is_empty() && self.spawning.is_empty() => Some(e.clone()),
+            (Phase::Terminated, _) => Some(Error::Terminated),
+            _ => None,
+        }
+    }
+
     /// Asks the server for a worker; `held` outcomes wait for it. Returns
     /// them at once if no spawn could be asked for.
     #[must_use]
@@ -946,7 +1003,7 @@ fn run_loop(shared: &Shared) {
             }
             wf = pfds.len();
             let now = Instant::now();
-            let mut next: Option<Instant> = None;
+            let mut next: Option<Instant> = st.respawn_at;
             for w in st.workers.iter() {
                 let mut ev = 0;
                 if !w.eof {
@@ -991,6 +1048,7 @@ fn run_loop(shared: &Shared) {
         }
         let mut done: Vec<Completion> = Vec::new();
         let mut reap_server = None;
+        let mut lost_server = None;
         {
             let mut guard = shared.lock();
             let st = &mut *guard;
@@ -1023,45 +1081,84 @@ fn run_loop(shared: &Shared) {
             if wf == 2 && pfds[1].revents & !libc::POLLOUT != 0 {
                 server_messages(shared, st, &mut done);
             }
-            check_clocks(st, &shared.words);
-            send_kills(st);
-            match st.phase {
-                Phase::Terminated => {
-                    st.fail_all(Error::Terminated, &mut done);
-                    st.workers.clear();
-                    st.spawning.clear();
-                    st.server.fd = None;
-                    reap_server = st.server_handle.take();
-                    st.finished = true;
-                }
-                Phase::Closed => {
-                    if st.queue.is_empty() {
-                        for w in st.workers.iter_mut() {
-                            if w.ready && !w.retiring && w.in_flight.is_empty() {
-                                w.retiring = true;
-                                flush_out(w);
-                            }
-                        }
+            if st.server_lost {
+                lost_server = Some(st.server_handle.take());
+            } else {
+                if st.respawn_at.is_some_and(|t| t <= Instant::now()) {
+                    st.respawn_at = None;
+                    if wants_workers(st) && st.broken.is_none() {
+                        make_up_workers(shared, st, &mut done);
                     }
-                    if st.queue.is_empty() && st.workers.is_empty() && st.spawning.is_empty() {
+                }
+                check_clocks(st, &shared.words);
+                send_kills(st);
+                match st.phase {
+                    Phase::Terminated => {
+                        st.fail_all(Error::Terminated, &mut done);
+                        st.workers.clear();
+                        st.spawning.clear();
                         st.server.fd = None;
                         reap_server = st.server_handle.take();
                         st.finished = true;
                     }
+                    Phase::Closed => {
+                        if st.queue.is_empty() {
+                            for w in st.workers.iter_mut() {
+                                if w.ready && !w.retiring && w.in_flight.is_empty() {
+                                    w.retiring = true;
+                                    flush_out(w);
+                                }
+                            }
+                        }
+                        if st.queue.is_empty() && st.workers.is_empty() && st.spawning.is_empty() {
+                            st.server.fd = None;
+                            reap_server = st.server_handle.take();
+                            st.finished = true;
+                        }
+                    }
+                    Phase::Running => {}
                 }
-                Phase::Running => {}
-            }
-            if !st.finished {
-                st.dispatch(&shared.cfg, false);
+                if !st.finished {
+                    st.dispatch(&shared.cfg, false);
+                }
             }
         }
         shared.run_completions(done);
+        if let Some(h) = lost_server {
+            let (what, status) = match h {
+                Some(h) => (h.what(), h.wait()),
+                None => ("the fork server", None),
+            };
+            server_lost(shared, server_exit_reason(what, status));
+            break;
+        }
         if let Some(h) = reap_server {
             h.wait();
             shared.cv.notify_all();
             break;
         }
     }
+}
+
+/// The server ended on its own (killed from outside, say): the pool is
+/// broken. Every outstanding task fails with the error that says why, and
+/// so do later submissions and `join`.
+fn server_lost(shared: &Shared, reason: String) {
+    log::error!("procpool: {reason}; the pool is broken");
+    let mut done = Vec::new();
+    {
+        let mut st = shared.lock();
+        // What broke it first, if something did (the server could not
+        // start, say), says more than its exit.
+        let e = st.broken.get_or_insert(Error::Broken { reason }).clone();
+        st.fail_all(e, &mut done);
+        st.workers.clear();
+        st.spawning.clear();
+        st.phase = Phase::Terminated;
+        st.finished = true;
+    }
+    shared.cv.notify_all();
+    shared.run_completions(done);
 }
 
 /// How often a task not yet started is looked at again (a timed task, to
@@ -1144,16 +1241,10 @@ fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) 
         };
         if n == 0 {
             // The fork server is gone: nothing can be spawned or reaped.
-            let e = Error::Broken {
-                reason: "the fork server exited".into(),
-            };
-            st.broken = Some(e.clone());
-            st.fail_all(e, done);
-            st.workers.clear();
-            st.spawning.clear();
+            // The supervisor reaps it (outside the lock), to say how it
+            // ended, and then breaks the pool (`server_lost`).
             st.server.fd = None;
-            st.phase = Phase::Terminated;
-            shared.cv.notify_all();
+            st.server_lost = true;
             return;
         }
         let Some(m) = Msg::from_bytes(&buf[..n]) else {
@@ -1167,17 +1258,20 @@ fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) 
                     None => Vec::new(),
                 };
                 let Some(fd) = fds.pop() else {
-                    // Its socket did not arrive (this process is out of fds):
-                    // that worker reads end-of-file and exits. Not asked for
-                    // again at once (that could loop as fast as fork): the
-                    // next exit makes up the count.
-                    log::warn!("procpool: a new worker's socket did not arrive");
+                    // Its socket did not arrive: this process is out of fds
+                    // (the kernel closed it instead), and that worker reads
+                    // end-of-file and exits.
                     st.free_slots.push(slot);
                     done.extend(held);
-                    fail_if_no_workers(st, done);
+                    let cause = format!(
+                        "this process has no file descriptor free for a new worker's socket{}",
+                        fd_limit_hint()
+                    );
+                    start_failed(shared, st, cause, done);
                     continue;
                 };
                 done.extend(held);
+                st.start_failures = 0;
                 let _ = sys::set_nonblocking(&fd);
                 log::debug!("procpool: worker {} started", m.a);
                 st.workers.push(Worker {
@@ -1223,22 +1317,15 @@ fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) 
                     st.free_slots.push(slot);
                     done.extend(held);
                 }
-                let err = std::io::Error::from_raw_os_error(m.a as i32);
-                log::warn!("procpool: the fork server could not start a worker: {err}");
-                let e = Error::Broken {
-                    reason: format!("the fork server could not start a worker: {err}"),
+                let errno = m.a as i32;
+                let err = std::io::Error::from_raw_os_error(errno);
+                let hint = match errno {
+                    libc::EMFILE | libc::ENFILE => " (see the open-file limit, `ulimit -n`)".into(),
+                    libc::EAGAIN => " (the limit on processes, `ulimit -u`, or memory)".into(),
+                    _ => String::new(),
                 };
-                if st.building {
-                    st.init_error = Some(e.clone());
-                    st.broken = Some(e);
-                } else if st.workers.is_empty() && st.spawning.is_empty() {
-                    // No worker left to run anything: fail what waits.
-                    st.broken = Some(e);
-                    fail_if_no_workers(st, done);
-                }
-                // Otherwise the pool goes on with a worker fewer; the next
-                // exit asks for replacements again.
-                shared.cv.notify_all();
+                let cause = format!("the fork server could not start a worker: {err}{hint}");
+                start_failed(shared, st, cause, done);
             }
             server::EXITED => {
                 let pid = m.a as u32;
@@ -1249,6 +1336,95 @@ fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) 
                 }
             }
             _ => {}
+        }
+    }
+}
+
+/// After a failed start, how many retries in a row the pool makes (with
+/// [`START_BACKOFF`], doubled each time) before it gives up on a
+/// replacement; with no worker left it is then broken. The whole series
+/// takes about 0.3 s: long enough for a moment's shortage (a process limit
+/// reached while other programs exit), short enough that queued tasks fail
+/// promptly when the shortage lasts.
+const START_RETRIES: u32 = 5;
+/// The delay before the first retry of a failed start.
+const START_BACKOFF: Duration = Duration::from_millis(10);
+
+/// " (the open-file limit, `ulimit -n`, is N)", or "" if there is none.
+fn fd_limit_hint() -> String {
+    match sys::open_file_limit() {
+        Some(n) => format!(" (the open-file limit, `ulimit -n`, is {n})"),
+        None => String::new(),
+    }
+}
+
+/// A worker could not be started (the server could not fork it or make
+/// its socket, or its socket could not be received here): out of fds, out
+/// of processes, out of memory. The slot is free again and the outcomes
+/// held for it are released by the caller.
+///
+/// While the pool is being built, `build()` fails with this error (and
+/// the pool, dropped, kills and reaps what was started). Later, the pool
+/// tries again after a delay that doubles each time, up to
+/// [`START_RETRIES`] times in a row (a successful start resets the count);
+/// then, if no worker is left, the pool is broken: every queued task fails
+/// with this error, and so do later submissions. With workers left it goes
+/// on with fewer, and tries again when the next one exits.
+fn start_failed(shared: &Shared, st: &mut State, cause: String, done: &mut Vec<Completion>) {
+    log::warn!("procpool: could not start a worker: {cause}");
+    if st.building {
+        let e = Error::Broken {
+            reason: format!(
+                "could not start all {} workers ({} started): {cause}",
+                shared.cfg.processes,
+                st.workers.len()
+            ),
+        };
+        st.init_error.get_or_insert(e.clone());
+        st.broken.get_or_insert(e);
+        shared.cv.notify_all();
+        return;
+    }
+    // Starts that fail while a retry is already due count as one.
+    if st.respawn_at.is_none() {
+        st.start_failures += 1;
+        if st.start_failures <= START_RETRIES {
+            let delay = START_BACKOFF * 2u32.pow(st.start_failures - 1);
+            st.respawn_at = Some(Instant::now() + delay);
+            return;
+        }
+    }
+    if st.respawn_at.is_none() && st.workers.is_empty() && st.spawning.is_empty() {
+        st.broken = Some(Error::Broken {
+            reason: format!(
+                "no worker is left and {} attempts in a row to start one failed: {cause}",
+                st.start_failures
+            ),
+        });
+        fail_if_no_workers(st, done);
+        shared.cv.notify_all();
+    }
+}
+
+/// Whether the pool still needs workers: running, or closed with work queued.
+fn wants_workers(st: &State) -> bool {
+    match st.phase {
+        Phase::Running => true,
+        Phase::Closed => !st.queue.is_empty(),
+        Phase::Terminated => false,
+    }
+}
+
+/// Asks for workers up to the pool's size (after failed starts).
+fn make_up_workers(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) {
+    while st.workers.len() + st.spawning.len() < shared.cfg.processes
+        && !st.free_slots.is_empty()
+        && st.server.fd.is_some()
+    {
+        let back = st.request_spawn(Vec::new());
+        if !back.is_empty() {
+            done.extend(back);
+            break;
         }
     }
 }
@@ -1341,29 +1517,18 @@ fn worker_exited(
             shared.cv.notify_all();
         }
     }
-    let wanted = match st.phase {
-        Phase::Running => true,
-        Phase::Closed => !st.queue.is_empty(),
-        Phase::Terminated => false,
-    };
-    if wanted && st.broken.is_none() && st.workers.len() + st.spawning.len() < shared.cfg.processes
+    // A retry of failed starts that is due makes up the count (then, not
+    // now: the delay is the point).
+    if wants_workers(st)
+        && st.broken.is_none()
+        && st.respawn_at.is_none()
+        && st.workers.len() + st.spawning.len() < shared.cfg.processes
     {
         log::debug!("procpool: replacing worker {}", w.pid);
         let back = st.request_spawn(lost);
         done.extend(back);
         // Also make up for spawns that failed earlier.
-        while st.workers.len() + st.spawning.len() < shared.cfg.processes
-            && !st.free_slots.is_empty()
-        {
-            let back = st.request_spawn(Vec::new());
-            if !back.is_empty() {
-                done.extend(back);
-                break;
-            }
-            if st.server.fd.is_none() {
-                break;
-            }
-        }
+        make_up_workers(shared, st, done);
     } else {
         done.extend(lost);
         fail_if_no_workers(st, done);

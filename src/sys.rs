@@ -395,25 +395,28 @@ pub(crate) fn reap(pid: libc::pid_t) -> io::Result<i32> {
     }
 }
 
-/// Blocks `SIGCHLD` in the calling (single) thread and returns a signalfd
-/// that becomes readable when a child changes state.
+/// Makes `SIGCHLD` the one signal blocked in the calling (single) thread
+/// and returns a signalfd that becomes readable when a child changes state.
+/// (The fork server calls it with every signal blocked, once its
+/// dispositions are set: see [`default_dispositions`].)
 pub(crate) fn sigchld_fd() -> io::Result<OwnedFd> {
     // SAFETY: set is a local sigset_t that the calls initialise and read.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGCHLD);
-        cvt(libc::pthread_sigmask(
-            libc::SIG_BLOCK,
-            &set,
-            std::ptr::null_mut(),
-        ))?;
         let fd = cvt(libc::signalfd(
             -1,
             &set,
             libc::SFD_CLOEXEC | libc::SFD_NONBLOCK,
         ))?;
-        Ok(OwnedFd::from_raw_fd(fd))
+        let fd = OwnedFd::from_raw_fd(fd);
+        cvt(libc::pthread_sigmask(
+            libc::SIG_SETMASK,
+            &set,
+            std::ptr::null_mut(),
+        ))?;
+        Ok(fd)
     }
 }
 
@@ -428,7 +431,8 @@ pub(crate) fn drain(fd: RawFd) {
 }
 
 /// Unblocks every signal and restores the default `SIGCHLD` disposition, in
-/// a new worker (the fork server blocks `SIGCHLD`).
+/// a new worker (the fork server blocks `SIGCHLD`; its other dispositions,
+/// which the worker inherits, are already those of [`default_dispositions`]).
 pub(crate) fn reset_signals() {
     // SAFETY: set is a local sigset_t; signal() with SIG_DFL has no preconditions.
     unsafe {
@@ -436,6 +440,121 @@ pub(crate) fn reset_signals() {
         libc::sigemptyset(&mut set);
         libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
         libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The pool's processes and the host's signals: a process group of their own,
+// default dispositions, stdin (issue 11).
+
+/// A signal mask, as [`block_all_signals`] found it.
+pub(crate) struct SigMask(libc::sigset_t);
+
+/// Blocks every signal (but SIGKILL and SIGSTOP, which cannot be) in the
+/// calling thread; returns the mask it replaced, for [`restore_signal_mask`].
+pub(crate) fn block_all_signals() -> SigMask {
+    // SAFETY: both sets are local sigset_t values: sigfillset initialises
+    // `all`, pthread_sigmask fills `old` (all-zero is a valid empty set if
+    // the call fails, which it cannot with SIG_SETMASK and valid pointers).
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        SigMask(old)
+    }
+}
+
+/// Sets the calling thread's signal mask back to `mask`.
+pub(crate) fn restore_signal_mask(mask: &SigMask) {
+    // SAFETY: mask holds a set that pthread_sigmask filled in.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &mask.0, std::ptr::null_mut()) };
+}
+
+/// Moves the calling process into a new process group of its own
+/// (`setpgid(0, 0)`), out of the terminal's foreground job: the SIGINT,
+/// SIGQUIT and SIGTSTP that a terminal sends to that job (Ctrl-C, Ctrl-\,
+/// Ctrl-Z) no longer reach it, nor the children it forks after.
+pub(crate) fn own_process_group() {
+    // SAFETY: setpgid with integer arguments. It fails only for a session
+    // leader (never the fork server, a forked child), which stays as it is.
+    unsafe { libc::setpgid(0, 0) };
+}
+
+/// From the parent, right after forking `pid`: the same as
+/// [`own_process_group`] in the child, so that the child is out of the
+/// terminal's job whichever of the two runs first.
+pub(crate) fn child_own_process_group(pid: libc::pid_t) {
+    // SAFETY: setpgid with integer arguments. Errors are harmless: the child
+    // has already exec'd (EACCES) or exited (ESRCH), and sets its group itself.
+    unsafe { libc::setpgid(pid, pid) };
+}
+
+/// Gives every signal the disposition it has in a freshly started Rust
+/// program: the default action, except SIGPIPE, ignored (as the standard
+/// library sets it up, so that a write to a closed pipe is an `EPIPE`
+/// error), and SIGSEGV and SIGBUS, left alone (the handlers the standard
+/// library installs to report a stack overflow). Whatever the process
+/// inherited (a SIGINT handler of the host, SIGCHLD or SIGINT ignored by
+/// whoever started the program) is gone.
+///
+/// Each signal is set to "ignored" first: that discards one of it that is
+/// pending (sent to the terminal's job while this process was still in it
+/// and had every signal blocked), which would otherwise be delivered, with
+/// its default action, once the signals are unblocked.
+pub(crate) fn default_dispositions() {
+    // Not the numbers between 31 and SIGRTMIN: the C library keeps them
+    // for itself (thread cancellation, set*id across threads).
+    for sig in (1..32).chain(libc::SIGRTMIN()..=libc::SIGRTMAX()) {
+        if matches!(
+            sig,
+            libc::SIGKILL | libc::SIGSTOP | libc::SIGSEGV | libc::SIGBUS
+        ) {
+            continue;
+        }
+        set_disposition(sig, libc::SIG_IGN);
+        if sig != libc::SIGPIPE {
+            set_disposition(sig, libc::SIG_DFL);
+        }
+    }
+}
+
+fn set_disposition(sig: libc::c_int, handler: libc::sighandler_t) {
+    // SAFETY: sa is a local sigaction, zeroed (no flags, no mask) and given
+    // SIG_IGN or SIG_DFL, which run no code of ours.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = handler;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(sig, &sa, std::ptr::null_mut());
+    }
+}
+
+/// This process's open-file limit (the soft `RLIMIT_NOFILE`), for messages.
+pub(crate) fn open_file_limit() -> Option<u64> {
+    // SAFETY: rl is a plain-data out-parameter for getrlimit.
+    let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid resource and out-pointer.
+    let r = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) };
+    (r == 0 && rl.rlim_cur != libc::RLIM_INFINITY).then_some(rl.rlim_cur as u64)
+}
+
+/// Points fd 0 at `/dev/null`, as Python's pool does for its workers: a
+/// task that reads stdin gets end-of-file instead of competing with the
+/// host for the terminal (and, outside the terminal's foreground job,
+/// instead of being stopped by SIGTTIN).
+pub(crate) fn stdin_from_dev_null() {
+    // SAFETY: a NUL-terminated static path and integer flags. The fd is not
+    // close-on-exec, which is what fd 0 must be; this single-threaded
+    // process execs nothing while it is open.
+    let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY) };
+    if null > 0 {
+        // SAFETY: dup2 onto fd 0, which this process owns as its stdin;
+        // then close the fd that open returned, which we alone own.
+        unsafe {
+            libc::dup2(null, 0);
+            libc::close(null);
+        }
     }
 }
 

@@ -69,7 +69,20 @@ pub(crate) fn run(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> ! {
         Err(Stop::InitFailed) => 1,
         Err(Stop::Gone) => 0,
     };
+    flush_stdio();
     sys::exit_now(code)
+}
+
+/// Writes out what a task or the initializer printed and left in the
+/// standard library's buffer (stdout is line-buffered in this process's
+/// memory: `print!` without a newline stays there, and a worker ends with
+/// `_exit`, which would lose it). Called after each task, before its result
+/// is sent, so that a task's output is written before its caller sees the
+/// result; and before the worker exits.
+fn flush_stdio() {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
 }
 
 /// Why [`serve`] stopped early.
@@ -101,6 +114,7 @@ pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> R
         // (TaskFn::single) in the process this one was forked from, or in
         // this same executable on an MPI rank.
         let st = unsafe { init.f.call(&mut io) };
+        flush_stdio();
         if st != status::OK {
             wire::finish(&mut out, at, st);
             let _ = sys::send_all(fd, &out);
@@ -168,6 +182,7 @@ pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> R
                 // binary (a fork of it, or, for MPI, an exec of the same
                 // executable, checked by hash at start-up).
                 st = unsafe { f.call(&mut io) };
+                flush_stdio();
             }
             let spilled = io.spilled.take();
             drop(io);

@@ -36,25 +36,6 @@ fn parent_death_helper() {
     }
 }
 
-/// The parent pid and the state letter of a process, from /proc/<pid>/stat
-/// (None once it is gone).
-fn stat(pid: u32) -> Option<(u32, char)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is in parentheses and may contain anything: parse
-    // after the last ')'.
-    let rest = &s[s.rfind(')')? + 1..];
-    let mut f = rest.split_whitespace();
-    let state = f.next()?.chars().next()?;
-    let ppid = f.next()?.parse().ok()?;
-    Some((ppid, state))
-}
-
-/// Dead: gone, or a zombie (dead, waiting for a reaper; once its parent is
-/// gone, that is init or a subreaper, which this test does not control).
-fn dead(pid: u32) -> bool {
-    !common::exists(pid) || matches!(stat(pid), None | Some((_, 'Z' | 'X')))
-}
-
 #[test]
 fn pool_processes_die_with_their_owner() {
     let exe = std::env::current_exe().expect("current_exe");
@@ -102,12 +83,16 @@ fn pool_processes_die_with_their_owner() {
     // The process tree is as documented: the server is the helper's child,
     // the workers are the server's.
     assert_eq!(
-        stat(server).map(|s| s.0),
+        common::stat(server).map(|s| s.ppid),
         Some(child.id()),
         "the fork server's parent"
     );
     for &w in workers {
-        assert_eq!(stat(w).map(|s| s.0), Some(server), "worker {w}'s parent");
+        assert_eq!(
+            common::stat(w).map(|s| s.ppid),
+            Some(server),
+            "worker {w}'s parent"
+        );
     }
 
     child.kill().expect("killing the helper");
@@ -115,15 +100,8 @@ fn pool_processes_die_with_their_owner() {
     assert!(!status.success());
     reader.join().unwrap();
 
-    let all_dead = common::eventually(|| pids.iter().all(|&p| dead(p)));
-    let alive: Vec<(u32, Option<(u32, char)>)> = pids
-        .iter()
-        .filter(|&&p| !dead(p))
-        .map(|&p| (p, stat(p)))
-        .collect();
-    assert!(
-        all_dead,
-        "still alive after their owner died (pid, (ppid, state)): {alive:?}; \
-         server {server}, workers {workers:?}"
+    common::assert_dead(
+        &pids,
+        &format!("server {server}, workers {workers:?}, after their owner died"),
     );
 }

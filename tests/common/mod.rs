@@ -5,6 +5,9 @@ use std::process::Command;
 
 const ISOLATED: &str = "PROCPOOL_TEST_ISOLATED";
 
+/// How long an isolated run may take before the test calls it hung.
+const ISOLATED_BOUND: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Runs the calling test's body in a fresh process of this test binary, so
 /// that it can count the process's children or open fds without the other
 /// tests that `cargo test` runs on other threads of the same process.
@@ -18,17 +21,45 @@ pub fn isolated(name: &str) -> bool {
         return false;
     }
     let exe = std::env::current_exe().expect("current_exe");
-    let out = Command::new(exe)
+    let mut child = Command::new(exe)
         .args([name, "--exact", "--nocapture", "--test-threads=1"])
         .env(ISOLATED, name)
-        .output()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("re-running the test binary");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Read both pipes on threads and wait for the child with a bound: a
+    // hung run is killed (it is our own child) and fails the test.
+    let drain = |mut r: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            String::from_utf8_lossy(&v).into_owned()
+        })
+    };
+    let out_t = drain(Box::new(child.stdout.take().unwrap()));
+    let err_t = drain(Box::new(child.stderr.take().unwrap()));
+    let end = std::time::Instant::now() + ISOLATED_BOUND;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("waiting for the isolated run") {
+            break Some(s);
+        }
+        if std::time::Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let stdout = out_t.join().unwrap_or_default();
+    let stderr = err_t.join().unwrap_or_default();
+    let Some(status) = status else {
+        panic!("isolated run of {name} did not finish in {ISOLATED_BOUND:?}:\n{stdout}\n{stderr}");
+    };
     assert!(
-        out.status.success(),
-        "isolated run of {name} failed ({}):\n{stdout}\n{stderr}",
-        out.status
+        status.success(),
+        "isolated run of {name} failed ({status}):\n{stdout}\n{stderr}"
     );
     assert!(
         stdout.contains("1 passed"),
@@ -253,4 +284,225 @@ pub fn run_program_with_deadline(cmd: &mut Command, deadline: std::time::Duratio
         stdout: t_out.join().unwrap_or_default(),
         stderr: t_err.join().unwrap_or_default(),
     }
+}
+
+/// What /proc/<pid>/stat says of a process: its state letter, parent and
+/// process group (None once it is gone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    pub state: char,
+    pub ppid: u32,
+    pub pgrp: u32,
+}
+
+pub fn stat(pid: u32) -> Option<Stat> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain anything: parse
+    // after the last ')'.
+    let rest = &s[s.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    let ppid = f.next()?.parse().ok()?;
+    let pgrp = f.next()?.parse().ok()?;
+    Some(Stat { state, ppid, pgrp })
+}
+
+/// Dead: gone, or a zombie (dead, waiting for a reaper; once its parent is
+/// gone, that is init or a subreaper, which a test does not control).
+pub fn dead(pid: u32) -> bool {
+    !exists(pid)
+        || matches!(
+            stat(pid),
+            None | Some(Stat {
+                state: 'Z' | 'X',
+                ..
+            })
+        )
+}
+
+/// How long a helper process may take before the test calls it hung.
+pub const HELPER_BOUND: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// A helper process: this test binary run again with one `#[ignore]`d test
+/// (`test`) and `PROCPOOL_HELPER=mode` in its environment, so that a test
+/// can give a program a real process of its own (a process group, signal
+/// dispositions set before exec, resource limits, captured stdout).
+///
+/// The helper reports on stdout, one `TAG rest` line at a time ([`say`]).
+/// Every wait on it is bounded ([`HELPER_BOUND`]): a hung helper is killed
+/// (it is this test's own child) and fails the test. Dropping it kills it
+/// if it still runs.
+pub struct Helper {
+    pub child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Lines received but not yet asked for.
+    pending: Vec<String>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+pub const HELPER_ENV: &str = "PROCPOOL_HELPER";
+
+/// In a helper test: the mode it was started in, or None when the test
+/// harness runs it as a test (it then has nothing to do).
+pub fn helper_mode() -> Option<String> {
+    std::env::var(HELPER_ENV).ok()
+}
+
+/// In a helper: prints one report line for the test and flushes it.
+pub fn say(tag: &str, rest: impl std::fmt::Display) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    // On a line of its own: libtest may have printed "test name ... " before.
+    writeln!(out, "\n{tag} {rest}").unwrap();
+    out.flush().unwrap();
+}
+
+impl Helper {
+    /// Starts helper test `test` of this binary in `mode`; `configure` may
+    /// set more of the command (a process group, stdin, a pre_exec hook).
+    pub fn start(test: &str, mode: &str, configure: impl FnOnce(&mut Command)) -> Helper {
+        use std::io::BufRead;
+        let exe = std::env::current_exe().expect("current_exe");
+        let mut cmd = Command::new(exe);
+        cmd.args([
+            test,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HELPER_ENV, mode)
+        .env_remove(ISOLATED)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit());
+        configure(&mut cmd);
+        let mut child = cmd.spawn().expect("starting the helper");
+        let stdout = child.stdout.take().expect("the helper's stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                seen2.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        Helper {
+            child,
+            lines,
+            pending: Vec::new(),
+            seen,
+            reader: Some(reader),
+        }
+    }
+
+    /// Everything the helper printed so far.
+    pub fn output(&self) -> String {
+        self.seen.lock().unwrap().join("\n")
+    }
+
+    /// Kills the helper (our own child) and panics with `why` and its output.
+    fn fail(&mut self, why: &str) -> ! {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        panic!("{why}; the helper printed:\n{}", self.output());
+    }
+
+    /// Waits (bounded) for the helper's next line `TAG rest` not yet taken;
+    /// returns `rest`. Lines with other tags stay for later calls.
+    pub fn expect(&mut self, tag: &str) -> String {
+        let end = std::time::Instant::now() + HELPER_BOUND;
+        let prefix = format!("{tag} ");
+        if let Some(i) = self.pending.iter().position(|l| l.starts_with(&prefix)) {
+            return self.pending.remove(i)[prefix.len()..].to_string();
+        }
+        loop {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix(&prefix) {
+                        return rest.to_string();
+                    }
+                    self.pending.push(line);
+                }
+                Err(e) => self.fail(&format!("no `{tag}` line from the helper ({e})")),
+            }
+        }
+    }
+
+    /// Waits (bounded) for the helper to exit; returns its status and
+    /// everything it printed.
+    pub fn finish(mut self) -> (std::process::ExitStatus, String) {
+        let end = std::time::Instant::now() + HELPER_BOUND;
+        loop {
+            match self.child.try_wait().expect("waiting for the helper") {
+                Some(status) => {
+                    if let Some(r) = self.reader.take() {
+                        // Its stdout is closed once it and its children
+                        // are gone; pool processes hold it too, so a
+                        // process of the pool left behind fails here.
+                        let until = std::time::Instant::now() + HELPER_BOUND;
+                        while !r.is_finished() && std::time::Instant::now() < until {
+                            std::thread::sleep(std::time::Duration::from_millis(5));
+                        }
+                        if !r.is_finished() {
+                            panic!(
+                                "the helper exited ({status}) but its stdout stayed open: \
+                                 a process it started is left; it printed:\n{}",
+                                self.output()
+                            );
+                        }
+                        r.join().unwrap();
+                    }
+                    return (status, self.output());
+                }
+                None if std::time::Instant::now() >= end => {
+                    self.fail("the helper did not exit in time")
+                }
+                None => std::thread::sleep(std::time::Duration::from_millis(5)),
+            }
+        }
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Parses a helper's `PIDS server w1 w2 ...` line.
+pub fn parse_pids(line: &str) -> (u32, Vec<u32>) {
+    let pids: Vec<u32> = line
+        .split_whitespace()
+        .map(|p| p.parse().expect("a pid"))
+        .collect();
+    assert!(pids.len() >= 2, "server and workers: {line}");
+    (pids[0], pids[1..].to_vec())
+}
+
+/// In a helper: reports a pool's pids as a `PIDS` line.
+pub fn say_pids(pool: &procpool::Pool) {
+    let pids: Vec<String> = std::iter::once(pool.server_pid())
+        .chain(pool.worker_pids())
+        .map(|p| p.to_string())
+        .collect();
+    say("PIDS", pids.join(" "));
+}
+
+/// Asserts that every one of `pids` is dead within a bounded wait.
+pub fn assert_dead(pids: &[u32], what: &str) {
+    let all = eventually(|| pids.iter().all(|&p| dead(p)));
+    let alive: Vec<(u32, Option<Stat>)> = pids
+        .iter()
+        .filter(|&&p| !dead(p))
+        .map(|&p| (p, stat(p)))
+        .collect();
+    assert!(all, "{what}: still alive (pid, stat): {alive:?}");
 }

@@ -37,6 +37,11 @@ impl std::error::Error for CodecError {}
 /// Every submitted task resolves exactly once, with its value or with one of
 /// these. `Error` is `Clone`, so that a failure shared by several results
 /// (every item of a chunk whose worker died, say) can be given to each.
+///
+/// The enum and each of its variants with fields are `#[non_exhaustive]`:
+/// later versions may add variants, and fields to a variant (as
+/// `TaskPanicked` gained its location and backtrace), without breaking
+/// code that matches with `_` and `..`.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -52,6 +57,7 @@ pub enum Error {
     StillRunning,
     /// The task panicked in its worker; the worker goes on serving.
     #[error("the task panicked: {message}")]
+    #[non_exhaustive]
     TaskPanicked {
         /// The panic's message.
         message: String,
@@ -59,6 +65,7 @@ pub enum Error {
     /// The worker running the task died (a signal, `abort`, a segfault,
     /// `exit` inside the task, the out-of-memory killer). It has been replaced.
     #[error("worker {pid} was lost while running the task ({status})")]
+    #[non_exhaustive]
     WorkerLost {
         /// The pid of the worker that died.
         pid: u32,
@@ -67,6 +74,7 @@ pub enum Error {
     },
     /// The task ran longer than its timeout; its worker was killed and replaced.
     #[error("the task timed out after {timeout:?}; worker {pid} was killed")]
+    #[non_exhaustive]
     Timeout {
         /// The timeout that was exceeded.
         timeout: Duration,
@@ -79,6 +87,7 @@ pub enum Error {
     /// The initializer failed in a worker (it panicked, or the worker died
     /// while running it). A pool never respawns a worker whose initializer failed.
     #[error("the worker initializer failed: {message}")]
+    #[non_exhaustive]
     InitializerFailed {
         /// The panic message, or how the worker died.
         message: String,
@@ -86,6 +95,7 @@ pub enum Error {
     /// A value could not be serialized (an argument in the caller, a result in
     /// the worker).
     #[error("could not encode the {what}: {source}")]
+    #[non_exhaustive]
     Encode {
         /// What was being encoded: "argument" or "result".
         what: &'static str,
@@ -96,6 +106,7 @@ pub enum Error {
     /// A value could not be deserialized (an argument in the worker, a result
     /// in the caller).
     #[error("could not decode the {what}: {source}")]
+    #[non_exhaustive]
     Decode {
         /// What was being decoded: "argument" or "result".
         what: &'static str,
@@ -105,18 +116,21 @@ pub enum Error {
     },
     /// A callback attached to the task panicked; the value is lost.
     #[error("a callback panicked: {message}")]
+    #[non_exhaustive]
     CallbackPanicked {
         /// The panic's message.
         message: String,
     },
     /// A message was larger than this process could allocate.
     #[error("a message of {len} bytes is too large")]
+    #[non_exhaustive]
     TooLarge {
         /// Its length.
         len: u64,
     },
     /// An operating-system call failed.
     #[error("{context}: {source}")]
+    #[non_exhaustive]
     Io {
         /// What the pool was doing.
         context: &'static str,
@@ -127,6 +141,7 @@ pub enum Error {
     /// The pool can no longer run tasks (its fork server died, or no worker
     /// could be started).
     #[error("the pool is broken: {reason}")]
+    #[non_exhaustive]
     Broken {
         /// What broke it.
         reason: String,

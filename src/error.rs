@@ -1,5 +1,6 @@
 //! The one error type of the crate.
 
+use crate::traceback::{PanicLocation, RemoteBacktrace};
 use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,11 +57,33 @@ pub enum Error {
     #[error("join needs a closed or terminated pool; call close() or terminate() first")]
     StillRunning,
     /// The task panicked in its worker; the worker goes on serving.
-    #[error("the task panicked: {message}")]
+    ///
+    /// `Display` shows where, and the worker's backtrace when there is one,
+    /// as CPython shows a worker's traceback (`RemoteTraceback`):
+    ///
+    /// ```text
+    /// the task panicked at src/main.rs:4:5: negative: -1
+    ///
+    /// worker backtrace:
+    ///    0: core::panicking::panic_fmt
+    ///              at /rustc/.../library/core/src/panicking.rs:75:14
+    ///    1: demo::check
+    ///              at src/main.rs:4:5
+    /// ```
+    #[error("the task panicked{}: {message}{}", crate::traceback::at(.location), crate::traceback::shown(.backtrace))]
     #[non_exhaustive]
     TaskPanicked {
-        /// The panic's message.
+        /// The panic's message. A payload of another type than a string
+        /// (`std::panic::panic_any`) is shown if it is an error or a number,
+        /// else described.
         message: String,
+        /// Where it panicked: the file, line and column of the `panic!`
+        /// (or of the `unwrap`, the index out of bounds...).
+        location: Option<PanicLocation>,
+        /// The worker's stack at the panic, when the pool was built with
+        /// [`PoolBuilder::backtraces`](crate::PoolBuilder::backtraces) or
+        /// with `RUST_BACKTRACE` set.
+        backtrace: Option<RemoteBacktrace>,
     },
     /// The worker running the task died (a signal, `abort`, a segfault,
     /// `exit` inside the task, the out-of-memory killer). It has been replaced.

@@ -35,6 +35,8 @@ mod sys;
 #[cfg(target_os = "linux")]
 mod task;
 #[cfg(target_os = "linux")]
+mod traceback;
+#[cfg(target_os = "linux")]
 mod wire;
 #[cfg(target_os = "linux")]
 mod worker;
@@ -45,3 +47,5 @@ pub use error::{CodecError, Error, Result};
 pub use pool::{Data, MapOptions, Pool, PoolBuilder, TaskOptions};
 #[cfg(target_os = "linux")]
 pub use result::{AsyncResult, Imap, ImapUnordered, MapResult};
+#[cfg(target_os = "linux")]
+pub use traceback::{BacktraceFrame, PanicLocation, RemoteBacktrace};

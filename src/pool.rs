@@ -219,6 +219,7 @@ pub struct PoolBuilder {
     max_tasks_per_child: Option<u64>,
     timeout: Option<Duration>,
     retries: u32,
+    backtraces: Option<bool>,
     #[cfg(feature = "mpi")]
     mpi: bool,
 }
@@ -273,6 +274,41 @@ impl PoolBuilder {
     /// Default retries for a task whose worker dies (see [`TaskOptions::retries`]).
     pub fn retries(mut self, n: u32) -> Self {
         self.retries = n;
+        self
+    }
+
+    /// Whether a task that panics brings its worker's backtrace back with
+    /// it, in [`Error::TaskPanicked`]'s `backtrace` (shown by its
+    /// `Display`). Default: when `RUST_BACKTRACE` is set (and not `0`)
+    /// in the environment when the pool is built, as std's own panic
+    /// messages decide. The panic's location comes back either way.
+    ///
+    /// The worker records only raw frame addresses, without taking any
+    /// lock; they are resolved to functions, files and lines in this
+    /// process, the first time the backtrace is shown.
+    ///
+    /// ```
+    /// use procpool::Error;
+    /// fn check(x: i32) -> i32 {
+    ///     if x < 0 { panic!("negative: {x}") }
+    ///     x
+    /// }
+    /// let pool = procpool::Pool::builder().processes(1).backtraces(true).build()?;
+    /// let e = pool.apply(check, -1).unwrap_err();
+    /// // the task panicked at src/main.rs:4:19: negative: -1
+    /// //
+    /// // worker backtrace:
+    /// //    0: ...
+    /// //    2: demo::check
+    /// //              at src/main.rs:4:19
+    /// assert!(e.to_string().contains("worker backtrace:"));
+    /// let Error::TaskPanicked { message, backtrace: Some(bt), .. } = e else { panic!("{e:?}") };
+    /// assert_eq!(message, "negative: -1");
+    /// assert!(bt.frames().iter().any(|f| f.function().is_some_and(|n| n.ends_with("::check"))));
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
+    pub fn backtraces(mut self, on: bool) -> Self {
+        self.backtraces = Some(on);
         self
     }
 
@@ -339,6 +375,9 @@ impl PoolBuilder {
             timeout: self.timeout,
             retries: self.retries,
             has_init: init.is_some(),
+            backtraces: self
+                .backtraces
+                .unwrap_or_else(crate::traceback::env_wants_backtraces),
         };
         #[cfg(feature = "mpi")]
         if self.mpi {

@@ -72,6 +72,25 @@ pub(crate) struct Config {
     pub(crate) retries: u32,
     /// Whether workers run an initializer before they are ready.
     pub(crate) has_init: bool,
+    /// Whether workers record a backtrace when a task panics.
+    pub(crate) backtraces: bool,
+}
+
+impl Config {
+    /// The CONFIG frame that a new worker reads before its first task, if
+    /// anything differs from a worker's defaults.
+    fn worker_frame(&self) -> Vec<u8> {
+        let mut flags = 0;
+        if self.backtraces {
+            flags |= wire::CONFIG_BACKTRACES;
+        }
+        let mut out = Vec::new();
+        if flags != 0 {
+            let at = Header::new(wire::CONFIG, 0, flags, 0).begin(&mut out);
+            wire::finish(&mut out, at, 0);
+        }
+        out
+    }
 }
 
 /// RUNNING → CLOSED → (all work done, workers exited) finished;
@@ -807,7 +826,7 @@ fn parse_frames(
                 *st_ready += 1;
             }
             wire::INIT_FAILED => {
-                w.init_msg = Some(task::take_message(&w.inbuf[body_at..end]));
+                w.init_msg = Some(task::init_failure_message(h.status, &w.inbuf[body_at..end]));
             }
             wire::DONE => {
                 let outcome = if h.a == wire::OUT_SAME_BLOCK || h.a == wire::OUT_NEW_BLOCK {
@@ -833,10 +852,7 @@ fn parse_frames(
                     }
                 } else {
                     pos = end;
-                    Err(task::status_error(
-                        h.status,
-                        task::take_message(&w.inbuf[body_at..end]),
-                    ))
+                    Err(task::outcome_error(h.status, &w.inbuf[body_at..end]))
                 };
                 match w.in_flight.front() {
                     Some(f) if f.seq == h.seq => {
@@ -1179,7 +1195,8 @@ fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) 
                     ready: false,
                     retiring: false,
                     eof: false,
-                    out: Vec::new(),
+                    // Its settings go first, before any task.
+                    out: shared.cfg.worker_frame(),
                     out_pos: 0,
                     out_fds: VecDeque::new(),
                     inbuf: Vec::new(),

@@ -814,3 +814,25 @@ pub(crate) fn readable_now(fd: RawFd) -> bool {
     }];
     matches!(poll(&mut p, 0), Ok(n) if n > 0)
 }
+
+/// The return addresses of the calling thread's stack, innermost first, at
+/// most `max` of them, walked with the unwinder (`_Unwind_Backtrace`).
+/// Takes no lock: not std's backtrace lock (which another thread of the
+/// host may have held when this process was forked), nor the backtrace
+/// crate's. A panic is unwound by the same unwinder a moment later, so this
+/// needs nothing that the panic does not need anyway.
+pub(crate) fn return_addresses(max: usize) -> Vec<usize> {
+    let mut ips = Vec::with_capacity(max.min(64));
+    // SAFETY: `trace_unsynchronized` is unsafe only because it skips the
+    // backtrace crate's lock. That lock guards the state of backends that
+    // are not thread-safe (dbghelp on Windows); on Linux the backend is
+    // `_Unwind_Backtrace`, which is, and which only reads this thread's
+    // stack and the unwind tables. The closure only pushes into a Vec.
+    unsafe {
+        backtrace::trace_unsynchronized(|frame| {
+            ips.push(frame.ip() as usize);
+            ips.len() < max
+        });
+    }
+    ips
+}

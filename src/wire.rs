@@ -20,6 +20,12 @@ pub(crate) const INIT_FAILED: u8 = 2;
 pub(crate) const DONE: u8 = 3;
 /// Parent to worker: run task `seq`.
 pub(crate) const TASK: u8 = 4;
+/// Parent to worker, before any task: settings (`a`: flags, see
+/// [`CONFIG_BACKTRACES`]; `b`: the memory limit in bytes, 0 for none).
+pub(crate) const CONFIG: u8 = 5;
+
+/// CONFIG flag (in `a`): record a backtrace when a task panics.
+pub(crate) const CONFIG_BACKTRACES: u64 = 1;
 
 /// TASK flag (in `status`): the body is the 8-byte length of the input,
 /// which is in the block whose fd came with the frame.

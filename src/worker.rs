@@ -55,6 +55,11 @@ pub(crate) fn install_panic_hook() {
     ONCE.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
+            // Where a task panicked, for its TaskPanicked (traceback.rs);
+            // takes no lock.
+            if crate::traceback::serving() {
+                crate::traceback::record(info);
+            }
             if !IN_WORKER.load(Ordering::Relaxed) {
                 previous(info);
             }
@@ -87,6 +92,7 @@ pub(crate) enum Stop {
 pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> Result<(), Stop> {
     let fd = sock.as_raw_fd();
     let mut out: Vec<u8> = Vec::with_capacity(64 << 10);
+    crate::traceback::serve_on_this_thread();
     if let Some(init) = init {
         let at = Header::new(wire::INIT_FAILED, 0, 0, 0).begin(&mut out);
         let mut io = Io {
@@ -120,6 +126,10 @@ pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> R
         while let Some((h, total)) = wire::complete(&inbuf[pos..]) {
             let body = &inbuf[pos + HDR..pos + total];
             pos += total;
+            if h.kind == wire::CONFIG {
+                configure(&h);
+                continue;
+            }
             if h.kind != wire::TASK {
                 continue;
             }
@@ -233,6 +243,11 @@ pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> R
             Err(_) => return Err(Stop::Gone),
         }
     }
+}
+
+/// Applies the parent's CONFIG frame.
+fn configure(h: &Header) {
+    crate::traceback::capture_frames(h.a & wire::CONFIG_BACKTRACES != 0);
 }
 
 fn in_block(body: &[u8], fd: Option<OwnedFd>) -> Result<(Block, usize), String> {

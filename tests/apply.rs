@@ -314,7 +314,9 @@ fn apply_async_failure_is_not_successful() {
     let r = pool.apply_async(boom, 3).unwrap();
     assert!(r.wait_timeout(Duration::from_secs(30)));
     assert_eq!(r.successful(), Some(false));
-    assert!(matches!(r.get(), Err(Error::TaskPanicked { message, .. }) if message.contains("boom 3")));
+    assert!(
+        matches!(r.get(), Err(Error::TaskPanicked { message, .. }) if message.contains("boom 3"))
+    );
 }
 
 #[test]

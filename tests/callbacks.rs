@@ -83,7 +83,9 @@ fn on_success_or_on_error_runs_for_each_outcome() {
     }
     assert!(rx.try_recv().is_err(), "only one callback ran");
     assert_eq!(r.successful(), Some(false));
-    assert!(matches!(r.get(), Err(Error::TaskPanicked { message, .. }) if message.contains("task 3")));
+    assert!(
+        matches!(r.get(), Err(Error::TaskPanicked { message, .. }) if message.contains("task 3"))
+    );
 
     // Only on_success given, and the task fails: nothing runs, the error stays.
     let (t2, r2) = mpsc::channel::<u64>();
@@ -346,10 +348,14 @@ fn map_async_callbacks() {
         .unwrap();
     r.wait();
     match rx.try_recv() {
-        Ok(Error::TaskPanicked { message, .. }) => assert!(message.contains("task 5"), "{message:?}"),
+        Ok(Error::TaskPanicked { message, .. }) => {
+            assert!(message.contains("task 5"), "{message:?}")
+        }
         other => panic!("expected on_error with TaskPanicked, got {other:?}"),
     }
-    assert!(matches!(r.get(), Err(Error::TaskPanicked { message, .. }) if message.contains("task 5")));
+    assert!(
+        matches!(r.get(), Err(Error::TaskPanicked { message, .. }) if message.contains("task 5"))
+    );
 
     // A panicking map callback.
     let r = pool

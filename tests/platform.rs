@@ -10,7 +10,10 @@ use std::process::Command;
 fn another_os_gets_one_clear_compile_error() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let lib = std::fs::read_to_string(root.join("src/lib.rs")).expect("reading src/lib.rs");
-    assert!(lib.contains("compile_error!"), "src/lib.rs has no compile_error!");
+    assert!(
+        lib.contains("compile_error!"),
+        "src/lib.rs has no compile_error!"
+    );
     let foreign = lib.replace("target_os = \"linux\"", "target_os = \"not-this-os\"");
     let dir = std::env::temp_dir().join(format!("procpool-platform-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -19,7 +22,14 @@ fn another_os_gets_one_clear_compile_error() {
     std::fs::copy(root.join("src/tutorial.md"), dir.join("tutorial.md")).unwrap();
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let out = Command::new(rustc)
-        .args(["--edition", "2024", "--crate-type", "lib", "--crate-name", "procpool"])
+        .args([
+            "--edition",
+            "2024",
+            "--crate-type",
+            "lib",
+            "--crate-name",
+            "procpool",
+        ])
         .arg("--out-dir")
         .arg(&dir)
         .arg(dir.join("lib.rs"))
@@ -27,14 +37,23 @@ fn another_os_gets_one_clear_compile_error() {
         .expect("running rustc");
     let _ = std::fs::remove_dir_all(&dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a foreign build succeeded:\n{stderr}");
+    assert!(
+        !out.status.success(),
+        "a foreign build succeeded:\n{stderr}"
+    );
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
     // The compile_error! and rustc's "aborting due to 1 previous error".
     assert_eq!(errors.len(), 2, "expected one error:\n{stderr}");
-    assert!(errors[0].contains("procpool supports Linux only"), "{stderr}");
+    assert!(
+        errors[0].contains("procpool supports Linux only"),
+        "{stderr}"
+    );
     assert!(errors[1].contains("1 previous error"), "{stderr}");
     for needed in ["memfd", "eventfd", "PR_SET_PDEATHSIG", "macOS"] {
-        assert!(stderr.contains(needed), "the message does not name {needed}:\n{stderr}");
+        assert!(
+            stderr.contains(needed),
+            "the message does not name {needed}:\n{stderr}"
+        );
     }
 }
 

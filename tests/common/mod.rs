@@ -14,6 +14,12 @@ const ISOLATED: &str = "PROCPOOL_TEST_ISOLATED";
 /// the binary with only that test and returns true (after asserting that the
 /// child passed); in that child it returns false, and the body runs.
 pub fn isolated(name: &str) -> bool {
+    isolated_with_env(name, &[])
+}
+
+/// [`isolated`], with these variables set in the fresh process's
+/// environment (for a test of what the environment changes).
+pub fn isolated_with_env(name: &str, vars: &[(&str, &str)]) -> bool {
     if std::env::var(ISOLATED).as_deref() == Ok(name) {
         return false;
     }
@@ -21,6 +27,7 @@ pub fn isolated(name: &str) -> bool {
     let out = Command::new(exe)
         .args([name, "--exact", "--nocapture", "--test-threads=1"])
         .env(ISOLATED, name)
+        .envs(vars.iter().copied())
         .output()
         .expect("re-running the test binary");
     let stdout = String::from_utf8_lossy(&out.stdout);

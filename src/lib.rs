@@ -46,6 +46,6 @@ pub use error::{CodecError, Error, Result};
 #[cfg(target_os = "linux")]
 pub use pool::{Data, MapOptions, Pool, PoolBuilder, TaskOptions};
 #[cfg(target_os = "linux")]
-pub use result::{AsyncResult, Imap, ImapUnordered, MapResult};
+pub use result::{AsyncResult, Imap, ImapUnordered, MapResult, Next};
 #[cfg(target_os = "linux")]
 pub use traceback::{BacktraceFrame, PanicLocation, RemoteBacktrace};

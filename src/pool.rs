@@ -735,6 +735,8 @@ impl Pool {
                 shared: self.shared.clone(),
                 timeout: opts.timeout,
                 retries: opts.retries,
+                ended: false,
+                panicked: None,
             }),
             in_flight,
         )
@@ -789,6 +791,7 @@ impl Pool {
         let (tx, rx) = crossbeam_channel::unbounded();
         ImapUnordered {
             feeder,
+            input_panic: None,
             in_flight: HashMap::new(),
             ready: VecDeque::new(),
             max_in_flight,
@@ -874,6 +877,10 @@ struct ChunkFeeder<I> {
     shared: Arc<Shared>,
     timeout: Option<Duration>,
     retries: Option<u32>,
+    /// The input is done (exhausted, or it panicked): it is not pulled again.
+    ended: bool,
+    /// The input's panic, to hand over after the chunk pulled before it.
+    panicked: Option<Box<dyn std::any::Any + Send>>,
 }
 
 impl<I> Feeder for ChunkFeeder<I>
@@ -885,15 +892,28 @@ where
         let mut payload = Vec::new();
         let mut n = 0;
         let mut err = None;
-        while n < self.chunksize {
-            let Some(a) = self.it.next() else { break };
+        while n < self.chunksize && !self.ended {
+            // The input's panic is kept, and resumed in the consumer in its
+            // place, after the items before it (see Imap).
+            let a = match catch_unwind(AssertUnwindSafe(|| self.it.next())) {
+                Ok(Some(a)) => a,
+                Ok(None) => {
+                    self.ended = true;
+                    break;
+                }
+                Err(p) => {
+                    self.ended = true;
+                    self.panicked = Some(p);
+                    break;
+                }
+            };
             if let Err(e) = task::push_item(&mut payload, &a) {
                 err.get_or_insert(e);
             }
             n += 1;
         }
         if n == 0 {
-            return None;
+            return self.panicked.take().map(Pending::InputPanicked);
         }
         if let Some(source) = err {
             return Some(Pending::Failed(

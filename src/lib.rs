@@ -17,6 +17,8 @@ compile_error!(
 #[cfg(target_os = "linux")]
 mod codec;
 #[cfg(target_os = "linux")]
+mod deadline;
+#[cfg(target_os = "linux")]
 mod error;
 #[cfg(all(target_os = "linux", feature = "mpi"))]
 mod mpi;
@@ -41,6 +43,8 @@ mod wire;
 #[cfg(target_os = "linux")]
 mod worker;
 
+#[cfg(target_os = "linux")]
+pub use deadline::{deadline_passed, time_left};
 #[cfg(target_os = "linux")]
 pub use error::{CodecError, Error, Result};
 #[cfg(target_os = "linux")]

@@ -49,6 +49,7 @@ type OnError = Box<dyn FnOnce(&Error) + Send>;
 /// ```
 pub struct TaskOptions<R> {
     timeout: Option<Duration>,
+    soft_timeout: Option<Duration>,
     retries: Option<u32>,
     on_success: Option<OnSuccess<R>>,
     on_error: Option<OnError>,
@@ -58,6 +59,7 @@ impl<R> Default for TaskOptions<R> {
     fn default() -> Self {
         TaskOptions {
             timeout: None,
+            soft_timeout: None,
             retries: None,
             on_success: None,
             on_error: None,
@@ -75,6 +77,17 @@ impl<R> TaskOptions<R> {
     /// longer than this (overrides the pool's default).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// A soft time limit (overrides the pool's default): once the task has
+    /// run this long, [`deadline_passed`](crate::deadline_passed) returns
+    /// true in it, so that it can stop with a partial result or clean up.
+    /// Nothing is killed at the soft limit; the hard
+    /// [`timeout`](Self::timeout), if any, still kills the worker later.
+    /// As billiard's (Celery's) `soft_time_limit`, but cooperative.
+    pub fn soft_timeout(mut self, soft: Duration) -> Self {
+        self.soft_timeout = Some(soft);
         self
     }
 
@@ -102,6 +115,7 @@ impl<R> std::fmt::Debug for TaskOptions<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TaskOptions")
             .field("timeout", &self.timeout)
+            .field("soft_timeout", &self.soft_timeout)
             .field("retries", &self.retries)
             .field("on_success", &self.on_success.is_some())
             .field("on_error", &self.on_error.is_some())
@@ -124,6 +138,7 @@ impl<R> std::fmt::Debug for TaskOptions<R> {
 pub struct MapOptions<R> {
     chunksize: Option<usize>,
     timeout: Option<Duration>,
+    soft_timeout: Option<Duration>,
     retries: Option<u32>,
     in_flight: Option<usize>,
     on_success: Option<OnSuccess<Vec<R>>>,
@@ -135,6 +150,7 @@ impl<R> Default for MapOptions<R> {
         MapOptions {
             chunksize: None,
             timeout: None,
+            soft_timeout: None,
             retries: None,
             in_flight: None,
             on_success: None,
@@ -159,6 +175,12 @@ impl<R> MapOptions<R> {
     /// A timeout for each chunk (see [`TaskOptions::timeout`]).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// A soft time limit for each chunk (see [`TaskOptions::soft_timeout`]).
+    pub fn soft_timeout(mut self, soft: Duration) -> Self {
+        self.soft_timeout = Some(soft);
         self
     }
 
@@ -193,6 +215,7 @@ impl<R> std::fmt::Debug for MapOptions<R> {
         f.debug_struct("MapOptions")
             .field("chunksize", &self.chunksize)
             .field("timeout", &self.timeout)
+            .field("soft_timeout", &self.soft_timeout)
             .field("retries", &self.retries)
             .field("in_flight", &self.in_flight)
             .finish()
@@ -218,6 +241,7 @@ pub struct PoolBuilder {
     init: Option<std::result::Result<Init, Error>>,
     max_tasks_per_child: Option<u64>,
     timeout: Option<Duration>,
+    soft_timeout: Option<Duration>,
     retries: u32,
     backtraces: Option<bool>,
     #[cfg(feature = "mpi")]
@@ -268,6 +292,13 @@ impl PoolBuilder {
     /// A default timeout for every task (see [`TaskOptions::timeout`]).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// A default soft time limit for every task (see
+    /// [`TaskOptions::soft_timeout`] and [`deadline_passed`](crate::deadline_passed)).
+    pub fn soft_timeout(mut self, soft: Duration) -> Self {
+        self.soft_timeout = Some(soft);
         self
     }
 
@@ -373,6 +404,7 @@ impl PoolBuilder {
             processes,
             max_tasks_per_child: self.max_tasks_per_child,
             timeout: self.timeout,
+            soft_timeout: self.soft_timeout,
             retries: self.retries,
             has_init: init.is_some(),
             backtraces: self
@@ -598,6 +630,7 @@ impl Pool {
                 payload,
                 hook,
                 timeout: opts.timeout,
+                soft_timeout: opts.soft_timeout,
                 retries: opts.retries,
             },
         )])?;
@@ -706,6 +739,7 @@ impl Pool {
                 payload: Body::Heap(p),
                 hook,
                 timeout: opts.timeout,
+                soft_timeout: opts.soft_timeout,
                 retries: opts.retries,
             };
             if let Err(e) = self.shared.submit(vec![(slot.clone(), spec)]) {
@@ -734,6 +768,7 @@ impl Pool {
                 chunksize,
                 shared: self.shared.clone(),
                 timeout: opts.timeout,
+                soft_timeout: opts.soft_timeout,
                 retries: opts.retries,
                 ended: false,
                 panicked: None,
@@ -876,6 +911,7 @@ struct ChunkFeeder<I> {
     chunksize: usize,
     shared: Arc<Shared>,
     timeout: Option<Duration>,
+    soft_timeout: Option<Duration>,
     retries: Option<u32>,
     /// The input is done (exhausted, or it panicked): it is not pulled again.
     ended: bool,
@@ -930,6 +966,7 @@ where
             payload: Body::Heap(payload),
             hook: hook(n),
             timeout: self.timeout,
+            soft_timeout: self.soft_timeout,
             retries: self.retries,
         };
         match self.shared.submit(vec![(slot.clone(), spec)]) {

@@ -69,6 +69,8 @@ pub(crate) struct Config {
     pub(crate) processes: usize,
     pub(crate) max_tasks_per_child: Option<u64>,
     pub(crate) timeout: Option<Duration>,
+    /// The default soft time limit of a task.
+    pub(crate) soft_timeout: Option<Duration>,
     pub(crate) retries: u32,
     /// Whether workers run an initializer before they are ready.
     pub(crate) has_init: bool,
@@ -110,6 +112,7 @@ pub(crate) struct Job {
     pub(crate) slot: Arc<Slot>,
     pub(crate) hook: Hook,
     pub(crate) timeout: Option<Duration>,
+    pub(crate) soft_timeout: Option<Duration>,
     pub(crate) retries: u32,
     pub(crate) cancelled: bool,
 }
@@ -120,6 +123,7 @@ pub(crate) struct JobSpec {
     pub(crate) payload: Body,
     pub(crate) hook: Hook,
     pub(crate) timeout: Option<Duration>,
+    pub(crate) soft_timeout: Option<Duration>,
     pub(crate) retries: Option<u32>,
 }
 
@@ -330,6 +334,7 @@ impl Shared {
                 slot,
                 hook: s.hook,
                 timeout: s.timeout.or(self.cfg.timeout),
+                soft_timeout: s.soft_timeout.or(self.cfg.soft_timeout),
                 retries: s.retries.unwrap_or(self.cfg.retries),
                 cancelled: false,
             });
@@ -630,6 +635,13 @@ impl State {
                 let seq = w.next_seq;
                 w.next_seq += 1;
                 w.sent += 1;
+                if let Some(soft) = job.soft_timeout {
+                    // Its soft limit, in the frame just before it.
+                    let ns = crate::deadline::nanos(soft);
+                    let at = Header::new(wire::SOFT_LIMIT, seq, ns, 0).begin(&mut w.out);
+                    wire::finish(&mut w.out, at, 0);
+                    bytes += HDR;
+                }
                 let mut h = Header::new(wire::TASK, seq, job.f.tramp, job.f.func);
                 match &job.payload {
                     Body::Heap(p) => {

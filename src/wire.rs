@@ -24,6 +24,10 @@ pub(crate) const TASK: u8 = 4;
 /// [`CONFIG_BACKTRACES`]; `b`: the memory limit in bytes, 0 for none).
 pub(crate) const CONFIG: u8 = 5;
 
+/// Parent to worker, just before a TASK frame: that task's soft time limit
+/// (`a`: nanoseconds from its start).
+pub(crate) const SOFT_LIMIT: u8 = 6;
+
 /// CONFIG flag (in `a`): record a backtrace when a task panics.
 pub(crate) const CONFIG_BACKTRACES: u64 = 1;
 

@@ -122,6 +122,8 @@ pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> R
     let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut fds: VecDeque<OwnedFd> = VecDeque::new();
     let mut pos = 0usize;
+    // The soft time limit (ns) of the next task, from a SOFT_LIMIT frame.
+    let mut soft: Option<u64> = None;
     loop {
         while let Some((h, total)) = wire::complete(&inbuf[pos..]) {
             let body = &inbuf[pos + HDR..pos + total];
@@ -130,10 +132,16 @@ pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> R
                 configure(&h);
                 continue;
             }
+            if h.kind == wire::SOFT_LIMIT {
+                soft = Some(h.a);
+                continue;
+            }
             if h.kind != wire::TASK {
                 continue;
             }
-            status.start_ns.store(sys::monotonic_ns(), Ordering::SeqCst);
+            let start_ns = sys::monotonic_ns();
+            crate::deadline::begin_task(start_ns, soft.take());
+            status.start_ns.store(start_ns, Ordering::SeqCst);
             status.started.store(h.seq, Ordering::SeqCst);
             let t0 = Instant::now();
             let at = Header::new(wire::DONE, h.seq, 0, 0).begin(&mut out);
@@ -179,6 +187,7 @@ pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> R
                 // executable, checked by hash at start-up).
                 st = unsafe { f.call(&mut io) };
             }
+            crate::deadline::end_task();
             let spilled = io.spilled.take();
             drop(io);
             let now = Instant::now();

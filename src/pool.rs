@@ -240,6 +240,7 @@ pub struct PoolBuilder {
     processes: Option<usize>,
     init: Option<std::result::Result<Init, Error>>,
     max_tasks_per_child: Option<u64>,
+    max_memory_per_child: Option<u64>,
     timeout: Option<Duration>,
     soft_timeout: Option<Duration>,
     retries: u32,
@@ -286,6 +287,42 @@ impl PoolBuilder {
     /// is replaced, as CPython's `maxtasksperchild`. Zero is an error.
     pub fn max_tasks_per_child(mut self, n: u64) -> Self {
         self.max_tasks_per_child = Some(n);
+        self
+    }
+
+    /// A worker whose private memory has grown by more than `bytes` since
+    /// it started (after the initializer) is replaced once its current task
+    /// is done; that task's result is kept, and tasks sent to it that had
+    /// not started run elsewhere. For code that leaks (a C library, say):
+    /// as billiard's `max_memory_per_child` and loky's leak detection, and
+    /// less blunt than [`max_tasks_per_child`](Self::max_tasks_per_child).
+    /// Zero is an error.
+    ///
+    /// What is measured is the worker's resident anonymous memory
+    /// (`RssAnon`): memory it allocated *and wrote*. Pages it shares with
+    /// your process since the fork, the executable and libraries, and the
+    /// shared-memory blocks that large arguments travel in are not counted,
+    /// nor is memory reserved but never touched. It is checked after each
+    /// task (a read of `/proc/self/statm`, a few microseconds). Over MPI a
+    /// worker is a thread of its rank's process, so replacing it frees
+    /// nothing.
+    ///
+    /// ```
+    /// fn leak(mib: usize) -> u32 {
+    ///     std::mem::forget(vec![1u8; mib << 20]);   // written, never freed
+    ///     std::process::id()
+    /// }
+    /// let pool = procpool::Pool::builder()
+    ///     .processes(1)
+    ///     .max_memory_per_child(16 << 20)
+    ///     .build()?;
+    /// let first = pool.apply(leak, 32)?;       // its result is kept...
+    /// let second = pool.apply(leak, 0)?;       // ...and its worker replaced
+    /// assert_ne!(first, second);
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
+    pub fn max_memory_per_child(mut self, bytes: u64) -> Self {
+        self.max_memory_per_child = Some(bytes);
         self
     }
 
@@ -399,6 +436,11 @@ impl PoolBuilder {
         if self.max_tasks_per_child == Some(0) {
             return Err(Error::Config("max_tasks_per_child must be at least 1"));
         }
+        if self.max_memory_per_child == Some(0) {
+            return Err(Error::Config(
+                "max_memory_per_child must be at least 1 byte",
+            ));
+        }
         let init = self.init.transpose()?;
         let cfg = Config {
             processes,
@@ -410,6 +452,7 @@ impl PoolBuilder {
             backtraces: self
                 .backtraces
                 .unwrap_or_else(crate::traceback::env_wants_backtraces),
+            max_memory_per_child: self.max_memory_per_child,
         };
         #[cfg(feature = "mpi")]
         if self.mpi {

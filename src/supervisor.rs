@@ -76,6 +76,9 @@ pub(crate) struct Config {
     pub(crate) has_init: bool,
     /// Whether workers record a backtrace when a task panics.
     pub(crate) backtraces: bool,
+    /// A worker whose private memory grew by more than this is replaced
+    /// after its task.
+    pub(crate) max_memory_per_child: Option<u64>,
 }
 
 impl Config {
@@ -86,9 +89,10 @@ impl Config {
         if self.backtraces {
             flags |= wire::CONFIG_BACKTRACES;
         }
+        let memory = self.max_memory_per_child.unwrap_or(0);
         let mut out = Vec::new();
-        if flags != 0 {
-            let at = Header::new(wire::CONFIG, 0, flags, 0).begin(&mut out);
+        if flags != 0 || memory != 0 {
+            let at = Header::new(wire::CONFIG, 0, flags, memory).begin(&mut out);
             wire::finish(&mut out, at, 0);
         }
         out
@@ -837,6 +841,15 @@ fn parse_frames(
                 w.ready = true;
                 *st_ready += 1;
             }
+            wire::RETIRING => {
+                // Its memory grew past the limit: it exits after this task.
+                log::debug!(
+                    "procpool: worker {} grew by {} bytes, past max_memory_per_child; replacing it",
+                    w.pid,
+                    h.a
+                );
+                w.retiring = true;
+            }
             wire::INIT_FAILED => {
                 w.init_msg = Some(task::init_failure_message(h.status, &w.inbuf[body_at..end]));
             }
@@ -1296,7 +1309,13 @@ fn worker_exited(
     read_worker(&mut w, &mut ready, &mut st.est, &shared.blocks, done);
     st.ready = ready;
     let started = shared.words.status(w.slot).started.load(Ordering::SeqCst);
-    if w.in_flight.is_empty() && w.kill.is_none() {
+    // Only tasks it had started are lost; the others run elsewhere (a
+    // worker that retires may leave some behind).
+    let lost_any = w
+        .in_flight
+        .iter()
+        .any(|f| f.seq <= started && !f.job.cancelled);
+    if !lost_any && w.kill.is_none() {
         log::debug!("procpool: worker {} exited ({status})", w.pid);
     } else if w.kill.is_none() {
         log::warn!(

@@ -836,3 +836,25 @@ pub(crate) fn return_addresses(max: usize) -> Vec<usize> {
     }
     ips
 }
+
+/// This process's private resident memory in bytes: its resident anonymous
+/// pages (`RssAnon`), which is `resident - shared` in `/proc/self/statm`
+/// (shared counts file and shared-memory pages: the executable, libraries
+/// and the pool's memfd blocks). Pages still shared with the parent since
+/// the fork are counted, but do not change as a task runs, so a growth
+/// over a baseline is memory the worker allocated and wrote.
+pub(crate) fn private_memory() -> io::Result<u64> {
+    let text = std::fs::read_to_string("/proc/self/statm")?;
+    let mut f = text.split_ascii_whitespace().skip(1);
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/self/statm");
+    let resident: u64 = f.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    let shared: u64 = f.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    Ok(resident.saturating_sub(shared) * page_size())
+}
+
+/// The size of a memory page.
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 { n as u64 } else { 4096 }
+}

@@ -21,8 +21,14 @@ pub(crate) const DONE: u8 = 3;
 /// Parent to worker: run task `seq`.
 pub(crate) const TASK: u8 = 4;
 /// Parent to worker, before any task: settings (`a`: flags, see
-/// [`CONFIG_BACKTRACES`]; `b`: the memory limit in bytes, 0 for none).
+/// [`CONFIG_BACKTRACES`]; `b`: the limit in bytes on the growth of its
+/// private memory, 0 for none).
 pub(crate) const CONFIG: u8 = 5;
+
+/// Worker to parent, after a task's DONE: its memory grew past its limit
+/// (`a`: the growth in bytes); it exits, and the tasks it had not started
+/// are to run elsewhere.
+pub(crate) const RETIRING: u8 = 7;
 
 /// Parent to worker, just before a TASK frame: that task's soft time limit
 /// (`a`: nanoseconds from its start).

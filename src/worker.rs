@@ -124,12 +124,14 @@ pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> R
     let mut pos = 0usize;
     // The soft time limit (ns) of the next task, from a SOFT_LIMIT frame.
     let mut soft: Option<u64> = None;
+    // The limit on this worker's memory growth, from the CONFIG frame.
+    let mut memory: Option<MemoryLimit> = None;
     loop {
         while let Some((h, total)) = wire::complete(&inbuf[pos..]) {
             let body = &inbuf[pos + HDR..pos + total];
             pos += total;
             if h.kind == wire::CONFIG {
-                configure(&h);
+                memory = configure(&h);
                 continue;
             }
             if h.kind == wire::SOFT_LIMIT {
@@ -225,6 +227,14 @@ pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> R
             // Out before the next task starts (see the module comment).
             flush(fd, &mut out)?;
             status.finished.store(h.seq, Ordering::SeqCst);
+            if let Some(grown) = memory.as_ref().and_then(MemoryLimit::exceeded) {
+                // Its result is out; the tasks after it were not started
+                // and run elsewhere. Say why, and exit.
+                let at = Header::new(wire::RETIRING, h.seq, grown, 0).begin(&mut out);
+                wire::finish(&mut out, at, 0);
+                flush(fd, &mut out)?;
+                return Ok(());
+            }
         }
         // Keep the partial frame, if any, at the front of the buffer.
         inbuf.drain(..pos);
@@ -254,9 +264,35 @@ pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> R
     }
 }
 
-/// Applies the parent's CONFIG frame.
-fn configure(h: &Header) {
+/// Applies the parent's CONFIG frame; returns the memory limit it sets.
+fn configure(h: &Header) -> Option<MemoryLimit> {
     crate::traceback::capture_frames(h.a & wire::CONFIG_BACKTRACES != 0);
+    MemoryLimit::new(h.b)
+}
+
+/// `max_memory_per_child`: how much this worker's private memory may grow
+/// over what it had before its first task (after the initializer: the
+/// CONFIG frame is read once the worker is ready).
+struct MemoryLimit {
+    limit: u64,
+    baseline: u64,
+}
+
+impl MemoryLimit {
+    fn new(limit: u64) -> Option<MemoryLimit> {
+        if limit == 0 {
+            return None;
+        }
+        let baseline = sys::private_memory().ok()?;
+        Some(MemoryLimit { limit, baseline })
+    }
+
+    /// The growth, if it is past the limit.
+    fn exceeded(&self) -> Option<u64> {
+        let now = sys::private_memory().ok()?;
+        let grown = now.saturating_sub(self.baseline);
+        (grown > self.limit).then_some(grown)
+    }
 }
 
 fn in_block(body: &[u8], fd: Option<OwnedFd>) -> Result<(Block, usize), String> {

@@ -471,6 +471,10 @@ impl PoolBuilder {
             sock_buf: 1 << 20,
         };
         crate::worker::install_panic_hook();
+        // Settled here, before the fork: a OnceLock that another thread was
+        // initialising at the fork would stay "being initialised" in the
+        // children forever, and a worker's first wait would hang on it.
+        sys::spin_budget();
         // Hold the stdio locks across the fork: no other thread is then in
         // the middle of printing, and the children (whose one thread is a
         // copy of this one) own the locks and can print. Flush so buffered

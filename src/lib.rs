@@ -20,6 +20,8 @@ mod codec;
 mod deadline;
 #[cfg(target_os = "linux")]
 mod error;
+#[cfg(target_os = "linux")]
+mod join;
 #[cfg(all(target_os = "linux", feature = "mpi"))]
 mod mpi;
 #[cfg(target_os = "linux")]
@@ -47,6 +49,8 @@ mod worker;
 pub use deadline::{deadline_passed, time_left};
 #[cfg(target_os = "linux")]
 pub use error::{CodecError, Error, Result};
+#[cfg(target_os = "linux")]
+pub use join::JoinFuture;
 #[cfg(target_os = "linux")]
 pub use pool::{Data, MapOptions, Pool, PoolBuilder, TaskOptions};
 #[cfg(target_os = "linux")]

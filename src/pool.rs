@@ -2,6 +2,7 @@
 
 use crate::codec;
 use crate::error::{Error, Result};
+use crate::join::{JoinFuture, SetOnDrop, Signal};
 use crate::result::{
     AsyncResult, Feeder, Group, Hook, Imap, ImapUnordered, MapResult, Outcome, Payload, Pending,
     Slot, assemble, complete, decode_payload,
@@ -540,6 +541,8 @@ impl PoolBuilder {
 pub struct Pool {
     shared: Arc<Shared>,
     io: Mutex<Option<JoinHandle<()>>>,
+    /// Set when the supervisor thread ends (for `join_async`).
+    exited: Arc<Signal>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -583,9 +586,14 @@ impl Pool {
     ) -> Result<Pool> {
         let shared = Shared::new(cfg, server, handle, words, slots)?;
         let s2 = shared.clone();
+        let exited = Signal::new();
+        let on_exit = SetOnDrop(exited.clone());
         let io = std::thread::Builder::new()
             .name("procpool-supervisor".into())
-            .spawn(move || supervisor::run(s2))
+            .spawn(move || {
+                let _on_exit = on_exit;
+                supervisor::run(s2)
+            })
             .map_err(|e| {
                 shared.abandon();
                 Error::io("starting the supervisor thread", e)
@@ -593,6 +601,7 @@ impl Pool {
         let pool = Pool {
             shared,
             io: Mutex::new(Some(io)),
+            exited,
         };
         pool.shared.start_workers()?;
         Ok(pool)
@@ -901,6 +910,10 @@ impl Pool {
     /// Waits for the workers to finish and exit, and reaps them. Allowed only
     /// after [`close`](Self::close) or [`terminate`](Self::terminate), as in
     /// CPython: otherwise [`Error::StillRunning`].
+    ///
+    /// It blocks the calling thread until the queue is done and every
+    /// process has exited, and the callbacks of finished tasks have run. In
+    /// async code, await [`join_async`](Self::join_async) instead.
     pub fn join(&self) -> Result<()> {
         if self.shared.phase() == Phase::Running {
             return Err(Error::StillRunning);
@@ -909,6 +922,30 @@ impl Pool {
         // As in CPython, the callbacks of finished tasks have run by now.
         self.shared.handler.drain();
         Ok(())
+    }
+
+    /// [`join`](Self::join) as a future, for async code: it resolves (with
+    /// what `join` would return) once the pool is joined, without blocking
+    /// a thread meanwhile. The future is `Send + 'static`; it works in any
+    /// runtime (the crate depends on none). On a running pool it resolves
+    /// at once with [`Error::StillRunning`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// fn nap(ms: u64) -> u64 { std::thread::sleep(Duration::from_millis(ms)); ms }
+    /// let pool = procpool::Pool::builder().processes(2).build()?;
+    /// let r = pool.apply_async(nap, 50)?;
+    /// pool.close();
+    /// let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    /// rt.block_on(pool.join_async())?;      // the runtime's thread is free meanwhile
+    /// assert!(r.ready());
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
+    pub fn join_async(&self) -> JoinFuture {
+        if self.shared.phase() == Phase::Running {
+            return JoinFuture::failed(Error::StillRunning);
+        }
+        JoinFuture::new(self.exited.clone(), self.shared.clone())
     }
 
     fn join_supervisor(&self) {

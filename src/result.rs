@@ -229,6 +229,20 @@ impl Handler {
         }
     }
 
+    /// As [`drain`](Self::drain), without blocking: a signal set once every
+    /// handler queued so far has run, or None if there is nothing to wait
+    /// for (no handler thread, or this is it).
+    pub(crate) fn drained_signal(&self) -> Option<Arc<crate::join::Signal>> {
+        let tx = self.tx.get()?;
+        if std::thread::current().name() == Some("procpool-results") {
+            return None;
+        }
+        let signal = crate::join::Signal::new();
+        let s = signal.clone();
+        tx.send(Box::new(move || s.set())).ok()?;
+        Some(signal)
+    }
+
     pub(crate) fn run(&self, f: Box<dyn FnOnce() + Send>) {
         let tx = self.tx.get_or_init(|| {
             let (tx, rx) = crossbeam_channel::unbounded::<Box<dyn FnOnce() + Send>>();

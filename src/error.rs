@@ -169,6 +169,12 @@ pub enum Error {
         /// What broke it.
         reason: String,
     },
+    /// [`global`](crate::global) (or
+    /// [`configure_global`](crate::configure_global)) was called inside a
+    /// worker: a task cannot use the process-wide pool, and starting one
+    /// per worker would multiply processes.
+    #[error("the global pool cannot be used inside a worker process")]
+    InWorker,
     /// The pool's configuration is invalid (zero processes, say).
     #[error("invalid configuration: {0}")]
     Config(&'static str),

@@ -21,6 +21,8 @@ mod deadline;
 #[cfg(target_os = "linux")]
 mod error;
 #[cfg(target_os = "linux")]
+mod global;
+#[cfg(target_os = "linux")]
 mod join;
 #[cfg(all(target_os = "linux", feature = "mpi"))]
 mod mpi;
@@ -49,6 +51,8 @@ mod worker;
 pub use deadline::{deadline_passed, time_left};
 #[cfg(target_os = "linux")]
 pub use error::{CodecError, Error, Result};
+#[cfg(target_os = "linux")]
+pub use global::{configure_global, global};
 #[cfg(target_os = "linux")]
 pub use join::JoinFuture;
 #[cfg(target_os = "linux")]

@@ -236,7 +236,7 @@ impl<R> std::fmt::Debug for MapOptions<R> {
 /// assert_eq!(pool.apply(work, 21)?, 42);
 /// # Ok::<(), procpool::Error>(())
 /// ```
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct PoolBuilder {
     processes: Option<usize>,
     init: Option<std::result::Result<Init, Error>>,

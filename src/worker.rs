@@ -37,6 +37,12 @@ pub(crate) fn mark_worker_process() {
     IN_WORKER.store(true, Ordering::SeqCst);
 }
 
+/// Whether this process is a worker (or the fork server), or this thread
+/// serves a worker's tasks (an MPI rank's worker thread).
+pub(crate) fn in_worker() -> bool {
+    IN_WORKER.load(Ordering::Relaxed) || crate::traceback::serving()
+}
+
 /// Installs, once per process, a panic hook that is silent in workers and
 /// calls the hook it replaced everywhere else.
 ///

@@ -682,9 +682,9 @@ impl<R: DeserializeOwned> Imap<'_, R> {
     /// use std::time::Duration;
     /// fn nap(ms: u64) -> u64 { std::thread::sleep(Duration::from_millis(ms)); ms }
     /// let pool = procpool::Pool::builder().processes(2).build()?;
-    /// let mut it = pool.imap(nap, [2_000, 1]);
+    /// let mut it = pool.imap(nap, [300, 1]);
     /// assert!(matches!(it.next_timeout(Duration::from_millis(10)), Next::TimedOut));
-    /// assert_eq!(it.next_timeout(Duration::from_secs(60)).item().unwrap()?, 2_000);
+    /// assert_eq!(it.next_timeout(Duration::from_secs(60)).item().unwrap()?, 300);
     /// assert_eq!(it.next_timeout(Duration::from_secs(60)).item().unwrap()?, 1);
     /// assert!(matches!(it.next_timeout(Duration::ZERO), Next::Done));
     /// # Ok::<(), procpool::Error>(())
@@ -780,9 +780,9 @@ impl<R: DeserializeOwned> ImapUnordered<'_, R> {
     /// use std::time::Duration;
     /// fn nap(ms: u64) -> u64 { std::thread::sleep(Duration::from_millis(ms)); ms }
     /// let pool = procpool::Pool::builder().processes(2).build()?;
-    /// let mut it = pool.imap_unordered(nap, [2_000]);
+    /// let mut it = pool.imap_unordered(nap, [300]);
     /// assert!(matches!(it.next_timeout(Duration::from_millis(10)), Next::TimedOut));
-    /// assert_eq!(it.next_timeout(Duration::from_secs(60)).item().unwrap()?, 2_000);
+    /// assert_eq!(it.next_timeout(Duration::from_secs(60)).item().unwrap()?, 300);
     /// assert!(matches!(it.next_timeout(Duration::ZERO), Next::Done));
     /// # Ok::<(), procpool::Error>(())
     /// ```

@@ -48,7 +48,7 @@ pub(crate) fn serve_on_this_thread() {
 
 /// Whether the calling thread serves a worker's tasks.
 pub(crate) fn serving() -> bool {
-    SERVING.with(|s| s.get())
+    SERVING.try_with(|s| s.get()).unwrap_or(false)
 }
 
 /// Turns backtrace capture on or off in this worker.
@@ -73,7 +73,11 @@ pub(crate) fn record(info: &std::panic::PanicHookInfo<'_>) {
     } else {
         Vec::new()
     };
-    LAST.with(|l| *l.borrow_mut() = Some(Recorded { location, ips }));
+    let _ = LAST.try_with(|l| {
+        if let Ok(mut l) = l.try_borrow_mut() {
+            *l = Some(Recorded { location, ips });
+        }
+    });
 }
 
 /// What travels after a panic's message in a PANIC body (see
@@ -91,7 +95,11 @@ struct Wire {
 /// recorded (the location, the frames as object offsets) to `out`, after
 /// the panic's message.
 pub(crate) fn put_report(out: &mut Vec<u8>) {
-    let Some(rec) = LAST.with(|l| l.borrow_mut().take()) else {
+    let Some(rec) = LAST
+        .try_with(|l| l.try_borrow_mut().ok().and_then(|mut l| l.take()))
+        .ok()
+        .flatten()
+    else {
         return;
     };
     let mut wire = Wire {

@@ -25,14 +25,13 @@ pub(crate) const TASK: u8 = 4;
 /// private memory, 0 for none).
 pub(crate) const CONFIG: u8 = 5;
 
+/// Parent to worker, just before a TASK frame: that task's soft time limit
+/// (`seq`: the task's; `a`: nanoseconds from its start).
+pub(crate) const SOFT_LIMIT: u8 = 6;
 /// Worker to parent, after a task's DONE: its memory grew past its limit
 /// (`a`: the growth in bytes); it exits, and the tasks it had not started
 /// are to run elsewhere.
 pub(crate) const RETIRING: u8 = 7;
-
-/// Parent to worker, just before a TASK frame: that task's soft time limit
-/// (`a`: nanoseconds from its start).
-pub(crate) const SOFT_LIMIT: u8 = 6;
 
 /// CONFIG flag (in `a`): record a backtrace when a task panics.
 pub(crate) const CONFIG_BACKTRACES: u64 = 1;

@@ -128,8 +128,9 @@ pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> R
     let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut fds: VecDeque<OwnedFd> = VecDeque::new();
     let mut pos = 0usize;
-    // The soft time limit (ns) of the next task, from a SOFT_LIMIT frame.
-    let mut soft: Option<u64> = None;
+    // The soft time limit of the next task, from a SOFT_LIMIT frame: the
+    // task's sequence number and the limit in ns.
+    let mut soft: Option<(u64, u64)> = None;
     // The limit on this worker's memory growth, from the CONFIG frame.
     let mut memory: Option<MemoryLimit> = None;
     loop {
@@ -141,14 +142,15 @@ pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> R
                 continue;
             }
             if h.kind == wire::SOFT_LIMIT {
-                soft = Some(h.a);
+                soft = Some((h.seq, h.a));
                 continue;
             }
             if h.kind != wire::TASK {
                 continue;
             }
             let start_ns = sys::monotonic_ns();
-            crate::deadline::begin_task(start_ns, soft.take());
+            let limit = soft.take().filter(|&(seq, _)| seq == h.seq);
+            crate::deadline::begin_task(start_ns, limit.map(|(_, ns)| ns));
             status.start_ns.store(start_ns, Ordering::SeqCst);
             status.started.store(h.seq, Ordering::SeqCst);
             let t0 = Instant::now();

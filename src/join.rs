@@ -8,47 +8,12 @@
 //! everything queued before it.
 
 use crate::error::{Error, Result};
+use crate::result::Signal;
 use crate::supervisor::Shared;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
-
-/// A flag set once, that futures can wait for.
-pub(crate) struct Signal {
-    state: Mutex<(bool, Vec<Waker>)>,
-}
-
-impl Signal {
-    pub(crate) fn new() -> Arc<Signal> {
-        Arc::new(Signal {
-            state: Mutex::new((false, Vec::new())),
-        })
-    }
-
-    /// Sets the flag and wakes every waiting future.
-    pub(crate) fn set(&self) {
-        let wakers = {
-            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            s.0 = true;
-            std::mem::take(&mut s.1)
-        };
-        for w in wakers {
-            w.wake();
-        }
-    }
-
-    fn poll(&self, cx: &mut Context<'_>) -> Poll<()> {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if s.0 {
-            return Poll::Ready(());
-        }
-        if !s.1.iter().any(|w| w.will_wake(cx.waker())) {
-            s.1.push(cx.waker().clone());
-        }
-        Poll::Pending
-    }
-}
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 /// Sets its signal when dropped: at the end of the supervisor thread,
 /// however it ends.

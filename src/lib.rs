@@ -15,6 +15,8 @@ compile_error!(
 );
 
 #[cfg(target_os = "linux")]
+mod capture;
+#[cfg(target_os = "linux")]
 mod codec;
 #[cfg(target_os = "linux")]
 mod deadline;

@@ -2,10 +2,10 @@
 
 use crate::codec;
 use crate::error::{Error, Result};
-use crate::join::{JoinFuture, SetOnDrop, Signal};
+use crate::join::{JoinFuture, SetOnDrop};
 use crate::result::{
     AsyncResult, Feeder, Group, Hook, Imap, ImapUnordered, MapResult, Outcome, Payload, Pending,
-    Slot, assemble, complete, decode_payload,
+    Signal, Slot, assemble, complete, decode_payload,
 };
 use crate::server::{self, Init, Spec};
 use crate::shm::{BlockCache, Body, Spill, Target};
@@ -452,7 +452,7 @@ impl PoolBuilder {
             has_init: init.is_some(),
             backtraces: self
                 .backtraces
-                .unwrap_or_else(crate::traceback::env_wants_backtraces),
+                .unwrap_or_else(crate::capture::env_wants_backtraces),
             max_memory_per_child: self.max_memory_per_child,
         };
         #[cfg(feature = "mpi")]

@@ -198,6 +198,42 @@ impl Slot {
     }
 }
 
+/// A flag set once, that futures can wait for.
+pub(crate) struct Signal {
+    state: Mutex<(bool, Vec<Waker>)>,
+}
+
+impl Signal {
+    pub(crate) fn new() -> Arc<Signal> {
+        Arc::new(Signal {
+            state: Mutex::new((false, Vec::new())),
+        })
+    }
+
+    /// Sets the flag and wakes every waiting future.
+    pub(crate) fn set(&self) {
+        let wakers = {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.0 = true;
+            std::mem::take(&mut s.1)
+        };
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    pub(crate) fn poll(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.0 {
+            return Poll::Ready(());
+        }
+        if !s.1.iter().any(|w| w.will_wake(cx.waker())) {
+            s.1.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
 /// The pool's one result-handler thread, started on first use: callbacks
 /// run there, one at a time, in completion order.
 pub(crate) struct Handler {
@@ -232,12 +268,12 @@ impl Handler {
     /// As [`drain`](Self::drain), without blocking: a signal set once every
     /// handler queued so far has run, or None if there is nothing to wait
     /// for (no handler thread, or this is it).
-    pub(crate) fn drained_signal(&self) -> Option<Arc<crate::join::Signal>> {
+    pub(crate) fn drained_signal(&self) -> Option<Arc<Signal>> {
         let tx = self.tx.get()?;
         if std::thread::current().name() == Some("procpool-results") {
             return None;
         }
-        let signal = crate::join::Signal::new();
+        let signal = Signal::new();
         let s = signal.clone();
         tx.send(Box::new(move || s.set())).ok()?;
         Some(signal)

@@ -222,7 +222,7 @@ where
             io.spilled = None;
             put_message(io.out, &panic_message(&*p));
             // Where it panicked, and the stack if asked for, after the message.
-            crate::traceback::put_report(io.out);
+            crate::capture::put_report(io.out);
             status::PANIC
         }
     }
@@ -354,7 +354,7 @@ pub(crate) fn outcome_error(st: u8, body: &[u8]) -> crate::Error {
         Ok(m) => m,
         Err(e) => (format!("(an undecodable message: {e})"), body.len()),
     };
-    let (location, backtrace) = crate::traceback::read_report(&body[used..]);
+    let (location, backtrace) = crate::capture::read_report(&body[used..]);
     crate::Error::TaskPanicked {
         message,
         location,

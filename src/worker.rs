@@ -40,7 +40,7 @@ pub(crate) fn mark_worker_process() {
 /// Whether this process is a worker (or the fork server), or this thread
 /// serves a worker's tasks (an MPI rank's worker thread).
 pub(crate) fn in_worker() -> bool {
-    IN_WORKER.load(Ordering::Relaxed) || crate::traceback::serving()
+    IN_WORKER.load(Ordering::Relaxed) || crate::capture::serving()
 }
 
 /// Installs, once per process, a panic hook that is silent in workers and
@@ -63,8 +63,8 @@ pub(crate) fn install_panic_hook() {
         std::panic::set_hook(Box::new(move |info| {
             // Where a task panicked, for its TaskPanicked (traceback.rs);
             // takes no lock.
-            if crate::traceback::serving() {
-                crate::traceback::record(info);
+            if crate::capture::serving() {
+                crate::capture::record(info);
             }
             if !IN_WORKER.load(Ordering::Relaxed) {
                 previous(info);
@@ -98,7 +98,7 @@ pub(crate) enum Stop {
 pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> Result<(), Stop> {
     let fd = sock.as_raw_fd();
     let mut out: Vec<u8> = Vec::with_capacity(64 << 10);
-    crate::traceback::serve_on_this_thread();
+    crate::capture::serve_on_this_thread();
     if let Some(init) = init {
         let at = Header::new(wire::INIT_FAILED, 0, 0, 0).begin(&mut out);
         let mut io = Io {
@@ -274,7 +274,7 @@ pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> R
 
 /// Applies the parent's CONFIG frame; returns the memory limit it sets.
 fn configure(h: &Header) -> Option<MemoryLimit> {
-    crate::traceback::capture_frames(h.a & wire::CONFIG_BACKTRACES != 0);
+    crate::capture::capture_frames(h.a & wire::CONFIG_BACKTRACES != 0);
     MemoryLimit::new(h.b)
 }
 

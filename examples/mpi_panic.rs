@@ -18,7 +18,7 @@ fn run() -> Result<(), String> {
     let pool = Pool::builder().mpi().build().map_err(|e| e.to_string())?;
     // A synchronous task that panics.
     match pool.apply(touchy, 3) {
-        Err(Error::TaskPanicked { message }) if message.contains("task 3 panics") => {}
+        Err(Error::TaskPanicked { message, .. }) if message.contains("task 3 panics") => {}
         other => return Err(format!("apply(touchy, 3) gave {other:?}")),
     }
     // Asynchronous ones, some of which panic.

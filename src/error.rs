@@ -1,5 +1,6 @@
 //! The one error type of the crate.
 
+use crate::traceback::{PanicLocation, RemoteBacktrace};
 use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +38,11 @@ impl std::error::Error for CodecError {}
 /// Every submitted task resolves exactly once, with its value or with one of
 /// these. `Error` is `Clone`, so that a failure shared by several results
 /// (every item of a chunk whose worker died, say) can be given to each.
+///
+/// The enum and each of its variants with fields are `#[non_exhaustive]`:
+/// later versions may add variants, and fields to a variant (as
+/// `TaskPanicked` gained its location and backtrace), without breaking
+/// code that matches with `_` and `..`.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -51,14 +57,38 @@ pub enum Error {
     #[error("join needs a closed or terminated pool; call close() or terminate() first")]
     StillRunning,
     /// The task panicked in its worker; the worker goes on serving.
-    #[error("the task panicked: {message}")]
+    ///
+    /// `Display` shows where, and the worker's backtrace when there is one,
+    /// as CPython shows a worker's traceback (`RemoteTraceback`):
+    ///
+    /// ```text
+    /// the task panicked at src/main.rs:4:5: negative: -1
+    ///
+    /// worker backtrace:
+    ///    0: core::panicking::panic_fmt
+    ///              at /rustc/.../library/core/src/panicking.rs:75:14
+    ///    1: demo::check
+    ///              at src/main.rs:4:5
+    /// ```
+    #[error("the task panicked{}: {message}{}", crate::traceback::at(.location), crate::traceback::shown(.backtrace))]
+    #[non_exhaustive]
     TaskPanicked {
-        /// The panic's message.
+        /// The panic's message. A payload of another type than a string
+        /// (`std::panic::panic_any`) is shown if it is an error or a number,
+        /// else described.
         message: String,
+        /// Where it panicked: the file, line and column of the `panic!`
+        /// (or of the `unwrap`, the index out of bounds...).
+        location: Option<PanicLocation>,
+        /// The worker's stack at the panic, when the pool was built with
+        /// [`PoolBuilder::backtraces`](crate::PoolBuilder::backtraces) or
+        /// with `RUST_BACKTRACE` set.
+        backtrace: Option<RemoteBacktrace>,
     },
     /// The worker running the task died (a signal, `abort`, a segfault,
     /// `exit` inside the task, the out-of-memory killer). It has been replaced.
     #[error("worker {pid} was lost while running the task ({status})")]
+    #[non_exhaustive]
     WorkerLost {
         /// The pid of the worker that died.
         pid: u32,
@@ -67,6 +97,7 @@ pub enum Error {
     },
     /// The task ran longer than its timeout; its worker was killed and replaced.
     #[error("the task timed out after {timeout:?}; worker {pid} was killed")]
+    #[non_exhaustive]
     Timeout {
         /// The timeout that was exceeded.
         timeout: Duration,
@@ -79,6 +110,7 @@ pub enum Error {
     /// The initializer failed in a worker (it panicked, or the worker died
     /// while running it). A pool never respawns a worker whose initializer failed.
     #[error("the worker initializer failed: {message}")]
+    #[non_exhaustive]
     InitializerFailed {
         /// The panic message, or how the worker died.
         message: String,
@@ -86,6 +118,7 @@ pub enum Error {
     /// A value could not be serialized (an argument in the caller, a result in
     /// the worker).
     #[error("could not encode the {what}: {source}")]
+    #[non_exhaustive]
     Encode {
         /// What was being encoded: "argument" or "result".
         what: &'static str,
@@ -96,6 +129,7 @@ pub enum Error {
     /// A value could not be deserialized (an argument in the worker, a result
     /// in the caller).
     #[error("could not decode the {what}: {source}")]
+    #[non_exhaustive]
     Decode {
         /// What was being decoded: "argument" or "result".
         what: &'static str,
@@ -105,18 +139,21 @@ pub enum Error {
     },
     /// A callback attached to the task panicked; the value is lost.
     #[error("a callback panicked: {message}")]
+    #[non_exhaustive]
     CallbackPanicked {
         /// The panic's message.
         message: String,
     },
     /// A message was larger than this process could allocate.
     #[error("a message of {len} bytes is too large")]
+    #[non_exhaustive]
     TooLarge {
         /// Its length.
         len: u64,
     },
     /// An operating-system call failed.
     #[error("{context}: {source}")]
+    #[non_exhaustive]
     Io {
         /// What the pool was doing.
         context: &'static str,
@@ -137,10 +174,17 @@ pub enum Error {
     /// The pool can no longer run tasks (its fork server died, or no worker
     /// could be started).
     #[error("the pool is broken: {reason}")]
+    #[non_exhaustive]
     Broken {
         /// What broke it.
         reason: String,
     },
+    /// [`global`](crate::global) (or
+    /// [`configure_global`](crate::configure_global)) was called inside a
+    /// worker: a task cannot use the process-wide pool, and starting one
+    /// per worker would multiply processes.
+    #[error("the global pool cannot be used inside a worker process")]
+    InWorker,
     /// The pool's configuration is invalid (zero processes, say).
     #[error("invalid configuration: {0}")]
     Config(&'static str),

@@ -2,9 +2,10 @@
 
 use crate::codec;
 use crate::error::{Error, Result};
+use crate::join::{JoinFuture, SetOnDrop};
 use crate::result::{
     AsyncResult, Feeder, Group, Hook, Imap, ImapUnordered, MapResult, Outcome, Payload, Pending,
-    Slot, assemble, complete, decode_payload,
+    Signal, Slot, assemble, complete, decode_payload,
 };
 use crate::server::{self, Init, Spec};
 use crate::shm::{BlockCache, Body, Spill, Target};
@@ -50,6 +51,7 @@ type OnError = Box<dyn FnOnce(&Error) + Send>;
 /// ```
 pub struct TaskOptions<R> {
     timeout: Option<Duration>,
+    soft_timeout: Option<Duration>,
     retries: Option<u32>,
     on_success: Option<OnSuccess<R>>,
     on_error: Option<OnError>,
@@ -59,6 +61,7 @@ impl<R> Default for TaskOptions<R> {
     fn default() -> Self {
         TaskOptions {
             timeout: None,
+            soft_timeout: None,
             retries: None,
             on_success: None,
             on_error: None,
@@ -76,6 +79,17 @@ impl<R> TaskOptions<R> {
     /// longer than this (overrides the pool's default).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// A soft time limit (overrides the pool's default): once the task has
+    /// run this long, [`deadline_passed`](crate::deadline_passed) returns
+    /// true in it, so that it can stop with a partial result or clean up.
+    /// Nothing is killed at the soft limit; the hard
+    /// [`timeout`](Self::timeout), if any, still kills the worker later.
+    /// As billiard's (Celery's) `soft_time_limit`, but cooperative.
+    pub fn soft_timeout(mut self, soft: Duration) -> Self {
+        self.soft_timeout = Some(soft);
         self
     }
 
@@ -103,6 +117,7 @@ impl<R> std::fmt::Debug for TaskOptions<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TaskOptions")
             .field("timeout", &self.timeout)
+            .field("soft_timeout", &self.soft_timeout)
             .field("retries", &self.retries)
             .field("on_success", &self.on_success.is_some())
             .field("on_error", &self.on_error.is_some())
@@ -125,6 +140,7 @@ impl<R> std::fmt::Debug for TaskOptions<R> {
 pub struct MapOptions<R> {
     chunksize: Option<usize>,
     timeout: Option<Duration>,
+    soft_timeout: Option<Duration>,
     retries: Option<u32>,
     in_flight: Option<usize>,
     on_success: Option<OnSuccess<Vec<R>>>,
@@ -136,6 +152,7 @@ impl<R> Default for MapOptions<R> {
         MapOptions {
             chunksize: None,
             timeout: None,
+            soft_timeout: None,
             retries: None,
             in_flight: None,
             on_success: None,
@@ -160,6 +177,12 @@ impl<R> MapOptions<R> {
     /// A timeout for each chunk (see [`TaskOptions::timeout`]).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// A soft time limit for each chunk (see [`TaskOptions::soft_timeout`]).
+    pub fn soft_timeout(mut self, soft: Duration) -> Self {
+        self.soft_timeout = Some(soft);
         self
     }
 
@@ -194,6 +217,7 @@ impl<R> std::fmt::Debug for MapOptions<R> {
         f.debug_struct("MapOptions")
             .field("chunksize", &self.chunksize)
             .field("timeout", &self.timeout)
+            .field("soft_timeout", &self.soft_timeout)
             .field("retries", &self.retries)
             .field("in_flight", &self.in_flight)
             .finish()
@@ -213,14 +237,17 @@ impl<R> std::fmt::Debug for MapOptions<R> {
 /// assert_eq!(pool.apply(work, 21)?, 42);
 /// # Ok::<(), procpool::Error>(())
 /// ```
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct PoolBuilder {
     processes: Option<usize>,
     init: Option<std::result::Result<Init, Error>>,
     max_tasks_per_child: Option<u64>,
+    max_memory_per_child: Option<u64>,
     timeout: Option<Duration>,
+    soft_timeout: Option<Duration>,
     retries: u32,
     start_method: Option<StartMethod>,
+    backtraces: Option<bool>,
     #[cfg(feature = "mpi")]
     mpi: bool,
 }
@@ -266,9 +293,52 @@ impl PoolBuilder {
         self
     }
 
+    /// A worker whose private memory has grown by more than `bytes` since
+    /// it started (after the initializer) is replaced once its current task
+    /// is done; that task's result is kept, and tasks sent to it that had
+    /// not started run elsewhere. For code that leaks (a C library, say):
+    /// as billiard's `max_memory_per_child` and loky's leak detection, and
+    /// less blunt than [`max_tasks_per_child`](Self::max_tasks_per_child).
+    /// Zero is an error.
+    ///
+    /// What is measured is the worker's resident anonymous memory
+    /// (`RssAnon`): memory it allocated *and wrote*. Pages it shares with
+    /// your process since the fork, the executable and libraries, and the
+    /// shared-memory blocks that large arguments travel in are not counted,
+    /// nor is memory reserved but never touched. It is checked after each
+    /// task (a read of `/proc/self/statm`, a few microseconds). Over MPI a
+    /// worker is a thread of its rank's process, so replacing it frees
+    /// nothing.
+    ///
+    /// ```
+    /// fn leak(mib: usize) -> u32 {
+    ///     std::mem::forget(vec![1u8; mib << 20]);   // written, never freed
+    ///     std::process::id()
+    /// }
+    /// let pool = procpool::Pool::builder()
+    ///     .processes(1)
+    ///     .max_memory_per_child(16 << 20)
+    ///     .build()?;
+    /// let first = pool.apply(leak, 32)?;       // its result is kept...
+    /// let second = pool.apply(leak, 0)?;       // ...and its worker replaced
+    /// assert_ne!(first, second);
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
+    pub fn max_memory_per_child(mut self, bytes: u64) -> Self {
+        self.max_memory_per_child = Some(bytes);
+        self
+    }
+
     /// A default timeout for every task (see [`TaskOptions::timeout`]).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// A default soft time limit for every task (see
+    /// [`TaskOptions::soft_timeout`] and [`deadline_passed`](crate::deadline_passed)).
+    pub fn soft_timeout(mut self, soft: Duration) -> Self {
+        self.soft_timeout = Some(soft);
         self
     }
 
@@ -291,6 +361,41 @@ impl PoolBuilder {
     /// starts threads.
     pub fn start_method(mut self, method: StartMethod) -> Self {
         self.start_method = Some(method);
+        self
+    }
+
+    /// Whether a task that panics brings its worker's backtrace back with
+    /// it, in [`Error::TaskPanicked`]'s `backtrace` (shown by its
+    /// `Display`). Default: when `RUST_BACKTRACE` is set (and not `0`)
+    /// in the environment when the pool is built, as std's own panic
+    /// messages decide. The panic's location comes back either way.
+    ///
+    /// The worker records only raw frame addresses, without taking any
+    /// lock; they are resolved to functions, files and lines in this
+    /// process, the first time the backtrace is shown.
+    ///
+    /// ```
+    /// use procpool::Error;
+    /// fn check(x: i32) -> i32 {
+    ///     if x < 0 { panic!("negative: {x}") }
+    ///     x
+    /// }
+    /// let pool = procpool::Pool::builder().processes(1).backtraces(true).build()?;
+    /// let e = pool.apply(check, -1).unwrap_err();
+    /// // the task panicked at src/main.rs:4:19: negative: -1
+    /// //
+    /// // worker backtrace:
+    /// //    0: ...
+    /// //    2: demo::check
+    /// //              at src/main.rs:4:19
+    /// assert!(e.to_string().contains("worker backtrace:"));
+    /// let Error::TaskPanicked { message, backtrace: Some(bt), .. } = e else { panic!("{e:?}") };
+    /// assert_eq!(message, "negative: -1");
+    /// assert!(bt.frames().iter().any(|f| f.function().is_some_and(|n| n.ends_with("::check"))));
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
+    pub fn backtraces(mut self, on: bool) -> Self {
+        self.backtraces = Some(on);
         self
     }
 
@@ -358,6 +463,11 @@ impl PoolBuilder {
         if self.max_tasks_per_child == Some(0) {
             return Err(Error::Config("max_tasks_per_child must be at least 1"));
         }
+        if self.max_memory_per_child == Some(0) {
+            return Err(Error::Config(
+                "max_memory_per_child must be at least 1 byte",
+            ));
+        }
         let init = self.init.transpose()?;
         let method = match self.start_method {
             Some(m) => m,
@@ -376,9 +486,14 @@ impl PoolBuilder {
             processes,
             max_tasks_per_child: self.max_tasks_per_child,
             timeout: self.timeout,
+            soft_timeout: self.soft_timeout,
             retries: self.retries,
             has_init: init.is_some(),
             check_tasks: method != StartMethod::Fork || mpi,
+            backtraces: self
+                .backtraces
+                .unwrap_or_else(crate::capture::env_wants_backtraces),
+            max_memory_per_child: self.max_memory_per_child,
         };
         #[cfg(feature = "mpi")]
         if self.mpi {
@@ -421,6 +536,10 @@ fn fork_server(spec: Spec) -> Result<(std::os::fd::OwnedFd, libc::pid_t)> {
     let mut err = std::io::stderr().lock();
     let _ = out.flush();
     let _ = err.flush();
+    // Settled here, before the fork: a OnceLock that another thread was
+    // initialising at the fork would stay "being initialised" in the
+    // children forever, and a worker's first wait would hang on it.
+    sys::spin_budget();
     // Every signal stays blocked across the fork, until the server has
     // left the terminal's job and set its own dispositions (server::run):
     // a Ctrl-C meanwhile must not kill it with the host's dispositions.
@@ -481,6 +600,8 @@ fn fork_server(spec: Spec) -> Result<(std::os::fd::OwnedFd, libc::pid_t)> {
 pub struct Pool {
     shared: Arc<Shared>,
     io: Mutex<Option<JoinHandle<()>>>,
+    /// Set when the supervisor thread ends (for `join_async`).
+    exited: Arc<Signal>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -524,9 +645,14 @@ impl Pool {
     ) -> Result<Pool> {
         let shared = Shared::new(cfg, server, handle, words, slots)?;
         let s2 = shared.clone();
+        let exited = Signal::new();
+        let on_exit = SetOnDrop(exited.clone());
         let io = std::thread::Builder::new()
             .name("procpool-supervisor".into())
-            .spawn(move || supervisor::run(s2))
+            .spawn(move || {
+                let _on_exit = on_exit;
+                supervisor::run(s2)
+            })
             .map_err(|e| {
                 shared.abandon();
                 Error::io("starting the supervisor thread", e)
@@ -534,6 +660,7 @@ impl Pool {
         let pool = Pool {
             shared,
             io: Mutex::new(Some(io)),
+            exited,
         };
         pool.shared.start_workers()?;
         Ok(pool)
@@ -618,6 +745,7 @@ impl Pool {
                 payload,
                 hook,
                 timeout: opts.timeout,
+                soft_timeout: opts.soft_timeout,
                 retries: opts.retries,
             },
         )])?;
@@ -726,6 +854,7 @@ impl Pool {
                 payload: Body::Heap(p),
                 hook,
                 timeout: opts.timeout,
+                soft_timeout: opts.soft_timeout,
                 retries: opts.retries,
             };
             if let Err(e) = self.shared.submit(vec![(slot.clone(), spec)]) {
@@ -754,7 +883,10 @@ impl Pool {
                 chunksize,
                 shared: self.shared.clone(),
                 timeout: opts.timeout,
+                soft_timeout: opts.soft_timeout,
                 retries: opts.retries,
+                ended: false,
+                panicked: None,
             }),
             in_flight,
         )
@@ -809,6 +941,7 @@ impl Pool {
         let (tx, rx) = crossbeam_channel::unbounded();
         ImapUnordered {
             feeder,
+            input_panic: None,
             in_flight: HashMap::new(),
             ready: VecDeque::new(),
             max_in_flight,
@@ -837,6 +970,10 @@ impl Pool {
     /// after [`close`](Self::close) or [`terminate`](Self::terminate), as in
     /// CPython: otherwise [`Error::StillRunning`].
     ///
+    /// It blocks the calling thread until the queue is done and every
+    /// process has exited, and the callbacks of finished tasks have run. In
+    /// async code, await [`join_async`](Self::join_async) instead.
+    ///
     /// If the pool broke meanwhile (its fork server was killed, no worker
     /// could be started, the initializer kept failing), it returns that
     /// error ([`Error::Broken`], [`Error::InitializerFailed`]) once
@@ -852,6 +989,30 @@ impl Pool {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// [`join`](Self::join) as a future, for async code: it resolves (with
+    /// what `join` would return) once the pool is joined, without blocking
+    /// a thread meanwhile. The future is `Send + 'static`; it works in any
+    /// runtime (the crate depends on none). On a running pool it resolves
+    /// at once with [`Error::StillRunning`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// fn nap(ms: u64) -> u64 { std::thread::sleep(Duration::from_millis(ms)); ms }
+    /// let pool = procpool::Pool::builder().processes(2).build()?;
+    /// let r = pool.apply_async(nap, 50)?;
+    /// pool.close();
+    /// let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    /// rt.block_on(pool.join_async())?;      // the runtime's thread is free meanwhile
+    /// assert!(r.ready());
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
+    pub fn join_async(&self) -> JoinFuture {
+        if self.shared.phase() == Phase::Running {
+            return JoinFuture::failed(Error::StillRunning);
+        }
+        JoinFuture::new(self.exited.clone(), self.shared.clone())
     }
 
     fn join_supervisor(&self) {
@@ -901,7 +1062,12 @@ struct ChunkFeeder<I> {
     chunksize: usize,
     shared: Arc<Shared>,
     timeout: Option<Duration>,
+    soft_timeout: Option<Duration>,
     retries: Option<u32>,
+    /// The input is done (exhausted, or it panicked): it is not pulled again.
+    ended: bool,
+    /// The input's panic, to hand over after the chunk pulled before it.
+    panicked: Option<Box<dyn std::any::Any + Send>>,
 }
 
 impl<I> Feeder for ChunkFeeder<I>
@@ -913,15 +1079,28 @@ where
         let mut payload = Vec::new();
         let mut n = 0;
         let mut err = None;
-        while n < self.chunksize {
-            let Some(a) = self.it.next() else { break };
+        while n < self.chunksize && !self.ended {
+            // The input's panic is kept, and resumed in the consumer in its
+            // place, after the items before it (see Imap).
+            let a = match catch_unwind(AssertUnwindSafe(|| self.it.next())) {
+                Ok(Some(a)) => a,
+                Ok(None) => {
+                    self.ended = true;
+                    break;
+                }
+                Err(p) => {
+                    self.ended = true;
+                    self.panicked = Some(p);
+                    break;
+                }
+            };
             if let Err(e) = task::push_item(&mut payload, &a) {
                 err.get_or_insert(e);
             }
             n += 1;
         }
         if n == 0 {
-            return None;
+            return self.panicked.take().map(Pending::InputPanicked);
         }
         if let Some(source) = err {
             return Some(Pending::Failed(
@@ -938,6 +1117,7 @@ where
             payload: Body::Heap(payload),
             hook: hook(n),
             timeout: self.timeout,
+            soft_timeout: self.soft_timeout,
             retries: self.retries,
         };
         match self.shared.submit(vec![(slot.clone(), spec)]) {

@@ -138,7 +138,18 @@ impl Slot {
     }
 
     fn wait_timeout(&self, d: Duration) -> bool {
-        let end = Instant::now() + d;
+        match Instant::now().checked_add(d) {
+            Some(end) => self.wait_deadline(end),
+            None => {
+                self.wait();
+                true
+            }
+        }
+    }
+
+    /// Waits until the outcome is in or `end` has passed; returns whether
+    /// it is in.
+    fn wait_deadline(&self, end: Instant) -> bool {
         let mut s = self.lock();
         while s.outcome.is_none() && !s.taken {
             let now = Instant::now();
@@ -187,6 +198,42 @@ impl Slot {
     }
 }
 
+/// A flag set once, that futures can wait for.
+pub(crate) struct Signal {
+    state: Mutex<(bool, Vec<Waker>)>,
+}
+
+impl Signal {
+    pub(crate) fn new() -> Arc<Signal> {
+        Arc::new(Signal {
+            state: Mutex::new((false, Vec::new())),
+        })
+    }
+
+    /// Sets the flag and wakes every waiting future.
+    pub(crate) fn set(&self) {
+        let wakers = {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.0 = true;
+            std::mem::take(&mut s.1)
+        };
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    pub(crate) fn poll(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.0 {
+            return Poll::Ready(());
+        }
+        if !s.1.iter().any(|w| w.will_wake(cx.waker())) {
+            s.1.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
 /// The pool's one result-handler thread, started on first use: callbacks
 /// run there, one at a time, in completion order.
 pub(crate) struct Handler {
@@ -216,6 +263,20 @@ impl Handler {
         {
             let _ = done_rx.recv();
         }
+    }
+
+    /// As [`drain`](Self::drain), without blocking: a signal set once every
+    /// handler queued so far has run, or None if there is nothing to wait
+    /// for (no handler thread, or this is it).
+    pub(crate) fn drained_signal(&self) -> Option<Arc<Signal>> {
+        let tx = self.tx.get()?;
+        if std::thread::current().name() == Some("procpool-results") {
+            return None;
+        }
+        let signal = Signal::new();
+        let s = signal.clone();
+        tx.send(Box::new(move || s.set())).ok()?;
+        Some(signal)
     }
 
     pub(crate) fn run(&self, f: Box<dyn FnOnce() + Send>) {
@@ -568,10 +629,35 @@ impl<R> std::fmt::Debug for MapResult<R> {
     }
 }
 
-/// A chunk that an imap iterator has submitted (or failed to).
+/// A chunk that an imap iterator has submitted (or failed to), or the
+/// panic of its input iterator, in its place.
 pub(crate) enum Pending {
     Chunk(Arc<Slot>, usize),
     Failed(Error, usize),
+    /// The input iterator panicked here; nothing was pulled after it.
+    InputPanicked(Box<dyn Any + Send>),
+}
+
+/// What [`Imap::next_timeout`] or [`ImapUnordered::next_timeout`] found.
+#[derive(Debug)]
+#[must_use]
+pub enum Next<T> {
+    /// The next item.
+    Item(T),
+    /// Nothing came in time. The iterator goes on: ask again later.
+    TimedOut,
+    /// The iterator is done: every item has been yielded.
+    Done,
+}
+
+impl<T> Next<T> {
+    /// The item, if there was one.
+    pub fn item(self) -> Option<T> {
+        match self {
+            Next::Item(x) => Some(x),
+            Next::TimedOut | Next::Done => None,
+        }
+    }
 }
 
 /// Pulls input for an imap iterator, one chunk at a time.
@@ -580,8 +666,11 @@ pub(crate) trait Feeder {
     fn next_chunk(&mut self, hook: &mut dyn FnMut(usize) -> Hook) -> Option<Pending>;
 }
 
+/// Turns a chunk that is in into its items. The input's panic resumes
+/// here, in the consumer, in its place.
 fn unpack<R: DeserializeOwned>(p: Pending, into: &mut VecDeque<Result<R>>) {
     match p {
+        Pending::InputPanicked(payload) => std::panic::resume_unwind(payload),
         Pending::Failed(e, n) => into.extend(std::iter::repeat_n(e, n).map(Err)),
         Pending::Chunk(slot, n) => match slot.take() {
             Ok(Payload::Bytes(b)) => into.extend(task::decode_chunk::<R>(b.bytes())),
@@ -597,6 +686,14 @@ fn unpack<R: DeserializeOwned>(p: Pending, into: &mut VecDeque<Result<R>>) {
 /// `Result`, in input order. It pulls its input lazily and keeps a bounded
 /// number of chunks in flight, so an endless input runs in bounded memory.
 /// Dropping it cancels the chunks still in flight.
+///
+/// If the input iterator panics, the items before it are still yielded,
+/// and then the panic resumes in the consumer, from the `next` call that
+/// reaches its place (as CPython raises the iterable's exception there);
+/// nothing after it is pulled, and no worker is stopped.
+///
+/// [`next_timeout`](Self::next_timeout) waits for the next item with a
+/// bound, as CPython's `IMapIterator.next(timeout)`.
 #[must_use = "iterators are lazy: nothing runs until it is iterated"]
 pub struct Imap<'a, R> {
     pub(crate) feeder: Box<dyn Feeder + 'a>,
@@ -607,13 +704,36 @@ pub struct Imap<'a, R> {
     pub(crate) pool: Weak<Shared>,
 }
 
-impl<R: DeserializeOwned> Iterator for Imap<'_, R> {
-    type Item = Result<R>;
+impl<R: DeserializeOwned> Imap<'_, R> {
+    /// The next item, waiting at most `timeout` for it: [`Next::Item`],
+    /// [`Next::TimedOut`] if it has not come by then (the iterator goes
+    /// on: ask again), or [`Next::Done`] once every item has been yielded.
+    /// As CPython's `IMapIterator.next(timeout)`.
+    ///
+    /// The bound is on waiting for workers; pulling the input itself (the
+    /// caller's iterator) is not interrupted.
+    ///
+    /// ```
+    /// use procpool::Next;
+    /// use std::time::Duration;
+    /// fn nap(ms: u64) -> u64 { std::thread::sleep(Duration::from_millis(ms)); ms }
+    /// let pool = procpool::Pool::builder().processes(2).build()?;
+    /// let mut it = pool.imap(nap, [300, 1]);
+    /// assert!(matches!(it.next_timeout(Duration::from_millis(10)), Next::TimedOut));
+    /// assert_eq!(it.next_timeout(Duration::from_secs(60)).item().unwrap()?, 300);
+    /// assert_eq!(it.next_timeout(Duration::from_secs(60)).item().unwrap()?, 1);
+    /// assert!(matches!(it.next_timeout(Duration::ZERO), Next::Done));
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
+    pub fn next_timeout(&mut self, timeout: Duration) -> Next<Result<R>> {
+        self.advance(Instant::now().checked_add(timeout))
+    }
 
-    fn next(&mut self) -> Option<Result<R>> {
+    /// The next item, waiting until `deadline` (forever if None).
+    fn advance(&mut self, deadline: Option<Instant>) -> Next<Result<R>> {
         loop {
             if let Some(x) = self.ready.pop_front() {
-                return Some(x);
+                return Next::Item(x);
             }
             while !self.exhausted && self.window.len() < self.max_in_flight {
                 match self.feeder.next_chunk(&mut |_| Hook::None) {
@@ -621,9 +741,25 @@ impl<R: DeserializeOwned> Iterator for Imap<'_, R> {
                     None => self.exhausted = true,
                 }
             }
-            let front = self.window.pop_front()?;
+            let Some(front) = self.window.front() else {
+                return Next::Done;
+            };
+            if let (Pending::Chunk(slot, _), Some(end)) = (front, deadline) {
+                if !slot.wait_deadline(end) {
+                    return Next::TimedOut;
+                }
+            }
+            let front = self.window.pop_front().expect("front exists");
             unpack(front, &mut self.ready);
         }
+    }
+}
+
+impl<R: DeserializeOwned> Iterator for Imap<'_, R> {
+    type Item = Result<R>;
+
+    fn next(&mut self) -> Option<Result<R>> {
+        self.advance(None).item()
     }
 }
 
@@ -652,9 +788,15 @@ impl<R> Drop for Imap<'_, R> {
 /// The iterator of [`Pool::imap_unordered`](crate::Pool::imap_unordered):
 /// each item's `Result`, in the order the chunks finish. Lazy and bounded
 /// like [`Imap`].
+///
+/// If the input iterator panics, the panic resumes in the consumer once
+/// every item pulled before it has been yielded; nothing after it is
+/// pulled, and no worker is stopped.
 #[must_use = "iterators are lazy: nothing runs until it is iterated"]
 pub struct ImapUnordered<'a, R> {
     pub(crate) feeder: Box<dyn Feeder + 'a>,
+    /// The input's panic, resumed once everything before it is yielded.
+    pub(crate) input_panic: Option<Box<dyn Any + Send>>,
     pub(crate) in_flight: HashMap<usize, Pending>,
     pub(crate) ready: VecDeque<Result<R>>,
     pub(crate) max_in_flight: usize,
@@ -665,13 +807,29 @@ pub struct ImapUnordered<'a, R> {
     pub(crate) pool: Weak<Shared>,
 }
 
-impl<R: DeserializeOwned> Iterator for ImapUnordered<'_, R> {
-    type Item = Result<R>;
+impl<R: DeserializeOwned> ImapUnordered<'_, R> {
+    /// The next item to finish, waiting at most `timeout` for it (see
+    /// [`Imap::next_timeout`]).
+    ///
+    /// ```
+    /// use procpool::Next;
+    /// use std::time::Duration;
+    /// fn nap(ms: u64) -> u64 { std::thread::sleep(Duration::from_millis(ms)); ms }
+    /// let pool = procpool::Pool::builder().processes(2).build()?;
+    /// let mut it = pool.imap_unordered(nap, [300]);
+    /// assert!(matches!(it.next_timeout(Duration::from_millis(10)), Next::TimedOut));
+    /// assert_eq!(it.next_timeout(Duration::from_secs(60)).item().unwrap()?, 300);
+    /// assert!(matches!(it.next_timeout(Duration::ZERO), Next::Done));
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
+    pub fn next_timeout(&mut self, timeout: Duration) -> Next<Result<R>> {
+        self.advance(Instant::now().checked_add(timeout))
+    }
 
-    fn next(&mut self) -> Option<Result<R>> {
+    fn advance(&mut self, deadline: Option<Instant>) -> Next<Result<R>> {
         loop {
             if let Some(x) = self.ready.pop_front() {
-                return Some(x);
+                return Next::Item(x);
             }
             while !self.exhausted && self.in_flight.len() < self.max_in_flight {
                 let i = self.next_index;
@@ -679,6 +837,10 @@ impl<R: DeserializeOwned> Iterator for ImapUnordered<'_, R> {
                 match self.feeder.next_chunk(&mut |_| Hook::Notify(tx.clone(), i)) {
                     Some(Pending::Failed(e, n)) => {
                         self.ready.extend(std::iter::repeat_n(e, n).map(Err));
+                    }
+                    Some(Pending::InputPanicked(p)) => {
+                        self.input_panic = Some(p);
+                        self.exhausted = true;
                     }
                     Some(p) => {
                         self.in_flight.insert(i, p);
@@ -691,13 +853,35 @@ impl<R: DeserializeOwned> Iterator for ImapUnordered<'_, R> {
                 continue;
             }
             if self.in_flight.is_empty() {
-                return None;
+                if let Some(p) = self.input_panic.take() {
+                    std::panic::resume_unwind(p);
+                }
+                return Next::Done;
             }
-            let i = self.rx.recv().ok()?;
+            let got = match deadline {
+                None => self.rx.recv().ok(),
+                Some(end) => match self.rx.recv_deadline(end) {
+                    Ok(i) => Some(i),
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => return Next::TimedOut,
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => None,
+                },
+            };
+            // The iterator holds a sender itself: the channel cannot close.
+            let Some(i) = got else {
+                return Next::Done;
+            };
             if let Some(p) = self.in_flight.remove(&i) {
                 unpack(p, &mut self.ready);
             }
         }
+    }
+}
+
+impl<R: DeserializeOwned> Iterator for ImapUnordered<'_, R> {
+    type Item = Result<R>;
+
+    fn next(&mut self) -> Option<Result<R>> {
+        self.advance(None).item()
     }
 }
 

@@ -105,12 +105,37 @@ pub(crate) struct Config {
     pub(crate) processes: usize,
     pub(crate) max_tasks_per_child: Option<u64>,
     pub(crate) timeout: Option<Duration>,
+    /// The default soft time limit of a task.
+    pub(crate) soft_timeout: Option<Duration>,
     pub(crate) retries: u32,
     /// Whether workers run an initializer before they are ready.
     pub(crate) has_init: bool,
     /// Whether each task's code must lie in the executable (workers that
     /// are not forks of the caller: an exec'd server, MPI ranks).
     pub(crate) check_tasks: bool,
+    /// Whether workers record a backtrace when a task panics.
+    pub(crate) backtraces: bool,
+    /// A worker whose private memory grew by more than this is replaced
+    /// after its task.
+    pub(crate) max_memory_per_child: Option<u64>,
+}
+
+impl Config {
+    /// The CONFIG frame that a new worker reads before its first task, if
+    /// anything differs from a worker's defaults.
+    fn worker_frame(&self) -> Vec<u8> {
+        let mut flags = 0;
+        if self.backtraces {
+            flags |= wire::CONFIG_BACKTRACES;
+        }
+        let memory = self.max_memory_per_child.unwrap_or(0);
+        let mut out = Vec::new();
+        if flags != 0 || memory != 0 {
+            let at = Header::new(wire::CONFIG, 0, flags, memory).begin(&mut out);
+            wire::finish(&mut out, at, 0);
+        }
+        out
+    }
 }
 
 /// RUNNING → CLOSED → (all work done, workers exited) finished;
@@ -130,6 +155,7 @@ pub(crate) struct Job {
     pub(crate) slot: Arc<Slot>,
     pub(crate) hook: Hook,
     pub(crate) timeout: Option<Duration>,
+    pub(crate) soft_timeout: Option<Duration>,
     pub(crate) retries: u32,
     pub(crate) cancelled: bool,
 }
@@ -140,6 +166,7 @@ pub(crate) struct JobSpec {
     pub(crate) payload: Body,
     pub(crate) hook: Hook,
     pub(crate) timeout: Option<Duration>,
+    pub(crate) soft_timeout: Option<Duration>,
     pub(crate) retries: Option<u32>,
 }
 
@@ -358,6 +385,7 @@ impl Shared {
                 slot,
                 hook: s.hook,
                 timeout: s.timeout.or(self.cfg.timeout),
+                soft_timeout: s.soft_timeout.or(self.cfg.soft_timeout),
                 retries: s.retries.unwrap_or(self.cfg.retries),
                 cancelled: false,
             });
@@ -676,6 +704,13 @@ impl State {
                 let seq = w.next_seq;
                 w.next_seq += 1;
                 w.sent += 1;
+                if let Some(soft) = job.soft_timeout {
+                    // Its soft limit, in the frame just before it.
+                    let ns = crate::deadline::nanos(soft);
+                    let at = Header::new(wire::SOFT_LIMIT, seq, ns, 0).begin(&mut w.out);
+                    wire::finish(&mut w.out, at, 0);
+                    bytes += HDR;
+                }
                 let mut h = Header::new(wire::TASK, seq, job.f.tramp, job.f.func);
                 match &job.payload {
                     Body::Heap(p) => {
@@ -871,8 +906,17 @@ fn parse_frames(
                 w.ready = true;
                 *st_ready += 1;
             }
+            wire::RETIRING => {
+                // Its memory grew past the limit: it exits after this task.
+                log::debug!(
+                    "procpool: worker {} grew by {} bytes, past max_memory_per_child; replacing it",
+                    w.pid,
+                    h.a
+                );
+                w.retiring = true;
+            }
             wire::INIT_FAILED => {
-                w.init_msg = Some(task::take_message(&w.inbuf[body_at..end]));
+                w.init_msg = Some(task::init_failure_message(h.status, &w.inbuf[body_at..end]));
             }
             wire::DONE => {
                 let outcome = if h.a == wire::OUT_SAME_BLOCK || h.a == wire::OUT_NEW_BLOCK {
@@ -898,10 +942,7 @@ fn parse_frames(
                     }
                 } else {
                     pos = end;
-                    Err(task::status_error(
-                        h.status,
-                        task::take_message(&w.inbuf[body_at..end]),
-                    ))
+                    Err(task::outcome_error(h.status, &w.inbuf[body_at..end]))
                 };
                 match w.in_flight.front() {
                     Some(f) if f.seq == h.seq => {
@@ -1281,7 +1322,8 @@ fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) 
                     ready: false,
                     retiring: false,
                     eof: false,
-                    out: Vec::new(),
+                    // Its settings go first, before any task.
+                    out: shared.cfg.worker_frame(),
                     out_pos: 0,
                     out_fds: VecDeque::new(),
                     inbuf: Vec::new(),
@@ -1451,7 +1493,13 @@ fn worker_exited(
     read_worker(&mut w, &mut ready, &mut st.est, &shared.blocks, done);
     st.ready = ready;
     let started = shared.words.status(w.slot).started.load(Ordering::SeqCst);
-    if w.in_flight.is_empty() && w.kill.is_none() {
+    // Only tasks it had started are lost; the others run elsewhere (a
+    // worker that retires may leave some behind).
+    let lost_any = w
+        .in_flight
+        .iter()
+        .any(|f| f.seq <= started && !f.job.cancelled);
+    if !lost_any && w.kill.is_none() {
         log::debug!("procpool: worker {} exited ({status})", w.pid);
     } else if w.kill.is_none() {
         log::warn!(

@@ -1367,3 +1367,47 @@ pub(crate) fn dup_above_stdio(fd: &OwnedFd) -> io::Result<OwnedFd> {
     // SAFETY: a fresh fd that we alone own.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
+
+/// The return addresses of the calling thread's stack, innermost first, at
+/// most `max` of them, walked with the unwinder (`_Unwind_Backtrace`).
+/// Takes no lock: not std's backtrace lock (which another thread of the
+/// host may have held when this process was forked), nor the backtrace
+/// crate's. A panic is unwound by the same unwinder a moment later, so this
+/// needs nothing that the panic does not need anyway.
+pub(crate) fn return_addresses(max: usize) -> Vec<usize> {
+    let mut ips = Vec::with_capacity(max.min(64));
+    // SAFETY: `trace_unsynchronized` is unsafe only because it skips the
+    // backtrace crate's lock. That lock guards the state of backends that
+    // are not thread-safe (dbghelp on Windows); on Linux the backend is
+    // `_Unwind_Backtrace`, which is, and which only reads this thread's
+    // stack and the unwind tables. The closure only pushes into a Vec.
+    unsafe {
+        backtrace::trace_unsynchronized(|frame| {
+            ips.push(frame.ip() as usize);
+            ips.len() < max
+        });
+    }
+    ips
+}
+
+/// This process's private resident memory in bytes: its resident anonymous
+/// pages (`RssAnon`), which is `resident - shared` in `/proc/self/statm`
+/// (shared counts file and shared-memory pages: the executable, libraries
+/// and the pool's memfd blocks). Pages still shared with the parent since
+/// the fork are counted, but do not change as a task runs, so a growth
+/// over a baseline is memory the worker allocated and wrote.
+pub(crate) fn private_memory() -> io::Result<u64> {
+    let text = std::fs::read_to_string("/proc/self/statm")?;
+    let mut f = text.split_ascii_whitespace().skip(1);
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/self/statm");
+    let resident: u64 = f.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    let shared: u64 = f.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    Ok(resident.saturating_sub(shared) * page_size())
+}
+
+/// The size of a memory page.
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 { n as u64 } else { 4096 }
+}

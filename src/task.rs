@@ -123,15 +123,40 @@ impl TaskFn {
     }
 }
 
-/// The message of a panic payload.
+/// The message of a panic payload: a string as it is; an error, a number,
+/// a bool or a char (`std::panic::panic_any`) shown with its type; anything
+/// else described.
 pub(crate) fn panic_message(p: &(dyn Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "a panic with a non-string payload".to_string()
+        return (*s).to_string();
     }
+    if let Some(s) = p.downcast_ref::<String>() {
+        return s.clone();
+    }
+    if let Some(e) = p.downcast_ref::<Box<dyn std::error::Error + Send + Sync>>() {
+        return format!("a panic with an error payload: {e}");
+    }
+    if let Some(e) = p.downcast_ref::<Box<dyn std::error::Error + Send>>() {
+        return format!("a panic with an error payload: {e}");
+    }
+    if let Some(e) = p.downcast_ref::<std::io::Error>() {
+        return format!("a panic with an io::Error payload: {e}");
+    }
+    if let Some(e) = p.downcast_ref::<crate::Error>() {
+        return format!("a panic with a procpool::Error payload: {e}");
+    }
+    macro_rules! shown {
+        ($($t:ty),*) => {$(
+            if let Some(v) = p.downcast_ref::<$t>() {
+                return format!("a panic with a {} payload: {v:?}", stringify!($t));
+            }
+        )*};
+    }
+    shown!(
+        i8, i16, i32, i64, i128, isize, u8, u16, u32, u64, u128, usize, f32, f64, bool, char
+    );
+    "a panic with a payload that is neither a string nor an error (std::panic::panic_any)"
+        .to_string()
 }
 
 fn put_message(out: &mut Vec<u8>, msg: &str) {
@@ -164,7 +189,7 @@ where
             Ok((a, _)) => a,
             Err(e) => return (status::DECODE, e.to_string()),
         };
-        let r = f(a);
+        let r = crate::traceback::__procpool_begin_task(f, a);
         if !io.spill {
             // Items of a chunk: straight into the frame, no block.
             return match codec::encode_into(&r, io.out) {
@@ -206,6 +231,8 @@ where
             io.out.truncate(start);
             io.spilled = None;
             put_message(io.out, &panic_message(&*p));
+            // Where it panicked, and the stack if asked for, after the message.
+            crate::capture::put_report(io.out);
             status::PANIC
         }
     }
@@ -324,7 +351,41 @@ pub(crate) fn decode_outcome<R: DeserializeOwned>(st: u8, body: &[u8]) -> Result
                 source: e,
             })
     } else {
-        Err(status_error(st, take_message(body)))
+        Err(outcome_error(st, body))
+    }
+}
+
+/// The error that a non-OK status with its body stands for.
+pub(crate) fn outcome_error(st: u8, body: &[u8]) -> crate::Error {
+    if st != status::PANIC {
+        return status_error(st, take_message(body));
+    }
+    let (message, used) = match codec::decode::<String>(body) {
+        Ok(m) => m,
+        Err(e) => (format!("(an undecodable message: {e})"), body.len()),
+    };
+    let (location, backtrace) = crate::capture::read_report(&body[used..]);
+    crate::Error::TaskPanicked {
+        message,
+        location,
+        backtrace,
+    }
+}
+
+/// The message of an initializer that failed: its panic's message, and
+/// where it panicked.
+pub(crate) fn init_failure_message(st: u8, body: &[u8]) -> String {
+    if st != status::PANIC {
+        return take_message(body);
+    }
+    match outcome_error(st, body) {
+        crate::Error::TaskPanicked {
+            message,
+            location: Some(l),
+            ..
+        } => format!("{message} (at {l})"),
+        crate::Error::TaskPanicked { message, .. } => message,
+        e => e.to_string(),
     }
 }
 
@@ -332,7 +393,11 @@ pub(crate) fn decode_outcome<R: DeserializeOwned>(st: u8, body: &[u8]) -> Result
 pub(crate) fn status_error(st: u8, message: String) -> crate::Error {
     use crate::error::CodecError;
     match st {
-        status::PANIC => crate::Error::TaskPanicked { message },
+        status::PANIC => crate::Error::TaskPanicked {
+            message,
+            location: None,
+            backtrace: None,
+        },
         status::ENCODE => crate::Error::Encode {
             what: "result",
             source: CodecError::new(message),

@@ -20,6 +20,21 @@ pub(crate) const INIT_FAILED: u8 = 2;
 pub(crate) const DONE: u8 = 3;
 /// Parent to worker: run task `seq`.
 pub(crate) const TASK: u8 = 4;
+/// Parent to worker, before any task: settings (`a`: flags, see
+/// [`CONFIG_BACKTRACES`]; `b`: the limit in bytes on the growth of its
+/// private memory, 0 for none).
+pub(crate) const CONFIG: u8 = 5;
+
+/// Parent to worker, just before a TASK frame: that task's soft time limit
+/// (`seq`: the task's; `a`: nanoseconds from its start).
+pub(crate) const SOFT_LIMIT: u8 = 6;
+/// Worker to parent, after a task's DONE: its memory grew past its limit
+/// (`a`: the growth in bytes); it exits, and the tasks it had not started
+/// are to run elsewhere.
+pub(crate) const RETIRING: u8 = 7;
+
+/// CONFIG flag (in `a`): record a backtrace when a task panics.
+pub(crate) const CONFIG_BACKTRACES: u64 = 1;
 
 /// TASK flag (in `status`): the body is the 8-byte length of the input,
 /// which is in the block whose fd came with the frame.

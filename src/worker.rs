@@ -37,6 +37,12 @@ pub(crate) fn mark_worker_process() {
     IN_WORKER.store(true, Ordering::SeqCst);
 }
 
+/// Whether this process is a worker (or the fork server), or this thread
+/// serves a worker's tasks (an MPI rank's worker thread).
+pub(crate) fn in_worker() -> bool {
+    IN_WORKER.load(Ordering::Relaxed) || crate::capture::serving()
+}
+
 /// Installs, once per process, a panic hook that is silent in workers and
 /// calls the hook it replaced everywhere else.
 ///
@@ -55,6 +61,11 @@ pub(crate) fn install_panic_hook() {
     ONCE.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
+            // Where a task panicked, for its TaskPanicked (traceback.rs);
+            // takes no lock.
+            if crate::capture::serving() {
+                crate::capture::record(info);
+            }
             if !IN_WORKER.load(Ordering::Relaxed) {
                 previous(info);
             }
@@ -100,6 +111,7 @@ pub(crate) enum Stop {
 pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> Result<(), Stop> {
     let fd = sock.as_raw_fd();
     let mut out: Vec<u8> = Vec::with_capacity(64 << 10);
+    crate::capture::serve_on_this_thread();
     if let Some(init) = init {
         let at = Header::new(wire::INIT_FAILED, 0, 0, 0).begin(&mut out);
         let mut io = Io {
@@ -130,14 +142,30 @@ pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> R
     let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut fds: VecDeque<OwnedFd> = VecDeque::new();
     let mut pos = 0usize;
+    // The soft time limit of the next task, from a SOFT_LIMIT frame: the
+    // task's sequence number and the limit in ns.
+    let mut soft: Option<(u64, u64)> = None;
+    // The limit on this worker's memory growth, from the CONFIG frame.
+    let mut memory: Option<MemoryLimit> = None;
     loop {
         while let Some((h, total)) = wire::complete(&inbuf[pos..]) {
             let body = &inbuf[pos + HDR..pos + total];
             pos += total;
+            if h.kind == wire::CONFIG {
+                memory = configure(&h);
+                continue;
+            }
+            if h.kind == wire::SOFT_LIMIT {
+                soft = Some((h.seq, h.a));
+                continue;
+            }
             if h.kind != wire::TASK {
                 continue;
             }
-            status.start_ns.store(sys::monotonic_ns(), Ordering::SeqCst);
+            let start_ns = sys::monotonic_ns();
+            let limit = soft.take().filter(|&(seq, _)| seq == h.seq);
+            crate::deadline::begin_task(start_ns, limit.map(|(_, ns)| ns));
+            status.start_ns.store(start_ns, Ordering::SeqCst);
             status.started.store(h.seq, Ordering::SeqCst);
             let t0 = Instant::now();
             let at = Header::new(wire::DONE, h.seq, 0, 0).begin(&mut out);
@@ -184,6 +212,7 @@ pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> R
                 st = unsafe { f.call(&mut io) };
                 flush_stdio();
             }
+            crate::deadline::end_task();
             let spilled = io.spilled.take();
             drop(io);
             let now = Instant::now();
@@ -221,6 +250,14 @@ pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> R
             // Out before the next task starts (see the module comment).
             flush(fd, &mut out)?;
             status.finished.store(h.seq, Ordering::SeqCst);
+            if let Some(grown) = memory.as_ref().and_then(MemoryLimit::exceeded) {
+                // Its result is out; the tasks after it were not started
+                // and run elsewhere. Say why, and exit.
+                let at = Header::new(wire::RETIRING, h.seq, grown, 0).begin(&mut out);
+                wire::finish(&mut out, at, 0);
+                flush(fd, &mut out)?;
+                return Ok(());
+            }
         }
         // Keep the partial frame, if any, at the front of the buffer.
         inbuf.drain(..pos);
@@ -247,6 +284,37 @@ pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> R
             }
             Err(_) => return Err(Stop::Gone),
         }
+    }
+}
+
+/// Applies the parent's CONFIG frame; returns the memory limit it sets.
+fn configure(h: &Header) -> Option<MemoryLimit> {
+    crate::capture::capture_frames(h.a & wire::CONFIG_BACKTRACES != 0);
+    MemoryLimit::new(h.b)
+}
+
+/// `max_memory_per_child`: how much this worker's private memory may grow
+/// over what it had before its first task (after the initializer: the
+/// CONFIG frame is read once the worker is ready).
+struct MemoryLimit {
+    limit: u64,
+    baseline: u64,
+}
+
+impl MemoryLimit {
+    fn new(limit: u64) -> Option<MemoryLimit> {
+        if limit == 0 {
+            return None;
+        }
+        let baseline = sys::private_memory().ok()?;
+        Some(MemoryLimit { limit, baseline })
+    }
+
+    /// The growth, if it is past the limit.
+    fn exceeded(&self) -> Option<u64> {
+        let now = sys::private_memory().ok()?;
+        let grown = now.saturating_sub(self.baseline);
+        (grown > self.limit).then_some(grown)
     }
 }
 

@@ -308,13 +308,15 @@ fn apply_async_failure_is_not_successful() {
     assert!(r.ready());
     assert_eq!(r.successful(), Some(false));
     match r.get() {
-        Err(Error::TaskPanicked { message }) => assert!(message.contains("gated failure")),
+        Err(Error::TaskPanicked { message, .. }) => assert!(message.contains("gated failure")),
         other => panic!("expected TaskPanicked, got {other:?}"),
     }
     let r = pool.apply_async(boom, 3).unwrap();
     assert!(r.wait_timeout(Duration::from_secs(30)));
     assert_eq!(r.successful(), Some(false));
-    assert!(matches!(r.get(), Err(Error::TaskPanicked { message }) if message.contains("boom 3")));
+    assert!(
+        matches!(r.get(), Err(Error::TaskPanicked { message, .. }) if message.contains("boom 3"))
+    );
 }
 
 #[test]

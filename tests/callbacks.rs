@@ -76,14 +76,16 @@ fn on_success_or_on_error_runs_for_each_outcome() {
     let r = pool.apply_async_with(fail, 3, reporting(&tx)).unwrap();
     r.wait();
     match rx.try_recv() {
-        Ok(Seen::Err(Error::TaskPanicked { message })) => {
+        Ok(Seen::Err(Error::TaskPanicked { message, .. })) => {
             assert!(message.contains("task 3 failed"), "{message:?}")
         }
         other => panic!("expected on_error with TaskPanicked, got {other:?}"),
     }
     assert!(rx.try_recv().is_err(), "only one callback ran");
     assert_eq!(r.successful(), Some(false));
-    assert!(matches!(r.get(), Err(Error::TaskPanicked { message }) if message.contains("task 3")));
+    assert!(
+        matches!(r.get(), Err(Error::TaskPanicked { message, .. }) if message.contains("task 3"))
+    );
 
     // Only on_success given, and the task fails: nothing runs, the error stays.
     let (t2, r2) = mpsc::channel::<u64>();
@@ -227,7 +229,7 @@ fn a_panicking_callback_gives_callback_panicked_and_the_handler_goes_on() {
     r.wait();
     assert_eq!(r.successful(), Some(false));
     match r.get() {
-        Err(Error::CallbackPanicked { message }) => {
+        Err(Error::CallbackPanicked { message, .. }) => {
             assert!(message.contains("callback boom 9"), "{message:?}")
         }
         other => panic!("expected CallbackPanicked, got {other:?}"),
@@ -241,7 +243,7 @@ fn a_panicking_callback_gives_callback_panicked_and_the_handler_goes_on() {
         )
         .unwrap();
     match r.get() {
-        Err(Error::CallbackPanicked { message }) => {
+        Err(Error::CallbackPanicked { message, .. }) => {
             assert!(message.contains("error callback boom"), "{message:?}")
         }
         other => panic!("expected CallbackPanicked, got {other:?}"),
@@ -346,10 +348,14 @@ fn map_async_callbacks() {
         .unwrap();
     r.wait();
     match rx.try_recv() {
-        Ok(Error::TaskPanicked { message }) => assert!(message.contains("task 5"), "{message:?}"),
+        Ok(Error::TaskPanicked { message, .. }) => {
+            assert!(message.contains("task 5"), "{message:?}")
+        }
         other => panic!("expected on_error with TaskPanicked, got {other:?}"),
     }
-    assert!(matches!(r.get(), Err(Error::TaskPanicked { message }) if message.contains("task 5")));
+    assert!(
+        matches!(r.get(), Err(Error::TaskPanicked { message, .. }) if message.contains("task 5"))
+    );
 
     // A panicking map callback.
     let r = pool
@@ -362,7 +368,7 @@ fn map_async_callbacks() {
     r.wait();
     assert_eq!(r.successful(), Some(false));
     match r.get() {
-        Err(Error::CallbackPanicked { message }) => {
+        Err(Error::CallbackPanicked { message, .. }) => {
             assert!(message.contains("map callback saw 10"), "{message:?}")
         }
         other => panic!("expected CallbackPanicked, got {other:?}"),

@@ -102,7 +102,7 @@ fn every_task_resolves_once_while_workers_are_killed() {
     for (i, r) in results.iter().enumerate() {
         match r {
             Ok(v) => assert_eq!(*v, 2 * i as u64, "task {i}"),
-            Err(Error::WorkerLost { pid, status }) => {
+            Err(Error::WorkerLost { pid, status, .. }) => {
                 assert_eq!(status.signal(), Some(libc::SIGKILL), "task {i}: {status}");
                 assert!(kills.contains(pid), "task {i}: lost to {pid}, never killed");
                 lost.entry(*pid).or_default().push(i);

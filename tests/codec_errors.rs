@@ -132,8 +132,8 @@ fn expect_codec(r: Result<impl std::fmt::Debug, Error>, encode: bool, what: &str
         Ok(v) => panic!("expected a codec error, got Ok({v:?})"),
     };
     let (w, source) = match (&e, encode) {
-        (Error::Encode { what, source }, true) => (*what, source),
-        (Error::Decode { what, source }, false) => (*what, source),
+        (Error::Encode { what, source, .. }, true) => (*what, source),
+        (Error::Decode { what, source, .. }, false) => (*what, source),
         _ => panic!(
             "expected {} {{ what: {what:?} }}, got {e:?}",
             if encode { "Encode" } else { "Decode" }

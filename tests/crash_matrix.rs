@@ -210,7 +210,7 @@ fn run_case(mode: Mode, phase: Phase) {
     match mode {
         Mode::Panic => {
             match &res {
-                Err(Error::TaskPanicked { message }) => assert!(
+                Err(Error::TaskPanicked { message, .. }) => assert!(
                     message.contains(PANIC_TEXT) && message.contains(&format!("{phase:?}")),
                     "panic message {message:?}"
                 ),
@@ -231,7 +231,7 @@ fn run_case(mode: Mode, phase: Phase) {
                 Mode::Panic => unreachable!(),
             };
             match &res {
-                Err(Error::WorkerLost { pid, status }) => {
+                Err(Error::WorkerLost { pid, status, .. }) => {
                     assert_eq!(*pid, worker, "the lost worker's pid");
                     assert_eq!(status.signal(), want_signal, "signal of {status}");
                     assert_eq!(status.code(), want_code, "exit code of {status}");
@@ -305,7 +305,7 @@ fn result_that_fails_to_decode_in_the_caller() {
     let pool = Pool::builder().processes(WORKERS).build().unwrap();
     let before = pool.worker_pids();
     match pool.apply(undecodable_task, 5).map(|u| u.0) {
-        Err(Error::Decode { what, source }) => {
+        Err(Error::Decode { what, source, .. }) => {
             assert_eq!(what, "result");
             assert!(
                 source.message().contains(REFUSE),
@@ -403,7 +403,7 @@ fn a_panicking_task_resolves_even_if_another_thread_was_reporting_a_backtrace() 
                 "round {round}: a panicking task never resolved (its worker hangs)"
             );
             match r.get() {
-                Err(Error::TaskPanicked { message }) => assert!(message.contains(PANIC_TEXT)),
+                Err(Error::TaskPanicked { message, .. }) => assert!(message.contains(PANIC_TEXT)),
                 other => panic!("round {round}: expected TaskPanicked, got {other:?}"),
             }
         }

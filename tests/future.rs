@@ -119,7 +119,7 @@ fn one_of_the_awaited_results_is_an_error() {
     for (i, v) in values.into_iter().enumerate() {
         if i == 3 {
             match v {
-                Err(Error::TaskPanicked { message }) => {
+                Err(Error::TaskPanicked { message, .. }) => {
                     assert!(message.contains("three is not allowed"), "{message}")
                 }
                 other => panic!("expected TaskPanicked, got {other:?}"),

@@ -230,7 +230,7 @@ fn imap_unordered_pulls_its_input_lazily() {
 fn check_item_errors(items: &[(u64, Result<u64, Error>)]) {
     for (x, r) in items {
         match (x, r) {
-            (7 | 19, Err(Error::TaskPanicked { message })) => {
+            (7 | 19, Err(Error::TaskPanicked { message, .. })) => {
                 assert!(message.contains(&format!("item {x} failed")), "{message:?}")
             }
             (7 | 19, other) => panic!("item {x}: expected TaskPanicked, got {other:?}"),
@@ -285,7 +285,7 @@ fn imap_unordered_fails_only_the_items_that_panic() {
         let mut failed: Vec<String> = got
             .into_iter()
             .filter_map(|r| match r {
-                Err(Error::TaskPanicked { message }) => Some(message),
+                Err(Error::TaskPanicked { message, .. }) => Some(message),
                 Err(e) => panic!("unexpected {e:?}"),
                 Ok(_) => None,
             })

@@ -235,7 +235,7 @@ fn build_failing(f: fn(String), log: &Path) -> Result<Pool, Error> {
 
 fn expect_init_failed(r: Result<Pool, Error>) -> String {
     match r {
-        Err(Error::InitializerFailed { message }) => message,
+        Err(Error::InitializerFailed { message, .. }) => message,
         Err(e) => panic!("expected InitializerFailed, got {e:?}"),
         Ok(p) => panic!("build succeeded with workers {:?}", p.worker_pids()),
     }
@@ -315,7 +315,7 @@ fn initializer_argument_that_cannot_be_encoded_fails_build() {
         .initializer(init_u, Unencodable)
         .build()
     {
-        Err(Error::Encode { what, source }) => {
+        Err(Error::Encode { what, source, .. }) => {
             assert_eq!(what, "argument");
             assert!(source.message().contains("no init arg"), "{source}");
         }

@@ -216,7 +216,7 @@ fn map_async_progress_grows_to_the_total() {
 
 fn assert_item_10(e: &Error) {
     match e {
-        Error::TaskPanicked { message } => {
+        Error::TaskPanicked { message, .. } => {
             assert!(message.contains("item 10"), "{message:?}");
             assert!(!message.contains("item 50"), "{message:?}");
         }

@@ -64,7 +64,7 @@ fn a_panicking_deserialize_on_the_handler_thread_resolves_the_result() {
         "the result never resolved"
     );
     match r.get() {
-        Err(Error::CallbackPanicked { message }) => {
+        Err(Error::CallbackPanicked { message, .. }) => {
             assert!(message.contains("thirteen"), "{message}")
         }
         other => panic!("expected an error, got {other:?}"),

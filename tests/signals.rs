@@ -472,7 +472,7 @@ fn gated_one(gate: String) -> u64 {
 
 fn assert_broken_by_kill<T: std::fmt::Debug>(r: Result<T, Error>, what: &str) -> String {
     match r {
-        Err(Error::Broken { reason }) => {
+        Err(Error::Broken { reason, .. }) => {
             assert!(
                 reason.contains("the fork server exited (killed by signal 9"),
                 "{what}: {reason}"

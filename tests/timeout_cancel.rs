@@ -128,7 +128,7 @@ fn task_timeout_kills_and_replaces_the_worker() {
     let marker = TempPath::new("hang");
     let r = pool.apply_with(hang, marker.string(), TaskOptions::new().timeout(SHORT));
     let killed = match r {
-        Err(Error::Timeout { timeout, pid }) => {
+        Err(Error::Timeout { timeout, pid, .. }) => {
             assert_eq!(timeout, SHORT);
             assert!(before.contains(&pid), "{pid} not among {before:?}");
             pid
@@ -165,7 +165,7 @@ fn timeout_of_an_async_task_and_its_callback() {
         )
         .unwrap();
     let killed = match r.get() {
-        Err(Error::Timeout { timeout, pid }) if timeout == SHORT => pid,
+        Err(Error::Timeout { timeout, pid, .. }) if timeout == SHORT => pid,
         other => panic!("expected Timeout, got {other:?}"),
     };
     let seen = rx.recv().expect("on_error ran");
@@ -179,7 +179,7 @@ fn builder_timeout_applies_to_every_task() {
     let pool = Pool::builder().processes(2).timeout(SHORT).build().unwrap();
     let marker = TempPath::new("hang-default");
     let killed = match pool.apply(hang, marker.string()) {
-        Err(Error::Timeout { timeout, pid }) => {
+        Err(Error::Timeout { timeout, pid, .. }) => {
             assert_eq!(timeout, SHORT);
             pid
         }
@@ -304,7 +304,7 @@ fn without_retries_the_task_is_lost() {
     let pool = pool(2);
     let marker = TempPath::new("no-retry");
     match pool.apply(abort_first_time, marker.string()) {
-        Err(Error::WorkerLost { pid, status }) => {
+        Err(Error::WorkerLost { pid, status, .. }) => {
             assert_eq!(status.signal(), Some(libc::SIGABRT), "{status}");
             assert_eq!(Some(pid), marker.read_pid());
         }

@@ -17,44 +17,25 @@ const ISOLATED_BOUND: std::time::Duration = std::time::Duration::from_secs(300);
 /// the binary with only that test and returns true (after asserting that the
 /// child passed); in that child it returns false, and the body runs.
 pub fn isolated(name: &str) -> bool {
+    isolated_with_env(name, &[])
+}
+
+/// [`isolated`], with these variables set in the fresh process's
+/// environment (for a test of what the environment changes).
+pub fn isolated_with_env(name: &str, vars: &[(&str, &str)]) -> bool {
     if std::env::var(ISOLATED).as_deref() == Ok(name) {
         return false;
     }
     let exe = std::env::current_exe().expect("current_exe");
-    let mut child = Command::new(exe)
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(ISOLATED, name)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("re-running the test binary");
-    // Read both pipes on threads and wait for the child with a bound: a
-    // hung run is killed (it is our own child) and fails the test.
-    let drain = |mut r: Box<dyn std::io::Read + Send>| {
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = r.read_to_end(&mut v);
-            String::from_utf8_lossy(&v).into_owned()
-        })
-    };
-    let out_t = drain(Box::new(child.stdout.take().unwrap()));
-    let err_t = drain(Box::new(child.stderr.take().unwrap()));
-    let end = std::time::Instant::now() + ISOLATED_BOUND;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("waiting for the isolated run") {
-            break Some(s);
-        }
-        if std::time::Instant::now() >= end {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
-    let stdout = out_t.join().unwrap_or_default();
-    let stderr = err_t.join().unwrap_or_default();
-    let Some(status) = status else {
+    let run = run_program_with_deadline(
+        Command::new(exe)
+            .args([name, "--exact", "--nocapture", "--test-threads=1"])
+            .env(ISOLATED, name)
+            .envs(vars.iter().copied()),
+        ISOLATED_BOUND,
+    );
+    let (stdout, stderr) = (run.stdout, run.stderr);
+    let Some(status) = run.status else {
         panic!("isolated run of {name} did not finish in {ISOLATED_BOUND:?}:\n{stdout}\n{stderr}");
     };
     assert!(

@@ -1,0 +1,106 @@
+//! Waiting for a closed pool without blocking a thread: [`JoinFuture`], the
+//! future of [`Pool::join_async`](crate::Pool::join_async).
+//!
+//! `join` blocks its thread until the supervisor thread has finished and
+//! the callbacks queued so far have run. The future waits for the same two
+//! things through wakers: a [`Signal`] that the supervisor thread sets as
+//! it ends, then one that the result-handler thread sets once it has run
+//! everything queued before it.
+
+use crate::error::{Error, Result};
+use crate::result::Signal;
+use crate::supervisor::Shared;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+/// Sets its signal when dropped: at the end of the supervisor thread,
+/// however it ends.
+pub(crate) struct SetOnDrop(pub(crate) Arc<Signal>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.set();
+    }
+}
+
+/// The future of [`Pool::join_async`](crate::Pool::join_async): resolves
+/// once the pool is joined (its queue done or dropped, every process
+/// exited and reaped, the callbacks of finished tasks run), with what
+/// [`Pool::join`](crate::Pool::join) would return. It is `Send` and
+/// `'static`: it can be spawned, and outlive the `&Pool` it came from.
+#[must_use = "futures do nothing unless polled"]
+pub struct JoinFuture {
+    state: State,
+}
+
+enum State {
+    Failed(Option<Error>),
+    /// The supervisor thread has not finished.
+    Supervisor {
+        exited: Arc<Signal>,
+        shared: Arc<Shared>,
+    },
+    /// The result-handler thread runs the callbacks queued before.
+    Callbacks(Arc<Signal>),
+    Done,
+}
+
+impl JoinFuture {
+    pub(crate) fn new(exited: Arc<Signal>, shared: Arc<Shared>) -> JoinFuture {
+        JoinFuture {
+            state: State::Supervisor { exited, shared },
+        }
+    }
+
+    pub(crate) fn failed(e: Error) -> JoinFuture {
+        JoinFuture {
+            state: State::Failed(Some(e)),
+        }
+    }
+}
+
+impl Future for JoinFuture {
+    type Output = Result<()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        loop {
+            match &mut self.state {
+                State::Failed(e) => {
+                    let e = e.take();
+                    self.state = State::Done;
+                    return Poll::Ready(e.map_or(Ok(()), Err));
+                }
+                State::Supervisor { exited, shared } => {
+                    if exited.poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    self.state = match shared.handler.drained_signal() {
+                        Some(s) => State::Callbacks(s),
+                        None => State::Done,
+                    };
+                }
+                State::Callbacks(s) => {
+                    if s.poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    self.state = State::Done;
+                }
+                State::Done => return Poll::Ready(Ok(())),
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for JoinFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.state {
+            State::Failed(_) => "failed",
+            State::Supervisor { .. } => "waiting for the workers",
+            State::Callbacks(_) => "waiting for the callbacks",
+            State::Done => "done",
+        };
+        f.debug_struct("JoinFuture").field("state", &state).finish()
+    }
+}

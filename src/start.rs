@@ -63,6 +63,10 @@ use std::time::Duration;
 /// | start-up | an exec and a handshake (about a millisecond more) | a fork |
 /// | needs | `/proc/self/exe`, procpool linked into the executable | nothing |
 ///
+/// A server that does not say it is ready within 30 s (or
+/// `PROCPOOL_SERVER_START_TIMEOUT_MS`) is killed, and `build()` returns
+/// [`Error::ServerStart`].
+///
 /// [`ForkServer`]: StartMethod::ForkServer
 ///
 /// ```
@@ -102,8 +106,14 @@ impl StartMethod {
     }
 }
 
-/// How long the parent waits for an exec'd server's HELLO.
-const HELLO_DEADLINE: Duration = Duration::from_secs(30);
+/// How long the parent waits for an exec'd server's HELLO: 30 s, or
+/// `PROCPOOL_SERVER_START_TIMEOUT_MS`.
+fn hello_deadline() -> Duration {
+    std::env::var("PROCPOOL_SERVER_START_TIMEOUT_MS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .map_or(Duration::from_secs(30), Duration::from_millis)
+}
 
 /// The task code's home: the address ranges of the ELF object that holds
 /// the crate (and its anchor), and whether that object is the executable.
@@ -234,9 +244,10 @@ fn hello(sock: &OwnedFd, pid: libc::pid_t) -> Result<(), Error> {
     let fail = |why: &str| Error::ServerStart {
         reason: format!("the exec'd fork server (pid {pid}) {why}"),
     };
-    match sys::wait_readable(sock.as_raw_fd(), HELLO_DEADLINE) {
+    let deadline = hello_deadline();
+    match sys::wait_readable(sock.as_raw_fd(), deadline) {
         Ok(true) => {}
-        Ok(false) => return Err(fail("did not answer within 30 s")),
+        Ok(false) => return Err(fail(&format!("did not answer within {deadline:?}"))),
         Err(e) => return Err(Error::io("waiting for the fork server", e)),
     }
     let mut buf = [0u8; 64];

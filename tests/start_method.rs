@@ -618,3 +618,142 @@ fn a_pool_built_inside_a_busy_tokio_runtime_works() {
     });
     assert_eq!(total, (0..20u64).map(|i| i * i).sum::<u64>());
 }
+
+// ---------------------------------------------------------------------------
+// Inside a shared library
+// ---------------------------------------------------------------------------
+
+/// The plugin example (`examples/plugin.rs`, a cdylib), built if it is not
+/// there yet (a `cargo test` of every target builds it anyway).
+fn plugin_path() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let lib = profile_dir.join("examples").join("libplugin.so");
+    if !lib.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args(["build", "--example", "plugin", "--manifest-path"])
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"));
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let run = common::run_program_with_deadline(&mut cmd, Duration::from_secs(600));
+        assert!(
+            run.status.is_some_and(|s| s.success()),
+            "building the plugin: {}",
+            run.stderr
+        );
+    }
+    lib
+}
+
+/// Helper mode: loads the plugin and reports what each start method gives
+/// inside it.
+#[test]
+fn plugin_helper() {
+    let Ok(lib) = std::env::var("PROCPOOL_PLUGIN") else {
+        return;
+    };
+    let path = std::ffi::CString::new(lib).unwrap();
+    // SAFETY: dlopen of a library built from this crate's examples; its
+    // constructors (procpool's own, which sees no server marker) only set
+    // a flag.
+    let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW) };
+    assert!(!handle.is_null(), "dlopen failed");
+    // SAFETY: a symbol lookup in the handle just opened.
+    let sym = unsafe { libc::dlsym(handle, c"procpool_plugin_try".as_ptr()) };
+    assert!(!sym.is_null(), "no procpool_plugin_try in the plugin");
+    type Try = unsafe extern "C" fn(i32, *mut u8, usize);
+    // SAFETY: the symbol is the plugin's `procpool_plugin_try`, of type Try.
+    let f = unsafe { std::mem::transmute::<*mut libc::c_void, Try>(sym) };
+    for (name, fork) in [("ForkServer", 0), ("Fork", 1)] {
+        let mut buf = vec![0u8; 1024];
+        // SAFETY: buf is valid for its length, which is at least 1.
+        unsafe { f(fork, buf.as_mut_ptr(), buf.len()) };
+        let end = buf.iter().position(|&b| b == 0).unwrap();
+        println!("{name}: {}", String::from_utf8_lossy(&buf[..end]));
+    }
+}
+
+#[test]
+fn inside_a_shared_library_the_fork_server_refuses_clearly_and_fork_works() {
+    let lib = plugin_path();
+    let run = common::run_helper(
+        "plugin_helper",
+        &[("PROCPOOL_PLUGIN", lib.to_str().unwrap())],
+        Duration::from_secs(120),
+    );
+    let line = |name: &str| {
+        run.stdout
+            .lines()
+            .find_map(|l| {
+                l.split_once(&format!("{name}: "))
+                    .map(|(_, r)| r.to_string())
+            })
+            .unwrap_or_else(|| panic!("no {name} line:\n{}\n{}", run.stdout, run.stderr))
+    };
+    let server = line("ForkServer");
+    assert!(
+        server.starts_with("err could not start the fork server")
+            && server.contains("shared library")
+            && server.contains("StartMethod::Fork"),
+        "{server}"
+    );
+    assert_eq!(line("Fork"), "ok 42");
+}
+
+// ---------------------------------------------------------------------------
+// A server that never comes up
+// ---------------------------------------------------------------------------
+
+/// A constructor of this test program that hangs, but only in an exec'd
+/// fork server and only when asked: the server then never says hello.
+extern "C" fn hang_in_server_if_asked() {
+    if std::env::var_os("PROCPOOL_FORK_SERVER").is_some()
+        && std::env::var_os("PROCPOOL_TEST_HANG_SERVER").is_some()
+    {
+        std::thread::sleep(Duration::from_secs(600));
+    }
+}
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static HANG_CONSTRUCTOR: extern "C" fn() = hang_in_server_if_asked;
+
+/// Helper mode: builds a pool whose server hangs before it says hello.
+#[test]
+fn silent_server_helper() {
+    if std::env::var_os("PROCPOOL_TEST_HANG_SERVER").is_none() {
+        return;
+    }
+    match Pool::builder()
+        .processes(1)
+        .start_method(StartMethod::ForkServer)
+        .build()
+    {
+        Ok(_) => println!("BUILT"),
+        Err(e) => println!("ERROR {e}"),
+    }
+    println!("CHILDREN {:?}", common::children());
+}
+
+#[test]
+fn a_server_that_never_says_hello_is_an_error_not_a_hang() {
+    let run = common::run_helper(
+        "silent_server_helper",
+        &[
+            ("PROCPOOL_TEST_HANG_SERVER", "1"),
+            ("PROCPOOL_SERVER_START_TIMEOUT_MS", "300"),
+        ],
+        Duration::from_secs(120),
+    );
+    assert!(
+        run.stdout.contains("ERROR could not start the fork server")
+            && run.stdout.contains("did not answer"),
+        "{:?}\n{}\n{}",
+        run.status,
+        run.stdout,
+        run.stderr
+    );
+    assert!(run.stdout.contains("CHILDREN []"), "{}", run.stdout);
+}

@@ -21,7 +21,6 @@
 //! server SIGKILL every worker, reap them all, and exit.
 
 use crate::sys;
-use crate::task::TaskFn;
 use crate::worker;
 use std::os::fd::{AsRawFd, OwnedFd};
 
@@ -66,12 +65,7 @@ impl Msg {
     }
 }
 
-/// The initializer every worker runs before its first task.
-#[derive(Clone)]
-pub(crate) struct Init {
-    pub(crate) f: TaskFn,
-    pub(crate) arg: Vec<u8>,
-}
+pub(crate) use crate::task::Init;
 
 /// What the server needs to start workers; it is in the server's memory from
 /// the fork on.

@@ -8,7 +8,7 @@
 //! the host can be held in a worker".
 //!
 //! The exec'd copy must become the server without running `main`. The
-//! crate has one constructor (an `.init_array` entry, in `sys.rs`), which
+//! crate has one constructor (an `.init_array` entry, [`CONSTRUCTOR`]), which
 //! the C runtime runs before `main` in every process of the program. It
 //! checks one environment variable, [`sys::SERVER_ENV`]; in every process
 //! but a server it is absent, and the constructor returns at once. In a
@@ -106,6 +106,43 @@ impl StartMethod {
     }
 }
 
+/// Set by the constructor in every process that it did not turn into a
+/// server: proof that the constructor is linked in and runs in this image.
+static CONSTRUCTOR_RAN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The crate's one constructor, run by the C runtime before `main` (glibc
+/// passes `argc`, `argv` and `envp` to `.init_array` entries). `#[used]`
+/// keeps it from being dropped as unreferenced, and [`constructor_ran`]
+/// references it from `PoolBuilder::build`, so the object file that holds
+/// it is always linked into a program that builds a pool.
+#[used]
+#[unsafe(link_section = ".init_array")]
+static CONSTRUCTOR: sys::Constructor = on_load;
+
+/// Whether the crate's constructor ran in this process (and so will run in
+/// an exec'd copy of it). Also keeps [`CONSTRUCTOR`] referenced.
+fn constructor_ran() -> bool {
+    std::hint::black_box(&CONSTRUCTOR);
+    CONSTRUCTOR_RAN.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+extern "C" fn on_load(
+    argc: libc::c_int,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+) {
+    // One environment check, with no allocation, in every process.
+    let Some(value) = sys::server_marker(envp) else {
+        CONSTRUCTOR_RAN.store(true, std::sync::atomic::Ordering::SeqCst);
+        return;
+    };
+    // The constructors after this one would run after we return; we never
+    // return, so run them first: registries built before `main` are then
+    // there for tasks, as in the host.
+    sys::run_later_constructors(on_load, argc, argv, envp);
+    serve_exec(&value)
+}
+
 /// How long the parent waits for an exec'd server's HELLO: 30 s, or
 /// `PROCPOOL_SERVER_START_TIMEOUT_MS`.
 fn hello_deadline() -> Duration {
@@ -157,49 +194,18 @@ fn cannot_exec(reason: String) -> Error {
 /// Starts a fork server by exec; returns the parent's end of its socket
 /// and its pid, once it has said HELLO.
 pub(crate) fn exec_server(spec: &Spec) -> Result<(OwnedFd, libc::pid_t), Error> {
-    if std::env::var_os(sys::SERVER_ENV).is_some() {
-        return Err(cannot_exec(format!(
-            "{} is set in this process's environment (is this a copy of a fork server?)",
-            sys::SERVER_ENV
-        )));
-    }
-    match home() {
-        Some(o) if o.is_main => {}
-        Some(_) => {
-            return Err(cannot_exec(
-                "procpool is inside a shared library, not the program's executable".into(),
-            ));
-        }
-        None => {
-            return Err(cannot_exec(
-                "procpool's code was not found among the loaded objects".into(),
-            ));
-        }
-    }
-    if !sys::constructor_ran() {
-        return Err(cannot_exec(
-            "procpool's constructor did not run in this program (it runs from .init_array before main)"
-                .into(),
-        ));
-    }
+    can_exec()?;
     let (parent_end, server_end) =
         sys::seqpacket_pair().map_err(|e| Error::io("creating the fork server socket", e))?;
     let config =
         write_config(spec).map_err(|e| Error::io("writing the fork server's settings", e))?;
     // In a program started with stdin, stdout or stderr closed, these may
-    // have numbers 0-2, which the server would take for its stdio.
-    let above = |fd: &OwnedFd| -> Result<Option<OwnedFd>, Error> {
-        if fd.as_raw_fd() > 2 {
-            return Ok(None);
-        }
-        sys::dup_above_stdio(fd)
-            .map(Some)
-            .map_err(|e| Error::io("moving an fd above stdio", e))
-    };
+    // have numbers 0-2, which the server would take for its stdio: hand it
+    // copies numbered above them.
     let moved = [
-        above(&server_end)?,
-        above(spec.words.fd())?,
-        above(&config)?,
+        above_stdio(&server_end)?,
+        above_stdio(spec.words.fd())?,
+        above_stdio(&config)?,
     ];
     let raw = |i: usize, fd: RawFd| moved[i].as_ref().map_or(fd, |m| m.as_raw_fd());
     let keep = [
@@ -224,13 +230,10 @@ pub(crate) fn exec_server(spec: &Spec) -> Result<(OwnedFd, libc::pid_t), Error> 
     );
     let child = sys::spawn_keeping(&mut cmd, keep)
         .map_err(|e| cannot_exec(format!("could not exec /proc/self/exe: {e}")))?;
-    drop(server_end);
-    drop(config);
-    drop(moved);
-    let pid = child.id() as libc::pid_t;
     // The Child handle neither waits nor kills when dropped; the pool reaps
     // the server by pid.
-    drop(child);
+    let pid = child.id() as libc::pid_t;
+    drop((child, server_end, config, moved));
     match hello(&parent_end, pid) {
         Ok(()) => Ok((parent_end, pid)),
         Err(e) => {
@@ -238,6 +241,47 @@ pub(crate) fn exec_server(spec: &Spec) -> Result<(OwnedFd, libc::pid_t), Error> 
             Err(e)
         }
     }
+}
+
+/// Whether an exec of `/proc/self/exe` would start a fork server: the
+/// crate is in the executable and its constructor runs there.
+fn can_exec() -> Result<(), Error> {
+    if std::env::var_os(sys::SERVER_ENV).is_some() {
+        return Err(cannot_exec(format!(
+            "{} is set in this process's environment (is this a copy of a fork server?)",
+            sys::SERVER_ENV
+        )));
+    }
+    match home() {
+        Some(o) if o.is_main => {}
+        Some(_) => {
+            return Err(cannot_exec(
+                "procpool is inside a shared library, not the program's executable".into(),
+            ));
+        }
+        None => {
+            return Err(cannot_exec(
+                "procpool's code was not found among the loaded objects".into(),
+            ));
+        }
+    }
+    if !constructor_ran() {
+        return Err(cannot_exec(
+            "procpool's constructor did not run in this program (it runs from .init_array before main)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A copy of `fd` numbered 3 or above if it is 0-2, else `None`.
+fn above_stdio(fd: &OwnedFd) -> Result<Option<OwnedFd>, Error> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(None);
+    }
+    sys::dup_above_stdio(fd)
+        .map(Some)
+        .map_err(|e| Error::io("moving an fd above stdio", e))
 }
 
 fn hello(sock: &OwnedFd, pid: libc::pid_t) -> Result<(), Error> {

@@ -981,48 +981,13 @@ pub(crate) fn readable_now(fd: RawFd) -> bool {
 /// server; its value is `SOCKET_FD,WORDS_FD,CONFIG_FD`.
 pub(crate) const SERVER_ENV: &str = "PROCPOOL_FORK_SERVER";
 
-/// Set by the constructor in every process that it did not turn into a
-/// server: proof that the constructor is linked in and runs in this image.
-static CONSTRUCTOR_RAN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-type Constructor =
+/// The argument list glibc passes to an `.init_array` entry.
+pub(crate) type Constructor =
     extern "C" fn(libc::c_int, *const *const libc::c_char, *const *const libc::c_char);
 
-/// The crate's one constructor, run by the C runtime before `main` (glibc
-/// passes `argc`, `argv` and `envp` to `.init_array` entries). `#[used]`
-/// keeps it from being dropped as unreferenced, and `image_anchor()`
-/// references it from `PoolBuilder::build`, so the object file that holds
-/// it is always linked into a program that builds a pool.
-#[used]
-#[unsafe(link_section = ".init_array")]
-static CONSTRUCTOR: Constructor = on_load;
-
-/// Whether the crate's constructor ran in this process (and so will run in
-/// an exec'd copy of it). Also keeps [`CONSTRUCTOR`] referenced.
-pub(crate) fn constructor_ran() -> bool {
-    std::hint::black_box(&CONSTRUCTOR);
-    CONSTRUCTOR_RAN.load(std::sync::atomic::Ordering::SeqCst)
-}
-
-extern "C" fn on_load(
-    argc: libc::c_int,
-    argv: *const *const libc::c_char,
-    envp: *const *const libc::c_char,
-) {
-    // One environment check, with no allocation, in every process.
-    let Some(value) = server_marker(envp) else {
-        CONSTRUCTOR_RAN.store(true, std::sync::atomic::Ordering::SeqCst);
-        return;
-    };
-    // The constructors after this one would run after we return; we never
-    // return, so run them first: registries built before `main` are then
-    // there for tasks, as in the host.
-    run_later_constructors(argc, argv, envp);
-    crate::start::serve_exec(&value)
-}
-
-/// The value of [`SERVER_ENV`] in `envp`, if it is set.
-fn server_marker(envp: *const *const libc::c_char) -> Option<String> {
+/// The value of [`SERVER_ENV`] in `envp` (the environment a constructor
+/// is given), if it is set. Allocates only when it is.
+pub(crate) fn server_marker(envp: *const *const libc::c_char) -> Option<String> {
     if envp.is_null() {
         return None;
     }
@@ -1134,9 +1099,10 @@ fn main_init_array() -> Option<&'static [usize]> {
     Some(unsafe { std::slice::from_raw_parts(array as *const usize, bytes / size_of::<usize>()) })
 }
 
-/// Runs the main executable's constructors that come after this crate's
-/// own, as the C runtime would have once `on_load` returned.
-fn run_later_constructors(
+/// Runs the main executable's constructors that come after `me` (this
+/// crate's own), as the C runtime would have once `me` returned.
+pub(crate) fn run_later_constructors(
+    me: Constructor,
     argc: libc::c_int,
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
@@ -1144,7 +1110,7 @@ fn run_later_constructors(
     let Some(array) = main_init_array() else {
         return;
     };
-    let me = on_load as Constructor as usize;
+    let me = me as usize;
     let Some(at) = array.iter().position(|&f| f == me) else {
         return;
     };
@@ -1155,7 +1121,8 @@ fn run_later_constructors(
         // SAFETY: every other entry of .init_array is a constructor the C
         // runtime would call with exactly these arguments, once, before
         // main; it is called here instead, once, since the runtime's loop
-        // never gets past this crate's entry in a server.
+        // never gets past this crate's entry in a server (the caller, `me`,
+        // never returns).
         let c = unsafe { std::mem::transmute::<usize, Constructor>(f) };
         c(argc, argv, envp);
     }

@@ -47,6 +47,14 @@ pub(crate) struct Io<'a> {
     pub(crate) spilled: Option<(Block, usize, bool)>,
 }
 
+/// The initializer every worker runs before its first task: a task
+/// function and its encoded argument.
+#[derive(Clone)]
+pub(crate) struct Init {
+    pub(crate) f: TaskFn,
+    pub(crate) arg: Vec<u8>,
+}
+
 /// A task function as it travels: offsets of the trampoline and of the
 /// function from the anchor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

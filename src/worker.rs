@@ -15,11 +15,10 @@
 //! for many.) Large inputs and outputs travel in shared-memory blocks (see
 //! `shm.rs`).
 
-use crate::server::Init;
 use crate::shm::Block;
 use crate::sys;
 use crate::sys::Status;
-use crate::task::{Io, TaskFn, status};
+use crate::task::{Init, Io, TaskFn, status};
 use crate::wire::{self, HDR, Header};
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};

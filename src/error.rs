@@ -39,7 +39,8 @@ impl std::error::Error for CodecError {}
 /// these. `Error` is `Clone`, so that a failure shared by several results
 /// (every item of a chunk whose worker died, say) can be given to each.
 ///
-/// The enum and each of its variants with fields are `#[non_exhaustive]`:
+/// The enum and each of its variants with named fields are
+/// `#[non_exhaustive]` (`Config`'s one message stays as it is):
 /// later versions may add variants, and fields to a variant (as
 /// `TaskPanicked` gained its location and backtrace), without breaking
 /// code that matches with `_` and `..`.
@@ -167,6 +168,7 @@ pub enum Error {
     ///
     /// [`StartMethod::ForkServer`]: crate::StartMethod::ForkServer
     #[error("could not start the fork server: {reason}")]
+    #[non_exhaustive]
     ServerStart {
         /// What went wrong, and the way out.
         reason: String,

@@ -13,8 +13,11 @@ static SETUP: Mutex<(Option<PoolBuilder>, bool)> = Mutex::new((None, false));
 /// "a process pool" without making its callers pass one in, nor starting
 /// one per call.
 ///
-/// It has one worker per CPU and the default settings, unless
-/// [`configure_global`] was called before its first use. It is built by
+/// It has one worker per CPU and the default settings, with the safe
+/// start method ([`StartMethod::ForkServer`](crate::StartMethod::ForkServer),
+/// whatever `PROCPOOL_START_METHOD` says: library code cannot know whether
+/// the program has threads), unless [`configure_global`] was called before
+/// its first use. It is built by
 /// the first call (other threads calling meanwhile wait for it) and lives
 /// until the process exits: then its server and workers see end-of-file
 /// and exit. If building it fails, the error is returned and the next call
@@ -55,7 +58,13 @@ pub fn global() -> Result<&'static Pool> {
     if let Some(p) = POOL.get() {
         return Ok(p);
     }
-    let pool = setup.0.clone().unwrap_or_default().build()?;
+    // The safe start method, whatever PROCPOOL_START_METHOD says: library
+    // code cannot know whether the program has threads.
+    let pool = setup
+        .0
+        .clone()
+        .unwrap_or_else(|| Pool::builder().start_method(crate::StartMethod::ForkServer))
+        .build()?;
     Ok(POOL.get_or_init(|| pool))
 }
 

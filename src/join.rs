@@ -42,9 +42,11 @@ enum State {
         exited: Arc<Signal>,
         shared: Arc<Shared>,
     },
-    /// The result-handler thread runs the callbacks queued before.
-    Callbacks(Arc<Signal>),
-    Done,
+    /// The result-handler thread runs the callbacks queued before; then
+    /// the future resolves with the pool's broken error, if any.
+    Callbacks(Arc<Signal>, Option<Error>),
+    /// Resolves with the pool's broken error, if any (once).
+    Done(Option<Error>),
 }
 
 impl JoinFuture {
@@ -69,25 +71,27 @@ impl Future for JoinFuture {
             match &mut self.state {
                 State::Failed(e) => {
                     let e = e.take();
-                    self.state = State::Done;
-                    return Poll::Ready(e.map_or(Ok(()), Err));
+                    self.state = State::Done(e);
                 }
                 State::Supervisor { exited, shared } => {
                     if exited.poll(cx).is_pending() {
                         return Poll::Pending;
                     }
+                    // As join(): a pool that broke meanwhile says so.
+                    let broken = shared.broken();
                     self.state = match shared.handler.drained_signal() {
-                        Some(s) => State::Callbacks(s),
-                        None => State::Done,
+                        Some(s) => State::Callbacks(s, broken),
+                        None => State::Done(broken),
                     };
                 }
-                State::Callbacks(s) => {
+                State::Callbacks(s, broken) => {
                     if s.poll(cx).is_pending() {
                         return Poll::Pending;
                     }
-                    self.state = State::Done;
+                    let broken = broken.take();
+                    self.state = State::Done(broken);
                 }
-                State::Done => return Poll::Ready(Ok(())),
+                State::Done(e) => return Poll::Ready(e.take().map_or(Ok(()), Err)),
             }
         }
     }
@@ -98,8 +102,8 @@ impl std::fmt::Debug for JoinFuture {
         let state = match &self.state {
             State::Failed(_) => "failed",
             State::Supervisor { .. } => "waiting for the workers",
-            State::Callbacks(_) => "waiting for the callbacks",
-            State::Done => "done",
+            State::Callbacks(..) => "waiting for the callbacks",
+            State::Done(_) => "done",
         };
         f.debug_struct("JoinFuture").field("state", &state).finish()
     }

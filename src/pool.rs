@@ -452,7 +452,7 @@ impl PoolBuilder {
     /// of file descriptors, processes or memory), it returns
     /// [`Error::Broken`] at once, saying how many had started and why, after
     /// killing and reaping those. The fork server, and so every worker, runs
-    /// in a process group of its own: a terminal's Ctrl-C reaches this
+    /// in a session of its own: a terminal's Ctrl-C reaches this
     /// program only (see the crate documentation, "Ctrl-C and other signals").
     pub fn build(self) -> Result<Pool> {
         let processes = match self.processes {
@@ -545,9 +545,6 @@ fn fork_server(spec: Spec) -> Result<(std::os::fd::OwnedFd, libc::pid_t)> {
     // a Ctrl-C meanwhile must not kill it with the host's dispositions.
     let mask = sys::block_all_signals();
     let forked = sys::fork().map_err(|e| Error::io("forking the fork server", e));
-    if let Ok(sys::Forked::Parent(pid)) = &forked {
-        sys::child_own_process_group(*pid);
-    }
     if !matches!(forked, Ok(sys::Forked::Child)) {
         sys::restore_signal_mask(&mask);
     }

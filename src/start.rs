@@ -219,10 +219,6 @@ pub(crate) fn exec_server(spec: &Spec) -> Result<(OwnedFd, libc::pid_t), Error> 
         if let Some(arg0) = std::env::args_os().next() {
             cmd.arg0(arg0);
         }
-        // A process group of its own from before the exec, so that a
-        // terminal's Ctrl-C to the program's job cannot reach the server
-        // while it starts (server::run also makes sure of it).
-        cmd.process_group(0);
     }
     cmd.env(
         sys::SERVER_ENV,

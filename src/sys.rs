@@ -444,7 +444,7 @@ pub(crate) fn reset_signals() {
 }
 
 // ---------------------------------------------------------------------------
-// The pool's processes and the host's signals: a process group of their own,
+// The pool's processes and the host's signals: a session of their own,
 // default dispositions, stdin (issue 11).
 
 /// A signal mask, as [`block_all_signals`] found it.
@@ -471,23 +471,23 @@ pub(crate) fn restore_signal_mask(mask: &SigMask) {
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &mask.0, std::ptr::null_mut()) };
 }
 
-/// Moves the calling process into a new process group of its own
-/// (`setpgid(0, 0)`), out of the terminal's foreground job: the SIGINT,
-/// SIGQUIT and SIGTSTP that a terminal sends to that job (Ctrl-C, Ctrl-\,
-/// Ctrl-Z) no longer reach it, nor the children it forks after.
+/// Moves the calling process into a new session of its own (`setsid`),
+/// and so a new process group, with no controlling terminal: the SIGINT,
+/// SIGQUIT and SIGTSTP that a terminal sends to its foreground job
+/// (Ctrl-C, Ctrl-\, Ctrl-Z) no longer reach it, nor the children it forks
+/// after; and a task that opens the terminal (`/dev/tty`) gets an error
+/// (ENXIO) instead of being stopped by SIGTTIN or SIGTTOU forever, as a
+/// background job of the terminal would be. Where `setsid` is refused (the
+/// process already leads a group: the exec'd server, which became a session
+/// leader before its exec), a process group of its own.
 pub(crate) fn own_process_group() {
-    // SAFETY: setpgid with integer arguments. It fails only for a session
-    // leader (never the fork server, a forked child), which stays as it is.
-    unsafe { libc::setpgid(0, 0) };
-}
-
-/// From the parent, right after forking `pid`: the same as
-/// [`own_process_group`] in the child, so that the child is out of the
-/// terminal's job whichever of the two runs first.
-pub(crate) fn child_own_process_group(pid: libc::pid_t) {
-    // SAFETY: setpgid with integer arguments. Errors are harmless: the child
-    // has already exec'd (EACCES) or exited (ESRCH), and sets its group itself.
-    unsafe { libc::setpgid(pid, pid) };
+    // SAFETY: setsid and setpgid take no pointers. setsid fails only for a
+    // group leader, which setpgid(0, 0) leaves as it is.
+    unsafe {
+        if libc::setsid() == -1 {
+            libc::setpgid(0, 0);
+        }
+    }
 }
 
 /// Gives every signal the disposition it has in a freshly started Rust
@@ -1160,20 +1160,25 @@ pub(crate) fn object_of(addr: usize) -> Option<Object> {
     found
 }
 
-/// Spawns `cmd` with the fds in `keep` left open across its exec (they are
-/// close-on-exec here, and stay so: only the child clears the flag, after
-/// the fork, so no other thread's spawn can inherit them).
+/// Spawns `cmd` in a session of its own, with the fds in `keep` left open
+/// across its exec (they are close-on-exec here, and stay so: only the
+/// child clears the flag, after the fork, so no other thread's spawn can
+/// inherit them).
 pub(crate) fn spawn_keeping(
     cmd: &mut std::process::Command,
     keep: [RawFd; 3],
 ) -> io::Result<std::process::Child> {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs in the child between fork and exec and
-    // makes only fcntl calls, which are async-signal-safe, on fds that the
-    // child inherited from this process; it touches no lock and allocates
-    // nothing.
+    // makes only setsid and fcntl calls, which are async-signal-safe, on
+    // itself and on fds that it inherited from this process; it touches no
+    // lock and allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
+            // A session of its own from before the exec (see
+            // own_process_group): no terminal's signal can reach the
+            // server while it starts.
+            libc::setsid();
             for fd in keep {
                 if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
                     return Err(io::Error::last_os_error());

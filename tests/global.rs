@@ -102,3 +102,23 @@ fn global_inside_a_worker_is_an_error() {
     let g = procpool::global().unwrap();
     assert_eq!(g.apply(global_in_a_worker, ()).unwrap(), (true, true));
 }
+
+#[test]
+fn the_global_pool_uses_the_exec_server_even_when_the_default_is_fork() {
+    if common::isolated_with_env(
+        "the_global_pool_uses_the_exec_server_even_when_the_default_is_fork",
+        &[("PROCPOOL_START_METHOD", "fork")],
+    ) {
+        return;
+    }
+    let pool = procpool::global().unwrap();
+    assert_eq!(pool.apply(square, 3).unwrap(), 9);
+    // An exec'd server's command line is a fresh one: the test harness's
+    // arguments (the test name) are not in it, while a fork's would be.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", pool.server_pid())).unwrap();
+    let mine = std::fs::read("/proc/self/cmdline").unwrap();
+    assert_ne!(
+        cmdline, mine,
+        "the global pool's server is a fork of the host"
+    );
+}

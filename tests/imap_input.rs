@@ -42,6 +42,7 @@ fn panics_at(at: u64) -> impl Iterator<Item = u64> {
 fn until_panic<R: std::fmt::Debug>(
     mut next: impl FnMut() -> Option<Result<R, procpool::Error>>,
 ) -> (Vec<R>, String) {
+    let _dog = common::watchdog("an imap up to its input's panic", Duration::from_secs(120));
     let mut got = Vec::new();
     loop {
         match catch_unwind(AssertUnwindSafe(&mut next)) {
@@ -98,6 +99,7 @@ fn imap_unordered_yields_everything_pulled_before_an_input_panic() {
 
 #[test]
 fn an_input_panic_stops_no_worker_and_loses_no_result() {
+    let _dog = common::watchdog("an imap over a panicking input", Duration::from_secs(120));
     let pool = pool(2);
     let pids: HashSet<u32> = pool.worker_pids().into_iter().collect();
     // Slow tasks: the earlier items are still running when the input

@@ -7,6 +7,7 @@ mod common;
 
 use procpool::{Error, Pool};
 use serde_bytes::ByteBuf;
+use std::time::Duration;
 
 const MIB: usize = 1 << 20;
 
@@ -82,6 +83,7 @@ fn a_worker_that_grows_past_the_limit_is_replaced_and_its_result_kept() {
 
 #[test]
 fn tasks_queued_behind_a_retiring_worker_run_elsewhere() {
+    let _dog = common::watchdog("tasks behind a retiring worker", Duration::from_secs(120));
     let pool = limited(16);
     // Many tasks at once (some are sent in batches behind the leaking
     // one): every one resolves with its value.
@@ -129,6 +131,7 @@ fn shared_memory_does_not_count() {
 
 #[test]
 fn a_map_chunk_that_leaks_keeps_its_results() {
+    let _dog = common::watchdog("a map whose chunk leaks", Duration::from_secs(120));
     let pool = limited(16);
     let pids = pool.map(leak, vec![24, 24, 24]).unwrap();
     assert_eq!(pids.len(), 3);

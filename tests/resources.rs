@@ -265,6 +265,14 @@ fn failed_replacements_fail_queued_tasks_once_no_worker_is_left() {
     }
     let later = h.expect("LATER");
     assert!(later.contains("no worker is left"), "{later}");
+    // The pool tried again (with backoff) before it gave up.
+    let attempts: u32 = later
+        .split(" attempts in a row")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no attempt count in: {later}"));
+    assert!(attempts > 1, "no retry before giving up: {later}");
     let join = h.expect("JOIN");
     assert!(join.contains("no worker is left"), "{join}");
     assert_eq!(h.expect("CHILDREN"), "[]");

@@ -268,6 +268,38 @@ fn sigchld_ignored() {
     say("CHILDREN", format!("{:?}", common::children()));
 }
 
+fn read_the_terminal(_: ()) -> String {
+    use std::io::Read;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+    {
+        Err(e) => format!("open failed: {}", e.raw_os_error().unwrap_or(0)),
+        Ok(mut t) => {
+            let mut b = [0u8; 1];
+            match t.read(&mut b) {
+                Ok(n) => format!("read {n}"),
+                Err(e) => format!("read failed: {e}"),
+            }
+        }
+    }
+}
+
+/// Run under a pseudo-terminal (`script`), so that the helper has a
+/// controlling terminal: a task that opens it gets an error, never a stop.
+fn tty() {
+    let host = std::fs::File::open("/dev/tty").is_ok();
+    say("HOST_TTY", host);
+    let pool = Pool::builder().processes(1).build().unwrap();
+    let r = pool.apply_async(read_the_terminal, ()).unwrap();
+    if r.wait_timeout(std::time::Duration::from_secs(20)) {
+        say("TASK", r.get().unwrap());
+    } else {
+        say("TASK", "hung");
+    }
+}
+
 /// Not a test of its own: the body of the helper processes of this file.
 #[test]
 #[ignore = "the helper process of the tests in this file"]
@@ -281,6 +313,7 @@ fn signals_helper() {
         "no-handler" => no_handler(),
         "dispositions" => dispositions(),
         "sigchld-ignored" => sigchld_ignored(),
+        "tty" => tty(),
         other => panic!("unknown helper mode {other}"),
     }
 }
@@ -503,6 +536,10 @@ fn a_killed_fork_server_breaks_the_pool_for_every_later_call() {
         "the task in flight never resolved"
     );
     let reason = assert_broken_by_kill(running.get(), "the task in flight");
+    let _dog = common::watchdog(
+        "calls on a pool whose server was killed",
+        common::HELPER_BOUND,
+    );
     assert_broken_by_kill(pool.apply(inc, 1), "apply");
     assert_broken_by_kill(pool.apply_async(inc, 1).map(|_| ()), "apply_async");
     assert_broken_by_kill(pool.map(inc, 0..10), "map");
@@ -516,10 +553,50 @@ fn a_killed_fork_server_breaks_the_pool_for_every_later_call() {
         "join's error"
     );
     assert_broken_by_kill(pool.join(), "join, again");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    assert_eq!(
+        assert_broken_by_kill(rt.block_on(pool.join_async()), "join_async"),
+        reason,
+        "join_async's error"
+    );
     assert_broken_by_kill(pool.apply(inc, 1), "apply after close");
     // The server was reaped (it was this process's child); the workers died
     // with it.
     assert!(!common::exists(server), "server {server} was not reaped");
     common::assert_dead(&workers, "the workers of a killed server");
     gate.open();
+}
+
+/// A task that opens the program's terminal gets an error at once: the
+/// pool's processes are in a session of their own, without a controlling
+/// terminal, so no read or write of theirs can be stopped by SIGTTIN or
+/// SIGTTOU (which, outside the terminal's foreground job, would be forever).
+#[test]
+fn a_task_that_opens_the_terminal_gets_an_error_not_a_stop() {
+    let exe = std::env::current_exe().unwrap();
+    let cmdline = format!(
+        "{} {HELPER} --exact --ignored --nocapture --test-threads=1",
+        exe.display()
+    );
+    let run = common::run_program_with_deadline(
+        std::process::Command::new("script")
+            .args(["-qec", &cmdline, "/dev/null"])
+            .env(common::HELPER_ENV, "tty"),
+        common::HELPER_BOUND,
+    );
+    assert!(
+        run.stdout.contains("HOST_TTY true"),
+        "the helper had no terminal (is `script` there?): {:?}\n{}\n{}",
+        run.status,
+        run.stdout,
+        run.stderr
+    );
+    assert!(
+        run.stdout
+            .contains(&format!("TASK open failed: {}", libc::ENXIO)),
+        "{}",
+        run.stdout
+    );
 }

@@ -67,6 +67,14 @@ fn print_everything() {
         Err(Error::InitializerFailed { .. }) => {}
         other => panic!("expected InitializerFailed, got {other:?}"),
     }
+    // A worker killed after its task: what the task printed was flushed
+    // when the task ended, so it is not lost with the worker.
+    let pool = Pool::builder().processes(1).build().unwrap();
+    assert_eq!(pool.apply(print_no_newline, 500).unwrap(), 500);
+    let pid = pool.worker_pids()[0];
+    // SAFETY: a signal to the pool's own worker, a pid from its API.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    drop(pool);
     say("DONE", "");
 }
 
@@ -88,7 +96,7 @@ fn output_without_a_newline_reaches_stdout_after_close_and_join() {
     h.expect("DONE");
     let (status, out) = h.finish();
     assert!(status.success(), "{status}: {out}");
-    for i in (0..10).chain(100..103) {
+    for i in (0..10).chain(100..103).chain([500]) {
         assert!(
             out.contains(&format!("<task {i}>")),
             "<task {i}> is missing:\n{out}"

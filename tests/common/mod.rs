@@ -487,3 +487,33 @@ pub fn assert_dead(pids: &[u32], what: &str) {
         .collect();
     assert!(all, "{what}: still alive (pid, stat): {alive:?}");
 }
+
+/// A watchdog for a test whose calls could hang: if the guard is still alive
+/// after `bound`, the test process prints why and aborts, so a hang fails the
+/// run instead of eating it. Drop the guard when the risky part is done.
+pub struct Watchdog(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+pub fn watchdog(what: &'static str, bound: std::time::Duration) -> Watchdog {
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = done.clone();
+    std::thread::spawn(move || {
+        let end = std::time::Instant::now() + bound;
+        while std::time::Instant::now() < end {
+            if d.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if !d.load(std::sync::atomic::Ordering::SeqCst) {
+            eprintln!("watchdog: {what} did not finish within {bound:?}; aborting");
+            std::process::abort();
+        }
+    });
+    Watchdog(done)
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}

@@ -78,6 +78,10 @@ pub(crate) struct Spec {
     pub(crate) init: Option<Init>,
     pub(crate) words: std::sync::Arc<sys::SharedWords>,
     pub(crate) sock_buf: usize,
+    /// The sandbox asked for (in the parent, and in the config it writes).
+    pub(crate) sandbox: Option<crate::sandbox::Spec>,
+    /// The sandbox as this server prepared it, for every worker.
+    pub(crate) prepared: Option<crate::sandbox::Prepared>,
 }
 
 /// The server's main loop; runs in the forked child and never returns.
@@ -209,10 +213,20 @@ fn spawn(
             if sys::die_with_parent() != me {
                 sys::exit_now(1);
             }
+            // This process never returns from here: its words live as
+            // long as it does.
+            let words: &'static sys::SharedWords = Box::leak(Box::new(spec.words.clone()));
+            let status = if spec.prepared.is_some() {
+                // Only this worker's own page stays mapped.
+                crate::sandbox::isolate_words(words, slot as usize)
+            } else {
+                words.status(slot as usize)
+            };
             worker::run(
                 worker_end,
-                spec.words.status(slot as usize),
+                status,
                 spec.init.as_ref(),
+                spec.prepared.as_ref(),
             )
         }
         sys::Forked::Parent(pid) => Ok((pid, parent_end)),

@@ -75,6 +75,8 @@ pub(crate) struct Config {
     /// Whether each task's code must lie in the executable (workers that
     /// are not forks of the caller: an exec'd server, MPI ranks).
     pub(crate) check_tasks: bool,
+    /// A sandboxed pool's caps.
+    pub(crate) sandbox: Option<crate::sandbox::Limits>,
 }
 
 /// RUNNING → CLOSED → (all work done, workers exited) finished;
@@ -116,7 +118,15 @@ struct InFlight {
 
 /// Why the pool itself killed a worker.
 enum KillReason {
-    Timeout { id: u64, timeout: Duration },
+    Timeout {
+        id: u64,
+        timeout: Duration,
+    },
+    /// Task `id` went past a limit of the sandbox (its CPU time).
+    Limit {
+        id: u64,
+        limit: crate::sandbox::Limit,
+    },
     Cancel,
     Error(Error),
 }
@@ -150,8 +160,17 @@ struct Worker {
     /// is killed if it starts before it would finish (checked every ms).
     cancels: Vec<u64>,
     init_msg: Option<String>,
+    /// `init_msg` is the sandbox's failure, not the initializer's.
+    sandbox_failed: bool,
     /// The estimated work (ns) of the tasks it holds.
     held_ns: u64,
+    /// Under a per-task CPU cap: the worker's CPU clock, its reading when
+    /// the parent last learnt that a task had ended (no task after it can
+    /// have used less than what the clock has counted since), and when to
+    /// look at it next.
+    cpu_clock: Option<libc::clockid_t>,
+    cpu_base: u64,
+    cpu_next: Option<Instant>,
 }
 
 type Completion = (Arc<Slot>, Hook, Outcome);
@@ -240,7 +259,11 @@ impl Shared {
             cv: Condvar::new(),
             wake,
             words,
-            blocks: Arc::new(BlockCache::default()),
+            blocks: Arc::new(if cfg.sandbox.is_some() {
+                BlockCache::sandboxed()
+            } else {
+                BlockCache::default()
+            }),
             next_id: std::sync::atomic::AtomicU64::new(1),
             handler: Handler::new(),
             cfg,
@@ -298,6 +321,17 @@ impl Shared {
         if self.cfg.check_tasks {
             for (_, s) in &jobs {
                 crate::start::check_task(s.f)?;
+            }
+        }
+        let mut jobs = jobs;
+        if self.blocks.is_sandboxed() {
+            // A sandboxed worker gets its input sealed: it can neither change
+            // it (for a retry on another worker) nor truncate it.
+            for (_, s) in jobs.iter_mut() {
+                if let Body::Shm(b, _) = &mut s.payload {
+                    b.seal()
+                        .map_err(|e| Error::io("sealing a shared-memory block", e))?;
+                }
             }
         }
         let mut st = self.lock();
@@ -640,6 +674,11 @@ impl State {
                     }
                 }
                 let timed = job.timeout;
+                if w.cpu_clock.is_some() && w.cpu_next.is_none() {
+                    // The supervisor must start watching its CPU clock.
+                    w.cpu_next = Some(now);
+                    pending = true;
+                }
                 w.held_ns += charge;
                 w.in_flight.push_back(InFlight { seq, job, charge });
                 if let Some(t) = timed {
@@ -713,6 +752,29 @@ fn read_worker(
     cache: &Arc<BlockCache>,
     done: &mut Vec<Completion>,
 ) {
+    let before = (w.ready, w.in_flight.len());
+    read_frames(w, st_ready, est, cache, done);
+    if let Some(clk) = w.cpu_clock {
+        if (w.ready, w.in_flight.len()) != before {
+            // Read after the frames that said a task ended: the tasks
+            // after it started later than this reading.
+            if let Some(ns) = crate::sys_sandbox::clock_ns(clk) {
+                w.cpu_base = ns;
+            }
+        }
+        if w.in_flight.is_empty() {
+            w.cpu_next = None;
+        }
+    }
+}
+
+fn read_frames(
+    w: &mut Worker,
+    st_ready: &mut usize,
+    est: &mut std::collections::HashMap<TaskFn, u64>,
+    cache: &Arc<BlockCache>,
+    done: &mut Vec<Completion>,
+) {
     loop {
         let need = wire::missing(&w.inbuf);
         let want = if need > 0 {
@@ -770,7 +832,12 @@ fn block_outcome(
         .get(..8)
         .map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize)
         .ok_or_else(|| broken("a block length is missing"))?;
-    let mut block = if tag == wire::OUT_SAME_BLOCK {
+    let mut block = if tag == wire::OUT_SAME_BLOCK && cache.is_sandboxed() {
+        // Its input was sealed: it cannot have written its result there.
+        return Err(broken(
+            "a sandboxed worker named its input block for its result",
+        ));
+    } else if tag == wire::OUT_SAME_BLOCK {
         match w.in_flight.front_mut().map(|f| &mut f.job.payload) {
             Some(p @ Body::Shm(..)) => match std::mem::replace(p, Body::Heap(Vec::new())) {
                 Body::Shm(b, _) => b,
@@ -783,7 +850,12 @@ fn block_outcome(
             .in_fds
             .pop_front()
             .ok_or_else(|| broken("a result's block did not arrive"))?;
-        crate::shm::Block::from_fd(fd).map_err(|e| Error::io("mapping a result's block", e))?
+        if cache.is_sandboxed() {
+            crate::shm::Block::from_sealed_fd(fd)
+        } else {
+            crate::shm::Block::from_fd(fd)
+        }
+        .map_err(|e| Error::io("mapping a result's block", e))?
     };
     block
         .refresh()
@@ -816,6 +888,10 @@ fn parse_frames(
             }
             wire::INIT_FAILED => {
                 w.init_msg = Some(task::take_message(&w.inbuf[body_at..end]));
+            }
+            wire::SANDBOX_FAILED => {
+                w.init_msg = Some(task::take_message(&w.inbuf[body_at..end]));
+                w.sandbox_failed = true;
             }
             wire::DONE => {
                 let outcome = if h.a == wire::OUT_SAME_BLOCK || h.a == wire::OUT_NEW_BLOCK {
@@ -970,6 +1046,9 @@ fn run_loop(shared: &Shared) {
                     let d = now + RECHECK;
                     next = Some(next.map_or(d, |n: Instant| n.min(d)));
                 }
+                if let (Some(d), None) = (w.cpu_next, &w.kill) {
+                    next = Some(next.map_or(d, |n: Instant| n.min(d)));
+                }
             }
             timeout_ms = match next {
                 None => -1,
@@ -1024,6 +1103,9 @@ fn run_loop(shared: &Shared) {
                 server_messages(shared, st, &mut done);
             }
             check_clocks(st, &shared.words);
+            if let Some(cap) = shared.cfg.sandbox.as_ref().and_then(|l| l.cpu_per_task) {
+                check_cpu(st, &shared.words, cap);
+            }
             send_kills(st);
             match st.phase {
                 Phase::Terminated => {
@@ -1131,6 +1213,49 @@ fn check_clocks(st: &mut State, words: &SharedWords) {
     }
 }
 
+/// The per-task CPU cap of a sandboxed pool: a worker whose CPU clock has
+/// counted more than `cap` since the parent last learnt that one of its
+/// tasks ended is killed, and its running task fails with the limit.
+fn check_cpu(st: &mut State, words: &SharedWords, cap: Duration) {
+    let now = Instant::now();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    for w in st.workers.iter_mut() {
+        let (Some(clk), Some(at)) = (w.cpu_clock, w.cpu_next) else {
+            continue;
+        };
+        if w.kill.is_some() || at > now || w.in_flight.is_empty() {
+            continue;
+        }
+        let Some(ns) = crate::sys_sandbox::clock_ns(clk) else {
+            // Gone: its exit report follows.
+            w.cpu_next = None;
+            continue;
+        };
+        let used = Duration::from_nanos(ns.saturating_sub(w.cpu_base));
+        if used < cap {
+            // Its threads together cannot use more than one CPU each per
+            // second of wall time.
+            let wait = ((cap - used) / cpus).max(Duration::from_millis(1));
+            w.cpu_next = Some(now + wait);
+            continue;
+        }
+        let started = words.status(w.slot).started.load(Ordering::SeqCst);
+        let id = w
+            .in_flight
+            .iter()
+            .find(|f| f.seq == started)
+            .unwrap_or(&w.in_flight[0])
+            .job
+            .id;
+        let limit = crate::sandbox::Limit::CpuTime { per_task: cap };
+        log::warn!(
+            "procpool: task {id} went past its {limit}; killing worker {}",
+            w.pid
+        );
+        set_kill(w, KillReason::Limit { id, limit }, 0);
+    }
+}
+
 fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) {
     let mut buf = [0u8; 64];
     loop {
@@ -1201,7 +1326,16 @@ fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) 
                     kill_sent: false,
                     cancels: Vec::new(),
                     init_msg: None,
+                    sandbox_failed: false,
                     held_ns: 0,
+                    cpu_clock: shared
+                        .cfg
+                        .sandbox
+                        .as_ref()
+                        .and_then(|l| l.cpu_per_task)
+                        .and_then(|_| crate::sys_sandbox::process_cpu_clock(m.a as libc::pid_t)),
+                    cpu_base: 0,
+                    cpu_next: None,
                 });
             }
             server::KILL_REFUSED => {
@@ -1274,7 +1408,14 @@ fn worker_exited(
     let mut ready = st.ready;
     read_worker(&mut w, &mut ready, &mut st.est, &shared.blocks, done);
     st.ready = ready;
-    let started = shared.words.status(w.slot).started.load(Ordering::SeqCst);
+    let words = shared.words.status(w.slot);
+    let started = words.started.load(Ordering::SeqCst);
+    // A sandboxed worker that died of one of its limits.
+    let limit = shared
+        .cfg
+        .sandbox
+        .as_ref()
+        .and_then(|l| l.cause(words.died_of.load(Ordering::SeqCst), status));
     if w.in_flight.is_empty() && w.kill.is_none() {
         log::debug!("procpool: worker {} exited ({status})", w.pid);
     } else if w.kill.is_none() {
@@ -1301,7 +1442,15 @@ fn worker_exited(
                 timeout: *timeout,
                 pid: w.pid,
             }),
+            Some(KillReason::Limit { id, limit }) if *id == job.id => Some(Error::LimitExceeded {
+                limit: *limit,
+                pid: w.pid,
+            }),
             Some(KillReason::Error(e)) => Some(e.clone()),
+            _ if limit.is_some() => Some(Error::LimitExceeded {
+                limit: limit.expect("checked"),
+                pid: w.pid,
+            }),
             // A task that started runs again only if it may (its input was
             // kept for that: KEEP_INPUT).
             _ if job.retries > 0 => {
@@ -1333,7 +1482,11 @@ fn worker_exited(
                 .init_msg
                 .take()
                 .unwrap_or_else(|| format!("worker {} died in its initializer ({status})", w.pid));
-            let e = Error::InitializerFailed { message };
+            let e = if w.sandbox_failed {
+                Error::Sandbox { reason: message }
+            } else {
+                Error::InitializerFailed { message }
+            };
             if st.building {
                 st.init_error = Some(e.clone());
             }

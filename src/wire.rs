@@ -20,6 +20,8 @@ pub(crate) const INIT_FAILED: u8 = 2;
 pub(crate) const DONE: u8 = 3;
 /// Parent to worker: run task `seq`.
 pub(crate) const TASK: u8 = 4;
+/// Worker to parent: the sandbox could not be applied; the body is why.
+pub(crate) const SANDBOX_FAILED: u8 = 5;
 
 /// TASK flag (in `status`): the body is the 8-byte length of the input,
 /// which is in the block whose fd came with the frame.

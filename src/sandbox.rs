@@ -323,8 +323,12 @@ pub(crate) enum Readiness {
 /// Prepares the sandbox in the server, once, before it forks any worker:
 /// the network namespace, the seccomp filters, the Landlock check.
 pub(crate) fn prepare(spec: Spec) -> Readiness {
+    // For tests of a kernel that lacks a mechanism: the server pretends
+    // that the ones named (`seccomp`, `netns`, `landlock`) are missing.
+    let pretend = std::env::var(PRETEND_MISSING).unwrap_or_default();
+    let lacks = |what: &str| pretend.split(',').any(|p| p.trim() == what);
     let mut missing = Vec::new();
-    let filters = if sys_sandbox::seccomp_available() {
+    let filters = if sys_sandbox::seccomp_available() && !lacks("seccomp") {
         match filters() {
             Ok(f) => f,
             Err(e) => return Readiness::Failed(format!("the seccomp filter: {e}")),
@@ -333,10 +337,19 @@ pub(crate) fn prepare(spec: Spec) -> Readiness {
         missing.push("seccomp filters".to_string());
         Vec::new()
     };
-    if let Err(e) = sys_sandbox::unshare_network() {
+    let netns = if lacks("netns") {
+        Err(std::io::Error::from_raw_os_error(libc::EPERM))
+    } else {
+        sys_sandbox::unshare_network()
+    };
+    if let Err(e) = netns {
         missing.push(format!("a network namespace ({e})"));
     }
-    let abi = sys_sandbox::landlock_abi();
+    let abi = if lacks("landlock") {
+        0
+    } else {
+        sys_sandbox::landlock_abi()
+    };
     if abi < 6 {
         missing.push(format!("Landlock ABI 6 (this kernel has {abi})"));
     }
@@ -357,6 +370,10 @@ pub(crate) fn prepare(spec: Spec) -> Readiness {
         ))
     }
 }
+
+/// The environment variable that makes a server pretend mechanisms are
+/// missing (for tests).
+const PRETEND_MISSING: &str = "PROCPOOL_SANDBOX_PRETEND_MISSING";
 
 /// A worker's sandbox once applied: what it checks after each task.
 pub(crate) struct Active {
@@ -397,6 +414,10 @@ impl Prepared {
         let fail = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
         sys_sandbox::set_rlimit(libc::RLIMIT_CORE, 0).map_err(|e| fail("RLIMIT_CORE", &e))?;
         if let Some(bytes) = self.spec.memory {
+            // Rust's allocation-failure path prints a backtrace first when
+            // RUST_BACKTRACE asks for one, and the files it opens for that
+            // overwrite the ENOMEM that names the limit (see `cause`).
+            sys_sandbox::set_env_single_threaded("RUST_BACKTRACE", "0");
             sys_sandbox::set_rlimit(libc::RLIMIT_DATA, bytes)
                 .map_err(|e| fail("RLIMIT_DATA", &e))?;
             // SAFETY: the worker's own status page stays mapped until the

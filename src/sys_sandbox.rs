@@ -192,6 +192,15 @@ extern "C" fn on_abort(_sig: libc::c_int) {
     // (SA_RESETHAND already did) and raises SIGABRT again.
 }
 
+/// Sets an environment variable in this process, which the caller has
+/// just checked has a single thread (a sandboxed worker, as its sandbox
+/// applies).
+pub(crate) fn set_env_single_threaded(key: &str, value: &str) {
+    // SAFETY: the process has one thread (checked by the caller, and no
+    // task has run yet), so nothing reads the environment concurrently.
+    unsafe { std::env::set_var(key, value) };
+}
+
 /// Restores a signal's default action (a host that ignores `SIGXFSZ`
 /// passes that on through exec).
 pub(crate) fn default_signal(sig: libc::c_int) {

@@ -657,3 +657,51 @@ fn threads_work_in_a_sandboxed_task() {
         ));
     });
 }
+
+// ---- a kernel that lacks a mechanism ----
+
+/// Runs in a helper process whose servers pretend Landlock is missing
+/// (`PROCPOOL_SANDBOX_PRETEND_MISSING`, read by the exec'd server).
+#[test]
+fn helper_without_landlock() {
+    if std::env::var("PROCPOOL_SANDBOX_PRETEND_MISSING").is_err() {
+        return;
+    }
+    let r = Pool::builder()
+        .processes(1)
+        .start_method(StartMethod::ForkServer)
+        .sandbox(Sandbox::new())
+        .build();
+    match r {
+        Err(Error::Sandbox { reason }) => {
+            assert!(reason.contains("Landlock"), "{reason}");
+            assert!(reason.contains("allow_weaker"), "{reason}");
+        }
+        other => panic!("expected a sandbox error, got {other:?}"),
+    }
+    // Accepted weaker: the rest still holds (no network, no program).
+    let pool = Pool::builder()
+        .processes(1)
+        .start_method(StartMethod::ForkServer)
+        .sandbox(Sandbox::new().allow_weaker())
+        .build()
+        .expect("a weaker sandbox, accepted");
+    assert!(pool.apply(run_true, ()).unwrap().is_err());
+    assert!(pool.apply(udp_send, 9).unwrap().is_err());
+    println!("HELPER-DONE");
+}
+
+#[test]
+fn a_missing_mechanism_fails_the_build_unless_a_weaker_sandbox_is_accepted() {
+    let run = common::run_helper(
+        "helper_without_landlock",
+        &[("PROCPOOL_SANDBOX_PRETEND_MISSING", "landlock")],
+        BOUND,
+    );
+    assert!(
+        run.status.is_some_and(|s| s.success()) && run.stdout.contains("HELPER-DONE"),
+        "the helper failed:\n{}\n{}",
+        run.stdout,
+        run.stderr
+    );
+}

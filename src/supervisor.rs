@@ -674,11 +674,6 @@ impl State {
                     }
                 }
                 let timed = job.timeout;
-                if w.cpu_clock.is_some() && w.cpu_next.is_none() {
-                    // The supervisor must start watching its CPU clock.
-                    w.cpu_next = Some(now);
-                    pending = true;
-                }
                 w.held_ns += charge;
                 w.in_flight.push_back(InFlight { seq, job, charge });
                 if let Some(t) = timed {
@@ -991,6 +986,12 @@ pub(crate) fn run(shared: Arc<Shared>) {
 }
 
 fn run_loop(shared: &Shared) {
+    let cpu_watch = shared
+        .cfg
+        .sandbox
+        .as_ref()
+        .and_then(|l| l.cpu_per_task)
+        .map(cpu_interval);
     let mut pfds: Vec<libc::pollfd> = Vec::new();
     let mut who: Vec<usize> = Vec::new();
     loop {
@@ -1049,6 +1050,14 @@ fn run_loop(shared: &Shared) {
                 if let (Some(d), None) = (w.cpu_next, &w.kill) {
                     next = Some(next.map_or(d, |n: Instant| n.min(d)));
                 }
+            }
+            if let Some(every) = cpu_watch {
+                // A task sent by a caller is not announced to this thread
+                // (that would cost a wake-up per task): under a CPU cap it
+                // looks at least this often, so it sees every task within
+                // a fraction of the cap.
+                let d = now + every;
+                next = Some(next.map_or(d, |n: Instant| n.min(d)));
             }
             timeout_ms = match next {
                 None => -1,
@@ -1213,17 +1222,24 @@ fn check_clocks(st: &mut State, words: &SharedWords) {
     }
 }
 
+/// How long the CPU clocks of busy workers may go unread, at most, under
+/// a per-task CPU cap: the time in which the threads of a task, one per
+/// CPU, could together use up the cap (at least a millisecond).
+fn cpu_interval(cap: Duration) -> Duration {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    (cap / cpus).max(Duration::from_millis(1))
+}
+
 /// The per-task CPU cap of a sandboxed pool: a worker whose CPU clock has
 /// counted more than `cap` since the parent last learnt that one of its
 /// tasks ended is killed, and its running task fails with the limit.
 fn check_cpu(st: &mut State, words: &SharedWords, cap: Duration) {
     let now = Instant::now();
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
     for w in st.workers.iter_mut() {
-        let (Some(clk), Some(at)) = (w.cpu_clock, w.cpu_next) else {
+        let Some(clk) = w.cpu_clock else {
             continue;
         };
-        if w.kill.is_some() || at > now || w.in_flight.is_empty() {
+        if w.kill.is_some() || w.in_flight.is_empty() || w.cpu_next.is_some_and(|at| at > now) {
             continue;
         }
         let Some(ns) = crate::sys_sandbox::clock_ns(clk) else {
@@ -1235,8 +1251,7 @@ fn check_cpu(st: &mut State, words: &SharedWords, cap: Duration) {
         if used < cap {
             // Its threads together cannot use more than one CPU each per
             // second of wall time.
-            let wait = ((cap - used) / cpus).max(Duration::from_millis(1));
-            w.cpu_next = Some(now + wait);
+            w.cpu_next = Some(now + cpu_interval(cap - used));
             continue;
         }
         let started = words.status(w.slot).started.load(Ordering::SeqCst);

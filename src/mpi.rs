@@ -1080,6 +1080,8 @@ fn start_worker(init: Option<Init>) -> std::io::Result<Local> {
             match r {
                 Ok(Ok(())) | Ok(Err(Stop::Gone)) => 0,
                 Ok(Err(Stop::InitFailed)) => 1,
+                // No sandbox on an MPI rank, so no limit to stop at.
+                Ok(Err(Stop::Limit)) => 3,
                 Err(_) => 101,
             }
         })?;

@@ -141,7 +141,7 @@ fn put_message(out: &mut Vec<u8>, msg: &str) {
 
 /// Decodes an error message written by `put_message`.
 pub(crate) fn take_message(bytes: &[u8]) -> String {
-    codec::decode::<String>(bytes)
+    codec::decode_untrusted::<String>(bytes)
         .map(|(s, _)| s)
         .unwrap_or_else(|e| format!("(an undecodable message: {e})"))
 }
@@ -317,7 +317,7 @@ pub(crate) fn chunk_all_ok(mut bytes: &[u8]) -> bool {
 /// Decodes one task's output given its status.
 pub(crate) fn decode_outcome<R: DeserializeOwned>(st: u8, body: &[u8]) -> Result<R, crate::Error> {
     if st == status::OK {
-        codec::decode::<R>(body)
+        codec::decode_untrusted::<R>(body)
             .map(|(r, _)| r)
             .map_err(|e| crate::Error::Decode {
                 what: "result",

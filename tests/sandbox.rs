@@ -705,3 +705,42 @@ fn a_missing_mechanism_fails_the_build_unless_a_weaker_sandbox_is_accepted() {
         run.stderr
     );
 }
+
+// ---- a hostile worker and its parent ----
+
+/// Writes, on the worker's socket (its one fd from 3 up), a result frame of
+/// the pool's wire format (`src/wire.rs`) for its first task: a panic whose
+/// message claims 2^60 bytes. Then returns normally.
+fn forge_a_frame(_: ()) -> u64 {
+    let fd = open_fds(())[0];
+    let mut body = vec![253u8];
+    body.extend_from_slice(&(1u64 << 60).to_le_bytes());
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&(body.len() as u64).to_le_bytes()); // len
+    frame.push(3); // DONE
+    frame.push(1); // a panic
+    frame.extend_from_slice(&1u64.to_le_bytes()); // seq: the first task
+    frame.extend_from_slice(&[0u8; 16]); // a, b
+    frame.extend_from_slice(&body);
+    // SAFETY: write of a live buffer on an fd this process holds.
+    unsafe { libc::write(fd, frame.as_ptr().cast(), frame.len()) };
+    7
+}
+
+#[test]
+fn a_crafted_result_cannot_crash_the_parent() {
+    within_bound("the crafted frame test", || {
+        let pool = sandboxed(1, Sandbox::new());
+        match pool.apply(forge_a_frame, ()) {
+            Err(Error::TaskPanicked { message }) => {
+                assert!(message.contains("undecodable"), "{message}")
+            }
+            other => panic!("expected the forged panic, got {other:?}"),
+        }
+        // The worker broke the protocol (a second answer): it is replaced,
+        // and the pool goes on.
+        for i in 0..10u64 {
+            assert_eq!(pool.apply(double, i).unwrap(), 2 * i);
+        }
+    });
+}

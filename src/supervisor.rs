@@ -151,6 +151,10 @@ struct Worker {
     next_seq: u64,
     sent: u64,
     deadline: Option<Instant>,
+    /// The task whose start this thread first saw, and when (monotonic ns):
+    /// the task started by then, whatever its start word says (a hostile
+    /// task could write a later start there, to stay clear of its timeout).
+    seen_start: (u64, u64),
     kill: Option<KillReason>,
     /// The task the kill is for (the server kills only while the worker
     /// runs it; 0: whatever it runs), and whether the server was asked.
@@ -1205,7 +1209,10 @@ fn check_clocks(st: &mut State, words: &SharedWords) {
             w.deadline = Some(now + RECHECK);
             continue;
         }
-        let start = status.start_ns.load(Ordering::SeqCst);
+        if w.seen_start.0 != seq {
+            w.seen_start = (seq, now_ns);
+        }
+        let start = status.start_ns.load(Ordering::SeqCst).min(w.seen_start.1);
         let ran = Duration::from_nanos(now_ns.saturating_sub(start));
         if ran < timeout {
             w.deadline = Some(now + (timeout - ran));
@@ -1336,6 +1343,7 @@ fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) 
                     next_seq: 1,
                     sent: 0,
                     deadline: None,
+                    seen_start: (0, 0),
                     kill: None,
                     kill_seq: 0,
                     kill_sent: false,

@@ -744,3 +744,42 @@ fn a_crafted_result_cannot_crash_the_parent() {
         }
     });
 }
+
+/// Finds the pool's status words (a memfd mapping of one page, read
+/// through /proc: this runs in a pool without a sandbox, where a task can
+/// see them) and writes a start time far in the future into every start
+/// word (the second of each slot's five), then sleeps.
+fn forge_start_then_sleep(_: ()) {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    for line in maps.lines().filter(|l| l.contains("memfd:procpool")) {
+        let range = line.split_whitespace().next().unwrap();
+        let (lo, hi) = range.split_once('-').unwrap();
+        let lo = usize::from_str_radix(lo, 16).unwrap();
+        let hi = usize::from_str_radix(hi, 16).unwrap();
+        if hi - lo != 4096 {
+            continue;
+        }
+        for slot in 0..(4096 / 40) {
+            let word = (lo + slot * 40 + 8) as *const std::sync::atomic::AtomicU64;
+            // SAFETY: within a live, writable, 8-aligned shared mapping of
+            // this process.
+            unsafe { (*word).store(u64::MAX / 2, std::sync::atomic::Ordering::SeqCst) };
+        }
+    }
+    std::thread::sleep(Duration::from_secs(120));
+}
+
+#[test]
+fn a_task_cannot_put_off_its_timeout_by_writing_its_start_time() {
+    within_bound("the forged start test", || {
+        let pool = plain(1);
+        let t = Duration::from_millis(500);
+        let r = pool.apply_with(
+            forge_start_then_sleep,
+            (),
+            procpool::TaskOptions::new().timeout(t),
+        );
+        assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
+        assert_eq!(pool.apply(double, 2).unwrap(), 4);
+    });
+}

@@ -783,3 +783,24 @@ fn a_task_cannot_put_off_its_timeout_by_writing_its_start_time() {
         assert_eq!(pool.apply(double, 2).unwrap(), 4);
     });
 }
+
+fn byte_len(b: ByteBuf) -> usize {
+    b.len()
+}
+
+#[test]
+fn many_large_arguments_fit_under_a_small_open_files_cap() {
+    within_bound("the many blocks test", || {
+        let pool = sandboxed(1, Sandbox::new().open_files(4));
+        // Each argument travels in a block of its own, with an fd. Those
+        // still in the socket are the kernel's, not the worker's: the
+        // worker receives one frame's fd at a time, within its reserve.
+        let arg = ByteBuf::from(vec![1u8; 600 << 10]);
+        let rs: Vec<_> = (0..120)
+            .map(|_| pool.apply_async(byte_len, arg.clone()).unwrap())
+            .collect();
+        for r in rs {
+            assert_eq!(r.get().unwrap(), 600 << 10);
+        }
+    });
+}

@@ -177,6 +177,13 @@ impl Sandbox {
     /// past it kills the worker with `SIGXFSZ`, and the task gets
     /// [`Limit::FileSize`]. A result larger than the cap still comes back
     /// (through the worker's socket rather than a shared-memory block).
+    ///
+    /// The cap applies to every file the worker writes, its standard
+    /// output and error among them when those are regular files: a task
+    /// that prints to a log file already longer than the cap (or a worker
+    /// that prints Rust's "memory allocation failed" line there) dies of
+    /// it too. Point them at a pipe or a terminal, or set a cap above the
+    /// log's size.
     pub fn file_size_limit(mut self, bytes: u64) -> Sandbox {
         self.spec.file_size = Some(bytes);
         self

@@ -108,7 +108,17 @@ impl Block {
         let len = self.map.len();
         // The writable mapping must go before F_SEAL_WRITE is allowed.
         self.map = Mapping::empty();
-        sys_sandbox::seal(&self.fd)?;
+        // A child that another thread forked between the mapping and its
+        // MADV_DONTFORK still holds a writable copy, until it execs or
+        // exits (EBUSY until then): wait for it, a bounded while.
+        let mut tries = 0;
+        while let Err(e) = sys_sandbox::seal(&self.fd) {
+            if e.raw_os_error() != Some(libc::EBUSY) || tries == 200 {
+                return Err(e);
+            }
+            tries += 1;
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         self.map = Mapping::read_only(&self.fd, len)?;
         self.sealed = true;
         Ok(())

@@ -770,6 +770,13 @@ impl Mapping {
         // Large blocks: ask for huge pages where the kernel offers them on request.
         // SAFETY: advice on a range we just mapped; failure is harmless.
         unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
+        // Not inherited by a process another thread forks: it would hold a
+        // writable mapping of the block until it execs, and sealing the
+        // block against writes (a sandboxed pool) fails while one exists.
+        // No child of this process uses a block through this mapping.
+        // SAFETY: advice on a range we just mapped; failure leaves the
+        // mapping inherited, as before.
+        unsafe { libc::madvise(p, len, libc::MADV_DONTFORK) };
         Ok(Mapping {
             ptr: p.cast(),
             len,

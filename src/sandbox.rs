@@ -157,7 +157,9 @@ impl Sandbox {
     /// Caps the CPU time of each task (all its threads together). The
     /// parent watches the worker's CPU clock and kills the worker past it:
     /// the task gets [`Limit::CpuTime`]. Unlike a timeout, time spent
-    /// waiting does not count.
+    /// waiting does not count. The parent's supervisor thread looks at
+    /// least every `cpu` / CPUs (at least every millisecond), even while
+    /// the pool is idle, and kills within about that much past the cap.
     pub fn cpu_time_per_task(mut self, cpu: Duration) -> Sandbox {
         self.spec.cpu_per_task = Some(cpu);
         self

@@ -658,7 +658,6 @@ const ALLOWED: &[i64] = &[
     libc::SYS_fchdir,
     libc::SYS_mkdirat,
     libc::SYS_unlinkat,
-    libc::SYS_renameat,
     libc::SYS_renameat2,
     libc::SYS_linkat,
     libc::SYS_symlinkat,
@@ -728,7 +727,6 @@ const ALLOWED: &[i64] = &[
     libc::SYS_uname,
     libc::SYS_sysinfo,
     libc::SYS_getrusage,
-    libc::SYS_getrlimit,
     libc::SYS_getrandom,
     libc::SYS_rt_sigaction,
     libc::SYS_rt_sigprocmask,
@@ -743,6 +741,11 @@ const ALLOWED: &[i64] = &[
     libc::SYS_tkill,
     libc::SYS_exit,
     libc::SYS_exit_group,
+    // x86_64 keeps older calls that aarch64 dropped for the *at ones.
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_renameat,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_getrlimit,
     #[cfg(target_arch = "x86_64")]
     libc::SYS_open,
     #[cfg(target_arch = "x86_64")]

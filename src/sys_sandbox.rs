@@ -67,9 +67,18 @@ pub(crate) fn landlock_abi() -> i32 {
     if v < 0 { 0 } else { v as i32 }
 }
 
+/// The type of `setrlimit`'s resource argument (glibc's own; an int
+/// elsewhere).
+#[cfg(target_env = "gnu")]
+pub(crate) type Resource = libc::__rlimit_resource_t;
+/// The type of `setrlimit`'s resource argument (glibc's own; an int
+/// elsewhere).
+#[cfg(not(target_env = "gnu"))]
+pub(crate) type Resource = libc::c_int;
+
 /// Sets a resource limit, soft and hard, to `value`: the hard limit can
 /// never be raised again by this process (nor by its tasks).
-pub(crate) fn set_rlimit(resource: libc::__rlimit_resource_t, value: u64) -> io::Result<()> {
+pub(crate) fn set_rlimit(resource: Resource, value: u64) -> io::Result<()> {
     let lim = libc::rlimit {
         rlim_cur: value as libc::rlim_t,
         rlim_max: value as libc::rlim_t,

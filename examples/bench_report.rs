@@ -25,7 +25,12 @@
 //!                             method: no exec)
 //!   pool_map_100_incl_startup_s   new pool, map over 100, close, join
 //!
-//! and one figure that pool_bench.py lacks (compare.py ignores it):
+//! and figures that pool_bench.py lacks (compare.py ignores them):
+//!   startup_sandbox_s         startup_s with a Sandbox (every cap set;
+//!                             StartMethod::ForkServer)
+//!   apply_sync_sandbox_us_per_task   apply_sync_us_per_task in that pool
+//!   echo_64MiB_sandbox_GBps   echo_64MiB_GBps in that pool (fresh, sealed
+//!                             blocks: none is reused)
 //!   imap_10M_peak_rss_mb      the caller's peak RSS (VmHWM, MiB) while a
 //!                             fresh pool runs imap_unordered over 10 M items
 //!                             (chunk 1000); the peak is reset first through
@@ -201,6 +206,53 @@ fn main() -> BoxResult<()> {
             Ok(())
         })?;
         out.push(("startup_fork_s", t));
+    }
+
+    let sandbox = || {
+        procpool::Sandbox::new()
+            .memory_limit(1 << 30)
+            .cpu_time_per_task(Duration::from_secs(10))
+            .open_files(64)
+            .file_size_limit(1 << 30)
+    };
+    let sandboxed = || {
+        Pool::builder()
+            .processes(n)
+            .start_method(procpool::StartMethod::ForkServer)
+            .sandbox(sandbox())
+            .build()
+    };
+    if want("startup_sandbox_s") {
+        let t = med(5, || {
+            let p = sandboxed()?;
+            assert_eq!(p.apply(inc, 1)?, 2);
+            p.close();
+            p.join()?;
+            Ok(())
+        })?;
+        out.push(("startup_sandbox_s", t));
+    }
+    if want("apply_sync_sandbox_us_per_task") || want("echo_64MiB_sandbox_GBps") {
+        let p = sandboxed()?;
+        if want("apply_sync_sandbox_us_per_task") {
+            const K: u64 = 10_000;
+            let t = med(3, || {
+                for i in 0..K {
+                    black_box(p.apply(inc, i)?);
+                }
+                Ok(())
+            })?;
+            out.push(("apply_sync_sandbox_us_per_task", t / K as f64 * 1e6));
+        }
+        if want("echo_64MiB_sandbox_GBps") {
+            let buf = ByteBuf::from(vec![7u8; 64 << 20]);
+            let t = med(3, || {
+                let r = p.apply(echo, buf.clone())?;
+                assert_eq!(r.len(), 64 << 20);
+                Ok(())
+            })?;
+            out.push(("echo_64MiB_sandbox_GBps", 2.0 * (64 << 20) as f64 / t / 1e9));
+        }
     }
 
     {

@@ -125,7 +125,7 @@ pub(crate) fn put_report(out: &mut Vec<u8>) {
 /// In the parent: the location and backtrace that follow a panic's
 /// message in a PANIC body (`rest` starts after the message), if any.
 pub(crate) fn read_report(rest: &[u8]) -> (Option<PanicLocation>, Option<RemoteBacktrace>) {
-    let Ok((wire, _)) = codec::decode::<Wire>(rest) else {
+    let Ok((wire, _)) = codec::decode_untrusted::<Wire>(rest) else {
         return (None, None);
     };
     let location = wire

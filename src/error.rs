@@ -190,6 +190,30 @@ pub enum Error {
     /// The pool's configuration is invalid (zero processes, say).
     #[error("invalid configuration: {0}")]
     Config(&'static str),
+    /// The task went past a limit of the pool's [`Sandbox`]: its worker
+    /// was killed (or ended itself) and has been replaced.
+    ///
+    /// [`Sandbox`]: crate::Sandbox
+    #[error("the task went past the sandbox's {limit}; worker {pid} was replaced")]
+    #[non_exhaustive]
+    LimitExceeded {
+        /// The limit it went past.
+        limit: crate::sandbox::Limit,
+        /// The pid of the worker that ran it.
+        pid: u32,
+    },
+    /// The pool's [`Sandbox`] cannot be had as asked: the kernel lacks a
+    /// mechanism it needs (and the sandbox does not accept a weaker one),
+    /// the start method cannot carry it, a listed path is missing, or a
+    /// worker's initializer left threads running. The reason says which.
+    ///
+    /// [`Sandbox`]: crate::Sandbox
+    #[error("the sandbox cannot be applied: {reason}")]
+    #[non_exhaustive]
+    Sandbox {
+        /// What is missing or wrong, and the way out.
+        reason: String,
+    },
 }
 
 impl Error {

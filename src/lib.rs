@@ -33,6 +33,8 @@ mod pool;
 #[cfg(target_os = "linux")]
 mod result;
 #[cfg(target_os = "linux")]
+mod sandbox;
+#[cfg(target_os = "linux")]
 mod server;
 #[cfg(target_os = "linux")]
 mod shm;
@@ -42,6 +44,8 @@ mod start;
 mod supervisor;
 #[cfg(target_os = "linux")]
 mod sys;
+#[cfg(target_os = "linux")]
+mod sys_sandbox;
 #[cfg(target_os = "linux")]
 mod task;
 #[cfg(target_os = "linux")]
@@ -63,6 +67,8 @@ pub use join::JoinFuture;
 pub use pool::{Data, MapOptions, Pool, PoolBuilder, TaskOptions};
 #[cfg(target_os = "linux")]
 pub use result::{AsyncResult, Imap, ImapUnordered, MapResult, Next};
+#[cfg(target_os = "linux")]
+pub use sandbox::{Limit, Sandbox};
 #[cfg(target_os = "linux")]
 pub use start::StartMethod;
 #[cfg(target_os = "linux")]

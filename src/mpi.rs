@@ -1075,11 +1075,13 @@ fn start_worker(init: Option<Init>) -> std::io::Result<Local> {
             // Tasks run under catch_unwind already; this catches a panic of
             // the loop itself, which must not unwind into MPI.
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                worker::serve(theirs, words.status(0), init.as_ref())
+                worker::serve(theirs, words.status(0), init.as_ref(), None)
             }));
             match r {
                 Ok(Ok(())) | Ok(Err(Stop::Gone)) => 0,
                 Ok(Err(Stop::InitFailed)) => 1,
+                // No sandbox on an MPI rank, so no limit to stop at.
+                Ok(Err(Stop::Limit)) => 3,
                 Err(_) => 101,
             }
         })?;

@@ -248,6 +248,7 @@ pub struct PoolBuilder {
     retries: u32,
     start_method: Option<StartMethod>,
     backtraces: Option<bool>,
+    sandbox: Option<crate::sandbox::Sandbox>,
     #[cfg(feature = "mpi")]
     mpi: bool,
 }
@@ -399,6 +400,34 @@ impl PoolBuilder {
         self
     }
 
+    /// Runs every worker in a [`Sandbox`](crate::Sandbox), applied after
+    /// its initializer and before its first task: no network, no path but
+    /// those the sandbox lists, no program, no privilege, no way to reach
+    /// another worker, and the resource caps it sets. For untrusted input.
+    ///
+    /// Needs [`StartMethod::ForkServer`] (a fork of the caller would carry
+    /// the caller's memory into the sandbox): under [`StartMethod::Fork`],
+    /// or with `mpi()`, [`build`](Self::build) fails with
+    /// [`Error::Sandbox`]. So does a kernel that lacks a mechanism the
+    /// sandbox needs (unless [`Sandbox::allow_weaker`](crate::Sandbox::allow_weaker)),
+    /// and an initializer that leaves the worker with more than one thread.
+    ///
+    /// ```
+    /// use procpool::{Pool, Sandbox, StartMethod};
+    /// fn read(path: String) -> bool { std::fs::read(path).is_ok() }
+    /// let pool = Pool::builder()
+    ///     .processes(1)
+    ///     .start_method(StartMethod::ForkServer)
+    ///     .sandbox(Sandbox::new().read_only(std::env::temp_dir()).memory_limit(512 << 20))
+    ///     .build()?;
+    /// assert!(!pool.apply(read, "/etc/passwd".to_string())?);
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
+    pub fn sandbox(mut self, sandbox: crate::sandbox::Sandbox) -> Self {
+        self.sandbox = Some(sandbox);
+        self
+    }
+
     /// Runs the workers as MPI ranks, possibly on other machines, instead
     /// of forked processes (cargo feature `mpi`). See `src/mpi.rs` for details.
     ///
@@ -482,6 +511,18 @@ impl PoolBuilder {
                 crate::start::check_task(init.f)?;
             }
         }
+        let sandbox = match self.sandbox {
+            None => None,
+            Some(_) if method == StartMethod::Fork || mpi => {
+                return Err(Error::Sandbox {
+                    reason: "a sandbox needs StartMethod::ForkServer (a fork of the caller, or an \
+                             MPI rank, would carry the caller's memory into the sandbox); use \
+                             .start_method(StartMethod::ForkServer)"
+                        .into(),
+                });
+            }
+            Some(s) => Some(s.resolve()?),
+        };
         let cfg = Config {
             processes,
             max_tasks_per_child: self.max_tasks_per_child,
@@ -494,20 +535,27 @@ impl PoolBuilder {
                 .backtraces
                 .unwrap_or_else(crate::capture::env_wants_backtraces),
             max_memory_per_child: self.max_memory_per_child,
+            sandbox: sandbox.as_ref().map(|s| s.limits()),
         };
         #[cfg(feature = "mpi")]
         if self.mpi {
             return crate::mpi::build_pool(self.processes, cfg, init);
         }
         let slots = processes * 2;
-        let words = Arc::new(
+        // A sandboxed pool gives each worker a page of its own, which is
+        // all of the words that worker keeps mapped.
+        let words = if sandbox.is_some() {
+            sys::SharedWords::paged(slots)
+        } else {
             sys::SharedWords::new(slots * sys::STATUS_WORDS)
-                .map_err(|e| Error::io("mapping shared memory", e))?,
-        );
+        };
+        let words = Arc::new(words.map_err(|e| Error::io("mapping shared memory", e))?);
         let spec = Spec {
             init,
             words: words.clone(),
             sock_buf: 1 << 20,
+            sandbox,
+            prepared: None,
         };
         crate::worker::install_panic_hook();
         let (parent_end, server_pid) = match method {

@@ -73,6 +73,10 @@ pub(crate) struct Spec {
     pub(crate) init: Option<Init>,
     pub(crate) words: std::sync::Arc<sys::SharedWords>,
     pub(crate) sock_buf: usize,
+    /// The sandbox asked for (in the parent, and in the config it writes).
+    pub(crate) sandbox: Option<crate::sandbox::Spec>,
+    /// The sandbox as this server prepared it, for every worker.
+    pub(crate) prepared: Option<crate::sandbox::Prepared>,
 }
 
 /// The server's main loop; runs in the forked child and never returns.
@@ -115,6 +119,11 @@ pub(crate) fn run(sock: OwnedFd, spec: &Spec) -> ! {
         }
     };
     let me = std::process::id() as libc::pid_t;
+    // Workers inherit the spin budget computed here: computing it reads
+    // /proc/self/cgroup, which a worker would otherwise do (an fd open for
+    // a moment) right after it says READY, and which a sandboxed worker
+    // may not open.
+    let _ = sys::spin_budget();
     let mut live: Vec<libc::pid_t> = Vec::with_capacity(64);
     let mut buf = [0u8; 64];
     loop {
@@ -235,10 +244,20 @@ fn spawn(
             if sys::die_with_parent() != me {
                 sys::exit_now(1);
             }
+            // This process never returns from here: its words live as
+            // long as it does.
+            let words: &'static sys::SharedWords = Box::leak(Box::new(spec.words.clone()));
+            let status = if spec.prepared.is_some() {
+                // Only this worker's own page stays mapped.
+                crate::sandbox::isolate_words(words, slot as usize)
+            } else {
+                words.status(slot as usize)
+            };
             worker::run(
                 worker_end,
-                spec.words.status(slot as usize),
+                status,
                 spec.init.as_ref(),
+                spec.prepared.as_ref(),
             )
         }
         sys::Forked::Parent(pid) => Ok((pid, parent_end)),

@@ -10,8 +10,10 @@
 //! and returns to the pool's cache once the caller has decoded the value.
 
 use crate::sys::{self, Mapping};
+use crate::sys_sandbox;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Bodies above this size go through a block.
@@ -31,27 +33,105 @@ const CACHE_BYTES: usize = 128 << 20;
 /// ... in at most this many blocks.
 const CACHE_BLOCKS: usize = 4;
 
+/// The largest block this process may make: a sandboxed worker under a
+/// file-size cap (`RLIMIT_FSIZE`, which also bounds a memfd's size, and
+/// whose `SIGXFSZ` would kill it) makes none past the cap; a body that
+/// large stays in the socket's frame instead.
+static BLOCK_MAX: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// Makes no block larger than `bytes` in this process from now on.
+pub(crate) fn limit_block_size(bytes: u64) {
+    BLOCK_MAX.store(
+        usize::try_from(bytes).unwrap_or(usize::MAX),
+        Ordering::SeqCst,
+    );
+}
+
+fn check_size(cap: usize) -> io::Result<()> {
+    if cap > BLOCK_MAX.load(Ordering::Relaxed) {
+        return Err(io::Error::from_raw_os_error(libc::EFBIG));
+    }
+    Ok(())
+}
+
+fn is_size_limit(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EFBIG)
+}
+
 /// A memory file and this process's mapping of it.
 pub(crate) struct Block {
     fd: OwnedFd,
     map: Mapping,
+    /// Sealed against writes, growth and shrinking (mapped read-only).
+    sealed: bool,
 }
 
 impl Block {
     /// A new block of at least `len` bytes.
     pub(crate) fn new(len: usize) -> io::Result<Block> {
-        let fd = sys::memfd()?;
         let cap = round_up(len);
+        check_size(cap)?;
+        let fd = sys::memfd()?;
         sys::set_len(&fd, cap)?;
         let map = Mapping::new(&fd, cap, false)?;
-        Ok(Block { fd, map })
+        Ok(Block {
+            fd,
+            map,
+            sealed: false,
+        })
     }
 
-    /// A block received from another process: map all of it.
+    /// A block received from another process: map all of it (read-only if
+    /// it is sealed against writes).
     pub(crate) fn from_fd(fd: OwnedFd) -> io::Result<Block> {
         let len = sys::file_len(&fd)?;
-        let map = Mapping::new(&fd, len, true)?;
-        Ok(Block { fd, map })
+        let sealed = sys_sandbox::seals(&fd).is_ok_and(|s| s & libc::F_SEAL_WRITE != 0);
+        let map = if sealed {
+            Mapping::read_only(&fd, len)?
+        } else {
+            Mapping::new(&fd, len, true)?
+        };
+        Ok(Block { fd, map, sealed })
+    }
+
+    /// A block from a worker that may be hostile: it must be sealed against
+    /// writes, growth and shrinking before this process maps it, or the
+    /// worker could truncate it under the mapping (a SIGBUS here) or change
+    /// it while it is decoded.
+    pub(crate) fn from_sealed_fd(fd: OwnedFd) -> io::Result<Block> {
+        let need = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK;
+        let seals = sys_sandbox::seals(&fd)?;
+        if seals & need != need {
+            return Err(io::Error::other(
+                "a block from a sandboxed worker is not sealed",
+            ));
+        }
+        Block::from_fd(fd)
+    }
+
+    /// Seals the block against writes, growth and shrinking, and maps it
+    /// read-only: from now on no process can change it.
+    pub(crate) fn seal(&mut self) -> io::Result<()> {
+        if self.sealed {
+            return Ok(());
+        }
+        let len = self.map.len();
+        // The writable mapping must go before F_SEAL_WRITE is allowed.
+        self.map = Mapping::empty();
+        // A child that another thread forked between the mapping and its
+        // MADV_DONTFORK still holds a writable copy, until it execs or
+        // exits (EBUSY until then): wait for it, a bounded while.
+        let mut tries = 0;
+        while let Err(e) = sys_sandbox::seal(&self.fd) {
+            if e.raw_os_error() != Some(libc::EBUSY) || tries == 200 {
+                return Err(e);
+            }
+            tries += 1;
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        self.map = Mapping::read_only(&self.fd, len)?;
+        self.sealed = true;
+        Ok(())
     }
 
     pub(crate) fn raw_fd(&self) -> RawFd {
@@ -68,7 +148,14 @@ impl Block {
         if len <= self.map.len() {
             return Ok(());
         }
-        let cap = round_up(len.max(self.map.len() * 2));
+        if self.sealed {
+            return Err(io::Error::other("a sealed block cannot grow"));
+        }
+        let mut cap = round_up(len.max(self.map.len() * 2));
+        if cap > BLOCK_MAX.load(Ordering::Relaxed) {
+            cap = round_up(len);
+        }
+        check_size(cap)?;
         if sys::file_len(&self.fd)? < cap {
             sys::set_len(&self.fd, cap)?;
         }
@@ -80,7 +167,11 @@ impl Block {
     pub(crate) fn refresh(&mut self) -> io::Result<()> {
         let len = sys::file_len(&self.fd)?;
         if len > self.map.len() {
-            self.map = Mapping::new(&self.fd, len, false)?;
+            self.map = if self.sealed {
+                Mapping::read_only(&self.fd, len)?
+            } else {
+                Mapping::new(&self.fd, len, false)?
+            };
         }
         Ok(())
     }
@@ -104,9 +195,26 @@ fn round_up(len: usize) -> usize {
 pub(crate) struct BlockCache {
     /// Largest first.
     free: Mutex<Vec<Block>>,
+    /// A sandboxed pool's: keeps nothing (a block a worker has seen is
+    /// never given to another), seals the blocks it sends, and takes only
+    /// sealed blocks from workers.
+    sandboxed: bool,
 }
 
 impl BlockCache {
+    /// The cache of a sandboxed pool (see `sandboxed`).
+    pub(crate) fn sandboxed() -> BlockCache {
+        BlockCache {
+            free: Mutex::new(Vec::new()),
+            sandboxed: true,
+        }
+    }
+
+    /// Whether this is a sandboxed pool's cache.
+    pub(crate) fn is_sandboxed(&self) -> bool {
+        self.sandboxed
+    }
+
     /// The smallest free block of at least `len` bytes; else the largest,
     /// grown; else a new one.
     pub(crate) fn take(&self, len: usize) -> io::Result<Block> {
@@ -130,7 +238,7 @@ impl BlockCache {
     /// Keeps a block for reuse, within the bounds: the largest blocks stay
     /// (they serve any smaller message too); the others are freed.
     pub(crate) fn put(&self, b: Block) {
-        if b.capacity() > CACHE_BYTES {
+        if self.sandboxed || b.sealed || b.capacity() > CACHE_BYTES {
             return;
         }
         let dropped = {
@@ -175,6 +283,8 @@ pub(crate) struct Spill<'a, 'b> {
     target: Target<'b>,
     block: Option<(Block, usize)>,
     error: Option<io::Error>,
+    /// A block would pass this process's size cap: the body stays in `out`.
+    no_block: bool,
 }
 
 impl<'a, 'b> Spill<'a, 'b> {
@@ -186,6 +296,7 @@ impl<'a, 'b> Spill<'a, 'b> {
             target,
             block: None,
             error: None,
+            no_block: false,
         }
     }
 
@@ -237,11 +348,18 @@ impl<'a, 'b> Spill<'a, 'b> {
 
 impl Write for Spill<'_, '_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.block.is_none() && self.out.len() - self.start + buf.len() > SPILL_AT {
-            if let Err(e) = self.spill(buf.len()) {
-                let msg = e.to_string();
-                self.error = Some(e);
-                return Err(io::Error::other(msg));
+        if self.block.is_none()
+            && !self.no_block
+            && self.out.len() - self.start + buf.len() > SPILL_AT
+        {
+            match self.spill(buf.len()) {
+                Ok(()) => {}
+                Err(e) if is_size_limit(&e) => self.no_block = true,
+                Err(e) => {
+                    let msg = e.to_string();
+                    self.error = Some(e);
+                    return Err(io::Error::other(msg));
+                }
             }
         }
         match &mut self.block {
@@ -249,7 +367,21 @@ impl Write for Spill<'_, '_> {
             Some((b, len)) => {
                 let end = *len + buf.len();
                 if end > b.capacity() {
-                    b.reserve(end)?;
+                    match b.reserve(end) {
+                        Ok(()) => {}
+                        Err(e) if is_size_limit(&e) => {
+                            // Past the size cap: back into the frame.
+                            let (b, len) = self.block.take().expect("a block");
+                            self.out.extend_from_slice(b.bytes(len));
+                            self.out.extend_from_slice(buf);
+                            self.no_block = true;
+                            if let Target::Reuse(r) = &mut self.target {
+                                r.get_or_insert(b);
+                            }
+                            return Ok(buf.len());
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 b.bytes_mut()[*len..end].copy_from_slice(buf);
                 *len = end;

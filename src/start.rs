@@ -284,27 +284,63 @@ fn hello(sock: &OwnedFd, pid: libc::pid_t) -> Result<(), Error> {
     let fail = |why: &str| Error::ServerStart {
         reason: format!("the exec'd fork server (pid {pid}) {why}"),
     };
-    let deadline = hello_deadline();
-    match sys::wait_readable(sock.as_raw_fd(), deadline) {
-        Ok(true) => {}
-        Ok(false) => return Err(fail(&format!("did not answer within {deadline:?}"))),
-        Err(e) => return Err(Error::io("waiting for the fork server", e)),
-    }
-    let mut buf = [0u8; 64];
-    let (n, _) = sys::recv_with_fds(sock.as_raw_fd(), &mut buf)
-        .map_err(|e| Error::io("reading the fork server's hello", e))?;
-    match Msg::from_bytes(&buf[..n]) {
-        Some(m) if m.kind == server::HELLO && m.a == pid as u64 => Ok(()),
+    let msg = next_datagram(sock, pid)?;
+    match Msg::from_bytes(&msg) {
+        Some(m) if m.kind == server::HELLO && m.a == pid as u64 => match m.b {
+            HELLO_OK => Ok(()),
+            b @ (HELLO_WEAKER | HELLO_FAILED) => {
+                // The sandbox's report follows.
+                let text = next_datagram(sock, pid)?;
+                let reason = String::from_utf8_lossy(&text).into_owned();
+                if b == HELLO_FAILED {
+                    return Err(Error::Sandbox { reason });
+                }
+                log::warn!("procpool: a weaker sandbox, as allowed: it lacks {reason}");
+                Ok(())
+            }
+            _ => Err(fail("sent a malformed hello")),
+        },
         Some(_) => Err(fail("sent something other than its hello")),
-        None if n == 0 => Err(fail("exited before it was ready")),
+        None if msg.is_empty() => Err(fail("exited before it was ready")),
         None => Err(fail("sent a malformed hello")),
     }
 }
 
-const CONFIG_MAGIC: &[u8; 8] = b"PROCPL01";
+/// The server's next datagram, within [`hello_deadline`].
+fn next_datagram(sock: &OwnedFd, pid: libc::pid_t) -> Result<Vec<u8>, Error> {
+    let deadline = hello_deadline();
+    match sys::wait_readable(sock.as_raw_fd(), deadline) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(Error::ServerStart {
+                reason: format!(
+                    "the exec'd fork server (pid {pid}) did not answer within {deadline:?}"
+                ),
+            });
+        }
+        Err(e) => return Err(Error::io("waiting for the fork server", e)),
+    }
+    let mut buf = vec![0u8; 4096];
+    let (n, _) = sys::recv_with_fds(sock.as_raw_fd(), &mut buf)
+        .map_err(|e| Error::io("reading the fork server's hello", e))?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// HELLO's `b`: the server is ready (with its sandbox, if any).
+const HELLO_OK: u64 = 0;
+/// HELLO's `b`: ready with a weaker sandbox; a datagram saying what it
+/// lacks follows.
+const HELLO_WEAKER: u64 = 1;
+/// HELLO's `b`: the sandbox cannot be had; a datagram saying why follows,
+/// and the server exits.
+const HELLO_FAILED: u64 = 2;
+
+const CONFIG_MAGIC: &[u8; 8] = b"PROCPL02";
 
 /// The settings an exec'd server needs, in a memfd: a magic, the socket
-/// buffer size, then the initializer (offsets and argument) if any.
+/// buffer size, the initializer (offsets and argument) if any, then the
+/// sandbox (a flag, a length and its bincode encoding) if any.
 fn write_config(spec: &Spec) -> std::io::Result<OwnedFd> {
     let mut bytes = Vec::with_capacity(64);
     bytes.extend_from_slice(CONFIG_MAGIC);
@@ -319,13 +355,27 @@ fn write_config(spec: &Spec) -> std::io::Result<OwnedFd> {
             bytes.extend_from_slice(&init.arg);
         }
     }
+    match &spec.sandbox {
+        None => bytes.push(0),
+        Some(sb) => {
+            let mut enc = Vec::new();
+            crate::codec::encode_into(sb, &mut enc).map_err(std::io::Error::other)?;
+            bytes.push(1);
+            bytes.extend_from_slice(&(enc.len() as u64).to_le_bytes());
+            bytes.extend_from_slice(&enc);
+        }
+    }
     let fd = sys::memfd()?;
     let mut f = std::fs::File::from(fd);
     f.write_all(&bytes)?;
     Ok(OwnedFd::from(f))
 }
 
-fn read_config(fd: OwnedFd, words: Arc<sys::SharedWords>) -> Option<Spec> {
+/// What [`write_config`] wrote: the socket buffer size, the initializer
+/// and the sandbox.
+type Config = (usize, Option<Init>, Option<crate::sandbox::Spec>);
+
+fn read_config(fd: OwnedFd) -> Option<Config> {
     let mut f = std::fs::File::from(fd);
     f.rewind().ok()?;
     let mut bytes = Vec::new();
@@ -335,24 +385,33 @@ fn read_config(fd: OwnedFd, words: Arc<sys::SharedWords>) -> Option<Spec> {
         Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
     };
     let sock_buf = u64_at(rest, 0)? as usize;
-    let init = match *rest.get(8)? {
-        0 => None,
+    let (init, at) = match *rest.get(8)? {
+        0 => (None, 9),
         _ => {
             let tramp = u64_at(rest, 9)?;
             let func = u64_at(rest, 17)?;
             let len = u64_at(rest, 25)? as usize;
-            let arg = rest.get(33..33usize.checked_add(len)?)?.to_vec();
-            Some(Init {
-                f: TaskFn { tramp, func },
-                arg,
-            })
+            let end = 33usize.checked_add(len)?;
+            let arg = rest.get(33..end)?.to_vec();
+            (
+                Some(Init {
+                    f: TaskFn { tramp, func },
+                    arg,
+                }),
+                end,
+            )
         }
     };
-    Some(Spec {
-        init,
-        words,
-        sock_buf,
-    })
+    let sandbox = match *rest.get(at)? {
+        0 => None,
+        _ => {
+            let len = u64_at(rest, at + 1)? as usize;
+            let from = at + 9;
+            let enc = rest.get(from..from.checked_add(len)?)?;
+            Some(crate::codec::decode::<crate::sandbox::Spec>(enc).ok()?.0)
+        }
+    };
+    Some((sock_buf, init, sandbox))
 }
 
 /// The exec'd fork server, called by the crate's constructor before `main`
@@ -374,22 +433,49 @@ pub(crate) fn serve_exec(value: &str) -> ! {
     ) else {
         sys::exit_now(121)
     };
-    let Ok(words) = sys::SharedWords::from_fd(words) else {
-        sys::exit_now(122)
-    };
-    let Some(spec) = read_config(config, Arc::new(words)) else {
+    let Some((sock_buf, init, sandbox)) = read_config(config) else {
         sys::exit_now(123)
     };
-    sys::close_fds_except(&[sock.as_raw_fd(), spec.words.raw_fd()]);
+    // A sandboxed pool gives each worker a page of status words.
+    let stride = if sandbox.is_some() {
+        sys::PAGE_WORDS
+    } else {
+        sys::STATUS_WORDS
+    };
+    let Ok(words) = sys::SharedWords::from_fd(words, stride) else {
+        sys::exit_now(122)
+    };
+    sys::close_fds_except(&[sock.as_raw_fd(), words.raw_fd()]);
+    // The sandbox's network namespace, filters and checks, once for every
+    // worker, before the first is forked.
+    let (prepared, hello, report) = match sandbox.clone().map(crate::sandbox::prepare) {
+        None => (None, HELLO_OK, None),
+        Some(crate::sandbox::Readiness::Full(p)) => (Some(p), HELLO_OK, None),
+        Some(crate::sandbox::Readiness::Weaker(p, what)) => (Some(p), HELLO_WEAKER, Some(what)),
+        Some(crate::sandbox::Readiness::Failed(why)) => (None, HELLO_FAILED, Some(why)),
+    };
     let hi = Msg {
         kind: server::HELLO,
         slot: 0,
         a: std::process::id() as u64,
-        b: 0,
+        b: hello,
     };
     if sys::send_with_fds(sock.as_raw_fd(), &hi.to_bytes(), &[]).is_err() {
         sys::exit_now(124)
     }
+    if let Some(text) = report {
+        let _ = sys::send_with_fds(sock.as_raw_fd(), text.as_bytes(), &[]);
+    }
+    if hello == HELLO_FAILED {
+        sys::exit_now(125)
+    }
+    let spec = Spec {
+        init,
+        words: Arc::new(words),
+        sock_buf,
+        sandbox,
+        prepared,
+    };
     server::run(sock, &spec)
 }
 
@@ -402,6 +488,8 @@ mod tests {
             init,
             words: Arc::new(sys::SharedWords::new(8).unwrap()),
             sock_buf: 12345,
+            sandbox: None,
+            prepared: None,
         }
     }
 
@@ -415,10 +503,9 @@ mod tests {
             arg: (0..=255u8).collect(),
         };
         let s = spec(Some(init));
-        let fd = write_config(&s).unwrap();
-        let back = read_config(fd, s.words.clone()).unwrap();
-        assert_eq!(back.sock_buf, 12345);
-        let i = back.init.unwrap();
+        let (sock_buf, init, sandbox) = read_config(write_config(&s).unwrap()).unwrap();
+        assert_eq!(sock_buf, 12345);
+        let i = init.unwrap();
         assert_eq!(
             i.f,
             TaskFn {
@@ -427,9 +514,9 @@ mod tests {
             }
         );
         assert_eq!(i.arg, (0..=255u8).collect::<Vec<_>>());
-        let s = spec(None);
-        let back = read_config(write_config(&s).unwrap(), s.words.clone()).unwrap();
-        assert!(back.init.is_none());
+        assert!(sandbox.is_none());
+        let (_, init, _) = read_config(write_config(&spec(None)).unwrap()).unwrap();
+        assert!(init.is_none());
     }
 
     #[test]
@@ -439,24 +526,19 @@ mod tests {
             arg: vec![7; 100],
         };
         let s = spec(Some(init));
-        let fd = write_config(&s).unwrap();
-        let mut f = std::fs::File::from(fd);
+        let mut f = std::fs::File::from(write_config(&s).unwrap());
         let mut bytes = Vec::new();
         f.rewind().unwrap();
         f.read_to_end(&mut bytes).unwrap();
+        let with = |b: &[u8]| {
+            let mut g = std::fs::File::from(sys::memfd().unwrap());
+            g.write_all(b).unwrap();
+            OwnedFd::from(g)
+        };
         for cut in [0, 4, 8, 16, 20, bytes.len() - 1] {
-            let fd = sys::memfd().unwrap();
-            let mut g = std::fs::File::from(fd);
-            g.write_all(&bytes[..cut]).unwrap();
-            assert!(
-                read_config(OwnedFd::from(g), s.words.clone()).is_none(),
-                "cut {cut}"
-            );
+            assert!(read_config(with(&bytes[..cut])).is_none(), "cut {cut}");
         }
-        let fd = sys::memfd().unwrap();
-        let mut g = std::fs::File::from(fd);
-        g.write_all(b"NOTOURS!and more bytes").unwrap();
-        assert!(read_config(OwnedFd::from(g), s.words.clone()).is_none());
+        assert!(read_config(with(b"NOTOURS!and more bytes")).is_none());
     }
 
     #[test]

@@ -118,6 +118,8 @@ pub(crate) struct Config {
     /// A worker whose private memory grew by more than this is replaced
     /// after its task.
     pub(crate) max_memory_per_child: Option<u64>,
+    /// A sandboxed pool's caps.
+    pub(crate) sandbox: Option<crate::sandbox::Limits>,
 }
 
 impl Config {
@@ -179,7 +181,15 @@ struct InFlight {
 
 /// Why the pool itself killed a worker.
 enum KillReason {
-    Timeout { id: u64, timeout: Duration },
+    Timeout {
+        id: u64,
+        timeout: Duration,
+    },
+    /// Task `id` went past a limit of the sandbox (its CPU time).
+    Limit {
+        id: u64,
+        limit: crate::sandbox::Limit,
+    },
     Cancel,
     Error(Error),
 }
@@ -204,6 +214,10 @@ struct Worker {
     next_seq: u64,
     sent: u64,
     deadline: Option<Instant>,
+    /// The task whose start this thread first saw, and when (monotonic ns):
+    /// the task started by then, whatever its start word says (a hostile
+    /// task could write a later start there, to stay clear of its timeout).
+    seen_start: (u64, u64),
     kill: Option<KillReason>,
     /// The task the kill is for (the server kills only while the worker
     /// runs it; 0: whatever it runs), and whether the server was asked.
@@ -213,8 +227,17 @@ struct Worker {
     /// is killed if it starts before it would finish (checked every ms).
     cancels: Vec<u64>,
     init_msg: Option<String>,
+    /// `init_msg` is the sandbox's failure, not the initializer's.
+    sandbox_failed: bool,
     /// The estimated work (ns) of the tasks it holds.
     held_ns: u64,
+    /// Under a per-task CPU cap: the worker's CPU clock, its reading when
+    /// the parent last learnt that a task had ended (no task after it can
+    /// have used less than what the clock has counted since), and when to
+    /// look at it next.
+    cpu_clock: Option<libc::clockid_t>,
+    cpu_base: u64,
+    cpu_next: Option<Instant>,
 }
 
 type Completion = (Arc<Slot>, Hook, Outcome);
@@ -313,7 +336,11 @@ impl Shared {
             cv: Condvar::new(),
             wake,
             words,
-            blocks: Arc::new(BlockCache::default()),
+            blocks: Arc::new(if cfg.sandbox.is_some() {
+                BlockCache::sandboxed()
+            } else {
+                BlockCache::default()
+            }),
             next_id: std::sync::atomic::AtomicU64::new(1),
             handler: Handler::new(),
             cfg,
@@ -371,6 +398,17 @@ impl Shared {
         if self.cfg.check_tasks {
             for (_, s) in &jobs {
                 crate::start::check_task(s.f)?;
+            }
+        }
+        let mut jobs = jobs;
+        if self.blocks.is_sandboxed() {
+            // A sandboxed worker gets its input sealed: it can neither change
+            // it (for a retry on another worker) nor truncate it.
+            for (_, s) in jobs.iter_mut() {
+                if let Body::Shm(b, _) = &mut s.payload {
+                    b.seal()
+                        .map_err(|e| Error::io("sealing a shared-memory block", e))?;
+                }
             }
         }
         let mut st = self.lock();
@@ -805,6 +843,29 @@ fn read_worker(
     cache: &Arc<BlockCache>,
     done: &mut Vec<Completion>,
 ) {
+    let before = (w.ready, w.in_flight.len());
+    read_frames(w, st_ready, est, cache, done);
+    if let Some(clk) = w.cpu_clock {
+        if (w.ready, w.in_flight.len()) != before {
+            // Read after the frames that said a task ended: the tasks
+            // after it started later than this reading.
+            if let Some(ns) = crate::sys_sandbox::clock_ns(clk) {
+                w.cpu_base = ns;
+            }
+        }
+        if w.in_flight.is_empty() {
+            w.cpu_next = None;
+        }
+    }
+}
+
+fn read_frames(
+    w: &mut Worker,
+    st_ready: &mut usize,
+    est: &mut std::collections::HashMap<TaskFn, u64>,
+    cache: &Arc<BlockCache>,
+    done: &mut Vec<Completion>,
+) {
     loop {
         let need = wire::missing(&w.inbuf);
         let want = if need > 0 {
@@ -862,7 +923,12 @@ fn block_outcome(
         .get(..8)
         .map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize)
         .ok_or_else(|| broken("a block length is missing"))?;
-    let mut block = if tag == wire::OUT_SAME_BLOCK {
+    let mut block = if tag == wire::OUT_SAME_BLOCK && cache.is_sandboxed() {
+        // Its input was sealed: it cannot have written its result there.
+        return Err(broken(
+            "a sandboxed worker named its input block for its result",
+        ));
+    } else if tag == wire::OUT_SAME_BLOCK {
         match w.in_flight.front_mut().map(|f| &mut f.job.payload) {
             Some(p @ Body::Shm(..)) => match std::mem::replace(p, Body::Heap(Vec::new())) {
                 Body::Shm(b, _) => b,
@@ -875,7 +941,12 @@ fn block_outcome(
             .in_fds
             .pop_front()
             .ok_or_else(|| broken("a result's block did not arrive"))?;
-        crate::shm::Block::from_fd(fd).map_err(|e| Error::io("mapping a result's block", e))?
+        if cache.is_sandboxed() {
+            crate::shm::Block::from_sealed_fd(fd)
+        } else {
+            crate::shm::Block::from_fd(fd)
+        }
+        .map_err(|e| Error::io("mapping a result's block", e))?
     };
     block
         .refresh()
@@ -917,6 +988,10 @@ fn parse_frames(
             }
             wire::INIT_FAILED => {
                 w.init_msg = Some(task::init_failure_message(h.status, &w.inbuf[body_at..end]));
+            }
+            wire::SANDBOX_FAILED => {
+                w.init_msg = Some(task::take_message(&w.inbuf[body_at..end]));
+                w.sandbox_failed = true;
             }
             wire::DONE => {
                 let outcome = if h.a == wire::OUT_SAME_BLOCK || h.a == wire::OUT_NEW_BLOCK {
@@ -1013,6 +1088,12 @@ pub(crate) fn run(shared: Arc<Shared>) {
 }
 
 fn run_loop(shared: &Shared) {
+    let cpu_watch = shared
+        .cfg
+        .sandbox
+        .as_ref()
+        .and_then(|l| l.cpu_per_task)
+        .map(cpu_interval);
     let mut pfds: Vec<libc::pollfd> = Vec::new();
     let mut who: Vec<usize> = Vec::new();
     loop {
@@ -1068,6 +1149,17 @@ fn run_loop(shared: &Shared) {
                     let d = now + RECHECK;
                     next = Some(next.map_or(d, |n: Instant| n.min(d)));
                 }
+                if let (Some(d), None) = (w.cpu_next, &w.kill) {
+                    next = Some(next.map_or(d, |n: Instant| n.min(d)));
+                }
+            }
+            if let Some(every) = cpu_watch {
+                // A task sent by a caller is not announced to this thread
+                // (that would cost a wake-up per task): under a CPU cap it
+                // looks at least this often, so it sees every task within
+                // a fraction of the cap.
+                let d = now + every;
+                next = Some(next.map_or(d, |n: Instant| n.min(d)));
             }
             timeout_ms = match next {
                 None => -1,
@@ -1132,6 +1224,9 @@ fn run_loop(shared: &Shared) {
                     }
                 }
                 check_clocks(st, &shared.words);
+                if let Some(cap) = shared.cfg.sandbox.as_ref().and_then(|l| l.cpu_per_task) {
+                    check_cpu(st, &shared.words, cap);
+                }
                 send_kills(st);
                 match st.phase {
                     Phase::Terminated => {
@@ -1252,7 +1347,10 @@ fn check_clocks(st: &mut State, words: &SharedWords) {
             w.deadline = Some(now + RECHECK);
             continue;
         }
-        let start = status.start_ns.load(Ordering::SeqCst);
+        if w.seen_start.0 != seq {
+            w.seen_start = (seq, now_ns);
+        }
+        let start = status.start_ns.load(Ordering::SeqCst).min(w.seen_start.1);
         let ran = Duration::from_nanos(now_ns.saturating_sub(start));
         if ran < timeout {
             w.deadline = Some(now + (timeout - ran));
@@ -1266,6 +1364,55 @@ fn check_clocks(st: &mut State, words: &SharedWords) {
             "procpool: task {id} timed out after {timeout:?}; killing worker {}",
             w.pid
         );
+    }
+}
+
+/// How long the CPU clocks of busy workers may go unread, at most, under
+/// a per-task CPU cap: the time in which the threads of a task, one per
+/// CPU, could together use up the cap (at least a millisecond).
+fn cpu_interval(cap: Duration) -> Duration {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    (cap / cpus).max(Duration::from_millis(1))
+}
+
+/// The per-task CPU cap of a sandboxed pool: a worker whose CPU clock has
+/// counted more than `cap` since the parent last learnt that one of its
+/// tasks ended is killed, and its running task fails with the limit.
+fn check_cpu(st: &mut State, words: &SharedWords, cap: Duration) {
+    let now = Instant::now();
+    for w in st.workers.iter_mut() {
+        let Some(clk) = w.cpu_clock else {
+            continue;
+        };
+        if w.kill.is_some() || w.in_flight.is_empty() || w.cpu_next.is_some_and(|at| at > now) {
+            continue;
+        }
+        let Some(ns) = crate::sys_sandbox::clock_ns(clk) else {
+            // Gone: its exit report follows.
+            w.cpu_next = None;
+            continue;
+        };
+        let used = Duration::from_nanos(ns.saturating_sub(w.cpu_base));
+        if used < cap {
+            // Its threads together cannot use more than one CPU each per
+            // second of wall time.
+            w.cpu_next = Some(now + cpu_interval(cap - used));
+            continue;
+        }
+        let started = words.status(w.slot).started.load(Ordering::SeqCst);
+        let id = w
+            .in_flight
+            .iter()
+            .find(|f| f.seq == started)
+            .unwrap_or(&w.in_flight[0])
+            .job
+            .id;
+        let limit = crate::sandbox::Limit::CpuTime { per_task: cap };
+        log::warn!(
+            "procpool: task {id} went past its {limit}; killing worker {}",
+            w.pid
+        );
+        set_kill(w, KillReason::Limit { id, limit }, 0);
     }
 }
 
@@ -1332,12 +1479,22 @@ fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) 
                     next_seq: 1,
                     sent: 0,
                     deadline: None,
+                    seen_start: (0, 0),
                     kill: None,
                     kill_seq: 0,
                     kill_sent: false,
                     cancels: Vec::new(),
                     init_msg: None,
+                    sandbox_failed: false,
                     held_ns: 0,
+                    cpu_clock: shared
+                        .cfg
+                        .sandbox
+                        .as_ref()
+                        .and_then(|l| l.cpu_per_task)
+                        .and_then(|_| crate::sys_sandbox::process_cpu_clock(m.a as libc::pid_t)),
+                    cpu_base: 0,
+                    cpu_next: None,
                 });
             }
             server::KILL_REFUSED => {
@@ -1492,7 +1649,14 @@ fn worker_exited(
     let mut ready = st.ready;
     read_worker(&mut w, &mut ready, &mut st.est, &shared.blocks, done);
     st.ready = ready;
-    let started = shared.words.status(w.slot).started.load(Ordering::SeqCst);
+    let words = shared.words.status(w.slot);
+    let started = words.started.load(Ordering::SeqCst);
+    // A sandboxed worker that died of one of its limits.
+    let limit = shared
+        .cfg
+        .sandbox
+        .as_ref()
+        .and_then(|l| l.cause(words.died_of.load(Ordering::SeqCst), status));
     // Only tasks it had started are lost; the others run elsewhere (a
     // worker that retires may leave some behind).
     let lost_any = w
@@ -1525,7 +1689,15 @@ fn worker_exited(
                 timeout: *timeout,
                 pid: w.pid,
             }),
+            Some(KillReason::Limit { id, limit }) if *id == job.id => Some(Error::LimitExceeded {
+                limit: *limit,
+                pid: w.pid,
+            }),
             Some(KillReason::Error(e)) => Some(e.clone()),
+            _ if limit.is_some() => Some(Error::LimitExceeded {
+                limit: limit.expect("checked"),
+                pid: w.pid,
+            }),
             // A task that started runs again only if it may (its input was
             // kept for that: KEEP_INPUT).
             _ if job.retries > 0 => {
@@ -1557,7 +1729,11 @@ fn worker_exited(
                 .init_msg
                 .take()
                 .unwrap_or_else(|| format!("worker {} died in its initializer ({status})", w.pid));
-            let e = Error::InitializerFailed { message };
+            let e = if w.sandbox_failed {
+                Error::Sandbox { reason: message }
+            } else {
+                Error::InitializerFailed { message }
+            };
             if st.building {
                 st.init_error = Some(e.clone());
             }

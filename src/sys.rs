@@ -604,7 +604,11 @@ pub(crate) fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usiz
 }
 
 /// How many words each worker slot has in [`SharedWords`].
-pub(crate) const STATUS_WORDS: usize = 4;
+pub(crate) const STATUS_WORDS: usize = 5;
+
+/// Words per slot when each worker's words have a page of their own (a
+/// sandboxed pool: a worker unmaps every page but its own).
+pub(crate) const PAGE_WORDS: usize = 4096 / 8;
 
 /// What a worker says of itself, in memory its parent reads: the sequence
 /// number of the task it started last, when it started it (CLOCK_MONOTONIC
@@ -620,6 +624,9 @@ pub(crate) struct Status<'a> {
     /// Written by the parent: a task the worker must skip (cancelled before
     /// it started).
     pub(crate) skip: &'a AtomicU64,
+    /// Written by a sandboxed worker as it dies of one of its limits (see
+    /// `sandbox::Cause`); 0 otherwise.
+    pub(crate) died_of: &'a AtomicU64,
 }
 
 impl Status<'_> {
@@ -630,6 +637,7 @@ impl Status<'_> {
         self.start_ns.store(0, SeqCst);
         self.finished.store(0, SeqCst);
         self.skip.store(0, SeqCst);
+        self.died_of.store(0, SeqCst);
     }
 
     /// Whether task `seq` is running now.
@@ -655,6 +663,9 @@ pub(crate) struct SharedWords {
     ptr: *mut AtomicU64,
     len: usize,
     fd: OwnedFd,
+    /// Words from one slot to the next: [`STATUS_WORDS`], or
+    /// [`PAGE_WORDS`] when each slot has a page of its own.
+    stride: usize,
 }
 
 // SAFETY: the region is only ever accessed through &AtomicU64, which is Sync.
@@ -667,24 +678,64 @@ impl SharedWords {
     pub(crate) fn new(len: usize) -> io::Result<Self> {
         let fd = memfd()?;
         set_len(&fd, Self::bytes(len))?;
-        Self::map(fd, len)
+        Self::map(fd, len, STATUS_WORDS)
     }
 
-    /// Maps the region whose memfd is `fd` (made by [`SharedWords::new`] in
-    /// the parent, inherited through exec).
-    pub(crate) fn from_fd(fd: OwnedFd) -> io::Result<Self> {
+    /// A zeroed region with a page of words for each of `slots` slots.
+    pub(crate) fn paged(slots: usize) -> io::Result<Self> {
+        let len = slots.max(1) * PAGE_WORDS;
+        let fd = memfd()?;
+        set_len(&fd, Self::bytes(len))?;
+        Self::map(fd, len, PAGE_WORDS)
+    }
+
+    /// Maps the region whose memfd is `fd` (made by [`SharedWords::new`] or
+    /// [`SharedWords::paged`], as `stride` says, in the parent, inherited
+    /// through exec).
+    pub(crate) fn from_fd(fd: OwnedFd, stride: usize) -> io::Result<Self> {
         let len = file_len(&fd)? / 8;
         if len == 0 {
             return Err(io::Error::other("the shared status words are empty"));
         }
-        Self::map(fd, len)
+        Self::map(fd, len, stride)
+    }
+
+    /// Whether each slot has a page of its own.
+    pub(crate) fn is_paged(&self) -> bool {
+        self.stride == PAGE_WORDS
+    }
+
+    /// In a freshly forked worker of a paged region: unmaps every page but
+    /// slot `slot`'s and closes the memfd, so that nothing of this process
+    /// can reach another worker's words. The value must never be used for
+    /// another slot, nor dropped, afterwards (a worker ends with `_exit`).
+    pub(crate) fn keep_only(&self, slot: usize) {
+        assert!(self.is_paged() && (slot + 1) * PAGE_WORDS <= self.len);
+        let page = PAGE_WORDS * 8;
+        let total = Self::bytes(self.len);
+        let own = slot * page;
+        // SAFETY: both ranges lie within the mapping made in map() (own + page
+        // <= total by the assertion above), page aligned; no reference into
+        // them is used in this process again (only slot `slot` is).
+        unsafe {
+            if own > 0 {
+                libc::munmap(self.ptr.cast(), own);
+            }
+            if own + page < total {
+                libc::munmap(
+                    self.ptr.cast::<u8>().add(own + page).cast(),
+                    total - own - page,
+                );
+            }
+        }
+        close_fd(self.fd.as_raw_fd());
     }
 
     fn bytes(len: usize) -> usize {
         (len.max(1) * 8).next_multiple_of(4096)
     }
 
-    fn map(fd: OwnedFd, len: usize) -> io::Result<Self> {
+    fn map(fd: OwnedFd, len: usize, stride: usize) -> io::Result<Self> {
         // SAFETY: a fresh shared mapping of an open memfd with no address
         // hint, of at most the file's length (set in new(), or read by
         // from_fd); the memfd is sealed against shrinking.
@@ -705,6 +756,7 @@ impl SharedWords {
             ptr: p.cast(),
             len,
             fd,
+            stride,
         })
     }
 
@@ -720,11 +772,13 @@ impl SharedWords {
 
     /// The status words of worker slot `slot`.
     pub(crate) fn status(&self, slot: usize) -> Status<'_> {
+        let at = slot * self.stride;
         Status {
-            started: self.word(slot * STATUS_WORDS),
-            start_ns: self.word(slot * STATUS_WORDS + 1),
-            finished: self.word(slot * STATUS_WORDS + 2),
-            skip: self.word(slot * STATUS_WORDS + 3),
+            started: self.word(at),
+            start_ns: self.word(at + 1),
+            finished: self.word(at + 2),
+            skip: self.word(at + 3),
+            died_of: self.word(at + 4),
         }
     }
 
@@ -785,6 +839,7 @@ pub(crate) fn file_len(fd: &OwnedFd) -> io::Result<usize> {
 pub(crate) struct Mapping {
     ptr: *mut u8,
     len: usize,
+    writable: bool,
 }
 
 // SAFETY: the mapping is plain memory. It is shared with another process,
@@ -801,34 +856,56 @@ impl Mapping {
     /// Maps `len` bytes of `fd` (which must be at least that long);
     /// `populate` pre-faults the pages.
     pub(crate) fn new(fd: &OwnedFd, len: usize, populate: bool) -> io::Result<Mapping> {
+        Self::map(fd, len, populate, true)
+    }
+
+    /// Maps `len` bytes of `fd` for reading only (a sealed block).
+    pub(crate) fn read_only(fd: &OwnedFd, len: usize) -> io::Result<Mapping> {
+        Self::map(fd, len, false, false)
+    }
+
+    /// An empty mapping (maps nothing).
+    pub(crate) fn empty() -> Mapping {
+        Mapping {
+            ptr: std::ptr::NonNull::dangling().as_ptr(),
+            len: 0,
+            writable: true,
+        }
+    }
+
+    fn map(fd: &OwnedFd, len: usize, populate: bool, write: bool) -> io::Result<Mapping> {
         if len == 0 {
-            return Ok(Mapping {
-                ptr: std::ptr::NonNull::dangling().as_ptr(),
-                len: 0,
-            });
+            return Ok(Mapping::empty());
         }
         let flags = libc::MAP_SHARED | if populate { libc::MAP_POPULATE } else { 0 };
+        let prot = if write {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
         // SAFETY: a fresh shared mapping of an open fd with no address hint.
         // The callers map at most the file's length (fstat, or the length
         // they just set), and every block file is sealed against shrinking
         // (memfd), so no page of the mapping can vanish under a reader.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, fd.as_raw_fd(), 0) };
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
         // Large blocks: ask for huge pages where the kernel offers them on request.
         // SAFETY: advice on a range we just mapped; failure is harmless.
         unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
-        Ok(Mapping { ptr: p.cast(), len })
+        // Not inherited by a process another thread forks: it would hold a
+        // writable mapping of the block until it execs, and sealing the
+        // block against writes (a sandboxed pool) fails while one exists.
+        // No child of this process uses a block through this mapping.
+        // SAFETY: advice on a range we just mapped; failure leaves the
+        // mapping inherited, as before.
+        unsafe { libc::madvise(p, len, libc::MADV_DONTFORK) };
+        Ok(Mapping {
+            ptr: p.cast(),
+            len,
+            writable: write,
+        })
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -842,6 +919,7 @@ impl Mapping {
     }
 
     pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        assert!(self.writable, "a read-only mapping written to");
         // SAFETY: as in as_slice; &mut self makes this the only view here.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }

@@ -174,7 +174,7 @@ fn put_message(out: &mut Vec<u8>, msg: &str) {
 
 /// Decodes an error message written by `put_message`.
 pub(crate) fn take_message(bytes: &[u8]) -> String {
-    codec::decode::<String>(bytes)
+    codec::decode_untrusted::<String>(bytes)
         .map(|(s, _)| s)
         .unwrap_or_else(|e| format!("(an undecodable message: {e})"))
 }
@@ -352,7 +352,7 @@ pub(crate) fn chunk_all_ok(mut bytes: &[u8]) -> bool {
 /// Decodes one task's output given its status.
 pub(crate) fn decode_outcome<R: DeserializeOwned>(st: u8, body: &[u8]) -> Result<R, crate::Error> {
     if st == status::OK {
-        codec::decode::<R>(body)
+        codec::decode_untrusted::<R>(body)
             .map(|(r, _)| r)
             .map_err(|e| crate::Error::Decode {
                 what: "result",
@@ -368,7 +368,7 @@ pub(crate) fn outcome_error(st: u8, body: &[u8]) -> crate::Error {
     if st != status::PANIC {
         return status_error(st, take_message(body));
     }
-    let (message, used) = match codec::decode::<String>(body) {
+    let (message, used) = match codec::decode_untrusted::<String>(body) {
         Ok(m) => m,
         Err(e) => (format!("(an undecodable message: {e})"), body.len()),
     };

@@ -36,6 +36,9 @@ pub(crate) const RETIRING: u8 = 7;
 /// CONFIG flag (in `a`): record a backtrace when a task panics.
 pub(crate) const CONFIG_BACKTRACES: u64 = 1;
 
+/// Worker to parent: the sandbox could not be applied; the body is why.
+pub(crate) const SANDBOX_FAILED: u8 = 8;
+
 /// TASK flag (in `status`): the body is the 8-byte length of the input,
 /// which is in the block whose fd came with the frame.
 pub(crate) const IN_BLOCK: u8 = 1;

@@ -15,6 +15,7 @@
 //! for many.) Large inputs and outputs travel in shared-memory blocks (see
 //! `shm.rs`).
 
+use crate::sandbox::{Active, Prepared};
 use crate::shm::Block;
 use crate::sys;
 use crate::sys::Status;
@@ -72,12 +73,23 @@ pub(crate) fn install_panic_hook() {
     });
 }
 
-/// Runs the worker in this (forked) process; never returns.
-pub(crate) fn run(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> ! {
-    let code = match serve(sock, status, init) {
+/// Runs the worker in this (forked) process; never returns. A sandbox,
+/// if any, applies after the initializer.
+pub(crate) fn run(
+    sock: OwnedFd,
+    status: Status<'static>,
+    init: Option<&Init>,
+    sandbox: Option<&Prepared>,
+) -> ! {
+    let apply = sandbox.map(|p| move || p.apply(status));
+    let apply = apply
+        .as_ref()
+        .map(|f| f as &dyn Fn() -> Result<Active, String>);
+    let code = match serve(sock, status, init, apply) {
         Ok(()) => 0,
         Err(Stop::InitFailed) => 1,
         Err(Stop::Gone) => 0,
+        Err(Stop::Limit) => 3,
     };
     flush_stdio();
     sys::exit_now(code)
@@ -102,12 +114,22 @@ pub(crate) enum Stop {
     InitFailed,
     /// The parent is gone, or the socket failed.
     Gone,
+    /// A task went past a limit of the sandbox (its `died_of` word says
+    /// which); the worker ends without its result.
+    Limit,
 }
 
 /// Serves tasks from `sock` until the parent closes it (`Ok`). A worker
 /// process exits when this returns; another transport (an MPI rank) may
 /// clean up first.
-pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> Result<(), Stop> {
+/// `sandbox` applies the pool's sandbox, if it has one, once the
+/// initializer has run.
+pub(crate) fn serve(
+    sock: OwnedFd,
+    status: Status<'_>,
+    init: Option<&Init>,
+    sandbox: Option<&dyn Fn() -> Result<Active, String>>,
+) -> Result<(), Stop> {
     let fd = sock.as_raw_fd();
     let mut out: Vec<u8> = Vec::with_capacity(64 << 10);
     crate::capture::serve_on_this_thread();
@@ -133,6 +155,17 @@ pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> R
         }
         out.clear();
     }
+    let active = match sandbox.map(|apply| apply()) {
+        None => None,
+        Some(Ok(a)) => Some(a),
+        Some(Err(msg)) => {
+            let at = Header::new(wire::SANDBOX_FAILED, 0, 0, 0).begin(&mut out);
+            let _ = crate::codec::encode_into(&msg, &mut out);
+            wire::finish(&mut out, at, 0);
+            let _ = sys::send_all(fd, &out);
+            return Err(Stop::InitFailed);
+        }
+    };
     let at = Header::new(wire::READY, 0, std::process::id() as u64, 0).begin(&mut out);
     wire::finish(&mut out, at, 0);
     sys::send_all(fd, &out).map_err(|_| Stop::Gone)?;
@@ -171,7 +204,9 @@ pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> R
             let mut io = Io {
                 input: body,
                 block: None,
-                reuse: h.status & wire::KEEP_INPUT == 0,
+                // A sandboxed worker never writes into the parent's block
+                // (which it gets sealed, read-only).
+                reuse: h.status & wire::KEEP_INPUT == 0 && active.is_none(),
                 spill: true,
                 out: &mut out,
                 spilled: None,
@@ -214,6 +249,16 @@ pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> R
             crate::deadline::end_task();
             let spilled = io.spilled.take();
             drop(io);
+            if let Some(a) = &active {
+                let panicked =
+                    (st == status::PANIC).then(|| crate::task::take_message(&out[at + HDR..]));
+                if a.over_open_files(panicked.as_deref()) {
+                    status
+                        .died_of
+                        .store(crate::sandbox::cause::OPEN_FILES, Ordering::SeqCst);
+                    return Err(Stop::Limit);
+                }
+            }
             let now = Instant::now();
             let took = (now - t0).as_nanos().min(u64::MAX as u128) as u64;
             match spilled {
@@ -222,7 +267,12 @@ pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> R
                     // The run time, for the parent's dispatch (header field `b`).
                     out[at + 26..at + 34].copy_from_slice(&took.to_le_bytes());
                 }
-                Some((block, len, same)) => {
+                Some((mut block, len, same)) => {
+                    if active.is_some() {
+                        // Sealed before the parent maps it, so that no task can
+                        // change or truncate it under the parent.
+                        block.seal().map_err(|_| Stop::Gone)?;
+                    }
                     // The frame is a header and the output's length; a new
                     // block's fd goes with it.
                     out.truncate(at);

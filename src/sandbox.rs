@@ -1,0 +1,790 @@
+//! The sandbox: what a worker may not do once its initializer has run.
+//!
+//! Three processes take part, each doing what only it can:
+//!
+//! - **The parent** (`PoolBuilder::build`) checks the settings, makes the
+//!   listed paths absolute, and writes them into the exec'd server's
+//!   config memfd (`start.rs`). A sandbox needs that exec'd server: a fork
+//!   of the caller would carry the caller's memory, and its secrets, into
+//!   every worker. While a task runs, the parent watches the worker's CPU
+//!   clock (a per-task CPU cap), gives each worker shared-memory blocks of
+//!   its own (never reused), seals its own input blocks, and maps a
+//!   worker's result block only once it has checked the block's seals.
+//! - **The server**, once, before it forks any worker: moves into a new
+//!   network namespace (one per pool, not one per worker: creating one
+//!   costs far more than a fork), compiles the seccomp filters, and checks
+//!   what the kernel offers. What is missing fails `build()` unless the
+//!   sandbox accepts a weaker one ([`Sandbox::allow_weaker`]).
+//! - **Each worker**, after its initializer and before its first task
+//!   ([`Prepared::apply`]): checks it has one thread (Landlock and seccomp
+//!   bind only the calling thread), sets its rlimits, drops its
+//!   capabilities, restricts itself with Landlock (filesystem, TCP, abstract
+//!   UNIX sockets, signals), then installs the seccomp filters (which also
+//!   set `no_new_privs`). None of it can be undone: rlimits are set hard,
+//!   and the filters deny `setrlimit`, `capset`, `prctl` but for thread
+//!   names, and every way to start a program.
+//!
+//! Mechanisms, and why each:
+//!
+//! | promise | mechanism | why |
+//! |---|---|---|
+//! | no network | a network namespace (server), seccomp denying `socket`, `socketpair`, `connect`, `bind`, `listen`, `accept`, `sendto` with an address; Landlock denying TCP and abstract UNIX sockets of other domains | each alone would do; together a kernel that lacks one is still covered. The worker's socket to the parent predates all three |
+//! | filesystem | Landlock (the `landlock` crate) | the only unprivileged way to restrict paths; the crate handles ABI versions |
+//! | no programs, no privileges | seccomp allow-list (the `seccompiler` crate, rust-vmm's, used by Firecracker), `no_new_privs`, capabilities dropped, Landlock without `Execute` | an allow-list denies what it does not name, new syscalls included; `clone` is allowed only with `CLONE_THREAD`, and `clone3` answers `ENOSYS` so glibc falls back to `clone`, whose flags a filter can read |
+//! | memory | `RLIMIT_DATA` (private memory: heap, anonymous mappings, stacks; not the pool's shared blocks) | no cgroup needed; an allocation past it fails, Rust aborts, and a `SIGABRT` handler that sees `errno == ENOMEM` marks the worker's status word, so the parent can name the limit |
+//! | CPU per task | the parent reads the worker's CPU clock | `RLIMIT_CPU` counts the whole process and cannot be raised again |
+//! | open files | `RLIMIT_NOFILE`, set above what is open plus a reserve for the pool's blocks | |
+//! | file size | `RLIMIT_FSIZE` (`SIGXFSZ` names it); the worker never makes a block past it, and sends a result that big through its socket instead | `ftruncate` on a memfd past `RLIMIT_FSIZE` fails (and raises `SIGXFSZ`) |
+//! | workers apart | status words a page per worker, each worker unmapping the others and closing their memfd; blocks never reused, sealed | Landlock's signal and ptrace scoping keeps a worker from signalling or tracing another |
+
+use crate::sys::{self, Status};
+use crate::sys_sandbox;
+use serde::{Deserialize, Serialize};
+use std::os::fd::RawFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// What a worker may do once its initializer has run, for pools that run
+/// untrusted input. Give it to [`PoolBuilder::sandbox`].
+///
+/// A sandboxed worker cannot reach any network address (loopback and
+/// abstract UNIX sockets included), cannot open a path but those listed
+/// (read-only or read-write), cannot start a program or gain privileges,
+/// cannot reach another worker's memory or signal another process, and
+/// (if asked) cannot go past a memory cap, a CPU-time cap per task, a cap on
+/// open files and on the size of files it writes. A task that goes past a
+/// cap fails with [`Error::LimitExceeded`], naming it, and its worker is
+/// replaced. The channel to the parent keeps working.
+///
+/// It needs [`StartMethod::ForkServer`] (the default) and Linux with
+/// seccomp, Landlock ABI 6 or later and network namespaces (user
+/// namespaces when not root); `build()` fails with [`Error::Sandbox`] where
+/// one is missing, unless [`allow_weaker`](Sandbox::allow_weaker) says a
+/// weaker sandbox will do. The sandbox applies after the initializer, which
+/// must leave the worker with one thread.
+///
+/// What it does not protect against: kernel bugs (every mechanism here is
+/// the kernel's), side channels (timing, caches, the CPU), what the
+/// initializer did before the sandbox applied (a file or socket it opened
+/// stays usable by tasks), and a task spoiling its own worker's results
+/// (the tasks sent to that worker with it). Under a memory cap, a task
+/// that aborts right after a failed `ENOMEM` call is taken for one that
+/// went past the cap.
+///
+/// [`PoolBuilder::sandbox`]: crate::PoolBuilder::sandbox
+/// [`Error::LimitExceeded`]: crate::Error::LimitExceeded
+/// [`Error::Sandbox`]: crate::Error::Sandbox
+/// [`StartMethod::ForkServer`]: crate::StartMethod::ForkServer
+///
+/// ```
+/// use procpool::{Error, Limit, Pool, Sandbox, StartMethod};
+/// use std::time::Duration;
+///
+/// fn parse(input: Vec<u8>) -> usize { input.iter().filter(|&&b| b == b'\n').count() }
+/// fn phone_home(_: ()) -> bool { std::net::TcpStream::connect("127.0.0.1:80").is_ok() }
+/// fn spin(_: ()) { loop { std::hint::spin_loop() } }
+///
+/// let pool = Pool::builder()
+///     .processes(2)
+///     .start_method(StartMethod::ForkServer)
+///     .sandbox(
+///         Sandbox::new()
+///             .memory_limit(256 << 20)
+///             .cpu_time_per_task(Duration::from_millis(200)),
+///     )
+///     .build()?;
+/// assert_eq!(pool.apply(parse, b"a\nb\n".to_vec())?, 2);
+/// assert!(!pool.apply(phone_home, ())?);
+/// assert!(matches!(
+///     pool.apply(spin, ()),
+///     Err(Error::LimitExceeded { limit: Limit::CpuTime { .. }, .. })
+/// ));
+/// # Ok::<(), procpool::Error>(())
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct Sandbox {
+    spec: Spec,
+}
+
+/// The sandbox as it travels to the exec'd server.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Spec {
+    read_only: Vec<PathBuf>,
+    read_write: Vec<PathBuf>,
+    memory: Option<u64>,
+    cpu_per_task: Option<Duration>,
+    open_files: Option<u64>,
+    file_size: Option<u64>,
+    allow_weaker: bool,
+}
+
+impl Sandbox {
+    /// The strictest sandbox: no network, no path, no program; no resource
+    /// caps until they are set.
+    pub fn new() -> Sandbox {
+        Sandbox::default()
+    }
+
+    /// Tasks may read files and list directories under `path` (a file or
+    /// a directory, which must exist when the pool is built).
+    pub fn read_only(mut self, path: impl AsRef<Path>) -> Sandbox {
+        self.spec.read_only.push(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// Tasks may read, write, create, rename and remove files and
+    /// directories under `path` (which must exist when the pool is built).
+    /// Nothing there may be executed.
+    pub fn read_write(mut self, path: impl AsRef<Path>) -> Sandbox {
+        self.spec.read_write.push(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// Caps each worker's private memory (heap, stacks, anonymous mappings:
+    /// `RLIMIT_DATA`) at `bytes`, what the initializer allocated included.
+    /// A task whose allocation fails past it gets
+    /// [`Error::LimitExceeded`](crate::Error::LimitExceeded) with
+    /// [`Limit::Memory`]. The pool's shared blocks for large arguments and
+    /// results do not count.
+    pub fn memory_limit(mut self, bytes: u64) -> Sandbox {
+        self.spec.memory = Some(bytes);
+        self
+    }
+
+    /// Caps the CPU time of each task (all its threads together). The
+    /// parent watches the worker's CPU clock and kills the worker past it:
+    /// the task gets [`Limit::CpuTime`]. Unlike a timeout, time spent
+    /// waiting does not count. The parent's supervisor thread looks at
+    /// least every `cpu` / CPUs (at least every millisecond), even while
+    /// the pool is idle, and kills within about that much past the cap.
+    pub fn cpu_time_per_task(mut self, cpu: Duration) -> Sandbox {
+        self.spec.cpu_per_task = Some(cpu);
+        self
+    }
+
+    /// Lets a task hold about `n` open files of its own (`RLIMIT_NOFILE`,
+    /// set above the fds the worker holds plus a reserve for the pool's
+    /// blocks). Past it, `open` fails with `EMFILE`; a task that ends
+    /// holding fds in the reserve, or panics with `EMFILE`, gets
+    /// [`Limit::OpenFiles`] and its worker is replaced.
+    pub fn open_files(mut self, n: u64) -> Sandbox {
+        self.spec.open_files = Some(n);
+        self
+    }
+
+    /// Caps the size of any file a task writes (`RLIMIT_FSIZE`): a write
+    /// past it kills the worker with `SIGXFSZ`, and the task gets
+    /// [`Limit::FileSize`]. A result larger than the cap still comes back
+    /// (through the worker's socket rather than a shared-memory block).
+    ///
+    /// The cap applies to every file the worker writes, its standard
+    /// output and error among them when those are regular files: a task
+    /// that prints to a log file already longer than the cap (or a worker
+    /// that prints Rust's "memory allocation failed" line there) dies of
+    /// it too. Point them at a pipe or a terminal, or set a cap above the
+    /// log's size.
+    pub fn file_size_limit(mut self, bytes: u64) -> Sandbox {
+        self.spec.file_size = Some(bytes);
+        self
+    }
+
+    /// Accepts a weaker sandbox where the kernel lacks a mechanism (no
+    /// seccomp, Landlock older than ABI 6 or absent, no network
+    /// namespace): the pool applies what there is, and logs what is
+    /// missing. Without it, `build()` fails with
+    /// [`Error::Sandbox`](crate::Error::Sandbox) naming what is missing.
+    pub fn allow_weaker(mut self) -> Sandbox {
+        self.spec.allow_weaker = true;
+        self
+    }
+
+    /// Checks the settings and resolves the paths, in the parent.
+    pub(crate) fn resolve(self) -> Result<Spec, crate::Error> {
+        let mut spec = self.spec;
+        let zero = spec.memory == Some(0)
+            || spec.open_files == Some(0)
+            || spec.file_size == Some(0)
+            || spec.cpu_per_task.is_some_and(|d| d.is_zero());
+        if zero {
+            return Err(crate::Error::Config(
+                "a sandbox's limits must be above zero",
+            ));
+        }
+        for p in spec.read_only.iter_mut().chain(spec.read_write.iter_mut()) {
+            *p = std::fs::canonicalize(&*p).map_err(|e| crate::Error::Sandbox {
+                reason: format!("the sandbox's path {} cannot be used: {e}", p.display()),
+            })?;
+        }
+        Ok(spec)
+    }
+}
+
+/// A limit of a [`Sandbox`] that a task went past (in
+/// [`Error::LimitExceeded`](crate::Error::LimitExceeded)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Limit {
+    /// The worker's memory cap ([`Sandbox::memory_limit`]).
+    Memory {
+        /// The cap.
+        bytes: u64,
+    },
+    /// The per-task CPU-time cap ([`Sandbox::cpu_time_per_task`]).
+    CpuTime {
+        /// The cap.
+        per_task: Duration,
+    },
+    /// The open-files cap ([`Sandbox::open_files`]).
+    OpenFiles {
+        /// The cap.
+        max: u64,
+    },
+    /// The file-size cap ([`Sandbox::file_size_limit`]).
+    FileSize {
+        /// The cap.
+        bytes: u64,
+    },
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Limit::Memory { bytes } => write!(f, "memory limit ({bytes} bytes)"),
+            Limit::CpuTime { per_task } => write!(f, "CPU-time limit ({per_task:?} per task)"),
+            Limit::OpenFiles { max } => write!(f, "open-files limit ({max})"),
+            Limit::FileSize { bytes } => write!(f, "file-size limit ({bytes} bytes)"),
+        }
+    }
+}
+
+/// What a sandboxed worker writes in its `died_of` status word as it dies
+/// of a limit.
+pub(crate) mod cause {
+    /// It aborted right after an allocation failed (`ENOMEM`).
+    pub(crate) const MEMORY: u64 = 1;
+    /// Its task went past the open-files cap.
+    pub(crate) const OPEN_FILES: u64 = 2;
+}
+
+/// The caps, as the parent needs them.
+#[derive(Clone, Debug)]
+pub(crate) struct Limits {
+    pub(crate) memory: Option<u64>,
+    pub(crate) cpu_per_task: Option<Duration>,
+    pub(crate) open_files: Option<u64>,
+    pub(crate) file_size: Option<u64>,
+}
+
+impl Spec {
+    pub(crate) fn limits(&self) -> Limits {
+        Limits {
+            memory: self.memory,
+            cpu_per_task: self.cpu_per_task,
+            open_files: self.open_files,
+            file_size: self.file_size,
+        }
+    }
+}
+
+impl Limits {
+    /// The limit a worker that ended with `status`, its `died_of` word
+    /// saying `died_of`, went past, if the evidence says one.
+    pub(crate) fn cause(&self, died_of: u64, status: ExitStatus) -> Option<Limit> {
+        let signal = status.signal();
+        if let (Some(bytes), Some(libc::SIGXFSZ)) = (self.file_size, signal) {
+            return Some(Limit::FileSize { bytes });
+        }
+        match (died_of, signal) {
+            (cause::MEMORY, Some(libc::SIGABRT)) => {
+                self.memory.map(|bytes| Limit::Memory { bytes })
+            }
+            (cause::OPEN_FILES, _) => self.open_files.map(|max| Limit::OpenFiles { max }),
+            _ => None,
+        }
+    }
+}
+
+/// fds kept free above a task's open-files allowance, for the blocks the
+/// pool sends a worker.
+const FD_RESERVE: u64 = 32;
+
+/// The sandbox as the server prepared it, once, for every worker it forks.
+pub(crate) struct Prepared {
+    spec: Spec,
+    filters: Vec<seccompiler::BpfProgram>,
+    landlock: bool,
+    exe: Option<PathBuf>,
+}
+
+/// How the server's preparation went.
+pub(crate) enum Readiness {
+    /// Every mechanism is there.
+    Full(Prepared),
+    /// Some are missing and the sandbox accepts that: what is missing.
+    Weaker(Prepared, String),
+    /// Some are missing, or one failed: why.
+    Failed(String),
+}
+
+/// Prepares the sandbox in the server, once, before it forks any worker:
+/// the network namespace, the seccomp filters, the Landlock check.
+pub(crate) fn prepare(spec: Spec) -> Readiness {
+    // For tests of a kernel that lacks a mechanism: the server pretends
+    // that the ones named (`seccomp`, `netns`, `landlock`) are missing.
+    let pretend = std::env::var(PRETEND_MISSING).unwrap_or_default();
+    let lacks = |what: &str| pretend.split(',').any(|p| p.trim() == what);
+    let mut missing = Vec::new();
+    let filters = if sys_sandbox::seccomp_available() && !lacks("seccomp") {
+        match filters() {
+            Ok(f) => f,
+            Err(e) => return Readiness::Failed(format!("the seccomp filter: {e}")),
+        }
+    } else {
+        missing.push("seccomp filters".to_string());
+        Vec::new()
+    };
+    let netns = if lacks("netns") {
+        Err(std::io::Error::from_raw_os_error(libc::EPERM))
+    } else {
+        sys_sandbox::unshare_network()
+    };
+    if let Err(e) = netns {
+        missing.push(format!("a network namespace ({e})"));
+    }
+    let abi = if lacks("landlock") {
+        0
+    } else {
+        sys_sandbox::landlock_abi()
+    };
+    if abi < 6 {
+        missing.push(format!("Landlock ABI 6 (this kernel has {abi})"));
+    }
+    let prepared = Prepared {
+        spec,
+        filters,
+        landlock: abi > 0,
+        exe: std::env::current_exe().ok().filter(|p| p.exists()),
+    };
+    if missing.is_empty() {
+        Readiness::Full(prepared)
+    } else if prepared.spec.allow_weaker {
+        Readiness::Weaker(prepared, missing.join(", "))
+    } else {
+        Readiness::Failed(format!(
+            "this system lacks {}; Sandbox::allow_weaker() accepts a sandbox without it",
+            missing.join(", ")
+        ))
+    }
+}
+
+/// The environment variable that makes a server pretend mechanisms are
+/// missing (for tests).
+const PRETEND_MISSING: &str = "PROCPOOL_SANDBOX_PRETEND_MISSING";
+
+/// A worker's sandbox once applied: what it checks after each task.
+pub(crate) struct Active {
+    /// The first fd of the reserve above the task's open-files allowance.
+    reserve_fd: Option<RawFd>,
+}
+
+impl Active {
+    /// Whether the task that just ended went past the open-files cap: it
+    /// holds an fd of the reserve, or it panicked with `EMFILE`.
+    pub(crate) fn over_open_files(&self, panic_message: Option<&str>) -> bool {
+        let Some(fd) = self.reserve_fd else {
+            return false;
+        };
+        // io::Error's Display and Debug forms of EMFILE.
+        let emfile = |m: &str| {
+            m.contains(&format!("os error {}", libc::EMFILE))
+                || m.contains(&format!("code: {}", libc::EMFILE))
+                || m.contains("Too many open files")
+        };
+        sys_sandbox::fd_is_open(fd) || panic_message.is_some_and(emfile)
+    }
+}
+
+impl Prepared {
+    /// Applies the sandbox to this worker, after its initializer: fails if
+    /// the worker has more than one thread. `status` is the worker's own
+    /// status words, which stay mapped for the life of the process.
+    pub(crate) fn apply(&self, status: Status<'static>) -> Result<Active, String> {
+        let threads = thread_count();
+        if threads != Some(1) {
+            return Err(format!(
+                "the worker has {} threads after its initializer; a sandbox binds only the \
+                 calling thread, so the initializer must not leave threads running",
+                threads.map_or("an unknown number of".to_string(), |n| n.to_string())
+            ));
+        }
+        let fail = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
+        sys_sandbox::set_rlimit(libc::RLIMIT_CORE, 0).map_err(|e| fail("RLIMIT_CORE", &e))?;
+        if let Some(bytes) = self.spec.memory {
+            // Rust's allocation-failure path prints a backtrace first when
+            // RUST_BACKTRACE asks for one, and the files it opens for that
+            // overwrite the ENOMEM that names the limit (see `cause`).
+            sys_sandbox::set_env_single_threaded("RUST_BACKTRACE", "0");
+            sys_sandbox::set_rlimit(libc::RLIMIT_DATA, bytes)
+                .map_err(|e| fail("RLIMIT_DATA", &e))?;
+            // SAFETY: the worker's own status page stays mapped until the
+            // process ends (`SharedWords::keep_only` keeps it, and the
+            // worker never unmaps it).
+            unsafe { sys_sandbox::mark_abort_after_enomem(status.died_of, cause::MEMORY) };
+        }
+        if let Some(bytes) = self.spec.file_size {
+            crate::shm::limit_block_size(bytes);
+            sys_sandbox::default_signal(libc::SIGXFSZ);
+            sys_sandbox::set_rlimit(libc::RLIMIT_FSIZE, bytes)
+                .map_err(|e| fail("RLIMIT_FSIZE", &e))?;
+        }
+        let mut reserve_fd = None;
+        if let Some(n) = self.spec.open_files {
+            let top = highest_fd().map_err(|e| fail("listing the worker's fds", &e))?;
+            let allowance = top as u64 + 1 + n;
+            reserve_fd = Some(allowance.min(i32::MAX as u64) as RawFd);
+            sys_sandbox::set_rlimit(libc::RLIMIT_NOFILE, allowance + FD_RESERVE)
+                .map_err(|e| fail("RLIMIT_NOFILE", &e))?;
+        }
+        sys_sandbox::set_not_dumpable().map_err(|e| fail("PR_SET_DUMPABLE", &e))?;
+        sys_sandbox::drop_capabilities().map_err(|e| fail("dropping capabilities", &e))?;
+        if self.landlock {
+            let full = self.landlock().map_err(|e| fail("Landlock", &e))?;
+            if !full && !self.spec.allow_weaker {
+                return Err("Landlock could not be fully enforced".into());
+            }
+        }
+        for f in &self.filters {
+            seccompiler::apply_filter(f).map_err(|e| fail("the seccomp filter", &e))?;
+        }
+        Ok(Active { reserve_fd })
+    }
+
+    /// Restricts this process with Landlock; returns whether every access
+    /// right asked for is enforced.
+    fn landlock(&self) -> Result<bool, landlock::RulesetError> {
+        use landlock::{
+            ABI, Access, AccessFs, AccessNet, BitFlags, PathBeneath, PathFd, Ruleset, RulesetAttr,
+            RulesetCreatedAttr, RulesetStatus, Scope,
+        };
+        let abi = ABI::V6;
+        let read: BitFlags<AccessFs> = AccessFs::ReadFile | AccessFs::ReadDir;
+        let write = read
+            | AccessFs::WriteFile
+            | AccessFs::RemoveDir
+            | AccessFs::RemoveFile
+            | AccessFs::MakeDir
+            | AccessFs::MakeReg
+            | AccessFs::MakeSym
+            | AccessFs::Refer
+            | AccessFs::Truncate;
+        let mut rules: Vec<(PathBuf, BitFlags<AccessFs>)> = Vec::new();
+        rules.extend(self.spec.read_only.iter().map(|p| (p.clone(), read)));
+        rules.extend(self.spec.read_write.iter().map(|p| (p.clone(), write)));
+        // What a worker itself may need: its executable (symbols for a
+        // backtrace) and the harmless devices.
+        rules.extend(self.exe.iter().map(|p| (p.clone(), read)));
+        for dev in ["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"] {
+            rules.push((dev.into(), read | AccessFs::WriteFile));
+        }
+        let mut ruleset = Ruleset::default()
+            .handle_access(AccessFs::from_all(abi))?
+            .handle_access(AccessNet::from_all(abi))?
+            .scope(Scope::from_all(abi))?
+            .create()?;
+        for (path, access) in rules {
+            let Ok(fd) = PathFd::new(&path) else {
+                continue;
+            };
+            let access = if path.is_dir() {
+                access
+            } else {
+                access & AccessFs::from_file(abi)
+            };
+            ruleset = ruleset.add_rule(PathBeneath::new(fd, access))?;
+        }
+        let status = ruleset.restrict_self()?;
+        Ok(status.ruleset == RulesetStatus::FullyEnforced)
+    }
+}
+
+/// How many threads this process has (from `/proc/self/status`).
+fn thread_count() -> Option<usize> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The highest fd open in this process.
+fn highest_fd() -> std::io::Result<RawFd> {
+    let mut top = 2;
+    for e in std::fs::read_dir("/proc/self/fd")? {
+        if let Some(fd) = e?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<RawFd>().ok())
+        {
+            top = top.max(fd);
+        }
+    }
+    Ok(top)
+}
+
+/// The seccomp filters: an allow-list (anything it does not name fails
+/// with `EPERM`), and one that makes `clone3` answer `ENOSYS`, so that
+/// glibc creates threads with `clone`, whose flags the allow-list checks.
+fn filters() -> Result<Vec<seccompiler::BpfProgram>, seccompiler::BackendError> {
+    use seccompiler::{
+        SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond,
+        SeccompFilter, SeccompRule, TargetArch,
+    };
+    use std::collections::BTreeMap;
+    let arch: TargetArch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|_| seccompiler::BackendError::InvalidTargetArch(std::env::consts::ARCH.into()))?;
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for &nr in ALLOWED {
+        rules.insert(nr, Vec::new());
+    }
+    let when = |conds: Vec<Cond>| SeccompRule::new(conds);
+    // Threads only: a clone without CLONE_THREAD would be a fork.
+    rules.insert(
+        libc::SYS_clone,
+        vec![when(vec![Cond::new(
+            0,
+            Len::Qword,
+            Op::MaskedEq(libc::CLONE_THREAD as u64),
+            libc::CLONE_THREAD as u64,
+        )?])?],
+    );
+    rules.insert(libc::SYS_clone3, Vec::new());
+    // send() is sendto() without an address; with one it could reach a
+    // socket by name.
+    rules.insert(
+        libc::SYS_sendto,
+        vec![when(vec![Cond::new(4, Len::Qword, Op::Eq, 0)?])?],
+    );
+    // Reading this process's limits only.
+    rules.insert(
+        libc::SYS_prlimit64,
+        vec![when(vec![
+            Cond::new(0, Len::Dword, Op::Eq, 0)?,
+            Cond::new(2, Len::Qword, Op::Eq, 0)?,
+        ])?],
+    );
+    let mut prctl = Vec::new();
+    for op in [
+        libc::PR_SET_NAME,
+        libc::PR_GET_NAME,
+        libc::PR_GET_DUMPABLE,
+        libc::PR_SET_VMA,
+    ] {
+        prctl.push(when(vec![Cond::new(0, Len::Dword, Op::Eq, op as u64)?])?);
+    }
+    rules.insert(libc::SYS_prctl, prctl);
+    // ioctl: enough for isatty, non-blocking mode and FIONREAD; nothing
+    // that could push input into a terminal (TIOCSTI) or reach a device.
+    let mut ioctl = Vec::new();
+    for req in [
+        libc::TCGETS,
+        libc::FIONBIO,
+        libc::FIONREAD,
+        libc::FIOCLEX,
+        libc::FIONCLEX,
+    ] {
+        // The request's type differs between C libraries.
+        #[allow(clippy::unnecessary_cast)]
+        let req = req as u64;
+        ioctl.push(when(vec![Cond::new(1, Len::Dword, Op::Eq, req)?])?);
+    }
+    rules.insert(libc::SYS_ioctl, ioctl);
+    let allow = SeccompFilter::new(
+        rules,
+        SeccompAction::Errno(libc::EPERM as u32),
+        SeccompAction::Allow,
+        arch,
+    )?;
+    let clone3 = SeccompFilter::new(
+        [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch,
+    )?;
+    // In the order they are installed: the allow-list last, since it
+    // denies the calls (`prctl`, `seccomp`) that installing takes.
+    Ok(vec![clone3.try_into()?, allow.try_into()?])
+}
+
+/// System calls a sandboxed worker may make with any arguments. Paths are
+/// Landlock's business; sockets cannot be made (`socket`, `socketpair`,
+/// `connect`, `bind`, `listen`, `accept` are absent); no program can be
+/// started (`execve`, `execveat`, `fork`, `vfork` are absent); no other
+/// process can be read or traced (`ptrace`, `process_vm_readv`,
+/// `process_vm_writev`, `pidfd_*`); no `io_uring`, `bpf`, `userfaultfd`,
+/// `perf_event_open`, `keyctl`, namespace or mount call; no `setrlimit`,
+/// `capset`, `chmod`/`chown` by path.
+const ALLOWED: &[i64] = &[
+    // Files and fds.
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_preadv2,
+    libc::SYS_pwritev2,
+    libc::SYS_lseek,
+    libc::SYS_close,
+    libc::SYS_close_range,
+    libc::SYS_dup,
+    libc::SYS_dup3,
+    libc::SYS_fcntl,
+    libc::SYS_openat,
+    libc::SYS_openat2,
+    libc::SYS_newfstatat,
+    libc::SYS_fstat,
+    libc::SYS_statx,
+    libc::SYS_readlinkat,
+    libc::SYS_faccessat,
+    libc::SYS_faccessat2,
+    libc::SYS_getdents64,
+    libc::SYS_getcwd,
+    libc::SYS_chdir,
+    libc::SYS_fchdir,
+    libc::SYS_mkdirat,
+    libc::SYS_unlinkat,
+    libc::SYS_renameat2,
+    libc::SYS_linkat,
+    libc::SYS_symlinkat,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_ftruncate,
+    libc::SYS_truncate,
+    libc::SYS_fallocate,
+    libc::SYS_flock,
+    libc::SYS_statfs,
+    libc::SYS_fstatfs,
+    libc::SYS_umask,
+    libc::SYS_fchmod,
+    libc::SYS_sendfile,
+    libc::SYS_copy_file_range,
+    libc::SYS_splice,
+    libc::SYS_tee,
+    libc::SYS_pipe2,
+    libc::SYS_memfd_create,
+    libc::SYS_eventfd2,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_pwait2,
+    libc::SYS_ppoll,
+    libc::SYS_pselect6,
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_settime,
+    libc::SYS_timerfd_gettime,
+    // The worker's socket to the parent.
+    libc::SYS_recvmsg,
+    libc::SYS_recvfrom,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+    // Memory.
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_msync,
+    libc::SYS_mincore,
+    // Threads, time, signals, identity.
+    libc::SYS_futex,
+    libc::SYS_set_robust_list,
+    libc::SYS_get_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_set_tid_address,
+    libc::SYS_sched_yield,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_nanosleep,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_getres,
+    libc::SYS_gettimeofday,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_getppid,
+    libc::SYS_getuid,
+    libc::SYS_geteuid,
+    libc::SYS_getgid,
+    libc::SYS_getegid,
+    libc::SYS_getresuid,
+    libc::SYS_getresgid,
+    libc::SYS_getgroups,
+    libc::SYS_uname,
+    libc::SYS_sysinfo,
+    libc::SYS_getrusage,
+    libc::SYS_getrandom,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigpending,
+    libc::SYS_rt_sigtimedwait,
+    libc::SYS_sigaltstack,
+    // Signals to other processes are Landlock's business (its signal
+    // scope keeps them within the worker).
+    libc::SYS_kill,
+    libc::SYS_tgkill,
+    libc::SYS_tkill,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    // x86_64 keeps older calls that aarch64 dropped for the *at ones.
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_renameat,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_getrlimit,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_open,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_stat,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_lstat,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_access,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_readlink,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_mkdir,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_rmdir,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_unlink,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_rename,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_dup2,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_pipe,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_poll,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_select,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_epoll_wait,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_epoll_create,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_time,
+];
+
+/// The status words of worker slot `slot`, for the life of this worker
+/// process: keeps only its page mapped (see [`sys::SharedWords::keep_only`]).
+pub(crate) fn isolate_words(words: &'static sys::SharedWords, slot: usize) -> Status<'static> {
+    words.keep_only(slot);
+    let status = words.status(slot);
+    status.died_of.store(0, Ordering::SeqCst);
+    status
+}

@@ -1,0 +1,260 @@
+//! The raw libc calls of the sandbox (`sandbox.rs`), kept apart from the
+//! pool's own in `sys.rs`. Each function is a safe wrapper; each `unsafe`
+//! block says why it holds.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// The effective uid and gid of this process.
+fn ids() -> (libc::uid_t, libc::gid_t) {
+    // SAFETY: geteuid and getegid have no preconditions and cannot fail.
+    unsafe { (libc::geteuid(), libc::getegid()) }
+}
+
+/// Moves this (single-threaded) process into a new network namespace, in
+/// which nothing but a loopback device that is down exists. As root (with
+/// `CAP_SYS_ADMIN`) that is one `unshare(CLONE_NEWNET)`; otherwise a new
+/// user namespace comes with it, in which this process keeps its own uid
+/// and gid (mapped to themselves), so files it creates are still its
+/// user's. Must run before the process starts threads (a user namespace
+/// needs a single-threaded caller).
+pub(crate) fn unshare_network() -> io::Result<()> {
+    // SAFETY: unshare with integer flags; it changes only this process's
+    // namespaces.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0 {
+        return Ok(());
+    }
+    let (uid, gid) = ids();
+    // SAFETY: as above.
+    cvt(unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) })?;
+    // Map our own ids to themselves (setgroups must be denied before an
+    // unprivileged process may write its gid_map).
+    std::fs::write("/proc/self/setgroups", "deny")?;
+    std::fs::write("/proc/self/uid_map", format!("{uid} {uid} 1"))?;
+    std::fs::write("/proc/self/gid_map", format!("{gid} {gid} 1"))?;
+    Ok(())
+}
+
+/// Whether the kernel has seccomp filters (`PR_GET_SECCOMP` fails with
+/// `EINVAL` on a kernel built without them).
+pub(crate) fn seccomp_available() -> bool {
+    // SAFETY: prctl with integer arguments, reading a flag of this process.
+    unsafe { libc::prctl(libc::PR_GET_SECCOMP, 0, 0, 0, 0) >= 0 }
+}
+
+/// The Landlock ABI version the kernel offers (0: none).
+pub(crate) fn landlock_abi() -> i32 {
+    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+    // SAFETY: landlock_create_ruleset with a NULL attribute, size 0 and the
+    // VERSION flag only returns a number; it creates nothing.
+    let v = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    if v < 0 { 0 } else { v as i32 }
+}
+
+/// The type of `setrlimit`'s resource argument (glibc's own; an int
+/// elsewhere).
+#[cfg(target_env = "gnu")]
+pub(crate) type Resource = libc::__rlimit_resource_t;
+/// The type of `setrlimit`'s resource argument (glibc's own; an int
+/// elsewhere).
+#[cfg(not(target_env = "gnu"))]
+pub(crate) type Resource = libc::c_int;
+
+/// Sets a resource limit, soft and hard, to `value`: the hard limit can
+/// never be raised again by this process (nor by its tasks).
+pub(crate) fn set_rlimit(resource: Resource, value: u64) -> io::Result<()> {
+    let lim = libc::rlimit {
+        rlim_cur: value as libc::rlim_t,
+        rlim_max: value as libc::rlim_t,
+    };
+    // SAFETY: a valid resource number and a live rlimit struct.
+    cvt(unsafe { libc::setrlimit(resource, &lim) })?;
+    Ok(())
+}
+
+/// Makes this process not dumpable: no core file, its `/proc` files owned
+/// by root, and no ptrace by processes of the same user.
+pub(crate) fn set_not_dumpable() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments.
+    cvt(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) })?;
+    Ok(())
+}
+
+/// Drops every capability this process has: the ambient set, the bounding
+/// set (so no exec could regain any), then the effective, permitted and
+/// inheritable sets. A process without `CAP_SETPCAP` cannot shrink its
+/// bounding set, but then it has no capabilities to drop either: that
+/// step's `EPERM` is ignored.
+pub(crate) fn drop_capabilities() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        );
+    }
+    for cap in 0..64 {
+        // SAFETY: prctl with integer arguments; EINVAL past the last
+        // capability the kernel knows.
+        let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        if r == -1 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                break;
+            }
+            if e.raw_os_error() != Some(libc::EPERM) {
+                return Err(e);
+            }
+        }
+    }
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capset with a version-3 header and the two data structs that
+    // version takes, all live across the call; pid 0 is this thread.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
+    if r == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The word that the `SIGABRT` handler marks, and the value it writes.
+static ABORT_WORD: AtomicPtr<AtomicU64> = AtomicPtr::new(std::ptr::null_mut());
+static ABORT_MARK: AtomicU64 = AtomicU64::new(0);
+
+/// Installs a `SIGABRT` handler that, when the process aborts right after
+/// a call failed with `ENOMEM` (what Rust's allocation-failure path does:
+/// the allocator sets `errno`, std prints a line and calls `abort`, and
+/// neither touches `errno` on the way), writes `mark` into `word`, then
+/// lets the abort go on.
+///
+/// # Safety
+/// `word` must stay mapped, at the same address, for the life of the
+/// process.
+pub(crate) unsafe fn mark_abort_after_enomem(word: &AtomicU64, mark: u64) {
+    ABORT_MARK.store(mark, Ordering::SeqCst);
+    ABORT_WORD.store(word as *const AtomicU64 as *mut AtomicU64, Ordering::SeqCst);
+    // SAFETY: a zeroed sigaction with its handler, flags and an empty mask
+    // set; on_abort is async-signal-safe (see there).
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_abort as *const () as usize;
+        sa.sa_flags = libc::SA_RESETHAND;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGABRT, &sa, std::ptr::null_mut());
+    }
+}
+
+extern "C" fn on_abort(_sig: libc::c_int) {
+    // SAFETY: __errno_location returns this thread's errno slot, always
+    // valid; reading it is async-signal-safe.
+    let errno = unsafe { *libc::__errno_location() };
+    if errno == libc::ENOMEM {
+        let w = ABORT_WORD.load(Ordering::SeqCst);
+        if !w.is_null() {
+            // SAFETY: the pointer was made from a &AtomicU64 that stays
+            // mapped for the life of the process (the caller's promise to
+            // mark_abort_after_enomem); an atomic store is async-signal-safe.
+            unsafe { (*w).store(ABORT_MARK.load(Ordering::SeqCst), Ordering::SeqCst) };
+        }
+    }
+    // Returning lets abort() go on: it restores the default action
+    // (SA_RESETHAND already did) and raises SIGABRT again.
+}
+
+/// Sets an environment variable in this process, which the caller has
+/// just checked has a single thread (a sandboxed worker, as its sandbox
+/// applies).
+pub(crate) fn set_env_single_threaded(key: &str, value: &str) {
+    // SAFETY: the process has one thread (checked by the caller, and no
+    // task has run yet), so nothing reads the environment concurrently.
+    unsafe { std::env::set_var(key, value) };
+}
+
+/// Restores a signal's default action (a host that ignores `SIGXFSZ`
+/// passes that on through exec).
+pub(crate) fn default_signal(sig: libc::c_int) {
+    // SAFETY: signal() with SIG_DFL has no memory-safety preconditions.
+    unsafe { libc::signal(sig, libc::SIG_DFL) };
+}
+
+/// The clock that counts the CPU time of every thread of process `pid`.
+pub(crate) fn process_cpu_clock(pid: libc::pid_t) -> Option<libc::clockid_t> {
+    let mut clk: libc::clockid_t = 0;
+    // SAFETY: clk is a valid out-pointer.
+    let r = unsafe { libc::clock_getcpuclockid(pid, &mut clk) };
+    (r == 0).then_some(clk)
+}
+
+/// Reads a clock, in nanoseconds (`None` once its process is gone).
+pub(crate) fn clock_ns(clk: libc::clockid_t) -> Option<u64> {
+    // SAFETY: ts is a plain-data out-parameter for clock_gettime.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a clock id and a valid out-pointer.
+    let r = unsafe { libc::clock_gettime(clk, &mut ts) };
+    (r == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+/// The seals that make a memory file immutable: no write, no growth, no
+/// shrinking, and no change of seals.
+pub(crate) const SEALED: libc::c_int =
+    libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+
+/// Seals a memory file with [`SEALED`]; fails while a writable shared
+/// mapping of it exists (`EBUSY`).
+pub(crate) fn seal(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: fcntl on an open fd with integer arguments.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, SEALED) })?;
+    Ok(())
+}
+
+/// The seals of a memory file (an error for a file that is not one).
+pub(crate) fn seals(fd: &OwnedFd) -> io::Result<libc::c_int> {
+    // SAFETY: fcntl on an open fd.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) })
+}
+
+/// Whether `fd` is open in this process.
+pub(crate) fn fd_is_open(fd: RawFd) -> bool {
+    // SAFETY: fcntl(F_GETFD) on an integer: EBADF if it is not open.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
+}

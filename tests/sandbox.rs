@@ -1,0 +1,807 @@
+//! The sandbox (issue 15): one test per promise, each with a task that
+//! tries to break it in a sandboxed pool, and the same task in a pool
+//! without a sandbox, where it succeeds: so each test shows the sandbox at
+//! work, not the environment. Every pool names `StartMethod::ForkServer`,
+//! which a sandbox needs (the suite also runs with
+//! `PROCPOOL_START_METHOD=fork`).
+
+mod common;
+
+use procpool::{Error, Limit, Pool, Sandbox, StartMethod};
+use serde_bytes::ByteBuf;
+use std::io::{Read, Write};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// How long a test may take before it counts as hung.
+const BOUND: Duration = Duration::from_secs(180);
+
+/// Runs `f` on another thread; fails (rather than hangs) if it does not end.
+fn within_bound<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(BOUND)
+        .unwrap_or_else(|e| panic!("{what} did not finish: {e}"))
+}
+
+fn sandboxed(n: usize, sandbox: Sandbox) -> Pool {
+    Pool::builder()
+        .processes(n)
+        .start_method(StartMethod::ForkServer)
+        .sandbox(sandbox)
+        .build()
+        .expect("building a sandboxed pool")
+}
+
+fn plain(n: usize) -> Pool {
+    Pool::builder()
+        .processes(n)
+        .start_method(StartMethod::ForkServer)
+        .build()
+        .expect("building a pool")
+}
+
+/// A fresh empty directory under the temp dir, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let t = common::TempPath::new(tag);
+        let p = t.0.clone();
+        drop(t);
+        std::fs::create_dir_all(&p).expect("making a temp dir");
+        TempDir(p)
+    }
+
+    fn join(&self, name: &str) -> String {
+        self.0.join(name).to_str().expect("utf-8").to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn double(x: u64) -> u64 {
+    x * 2
+}
+
+// ---- no network ----
+
+fn tcp_connect(port: u16) -> Result<(), String> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn tcp_to_a_loopback_listener_is_blocked() {
+    within_bound("the tcp test", || {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+
+        let pool = sandboxed(1, Sandbox::new());
+        let r = pool.apply(tcp_connect, port).unwrap();
+        assert!(r.is_err(), "a sandboxed task connected to 127.0.0.1:{port}");
+        assert!(
+            matches!(listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "the listener saw a connection from the sandbox"
+        );
+
+        let pool = plain(1);
+        assert_eq!(pool.apply(tcp_connect, port).unwrap(), Ok(()));
+        assert!(
+            common::eventually(|| listener.accept().is_ok()),
+            "the listener saw no connection from an unsandboxed task"
+        );
+    });
+}
+
+fn udp_send(port: u16) -> Result<usize, String> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    s.send_to(b"hello", ("127.0.0.1", port))
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn udp_to_a_loopback_socket_never_arrives() {
+    within_bound("the udp test", || {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_nonblocking(true).unwrap();
+        let port = sock.local_addr().unwrap().port();
+        let mut buf = [0u8; 16];
+
+        let pool = sandboxed(1, Sandbox::new());
+        assert!(pool.apply(udp_send, port).unwrap().is_err());
+        // Loopback delivers during the send itself: had it been sent, it
+        // would be queued by now.
+        assert!(
+            matches!(sock.recv(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "a datagram from the sandbox arrived"
+        );
+
+        let pool = plain(1);
+        assert_eq!(pool.apply(udp_send, port).unwrap(), Ok(5));
+        assert!(common::eventually(|| sock.recv(&mut buf).is_ok()));
+        assert_eq!(&buf[..5], b"hello");
+    });
+}
+
+fn abstract_connect(name: Vec<u8>) -> Result<(), String> {
+    use std::os::linux::net::SocketAddrExt;
+    let addr =
+        std::os::unix::net::SocketAddr::from_abstract_name(&name).map_err(|e| e.to_string())?;
+    std::os::unix::net::UnixStream::connect_addr(&addr)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn an_abstract_unix_socket_is_out_of_reach() {
+    use std::os::linux::net::SocketAddrExt;
+    within_bound("the abstract socket test", || {
+        let name = format!("procpool-sandbox-test-{}", std::process::id()).into_bytes();
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+        listener.set_nonblocking(true).unwrap();
+
+        let pool = sandboxed(1, Sandbox::new());
+        assert!(pool.apply(abstract_connect, name.clone()).unwrap().is_err());
+        assert!(matches!(listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock));
+
+        let pool = plain(1);
+        assert_eq!(pool.apply(abstract_connect, name).unwrap(), Ok(()));
+        assert!(common::eventually(|| listener.accept().is_ok()));
+    });
+}
+
+// ---- no new programs, no io_uring ----
+
+fn io_uring_setup(_: ()) -> Result<(), i32> {
+    let mut params = [0u8; 120];
+    // SAFETY: io_uring_setup with 4 entries and a zeroed io_uring_params
+    // (120 bytes) that the kernel fills; a returned fd is closed.
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 4u32, params.as_mut_ptr()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+    // SAFETY: a fresh fd that this task owns.
+    unsafe { libc::close(fd as i32) };
+    Ok(())
+}
+
+#[test]
+fn io_uring_cannot_be_set_up() {
+    within_bound("the io_uring test", || {
+        let pool = sandboxed(1, Sandbox::new());
+        assert_eq!(pool.apply(io_uring_setup, ()).unwrap(), Err(libc::EPERM));
+        let pool = plain(1);
+        assert_eq!(pool.apply(io_uring_setup, ()).unwrap(), Ok(()));
+    });
+}
+
+fn run_true(_: ()) -> Result<bool, String> {
+    std::process::Command::new("/bin/true")
+        .status()
+        .map(|s| s.success())
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn no_program_can_be_started() {
+    within_bound("the exec test", || {
+        let pool = sandboxed(1, Sandbox::new());
+        assert!(pool.apply(run_true, ()).unwrap().is_err());
+        let pool = plain(1);
+        assert_eq!(pool.apply(run_true, ()).unwrap(), Ok(true));
+    });
+}
+
+// ---- the filesystem ----
+
+fn write_file(path: String) -> Result<(), String> {
+    std::fs::write(&path, b"written").map_err(|e| e.to_string())
+}
+
+fn read_file(path: String) -> Result<String, String> {
+    std::fs::read_to_string(&path).map_err(|e| e.to_string())
+}
+
+#[test]
+fn a_file_outside_the_allowed_paths_cannot_be_written() {
+    within_bound("the write test", || {
+        let allowed = TempDir::new("rw");
+        let outside = TempDir::new("outside");
+        let pool = sandboxed(1, Sandbox::new().read_write(&allowed.0));
+        let target = outside.join("escaped");
+        assert!(pool.apply(write_file, target.clone()).unwrap().is_err());
+        assert!(!std::path::Path::new(&target).exists(), "the file appeared");
+        // Inside the read-write path it works.
+        let inside = allowed.join("fine");
+        assert_eq!(pool.apply(write_file, inside.clone()).unwrap(), Ok(()));
+        assert_eq!(std::fs::read(&inside).unwrap(), b"written");
+
+        let pool = plain(1);
+        assert_eq!(pool.apply(write_file, target.clone()).unwrap(), Ok(()));
+        assert!(std::path::Path::new(&target).exists());
+    });
+}
+
+#[test]
+fn an_allowed_file_can_be_read_and_no_other() {
+    within_bound("the read test", || {
+        let allowed = TempDir::new("ro");
+        let other = TempDir::new("other");
+        let inside = allowed.join("input.txt");
+        let outside = other.join("secret.txt");
+        std::fs::write(&inside, "untrusted input").unwrap();
+        std::fs::write(&outside, "a secret").unwrap();
+        let pool = sandboxed(1, Sandbox::new().read_only(&allowed.0));
+        assert_eq!(
+            pool.apply(read_file, inside.clone()).unwrap(),
+            Ok("untrusted input".to_string())
+        );
+        assert!(pool.apply(read_file, outside.clone()).unwrap().is_err());
+        // Read-only: no writing there.
+        assert!(
+            pool.apply(write_file, allowed.join("new"))
+                .unwrap()
+                .is_err()
+        );
+        assert!(!std::path::Path::new(&allowed.join("new")).exists());
+
+        let pool = plain(1);
+        assert_eq!(
+            pool.apply(read_file, outside).unwrap(),
+            Ok("a secret".to_string())
+        );
+    });
+}
+
+// ---- resource caps ----
+
+fn balloon(mib: usize) -> usize {
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    for i in 0..mib {
+        let mut c = vec![0u8; 1 << 20];
+        for b in c.iter_mut().step_by(4096) {
+            *b = i as u8;
+        }
+        chunks.push(c);
+    }
+    std::hint::black_box(&chunks);
+    chunks.len()
+}
+
+#[test]
+fn past_the_memory_cap_the_task_fails_with_the_limit_and_the_pool_goes_on() {
+    within_bound("the memory test", || {
+        const CAP: u64 = 64 << 20;
+        let pool = sandboxed(1, Sandbox::new().memory_limit(CAP));
+        let before = pool.worker_pids();
+        match pool.apply(balloon, 256) {
+            Err(Error::LimitExceeded {
+                limit: Limit::Memory { bytes },
+                pid,
+                ..
+            }) => {
+                assert_eq!(bytes, CAP);
+                assert_eq!(vec![pid], before);
+            }
+            other => panic!("expected the memory limit, got {other:?}"),
+        }
+        for i in 0..100u64 {
+            assert_eq!(pool.apply(double, i).unwrap(), 2 * i);
+        }
+        // Within the cap, allocation works.
+        assert_eq!(pool.apply(balloon, 8).unwrap(), 8);
+
+        let pool = plain(1);
+        assert_eq!(pool.apply(balloon, 256).unwrap(), 256);
+    });
+}
+
+fn process_cpu() -> Duration {
+    // SAFETY: ts is a plain-data out-parameter for clock_gettime.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid clock id and out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Spins until this process has used `ms` more milliseconds of CPU.
+fn spin_cpu(ms: u64) -> u64 {
+    let end = process_cpu() + Duration::from_millis(ms);
+    let mut n = 0u64;
+    while process_cpu() < end {
+        n = std::hint::black_box(n.wrapping_add(1));
+    }
+    ms
+}
+
+#[test]
+fn past_the_cpu_cap_the_task_fails_with_the_limit() {
+    within_bound("the cpu test", || {
+        let cap = Duration::from_millis(100);
+        let pool = sandboxed(1, Sandbox::new().cpu_time_per_task(cap));
+        match pool.apply(spin_cpu, 400) {
+            Err(Error::LimitExceeded {
+                limit: Limit::CpuTime { per_task },
+                ..
+            }) => assert_eq!(per_task, cap),
+            other => panic!("expected the CPU limit, got {other:?}"),
+        }
+        // Short tasks, many in a row, each well under the cap.
+        assert_eq!(
+            pool.map(double, 0..1000u64).unwrap(),
+            (0..1000).map(|x| 2 * x).collect::<Vec<_>>()
+        );
+        assert_eq!(pool.apply(spin_cpu, 10).unwrap(), 10);
+
+        let pool = plain(1);
+        assert_eq!(pool.apply(spin_cpu, 400).unwrap(), 400);
+    });
+}
+
+fn big_result(n: usize) -> ByteBuf {
+    ByteBuf::from(vec![7u8; n])
+}
+
+fn echo(b: ByteBuf) -> ByteBuf {
+    b
+}
+
+fn write_big_file((path, n): (String, usize)) -> Result<(), String> {
+    let mut f = std::fs::File::create(&path).map_err(|e| e.to_string())?;
+    f.write_all(&vec![1u8; n]).map_err(|e| e.to_string())
+}
+
+#[test]
+fn a_result_larger_than_the_file_size_cap_still_comes_back() {
+    within_bound("the file size test", || {
+        const CAP: u64 = 1 << 20;
+        let dir = TempDir::new("fsize");
+        let pool = sandboxed(1, Sandbox::new().file_size_limit(CAP).read_write(&dir.0));
+        let r = pool
+            .apply(big_result, 8 << 20)
+            .unwrap_or_else(|e| panic!("the large result: {e:?}"));
+        assert_eq!(r.len(), 8 << 20);
+        assert!(r.iter().all(|&b| b == 7));
+        // A large argument and a large result, both ways.
+        let arg = ByteBuf::from((0..(3 << 20)).map(|i| i as u8).collect::<Vec<u8>>());
+        assert_eq!(pool.apply(echo, arg.clone()).unwrap(), arg);
+        // A file past the cap kills the worker with the limit named.
+        let path = dir.join("big");
+        match pool.apply(write_big_file, (path.clone(), 2 << 20)) {
+            Err(Error::LimitExceeded {
+                limit: Limit::FileSize { bytes },
+                ..
+            }) => assert_eq!(bytes, CAP),
+            other => panic!("expected the file-size limit, got {other:?}"),
+        }
+        assert_eq!(pool.apply(double, 4).unwrap(), 8);
+
+        let pool = plain(1);
+        assert_eq!(
+            pool.apply(write_big_file, (path.clone(), 2 << 20)).unwrap(),
+            Ok(())
+        );
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 << 20);
+    });
+}
+
+/// Opens `n` files, panicking if one cannot be opened, and keeps them open
+/// past the task's end.
+fn hold_files(n: usize) -> usize {
+    let held: Vec<std::fs::File> = (0..n)
+        .map(|_| std::fs::File::open("/dev/null").expect("opening a file"))
+        .collect();
+    let count = held.len();
+    std::mem::forget(held);
+    count
+}
+
+/// Opens `n` files, and closes them again; an error is returned.
+fn try_files(n: usize) -> Result<usize, String> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        held.push(std::fs::File::open("/dev/null").map_err(|e| e.to_string())?);
+    }
+    Ok(held.len())
+}
+
+#[test]
+fn past_the_open_files_cap_the_task_fails_with_the_limit() {
+    within_bound("the open files test", || {
+        let pool = sandboxed(1, Sandbox::new().open_files(16));
+        // Within the cap (and closed again): fine, many times.
+        for _ in 0..5 {
+            assert_eq!(
+                pool.apply(read_file, "/dev/null".to_string()).unwrap(),
+                Ok(String::new())
+            );
+        }
+        match pool.apply(hold_files, 200) {
+            Err(Error::LimitExceeded {
+                limit: Limit::OpenFiles { max },
+                ..
+            }) => assert_eq!(max, 16),
+            other => panic!("expected the open-files limit, got {other:?}"),
+        }
+        assert_eq!(pool.apply(double, 4).unwrap(), 8);
+        // A task that handles EMFILE itself returns what it returns: the
+        // kernel still held it to the cap.
+        let r = pool.apply(try_files, 200).unwrap();
+        assert!(matches!(&r, Err(e) if e.contains("os error 24")), "{r:?}");
+
+        let pool = plain(1);
+        assert_eq!(pool.apply(hold_files, 200).unwrap(), 200);
+        assert_eq!(pool.apply(try_files, 200).unwrap(), Ok(200));
+    });
+}
+
+// ---- workers apart ----
+
+/// Signals the first pid that is not this worker's with SIGKILL.
+fn kill_another(pids: Vec<u32>) -> Result<u32, i32> {
+    let me = std::process::id();
+    let Some(&other) = pids.iter().find(|&&p| p != me) else {
+        return Err(0);
+    };
+    // SAFETY: kill with integer arguments.
+    if unsafe { libc::kill(other as i32, libc::SIGKILL) } == 0 {
+        Ok(other)
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+}
+
+fn read_proc_of(pid: u32) -> Result<usize, String> {
+    std::fs::read(format!("/proc/{pid}/status"))
+        .map(|b| b.len())
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn a_worker_cannot_signal_another() {
+    within_bound("the signal test", || {
+        let pool = sandboxed(2, Sandbox::new());
+        let pids = pool.worker_pids();
+        assert_eq!(pids.len(), 2);
+        assert_eq!(
+            pool.apply(kill_another, pids.clone()).unwrap(),
+            Err(libc::EPERM)
+        );
+        for &p in &pids {
+            assert!(pool.apply(read_proc_of, p).unwrap().is_err());
+        }
+        let mut now = pool.worker_pids();
+        now.sort_unstable();
+        let mut was = pids;
+        was.sort_unstable();
+        assert_eq!(now, was, "a worker was killed");
+
+        let pool = plain(2);
+        let pids = pool.worker_pids();
+        let killed = pool
+            .apply(kill_another, pids)
+            .unwrap()
+            .expect("kill in a plain pool");
+        assert!(common::eventually(|| !pool.worker_pids().contains(&killed)));
+    });
+}
+
+/// The fds from 3 up that this worker holds (probed: /proc may be closed).
+fn open_fds(_: ()) -> Vec<i32> {
+    (3..1024)
+        // SAFETY: fcntl(F_GETFD) on an integer: EBADF if not open.
+        .filter(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1)
+        .collect()
+}
+
+#[test]
+fn a_worker_holds_only_its_own_socket() {
+    within_bound("the fd test", || {
+        let pool = sandboxed(2, Sandbox::new());
+        // Its socket to the parent, and nothing of the others' (nor the
+        // memfd of every worker's status words).
+        assert_eq!(pool.apply(open_fds, ()).unwrap().len(), 1);
+        let pool = plain(2);
+        assert!(pool.apply(open_fds, ()).unwrap().len() > 1);
+    });
+}
+
+/// Tries to truncate and write every memory file this task can reach (its
+/// input block among them); returns how many it changed.
+fn tamper(input: ByteBuf) -> (usize, usize) {
+    let mut changed = 0;
+    let mut seen = 0;
+    for fd in 3..64 {
+        // SAFETY: fcntl on an integer fd: -1 unless it is a sealable file.
+        if unsafe { libc::fcntl(fd, libc::F_GET_SEALS) } == -1 {
+            continue;
+        }
+        seen += 1;
+        // SAFETY: ftruncate and pwrite on fds this process holds, with a
+        // live one-byte buffer.
+        unsafe {
+            if libc::ftruncate(fd, 0) == 0 {
+                changed += 1;
+            }
+            if libc::pwrite(fd, [9u8].as_ptr().cast(), 1, 0) == 1 {
+                changed += 1;
+            }
+        }
+    }
+    std::hint::black_box(&input);
+    (seen, changed)
+}
+
+#[test]
+fn a_worker_cannot_change_a_block_it_was_given() {
+    within_bound("the block test", || {
+        let pool = sandboxed(1, Sandbox::new());
+        let arg = ByteBuf::from(vec![5u8; 2 << 20]);
+        let (seen, changed) = pool.apply(tamper, arg.clone()).unwrap();
+        assert!(seen >= 1, "the task saw no block");
+        assert_eq!(changed, 0);
+        // And large values still travel both ways, many times.
+        for _ in 0..5 {
+            assert_eq!(pool.apply(echo, arg.clone()).unwrap(), arg);
+        }
+    });
+}
+
+// ---- how the sandbox applies ----
+
+fn start_a_thread(_: ()) {
+    std::thread::spawn(|| std::thread::sleep(Duration::from_secs(3600)));
+}
+
+#[test]
+fn an_initializer_that_leaves_a_thread_fails_the_build() {
+    within_bound("the thread test", || {
+        let r = Pool::builder()
+            .processes(1)
+            .start_method(StartMethod::ForkServer)
+            .initializer(start_a_thread, ())
+            .sandbox(Sandbox::new())
+            .build();
+        match r {
+            Err(Error::Sandbox { reason, .. }) => assert!(reason.contains("thread"), "{reason}"),
+            other => panic!("expected a sandbox error, got {other:?}"),
+        }
+    });
+}
+
+fn read_first_line(path: String) -> Result<String, String> {
+    let mut s = String::new();
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_to_string(&mut s))
+        .map_err(|e| e.to_string())?;
+    Ok(s.lines().next().unwrap_or("").to_string())
+}
+
+/// The initializer runs before the sandbox: what it reads, it may read.
+fn read_at_init(path: String) {
+    assert!(read_first_line(path).is_ok());
+}
+
+#[test]
+fn the_sandbox_applies_after_the_initializer() {
+    within_bound("the initializer test", || {
+        let other = TempDir::new("init");
+        let file = other.join("config");
+        std::fs::write(&file, "setting\n").unwrap();
+        let pool = Pool::builder()
+            .processes(1)
+            .start_method(StartMethod::ForkServer)
+            .initializer(read_at_init, file.clone())
+            .sandbox(Sandbox::new())
+            .build()
+            .expect("the initializer may read before the sandbox applies");
+        assert!(pool.apply(read_first_line, file).unwrap().is_err());
+    });
+}
+
+#[test]
+fn a_sandbox_needs_the_fork_server() {
+    let r = Pool::builder()
+        .processes(1)
+        .start_method(StartMethod::Fork)
+        .sandbox(Sandbox::new())
+        .build();
+    match r {
+        Err(Error::Sandbox { reason, .. }) => assert!(reason.contains("ForkServer"), "{reason}"),
+        other => panic!("expected a sandbox error, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_sandbox_settings_are_errors() {
+    let r = Pool::builder()
+        .processes(1)
+        .start_method(StartMethod::ForkServer)
+        .sandbox(Sandbox::new().memory_limit(0))
+        .build();
+    assert!(matches!(r, Err(Error::Config(_))), "{r:?}");
+    let r = Pool::builder()
+        .processes(1)
+        .start_method(StartMethod::ForkServer)
+        .sandbox(Sandbox::new().read_only("/no/such/path/procpool"))
+        .build();
+    assert!(matches!(r, Err(Error::Sandbox { .. })), "{r:?}");
+}
+
+#[test]
+fn threads_work_in_a_sandboxed_task() {
+    fn threads(n: u64) -> u64 {
+        let hs: Vec<_> = (0..n).map(|i| std::thread::spawn(move || i * 2)).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).sum()
+    }
+    within_bound("the threads test", || {
+        let pool = sandboxed(1, Sandbox::new());
+        assert_eq!(pool.apply(threads, 4).unwrap(), 12);
+        // A panic comes back as usual.
+        fn boom(_: ()) {
+            panic!("boom")
+        }
+        assert!(matches!(
+            pool.apply(boom, ()),
+            Err(Error::TaskPanicked { .. })
+        ));
+    });
+}
+
+// ---- a kernel that lacks a mechanism ----
+
+/// Runs in a helper process whose servers pretend Landlock is missing
+/// (`PROCPOOL_SANDBOX_PRETEND_MISSING`, read by the exec'd server).
+#[test]
+fn helper_without_landlock() {
+    if std::env::var("PROCPOOL_SANDBOX_PRETEND_MISSING").is_err() {
+        return;
+    }
+    let r = Pool::builder()
+        .processes(1)
+        .start_method(StartMethod::ForkServer)
+        .sandbox(Sandbox::new())
+        .build();
+    match r {
+        Err(Error::Sandbox { reason, .. }) => {
+            assert!(reason.contains("Landlock"), "{reason}");
+            assert!(reason.contains("allow_weaker"), "{reason}");
+        }
+        other => panic!("expected a sandbox error, got {other:?}"),
+    }
+    // Accepted weaker: the rest still holds (no network, no program).
+    let pool = Pool::builder()
+        .processes(1)
+        .start_method(StartMethod::ForkServer)
+        .sandbox(Sandbox::new().allow_weaker())
+        .build()
+        .expect("a weaker sandbox, accepted");
+    assert!(pool.apply(run_true, ()).unwrap().is_err());
+    assert!(pool.apply(udp_send, 9).unwrap().is_err());
+    println!("HELPER-DONE");
+}
+
+#[test]
+fn a_missing_mechanism_fails_the_build_unless_a_weaker_sandbox_is_accepted() {
+    let run = common::run_helper(
+        "helper_without_landlock",
+        &[("PROCPOOL_SANDBOX_PRETEND_MISSING", "landlock")],
+        BOUND,
+    );
+    assert!(
+        run.status.is_some_and(|s| s.success()) && run.stdout.contains("HELPER-DONE"),
+        "the helper failed:\n{}\n{}",
+        run.stdout,
+        run.stderr
+    );
+}
+
+// ---- a hostile worker and its parent ----
+
+/// Writes, on the worker's socket (its one fd from 3 up), a result frame of
+/// the pool's wire format (`src/wire.rs`) for its first task: a panic whose
+/// message claims 2^60 bytes. Then returns normally.
+fn forge_a_frame(_: ()) -> u64 {
+    let fd = open_fds(())[0];
+    let mut body = vec![253u8];
+    body.extend_from_slice(&(1u64 << 60).to_le_bytes());
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&(body.len() as u64).to_le_bytes()); // len
+    frame.push(3); // DONE
+    frame.push(1); // a panic
+    frame.extend_from_slice(&1u64.to_le_bytes()); // seq: the first task
+    frame.extend_from_slice(&[0u8; 16]); // a, b
+    frame.extend_from_slice(&body);
+    // SAFETY: write of a live buffer on an fd this process holds.
+    unsafe { libc::write(fd, frame.as_ptr().cast(), frame.len()) };
+    7
+}
+
+#[test]
+fn a_crafted_result_cannot_crash_the_parent() {
+    within_bound("the crafted frame test", || {
+        let pool = sandboxed(1, Sandbox::new());
+        match pool.apply(forge_a_frame, ()) {
+            Err(Error::TaskPanicked { message, .. }) => {
+                assert!(message.contains("undecodable"), "{message}")
+            }
+            other => panic!("expected the forged panic, got {other:?}"),
+        }
+        // The worker broke the protocol (a second answer): it is replaced,
+        // and the pool goes on.
+        for i in 0..10u64 {
+            assert_eq!(pool.apply(double, i).unwrap(), 2 * i);
+        }
+    });
+}
+
+/// Finds the pool's status words (a memfd mapping of one page, read
+/// through /proc: this runs in a pool without a sandbox, where a task can
+/// see them) and writes a start time far in the future into every start
+/// word (the second of each slot's five), then sleeps.
+fn forge_start_then_sleep(_: ()) {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    for line in maps.lines().filter(|l| l.contains("memfd:procpool")) {
+        let range = line.split_whitespace().next().unwrap();
+        let (lo, hi) = range.split_once('-').unwrap();
+        let lo = usize::from_str_radix(lo, 16).unwrap();
+        let hi = usize::from_str_radix(hi, 16).unwrap();
+        if hi - lo != 4096 {
+            continue;
+        }
+        for slot in 0..(4096 / 40) {
+            let word = (lo + slot * 40 + 8) as *const std::sync::atomic::AtomicU64;
+            // SAFETY: within a live, writable, 8-aligned shared mapping of
+            // this process.
+            unsafe { (*word).store(u64::MAX / 2, std::sync::atomic::Ordering::SeqCst) };
+        }
+    }
+    std::thread::sleep(Duration::from_secs(120));
+}
+
+#[test]
+fn a_task_cannot_put_off_its_timeout_by_writing_its_start_time() {
+    within_bound("the forged start test", || {
+        let pool = plain(1);
+        let t = Duration::from_millis(500);
+        let r = pool.apply_with(
+            forge_start_then_sleep,
+            (),
+            procpool::TaskOptions::new().timeout(t),
+        );
+        assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
+        assert_eq!(pool.apply(double, 2).unwrap(), 4);
+    });
+}
+
+fn byte_len(b: ByteBuf) -> usize {
+    b.len()
+}
+
+#[test]
+fn many_large_arguments_fit_under_a_small_open_files_cap() {
+    within_bound("the many blocks test", || {
+        let pool = sandboxed(1, Sandbox::new().open_files(4));
+        // Each argument travels in a block of its own, with an fd. Those
+        // still in the socket are the kernel's, not the worker's: the
+        // worker receives one frame's fd at a time, within its reserve.
+        let arg = ByteBuf::from(vec![1u8; 600 << 10]);
+        let rs: Vec<_> = (0..120)
+            .map(|_| pool.apply_async(byte_len, arg.clone()).unwrap())
+            .collect();
+        for r in rs {
+            assert_eq!(r.get().unwrap(), 600 << 10);
+        }
+    });
+}

@@ -8,6 +8,7 @@ mod mpi;
 mod pool;
 mod result;
 mod server;
+mod shared_buf;
 mod shm;
 mod start;
 mod supervisor;
@@ -16,7 +17,11 @@ mod task;
 mod wire;
 mod worker;
 
+/// The `bytemuck` crate that [`SharedSlice`] takes its element bound
+/// ([`bytemuck::Pod`]) from, for deriving it on your own types.
+pub use bytemuck;
 pub use error::{CodecError, Error, Result};
 pub use pool::{Data, MapOptions, Pool, PoolBuilder, TaskOptions};
 pub use result::{AsyncResult, Imap, ImapUnordered, MapResult};
+pub use shared_buf::{SharedBuf, SharedSlice};
 pub use start::StartMethod;

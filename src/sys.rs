@@ -858,12 +858,6 @@ pub(crate) fn fork_generation() -> u64 {
 /// kernel's `SCM_MAX_FD`).
 pub(crate) const MAX_FDS_PER_MSG: usize = 253;
 
-/// `sendmsg` of `buf` with one fd attached (to its first byte), with
-/// `MSG_NOSIGNAL`; returns the bytes sent (the fd went with them if > 0).
-pub(crate) fn send_fd(sock: RawFd, buf: &[u8], fd: RawFd) -> io::Result<usize> {
-    send_fds(sock, buf, &[fd])
-}
-
 /// `sendmsg` of `buf` with up to [`MAX_FDS_PER_MSG`] fds attached (to its
 /// first byte), with `MSG_NOSIGNAL`; returns the bytes sent (the fds went
 /// with them if > 0).

@@ -6,6 +6,7 @@
 //! whole image, not its parts).
 
 use crate::codec;
+use crate::shared_buf::{self, Mode, Region, Supply};
 use crate::shm::{Block, Spill, Target};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -45,6 +46,28 @@ pub(crate) struct Io<'a> {
     /// A large output: its block and length, and whether that block is the
     /// input's.
     pub(crate) spilled: Option<(Block, usize, bool)>,
+    /// The `SharedBuf`s that came with the frame, and those the output
+    /// sends back.
+    pub(crate) shared: SharedIo,
+}
+
+/// A frame's `SharedBuf`s in a worker: the files that came with it (which
+/// the argument's decoding takes), and the regions that the output's
+/// encoding took out of the buffers it met, to send with the result.
+pub(crate) struct SharedIo {
+    pub(crate) mode: Mode,
+    pub(crate) supply: Supply,
+    pub(crate) out: Vec<Region>,
+}
+
+impl Default for SharedIo {
+    fn default() -> Self {
+        SharedIo {
+            mode: Mode::Fds,
+            supply: Supply::default(),
+            out: Vec::new(),
+        }
+    }
 }
 
 /// A task function as it travels: offsets of the trampoline and of the
@@ -152,22 +175,27 @@ where
     R: Serialize,
 {
     let start = io.out.len();
+    let shared_mark = io.shared.out.len();
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         let decoded = {
             let input = match &io.block {
                 Some((b, n)) => b.bytes(*n),
                 None => io.input,
             };
-            codec::decode::<A>(input)
+            io.shared.supply.decoding(|| codec::decode::<A>(input))
         };
         let a = match decoded {
             Ok((a, _)) => a,
             Err(e) => return (status::DECODE, e.to_string()),
         };
         let r = f(a);
+        let mode = io.shared.mode;
         if !io.spill {
             // Items of a chunk: straight into the frame, no block.
-            return match codec::encode_into(&r, io.out) {
+            let out = &mut *io.out;
+            let encoded =
+                shared_buf::encoding(mode, &mut io.shared.out, || codec::encode_into(&r, out));
+            return match encoded {
                 Ok(()) => (status::OK, String::new()),
                 Err(e) => (status::ENCODE, e.to_string()),
             };
@@ -179,7 +207,9 @@ where
             None
         };
         let mut w = Spill::new(io.out, Target::Reuse(reuse));
-        match codec::encode_to(&r, &mut w) {
+        let encoded =
+            shared_buf::encoding(mode, &mut io.shared.out, || codec::encode_to(&r, &mut w));
+        match encoded {
             Ok(()) => match w.finish() {
                 Ok((spilled, unused)) => {
                     let same = had_block && io.reuse && unused.is_none();
@@ -199,12 +229,14 @@ where
         Ok((st, msg)) => {
             io.out.truncate(start);
             io.spilled = None;
+            io.shared.out.truncate(shared_mark);
             put_message(io.out, &msg);
             st
         }
         Err(p) => {
             io.out.truncate(start);
             io.spilled = None;
+            io.shared.out.truncate(shared_mark);
             put_message(io.out, &panic_message(&*p));
             status::PANIC
         }
@@ -275,8 +307,11 @@ where
             spill: false,
             out: &mut *io.out,
             spilled: None,
+            // Buffers are numbered within the whole frame.
+            shared: std::mem::take(&mut io.shared),
         };
         let st = run_one(f, &mut item_io);
+        io.shared = std::mem::take(&mut item_io.shared);
         let n = (io.out.len() - at - 5) as u32;
         io.out[at] = st;
         io.out[at + 1..at + 5].copy_from_slice(&n.to_le_bytes());

@@ -523,7 +523,7 @@ fn encode_arg<A: Serialize>(
             source,
         });
     }
-    if shared.len() > shared_buf::max_per_task() {
+    if !shared.is_empty() && shared.len() > shared_buf::max_per_task() {
         w.discard();
         return Err(shared_buf::too_many(shared.len()));
     }
@@ -553,7 +553,7 @@ fn encode_chunk<'i, A: Serialize + 'i>(
             source,
         });
     }
-    if shared.len() > shared_buf::max_per_task() {
+    if !shared.is_empty() && shared.len() > shared_buf::max_per_task() {
         return Err(shared_buf::too_many(shared.len()));
     }
     Ok((p, shared))
@@ -979,7 +979,7 @@ where
         if n == 0 {
             return None;
         }
-        if err.is_none() && shared.len() > shared_buf::max_per_task() {
+        if err.is_none() && !shared.is_empty() && shared.len() > shared_buf::max_per_task() {
             err = Some(shared_buf::too_many(shared.len()));
         }
         if let Some(e) = err {

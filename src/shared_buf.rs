@@ -760,16 +760,23 @@ pub(crate) fn max_per_task() -> usize {
     half.clamp(16, 4096)
 }
 
-/// The error for a task that carries more buffers than [`max_per_task`].
+/// Why a task's argument or result (`what`) with `n` buffers, more than
+/// [`max_per_task`], cannot travel.
+pub(crate) fn too_many_message(n: usize, what: &str) -> String {
+    format!(
+        "the task's {what} carries {n} SharedBufs, more than one task may ({}: each is a file \
+         descriptor, and the receiving process must be able to hold them all); use a smaller \
+         chunksize, or raise the limit on open files (ulimit -n)",
+        max_per_task()
+    )
+}
+
+/// The error for a task whose argument carries more buffers than
+/// [`max_per_task`].
 pub(crate) fn too_many(n: usize) -> Error {
     Error::Encode {
         what: "argument",
-        source: crate::error::CodecError::new(format!(
-            "the task carries {n} SharedBufs, more than one task may ({}: each is a file \
-             descriptor, and the worker must be able to hold them all); use a smaller chunksize, \
-             or raise the limit on open files (ulimit -n)",
-            max_per_task()
-        )),
+        source: crate::error::CodecError::new(too_many_message(n, "argument")),
     }
 }
 

@@ -190,6 +190,15 @@ pub(crate) fn serve(sock: OwnedFd, status: Status<'_>, init: Option<&Init>) -> R
                 // executable, checked by hash at start-up).
                 st = unsafe { f.call(&mut io) };
             }
+            if io.shared.out.len() > crate::shared_buf::max_per_task() {
+                // More buffers than one message may bring the parent.
+                let msg = crate::shared_buf::too_many_message(io.shared.out.len(), "result");
+                io.shared.out.clear();
+                io.spilled = None;
+                io.out.truncate(at + HDR);
+                let _ = crate::codec::encode_into(&msg, io.out);
+                st = status::ENCODE;
+            }
             let spilled = io.spilled.take();
             // The result's SharedBufs: given up by the task's values (the
             // encoder took them out), sent with the result, then unmapped.

@@ -222,6 +222,10 @@ fn numbered(n: usize, len: usize) -> (Vec<SharedBuf>, Vec<usize>) {
 
 #[test]
 fn map_with_more_buffers_in_one_chunk_than_one_message_carries() {
+    // Holds hundreds of fds: in a process of its own, beside no other test.
+    if common::isolated("map_with_more_buffers_in_one_chunk_than_one_message_carries") {
+        return;
+    }
     watchdog(|| {
         let pool = common::pool(2);
         // 600 buffers in chunks of 300: more than the 253 fds one message
@@ -561,6 +565,10 @@ fn count(v: Vec<SharedBuf>) -> usize {
 
 #[test]
 fn too_many_buffers_for_one_task_is_a_clear_error() {
+    // Holds hundreds of fds: in a process of its own, beside no other test.
+    if common::isolated("too_many_buffers_for_one_task_is_a_clear_error") {
+        return;
+    }
     watchdog(|| {
         let pool = common::pool(1);
         let max = max_per_task();
@@ -571,9 +579,30 @@ fn too_many_buffers_for_one_task_is_a_clear_error() {
             }
             other => panic!("expected Encode, got {other:?}"),
         }
+        // A chunk of a map likewise: its items fail, the map says why.
+        let bufs: Vec<SharedBuf> = (0..=max).map(|_| SharedBuf::new(1).unwrap()).collect();
+        match pool.map_with(len_of, bufs, MapOptions::new().chunksize(max + 1)) {
+            Err(Error::Encode { source, .. }) => {
+                assert!(source.message().contains("SharedBufs"), "{source}")
+            }
+            other => panic!("expected Encode, got {:?}", other.map(|v| v.len())),
+        }
+        // A result with too many, made in the worker.
+        match pool.apply(make, max + 1) {
+            Err(Error::Encode { what, source }) => {
+                assert_eq!(what, "result");
+                assert!(source.message().contains("ulimit -n"), "{source}")
+            }
+            other => panic!("expected Encode, got {:?}", other.map(|v| v.len())),
+        }
         let bufs: Vec<SharedBuf> = (0..300).map(|_| SharedBuf::new(1).unwrap()).collect();
         assert_eq!(pool.apply(count, bufs).unwrap(), 300);
+        assert_eq!(pool.apply(make, 300).unwrap().len(), 300);
     });
+}
+
+fn make(n: usize) -> Vec<SharedBuf> {
+    (0..n).map(|_| SharedBuf::new(1).unwrap()).collect()
 }
 
 /// Set before a `Fork` pool is built: its workers get a copy of this value

@@ -38,7 +38,10 @@
 //!   with any other serializer (or into an initializer's argument, which
 //!   every worker gets a copy of) fails with an error that says so, and
 //!   leaves the buffer as it was. Deserializing one outside the pool's
-//!   decoder fails too: there is no fd to take.
+//!   decoder fails too: there is no fd to take. (A worker installs a
+//!   frame's encoder and decoder once for the frame, a chunk's items
+//!   included, but *arms* them only around the pool's own encoding and
+//!   decoding: a task's own serializer, running in between, is outside.)
 //! - **The caller's dormant mapping.** While a worker holds the buffer, the
 //!   parent keeps its file and mapping with the job (to reuse the mapping,
 //!   and to send it again on a retry) where no user code can reach them.
@@ -68,7 +71,7 @@ use crate::sys::{self, Mapping};
 use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
 use serde::ser::{self, SerializeTupleStruct};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use std::cell::{Ref, RefCell};
+use std::cell::{Cell, Ref, RefCell};
 use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
@@ -369,16 +372,39 @@ struct Encoder {
 }
 
 thread_local! {
-    /// Set while the pool encodes an argument or a result on this thread.
+    /// Set while the pool encodes arguments or results on this thread (in
+    /// a worker, for a whole frame).
     static ENCODER: RefCell<Option<Encoder>> = const { RefCell::new(None) };
-    /// Set while the pool decodes one on this thread.
+    /// Set while the pool decodes them on this thread.
     static DECODER: RefCell<Option<Supply>> = const { RefCell::new(None) };
+    /// Which of the two is *armed*: used by `SharedBuf`'s serde impls only
+    /// while the pool itself encodes or decodes (not while a task runs
+    /// between the two, with the frame's encoder and decoder installed).
+    static ARMED: Cell<u8> = const { Cell::new(0) };
 }
 
-/// Runs `f` (which encodes one value, or the items of one chunk) with this
-/// thread's encoder set: the buffers it meets move into `regions` (in
-/// [`Mode::Fds`]), after those already there.
-pub(crate) fn encoding<T>(mode: Mode, regions: &mut Vec<Region>, f: impl FnOnce() -> T) -> T {
+const ARM_ENCODER: u8 = 1;
+const ARM_DECODER: u8 = 2;
+
+fn armed(which: u8) -> bool {
+    ARMED.try_with(|a| a.get() & which != 0).unwrap_or(false)
+}
+
+/// Runs `f` with exactly `which` armed (then as before, even on a panic).
+fn arm<T>(which: u8, f: impl FnOnce() -> T) -> T {
+    struct Restore(u8);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = ARMED.try_with(|a| a.set(self.0));
+        }
+    }
+    let _restore = Restore(ARMED.with(|a| a.replace(which)));
+    f()
+}
+
+/// Runs `f` with this thread's encoder holding `regions` (moved in, and
+/// back out afterwards, even on a panic), not armed.
+fn with_encoder<T>(mode: Mode, regions: &mut Vec<Region>, f: impl FnOnce() -> T) -> T {
     struct Restore<'a> {
         regions: &'a mut Vec<Region>,
         prev: Option<Encoder>,
@@ -399,6 +425,58 @@ pub(crate) fn encoding<T>(mode: Mode, regions: &mut Vec<Region>, f: impl FnOnce(
     let prev = ENCODER.with(|e| e.replace(Some(now)));
     let _restore = Restore { regions, prev };
     f()
+}
+
+/// Runs `f` (which encodes one value, or the items of one chunk) with this
+/// thread's encoder set and armed: the buffers it meets move into
+/// `regions` (in [`Mode::Fds`]), after those already there.
+pub(crate) fn encoding<T>(mode: Mode, regions: &mut Vec<Region>, f: impl FnOnce() -> T) -> T {
+    with_encoder(mode, regions, || arm(ARM_ENCODER, f))
+}
+
+/// In a worker: runs `f` (a whole frame: its argument or items, the task,
+/// its result) with the frame's encoder and decoder installed but not
+/// armed; [`encode_armed`] and [`decode_armed`] arm them around the pool's
+/// own encoding and decoding. (Installing them once per frame, not once per
+/// item of a chunk, keeps a map of a million small items as fast as before.)
+pub(crate) fn frame<T>(
+    mode: Mode,
+    regions: &mut Vec<Region>,
+    supply: &mut Supply,
+    f: impl FnOnce() -> T,
+) -> T {
+    with_encoder(mode, regions, || supply.with_decoder(f))
+}
+
+/// Arms the installed encoder for `f` (see [`frame`]).
+pub(crate) fn encode_armed<T>(f: impl FnOnce() -> T) -> T {
+    arm(ARM_ENCODER, f)
+}
+
+/// Arms the installed decoder for `f` (see [`frame`]).
+pub(crate) fn decode_armed<T>(f: impl FnOnce() -> T) -> T {
+    arm(ARM_DECODER, f)
+}
+
+/// How many buffers the installed encoder holds (a mark to roll back to).
+pub(crate) fn encoded_len() -> usize {
+    ENCODER
+        .try_with(|e| e.borrow().as_ref().map_or(0, |e| e.regions.len()))
+        .unwrap_or(0)
+}
+
+/// Drops the buffers the installed encoder took after `mark` (an item
+/// whose result failed part-way).
+pub(crate) fn truncate_encoded(mark: usize) {
+    let dropped = ENCODER
+        .try_with(|e| {
+            e.borrow_mut()
+                .as_mut()
+                .map(|e| e.regions.split_off(mark.min(e.regions.len())))
+        })
+        .ok()
+        .flatten();
+    drop(dropped);
 }
 
 /// What comes with one received frame: for each buffer it names, in
@@ -453,8 +531,18 @@ impl Supply {
     }
 
     /// Runs `f` (which decodes one value, or a chunk's items) with this
-    /// supply as this thread's source of buffers.
+    /// supply as this thread's source of buffers, armed.
     pub(crate) fn decoding<T>(&mut self, f: impl FnOnce() -> T) -> T {
+        if self.items.is_empty() {
+            // Nothing to take (most results): armed, nothing installed.
+            return arm(ARM_DECODER, f);
+        }
+        self.with_decoder(|| arm(ARM_DECODER, f))
+    }
+
+    /// Runs `f` with this supply installed (moved in, and back out
+    /// afterwards, even on a panic), not armed.
+    fn with_decoder<T>(&mut self, f: impl FnOnce() -> T) -> T {
         struct Restore<'a> {
             supply: &'a mut Supply,
             prev: Option<Supply>,
@@ -477,11 +565,16 @@ impl Supply {
 
 /// Takes buffer `index` of the frame being decoded.
 fn take(index: u32, len: u64) -> std::result::Result<SharedBuf, String> {
+    if !armed(ARM_DECODER) {
+        return Err(OUTSIDE_DE.to_string());
+    }
     let item = DECODER
         .try_with(|d| {
             let mut d = d.borrow_mut();
             let Some(s) = d.as_mut() else {
-                return Err(OUTSIDE_DE.to_string());
+                return Err(format!(
+                    "SharedBuf {index} did not arrive (the message brought none)"
+                ));
             };
             let n = s.items.len();
             match s.items.get_mut(index as usize) {
@@ -522,6 +615,7 @@ impl Serialize for SharedBuf {
             .try_with(|e| e.borrow().as_ref().map(|e| e.mode))
             .ok()
             .flatten()
+            .filter(|_| armed(ARM_ENCODER))
             .ok_or_else(|| ser::Error::custom(OUTSIDE_SER))?;
         let mut cell = self
             .region
@@ -877,6 +971,27 @@ mod tests {
         assert!(e.message().contains("view"), "{e}");
         assert_eq!(view.len(), 10);
         assert!(regions.is_empty());
+    }
+
+    #[test]
+    fn a_frame_takes_buffers_only_while_armed() {
+        // As in a worker: the frame's encoder and decoder are installed for
+        // the whole task, but a task's own serializing is not the pool's.
+        let b = SharedBuf::from_slice(b"xyz").unwrap();
+        let mut regions = Vec::new();
+        let mut supply = Supply::default();
+        let mut out = Vec::new();
+        frame(Mode::Fds, &mut regions, &mut supply, || {
+            let e = codec::encode_into(&b, &mut out).unwrap_err();
+            assert!(e.message().contains("can only be sent by the pool"), "{e}");
+            assert_eq!(encoded_len(), 0);
+            encode_armed(|| codec::encode_into(&b, &mut out)).unwrap();
+            assert_eq!(encoded_len(), 1);
+            truncate_encoded(0);
+            assert_eq!(encoded_len(), 0);
+        });
+        assert!(regions.is_empty(), "rolled back");
+        assert_eq!(b.len(), 0, "sent");
     }
 
     #[test]

@@ -175,26 +175,24 @@ where
     R: Serialize,
 {
     let start = io.out.len();
-    let shared_mark = io.shared.out.len();
+    let shared_mark = shared_buf::encoded_len();
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         let decoded = {
             let input = match &io.block {
                 Some((b, n)) => b.bytes(*n),
                 None => io.input,
             };
-            io.shared.supply.decoding(|| codec::decode::<A>(input))
+            shared_buf::decode_armed(|| codec::decode::<A>(input))
         };
         let a = match decoded {
             Ok((a, _)) => a,
             Err(e) => return (status::DECODE, e.to_string()),
         };
         let r = f(a);
-        let mode = io.shared.mode;
         if !io.spill {
             // Items of a chunk: straight into the frame, no block.
             let out = &mut *io.out;
-            let encoded =
-                shared_buf::encoding(mode, &mut io.shared.out, || codec::encode_into(&r, out));
+            let encoded = shared_buf::encode_armed(|| codec::encode_into(&r, out));
             return match encoded {
                 Ok(()) => (status::OK, String::new()),
                 Err(e) => (status::ENCODE, e.to_string()),
@@ -207,8 +205,7 @@ where
             None
         };
         let mut w = Spill::new(io.out, Target::Reuse(reuse));
-        let encoded =
-            shared_buf::encoding(mode, &mut io.shared.out, || codec::encode_to(&r, &mut w));
+        let encoded = shared_buf::encode_armed(|| codec::encode_to(&r, &mut w));
         match encoded {
             Ok(()) => match w.finish() {
                 Ok((spilled, unused)) => {
@@ -229,14 +226,14 @@ where
         Ok((st, msg)) => {
             io.out.truncate(start);
             io.spilled = None;
-            io.shared.out.truncate(shared_mark);
+            shared_buf::truncate_encoded(shared_mark);
             put_message(io.out, &msg);
             st
         }
         Err(p) => {
             io.out.truncate(start);
             io.spilled = None;
-            io.shared.out.truncate(shared_mark);
+            shared_buf::truncate_encoded(shared_mark);
             put_message(io.out, &panic_message(&*p));
             status::PANIC
         }
@@ -251,12 +248,21 @@ fn func_of<A, R>(func: usize) -> fn(A) -> R {
     unsafe { std::mem::transmute_copy::<usize, fn(A) -> R>(&func) }
 }
 
+/// Runs `f` over a whole frame with the frame's `SharedBuf` encoder and
+/// decoder installed (see `shared_buf::frame`).
+fn with_shared<T>(io: &mut Io<'_>, f: impl FnOnce(&mut Io<'_>) -> T) -> T {
+    let mut shared = std::mem::take(&mut io.shared);
+    let r = shared_buf::frame(shared.mode, &mut shared.out, &mut shared.supply, || f(io));
+    io.shared = shared;
+    r
+}
+
 fn run_single<A, R>(func: usize, io: &mut Io<'_>) -> u8
 where
     A: DeserializeOwned,
     R: Serialize,
 {
-    run_one(func_of::<A, R>(func), io)
+    with_shared(io, |io| run_one(func_of::<A, R>(func), io))
 }
 
 /// Appends one item to a chunk's input: a 4-byte length, then the encoding.
@@ -295,6 +301,16 @@ where
     R: Serialize,
 {
     let f = func_of::<A, R>(func);
+    // Buffers are numbered within the whole frame: one encoder and decoder
+    // for every item.
+    with_shared(io, |io| run_items(f, io))
+}
+
+fn run_items<A, R>(f: fn(A) -> R, io: &mut Io<'_>) -> u8
+where
+    A: DeserializeOwned,
+    R: Serialize,
+{
     let input = io.input;
     for item in items(input) {
         let at = io.out.len();
@@ -307,11 +323,9 @@ where
             spill: false,
             out: &mut *io.out,
             spilled: None,
-            // Buffers are numbered within the whole frame.
-            shared: std::mem::take(&mut io.shared),
+            shared: SharedIo::default(),
         };
         let st = run_one(f, &mut item_io);
-        io.shared = std::mem::take(&mut item_io.shared);
         let n = (io.out.len() - at - 5) as u32;
         io.out[at] = st;
         io.out[at + 1..at + 5].copy_from_slice(&n.to_le_bytes());

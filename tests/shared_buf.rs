@@ -637,3 +637,87 @@ fn a_copy_made_by_fork_refuses_access() {
         assert_eq!(held.as_ref().unwrap().as_slice()[0], 42);
     });
 }
+
+/// Fails to serialize for odd numbers.
+struct OddFails(u32);
+
+impl Serialize for OddFails {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0 % 2 == 1 {
+            return Err(serde::ser::Error::custom("odd numbers do not serialize"));
+        }
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for OddFails {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<OddFails, D::Error> {
+        u32::deserialize(d).map(OddFails)
+    }
+}
+
+/// A new buffer holding `x`, then a field that fails for odd `x`: the
+/// buffer's encoding is then undone, and the items after it keep theirs.
+fn buffer_then_maybe_fail(x: u32) -> (SharedBuf, OddFails) {
+    (SharedBuf::from_slice(&[x as u8; 100]).unwrap(), OddFails(x))
+}
+
+#[test]
+fn an_item_whose_result_fails_half_encoded_leaves_the_others_their_buffers() {
+    watchdog(|| {
+        let pool = common::pool(2);
+        let mut ok = 0;
+        for (x, r) in (0..8u32).zip(pool.imap_with(
+            buffer_then_maybe_fail,
+            0..8u32,
+            MapOptions::new().chunksize(8),
+        )) {
+            match r {
+                Ok((b, v)) => {
+                    assert_eq!(x % 2, 0);
+                    assert_eq!(v.0, x);
+                    assert_eq!(
+                        b.to_vec(),
+                        vec![x as u8; 100],
+                        "item {x} got its own buffer"
+                    );
+                    ok += 1;
+                }
+                Err(Error::Encode { what, source }) => {
+                    assert_eq!(x % 2, 1);
+                    assert_eq!(what, "result");
+                    assert!(source.message().contains("odd"), "{source}");
+                }
+                Err(e) => panic!("item {x}: {e}"),
+            }
+        }
+        assert_eq!(ok, 4);
+    });
+}
+
+#[test]
+fn callbacks_and_await_see_the_buffers() {
+    watchdog(|| {
+        let pool = common::pool(2);
+        let (tx, rx) = mpsc::channel();
+        let mut b = SharedBuf::new(1000).unwrap();
+        b.as_mut_slice()[999] = 41;
+        let r = pool
+            .apply_async_with(
+                bump,
+                b,
+                TaskOptions::new().on_success(move |(_, b): &(u8, SharedBuf)| {
+                    tx.send(b.as_slice()[999]).unwrap();
+                }),
+            )
+            .unwrap();
+        let (first, b) = r.get().unwrap();
+        assert_eq!((first, b.as_slice()[999]), (1, 42));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(60)).unwrap(), 42);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (_, b) = rt.block_on(pool.apply_async(bump, b).unwrap()).unwrap();
+        assert_eq!(b.as_slice()[999], 43);
+    });
+}

@@ -17,8 +17,9 @@ mod task;
 mod wire;
 mod worker;
 
-/// The `bytemuck` crate that [`SharedSlice`] takes its element bound
-/// ([`bytemuck::Pod`]) from, for deriving it on your own types.
+/// The `bytemuck` crate, whose [`bytemuck::Pod`] is the bound on a
+/// [`SharedSlice`]'s elements (to derive `Pod` for your own `#[repr(C)]`
+/// types, depend on `bytemuck` with its `derive` feature).
 pub use bytemuck;
 pub use error::{CodecError, Error, Result};
 pub use pool::{Data, MapOptions, Pool, PoolBuilder, TaskOptions};

@@ -70,6 +70,8 @@ case_ "a task that panics on a rank fails alone; the job goes on" 0 "mpi_panic: 
   "${MPIRUN[@]}" -np 3 "$EX/mpi_panic"
 case_ "a timeout costs its rank; a spare replaces it; the job goes on" 0 "mpi_timeout: ok" \
   "${MPIRUN[@]}" -np 4 "$EX/mpi_timeout"
+case_ "SharedBufs are copied to the ranks and back" 0 "mpi_shared: ok" \
+  "${MPIRUN[@]}" -np 3 "$EX/mpi_shared"
 case_ "ranks that run different binaries are refused" nonzero \
   "do not all run the same executable" \
   "${MPIRUN[@]}" -np 1 "$EX/mpi_primes" : -np 2 "$EX/mpi_panic"

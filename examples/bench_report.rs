@@ -18,8 +18,25 @@
 //!   map_1M_items_per_s        map(inc, 0..1_000_000), default chunk size
 //!   imap_unordered_1M_chunk1000_items_per_s   chunk size 1000
 //!   echo_64MiB_GBps           apply(echo, 64 MiB ByteBuf): 2 x 64 MiB / time
+//!   echo_64MiB_shared_GBps    one 64 MiB SharedBuf, made and sent once
+//!                             before the clock, then sent again and again
+//!                             (as a pipeline reuses its buffers): the
+//!                             worker writes every byte and returns it;
+//!                             2 x 64 MiB / time (median of 5). compare.py
+//!                             puts it beside CPython's echo of 64 MiB.
+//!   echo_64MiB_shared_fresh_GBps   the same with a new buffer each time
+//!                             (made and dropped inside the timing, so its
+//!                             pages are faulted in fresh; median of 3)
+//!   echo_64MiB_vec_GBps       apply(echo, 64 MiB Vec<u8>): serde sees a
+//!                             sequence of u8s (median of 3)
 //!   cpu_bound_speedup         32 tasks of ~20 ms of CPU: sequential in the
 //!                             caller / through map_with(chunksize 1)
+//!   cpu_bound_limit_speedup   the same 32 tasks in N bare forked processes
+//!                             (no pool; each runs its share and _exits):
+//!                             sequential / that time, the machine's own
+//!                             limit in the same run, measured alternately
+//!                             with the pool's (compare.py reports the
+//!                             pool's speedup as a fraction of it)
 //!   spawn_per_task_100_s      100 trivial tasks, one fork()ed process each
 //!                             (fork + _exit + waitpid, as Python's fork start
 //!                             method: no exec)
@@ -37,7 +54,7 @@
 //!                             /proc/self/clear_refs, so it is that
 //!                             workload's own peak (baseline RSS included).
 //!                             Runs last.
-use procpool::{MapOptions, Pool};
+use procpool::{MapOptions, Pool, SharedBuf};
 use serde_bytes::ByteBuf;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -49,6 +66,20 @@ fn inc(x: u64) -> u64 {
 }
 
 fn echo(b: ByteBuf) -> ByteBuf {
+    b
+}
+
+fn echo_vec(b: Vec<u8>) -> Vec<u8> {
+    b
+}
+
+/// Writes every byte of the buffer (a pass over it, as a task that fills
+/// an output buffer does) and gives it back.
+fn fill_shared(mut b: SharedBuf) -> SharedBuf {
+    let n = b.len();
+    let s = b.as_mut_slice();
+    s.fill(b'y');
+    s[n - 1] = b'z';
     b
 }
 
@@ -155,6 +186,39 @@ fn spawn_per_task(n: usize) -> BoxResult<()> {
             -1 => return Err(std::io::Error::last_os_error().into()),
             0 => {
                 noop();
+                // SAFETY: _exit never returns and runs no atexit handlers.
+                unsafe { libc::_exit(0) }
+            }
+            p => pids.push(p),
+        }
+    }
+    for p in pids {
+        let mut status = 0;
+        // SAFETY: status is a valid out-pointer; p is our unreaped child.
+        let r = unsafe { libc::waitpid(p, &mut status, 0) };
+        if r != p || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+            return Err(format!("child {p}: waitpid {r}, status {status:#x}").into());
+        }
+    }
+    Ok(())
+}
+
+/// The 32 spinning tasks of `cpu_bound_speedup` in `n` bare processes: each
+/// child runs every n-th task and `_exit`s; no pool, no result. The time
+/// is the machine's limit for this work in parallel.
+fn bare_parallel(work: &[u64], n: usize) -> BoxResult<()> {
+    let mut pids = Vec::with_capacity(n);
+    for k in 0..n {
+        // SAFETY: the child only spins (pure arithmetic on its stack: no
+        // allocation, no lock) and calls _exit, so the threads this process
+        // may have do not matter.
+        let pid = unsafe { libc::fork() };
+        match pid {
+            -1 => return Err(std::io::Error::last_os_error().into()),
+            0 => {
+                for &w in work.iter().skip(k).step_by(n) {
+                    black_box(spin(black_box(w)));
+                }
                 // SAFETY: _exit never returns and runs no atexit handlers.
                 unsafe { libc::_exit(0) }
             }
@@ -327,19 +391,78 @@ fn main() -> BoxResult<()> {
             ));
         }
 
-        if want("cpu_bound_speedup") {
+        if want("echo_64MiB_shared_GBps") {
+            const LEN: usize = 64 << 20;
+            // Made once and sent once before the clock: its pages exist
+            // and are mapped in the caller, as in a pipeline's steady state.
+            let mut buf = Some(p.apply(fill_shared, SharedBuf::new(LEN)?)?);
+            let mut xs = Vec::with_capacity(5);
+            for _ in 0..5 {
+                let arg = buf.take().expect("the buffer came back");
+                let t = Instant::now();
+                let r = p.apply(fill_shared, arg)?;
+                xs.push(t.elapsed().as_secs_f64());
+                assert_eq!(r.len(), LEN);
+                assert_eq!(r.as_slice()[LEN - 1], b'z');
+                buf = Some(r);
+            }
+            out.push((
+                "echo_64MiB_shared_GBps",
+                2.0 * LEN as f64 / median(xs) / 1e9,
+            ));
+        }
+
+        if want("echo_64MiB_shared_fresh_GBps") {
+            const LEN: usize = 64 << 20;
+            let t = med(3, || {
+                let r = p.apply(fill_shared, SharedBuf::new(LEN)?)?;
+                assert_eq!(r.as_slice()[LEN - 1], b'z');
+                drop(r);
+                Ok(())
+            })?;
+            out.push(("echo_64MiB_shared_fresh_GBps", 2.0 * LEN as f64 / t / 1e9));
+        }
+
+        if want("echo_64MiB_vec_GBps") {
+            let payload = vec![b'x'; 64 << 20];
+            // As the ByteBuf echo: the copy for each repetition is made
+            // before the clock starts; dropping the result is timed.
+            let mut xs = Vec::with_capacity(3);
+            for _ in 0..3 {
+                let arg = payload.clone();
+                let t = Instant::now();
+                let r = p.apply(echo_vec, arg)?;
+                assert_eq!(r.len(), payload.len());
+                drop(r);
+                xs.push(t.elapsed().as_secs_f64());
+            }
+            out.push((
+                "echo_64MiB_vec_GBps",
+                2.0 * payload.len() as f64 / median(xs) / 1e9,
+            ));
+        }
+
+        if want("cpu_bound_speedup") || want("cpu_bound_limit_speedup") {
             let per_task = calibrate(Duration::from_millis(20));
             let work = vec![per_task; 32];
             let t_seq = med(3, || {
                 black_box(work.iter().map(|&w| spin(w)).collect::<Vec<_>>());
                 Ok(())
             })?;
-            let t_par = med(3, || {
+            // The pool and the bare processes alternately, so that both
+            // see the machine in the same state.
+            let (mut pars, mut bares) = (Vec::new(), Vec::new());
+            for _ in 0..3 {
+                let t = Instant::now();
+                bare_parallel(&work, n)?;
+                bares.push(t.elapsed().as_secs_f64());
+                let t = Instant::now();
                 let v = p.map_with(spin, work.iter().copied(), MapOptions::new().chunksize(1))?;
+                pars.push(t.elapsed().as_secs_f64());
                 assert_eq!(v.len(), work.len());
-                Ok(())
-            })?;
-            out.push(("cpu_bound_speedup", t_seq / t_par));
+            }
+            out.push(("cpu_bound_speedup", t_seq / median(pars)));
+            out.push(("cpu_bound_limit_speedup", t_seq / median(bares)));
         }
         // As pool_bench.py's `with` block: the pool ends here.
     }

@@ -96,6 +96,29 @@ pub enum Error {
         /// How it ended, as its reaper saw it.
         status: ExitStatus,
     },
+    /// The worker running a task whose argument held [`SharedBuf`]s died
+    /// part-way (as [`WorkerLost`](Error::WorkerLost)). The buffers were
+    /// released with the task, and it was not run again even if it had
+    /// retries: the dead worker may have half written them.
+    /// [`TaskOptions::retries_with_shared`] asks for a retry anyway.
+    ///
+    /// [`SharedBuf`]: crate::SharedBuf
+    /// [`TaskOptions::retries_with_shared`]: crate::TaskOptions::retries_with_shared
+    #[error(
+        "worker {pid} was lost while running a task that held {buffers} SharedBuf(s) ({status}); \
+         the buffers were released with the task, which was not run again since the worker may \
+         have half written them (TaskOptions::retries_with_shared allows a retry that sees them \
+         as it left them)"
+    )]
+    #[non_exhaustive]
+    WorkerLostShared {
+        /// The pid of the worker that died.
+        pid: u32,
+        /// How it ended, as its reaper saw it.
+        status: ExitStatus,
+        /// How many buffers the task held.
+        buffers: usize,
+    },
     /// The task ran longer than its timeout; its worker was killed and replaced.
     #[error("the task timed out after {timeout:?}; worker {pid} was killed")]
     #[non_exhaustive]

@@ -37,6 +37,8 @@ mod sandbox;
 #[cfg(target_os = "linux")]
 mod server;
 #[cfg(target_os = "linux")]
+mod shared_buf;
+#[cfg(target_os = "linux")]
 mod shm;
 #[cfg(target_os = "linux")]
 mod start;
@@ -55,6 +57,11 @@ mod wire;
 #[cfg(target_os = "linux")]
 mod worker;
 
+/// The `bytemuck` crate, whose [`bytemuck::Pod`] is the bound on a
+/// [`SharedSlice`]'s elements (to derive `Pod` for your own `#[repr(C)]`
+/// types, depend on `bytemuck` with its `derive` feature).
+#[cfg(target_os = "linux")]
+pub use bytemuck;
 #[cfg(target_os = "linux")]
 pub use deadline::{deadline_passed, time_left};
 #[cfg(target_os = "linux")]
@@ -69,6 +76,8 @@ pub use pool::{Data, MapOptions, Pool, PoolBuilder, TaskOptions};
 pub use result::{AsyncResult, Imap, ImapUnordered, MapResult, Next};
 #[cfg(target_os = "linux")]
 pub use sandbox::{Limit, Sandbox};
+#[cfg(target_os = "linux")]
+pub use shared_buf::{SharedBuf, SharedSlice};
 #[cfg(target_os = "linux")]
 pub use start::StartMethod;
 #[cfg(target_os = "linux")]

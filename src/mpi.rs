@@ -798,7 +798,8 @@ impl<'c> Root<'c> {
                 match map_block(s.in_fds.pop_front(), len) {
                     Ok(block) => {
                         let mut nh = h;
-                        nh.status = 0;
+                        // Inline now; other flags (INLINE_SHARED) stay.
+                        nh.status = h.status & !(wire::IN_BLOCK | wire::KEEP_INPUT);
                         nh.len = len as u64;
                         nh.begin(&mut self.msg);
                         self.msg.extend_from_slice(block.bytes(len));

@@ -8,6 +8,7 @@ use crate::result::{
     Signal, Slot, assemble, complete, decode_payload,
 };
 use crate::server::{self, Init, Spec};
+use crate::shared_buf::{self, Mode, Region};
 use crate::shm::{BlockCache, Body, Spill, Target};
 use crate::start::StartMethod;
 use crate::supervisor::{self, Config, JobSpec, Phase, Shared};
@@ -53,6 +54,7 @@ pub struct TaskOptions<R> {
     timeout: Option<Duration>,
     soft_timeout: Option<Duration>,
     retries: Option<u32>,
+    retry_shared: bool,
     on_success: Option<OnSuccess<R>>,
     on_error: Option<OnError>,
 }
@@ -63,6 +65,7 @@ impl<R> Default for TaskOptions<R> {
             timeout: None,
             soft_timeout: None,
             retries: None,
+            retry_shared: false,
             on_success: None,
             on_error: None,
         }
@@ -94,9 +97,22 @@ impl<R> TaskOptions<R> {
     }
 
     /// Run the task again, up to `n` times, if its worker dies under it
-    /// (overrides the pool's default). Only for idempotent work.
+    /// (overrides the pool's default). Only for idempotent work. A task
+    /// whose argument holds [`SharedBuf`](crate::SharedBuf)s is not run
+    /// again (it fails with [`Error::WorkerLostShared`]) unless
+    /// [`retries_with_shared`](Self::retries_with_shared) asks for it.
     pub fn retries(mut self, n: u32) -> Self {
         self.retries = Some(n);
+        self
+    }
+
+    /// As [`retries`](Self::retries), and also for a task whose argument
+    /// holds [`SharedBuf`](crate::SharedBuf)s: the retry gets the same
+    /// buffers as the dead worker left them, possibly half written. Only
+    /// for work that copes with that (it rewrites them whole, say).
+    pub fn retries_with_shared(mut self, n: u32) -> Self {
+        self.retries = Some(n);
+        self.retry_shared = true;
         self
     }
 
@@ -119,6 +135,7 @@ impl<R> std::fmt::Debug for TaskOptions<R> {
             .field("timeout", &self.timeout)
             .field("soft_timeout", &self.soft_timeout)
             .field("retries", &self.retries)
+            .field("retry_shared", &self.retry_shared)
             .field("on_success", &self.on_success.is_some())
             .field("on_error", &self.on_error.is_some())
             .finish()
@@ -142,6 +159,7 @@ pub struct MapOptions<R> {
     timeout: Option<Duration>,
     soft_timeout: Option<Duration>,
     retries: Option<u32>,
+    retry_shared: bool,
     in_flight: Option<usize>,
     on_success: Option<OnSuccess<Vec<R>>>,
     on_error: Option<OnError>,
@@ -154,6 +172,7 @@ impl<R> Default for MapOptions<R> {
             timeout: None,
             soft_timeout: None,
             retries: None,
+            retry_shared: false,
             in_flight: None,
             on_success: None,
             on_error: None,
@@ -192,6 +211,15 @@ impl<R> MapOptions<R> {
         self
     }
 
+    /// Retries for each chunk, also for chunks that hold
+    /// [`SharedBuf`](crate::SharedBuf)s (see
+    /// [`TaskOptions::retries_with_shared`]).
+    pub fn retries_with_shared(mut self, n: u32) -> Self {
+        self.retries = Some(n);
+        self.retry_shared = true;
+        self
+    }
+
     /// For `imap`: at most this many chunks in flight (default: enough to
     /// keep every worker busy, at least 4 per worker).
     pub fn in_flight(mut self, chunks: usize) -> Self {
@@ -219,6 +247,7 @@ impl<R> std::fmt::Debug for MapOptions<R> {
             .field("timeout", &self.timeout)
             .field("soft_timeout", &self.soft_timeout)
             .field("retries", &self.retries)
+            .field("retry_shared", &self.retry_shared)
             .field("in_flight", &self.in_flight)
             .finish()
     }
@@ -536,6 +565,7 @@ impl PoolBuilder {
                 .unwrap_or_else(crate::capture::env_wants_backtraces),
             max_memory_per_child: self.max_memory_per_child,
             sandbox: sandbox.as_ref().map(|s| s.limits()),
+            inline_shared: mpi,
         };
         #[cfg(feature = "mpi")]
         if self.mpi {
@@ -659,22 +689,57 @@ impl std::fmt::Debug for Pool {
 }
 
 /// Encodes an argument: in a buffer, or in a shared-memory block once it
-/// grows large.
-fn encode_arg<A: Serialize>(arg: &A, cache: &BlockCache) -> Result<Body> {
+/// grows large; with the `SharedBuf`s it moved out of the argument.
+fn encode_arg<A: Serialize>(
+    arg: &A,
+    cache: &BlockCache,
+    mode: Mode,
+) -> Result<(Body, Vec<Region>)> {
     let mut v = Vec::new();
+    let mut shared = Vec::new();
     let mut w = Spill::new(&mut v, Target::Cache(cache));
-    if let Err(source) = codec::encode_to(arg, &mut w) {
+    let encoded = shared_buf::encoding(mode, &mut shared, || codec::encode_to(arg, &mut w));
+    if let Err(source) = encoded {
         w.discard();
         return Err(Error::Encode {
             what: "argument",
             source,
         });
     }
+    if !shared.is_empty() && shared.len() > shared_buf::max_per_task() {
+        w.discard();
+        return Err(shared_buf::too_many(shared.len()));
+    }
     match w.finish() {
-        Ok((Some((b, n)), _)) => Ok(Body::Shm(b, n)),
-        Ok((None, _)) => Ok(Body::Heap(v)),
+        Ok((Some((b, n)), _)) => Ok((Body::Shm(b, n), shared)),
+        Ok((None, _)) => Ok((Body::Heap(v), shared)),
         Err(e) => Err(Error::io("making a shared-memory block", e)),
     }
+}
+
+/// Encodes the items of one chunk, with the `SharedBuf`s they moved out.
+fn encode_chunk<'i, A: Serialize + 'i>(
+    items: impl IntoIterator<Item = &'i A>,
+    mode: Mode,
+) -> Result<(Vec<u8>, Vec<Region>)> {
+    let mut p = Vec::new();
+    let mut shared = Vec::new();
+    let encoded = shared_buf::encoding(mode, &mut shared, || {
+        for a in items {
+            task::push_item(&mut p, a)?;
+        }
+        Ok(())
+    });
+    if let Err(source) = encoded {
+        return Err(Error::Encode {
+            what: "argument",
+            source,
+        });
+    }
+    if !shared.is_empty() && shared.len() > shared_buf::max_per_task() {
+        return Err(shared_buf::too_many(shared.len()));
+    }
+    Ok((p, shared))
 }
 
 impl Pool {
@@ -737,6 +802,15 @@ impl Pool {
         self.shared.worker_pids()
     }
 
+    /// How this pool's tasks carry `SharedBuf`s.
+    fn shared_mode(&self) -> Mode {
+        if self.shared.cfg.inline_shared {
+            Mode::Inline
+        } else {
+            Mode::Fds
+        }
+    }
+
     /// The pid of the pool's fork server: the parent of every worker, and
     /// the pool's one child process. It exits (and is reaped) when the pool
     /// is joined, terminated or dropped.
@@ -774,7 +848,7 @@ impl Pool {
         arg: A,
         opts: TaskOptions<R>,
     ) -> Result<AsyncResult<R>> {
-        let payload = encode_arg(&arg, &self.shared.blocks)?;
+        let (payload, shared) = encode_arg(&arg, &self.shared.blocks, self.shared_mode())?;
         let hook = match (opts.on_success, opts.on_error) {
             (None, None) => Hook::None,
             (ok, err) => Hook::Handler(Box::new(move |o: Outcome| {
@@ -792,6 +866,8 @@ impl Pool {
                 timeout: opts.timeout,
                 soft_timeout: opts.soft_timeout,
                 retries: opts.retries,
+                shared,
+                retry_shared: opts.retry_shared,
             },
         )])?;
         Ok(AsyncResult {
@@ -877,23 +953,16 @@ impl Pool {
         // Submit each chunk as soon as it is encoded, so the workers start
         // while the rest is being encoded. A chunk that cannot be encoded
         // fails as a whole, in its place in the input order.
+        let mode = self.shared_mode();
         for (chunk, slot) in items.chunks(chunksize).zip(result.chunks.iter()) {
             let hook = Hook::Group(result.group.clone(), chunk.len());
-            let mut p = Vec::new();
-            let mut failed = None;
-            for a in chunk {
-                if let Err(source) = task::push_item(&mut p, a) {
-                    failed = Some(Error::Encode {
-                        what: "argument",
-                        source,
-                    });
-                    break;
+            let (p, shared) = match encode_chunk(chunk, mode) {
+                Ok(x) => x,
+                Err(e) => {
+                    complete(slot.clone(), hook, Err(e), &self.shared.handler);
+                    continue;
                 }
-            }
-            if let Some(e) = failed {
-                complete(slot.clone(), hook, Err(e), &self.shared.handler);
-                continue;
-            }
+            };
             let spec = JobSpec {
                 f: tf,
                 payload: Body::Heap(p),
@@ -901,6 +970,8 @@ impl Pool {
                 timeout: opts.timeout,
                 soft_timeout: opts.soft_timeout,
                 retries: opts.retries,
+                shared,
+                retry_shared: opts.retry_shared,
             };
             if let Err(e) = self.shared.submit(vec![(slot.clone(), spec)]) {
                 // Closed or terminated: nothing of this map may run.
@@ -932,6 +1003,8 @@ impl Pool {
                 retries: opts.retries,
                 ended: false,
                 panicked: None,
+                retry_shared: opts.retry_shared,
+                mode: self.shared_mode(),
             }),
             in_flight,
         )
@@ -1113,6 +1186,8 @@ struct ChunkFeeder<I> {
     ended: bool,
     /// The input's panic, to hand over after the chunk pulled before it.
     panicked: Option<Box<dyn std::any::Any + Send>>,
+    retry_shared: bool,
+    mode: Mode,
 }
 
 impl<I> Feeder for ChunkFeeder<I>
@@ -1122,39 +1197,42 @@ where
 {
     fn next_chunk(&mut self, hook: &mut dyn FnMut(usize) -> Hook) -> Option<Pending> {
         let mut payload = Vec::new();
+        let mut shared = Vec::new();
         let mut n = 0;
         let mut err = None;
-        while n < self.chunksize && !self.ended {
-            // The input's panic is kept, and resumed in the consumer in its
-            // place, after the items before it (see Imap).
-            let a = match catch_unwind(AssertUnwindSafe(|| self.it.next())) {
-                Ok(Some(a)) => a,
-                Ok(None) => {
-                    self.ended = true;
-                    break;
+        shared_buf::encoding(self.mode, &mut shared, || {
+            while n < self.chunksize && !self.ended {
+                // The input's panic is kept, and resumed in the consumer in
+                // its place, after the items before it (see Imap).
+                let a = match catch_unwind(AssertUnwindSafe(|| self.it.next())) {
+                    Ok(Some(a)) => a,
+                    Ok(None) => {
+                        self.ended = true;
+                        break;
+                    }
+                    Err(p) => {
+                        self.ended = true;
+                        self.panicked = Some(p);
+                        break;
+                    }
+                };
+                if let Err(e) = task::push_item(&mut payload, &a) {
+                    err.get_or_insert(Error::Encode {
+                        what: "argument",
+                        source: e,
+                    });
                 }
-                Err(p) => {
-                    self.ended = true;
-                    self.panicked = Some(p);
-                    break;
-                }
-            };
-            if let Err(e) = task::push_item(&mut payload, &a) {
-                err.get_or_insert(e);
+                n += 1;
             }
-            n += 1;
-        }
+        });
         if n == 0 {
             return self.panicked.take().map(Pending::InputPanicked);
         }
-        if let Some(source) = err {
-            return Some(Pending::Failed(
-                Error::Encode {
-                    what: "argument",
-                    source,
-                },
-                n,
-            ));
+        if err.is_none() && !shared.is_empty() && shared.len() > shared_buf::max_per_task() {
+            err = Some(shared_buf::too_many(shared.len()));
+        }
+        if let Some(e) = err {
+            return Some(Pending::Failed(e, n));
         }
         let slot = self.shared.new_slot();
         let spec = JobSpec {
@@ -1164,6 +1242,8 @@ where
             timeout: self.timeout,
             soft_timeout: self.soft_timeout,
             retries: self.retries,
+            shared,
+            retry_shared: self.retry_shared,
         };
         match self.shared.submit(vec![(slot.clone(), spec)]) {
             Ok(()) => Some(Pending::Chunk(slot, n)),

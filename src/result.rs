@@ -2,6 +2,7 @@
 //! the `imap` iterators, and the slot each of them waits on.
 
 use crate::error::{Error, Result};
+use crate::shared_buf::Supply;
 use crate::supervisor::Shared;
 use crate::task;
 use crossbeam_channel::{Receiver, Sender};
@@ -35,8 +36,9 @@ impl Buf {
 
 /// A finished task's value before the caller takes it.
 pub(crate) enum Payload {
-    /// The encoded output, decoded by whoever takes it.
-    Bytes(Buf),
+    /// The encoded output, decoded by whoever takes it, and the
+    /// `SharedBuf`s that came with it.
+    Bytes(Buf, Supply),
     /// A value already decoded (by the result-handler thread, for callbacks).
     Value(Box<dyn Any + Send>),
     /// Nothing: the value lives elsewhere (a map's chunks).
@@ -122,7 +124,7 @@ impl Slot {
     fn all_items_ok(&self) -> bool {
         let s = self.lock();
         match &s.outcome {
-            Some(Ok(Payload::Bytes(b))) => task::chunk_all_ok(b.bytes()),
+            Some(Ok(Payload::Bytes(b, _))) => task::chunk_all_ok(b.bytes()),
             Some(Ok(_)) => true,
             Some(Err(_)) => false,
             None => s.taken,
@@ -381,7 +383,9 @@ pub(crate) fn complete(slot: Arc<Slot>, hook: Hook, outcome: Outcome, handler: &
 
 pub(crate) fn decode_payload<R: DeserializeOwned + 'static>(o: Outcome) -> Result<R> {
     match o? {
-        Payload::Bytes(b) => task::decode_outcome(task::status::OK, b.bytes()),
+        Payload::Bytes(b, mut shared) => {
+            shared.decoding(|| task::decode_outcome(task::status::OK, b.bytes()))
+        }
         Payload::Value(v) => v.downcast::<R>().map(|b| *b).map_err(|_| Error::Broken {
             reason: "a stored value had an unexpected type".into(),
         }),
@@ -501,7 +505,7 @@ pub(crate) fn assemble<R: DeserializeOwned>(chunks: &[Arc<Slot>], total: usize) 
     let mut first: Option<Error> = None;
     for c in chunks {
         match c.take() {
-            Ok(Payload::Bytes(b)) => {
+            Ok(Payload::Bytes(b, mut shared)) => shared.decoding(|| {
                 for item in task::decode_chunk::<R>(b.bytes()) {
                     match item {
                         Ok(v) if first.is_none() => out.push(v),
@@ -511,7 +515,7 @@ pub(crate) fn assemble<R: DeserializeOwned>(chunks: &[Arc<Slot>], total: usize) 
                         }
                     }
                 }
-            }
+            }),
             Ok(_) => {
                 first.get_or_insert(Error::Broken {
                     reason: "a chunk had no value".into(),
@@ -673,7 +677,9 @@ fn unpack<R: DeserializeOwned>(p: Pending, into: &mut VecDeque<Result<R>>) {
         Pending::InputPanicked(payload) => std::panic::resume_unwind(payload),
         Pending::Failed(e, n) => into.extend(std::iter::repeat_n(e, n).map(Err)),
         Pending::Chunk(slot, n) => match slot.take() {
-            Ok(Payload::Bytes(b)) => into.extend(task::decode_chunk::<R>(b.bytes())),
+            Ok(Payload::Bytes(b, mut shared)) => {
+                shared.decoding(|| into.extend(task::decode_chunk::<R>(b.bytes())))
+            }
             Ok(_) => into.push_back(Err(Error::Broken {
                 reason: "a chunk had no value".into(),
             })),

@@ -14,6 +14,7 @@
 use crate::error::Error;
 use crate::result::{Buf, Handler, Hook, Outcome, Payload, Slot, complete};
 use crate::server::{self, Msg};
+use crate::shared_buf::{Region, Supply};
 use crate::shm::{BlockCache, Body, Lent};
 use crate::sys::{self, SharedWords};
 use crate::task::{self, TaskFn, status};
@@ -120,6 +121,9 @@ pub(crate) struct Config {
     pub(crate) max_memory_per_child: Option<u64>,
     /// A sandboxed pool's caps.
     pub(crate) sandbox: Option<crate::sandbox::Limits>,
+    /// Whether `SharedBuf`s travel as copies (MPI ranks, beyond shared
+    /// memory) rather than by reference.
+    pub(crate) inline_shared: bool,
 }
 
 impl Config {
@@ -160,6 +164,13 @@ pub(crate) struct Job {
     pub(crate) soft_timeout: Option<Duration>,
     pub(crate) retries: u32,
     pub(crate) cancelled: bool,
+    /// The `SharedBuf`s its argument moved out of the caller's hands: sent
+    /// with it, and kept here (where nothing else can reach them) until
+    /// its result brings them back or it fails.
+    pub(crate) shared: Vec<Region>,
+    /// Whether it runs again after its worker died part-way even though it
+    /// holds `SharedBuf`s (which that worker may have half written).
+    pub(crate) retry_shared: bool,
 }
 
 /// What a caller hands to `submit`.
@@ -170,6 +181,8 @@ pub(crate) struct JobSpec {
     pub(crate) timeout: Option<Duration>,
     pub(crate) soft_timeout: Option<Duration>,
     pub(crate) retries: Option<u32>,
+    pub(crate) shared: Vec<Region>,
+    pub(crate) retry_shared: bool,
 }
 
 struct InFlight {
@@ -426,6 +439,8 @@ impl Shared {
                 soft_timeout: s.soft_timeout.or(self.cfg.soft_timeout),
                 retries: s.retries.unwrap_or(self.cfg.retries),
                 cancelled: false,
+                shared: s.shared,
+                retry_shared: s.retry_shared,
             });
         }
         let pending = st.dispatch(&self.cfg, true);
@@ -729,7 +744,11 @@ impl State {
                 // over the workers; it may hold about PIPELINE_NS of short
                 // ones, so that it never waits for the next batch.
                 let est = self.est.get(&front.f).copied();
-                let short = est.is_some_and(|e| e < SHORT_TASK_NS) && front.timeout.is_none();
+                // A task with SharedBufs goes alone too: a worker then holds
+                // the fds of one task at a time.
+                let short = est.is_some_and(|e| e < SHORT_TASK_NS)
+                    && front.timeout.is_none()
+                    && front.shared.is_empty();
                 if !w.in_flight.is_empty() && (!short || w.held_ns >= PIPELINE_NS) {
                     break;
                 }
@@ -750,21 +769,48 @@ impl State {
                     bytes += HDR;
                 }
                 let mut h = Header::new(wire::TASK, seq, job.f.tramp, job.f.func);
+                if cfg.inline_shared {
+                    h.status |= wire::INLINE_SHARED;
+                }
+                // The fds go on the frame's first bytes (wire::fd_offset):
+                // the input block's, then the SharedBufs'.
+                let at = w.out.len();
+                let mut nfds = 0;
+                let prefix = if job.shared.is_empty() {
+                    0
+                } else {
+                    h.status |= wire::SHARED_FDS;
+                    4
+                };
                 match &job.payload {
                     Body::Heap(p) => {
-                        h.len = p.len() as u64;
-                        h.begin(&mut w.out);
-                        w.out.extend_from_slice(p);
-                        bytes += p.len() + HDR;
+                        h.len = (prefix + p.len()) as u64;
                     }
-                    Body::Shm(b, n) => {
-                        h.len = 8;
-                        h.status = wire::IN_BLOCK;
+                    Body::Shm(b, _) => {
+                        h.len = prefix as u64 + 8;
+                        h.status |= wire::IN_BLOCK;
                         if job.retries > 0 {
                             h.status |= wire::KEEP_INPUT;
                         }
-                        w.out_fds.push_back((w.out.len(), b.raw_fd()));
-                        h.begin(&mut w.out);
+                        w.out_fds.push_back((wire::fd_offset(at, nfds), b.raw_fd()));
+                        nfds += 1;
+                    }
+                }
+                for r in &job.shared {
+                    w.out_fds.push_back((wire::fd_offset(at, nfds), r.raw_fd()));
+                    nfds += 1;
+                }
+                h.begin(&mut w.out);
+                if prefix > 0 {
+                    w.out
+                        .extend_from_slice(&(job.shared.len() as u32).to_le_bytes());
+                }
+                match &job.payload {
+                    Body::Heap(p) => {
+                        w.out.extend_from_slice(p);
+                        bytes += p.len() + HDR;
+                    }
+                    Body::Shm(_, n) => {
                         w.out.extend_from_slice(&(*n as u64).to_le_bytes());
                         bytes += HDR + 8;
                     }
@@ -799,11 +845,22 @@ fn flush_out(w: &mut Worker) -> bool {
     while w.out_pos < w.out.len() {
         let sock = w.fd.as_raw_fd();
         let sent = match w.out_fds.front() {
-            Some(&(at, fd)) if at == w.out_pos => {
-                let end = w.out_fds.get(1).map_or(w.out.len(), |x| x.0);
-                let r = sys::send_fd(sock, &w.out[w.out_pos..end], fd);
+            Some(&(at, _)) if at == w.out_pos => {
+                // Every fd on this byte goes in one message (at most
+                // MAX_FDS_PER_MSG of them: wire::fd_offset).
+                let mut group = [0 as std::os::fd::RawFd; sys::MAX_FDS_PER_MSG];
+                let mut k = 0;
+                for &(o, fd) in w.out_fds.iter() {
+                    if o != at || k == group.len() {
+                        break;
+                    }
+                    group[k] = fd;
+                    k += 1;
+                }
+                let end = w.out_fds.get(k).map_or(w.out.len(), |x| x.0);
+                let r = sys::send_fds(sock, &w.out[w.out_pos..end], &group[..k]);
                 if matches!(r, Ok(n) if n > 0) {
-                    w.out_fds.pop_front();
+                    w.out_fds.drain(..k);
                 }
                 r
             }
@@ -954,11 +1011,14 @@ fn block_outcome(
     if block.capacity() < len {
         return Err(broken("a result's block is shorter than the result"));
     }
-    Ok(Payload::Bytes(Buf::Block(Lent {
-        block: Some(block),
-        len,
-        cache: cache.clone(),
-    })))
+    Ok(Payload::Bytes(
+        Buf::Block(Lent {
+            block: Some(block),
+            len,
+            cache: cache.clone(),
+        }),
+        Supply::default(),
+    ))
 }
 
 fn parse_frames(
@@ -970,7 +1030,7 @@ fn parse_frames(
 ) {
     let mut pos = 0usize;
     while let Some((h, total)) = wire::complete(&w.inbuf[pos..]) {
-        let body_at = pos + HDR;
+        let mut body_at = pos + HDR;
         let end = pos + total;
         match h.kind {
             wire::READY if !w.ready => {
@@ -994,34 +1054,80 @@ fn parse_frames(
                 w.sandbox_failed = true;
             }
             wire::DONE => {
+                // The count of the SharedBufs that came with it, if any.
+                let Some((nshared, _)) = wire::shared_prefix(h.status, &w.inbuf[body_at..end])
+                else {
+                    let e = Error::Broken {
+                        reason: format!("worker {} sent a malformed result", w.pid),
+                    };
+                    set_kill(w, KillReason::Error(e), 0);
+                    pos = end;
+                    continue;
+                };
+                if h.status & wire::SHARED_FDS != 0 {
+                    body_at += 4;
+                }
+                let st = h.status & !wire::SHARED_FDS;
                 let outcome = if h.a == wire::OUT_SAME_BLOCK || h.a == wire::OUT_NEW_BLOCK {
                     pos = end;
                     let body = w.inbuf[body_at..end].to_vec();
                     block_outcome(w, h.a, &body, cache)
-                } else if h.status == status::OK {
+                } else if st == status::OK {
                     if h.len as usize >= HAND_OVER {
                         let rest = w.inbuf[end..].to_vec();
                         let mut v = std::mem::replace(&mut w.inbuf, rest);
                         v.truncate(end);
                         pos = 0;
-                        Ok(Payload::Bytes(Buf::Heap {
-                            vec: v,
-                            start: body_at,
-                        }))
+                        Ok(Payload::Bytes(
+                            Buf::Heap {
+                                vec: v,
+                                start: body_at,
+                            },
+                            Supply::default(),
+                        ))
                     } else {
                         pos = end;
-                        Ok(Payload::Bytes(Buf::Heap {
-                            vec: w.inbuf[body_at..end].to_vec(),
-                            start: 0,
-                        }))
+                        Ok(Payload::Bytes(
+                            Buf::Heap {
+                                vec: w.inbuf[body_at..end].to_vec(),
+                                start: 0,
+                            },
+                            Supply::default(),
+                        ))
                     }
                 } else {
                     pos = end;
-                    Err(task::outcome_error(h.status, &w.inbuf[body_at..end]))
+                    Err(task::outcome_error(st, &w.inbuf[body_at..end]))
                 };
+                // Its SharedBufs' fds came after its block's (if any).
+                let shared_fds: Vec<OwnedFd> =
+                    w.in_fds.drain(..nshared.min(w.in_fds.len())).collect();
+                let shared_missing = shared_fds.len() < nshared;
                 match w.in_flight.front() {
                     Some(f) if f.seq == h.seq => {
-                        let f = w.in_flight.pop_front().expect("front exists");
+                        let mut f = w.in_flight.pop_front().expect("front exists");
+                        // The caller's own buffers come back as they were
+                        // lent (the same mapping); the others are mapped
+                        // where the value is decoded.
+                        let lent = std::mem::take(&mut f.job.shared);
+                        let outcome = match outcome {
+                            Ok(Payload::Bytes(b, _)) if shared_missing => {
+                                drop(b);
+                                Err(Error::Broken {
+                                    reason: format!(
+                                        "worker {}: a result's SharedBufs did not arrive",
+                                        w.pid
+                                    ),
+                                })
+                            }
+                            Ok(Payload::Bytes(b, _)) => match Supply::resolve(shared_fds, lent) {
+                                Ok(s) => Ok(Payload::Bytes(b, s)),
+                                Err(reason) => Err(Error::Broken {
+                                    reason: format!("worker {}: {reason}", w.pid),
+                                }),
+                            },
+                            other => other,
+                        };
                         w.held_ns = w.held_ns.saturating_sub(f.charge);
                         // The worker reports each task's run time in `b`.
                         est.entry(f.job.f)
@@ -1699,11 +1805,17 @@ fn worker_exited(
                 pid: w.pid,
             }),
             // A task that started runs again only if it may (its input was
-            // kept for that: KEEP_INPUT).
-            _ if job.retries > 0 => {
+            // kept for that: KEEP_INPUT), and, if it holds SharedBufs, only
+            // if the caller accepts that they may be half written.
+            _ if job.retries > 0 && (job.shared.is_empty() || job.retry_shared) => {
                 job.retries -= 1;
                 None
             }
+            _ if !job.shared.is_empty() => Some(Error::WorkerLostShared {
+                pid: w.pid,
+                status,
+                buffers: job.shared.len(),
+            }),
             _ => Some(Error::WorkerLost { pid: w.pid, status }),
         };
         match err {

@@ -217,7 +217,9 @@ unsafe fn recv_raw(
         iov_base: ptr.cast(),
         iov_len: len,
     };
-    let mut cbuf = [0u64; 16];
+    // Room for the most fds one message can carry (MAX_FDS_PER_MSG: a
+    // frame with many SharedBufs sends them in messages of that many).
+    let mut cbuf = [0u64; 130];
     // SAFETY: msghdr is plain data; all-zero is a valid empty header.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
@@ -934,15 +936,131 @@ impl Drop for Mapping {
     }
 }
 
-/// `sendmsg` of `buf` with one fd attached (to its first byte), with
-/// `MSG_NOSIGNAL`; returns the bytes sent (the fd went with them if > 0).
-pub(crate) fn send_fd(sock: RawFd, buf: &[u8], fd: RawFd) -> io::Result<usize> {
+impl Mapping {
+    /// Leaves this mapping out of the children of a later `fork()`
+    /// (`MADV_DONTFORK`): in a child its range is not mapped at all.
+    pub(crate) fn dont_fork(&self) -> io::Result<()> {
+        if self.len == 0 {
+            return Ok(());
+        }
+        // SAFETY: advice on exactly the range this mapping owns; it changes
+        // nothing in this process, only what a child of fork() inherits.
+        cvt(unsafe { libc::madvise(self.ptr.cast(), self.len, libc::MADV_DONTFORK) })?;
+        Ok(())
+    }
+}
+
+/// The seals that fix a `SharedBuf`'s file at its size for good: it can
+/// neither shrink (a mapping would lose pages under a reader: SIGBUS) nor
+/// grow, and no seal can be added or removed after these.
+pub(crate) const SIZE_SEALS: libc::c_int =
+    libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+
+/// A new memory file of `len` bytes (zero-filled), close-on-exec, named
+/// `name` (as `/proc/*/maps` shows it), sealed with [`SIZE_SEALS`].
+pub(crate) fn sealed_memfd(name: &std::ffi::CStr, len: usize) -> io::Result<OwnedFd> {
+    // SAFETY: the name is a NUL-terminated string that outlives the call.
+    let fd = cvt(unsafe {
+        libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+    })?;
+    // SAFETY: a fresh fd that we alone own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_len(&fd, len)?;
+    // SAFETY: fcntl on an open fd with integer arguments.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, SIZE_SEALS) })?;
+    Ok(fd)
+}
+
+/// A memory file's seals (`F_GET_SEALS`); an error for a file that is not
+/// a memory file.
+pub(crate) fn seals(fd: &OwnedFd) -> io::Result<libc::c_int> {
+    // SAFETY: fcntl on an open fd with no pointer arguments.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) })
+}
+
+/// What `fstat` says of a file: its identity (device and inode, unique
+/// among the files that exist), its size, and how many of its bytes have
+/// storage (pages of a memory file that were written or faulted in).
+pub(crate) struct FileId {
+    pub(crate) dev: u64,
+    pub(crate) ino: u64,
+    pub(crate) size: usize,
+    pub(crate) allocated: u64,
+}
+
+/// `fstat` of an open file.
+pub(crate) fn file_id(fd: &OwnedFd) -> io::Result<FileId> {
+    // SAFETY: st is a plain-data out-parameter for fstat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is open and st is valid for writes.
+    cvt(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    Ok(FileId {
+        dev: st.st_dev,
+        ino: st.st_ino,
+        size: st.st_size as usize,
+        allocated: (st.st_blocks as u64).saturating_mul(512),
+    })
+}
+
+/// This process's soft limit on open files (`RLIMIT_NOFILE`).
+pub(crate) fn fd_soft_limit() -> u64 {
+    // SAFETY: rlimit is plain data, an out-parameter for getrlimit.
+    let mut r: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: r is valid for writes.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == -1 {
+        return 1024;
+    }
+    r.rlim_cur
+}
+
+static FORKS: AtomicU64 = AtomicU64::new(0);
+static FORKS_WATCHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn count_fork_in_child() {
+    // An atomic add: async-signal-safe, as work in a fork child must be.
+    FORKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A number that differs in the child of every `fork()` of this process
+/// from what it was in the parent at the fork (from the first call on): a
+/// value made in one process can tell that it is a copy in a child.
+pub(crate) fn fork_generation() -> u64 {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: registers a handler that glibc calls in the child after
+        // each fork(); the handler only increments an atomic, which is
+        // async-signal-safe, and is a plain function that lives as long
+        // as the process.
+        let r = unsafe { libc::pthread_atfork(None, None, Some(count_fork_in_child)) };
+        FORKS_WATCHED.store(r == 0, std::sync::atomic::Ordering::SeqCst);
+    });
+    if FORKS_WATCHED.load(std::sync::atomic::Ordering::Relaxed) {
+        FORKS.load(std::sync::atomic::Ordering::Relaxed)
+    } else {
+        // No handler (pthread_atfork failed): the pid tells a child apart.
+        // SAFETY: getpid has no preconditions.
+        u64::from(unsafe { libc::getpid() } as u32) << 32
+    }
+}
+
+/// The most fds that one `sendmsg` on a Unix socket may carry (the
+/// kernel's `SCM_MAX_FD`).
+pub(crate) const MAX_FDS_PER_MSG: usize = 253;
+
+/// `sendmsg` of `buf` with up to [`MAX_FDS_PER_MSG`] fds attached (to its
+/// first byte), with `MSG_NOSIGNAL`; returns the bytes sent (the fds went
+/// with them if > 0).
+pub(crate) fn send_fds(sock: RawFd, buf: &[u8], fds: &[RawFd]) -> io::Result<usize> {
+    if fds.is_empty() || fds.len() > MAX_FDS_PER_MSG {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
     let mut iov = libc::iovec {
         iov_base: buf.as_ptr() as *mut libc::c_void,
         iov_len: buf.len(),
     };
-    let fd_bytes = std::mem::size_of::<RawFd>() as u32;
-    let mut cbuf = [0u64; 4];
+    let fd_bytes = std::mem::size_of_val(fds) as u32;
+    // Room for one header and MAX_FDS_PER_MSG fds, 8-aligned.
+    let mut cbuf = [0u64; 130];
     // SAFETY: msghdr is plain data; all-zero is a valid empty header.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
@@ -950,14 +1068,19 @@ pub(crate) fn send_fd(sock: RawFd, buf: &[u8], fd: RawFd) -> io::Result<usize> {
     msg.msg_control = cbuf.as_mut_ptr().cast();
     // SAFETY: CMSG_SPACE is a pure computation.
     msg.msg_controllen = unsafe { libc::CMSG_SPACE(fd_bytes) } as _;
-    // SAFETY: cbuf (32 bytes, 8-aligned) holds CMSG_SPACE(4) = 24 bytes: one
-    // header and one fd, which CMSG_FIRSTHDR/CMSG_DATA address within it.
+    // SAFETY: cbuf (1040 bytes, 8-aligned) holds CMSG_SPACE(4 * 253) = 1032
+    // bytes, so one header and fds.len() <= 253 fds, which CMSG_FIRSTHDR and
+    // CMSG_DATA address within it.
     unsafe {
         let c = libc::CMSG_FIRSTHDR(&msg);
         (*c).cmsg_level = libc::SOL_SOCKET;
         (*c).cmsg_type = libc::SCM_RIGHTS;
         (*c).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd);
+        std::ptr::copy_nonoverlapping(
+            fds.as_ptr().cast::<u8>(),
+            libc::CMSG_DATA(c),
+            fd_bytes as usize,
+        );
     }
     loop {
         // SAFETY: msg and what it points to (iov, cbuf) live across the call.

@@ -6,6 +6,7 @@
 //! whole image, not its parts).
 
 use crate::codec;
+use crate::shared_buf::{self, Mode, Region, Supply};
 use crate::shm::{Block, Spill, Target};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -45,6 +46,28 @@ pub(crate) struct Io<'a> {
     /// A large output: its block and length, and whether that block is the
     /// input's.
     pub(crate) spilled: Option<(Block, usize, bool)>,
+    /// The `SharedBuf`s that came with the frame, and those the output
+    /// sends back.
+    pub(crate) shared: SharedIo,
+}
+
+/// A frame's `SharedBuf`s in a worker: the files that came with it (which
+/// the argument's decoding takes), and the regions that the output's
+/// encoding took out of the buffers it met, to send with the result.
+pub(crate) struct SharedIo {
+    pub(crate) mode: Mode,
+    pub(crate) supply: Supply,
+    pub(crate) out: Vec<Region>,
+}
+
+impl Default for SharedIo {
+    fn default() -> Self {
+        SharedIo {
+            mode: Mode::Fds,
+            supply: Supply::default(),
+            out: Vec::new(),
+        }
+    }
 }
 
 /// The initializer every worker runs before its first task: a task
@@ -185,13 +208,14 @@ where
     R: Serialize,
 {
     let start = io.out.len();
+    let shared_mark = shared_buf::encoded_len();
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         let decoded = {
             let input = match &io.block {
                 Some((b, n)) => b.bytes(*n),
                 None => io.input,
             };
-            codec::decode::<A>(input)
+            shared_buf::decode_armed(|| codec::decode::<A>(input))
         };
         let a = match decoded {
             Ok((a, _)) => a,
@@ -200,7 +224,9 @@ where
         let r = crate::traceback::__procpool_begin_task(f, a);
         if !io.spill {
             // Items of a chunk: straight into the frame, no block.
-            return match codec::encode_into(&r, io.out) {
+            let out = &mut *io.out;
+            let encoded = shared_buf::encode_armed(|| codec::encode_into(&r, out));
+            return match encoded {
                 Ok(()) => (status::OK, String::new()),
                 Err(e) => (status::ENCODE, e.to_string()),
             };
@@ -212,7 +238,8 @@ where
             None
         };
         let mut w = Spill::new(io.out, Target::Reuse(reuse));
-        match codec::encode_to(&r, &mut w) {
+        let encoded = shared_buf::encode_armed(|| codec::encode_to(&r, &mut w));
+        match encoded {
             Ok(()) => match w.finish() {
                 Ok((spilled, unused)) => {
                     let same = had_block && io.reuse && unused.is_none();
@@ -232,12 +259,14 @@ where
         Ok((st, msg)) => {
             io.out.truncate(start);
             io.spilled = None;
+            shared_buf::truncate_encoded(shared_mark);
             put_message(io.out, &msg);
             st
         }
         Err(p) => {
             io.out.truncate(start);
             io.spilled = None;
+            shared_buf::truncate_encoded(shared_mark);
             put_message(io.out, &panic_message(&*p));
             // Where it panicked, and the stack if asked for, after the message.
             crate::capture::put_report(io.out);
@@ -254,12 +283,21 @@ fn func_of<A, R>(func: usize) -> fn(A) -> R {
     unsafe { std::mem::transmute_copy::<usize, fn(A) -> R>(&func) }
 }
 
+/// Runs `f` over a whole frame with the frame's `SharedBuf` encoder and
+/// decoder installed (see `shared_buf::frame`).
+fn with_shared<T>(io: &mut Io<'_>, f: impl FnOnce(&mut Io<'_>) -> T) -> T {
+    let mut shared = std::mem::take(&mut io.shared);
+    let r = shared_buf::frame(shared.mode, &mut shared.out, &mut shared.supply, || f(io));
+    io.shared = shared;
+    r
+}
+
 fn run_single<A, R>(func: usize, io: &mut Io<'_>) -> u8
 where
     A: DeserializeOwned,
     R: Serialize,
 {
-    run_one(func_of::<A, R>(func), io)
+    with_shared(io, |io| run_one(func_of::<A, R>(func), io))
 }
 
 /// Appends one item to a chunk's input: a 4-byte length, then the encoding.
@@ -298,6 +336,16 @@ where
     R: Serialize,
 {
     let f = func_of::<A, R>(func);
+    // Buffers are numbered within the whole frame: one encoder and decoder
+    // for every item.
+    with_shared(io, |io| run_items(f, io))
+}
+
+fn run_items<A, R>(f: fn(A) -> R, io: &mut Io<'_>) -> u8
+where
+    A: DeserializeOwned,
+    R: Serialize,
+{
     let input = io.input;
     for item in items(input) {
         let at = io.out.len();
@@ -310,6 +358,7 @@ where
             spill: false,
             out: &mut *io.out,
             spilled: None,
+            shared: SharedIo::default(),
         };
         let st = run_one(f, &mut item_io);
         let n = (io.out.len() - at - 5) as u32;

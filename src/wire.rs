@@ -45,6 +45,32 @@ pub(crate) const IN_BLOCK: u8 = 1;
 /// TASK flag: the worker must not write the result into the input's block
 /// (the parent may need the input again, to retry the task).
 pub(crate) const KEEP_INPUT: u8 = 2;
+/// TASK flag: a result's `SharedBuf`s are copied inline, not sent by
+/// reference (the worker is an MPI rank, beyond shared memory).
+pub(crate) const INLINE_SHARED: u8 = 0x40;
+/// TASK and DONE flag (in `status`): `SharedBuf` fds came with the frame,
+/// after the block's fd if any; the body starts with their count (4 bytes),
+/// and the rest of it is the usual body. The fds ride on the frame's first
+/// bytes, at most `sys::MAX_FDS_PER_MSG` on each (see [`fd_offset`]).
+pub(crate) const SHARED_FDS: u8 = 0x80;
+
+/// Where the fds of a frame that starts at `at` go: the i-th on byte
+/// `at + i / MAX_FDS_PER_MSG`, so that no message carries more than the
+/// kernel allows. A frame has at least `HDR` bytes, room for 34 groups.
+pub(crate) fn fd_offset(at: usize, i: usize) -> usize {
+    at + i / crate::sys::MAX_FDS_PER_MSG
+}
+
+/// Splits the body of a frame with [`SHARED_FDS`] into the count of its
+/// `SharedBuf` fds and the rest; a frame without the flag has none.
+pub(crate) fn shared_prefix(status: u8, body: &[u8]) -> Option<(usize, &[u8])> {
+    if status & SHARED_FDS == 0 {
+        return Some((0, body));
+    }
+    let n = u32::from_le_bytes(body.get(..4)?.try_into().ok()?) as usize;
+    Some((n, &body[4..]))
+}
+
 /// DONE (in `a`): the body is the 8-byte length of the output, which is in
 /// the task's input block.
 pub(crate) const OUT_SAME_BLOCK: u64 = 1;

@@ -16,10 +16,11 @@
 //! `shm.rs`).
 
 use crate::sandbox::{Active, Prepared};
+use crate::shared_buf::{Mode, Supply};
 use crate::shm::Block;
 use crate::sys;
 use crate::sys::Status;
-use crate::task::{Init, Io, TaskFn, status};
+use crate::task::{Init, Io, SharedIo, TaskFn, status};
 use crate::wire::{self, HDR, Header};
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -142,6 +143,7 @@ pub(crate) fn serve(
             spill: false,
             out: &mut out,
             spilled: None,
+            shared: SharedIo::default(),
         };
         // SAFETY: the initializer was made by PoolBuilder::initializer
         // (TaskFn::single) in the process this one was forked from, or in
@@ -194,6 +196,8 @@ pub(crate) fn serve(
             if h.kind != wire::TASK {
                 continue;
             }
+            // A count of SharedBuf fds may lead the body (see wire.rs).
+            let (nshared, body) = wire::shared_prefix(h.status, body).unwrap_or((0, &[]));
             let start_ns = sys::monotonic_ns();
             let limit = soft.take().filter(|&(seq, _)| seq == h.seq);
             crate::deadline::begin_task(start_ns, limit.map(|(_, ns)| ns));
@@ -201,6 +205,17 @@ pub(crate) fn serve(
             status.started.store(h.seq, Ordering::SeqCst);
             let t0 = Instant::now();
             let at = Header::new(wire::DONE, h.seq, 0, 0).begin(&mut out);
+            // The fds of an input block and of SharedBufs are taken whatever
+            // happens next, so that the next frame's fds stay paired with
+            // their frame.
+            let block_fd = (h.status & wire::IN_BLOCK != 0).then(|| fds.pop_front());
+            let shared_fds: Vec<OwnedFd> = fds.drain(..nshared.min(fds.len())).collect();
+            let shared_missing = shared_fds.len() < nshared;
+            let mode = if h.status & wire::INLINE_SHARED != 0 {
+                Mode::Inline
+            } else {
+                Mode::Fds
+            };
             let mut io = Io {
                 input: body,
                 block: None,
@@ -210,11 +225,13 @@ pub(crate) fn serve(
                 spill: true,
                 out: &mut out,
                 spilled: None,
+                shared: SharedIo {
+                    mode,
+                    supply: Supply::from_fds(shared_fds),
+                    out: Vec::new(),
+                },
             };
             let mut st = status::OK;
-            // The fd of an input block is taken whatever happens next, so
-            // that the next frame's fd stays paired with its frame.
-            let block_fd = (h.status & wire::IN_BLOCK != 0).then(|| fds.pop_front());
             // Cancelled before it started: skip it. (The parent writes
             // `skip` before it reads `started`, this process the other way
             // round: one of the two sees the other's write, so a task is
@@ -222,6 +239,10 @@ pub(crate) fn serve(
             if status.skip.load(Ordering::SeqCst) == h.seq {
                 let _ = crate::codec::encode_into("cancelled", io.out);
                 st = status::CANCELLED;
+            } else if shared_missing {
+                let msg = "a task's SharedBufs did not arrive";
+                let _ = crate::codec::encode_into(msg, io.out);
+                st = status::DECODE;
             } else if let Some(fd) = block_fd {
                 match in_block(body, fd) {
                     Ok(b) => {
@@ -247,7 +268,20 @@ pub(crate) fn serve(
                 flush_stdio();
             }
             crate::deadline::end_task();
+            if io.shared.out.len() > crate::shared_buf::max_per_task() {
+                // More buffers than one message may bring the parent.
+                let msg = crate::shared_buf::too_many_message(io.shared.out.len(), "result");
+                io.shared.out.clear();
+                io.spilled = None;
+                io.out.truncate(at + HDR);
+                let _ = crate::codec::encode_into(&msg, io.out);
+                st = status::ENCODE;
+            }
             let spilled = io.spilled.take();
+            // The result's SharedBufs: given up by the task's values (the
+            // encoder took them out), sent with the result, then unmapped.
+            let shared = std::mem::take(&mut io.shared.out);
+            let shared_fds: Vec<i32> = shared.iter().map(|r| r.raw_fd()).collect();
             drop(io);
             if let Some(a) = &active {
                 let panicked =
@@ -263,9 +297,20 @@ pub(crate) fn serve(
             let took = (now - t0).as_nanos().min(u64::MAX as u128) as u64;
             match spilled {
                 None => {
-                    wire::finish(&mut out, at, st);
+                    let mut flags = 0;
+                    if !shared_fds.is_empty() {
+                        let n = shared_fds.len() as u32;
+                        out.splice(at + HDR..at + HDR, n.to_le_bytes());
+                        flags = wire::SHARED_FDS;
+                    }
+                    wire::finish(&mut out, at, st | flags);
                     // The run time, for the parent's dispatch (header field `b`).
                     out[at + 26..at + 34].copy_from_slice(&took.to_le_bytes());
+                    if !shared_fds.is_empty() {
+                        let frame = out.split_off(at);
+                        flush(fd, &mut out)?;
+                        send_frame(fd, &frame, &shared_fds).map_err(|_| Stop::Gone)?;
+                    }
                 }
                 Some((mut block, len, same)) => {
                     if active.is_some() {
@@ -283,21 +328,29 @@ pub(crate) fn serve(
                     };
                     let mut h = Header::new(wire::DONE, h.seq, tag, took);
                     h.len = 8;
-                    let mut frame = Vec::with_capacity(HDR + 8);
+                    let mut frame = Vec::with_capacity(HDR + 12);
+                    let mut fds = Vec::with_capacity(1 + shared_fds.len());
+                    if !same {
+                        fds.push(block.raw_fd());
+                    }
+                    if !shared_fds.is_empty() {
+                        h.len += 4;
+                        h.status |= wire::SHARED_FDS;
+                        fds.extend_from_slice(&shared_fds);
+                    }
                     h.begin(&mut frame);
+                    if !shared_fds.is_empty() {
+                        frame.extend_from_slice(&(shared_fds.len() as u32).to_le_bytes());
+                    }
                     frame.extend_from_slice(&(len as u64).to_le_bytes());
                     flush(fd, &mut out)?;
-                    if same {
-                        sys::send_all(fd, &frame)
-                    } else {
-                        send_with_block(fd, &frame, &block)
-                    }
-                    .map_err(|_| Stop::Gone)?;
+                    send_frame(fd, &frame, &fds).map_err(|_| Stop::Gone)?;
                     drop(block);
                 }
             }
             // Out before the next task starts (see the module comment).
             flush(fd, &mut out)?;
+            drop(shared);
             status.finished.store(h.seq, Ordering::SeqCst);
             if let Some(grown) = memory.as_ref().and_then(MemoryLimit::exceeded) {
                 // Its result is out; the tasks after it were not started
@@ -329,6 +382,9 @@ pub(crate) fn serve(
             Err(e) if e.kind() == std::io::ErrorKind::OutOfMemory => {
                 // A frame larger than this worker can hold: answer it with an
                 // error and skip its bytes.
+                // The fds that came so far are this frame's (the frames
+                // before it took theirs): they go with it.
+                fds.clear();
                 skip_oversized(fd, &mut inbuf, &mut out, need)?;
             }
             Err(_) => return Err(Stop::Gone),
@@ -380,9 +436,27 @@ fn in_block(body: &[u8], fd: Option<OwnedFd>) -> Result<(Block, usize), String> 
     Ok((b, len))
 }
 
-fn send_with_block(fd: i32, frame: &[u8], block: &Block) -> std::io::Result<()> {
-    let n = sys::send_fd(fd, frame, block.raw_fd())?;
-    sys::send_all(fd, &frame[n..])
+/// Sends a frame with fds attached to its first bytes (the i-th on byte
+/// `wire::fd_offset(0, i)`), on this blocking socket.
+fn send_frame(fd: i32, frame: &[u8], fds: &[i32]) -> std::io::Result<()> {
+    let mut pos = 0;
+    for (g, group) in fds.chunks(sys::MAX_FDS_PER_MSG).enumerate() {
+        // Group g rides on byte g: up to there, bytes go without fds.
+        if pos < g {
+            sys::send_all(fd, &frame[pos..g])?;
+            pos = g;
+        }
+        let last = (g + 1) * sys::MAX_FDS_PER_MSG >= fds.len();
+        let end = if last { frame.len() } else { g + 1 };
+        if end <= pos {
+            return Err(std::io::Error::other("a frame too short for its fds"));
+        }
+        match sys::send_fds(fd, &frame[pos..end], group)? {
+            0 => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero)),
+            n => pos += n,
+        }
+    }
+    sys::send_all(fd, &frame[pos..])
 }
 
 fn flush(fd: i32, out: &mut Vec<u8>) -> Result<(), Stop> {

@@ -268,7 +268,8 @@ pub(crate) fn serve(
                 flush_stdio();
             }
             crate::deadline::end_task();
-            if io.shared.out.len() > crate::shared_buf::max_per_task() {
+            if !io.shared.out.is_empty() && io.shared.out.len() > crate::shared_buf::max_per_task()
+            {
                 // More buffers than one message may bring the parent.
                 let msg = crate::shared_buf::too_many_message(io.shared.out.len(), "result");
                 io.shared.out.clear();

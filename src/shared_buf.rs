@@ -512,6 +512,14 @@ impl Supply {
         fds: Vec<OwnedFd>,
         mut lent: Vec<Region>,
     ) -> std::result::Result<Supply, String> {
+        if fds.is_empty() {
+            // Most results: no buffer came back (any lent one is dropped
+            // where the value is decoded).
+            return Ok(Supply {
+                items: Vec::new(),
+                _spare: lent,
+            });
+        }
         let mut items = Vec::with_capacity(fds.len());
         let mut seen = std::collections::HashSet::with_capacity(fds.len());
         for fd in fds {

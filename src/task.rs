@@ -347,23 +347,26 @@ where
     R: Serialize,
 {
     let input = io.input;
+    // One Io for every item (built once: a chunk may hold many tiny items).
+    // Items are small and go in the frame: no block for them.
+    let mut item_io = Io {
+        input: &[],
+        block: None,
+        reuse: false,
+        spill: false,
+        out: &mut *io.out,
+        spilled: None,
+        shared: SharedIo::default(),
+    };
     for item in items(input) {
-        let at = io.out.len();
-        io.out.extend_from_slice(&[0; 5]);
-        // Items are small and go in the frame: no block for them.
-        let mut item_io = Io {
-            input: item,
-            block: None,
-            reuse: false,
-            spill: false,
-            out: &mut *io.out,
-            spilled: None,
-            shared: SharedIo::default(),
-        };
+        let at = item_io.out.len();
+        item_io.out.extend_from_slice(&[0; 5]);
+        item_io.input = item;
         let st = run_one(f, &mut item_io);
-        let n = (io.out.len() - at - 5) as u32;
-        io.out[at] = st;
-        io.out[at + 1..at + 5].copy_from_slice(&n.to_le_bytes());
+        let out = &mut *item_io.out;
+        let n = (out.len() - at - 5) as u32;
+        out[at] = st;
+        out[at + 1..at + 5].copy_from_slice(&n.to_le_bytes());
     }
     status::OK
 }

@@ -150,6 +150,9 @@ fn every_worker_and_the_server_hold_only_their_own_fds() {
     sockets.dedup();
     assert_eq!(sockets.len(), 3, "workers share a socket: {sockets:?}");
     let server = pool.server_pid();
+    // The server sends each worker's socket, then closes its copy: just
+    // after build() it may not have closed the last one yet.
+    common::eventually(|| fds_from_3(&format!("/proc/{server}/fd")).len() <= 2);
     let fds = fds_from_3(&format!("/proc/{server}/fd"));
     let mut kinds: Vec<&str> = fds
         .iter()

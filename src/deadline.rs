@@ -24,6 +24,25 @@ pub(crate) fn begin_task(start_ns: u64, soft_ns: Option<u64>) {
     SOFT_DEADLINE_NS.store(d, Ordering::SeqCst);
 }
 
+/// In a sandboxed worker: the status word where each task (each item of a
+/// chunk) records the worker's CPU time as it starts.
+static ITEM_CPU: std::sync::OnceLock<&'static AtomicU64> = std::sync::OnceLock::new();
+
+/// In a new sandboxed worker: where to record each item's start.
+pub(crate) fn record_item_cpu_in(word: &'static AtomicU64) {
+    let _ = ITEM_CPU.set(word);
+}
+
+/// In the worker, as a task or an item of a chunk starts: its CPU time
+/// then, for the parent's per-task CPU cap (a chunk's items are tasks).
+pub(crate) fn item_starting() {
+    if let Some(w) = ITEM_CPU.get() {
+        if let Some(ns) = crate::sys_sandbox::clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID) {
+            w.store(ns, Ordering::SeqCst);
+        }
+    }
+}
+
 /// In the worker, once the task is done.
 pub(crate) fn end_task() {
     SOFT_DEADLINE_NS.store(0, Ordering::SeqCst);

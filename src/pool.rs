@@ -565,7 +565,11 @@ impl PoolBuilder {
                 .unwrap_or_else(crate::capture::env_wants_backtraces),
             max_memory_per_child: self.max_memory_per_child,
             sandbox: sandbox.as_ref().map(|s| s.limits()),
-            inline_shared: mpi,
+            // Over MPI, and into a sandbox, SharedBufs are copied: shared
+            // memory ends at the machine, and a sandboxed worker must hold
+            // no fd of the caller's memory (it could keep a duplicate and
+            // write after it gave the buffer back).
+            inline_shared: mpi || sandbox.is_some(),
         };
         #[cfg(feature = "mpi")]
         if self.mpi {

@@ -70,9 +70,12 @@ use std::time::Duration;
 /// the kernel's), side channels (timing, caches, the CPU), what the
 /// initializer did before the sandbox applied (a file or socket it opened
 /// stays usable by tasks), and a task spoiling its own worker's results
-/// (the tasks sent to that worker with it). Under a memory cap, a task
-/// that aborts right after a failed `ENOMEM` call is taken for one that
-/// went past the cap.
+/// (the tasks sent to that worker with it). The memory cap is
+/// `RLIMIT_DATA`, private memory only: shared memory a task maps (shared
+/// anonymous mappings, new `SharedBuf`s) does not count. Under a memory
+/// cap, a task that aborts right after a failed `ENOMEM` call is taken for
+/// one that went past the cap. A [`SharedBuf`](crate::SharedBuf) sent to a
+/// sandboxed worker is copied, never shared.
 ///
 /// [`PoolBuilder::sandbox`]: crate::PoolBuilder::sandbox
 /// [`Error::LimitExceeded`]: crate::Error::LimitExceeded

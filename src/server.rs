@@ -253,6 +253,11 @@ fn spawn(
             } else {
                 words.status(slot as usize)
             };
+            if spec.prepared.is_some() {
+                // Each task (each item of a chunk) records where its CPU
+                // time starts, for the per-task CPU cap.
+                crate::deadline::record_item_cpu_in(status.item_cpu);
+            }
             worker::run(
                 worker_end,
                 status,

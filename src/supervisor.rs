@@ -1498,7 +1498,10 @@ fn check_cpu(st: &mut State, words: &SharedWords, cap: Duration) {
             w.cpu_next = None;
             continue;
         };
-        let used = Duration::from_nanos(ns.saturating_sub(w.cpu_base));
+        // From the start of the task or chunk item it runs now, as the
+        // worker recorded it, or else from when its last result came.
+        let item = words.status(w.slot).item_cpu.load(Ordering::SeqCst);
+        let used = Duration::from_nanos(ns.saturating_sub(w.cpu_base.max(item)));
         if used < cap {
             // Its threads together cannot use more than one CPU each per
             // second of wall time.

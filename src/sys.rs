@@ -606,7 +606,7 @@ pub(crate) fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usiz
 }
 
 /// How many words each worker slot has in [`SharedWords`].
-pub(crate) const STATUS_WORDS: usize = 5;
+pub(crate) const STATUS_WORDS: usize = 6;
 
 /// Words per slot when each worker's words have a page of their own (a
 /// sandboxed pool: a worker unmaps every page but its own).
@@ -629,6 +629,9 @@ pub(crate) struct Status<'a> {
     /// Written by a sandboxed worker as it dies of one of its limits (see
     /// `sandbox::Cause`); 0 otherwise.
     pub(crate) died_of: &'a AtomicU64,
+    /// Written by a sandboxed worker as each task (each item of a chunk)
+    /// starts: its own CPU time then, the base of the per-task CPU cap.
+    pub(crate) item_cpu: &'a AtomicU64,
 }
 
 impl Status<'_> {
@@ -640,6 +643,7 @@ impl Status<'_> {
         self.finished.store(0, SeqCst);
         self.skip.store(0, SeqCst);
         self.died_of.store(0, SeqCst);
+        self.item_cpu.store(0, SeqCst);
     }
 
     /// Whether task `seq` is running now.
@@ -781,6 +785,7 @@ impl SharedWords {
             finished: self.word(at + 2),
             skip: self.word(at + 3),
             died_of: self.word(at + 4),
+            item_cpu: self.word(at + 5),
         }
     }
 

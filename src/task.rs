@@ -221,6 +221,7 @@ where
             Ok((a, _)) => a,
             Err(e) => return (status::DECODE, e.to_string()),
         };
+        crate::deadline::item_starting();
         let r = crate::traceback::__procpool_begin_task(f, a);
         if !io.spill {
             // Items of a chunk: straight into the frame, no block.

@@ -805,3 +805,69 @@ fn many_large_arguments_fit_under_a_small_open_files_cap() {
         }
     });
 }
+
+/// The CPU cap is per task, and an item of a map's chunk is a task: a chunk
+/// of tasks each well under the cap passes, whatever their sum; one item
+/// past it fails with the limit.
+#[test]
+fn the_cpu_cap_counts_each_item_of_a_chunk() {
+    within_bound("the cpu cap over a chunk", || {
+        let cap = Duration::from_millis(150);
+        let pool = sandboxed(1, Sandbox::new().cpu_time_per_task(cap));
+        let v = pool
+            .map_with(
+                spin_cpu,
+                vec![30u64; 12],
+                procpool::MapOptions::new().chunksize(12),
+            )
+            .unwrap();
+        assert_eq!(v, vec![30u64; 12]);
+        let r = pool.map_with(
+            spin_cpu,
+            vec![10u64, 600, 10],
+            procpool::MapOptions::new().chunksize(3),
+        );
+        match r {
+            Err(Error::LimitExceeded {
+                limit: Limit::CpuTime { per_task },
+                ..
+            }) => assert_eq!(per_task, cap),
+            other => panic!("expected the CPU limit, got {other:?}"),
+        }
+    });
+}
+
+fn keep_buffers(v: Vec<procpool::SharedBuf>) -> Vec<procpool::SharedBuf> {
+    v
+}
+
+fn buffers(n: u8) -> Vec<procpool::SharedBuf> {
+    (0..n)
+        .map(|i| {
+            let mut b = procpool::SharedBuf::new(4096).unwrap();
+            b.as_mut_slice()[0] = i;
+            b
+        })
+        .collect()
+}
+
+/// SharedBufs sent into a sandbox are copies (no fd of the caller's memory
+/// reaches a sandboxed worker). More than the worker's cap on open files
+/// lets it make is a clear error, never a hang.
+#[test]
+fn shared_buffers_into_a_sandbox_are_copied_and_never_hang() {
+    within_bound("SharedBufs into a sandbox", || {
+        let pool = sandboxed(1, Sandbox::new().open_files(8));
+        let back = pool.apply(keep_buffers, buffers(4)).unwrap();
+        assert_eq!(back.len(), 4);
+        for (i, b) in back.iter().enumerate() {
+            assert_eq!(b.as_slice()[0], i as u8);
+        }
+        match pool.apply(keep_buffers, buffers(60)) {
+            Err(e) => assert!(e.to_string().contains("Too many open files"), "{e}"),
+            Ok(v) => assert_eq!(v.len(), 60),
+        }
+        // The pool goes on.
+        assert_eq!(pool.apply(double, 21).unwrap(), 42);
+    });
+}

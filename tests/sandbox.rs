@@ -871,3 +871,53 @@ fn shared_buffers_into_a_sandbox_are_copied_and_never_hang() {
         assert_eq!(pool.apply(double, 21).unwrap(), 42);
     });
 }
+
+/// `clone3` answers ENOSYS in a sandbox (so thread creation falls back to
+/// `clone`, whose flags the filter can inspect); outside, it is there.
+fn clone3_errno(_: ()) -> i32 {
+    // SAFETY: clone3 with a null, zero-sized argument is refused by the
+    // kernel (EINVAL/EFAULT) or the filter (ENOSYS) before it creates
+    // anything.
+    let r = unsafe { libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0usize) };
+    if r == -1 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    } else {
+        0
+    }
+}
+
+/// Reads 8 bytes of this process's own memory with `process_vm_readv`.
+fn process_vm_read_self(_: ()) -> Result<u64, i32> {
+    let src: u64 = 0x1234_5678;
+    let mut dst: u64 = 0;
+    let local = libc::iovec {
+        iov_base: (&mut dst as *mut u64).cast(),
+        iov_len: 8,
+    };
+    let remote = libc::iovec {
+        iov_base: (&src as *const u64 as *mut u64).cast(),
+        iov_len: 8,
+    };
+    // SAFETY: both iovecs describe 8 live bytes of this process's stack.
+    let r = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    if r == 8 {
+        Ok(dst)
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+}
+
+#[test]
+fn clone3_and_process_vm_readv_are_out_of_a_sandbox() {
+    within_bound("clone3 and process_vm_readv", || {
+        let pool = sandboxed(1, Sandbox::new());
+        assert_eq!(pool.apply(clone3_errno, ()).unwrap(), libc::ENOSYS);
+        assert!(pool.apply(process_vm_read_self, ()).unwrap().is_err());
+        let pool = plain(1);
+        assert_ne!(pool.apply(clone3_errno, ()).unwrap(), libc::ENOSYS);
+        assert_eq!(
+            pool.apply(process_vm_read_self, ()).unwrap(),
+            Ok(0x1234_5678)
+        );
+    });
+}

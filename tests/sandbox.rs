@@ -732,14 +732,23 @@ fn forge_a_frame(_: ()) -> u64 {
 fn a_crafted_result_cannot_crash_the_parent() {
     within_bound("the crafted frame test", || {
         let pool = sandboxed(1, Sandbox::new());
+        let forger = pool.worker_pids();
         match pool.apply(forge_a_frame, ()) {
             Err(Error::TaskPanicked { message, .. }) => {
                 assert!(message.contains("undecodable"), "{message}")
             }
             other => panic!("expected the forged panic, got {other:?}"),
         }
-        // The worker broke the protocol (a second answer): it is replaced,
-        // and the pool goes on.
+        // The worker broke the protocol (a second answer): it is replaced
+        // (a task sent to it before the parent read that second answer
+        // would fail with it), and the pool goes on.
+        assert!(
+            common::eventually(|| {
+                let now = pool.worker_pids();
+                now.len() == 1 && now != forger
+            }),
+            "the forging worker was not replaced"
+        );
         for i in 0..10u64 {
             assert_eq!(pool.apply(double, i).unwrap(), 2 * i);
         }

@@ -85,7 +85,7 @@ impl Block {
     /// it is sealed against writes).
     pub(crate) fn from_fd(fd: OwnedFd) -> io::Result<Block> {
         let len = sys::file_len(&fd)?;
-        let sealed = sys_sandbox::seals(&fd).is_ok_and(|s| s & libc::F_SEAL_WRITE != 0);
+        let sealed = sys::seals(&fd).is_ok_and(|s| s & libc::F_SEAL_WRITE != 0);
         let map = if sealed {
             Mapping::read_only(&fd, len)?
         } else {
@@ -100,7 +100,7 @@ impl Block {
     /// it while it is decoded.
     pub(crate) fn from_sealed_fd(fd: OwnedFd) -> io::Result<Block> {
         let need = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK;
-        let seals = sys_sandbox::seals(&fd)?;
+        let seals = sys::seals(&fd)?;
         if seals & need != need {
             return Err(io::Error::other(
                 "a block from a sandboxed worker is not sealed",

@@ -1457,8 +1457,7 @@ pub(crate) fn install_stack_overflow_handler() {
         }
         (addr as usize, size)
     };
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    let page = page_size() as usize;
     GUARD_LO.store(
         addr.saturating_sub(page),
         std::sync::atomic::Ordering::SeqCst,

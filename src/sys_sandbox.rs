@@ -247,12 +247,6 @@ pub(crate) fn seal(fd: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
-/// The seals of a memory file (an error for a file that is not one).
-pub(crate) fn seals(fd: &OwnedFd) -> io::Result<libc::c_int> {
-    // SAFETY: fcntl on an open fd.
-    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) })
-}
-
 /// Whether `fd` is open in this process.
 pub(crate) fn fd_is_open(fd: RawFd) -> bool {
     // SAFETY: fcntl(F_GETFD) on an integer: EBADF if it is not open.

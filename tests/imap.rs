@@ -9,7 +9,6 @@ use procpool::{Error, MapOptions};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::time::Duration;
 
 /// Generous: only there so that a hang fails the test instead.
@@ -301,12 +300,7 @@ fn imap_unordered_fails_only_the_items_that_panic() {
 
 /// Runs `f` on another thread; fails (rather than hangs) if it does not end.
 fn within_bound<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(BOUND)
-        .unwrap_or_else(|e| panic!("{what} did not finish: {e}"))
+    common::within(what, BOUND, f)
 }
 
 #[test]

@@ -7,7 +7,6 @@ use common::{Gate, wait_for_gate};
 use procpool::{Error, TaskOptions};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::time::Duration;
 
 /// Generous: only there so that a hang fails the test instead. Shorter
@@ -27,12 +26,7 @@ fn nap(ms: u64) -> u64 {
 
 /// Runs `f` on another thread; fails (rather than hangs) if it does not end.
 fn within_bound<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(BOUND)
-        .unwrap_or_else(|e| panic!("{what} did not finish: {e}"))
+    common::within(what, BOUND, f)
 }
 
 fn current_thread_runtime() -> tokio::runtime::Runtime {

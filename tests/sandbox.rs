@@ -10,7 +10,6 @@ mod common;
 use procpool::{Error, Limit, Pool, Sandbox, StartMethod};
 use serde_bytes::ByteBuf;
 use std::io::{Read, Write};
-use std::sync::mpsc;
 use std::time::Duration;
 
 /// How long a test may take before it counts as hung.
@@ -18,12 +17,7 @@ const BOUND: Duration = Duration::from_secs(180);
 
 /// Runs `f` on another thread; fails (rather than hangs) if it does not end.
 fn within_bound<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(BOUND)
-        .unwrap_or_else(|e| panic!("{what} did not finish: {e}"))
+    common::within(what, BOUND, f)
 }
 
 fn sandboxed(n: usize, sandbox: Sandbox) -> Pool {

@@ -517,3 +517,18 @@ impl Drop for Watchdog {
         self.0.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// Runs `f` on another thread; fails (rather than hangs) if it does not end
+/// within `bound`.
+pub fn within<T: Send + 'static>(
+    what: &str,
+    bound: std::time::Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(bound)
+        .unwrap_or_else(|e| panic!("{what} did not finish: {e}"))
+}

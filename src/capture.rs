@@ -9,7 +9,7 @@
 //! in the object it was mapped from (`/proc/self/maps`), which the parent
 //! maps back into its own address space.
 
-use crate::codec;
+use crate::proto::codec;
 use crate::traceback::{Maps, PanicLocation, RemoteBacktrace};
 use serde::{Deserialize, Serialize};
 use std::cell::{Cell, RefCell};

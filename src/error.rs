@@ -204,7 +204,7 @@ pub enum Error {
         /// What broke it.
         reason: String,
     },
-    /// [`global`](crate::global) (or
+    /// [`global`](crate::api::global) (or
     /// [`configure_global`](crate::configure_global)) was called inside a
     /// worker: a task cannot use the process-wide pool, and starting one
     /// per worker would multiply processes.

@@ -15,48 +15,38 @@ compile_error!(
 );
 
 #[cfg(target_os = "linux")]
-mod capture;
+mod api;
 #[cfg(target_os = "linux")]
-mod codec;
+mod backend;
+#[cfg(target_os = "linux")]
+mod capture;
 #[cfg(target_os = "linux")]
 mod deadline;
 #[cfg(target_os = "linux")]
+mod engine;
+#[cfg(target_os = "linux")]
 mod error;
 #[cfg(target_os = "linux")]
-mod global;
-#[cfg(target_os = "linux")]
-mod join;
-#[cfg(all(target_os = "linux", feature = "mpi"))]
-mod mpi;
-#[cfg(target_os = "linux")]
-mod pool;
-#[cfg(target_os = "linux")]
-mod result;
+mod proto;
 #[cfg(target_os = "linux")]
 mod sandbox;
 #[cfg(target_os = "linux")]
-mod server;
-#[cfg(target_os = "linux")]
-mod shared_buf;
-#[cfg(target_os = "linux")]
-mod shm;
-#[cfg(target_os = "linux")]
-mod start;
-#[cfg(target_os = "linux")]
-mod supervisor;
-#[cfg(target_os = "linux")]
 mod sys;
-#[cfg(target_os = "linux")]
-mod sys_sandbox;
-#[cfg(target_os = "linux")]
-mod task;
 #[cfg(target_os = "linux")]
 mod traceback;
 #[cfg(target_os = "linux")]
-mod wire;
-#[cfg(target_os = "linux")]
 mod worker;
 
+#[cfg(target_os = "linux")]
+pub use api::global::{configure_global, global};
+#[cfg(target_os = "linux")]
+pub use api::join::JoinFuture;
+#[cfg(target_os = "linux")]
+pub use api::pool::{Data, MapOptions, Pool, PoolBuilder, TaskOptions};
+#[cfg(target_os = "linux")]
+pub use api::result::{AsyncResult, Imap, ImapUnordered, MapResult, Next};
+#[cfg(target_os = "linux")]
+pub use backend::local::start::StartMethod;
 /// The `bytemuck` crate, whose [`bytemuck::Pod`] is the bound on a
 /// [`SharedSlice`]'s elements (to derive `Pod` for your own `#[repr(C)]`
 /// types, depend on `bytemuck` with its `derive` feature).
@@ -67,18 +57,8 @@ pub use deadline::{deadline_passed, time_left};
 #[cfg(target_os = "linux")]
 pub use error::{CodecError, Error, Result};
 #[cfg(target_os = "linux")]
-pub use global::{configure_global, global};
-#[cfg(target_os = "linux")]
-pub use join::JoinFuture;
-#[cfg(target_os = "linux")]
-pub use pool::{Data, MapOptions, Pool, PoolBuilder, TaskOptions};
-#[cfg(target_os = "linux")]
-pub use result::{AsyncResult, Imap, ImapUnordered, MapResult, Next};
+pub use proto::shared_buf::{SharedBuf, SharedSlice};
 #[cfg(target_os = "linux")]
 pub use sandbox::{Limit, Sandbox};
-#[cfg(target_os = "linux")]
-pub use shared_buf::{SharedBuf, SharedSlice};
-#[cfg(target_os = "linux")]
-pub use start::StartMethod;
 #[cfg(target_os = "linux")]
 pub use traceback::{BacktraceFrame, PanicLocation, RemoteBacktrace};

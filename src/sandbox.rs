@@ -37,8 +37,8 @@
 //! | file size | `RLIMIT_FSIZE` (`SIGXFSZ` names it); the worker never makes a block past it, and sends a result that big through its socket instead | `ftruncate` on a memfd past `RLIMIT_FSIZE` fails (and raises `SIGXFSZ`) |
 //! | workers apart | status words a page per worker, each worker unmapping the others and closing their memfd; blocks never reused, sealed | Landlock's signal and ptrace scoping keeps a worker from signalling or tracing another |
 
+use crate::sys::sandbox as sys_sandbox;
 use crate::sys::{self, Status};
-use crate::sys_sandbox;
 use serde::{Deserialize, Serialize};
 use std::os::fd::RawFd;
 use std::os::unix::process::ExitStatusExt;
@@ -438,7 +438,7 @@ impl Prepared {
             unsafe { sys_sandbox::mark_abort_after_enomem(status.died_of, cause::MEMORY) };
         }
         if let Some(bytes) = self.spec.file_size {
-            crate::shm::limit_block_size(bytes);
+            crate::proto::shm::limit_block_size(bytes);
             sys_sandbox::default_signal(libc::SIGXFSZ);
             sys_sandbox::set_rlimit(libc::RLIMIT_FSIZE, bytes)
                 .map_err(|e| fail("RLIMIT_FSIZE", &e))?;

@@ -15,13 +15,13 @@
 //! for many.) Large inputs and outputs travel in shared-memory blocks (see
 //! `shm.rs`).
 
+use crate::proto::shared_buf::{Mode, Supply};
+use crate::proto::shm::Block;
+use crate::proto::task::{Init, Io, SharedIo, TaskFn, status};
+use crate::proto::wire::{self, HDR, Header};
 use crate::sandbox::{Active, Prepared};
-use crate::shared_buf::{Mode, Supply};
-use crate::shm::Block;
 use crate::sys;
 use crate::sys::Status;
-use crate::task::{Init, Io, SharedIo, TaskFn, status};
-use crate::wire::{self, HDR, Header};
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
@@ -162,7 +162,7 @@ pub(crate) fn serve(
         Some(Ok(a)) => Some(a),
         Some(Err(msg)) => {
             let at = Header::new(wire::SANDBOX_FAILED, 0, 0, 0).begin(&mut out);
-            let _ = crate::codec::encode_into(&msg, &mut out);
+            let _ = crate::proto::codec::encode_into(&msg, &mut out);
             wire::finish(&mut out, at, 0);
             let _ = sys::send_all(fd, &out);
             return Err(Stop::InitFailed);
@@ -237,11 +237,11 @@ pub(crate) fn serve(
             // round: one of the two sees the other's write, so a task is
             // either skipped here or killed there once it runs.)
             if status.skip.load(Ordering::SeqCst) == h.seq {
-                let _ = crate::codec::encode_into("cancelled", io.out);
+                let _ = crate::proto::codec::encode_into("cancelled", io.out);
                 st = status::CANCELLED;
             } else if shared_missing {
                 let msg = "a task's SharedBufs did not arrive";
-                let _ = crate::codec::encode_into(msg, io.out);
+                let _ = crate::proto::codec::encode_into(msg, io.out);
                 st = status::DECODE;
             } else if let Some(fd) = block_fd {
                 match in_block(body, fd) {
@@ -250,7 +250,7 @@ pub(crate) fn serve(
                         io.block = Some(b);
                     }
                     Err(msg) => {
-                        let _ = crate::codec::encode_into(&msg, io.out);
+                        let _ = crate::proto::codec::encode_into(&msg, io.out);
                         st = status::DECODE;
                     }
                 }
@@ -268,14 +268,15 @@ pub(crate) fn serve(
                 flush_stdio();
             }
             crate::deadline::end_task();
-            if !io.shared.out.is_empty() && io.shared.out.len() > crate::shared_buf::max_per_task()
+            if !io.shared.out.is_empty()
+                && io.shared.out.len() > crate::proto::shared_buf::max_per_task()
             {
                 // More buffers than one message may bring the parent.
-                let msg = crate::shared_buf::too_many_message(io.shared.out.len(), "result");
+                let msg = crate::proto::shared_buf::too_many_message(io.shared.out.len(), "result");
                 io.shared.out.clear();
                 io.spilled = None;
                 io.out.truncate(at + HDR);
-                let _ = crate::codec::encode_into(&msg, io.out);
+                let _ = crate::proto::codec::encode_into(&msg, io.out);
                 st = status::ENCODE;
             }
             let spilled = io.spilled.take();
@@ -285,8 +286,8 @@ pub(crate) fn serve(
             let shared_fds: Vec<i32> = shared.iter().map(|r| r.raw_fd()).collect();
             drop(io);
             if let Some(a) = &active {
-                let panicked =
-                    (st == status::PANIC).then(|| crate::task::take_message(&out[at + HDR..]));
+                let panicked = (st == status::PANIC)
+                    .then(|| crate::proto::task::take_message(&out[at + HDR..]));
                 if a.over_open_files(panicked.as_deref()) {
                     status
                         .died_of
@@ -492,7 +493,7 @@ fn skip_oversized(fd: i32, inbuf: &mut Vec<u8>, out: &mut Vec<u8>, need: u64) ->
         "a task of {} bytes is larger than the worker can hold",
         h.len
     );
-    let _ = crate::codec::encode_into(&msg, out);
+    let _ = crate::proto::codec::encode_into(&msg, out);
     wire::finish(out, at, status::DECODE);
     flush(fd, out)
 }

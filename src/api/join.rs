@@ -7,9 +7,9 @@
 //! it ends, then one that the result-handler thread sets once it has run
 //! everything queued before it.
 
+use crate::api::result::Signal;
+use crate::engine::supervisor::Shared;
 use crate::error::{Error, Result};
-use crate::result::Signal;
-use crate::supervisor::Shared;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;

@@ -1,19 +1,19 @@
 //! [`Pool`] and [`PoolBuilder`]: the public API.
 
-use crate::codec;
-use crate::error::{Error, Result};
-use crate::join::{JoinFuture, SetOnDrop};
-use crate::result::{
+use crate::api::join::{JoinFuture, SetOnDrop};
+use crate::api::result::{
     AsyncResult, Feeder, Group, Hook, Imap, ImapUnordered, MapResult, Outcome, Payload, Pending,
     Signal, Slot, assemble, complete, decode_payload,
 };
-use crate::server::{self, Init, Spec};
-use crate::shared_buf::{self, Mode, Region};
-use crate::shm::{BlockCache, Body, Spill, Target};
-use crate::start::StartMethod;
-use crate::supervisor::{self, Config, JobSpec, Phase, Shared};
+use crate::backend::local::server::{self, Init, Spec};
+use crate::backend::local::start::StartMethod;
+use crate::engine::supervisor::{self, Config, JobSpec, Phase, Shared};
+use crate::error::{Error, Result};
+use crate::proto::codec;
+use crate::proto::shared_buf::{self, Mode, Region};
+use crate::proto::shm::{BlockCache, Body, Spill, Target};
+use crate::proto::task::{self, TaskFn};
 use crate::sys;
-use crate::task::{self, TaskFn};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::{HashMap, VecDeque};
@@ -537,7 +537,7 @@ impl PoolBuilder {
         let mpi = false;
         if let Some(init) = &init {
             if method != StartMethod::Fork || mpi {
-                crate::start::check_task(init.f)?;
+                crate::backend::local::start::check_task(init.f)?;
             }
         }
         let sandbox = match self.sandbox {
@@ -573,7 +573,7 @@ impl PoolBuilder {
         };
         #[cfg(feature = "mpi")]
         if self.mpi {
-            return crate::mpi::build_pool(self.processes, cfg, init);
+            return crate::backend::mpi::build_pool(self.processes, cfg, init);
         }
         let slots = processes * 2;
         // A sandboxed pool gives each worker a page of its own, which is
@@ -593,7 +593,7 @@ impl PoolBuilder {
         };
         crate::worker::install_panic_hook();
         let (parent_end, server_pid) = match method {
-            StartMethod::ForkServer => crate::start::exec_server(&spec)?,
+            StartMethod::ForkServer => crate::backend::local::start::exec_server(&spec)?,
             StartMethod::Fork => fork_server(spec)?,
         };
         Pool::start(

@@ -39,10 +39,10 @@
 //! environment, working directory, initializer and limits after each fork
 //! and outlive pools; the simple choice is cheap enough.
 
+use crate::backend::local::server::{self, Init, Msg, Spec};
 use crate::error::Error;
-use crate::server::{self, Init, Msg, Spec};
+use crate::proto::task::TaskFn;
 use crate::sys;
-use crate::task::TaskFn;
 use std::io::{Read, Seek, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
@@ -156,7 +156,7 @@ fn hello_deadline() -> Duration {
 /// the crate (and its anchor), and whether that object is the executable.
 fn home() -> &'static Option<sys::Object> {
     static HOME: std::sync::OnceLock<Option<sys::Object>> = std::sync::OnceLock::new();
-    HOME.get_or_init(|| sys::object_of(crate::task::anchor_addr()))
+    HOME.get_or_init(|| sys::object_of(crate::proto::task::anchor_addr()))
 }
 
 /// Whether a task function (and its trampoline) lies in the object its
@@ -168,7 +168,7 @@ pub(crate) fn check_task(f: TaskFn) -> Result<(), Error> {
         return Ok(());
     };
     let inside = |off: u64| {
-        let a = crate::task::addr_of(off);
+        let a = crate::proto::task::addr_of(off);
         home.ranges.iter().any(|&(lo, hi)| (lo..hi).contains(&a))
     };
     if inside(f.tramp) && inside(f.func) {
@@ -359,7 +359,7 @@ fn write_config(spec: &Spec) -> std::io::Result<OwnedFd> {
         None => bytes.push(0),
         Some(sb) => {
             let mut enc = Vec::new();
-            crate::codec::encode_into(sb, &mut enc).map_err(std::io::Error::other)?;
+            crate::proto::codec::encode_into(sb, &mut enc).map_err(std::io::Error::other)?;
             bytes.push(1);
             bytes.extend_from_slice(&(enc.len() as u64).to_le_bytes());
             bytes.extend_from_slice(&enc);
@@ -408,7 +408,11 @@ fn read_config(fd: OwnedFd) -> Option<Config> {
             let len = u64_at(rest, at + 1)? as usize;
             let from = at + 9;
             let enc = rest.get(from..from.checked_add(len)?)?;
-            Some(crate::codec::decode::<crate::sandbox::Spec>(enc).ok()?.0)
+            Some(
+                crate::proto::codec::decode::<crate::sandbox::Spec>(enc)
+                    .ok()?
+                    .0,
+            )
         }
     };
     Some((sock_buf, init, sandbox))

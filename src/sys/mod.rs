@@ -1,6 +1,8 @@
 //! The only module that makes raw libc calls. Each function is a safe wrapper;
 //! each `unsafe` block says why it holds.
 
+pub(crate) mod sandbox;
+
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::AtomicU64;

@@ -11,14 +11,14 @@
 //! a per-worker buffer until the socket is writable). Outcomes are stored
 //! in their slots after the lock is released.
 
+use crate::api::result::{Buf, Handler, Hook, Outcome, Payload, Slot, complete};
+use crate::backend::local::server::{self, Msg};
 use crate::error::Error;
-use crate::result::{Buf, Handler, Hook, Outcome, Payload, Slot, complete};
-use crate::server::{self, Msg};
-use crate::shared_buf::{Region, Supply};
-use crate::shm::{BlockCache, Body, Lent};
+use crate::proto::shared_buf::{Region, Supply};
+use crate::proto::shm::{BlockCache, Body, Lent};
+use crate::proto::task::{self, TaskFn, status};
+use crate::proto::wire::{self, HDR, Header};
 use crate::sys::{self, SharedWords};
-use crate::task::{self, TaskFn, status};
-use crate::wire::{self, HDR, Header};
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
@@ -410,7 +410,7 @@ impl Shared {
     pub(crate) fn submit(&self, jobs: Vec<(Arc<Slot>, JobSpec)>) -> Result<(), Error> {
         if self.cfg.check_tasks {
             for (_, s) in &jobs {
-                crate::start::check_task(s.f)?;
+                crate::backend::local::start::check_task(s.f)?;
             }
         }
         let mut jobs = jobs;
@@ -906,7 +906,7 @@ fn read_worker(
         if (w.ready, w.in_flight.len()) != before {
             // Read after the frames that said a task ended: the tasks
             // after it started later than this reading.
-            if let Some(ns) = crate::sys_sandbox::clock_ns(clk) {
+            if let Some(ns) = crate::sys::sandbox::clock_ns(clk) {
                 w.cpu_base = ns;
             }
         }
@@ -999,9 +999,9 @@ fn block_outcome(
             .pop_front()
             .ok_or_else(|| broken("a result's block did not arrive"))?;
         if cache.is_sandboxed() {
-            crate::shm::Block::from_sealed_fd(fd)
+            crate::proto::shm::Block::from_sealed_fd(fd)
         } else {
-            crate::shm::Block::from_fd(fd)
+            crate::proto::shm::Block::from_fd(fd)
         }
         .map_err(|e| Error::io("mapping a result's block", e))?
     };
@@ -1493,7 +1493,7 @@ fn check_cpu(st: &mut State, words: &SharedWords, cap: Duration) {
         if w.kill.is_some() || w.in_flight.is_empty() || w.cpu_next.is_some_and(|at| at > now) {
             continue;
         }
-        let Some(ns) = crate::sys_sandbox::clock_ns(clk) else {
+        let Some(ns) = crate::sys::sandbox::clock_ns(clk) else {
             // Gone: its exit report follows.
             w.cpu_next = None;
             continue;
@@ -1601,7 +1601,7 @@ fn server_messages(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) 
                         .sandbox
                         .as_ref()
                         .and_then(|l| l.cpu_per_task)
-                        .and_then(|_| crate::sys_sandbox::process_cpu_clock(m.a as libc::pid_t)),
+                        .and_then(|_| crate::sys::sandbox::process_cpu_clock(m.a as libc::pid_t)),
                     cpu_base: 0,
                     cpu_next: None,
                 });

@@ -1,8 +1,8 @@
 //! A process-wide pool for library code, built on first use: as loky's
 //! `get_reusable_executor` and rayon's global thread pool.
 
+use crate::api::pool::{Pool, PoolBuilder};
 use crate::error::{Error, Result};
-use crate::pool::{Pool, PoolBuilder};
 use std::sync::{Mutex, OnceLock};
 
 static POOL: OnceLock<Pool> = OnceLock::new();

@@ -65,7 +65,7 @@ impl Msg {
     }
 }
 
-pub(crate) use crate::task::Init;
+pub(crate) use crate::proto::task::Init;
 
 /// What the server needs to start workers; it is in the server's memory from
 /// the fork on.

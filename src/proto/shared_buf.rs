@@ -885,7 +885,7 @@ pub(crate) fn too_many(n: usize) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec;
+    use crate::proto::codec;
 
     #[test]
     fn outside_the_pool_is_an_error_and_leaves_the_buffer() {

@@ -1,10 +1,10 @@
 //! What a caller holds while a task runs: [`AsyncResult`], [`MapResult`] and
 //! the `imap` iterators, and the slot each of them waits on.
 
+use crate::engine::supervisor::Shared;
 use crate::error::{Error, Result};
-use crate::shared_buf::Supply;
-use crate::supervisor::Shared;
-use crate::task;
+use crate::proto::shared_buf::Supply;
+use crate::proto::task;
 use crossbeam_channel::{Receiver, Sender};
 use serde::de::DeserializeOwned;
 use std::any::Any;
@@ -22,7 +22,7 @@ pub(crate) enum Buf {
     /// `vec[start..]`.
     Heap { vec: Vec<u8>, start: usize },
     /// A shared-memory block, back to the cache when dropped.
-    Block(crate::shm::Lent),
+    Block(crate::proto::shm::Lent),
 }
 
 impl Buf {

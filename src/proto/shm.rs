@@ -9,8 +9,8 @@
 //! decoded the argument by then), and the block comes back with the result
 //! and returns to the pool's cache once the caller has decoded the value.
 
+use crate::sys::sandbox as sys_sandbox;
 use crate::sys::{self, Mapping};
-use crate::sys_sandbox;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -5,9 +5,9 @@
 //! separate executions of the same binary (address randomisation moves the
 //! whole image, not its parts).
 
-use crate::codec;
-use crate::shared_buf::{self, Mode, Region, Supply};
-use crate::shm::{Block, Spill, Target};
+use crate::proto::codec;
+use crate::proto::shared_buf::{self, Mode, Region, Supply};
+use crate::proto::shm::{Block, Spill, Target};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::any::Any;

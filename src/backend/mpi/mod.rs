@@ -51,14 +51,14 @@
 //! send large messages to each other cannot deadlock. Task ids are in the
 //! frames, not in MPI tags.
 
+use crate::api::pool::Pool;
+use crate::backend::local::server::{self, Init, Msg};
+use crate::engine::supervisor::{Config, ServerHandle};
 use crate::error::Error;
-use crate::pool::Pool;
-use crate::server::{self, Init, Msg};
-use crate::shm::Block;
-use crate::supervisor::{Config, ServerHandle};
+use crate::proto::shm::Block;
+use crate::proto::task::status;
+use crate::proto::wire::{self, HDR, Header};
 use crate::sys::{self, SharedWords};
-use crate::task::status;
-use crate::wire::{self, HDR, Header};
 use crate::worker::{self, Stop};
 use mpi::Threading;
 use mpi::topology::SimpleCommunicator;
@@ -1119,7 +1119,8 @@ fn inline_result(h: Header, body: &[u8], fds: &mut VecDeque<OwnedFd>, msg: &mut 
         }
         Err(e) => {
             let at = nh.begin(msg);
-            let _ = crate::codec::encode_into(&format!("a result could not be read: {e}"), msg);
+            let _ =
+                crate::proto::codec::encode_into(&format!("a result could not be read: {e}"), msg);
             wire::finish(msg, at, status::ENCODE);
         }
     }

@@ -1,0 +1,8 @@
+//! The public front: [`Pool`](pool::Pool) and its builder and options, the
+//! result types, the global pool and `join_async`. Nothing below `api`
+//! imports it.
+
+pub(crate) mod global;
+pub(crate) mod join;
+pub(crate) mod pool;
+pub(crate) mod result;

@@ -7,8 +7,8 @@
 //! it ends, then one that the result-handler thread sets once it has run
 //! everything queued before it.
 
-use crate::api::result::Signal;
-use crate::engine::supervisor::Shared;
+use crate::engine::completion::Signal;
+use crate::engine::core::Shared;
 use crate::error::{Error, Result};
 use std::future::Future;
 use std::pin::Pin;

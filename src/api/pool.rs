@@ -2,22 +2,25 @@
 
 use crate::api::join::{JoinFuture, SetOnDrop};
 use crate::api::result::{
-    AsyncResult, Feeder, Group, Hook, Imap, ImapUnordered, MapResult, Outcome, Payload, Pending,
-    Signal, Slot, assemble, complete, decode_payload,
+    AsyncResult, Feeder, Imap, ImapUnordered, MapResult, Pending, assemble, decode_payload,
 };
-use crate::backend::local::server::{self, Init, Spec};
+use crate::backend::local;
+use crate::backend::local::server::{Init, Spec};
 use crate::backend::local::start::StartMethod;
-use crate::engine::supervisor::{self, Config, JobSpec, Phase, Shared};
+use crate::engine::completion::{Group, Hook, Outcome, Payload, Signal, Slot, complete};
+use crate::engine::core::Shared;
+use crate::engine::job::{Config, JobSpec};
+use crate::engine::lifecycle::Phase;
+use crate::engine::seam::{Backend, Progress};
+use crate::engine::supervisor;
 use crate::error::{Error, Result};
 use crate::proto::codec;
 use crate::proto::shared_buf::{self, Mode, Region};
 use crate::proto::shm::{BlockCache, Body, Spill, Target};
 use crate::proto::task::{self, TaskFn};
-use crate::sys;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::collections::{HashMap, VecDeque};
-use std::io::Write;
 use std::marker::PhantomData;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
@@ -512,21 +515,9 @@ impl PoolBuilder {
     /// killing and reaping those. The fork server, and so every worker, runs
     /// in a session of its own: a terminal's Ctrl-C reaches this
     /// program only (see the crate documentation, "Ctrl-C and other signals").
-    pub fn build(self) -> Result<Pool> {
-        let processes = match self.processes {
-            Some(0) => return Err(Error::Config("processes must be at least 1")),
-            Some(n) => n,
-            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        };
-        if self.max_tasks_per_child == Some(0) {
-            return Err(Error::Config("max_tasks_per_child must be at least 1"));
-        }
-        if self.max_memory_per_child == Some(0) {
-            return Err(Error::Config(
-                "max_memory_per_child must be at least 1 byte",
-            ));
-        }
-        let init = self.init.transpose()?;
+    pub fn build(mut self) -> Result<Pool> {
+        let processes = self.checked_processes()?;
+        let init = self.init.take().transpose()?;
         let method = match self.start_method {
             Some(m) => m,
             None => StartMethod::from_env()?,
@@ -535,23 +526,14 @@ impl PoolBuilder {
         let mpi = self.mpi;
         #[cfg(not(feature = "mpi"))]
         let mpi = false;
-        if let Some(init) = &init {
-            if method != StartMethod::Fork || mpi {
-                crate::backend::local::start::check_task(init.f)?;
-            }
+        // Workers that are not forks of the caller (an exec'd server, MPI
+        // ranks) can run only code of the executable.
+        let check_task = (method != StartMethod::Fork || mpi)
+            .then_some(local::start::check_task as fn(TaskFn) -> Result<()>);
+        if let (Some(init), Some(check)) = (&init, check_task) {
+            check(init.f)?;
         }
-        let sandbox = match self.sandbox {
-            None => None,
-            Some(_) if method == StartMethod::Fork || mpi => {
-                return Err(Error::Sandbox {
-                    reason: "a sandbox needs StartMethod::ForkServer (a fork of the caller, or an \
-                             MPI rank, would carry the caller's memory into the sandbox); use \
-                             .start_method(StartMethod::ForkServer)"
-                        .into(),
-                });
-            }
-            Some(s) => Some(s.resolve()?),
-        };
+        let sandbox = self.resolve_sandbox(method, mpi)?;
         let cfg = Config {
             processes,
             max_tasks_per_child: self.max_tasks_per_child,
@@ -559,7 +541,7 @@ impl PoolBuilder {
             soft_timeout: self.soft_timeout,
             retries: self.retries,
             has_init: init.is_some(),
-            check_tasks: method != StartMethod::Fork || mpi,
+            check_task,
             backtraces: self
                 .backtraces
                 .unwrap_or_else(crate::capture::env_wants_backtraces),
@@ -572,18 +554,13 @@ impl PoolBuilder {
             inline_shared: mpi || sandbox.is_some(),
         };
         #[cfg(feature = "mpi")]
-        if self.mpi {
-            return crate::backend::mpi::build_pool(self.processes, cfg, init);
+        if mpi {
+            let (cfg, backend, progress, slots) =
+                crate::backend::mpi::start(self.processes, cfg, init)?;
+            return Pool::start(cfg, backend, progress, slots);
         }
         let slots = processes * 2;
-        // A sandboxed pool gives each worker a page of its own, which is
-        // all of the words that worker keeps mapped.
-        let words = if sandbox.is_some() {
-            sys::SharedWords::paged(slots)
-        } else {
-            sys::SharedWords::new(slots * sys::STATUS_WORDS)
-        };
-        let words = Arc::new(words.map_err(|e| Error::io("mapping shared memory", e))?);
+        let words = local::words(slots, sandbox.is_some())?;
         let spec = Spec {
             init,
             words: words.clone(),
@@ -592,55 +569,44 @@ impl PoolBuilder {
             prepared: None,
         };
         crate::worker::install_panic_hook();
-        let (parent_end, server_pid) = match method {
-            StartMethod::ForkServer => crate::backend::local::start::exec_server(&spec)?,
-            StartMethod::Fork => fork_server(spec)?,
-        };
-        Pool::start(
-            cfg,
-            parent_end,
-            supervisor::ServerHandle::Process(server_pid),
-            words,
-            slots,
-        )
+        let backend = local::start(method, spec)?;
+        Pool::start(cfg, Box::new(backend), words, slots)
     }
-}
 
-/// Starts the fork server as a fork of the caller ([`StartMethod::Fork`]).
-fn fork_server(spec: Spec) -> Result<(std::os::fd::OwnedFd, libc::pid_t)> {
-    let (parent_end, server_end) =
-        sys::seqpacket_pair().map_err(|e| Error::io("creating the fork server socket", e))?;
-    // Hold the stdio locks across the fork: no other thread is then in
-    // the middle of printing, and the children (whose one thread is a
-    // copy of this one) own the locks and can print. Flush so buffered
-    // output is not printed twice.
-    let mut out = std::io::stdout().lock();
-    let mut err = std::io::stderr().lock();
-    let _ = out.flush();
-    let _ = err.flush();
-    // Settled here, before the fork: a OnceLock that another thread was
-    // initialising at the fork would stay "being initialised" in the
-    // children forever, and a worker's first wait would hang on it.
-    sys::spin_budget();
-    // Every signal stays blocked across the fork, until the server has
-    // left the terminal's job and set its own dispositions (server::run):
-    // a Ctrl-C meanwhile must not kill it with the host's dispositions.
-    let mask = sys::block_all_signals();
-    let forked = sys::fork().map_err(|e| Error::io("forking the fork server", e));
-    if !matches!(forked, Ok(sys::Forked::Child)) {
-        sys::restore_signal_mask(&mask);
-    }
-    let server_pid = match forked? {
-        sys::Forked::Child => {
-            drop(parent_end);
-            server::run(server_end, &spec)
+    /// The number of workers, after the settings' checks.
+    fn checked_processes(&self) -> Result<usize> {
+        if self.max_tasks_per_child == Some(0) {
+            return Err(Error::Config("max_tasks_per_child must be at least 1"));
         }
-        sys::Forked::Parent(pid) => pid,
-    };
-    drop(err);
-    drop(out);
-    drop(server_end);
-    Ok((parent_end, server_pid))
+        if self.max_memory_per_child == Some(0) {
+            return Err(Error::Config(
+                "max_memory_per_child must be at least 1 byte",
+            ));
+        }
+        match self.processes {
+            Some(0) => Err(Error::Config("processes must be at least 1")),
+            Some(n) => Ok(n),
+            None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+        }
+    }
+
+    /// The sandbox, resolved (its paths checked), if one was asked for.
+    fn resolve_sandbox(
+        &mut self,
+        method: StartMethod,
+        mpi: bool,
+    ) -> Result<Option<crate::sandbox::Spec>> {
+        match self.sandbox.take() {
+            None => Ok(None),
+            Some(_) if method == StartMethod::Fork || mpi => Err(Error::Sandbox {
+                reason: "a sandbox needs StartMethod::ForkServer (a fork of the caller, or an \
+                         MPI rank, would carry the caller's memory into the sandbox); use \
+                         .start_method(StartMethod::ForkServer)"
+                    .into(),
+            }),
+            Some(s) => Ok(Some(s.resolve()?)),
+        }
+    }
 }
 
 /// A pool of worker processes.
@@ -747,17 +713,15 @@ fn encode_chunk<'i, A: Serialize + 'i>(
 }
 
 impl Pool {
-    /// Starts the supervisor thread over a server (the fork server, or a
-    /// thread that speaks its protocol), asks for the workers and waits
-    /// until they are ready.
+    /// Starts the supervisor thread over a backend, asks for the workers
+    /// and waits until they are ready.
     pub(crate) fn start(
         cfg: Config,
-        server: std::os::fd::OwnedFd,
-        handle: supervisor::ServerHandle,
-        words: Arc<sys::SharedWords>,
+        backend: Box<dyn Backend>,
+        progress: Arc<dyn Progress>,
         slots: usize,
     ) -> Result<Pool> {
-        let shared = Shared::new(cfg, server, handle, words, slots)?;
+        let shared = Shared::new(cfg, backend, progress, slots)?;
         let s2 = shared.clone();
         let exited = Signal::new();
         let on_exit = SetOnDrop(exited.clone());
@@ -768,7 +732,7 @@ impl Pool {
                 supervisor::run(s2)
             })
             .map_err(|e| {
-                shared.abandon();
+                shared.abandon(Error::Terminated);
                 Error::io("starting the supervisor thread", e)
             })?;
         let pool = Pool {

@@ -1590,3 +1590,43 @@ fn page_size() -> u64 {
     let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     if n > 0 { n as u64 } else { 4096 }
 }
+
+/// A reusable set of fds to poll (temporary: replaced by sys/poll.rs).
+#[derive(Default)]
+pub(crate) struct PollSet(Vec<libc::pollfd>);
+
+impl PollSet {
+    pub(crate) fn clear(&mut self) {
+        self.0.clear();
+    }
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub(crate) fn push(&mut self, fd: RawFd, read: bool, write: bool) -> usize {
+        let mut events = 0;
+        if read {
+            events |= libc::POLLIN;
+        }
+        if write {
+            events |= libc::POLLOUT;
+        }
+        self.0.push(libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        });
+        self.0.len() - 1
+    }
+    pub(crate) fn poll(&mut self, timeout_ms: i32) -> io::Result<usize> {
+        poll(&mut self.0, timeout_ms)
+    }
+    pub(crate) fn revents(&self, i: usize) -> i16 {
+        self.0[i].revents
+    }
+    pub(crate) fn writable(&self, i: usize) -> bool {
+        self.0[i].revents & libc::POLLOUT != 0
+    }
+    pub(crate) fn readable_or_hung_up(&self, i: usize) -> bool {
+        self.0[i].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+    }
+}

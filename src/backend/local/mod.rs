@@ -1,5 +1,306 @@
-//! The local backend: a fork server (started by exec, or forked from the
-//! caller) that forks the workers.
+//! The local backend: workers are processes on this machine, forked by a
+//! fork server that is either a fresh exec of this program
+//! ([`StartMethod::ForkServer`](start::StartMethod), `start.rs`) or a fork
+//! of the caller ([`StartMethod::Fork`](start::StartMethod)). The server's
+//! protocol is in `server.rs`; this file is the parent's side of it,
+//! turned into the engine's typed events (`engine::seam`).
+//!
+//! Each worker stores, in a page of shared memory made before the server
+//! (`proto::status`), the task it has started and when, which is how the
+//! engine's [`Progress`] sees it.
 
 pub(crate) mod server;
 pub(crate) mod start;
+
+use crate::engine::seam::{Backend, End, Event, Progress};
+use crate::error::Error;
+use crate::sys::{self, SharedWords};
+use server::{Msg, Spec};
+use start::StartMethod;
+use std::collections::VecDeque;
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+/// The parent's side of a fork server.
+pub(crate) struct Local {
+    /// The server's socket, with the requests that did not fit in it yet
+    /// (it is non-blocking: the supervisor must never wait on the server,
+    /// which may itself be waiting to hand it an exit). `None` once closed.
+    fd: Option<OwnedFd>,
+    out: VecDeque<[u8; 24]>,
+    pid: libc::pid_t,
+}
+
+/// Starts a fork server by `method`, with `spec` (the initializer, the
+/// shared words, the sandbox).
+pub(crate) fn start(method: StartMethod, spec: Spec) -> Result<Local, Error> {
+    let (fd, pid) = match method {
+        StartMethod::ForkServer => start::exec_server(&spec)?,
+        StartMethod::Fork => fork_server(spec)?,
+    };
+    let mut local = Local {
+        fd: Some(fd),
+        out: VecDeque::new(),
+        pid,
+    };
+    if let Err(e) = sys::set_nonblocking(local.fd.as_ref().expect("just set")) {
+        // Closing its socket makes the server exit; reap it.
+        local.close();
+        let _ = sys::reap(pid);
+        return Err(Error::io("configuring the fork server socket", e));
+    }
+    Ok(local)
+}
+
+impl Local {
+    fn send(&mut self, kind: u32, slot: usize, a: u64, b: u64) {
+        let slot = slot as u32;
+        self.out.push_back(Msg { kind, slot, a, b }.to_bytes());
+        self.flush();
+    }
+
+    /// One message from the server, as an event.
+    fn event(m: Msg, mut fds: Vec<OwnedFd>) -> Option<Event> {
+        let slot = m.slot as usize;
+        Some(match m.kind {
+            server::SPAWNED => match fds.pop() {
+                Some(conn) => Event::Started {
+                    slot,
+                    pid: m.a as u32,
+                    conn,
+                },
+                // Its socket did not arrive: this process is out of fds
+                // (the kernel closed it instead), and that worker reads
+                // end-of-file and exits.
+                None => Event::StartFailed {
+                    slot,
+                    cause: format!(
+                        "this process has no file descriptor free for a new worker's socket{}",
+                        fd_limit_hint()
+                    ),
+                },
+            },
+            server::SPAWN_FAILED => Event::StartFailed {
+                slot,
+                cause: spawn_failure(m.a as i32),
+            },
+            server::KILL_REFUSED => Event::KillRefused {
+                pid: m.a as u32,
+                task: m.b,
+            },
+            server::EXITED => Event::Ended {
+                pid: m.a as u32,
+                end: End::Exited(ExitStatus::from_raw(m.b as u32 as i32)),
+            },
+            _ => return None,
+        })
+    }
+}
+
+/// Why the server could not fork a worker, from its errno.
+fn spawn_failure(errno: i32) -> String {
+    let err = std::io::Error::from_raw_os_error(errno);
+    let hint = match errno {
+        libc::EMFILE | libc::ENFILE => " (see the open-file limit, `ulimit -n`)",
+        libc::EAGAIN => " (the limit on processes, `ulimit -u`, or memory)",
+        _ => "",
+    };
+    format!("the fork server could not start a worker: {err}{hint}")
+}
+
+/// " (the open-file limit, `ulimit -n`, is N)", or "" if there is none.
+fn fd_limit_hint() -> String {
+    match sys::open_file_limit() {
+        Some(n) => format!(" (the open-file limit, `ulimit -n`, is {n})"),
+        None => String::new(),
+    }
+}
+
+impl Backend for Local {
+    fn what(&self) -> &'static str {
+        "the fork server"
+    }
+
+    fn pid(&self) -> u32 {
+        self.pid as u32
+    }
+
+    fn start(&mut self, slot: usize) {
+        self.send(server::SPAWN, slot, 0, 0);
+    }
+
+    fn kill(&mut self, slot: usize, pid: u32, task: u64) {
+        self.send(server::KILL, slot, pid as u64, task);
+    }
+
+    fn poll_fd(&self) -> Option<(RawFd, bool)> {
+        self.fd
+            .as_ref()
+            .map(|f| (f.as_raw_fd(), !self.out.is_empty()))
+    }
+
+    /// Sends queued requests until the socket is full.
+    fn flush(&mut self) {
+        let Some(fd) = self.fd.as_ref().map(|f| f.as_raw_fd()) else {
+            self.out.clear();
+            return;
+        };
+        while let Some(m) = self.out.front() {
+            match sys::send_with_fds(fd, m, &[]) {
+                Ok(()) => {
+                    self.out.pop_front();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    // The server is gone; its end-of-file will be seen.
+                    self.out.clear();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn events(&mut self, out: &mut Vec<Event>) {
+        let mut buf = [0u8; 64];
+        while let Some(fd) = self.fd.as_ref().map(|f| f.as_raw_fd()) {
+            let (n, fds) = match sys::recv_with_fds(fd, &mut buf) {
+                Ok(r) => r,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(_) => (0, Vec::new()),
+            };
+            if n == 0 {
+                // The fork server is gone: nothing can be spawned or
+                // reaped. The engine waits for it (to say how it ended)
+                // and breaks the pool.
+                self.fd = None;
+                out.push(Event::Gone);
+                return;
+            }
+            if let Some(e) = Msg::from_bytes(&buf[..n]).and_then(|m| Local::event(m, fds)) {
+                out.push(e);
+            }
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        self.fd.is_some()
+    }
+
+    fn close(&mut self) {
+        // Closing its socket makes the server kill its workers and exit.
+        self.fd = None;
+        self.out.clear();
+    }
+
+    /// Waits for the server to end. Never waits for a server that has
+    /// ended: one reaped by another (the kernel, when this process ignores
+    /// SIGCHLD) is `ECHILD`, and counts as gone.
+    fn wait(mut self: Box<Self>) -> String {
+        self.close();
+        let status = sys::reap(self.pid).ok().map(ExitStatus::from_raw);
+        exit_reason(self.what(), status)
+    }
+}
+
+/// How a server ended: "the fork server exited (killed by signal 9,
+/// SIGKILL)".
+fn exit_reason(what: &str, status: Option<ExitStatus>) -> String {
+    let how = match status.map(|s| (s.signal(), s.code())) {
+        Some((Some(sig), _)) => format!(" (killed by signal {sig}{})", signal_name(sig)),
+        Some((None, Some(code))) => format!(" (exit status {code})"),
+        _ => String::new(),
+    };
+    format!("{what} exited{how}")
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGHUP => ", SIGHUP",
+        libc::SIGINT => ", SIGINT",
+        libc::SIGQUIT => ", SIGQUIT",
+        libc::SIGABRT => ", SIGABRT",
+        libc::SIGKILL => ", SIGKILL",
+        libc::SIGSEGV => ", SIGSEGV",
+        libc::SIGTERM => ", SIGTERM",
+        _ => "",
+    }
+}
+
+/// The engine reads a local worker's progress from its status words.
+impl Progress for SharedWords {
+    fn started(&self, slot: usize) -> u64 {
+        self.status(slot).started.load(Ordering::SeqCst)
+    }
+    fn started_at_ns(&self, slot: usize) -> u64 {
+        self.status(slot).start_ns.load(Ordering::SeqCst)
+    }
+    fn running(&self, slot: usize, seq: u64) -> bool {
+        self.status(slot).running(seq)
+    }
+    fn skip(&self, slot: usize) -> u64 {
+        self.status(slot).skip.load(Ordering::SeqCst)
+    }
+    fn set_skip(&self, slot: usize, seq: u64) {
+        self.status(slot).skip.store(seq, Ordering::SeqCst);
+    }
+    fn item_cpu(&self, slot: usize) -> u64 {
+        self.status(slot).item_cpu.load(Ordering::SeqCst)
+    }
+    fn died_of(&self, slot: usize) -> u64 {
+        self.status(slot).died_of.load(Ordering::SeqCst)
+    }
+}
+
+/// The words of a pool of `slots` workers (a page each when sandboxed:
+/// all of the words a sandboxed worker keeps mapped).
+pub(crate) fn words(slots: usize, sandboxed: bool) -> Result<Arc<SharedWords>, Error> {
+    let words = if sandboxed {
+        SharedWords::paged(slots)
+    } else {
+        SharedWords::new(slots * sys::STATUS_WORDS)
+    };
+    Ok(Arc::new(
+        words.map_err(|e| Error::io("mapping shared memory", e))?,
+    ))
+}
+
+/// Starts the fork server as a fork of the caller ([`StartMethod::Fork`]).
+fn fork_server(spec: Spec) -> Result<(OwnedFd, libc::pid_t), Error> {
+    let (parent_end, server_end) =
+        sys::seqpacket_pair().map_err(|e| Error::io("creating the fork server socket", e))?;
+    // Hold the stdio locks across the fork: no other thread is then in
+    // the middle of printing, and the children (whose one thread is a
+    // copy of this one) own the locks and can print. Flush so buffered
+    // output is not printed twice.
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr().lock();
+    let _ = out.flush();
+    let _ = err.flush();
+    // Settled here, before the fork: a OnceLock that another thread was
+    // initialising at the fork would stay "being initialised" in the
+    // children forever, and a worker's first wait would hang on it.
+    sys::spin_budget();
+    // Every signal stays blocked across the fork, until the server has
+    // left the terminal's job and set its own dispositions (server::run):
+    // a Ctrl-C meanwhile must not kill it with the host's dispositions.
+    let mask = sys::block_all_signals();
+    let forked = sys::fork().map_err(|e| Error::io("forking the fork server", e));
+    if !matches!(forked, Ok(sys::Forked::Child)) {
+        sys::restore_signal_mask(&mask);
+    }
+    let server_pid = match forked? {
+        sys::Forked::Child => {
+            drop(parent_end);
+            server::run(server_end, &spec)
+        }
+        sys::Forked::Parent(pid) => pid,
+    };
+    drop(err);
+    drop(out);
+    drop(server_end);
+    Ok((parent_end, server_pid))
+}

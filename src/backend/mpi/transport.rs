@@ -1,0 +1,277 @@
+//! How the MPI backend's ranks talk: message kinds, sending without
+//! deadlock, receiving what has arrived, the hash exchange, the stop
+//! handshake, and reading a relayed stream.
+//!
+//! All messages use one tag of a duplicate of the world communicator, so
+//! MPI's non-overtaking rule keeps them in order. The first byte of a
+//! message is its kind. Waiting uses `Iprobe` and `Test` with a backoff
+//! capped at 1 ms, because a blocking receive busy-spins a whole core.
+//! While a send is pending, its sender keeps receiving, so two ranks that
+//! send large messages to each other cannot deadlock.
+
+use crate::proto::conn::{Conn, Filled};
+use crate::proto::shm::Block;
+use crate::proto::wire;
+use crate::sys::PollSet;
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::*;
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
+
+/// Stream bytes: tasks (rank 0 to a worker rank) or results (back).
+pub(super) const M_DATA: u8 = 1;
+/// Rank 0 to a worker rank: start a worker, which runs the initializer.
+pub(super) const M_START: u8 = 2;
+/// Rank 0 to a worker rank: the supervisor closed its side of the worker's
+/// stream, so the worker finishes its tasks and ends.
+pub(super) const M_EOF: u8 = 3;
+/// Rank 0 to a worker rank: drop the worker and serve no more tasks.
+pub(super) const M_ABANDON: u8 = 4;
+/// Rank 0 to a worker rank: the pool is finished; acknowledge and exit.
+pub(super) const M_STOP: u8 = 5;
+/// A worker rank to rank 0: its worker ended, with a 4-byte exit code.
+pub(super) const M_ENDED: u8 = 6;
+/// A worker rank to rank 0: STOP received; nothing follows.
+pub(super) const M_STOP_ACK: u8 = 7;
+
+/// A message carries at most this many stream bytes (MPI counts are `int`).
+pub(super) const CHUNK: usize = 64 << 20;
+/// How much one socket read asks for.
+pub(super) const READ_CHUNK: usize = 256 << 10;
+/// An idle thread sleeps at most this long between polls.
+pub(super) const MAX_IDLE: Duration = Duration::from_millis(1);
+/// A thread waiting for a send sleeps at most this long between tests.
+pub(super) const MAX_SEND_WAIT: Duration = Duration::from_micros(100);
+/// How long rank 0 waits for the ranks to acknowledge STOP before it aborts
+/// the job (MPI finalisation would hang on a rank that never answers).
+pub(super) const STOP_BOUND: Duration = Duration::from_secs(30);
+/// How long a stopping rank lets its worker thread finish.
+pub(super) const JOIN_BOUND: Duration = Duration::from_millis(50);
+/// Socket buffer size, as for local workers.
+pub(super) const SOCK_BUF: usize = 1 << 20;
+
+/// Received messages, with the rank each came from.
+pub(super) type Inbox = VecDeque<(usize, Vec<u8>)>;
+
+/// Receives every message that has arrived. Returns whether there was one.
+pub(super) fn pump(comm: &SimpleCommunicator, inbox: &mut Inbox) -> bool {
+    let mut any = false;
+    while let Some((msg, st)) = comm.any_process().immediate_matched_probe() {
+        let len = usize::try_from(st.count(u8::equivalent_datatype())).unwrap_or(0);
+        let mut v = vec![0u8; len];
+        msg.matched_receive_into(&mut v[..]);
+        inbox.push_back((st.source_rank() as usize, v));
+        any = true;
+    }
+    any
+}
+
+/// Sends one message and waits until its buffer is free again. Meanwhile
+/// it receives whatever arrives, so a peer that is itself sending to us is
+/// never blocked.
+pub(super) fn send(comm: &SimpleCommunicator, inbox: &mut Inbox, to: usize, msg: &[u8]) {
+    mpi::request::scope(|scope| {
+        let mut req = comm.process_at_rank(to as i32).immediate_send(scope, msg);
+        let mut wait = Backoff::new(MAX_SEND_WAIT);
+        loop {
+            match req.test() {
+                Ok(_) => return,
+                Err(r) => req = r,
+            }
+            if pump(comm, inbox) {
+                wait.reset();
+            } else {
+                wait.sleep();
+            }
+        }
+    });
+}
+
+/// Sends stream bytes in messages of at most `CHUNK` bytes. `msg` holds
+/// the `M_DATA` byte and then the bytes.
+pub(super) fn send_data(
+    comm: &SimpleCommunicator,
+    inbox: &mut Inbox,
+    to: usize,
+    msg: &mut Vec<u8>,
+) {
+    if msg.len() <= 1 {
+        return;
+    }
+    if msg.len() <= CHUNK + 1 {
+        send(comm, inbox, to, msg);
+    } else {
+        let mut part = Vec::with_capacity(CHUNK + 1);
+        for piece in msg[1..].chunks(CHUNK) {
+            part.clear();
+            part.push(M_DATA);
+            part.extend_from_slice(piece);
+            send(comm, inbox, to, &part);
+        }
+    }
+    msg.truncate(1);
+    if msg.capacity() > 4 * CHUNK {
+        *msg = vec![M_DATA];
+    }
+}
+
+/// The hash exchange: a non-blocking all-gather, polled with backoff so
+/// that ranks that wait for a late rank 0 do not spin.
+pub(super) fn all_gather(comm: &SimpleCommunicator, mine: u64, all: &mut [u64]) {
+    mpi::request::scope(|scope| {
+        let mut req = comm.immediate_all_gather_into(scope, &mine, all);
+        let mut idle = Backoff::new(MAX_IDLE);
+        loop {
+            match req.test() {
+                Ok(_) => return,
+                Err(r) => req = r,
+            }
+            idle.sleep();
+        }
+    });
+}
+
+/// Backoff for polling, by the time since the last activity: yields at
+/// first, then short sleeps while messages are likely to follow soon (a
+/// stream of `apply` calls, say), then sleeps doubling up to a cap.
+pub(super) struct Backoff {
+    since: Option<Instant>,
+    n: u32,
+    cap: Duration,
+}
+
+/// Yield (spin) this long after the last activity...
+const SPIN: Duration = Duration::from_millis(1);
+/// ... then sleep briefly until this long after it...
+const HOT: Duration = Duration::from_millis(5);
+/// ... this long at a time (about the kernel's timer slack).
+const HOT_SLEEP: Duration = Duration::from_micros(50);
+
+impl Backoff {
+    pub(super) fn new(cap: Duration) -> Self {
+        Backoff {
+            since: None,
+            n: 0,
+            cap,
+        }
+    }
+
+    /// Something happened: poll eagerly again.
+    pub(super) fn reset(&mut self) {
+        self.since = None;
+        self.n = 0;
+    }
+
+    fn next(&mut self) -> Duration {
+        let now = Instant::now();
+        let idle = now - *self.since.get_or_insert(now);
+        if idle < SPIN {
+            Duration::ZERO
+        } else if idle < HOT {
+            HOT_SLEEP.min(self.cap)
+        } else {
+            let shift = self.n.min(10);
+            self.n += 1;
+            Duration::from_micros(100u64 << shift).min(self.cap)
+        }
+    }
+
+    /// Waits for the next delay.
+    pub(super) fn sleep(&mut self) {
+        let d = self.next();
+        if d.is_zero() {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(d);
+        }
+    }
+
+    /// Waits for the next delay, or until one of `fds` is ready once the
+    /// delay has reached a millisecond.
+    pub(super) fn wait(&mut self, fds: &mut PollSet) {
+        let d = self.next();
+        if d >= Duration::from_millis(1) && fds.len() > 0 {
+            let _ = fds.poll(d.as_millis().min(1000) as i32);
+        } else if d.is_zero() {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(d);
+        }
+    }
+}
+
+/// Tells every worker rank to stop and waits for each to acknowledge, so
+/// that MPI can be finalised.
+pub(super) fn stop_ranks(comm: &SimpleCommunicator, inbox: &mut Inbox) {
+    let size = comm.size() as usize;
+    for r in 1..size {
+        send(comm, inbox, r, &[M_STOP]);
+    }
+    let mut acked = vec![false; size];
+    acked[0] = true;
+    let deadline = Instant::now() + STOP_BOUND;
+    let mut idle = Backoff::new(MAX_IDLE);
+    loop {
+        while let Some((from, msg)) = inbox.pop_front() {
+            if msg.first() == Some(&M_STOP_ACK) {
+                if let Some(a) = acked.get_mut(from) {
+                    *a = true;
+                }
+            }
+        }
+        if acked.iter().all(|&a| a) {
+            return;
+        }
+        if Instant::now() > deadline {
+            let missing: Vec<usize> = (0..size).filter(|&r| !acked[r]).collect();
+            eprintln!(
+                "procpool: MPI ranks {missing:?} did not stop within {STOP_BOUND:?}; aborting the MPI job"
+            );
+            comm.abort(70);
+        }
+        if pump(comm, inbox) {
+            idle.reset();
+        } else {
+            idle.sleep();
+        }
+    }
+}
+
+/// The 8-byte length at the start of a frame body that names a block.
+pub(super) fn block_len(body: &[u8]) -> Option<usize> {
+    body.get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize)
+}
+
+/// Maps a block that came with a frame, checking that it holds `len` bytes.
+pub(super) fn map_block(fd: Option<OwnedFd>, len: usize) -> Result<Block, String> {
+    let fd = fd.ok_or("its block did not arrive")?;
+    let b = Block::from_fd(fd).map_err(|e| format!("its block could not be mapped: {e}"))?;
+    if b.capacity() < len {
+        return Err("its block is shorter than its body".into());
+    }
+    Ok(b)
+}
+
+/// Reads what a relayed stream has (up to a bound per call, so one busy
+/// stream does not starve the others). Returns (whether bytes came,
+/// end-of-file).
+pub(super) fn read_some(conn: &mut Conn) -> (bool, bool) {
+    let mut got = 0;
+    while got < 4 * CHUNK {
+        let before = conn.inbuf.len();
+        let need = wire::missing(&conn.inbuf);
+        let want = if need > 0 {
+            usize::try_from(need).unwrap_or(usize::MAX).min(CHUNK)
+        } else {
+            READ_CHUNK
+        };
+        match conn.fill(want) {
+            Filled::Some => got += conn.inbuf.len() - before,
+            Filled::Nothing => break,
+            Filled::Eof | Filled::Failed(_) => return (got > 0, true),
+        }
+    }
+    (got > 0, false)
+}

@@ -1,0 +1,534 @@
+//! The engine's state and what callers do to it: submit (and dispatch to
+//! idle workers on the way), cancel, close, terminate.
+//!
+//! Locking: one mutex guards [`State`]. Callers submit under it and, when a
+//! worker is idle, write the tasks to its socket themselves (non-blocking),
+//! so a synchronous `apply` costs no hop through another thread on the way
+//! out. The supervisor thread (`supervisor.rs`) does the rest. Outcomes
+//! are stored in their slots after the lock is released.
+
+use crate::engine::completion::{Handler, Hook, Slot, complete};
+use crate::engine::job::{Completion, Config, InFlight, Job, JobSpec, KillReason};
+use crate::engine::lifecycle::{Phase, Starts};
+use crate::engine::plan::{self, Batch, Candidate, Estimates, Load};
+use crate::engine::seam::{Backend, Progress};
+use crate::engine::workers::Worker;
+use crate::error::Error;
+use crate::proto::shm::{BlockCache, Body};
+use crate::proto::wire::{self, HDR, Header};
+use crate::sys;
+use std::collections::{HashSet, VecDeque};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+pub(crate) struct State {
+    pub(crate) phase: Phase,
+    pub(crate) queue: VecDeque<Job>,
+    pub(crate) workers: Vec<Worker>,
+    /// Slots whose worker the backend is starting, with the outcomes held
+    /// back until it exists (so that once a lost task's error is seen, its
+    /// replacement is already in `worker_pids`).
+    pub(crate) spawning: Vec<(usize, Vec<Completion>)>,
+    pub(crate) free_slots: Vec<usize>,
+    pub(crate) est: Estimates,
+    pub(crate) broken: Option<Error>,
+    /// Workers with an initializer that died before they were ready, since
+    /// one last was (see `ledger::blames_initializer`).
+    pub(crate) unready_deaths: u32,
+    pub(crate) building: bool,
+    pub(crate) init_error: Option<Error>,
+    pub(crate) ready: usize,
+    /// The backend, until it is closed and waited for.
+    pub(crate) backend: Option<Box<dyn Backend>>,
+    pub(crate) backend_pid: u32,
+    pub(crate) starts: Starts,
+    /// The backend ended on its own (its server closed its socket), and
+    /// the pool with it.
+    pub(crate) backend_lost: bool,
+    pub(crate) finished: bool,
+    /// Scratch space for dispatch (kept to save an allocation per call).
+    loads: Vec<Load>,
+    order: Vec<usize>,
+}
+
+/// Everything the pool's threads share.
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    pub(crate) cv: Condvar,
+    pub(crate) wake: OwnedFd,
+    pub(crate) progress: Arc<dyn Progress>,
+    pub(crate) blocks: Arc<BlockCache>,
+    next_id: AtomicU64,
+    pub(crate) handler: Handler,
+    pub(crate) cfg: Config,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        cfg: Config,
+        backend: Box<dyn Backend>,
+        progress: Arc<dyn Progress>,
+        slots: usize,
+    ) -> Result<Arc<Shared>, Error> {
+        let wake = match sys::eventfd() {
+            Ok(fd) => fd,
+            Err(e) => {
+                backend.wait();
+                return Err(Error::io("creating an eventfd", e));
+            }
+        };
+        let sandboxed = cfg.sandbox.is_some();
+        Ok(Arc::new(Shared {
+            state: Mutex::new(State {
+                phase: Phase::Running,
+                queue: VecDeque::new(),
+                workers: Vec::new(),
+                spawning: Vec::new(),
+                free_slots: (0..slots).rev().collect(),
+                est: Estimates::default(),
+                broken: None,
+                unready_deaths: 0,
+                building: true,
+                init_error: None,
+                ready: 0,
+                backend_pid: backend.pid(),
+                backend: Some(backend),
+                starts: Starts::default(),
+                backend_lost: false,
+                finished: false,
+                loads: Vec::new(),
+                order: Vec::new(),
+            }),
+            cv: Condvar::new(),
+            wake,
+            progress,
+            blocks: Arc::new(if sandboxed {
+                BlockCache::sandboxed()
+            } else {
+                BlockCache::default()
+            }),
+            next_id: AtomicU64::new(1),
+            handler: Handler::new(),
+            cfg,
+        }))
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the supervisor thread.
+    pub(crate) fn wake(&self) {
+        sys::eventfd_signal(self.wake.as_raw_fd());
+    }
+
+    pub(crate) fn run_completions(&self, done: Vec<Completion>) {
+        for (slot, hook, outcome) in done {
+            complete(slot, hook, outcome, &self.handler);
+        }
+    }
+
+    /// Asks the backend for the first workers and waits until all are ready.
+    pub(crate) fn start_workers(&self) -> Result<(), Error> {
+        let mut st = self.lock();
+        for _ in 0..self.cfg.processes {
+            let _ = st.request_spawn(Vec::new());
+        }
+        drop(st);
+        self.wake();
+        let mut st = self.lock();
+        loop {
+            if let Some(e) = st.init_error.clone().or_else(|| st.broken.clone()) {
+                st.building = false;
+                return Err(e);
+            }
+            if st.ready >= self.cfg.processes {
+                st.building = false;
+                return Ok(());
+            }
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// A fresh slot for a task (its id is the job's).
+    pub(crate) fn new_slot(&self) -> Arc<Slot> {
+        Slot::new(self.reserve_ids(1))
+    }
+
+    /// Reserves `n` consecutive job ids.
+    pub(crate) fn reserve_ids(&self, n: u64) -> u64 {
+        self.next_id.fetch_add(n, Ordering::Relaxed)
+    }
+
+    /// Queues jobs (all or none) and dispatches what idle workers can take.
+    pub(crate) fn submit(&self, jobs: Vec<(Arc<Slot>, JobSpec)>) -> Result<(), Error> {
+        if let Some(check) = self.cfg.check_task {
+            for (_, s) in &jobs {
+                check(s.f)?;
+            }
+        }
+        let mut jobs = jobs;
+        if self.blocks.is_sandboxed() {
+            // A sandboxed worker gets its input sealed: it can neither change
+            // it (for a retry on another worker) nor truncate it.
+            for (_, s) in jobs.iter_mut() {
+                if let Body::Shm(b, _) = &mut s.payload {
+                    b.seal()
+                        .map_err(|e| Error::io("sealing a shared-memory block", e))?;
+                }
+            }
+        }
+        let mut st = self.lock();
+        if let Some(e) = st.refusal() {
+            return Err(e);
+        }
+        for (slot, s) in jobs {
+            st.queue.push_back(Job {
+                id: slot.id,
+                f: s.f,
+                payload: s.payload,
+                slot,
+                hook: s.hook,
+                timeout: s.timeout.or(self.cfg.timeout),
+                soft_timeout: s.soft_timeout.or(self.cfg.soft_timeout),
+                retries: s.retries.unwrap_or(self.cfg.retries),
+                cancelled: false,
+                shared: s.shared,
+                retry_shared: s.retry_shared,
+            });
+        }
+        let pending = st.dispatch(&self.cfg, true);
+        drop(st);
+        if pending {
+            self.wake();
+        }
+        Ok(())
+    }
+
+    /// Cancels the jobs with these ids; returns whether any was cancelled.
+    pub(crate) fn cancel(&self, ids: &[u64]) -> bool {
+        let ids: HashSet<u64> = ids.iter().copied().collect();
+        let mut done = Vec::new();
+        {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            let mut kept = VecDeque::with_capacity(st.queue.len());
+            for j in st.queue.drain(..) {
+                if ids.contains(&j.id) {
+                    done.push((j.slot, j.hook, Err(Error::Cancelled)));
+                } else {
+                    kept.push_back(j);
+                }
+            }
+            st.queue = kept;
+            for w in st.workers.iter_mut() {
+                cancel_held(w, &ids, &*self.progress, &mut done);
+            }
+            st.send_kills();
+            let watching = st.workers.iter().any(|w| !w.cancels.is_empty());
+            if st
+                .backend
+                .as_ref()
+                .is_some_and(|b| b.poll_fd().is_some_and(|p| p.1))
+                || watching
+            {
+                // The supervisor must send what is queued, and watch the
+                // pending cancels.
+                self.wake();
+            }
+        }
+        let any = !done.is_empty();
+        self.run_completions(done);
+        any
+    }
+
+    pub(crate) fn server_pid(&self) -> u32 {
+        self.lock().backend_pid
+    }
+
+    pub(crate) fn worker_pids(&self) -> Vec<u32> {
+        self.lock().workers.iter().map(|w| w.pid).collect()
+    }
+
+    pub(crate) fn close(&self) {
+        let mut st = self.lock();
+        st.phase = st.phase.closed();
+        drop(st);
+        self.wake();
+    }
+
+    /// Marks the pool terminated and resolves every outstanding task with
+    /// `Terminated`; the supervisor thread then kills and reaps the processes.
+    pub(crate) fn terminate(&self) {
+        let mut done = Vec::new();
+        {
+            let mut st = self.lock();
+            st.phase = Phase::Terminated;
+            st.fail_all(Error::Terminated, &mut done);
+        }
+        self.cv.notify_all();
+        self.run_completions(done);
+        self.wake();
+    }
+
+    /// Gives up on a pool whose supervisor thread could not start (or
+    /// panicked): fails everything with `e`, closes the backend and waits
+    /// for it.
+    pub(crate) fn abandon(&self, e: Error) {
+        let mut done = Vec::new();
+        let backend = {
+            let mut st = self.lock();
+            st.phase = Phase::Terminated;
+            st.fail_all(e, &mut done);
+            st.workers.clear();
+            st.spawning.clear();
+            st.finished = true;
+            st.backend.take()
+        };
+        self.cv.notify_all();
+        self.run_completions(done);
+        if let Some(b) = backend {
+            b.wait();
+        }
+    }
+
+    pub(crate) fn phase(&self) -> Phase {
+        self.lock().phase
+    }
+
+    /// `Ok` while the pool takes tasks.
+    pub(crate) fn check_running(&self) -> Result<(), Error> {
+        match self.lock().refusal() {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+
+    /// What broke the pool, if something did (its server died, no worker
+    /// could be started, the initializer keeps failing).
+    pub(crate) fn broken(&self) -> Option<Error> {
+        self.lock().broken.clone()
+    }
+}
+
+/// Cancels the tasks among `ids` that worker `w` holds.
+///
+/// Not started yet: the worker is told to skip it, through the one `skip`
+/// word if it is free (the worker stores `started` then reads `skip`; the
+/// parent stores `skip` then reads `started`: if it reads an earlier task,
+/// the worker will see the skip). Else the supervisor watches for its
+/// start. Running now: its worker is killed (the backend checks, with the
+/// worker stopped, that it still runs this task). Finished: its result is
+/// dropped when it arrives.
+fn cancel_held(w: &mut Worker, ids: &HashSet<u64>, p: &dyn Progress, done: &mut Vec<Completion>) {
+    let mut run = None;
+    for f in w.in_flight.iter_mut() {
+        if f.job.cancelled || !ids.contains(&f.job.id) {
+            continue;
+        }
+        f.job.cancelled = true;
+        let hook = std::mem::replace(&mut f.job.hook, Hook::None);
+        done.push((f.job.slot.clone(), hook, Err(Error::Cancelled)));
+        let started = p.started(w.slot);
+        if started < f.seq && p.skip(w.slot) <= started {
+            p.set_skip(w.slot, f.seq);
+        } else if started < f.seq {
+            w.cancels.push(f.seq);
+            continue;
+        }
+        if p.running(w.slot, f.seq) {
+            run = Some(f.seq);
+        }
+    }
+    if let (Some(seq), None) = (run, &w.kill) {
+        w.set_kill(KillReason::Cancel, seq);
+    }
+}
+
+impl State {
+    /// Why a submission is refused now, if it is (see `Phase::refusal`).
+    pub(crate) fn refusal(&self) -> Option<Error> {
+        let has_workers = !self.workers.is_empty() || !self.spawning.is_empty();
+        self.phase.refusal(self.broken.as_ref(), has_workers)
+    }
+
+    /// Asks the backend for a worker; `held` outcomes wait for it. Returns
+    /// them at once if no start could be asked for.
+    #[must_use]
+    pub(crate) fn request_spawn(&mut self, held: Vec<Completion>) -> Vec<Completion> {
+        let Some(backend) = self.backend.as_mut().filter(|b| b.is_open()) else {
+            return held;
+        };
+        let Some(slot) = self.free_slots.pop() else {
+            return held;
+        };
+        backend.start(slot);
+        self.spawning.push((slot, held));
+        Vec::new()
+    }
+
+    /// Asks the backend to kill every worker the pool has marked for a
+    /// kill and not yet asked about.
+    pub(crate) fn send_kills(&mut self) {
+        let Some(backend) = self.backend.as_mut() else {
+            return;
+        };
+        for w in self.workers.iter_mut() {
+            if w.kill.is_some() && !w.kill_sent {
+                w.kill_sent = true;
+                backend.kill(w.slot, w.pid, w.kill_seq);
+            }
+        }
+    }
+
+    /// Fails every task the pool has, queued or held, with `e`.
+    pub(crate) fn fail_all(&mut self, e: Error, done: &mut Vec<Completion>) {
+        for j in self.queue.drain(..) {
+            done.push((j.slot, j.hook, Err(e.clone())));
+        }
+        for w in self.workers.iter_mut() {
+            for f in w.take_all() {
+                if !f.job.cancelled {
+                    done.push((f.job.slot, f.job.hook, Err(e.clone())));
+                }
+            }
+        }
+        for (_, held) in self.spawning.iter_mut() {
+            done.append(held);
+        }
+    }
+
+    /// Sends queued jobs to the workers that take them, as the plan says
+    /// (`plan.rs`). Returns true if some bytes are still waiting for a
+    /// socket to become writable, or a new deadline must be watched.
+    pub(crate) fn dispatch(&mut self, cfg: &Config, from_caller: bool) -> bool {
+        let mut pending = false;
+        let live = self.workers.iter().filter(|w| w.ready).count().max(1);
+        let now = Instant::now();
+        self.loads.clear();
+        let max = cfg.max_tasks_per_child;
+        self.loads.extend(self.workers.iter().map(|w| w.load(max)));
+        plan::order(&self.loads, &mut self.order);
+        for k in 0..self.order.len() {
+            if self.queue.is_empty() {
+                break;
+            }
+            let i = self.order[k];
+            let load = self.loads[i];
+            let w = &mut self.workers[i];
+            if !plan::takes_tasks(&load, from_caller) {
+                pending |= w.conn.has_pending();
+                continue;
+            }
+            let mut batch = Batch::new(&load, self.queue.len(), live);
+            while let Some(front) = self.queue.front() {
+                let c = Candidate {
+                    estimate: self.est.get(front.f),
+                    timed: front.timeout.is_some(),
+                    has_shared: !front.shared.is_empty(),
+                };
+                let Some(charge) = batch.admit(c, frame_bytes(front)) else {
+                    break;
+                };
+                let job = self.queue.pop_front().expect("front exists");
+                let timed = job.timeout;
+                w.push_task(job, charge, cfg.inline_shared);
+                if let Some(t) = timed {
+                    w.deadline = Some(now + t);
+                    // The supervisor's poll must learn the new deadline.
+                    pending = true;
+                }
+            }
+            if max.is_some_and(|m| w.sent >= m) {
+                w.retiring = true;
+            }
+            pending |= w.flush();
+        }
+        pending
+    }
+}
+
+/// The bytes a job's frames take (for the batch's size cap).
+fn frame_bytes(job: &Job) -> usize {
+    let soft = if job.soft_timeout.is_some() { HDR } else { 0 };
+    soft + HDR
+        + match &job.payload {
+            Body::Heap(p) => p.len(),
+            Body::Shm(..) => 8,
+        }
+}
+
+/// The frames of a task, as dispatch writes them to a worker.
+impl Worker {
+    /// Appends `job`'s frames (its soft limit, if any, then the task) to
+    /// the out buffer, with the fds they carry, and holds it; returns the
+    /// bytes written.
+    pub(crate) fn push_task(&mut self, job: Job, charge: u64, inline_shared: bool) -> usize {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.sent += 1;
+        let mut bytes = 0;
+        if let Some(soft) = job.soft_timeout {
+            // Its soft limit, in the frame just before it.
+            let ns = crate::deadline::nanos(soft);
+            let out = self.conn.out();
+            let at = Header::new(wire::SOFT_LIMIT, seq, ns, 0).begin(out);
+            wire::finish(out, at, 0);
+            bytes += HDR;
+        }
+        bytes += self.push_task_frame(seq, &job, inline_shared);
+        self.held_ns += charge;
+        self.in_flight.push_back(InFlight { seq, job, charge });
+        bytes
+    }
+
+    fn push_task_frame(&mut self, seq: u64, job: &Job, inline_shared: bool) -> usize {
+        let mut h = Header::new(wire::TASK, seq, job.f.tramp, job.f.func);
+        if inline_shared {
+            h.status |= wire::INLINE_SHARED;
+        }
+        // The fds go on the frame's first bytes (wire::fd_offset): the
+        // input block's, then the SharedBufs'.
+        let at = self.conn.out().len();
+        let mut nfds = 0;
+        let prefix = if job.shared.is_empty() {
+            0
+        } else {
+            h.status |= wire::SHARED_FDS;
+            4
+        };
+        match &job.payload {
+            Body::Heap(p) => h.len = (prefix + p.len()) as u64,
+            Body::Shm(b, _) => {
+                h.len = prefix as u64 + 8;
+                h.status |= wire::IN_BLOCK;
+                if job.retries > 0 {
+                    h.status |= wire::KEEP_INPUT;
+                }
+                self.conn.attach_fd(wire::fd_offset(at, 0), b.raw_fd());
+                nfds = 1;
+            }
+        }
+        for r in &job.shared {
+            self.conn.attach_fd(wire::fd_offset(at, nfds), r.raw_fd());
+            nfds += 1;
+        }
+        let out = self.conn.out();
+        h.begin(out);
+        if prefix > 0 {
+            out.extend_from_slice(&(job.shared.len() as u32).to_le_bytes());
+        }
+        match &job.payload {
+            Body::Heap(p) => {
+                out.extend_from_slice(p);
+                HDR + p.len()
+            }
+            Body::Shm(_, n) => {
+                out.extend_from_slice(&(*n as u64).to_le_bytes());
+                HDR + 8
+            }
+        }
+    }
+}

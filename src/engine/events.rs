@@ -1,0 +1,219 @@
+//! What the supervisor does with the backend's events: a worker started,
+//! could not be started (and the retry policy, `lifecycle::Starts`), or
+//! ended (the ledger's verdict on its tasks, the initializer's blame, its
+//! replacement).
+
+use crate::engine::core::{Shared, State};
+use crate::engine::job::{Completion, KillReason};
+use crate::engine::ledger::{self, Ended, Unready};
+use crate::engine::lifecycle::Retry;
+use crate::engine::seam::{End, Event};
+use crate::engine::workers::Worker;
+use crate::error::Error;
+use std::time::Instant;
+
+/// One event from the backend.
+pub(crate) fn on_event(shared: &Shared, st: &mut State, e: Event, done: &mut Vec<Completion>) {
+    match e {
+        Event::Started { slot, pid, conn } => {
+            if let Some(i) = st.spawning.iter().position(|s| s.0 == slot) {
+                done.append(&mut st.spawning.swap_remove(i).1);
+            }
+            st.starts.succeeded();
+            log::debug!("procpool: worker {pid} started");
+            st.workers.push(Worker::new(slot, pid, conn, &shared.cfg));
+        }
+        Event::StartFailed { slot, cause } => {
+            if let Some(i) = st.spawning.iter().position(|s| s.0 == slot) {
+                let (slot, mut held) = st.spawning.swap_remove(i);
+                st.free_slots.push(slot);
+                done.append(&mut held);
+            }
+            start_failed(shared, st, cause, done);
+        }
+        Event::KillRefused { pid, task } => {
+            // The cancelled task had finished before the kill: the worker
+            // goes on.
+            if let Some(w) = st.workers.iter_mut().find(|w| w.pid == pid) {
+                if matches!(w.kill, Some(KillReason::Cancel)) && w.kill_seq == task {
+                    w.kill = None;
+                    w.kill_sent = false;
+                    w.kill_seq = 0;
+                }
+            }
+        }
+        // The supervisor reads its last output first (`supervisor::ended`).
+        Event::Ended { .. } => {}
+        Event::Gone => st.backend_lost = true,
+    }
+}
+
+/// A worker could not be started (the backend could not fork it or make
+/// its socket, or its socket could not be received here): out of fds, out
+/// of processes, out of memory. The slot is free again and the outcomes
+/// held for it are released.
+///
+/// While the pool is being built, `build()` fails with this error (and
+/// the pool, dropped, kills and reaps what was started). Later, the pool
+/// tries again after a delay that doubles each time, up to
+/// `lifecycle::START_RETRIES` times in a row (a successful start resets
+/// the count); then, if no worker is left, the pool is broken: every queued
+/// task fails with this error, and so do later submissions. With workers
+/// left it goes on with fewer, and tries again when the next one exits.
+fn start_failed(shared: &Shared, st: &mut State, cause: String, done: &mut Vec<Completion>) {
+    log::warn!("procpool: could not start a worker: {cause}");
+    if st.building {
+        let e = Error::Broken {
+            reason: format!(
+                "could not start all {} workers ({} started): {cause}",
+                shared.cfg.processes,
+                st.workers.len()
+            ),
+        };
+        st.init_error.get_or_insert(e.clone());
+        st.broken.get_or_insert(e);
+        shared.cv.notify_all();
+        return;
+    }
+    if st.starts.failed(Instant::now()) == Retry::Later {
+        return;
+    }
+    if st.workers.is_empty() && st.spawning.is_empty() {
+        st.broken = Some(Error::Broken {
+            reason: format!(
+                "no worker is left and {} attempts in a row to start one failed: {cause}",
+                st.starts.failures
+            ),
+        });
+        fail_if_no_workers(st, done);
+        shared.cv.notify_all();
+    }
+}
+
+/// Asks for workers up to the pool's size (after failed starts).
+pub(crate) fn make_up_workers(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) {
+    while st.workers.len() + st.spawning.len() < shared.cfg.processes
+        && !st.free_slots.is_empty()
+        && st.backend.as_ref().is_some_and(|b| b.is_open())
+    {
+        let back = st.request_spawn(Vec::new());
+        if !back.is_empty() {
+            done.extend(back);
+            break;
+        }
+    }
+}
+
+fn fail_if_no_workers(st: &mut State, done: &mut Vec<Completion>) {
+    if let Some(e) = st.broken.clone() {
+        if st.workers.is_empty() && st.spawning.is_empty() {
+            for j in st.queue.drain(..) {
+                done.push((j.slot, j.hook, Err(e.clone())));
+            }
+        }
+    }
+}
+
+/// A worker ended (and its last output was read): its tasks are settled
+/// (the ledger), the initializer perhaps blamed, and it is replaced.
+pub(crate) fn worker_ended(
+    shared: &Shared,
+    st: &mut State,
+    mut w: Worker,
+    end: End,
+    done: &mut Vec<Completion>,
+) {
+    let started = shared.progress.started(w.slot);
+    // A sandboxed worker that died of one of its limits.
+    let limit = match (shared.cfg.sandbox.as_ref(), end.status()) {
+        (Some(l), Some(status)) => l.cause(shared.progress.died_of(w.slot), status),
+        _ => None,
+    };
+    let held: Vec<_> = w.in_flight.drain(..).collect();
+    if !ledger::lost_any(&held, started) && w.kill.is_none() {
+        log::debug!("procpool: worker {} exited ({end})", w.pid);
+    } else if w.kill.is_none() {
+        log::warn!(
+            "procpool: worker {} lost ({end}) with {} task(s) in flight",
+            w.pid,
+            held.len()
+        );
+    }
+    let facts = Ended {
+        pid: w.pid,
+        end,
+        started,
+        kill: w.kill.as_ref(),
+        limit,
+    };
+    let verdict = ledger::settle(held, &facts);
+    for job in verdict.requeue.into_iter().rev() {
+        st.queue.push_front(job);
+    }
+    let lost: Vec<Completion> = verdict
+        .failed
+        .into_iter()
+        .map(|(j, e)| (j.slot, j.hook, Err(e)))
+        .collect();
+    st.free_slots.push(w.slot);
+    if !w.ready {
+        died_unready(shared, st, &mut w, end);
+    }
+    replace(shared, st, w.pid, lost, done);
+}
+
+/// A worker died before it was ready: perhaps the initializer's fault
+/// (`ledger::blames_initializer`); the pool then breaks.
+fn died_unready(shared: &Shared, st: &mut State, w: &mut Worker, end: End) {
+    st.unready_deaths += u32::from(shared.cfg.has_init);
+    let u = Unready {
+        has_init: shared.cfg.has_init,
+        building: st.building,
+        deaths: st.unready_deaths,
+        said_so: w.init_msg.is_some(),
+    };
+    if !ledger::blames_initializer(&u) {
+        return;
+    }
+    let message = w
+        .init_msg
+        .take()
+        .unwrap_or_else(|| format!("worker {} died in its initializer ({end})", w.pid));
+    let e = if w.sandbox_failed {
+        Error::Sandbox { reason: message }
+    } else {
+        Error::InitializerFailed { message }
+    };
+    if st.building {
+        st.init_error = Some(e.clone());
+    }
+    st.broken = Some(e);
+    shared.cv.notify_all();
+}
+
+/// Replaces an ended worker if the pool still wants one; `lost` (its
+/// failed tasks' outcomes) wait for the replacement to exist. A retry of
+/// failed starts that is due makes up the count then, not now: the delay
+/// is the point.
+fn replace(
+    shared: &Shared,
+    st: &mut State,
+    pid: u32,
+    lost: Vec<Completion>,
+    done: &mut Vec<Completion>,
+) {
+    if st.phase.wants_workers(st.queue.is_empty())
+        && st.broken.is_none()
+        && st.starts.retry_at.is_none()
+        && st.workers.len() + st.spawning.len() < shared.cfg.processes
+    {
+        log::debug!("procpool: replacing worker {pid}");
+        let back = st.request_spawn(lost);
+        done.extend(back);
+        // Also make up for starts that failed earlier.
+        make_up_workers(shared, st, done);
+    } else {
+        done.extend(lost);
+        fail_if_no_workers(st, done);
+    }
+}

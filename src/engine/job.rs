@@ -1,0 +1,115 @@
+//! What the engine moves around: the pool's settings ([`Config`]), a task
+//! on its way ([`Job`]), a task a worker holds ([`InFlight`]), and why the
+//! pool kills a worker ([`KillReason`]).
+
+use crate::engine::completion::{Hook, Outcome, Slot};
+use crate::error::Error;
+use crate::proto::shared_buf::Region;
+use crate::proto::shm::Body;
+use crate::proto::task::TaskFn;
+use crate::proto::wire::{self, Header};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A finished task's outcome, with where it goes, to be stored once the
+/// state lock is released.
+pub(crate) type Completion = (Arc<Slot>, Hook, Outcome);
+
+/// The pool's settings, fixed at build time.
+#[derive(Clone, Debug)]
+pub(crate) struct Config {
+    pub(crate) processes: usize,
+    pub(crate) max_tasks_per_child: Option<u64>,
+    pub(crate) timeout: Option<Duration>,
+    /// The default soft time limit of a task.
+    pub(crate) soft_timeout: Option<Duration>,
+    pub(crate) retries: u32,
+    /// Whether workers run an initializer before they are ready.
+    pub(crate) has_init: bool,
+    /// Whether each task's code must lie in the executable (workers that
+    /// are not forks of the caller: an exec'd server, MPI ranks).
+    pub(crate) check_task: Option<fn(TaskFn) -> Result<(), Error>>,
+    /// Whether workers record a backtrace when a task panics.
+    pub(crate) backtraces: bool,
+    /// A worker whose private memory grew by more than this is replaced
+    /// after its task.
+    pub(crate) max_memory_per_child: Option<u64>,
+    /// A sandboxed pool's caps.
+    pub(crate) sandbox: Option<crate::sandbox::Limits>,
+    /// Whether `SharedBuf`s travel as copies (MPI ranks, beyond shared
+    /// memory) rather than by reference.
+    pub(crate) inline_shared: bool,
+}
+
+impl Config {
+    /// The CONFIG frame that a new worker reads before its first task, if
+    /// anything differs from a worker's defaults.
+    pub(crate) fn worker_frame(&self) -> Vec<u8> {
+        let mut flags = 0;
+        if self.backtraces {
+            flags |= wire::CONFIG_BACKTRACES;
+        }
+        let memory = self.max_memory_per_child.unwrap_or(0);
+        let mut out = Vec::new();
+        if flags != 0 || memory != 0 {
+            let at = Header::new(wire::CONFIG, 0, flags, memory).begin(&mut out);
+            wire::finish(&mut out, at, 0);
+        }
+        out
+    }
+}
+
+/// One task on its way through the pool.
+pub(crate) struct Job {
+    pub(crate) id: u64,
+    pub(crate) f: TaskFn,
+    pub(crate) payload: Body,
+    pub(crate) slot: Arc<Slot>,
+    pub(crate) hook: Hook,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) soft_timeout: Option<Duration>,
+    pub(crate) retries: u32,
+    pub(crate) cancelled: bool,
+    /// The `SharedBuf`s its argument moved out of the caller's hands: sent
+    /// with it, and kept here (where nothing else can reach them) until
+    /// its result brings them back or it fails.
+    pub(crate) shared: Vec<Region>,
+    /// Whether it runs again after its worker died part-way even though it
+    /// holds `SharedBuf`s (which that worker may have half written).
+    pub(crate) retry_shared: bool,
+}
+
+/// What a caller hands to `submit`.
+pub(crate) struct JobSpec {
+    pub(crate) f: TaskFn,
+    pub(crate) payload: Body,
+    pub(crate) hook: Hook,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) soft_timeout: Option<Duration>,
+    pub(crate) retries: Option<u32>,
+    pub(crate) shared: Vec<Region>,
+    pub(crate) retry_shared: bool,
+}
+
+/// A job sent to a worker, under the number the worker knows it by.
+pub(crate) struct InFlight {
+    pub(crate) seq: u64,
+    pub(crate) job: Job,
+    /// The work, in estimated nanoseconds, this task counts for while held.
+    pub(crate) charge: u64,
+}
+
+/// Why the pool itself killed a worker.
+pub(crate) enum KillReason {
+    Timeout {
+        id: u64,
+        timeout: Duration,
+    },
+    /// Task `id` went past a limit of the sandbox (its CPU time).
+    Limit {
+        id: u64,
+        limit: crate::sandbox::Limit,
+    },
+    Cancel,
+    Error(Error),
+}

@@ -1,0 +1,283 @@
+//! What becomes of a worker's tasks when it ends, as a pure rule: each task
+//! it held is queued again, retried, or failed, and with which error. And
+//! whether a worker that died before it was ready puts the blame on the
+//! initializer. No I/O: the supervisor gathers the facts (how it ended,
+//! which task it had started, why the pool killed it) and applies the
+//! verdict.
+
+use crate::engine::job::{InFlight, Job, KillReason};
+use crate::engine::seam::End;
+use crate::error::Error;
+use crate::sandbox::Limit;
+
+/// The facts about a worker that ended.
+pub(crate) struct Ended<'a> {
+    pub(crate) pid: u32,
+    pub(crate) end: End,
+    /// The last task it started (its sequence number; 0: none).
+    pub(crate) started: u64,
+    /// Why the pool killed it, if it did.
+    pub(crate) kill: Option<&'a KillReason>,
+    /// The sandbox limit it died of, if it did.
+    pub(crate) limit: Option<Limit>,
+}
+
+/// The verdict on its tasks.
+#[derive(Default)]
+pub(crate) struct Verdict {
+    /// Tasks to queue again, at the front, in this order: those it never
+    /// started, and those that started and may run again (a retry, which
+    /// counts).
+    pub(crate) requeue: Vec<Job>,
+    /// Tasks that fail, with their error.
+    pub(crate) failed: Vec<(Job, Error)>,
+}
+
+/// Whether any task it held and had started is lost with it (cancelled
+/// ones do not count: their callers have their answer).
+pub(crate) fn lost_any(held: &[InFlight], started: u64) -> bool {
+    held.iter().any(|f| f.seq <= started && !f.job.cancelled)
+}
+
+/// Decides the fate of each task a worker held when it ended. Tasks after
+/// the one it started never started: they run elsewhere. Cancelled tasks
+/// are dropped (their callers have `Cancelled`).
+pub(crate) fn settle(held: impl IntoIterator<Item = InFlight>, e: &Ended<'_>) -> Verdict {
+    let mut v = Verdict::default();
+    for f in held {
+        if f.job.cancelled {
+            continue;
+        }
+        if f.seq > e.started {
+            v.requeue.push(f.job);
+            continue;
+        }
+        let mut job = f.job;
+        match started_task_error(&mut job, e) {
+            Some(err) => v.failed.push((job, err)),
+            None => v.requeue.push(job),
+        }
+    }
+    v
+}
+
+/// The error for a task the worker had started, or `None` if it runs again
+/// (its retry is then spent).
+fn started_task_error(job: &mut Job, e: &Ended<'_>) -> Option<Error> {
+    let pid = e.pid;
+    match e.kill {
+        Some(KillReason::Timeout { id, timeout }) if *id == job.id => {
+            return Some(Error::Timeout {
+                timeout: *timeout,
+                pid,
+            });
+        }
+        Some(KillReason::Limit { id, limit }) if *id == job.id => {
+            return Some(Error::LimitExceeded { limit: *limit, pid });
+        }
+        Some(KillReason::Error(err)) => return Some(err.clone()),
+        _ => {}
+    }
+    if let Some(limit) = e.limit {
+        return Some(Error::LimitExceeded { limit, pid });
+    }
+    // A task that started runs again only if it may (its input was kept
+    // for that: KEEP_INPUT), and, if it holds SharedBufs, only if the
+    // caller accepts that they may be half written.
+    if job.retries > 0 && (job.shared.is_empty() || job.retry_shared) {
+        job.retries -= 1;
+        return None;
+    }
+    let Some(status) = e.end.status() else {
+        return Some(Error::Broken {
+            reason: format!("worker {pid} was abandoned by its backend while it ran the task"),
+        });
+    };
+    if !job.shared.is_empty() {
+        return Some(Error::WorkerLostShared {
+            pid,
+            status,
+            buffers: job.shared.len(),
+        });
+    }
+    Some(Error::WorkerLost { pid, status })
+}
+
+/// What is known of a worker that died before it said it was ready.
+pub(crate) struct Unready {
+    /// The pool has an initializer.
+    pub(crate) has_init: bool,
+    /// The pool is being built (`build()` has not returned).
+    pub(crate) building: bool,
+    /// Workers with an initializer that died unready since one last was
+    /// ready, this one included.
+    pub(crate) deaths: u32,
+    /// The worker said its initializer (or its sandbox) failed.
+    pub(crate) said_so: bool,
+}
+
+/// Whether the initializer is at fault: it said it failed, or the worker
+/// died in it while the pool was being built, or three replacements in a
+/// row died in it. The pool then stops (it never respawns a failing
+/// initializer). Otherwise (no initializer, or a kill from outside while
+/// it ran) the worker is just replaced.
+pub(crate) fn blames_initializer(u: &Unready) -> bool {
+    u.said_so || (u.has_init && (u.building || u.deaths >= 3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::completion::{Hook, Slot};
+    use crate::proto::shm::Body;
+    use crate::proto::task::TaskFn;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::ExitStatus;
+    use std::time::Duration;
+
+    fn job(id: u64, retries: u32) -> Job {
+        Job {
+            id,
+            f: TaskFn { tramp: 1, func: 2 },
+            payload: Body::Heap(Vec::new()),
+            slot: Slot::new(id),
+            hook: Hook::None,
+            timeout: None,
+            soft_timeout: None,
+            retries,
+            cancelled: false,
+            shared: Vec::new(),
+            retry_shared: false,
+        }
+    }
+
+    fn held(jobs: Vec<Job>) -> Vec<InFlight> {
+        jobs.into_iter()
+            .enumerate()
+            .map(|(i, job)| InFlight {
+                seq: i as u64 + 1,
+                job,
+                charge: 0,
+            })
+            .collect()
+    }
+
+    fn killed(sig: i32) -> End {
+        End::Exited(ExitStatus::from_raw(sig))
+    }
+
+    fn ended(started: u64, kill: Option<&KillReason>) -> Ended<'_> {
+        Ended {
+            pid: 42,
+            end: killed(9),
+            started,
+            kill,
+            limit: None,
+        }
+    }
+
+    fn ids(jobs: &[Job]) -> Vec<u64> {
+        jobs.iter().map(|j| j.id).collect()
+    }
+
+    #[test]
+    fn only_the_started_task_is_lost_and_the_rest_run_elsewhere() {
+        let tasks = held(vec![job(10, 0), job(11, 0), job(12, 0)]);
+        assert!(lost_any(&tasks, 2));
+        assert!(!lost_any(&tasks, 0));
+        let v = settle(tasks, &ended(2, None));
+        assert_eq!(ids(&v.requeue), vec![12]);
+        let failed: Vec<u64> = v.failed.iter().map(|(j, _)| j.id).collect();
+        assert_eq!(failed, vec![10, 11]);
+        assert!(v.failed.iter().all(|(_, e)| matches!(
+            e,
+            Error::WorkerLost { pid: 42, status } if status.signal() == Some(9)
+        )));
+    }
+
+    #[test]
+    fn a_started_task_with_retries_runs_again_and_spends_one() {
+        let v = settle(held(vec![job(1, 2)]), &ended(1, None));
+        assert!(v.failed.is_empty());
+        assert_eq!(v.requeue.len(), 1);
+        assert_eq!(v.requeue[0].retries, 1);
+    }
+
+    #[test]
+    fn cancelled_tasks_are_dropped() {
+        let mut j = job(1, 0);
+        j.cancelled = true;
+        let tasks = held(vec![j, job(2, 0)]);
+        assert!(!lost_any(&tasks[..1], 1));
+        let v = settle(tasks, &ended(1, None));
+        assert!(v.failed.is_empty());
+        assert_eq!(ids(&v.requeue), vec![2]);
+    }
+
+    #[test]
+    fn a_timeout_fails_its_task_even_with_retries() {
+        let kill = KillReason::Timeout {
+            id: 7,
+            timeout: Duration::from_millis(5),
+        };
+        let v = settle(held(vec![job(7, 3)]), &ended(1, Some(&kill)));
+        assert!(matches!(
+            v.failed[0].1,
+            Error::Timeout { pid: 42, timeout } if timeout == Duration::from_millis(5)
+        ));
+    }
+
+    #[test]
+    fn the_pools_own_error_fails_every_started_task() {
+        let kill = KillReason::Error(Error::Broken {
+            reason: "bad".into(),
+        });
+        let v = settle(held(vec![job(1, 1), job(2, 1)]), &ended(2, Some(&kill)));
+        assert_eq!(v.failed.len(), 2);
+        assert!(v.requeue.is_empty());
+    }
+
+    #[test]
+    fn a_sandbox_limit_names_the_limit() {
+        let limit = Limit::CpuTime {
+            per_task: Duration::from_secs(1),
+        };
+        let mut e = ended(1, None);
+        e.limit = Some(limit);
+        let v = settle(held(vec![job(1, 5)]), &e);
+        assert!(matches!(
+            v.failed[0].1,
+            Error::LimitExceeded { pid: 42, .. }
+        ));
+    }
+
+    #[test]
+    fn an_abandoned_worker_is_not_reported_as_an_exit() {
+        let mut e = ended(1, None);
+        e.end = End::Abandoned;
+        let v = settle(held(vec![job(1, 0)]), &e);
+        assert!(matches!(v.failed[0].1, Error::Broken { .. }));
+        // A loop that returned reads as an exit with its code.
+        e.end = End::Returned(3);
+        let v = settle(held(vec![job(1, 0)]), &e);
+        assert!(matches!(
+            v.failed[0].1,
+            Error::WorkerLost { status, .. } if status.code() == Some(3)
+        ));
+    }
+
+    #[test]
+    fn the_initializer_is_blamed_only_with_cause() {
+        let u = |has_init, building, deaths, said_so| Unready {
+            has_init,
+            building,
+            deaths,
+            said_so,
+        };
+        assert!(blames_initializer(&u(true, false, 1, true)));
+        assert!(blames_initializer(&u(true, true, 1, false)));
+        assert!(blames_initializer(&u(true, false, 3, false)));
+        assert!(!blames_initializer(&u(true, false, 2, false)));
+        assert!(!blames_initializer(&u(false, true, 0, false)));
+    }
+}

@@ -1,0 +1,126 @@
+//! The seam between the engine and a backend: what the engine asks of the
+//! place where its workers live, and what it hears back.
+//!
+//! A backend starts workers in slots, kills them, and reports, as typed
+//! [`Event`]s, that a worker started (with the parent's end of its stream
+//! socket), could not be started, or ended, and how. The engine then talks
+//! to each worker over its socket itself (`proto::conn`), the same way for
+//! every backend: the local one hands over the socket of a forked process;
+//! the MPI one hands over one end of a socket pair whose other end it
+//! relays to a rank. The engine reads how far each worker got (the task it
+//! started, when) through [`Progress`]; a backend that cannot see its
+//! workers' memory reports what it knows (the MPI backend: the tasks it
+//! handed to a rank).
+//!
+//! Backends import the engine (this seam, `Config`); the engine never
+//! imports a backend.
+
+use std::os::fd::{OwnedFd, RawFd};
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+
+/// How a worker ended, as its backend saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum End {
+    /// Its process ended with this wait status.
+    Exited(ExitStatus),
+    /// The worker loop returned this code in a process that lives on (an
+    /// MPI rank, which can start another).
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    Returned(i32),
+    /// The backend gave the worker up without ending it (an MPI rank cannot
+    /// kill its remote worker when asked to: it abandons it instead).
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    Abandoned,
+}
+
+impl End {
+    /// The wait status that a process ending this way would have had, for
+    /// `Error::WorkerLost`: a loop that returned `c` reads as `exit(c)`.
+    /// `None` for an abandoned worker, which did not end.
+    pub(crate) fn status(self) -> Option<ExitStatus> {
+        match self {
+            End::Exited(s) => Some(s),
+            End::Returned(c) => Some(ExitStatus::from_raw((c & 0xff) << 8)),
+            End::Abandoned => None,
+        }
+    }
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::Exited(s) => write!(f, "{s}"),
+            End::Returned(c) => write!(f, "its loop returned {c}"),
+            End::Abandoned => write!(f, "abandoned"),
+        }
+    }
+}
+
+/// What a backend reports.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// The worker for `slot` exists: `pid` names it (a rank, over MPI) and
+    /// `conn` is the parent's end of its stream.
+    Started {
+        slot: usize,
+        pid: u32,
+        conn: OwnedFd,
+    },
+    /// The worker for `slot` could not be started; `cause` says why.
+    StartFailed { slot: usize, cause: String },
+    /// A kill for task `task` only was not carried out: the worker had
+    /// finished that task (or the backend cannot kill one task).
+    KillRefused { pid: u32, task: u64 },
+    /// The worker `pid` ended.
+    Ended { pid: u32, end: End },
+    /// The backend itself ended: nothing more can be started or reaped.
+    Gone,
+}
+
+/// How far the worker in each slot got, as the backend can see it.
+pub(crate) trait Progress: Send + Sync {
+    /// The sequence number of the last task it started (0: none).
+    fn started(&self, slot: usize) -> u64;
+    /// When it started that task (monotonic ns).
+    fn started_at_ns(&self, slot: usize) -> u64;
+    /// Whether it is running task `seq` now.
+    fn running(&self, slot: usize, seq: u64) -> bool;
+    /// The task it was told to skip (0: none).
+    fn skip(&self, slot: usize) -> u64;
+    /// Tells it to skip task `seq` if it has not started it.
+    fn set_skip(&self, slot: usize, seq: u64);
+    /// Its CPU clock at the start of the item it runs (sandboxed workers).
+    fn item_cpu(&self, slot: usize) -> u64;
+    /// The limit it said it died of, if any (sandboxed workers).
+    fn died_of(&self, slot: usize) -> u64;
+}
+
+/// Where workers live.
+pub(crate) trait Backend: Send {
+    /// What it is, for messages ("the fork server").
+    fn what(&self) -> &'static str;
+    /// The pid of the process that starts workers (this process, if a
+    /// thread of it does).
+    fn pid(&self) -> u32;
+    /// Asks for a worker in `slot`; answered by `Started` or `StartFailed`.
+    fn start(&mut self, slot: usize);
+    /// Asks for worker `pid` (in `slot`) to be killed: whatever it runs
+    /// (`task` 0) or only while it runs task `task`.
+    fn kill(&mut self, slot: usize, pid: u32, task: u64);
+    /// The fd to poll for its events, and whether it has requests waiting
+    /// to be sent (poll for writing too). `None` once it is closed.
+    fn poll_fd(&self) -> Option<(RawFd, bool)>;
+    /// Sends waiting requests.
+    fn flush(&mut self);
+    /// Appends what it has to report (without waiting).
+    fn events(&mut self, out: &mut Vec<Event>);
+    /// Whether it can still start workers.
+    fn is_open(&self) -> bool;
+    /// Stops it: it ends its workers and itself.
+    fn close(&mut self);
+    /// Closes it and waits for it to end; says how it ended if that is
+    /// more than "it exited" ("the fork server exited (killed by signal
+    /// 9, SIGKILL)").
+    fn wait(self: Box<Self>) -> String;
+}

@@ -37,8 +37,8 @@
 //! | file size | `RLIMIT_FSIZE` (`SIGXFSZ` names it); the worker never makes a block past it, and sends a result that big through its socket instead | `ftruncate` on a memfd past `RLIMIT_FSIZE` fails (and raises `SIGXFSZ`) |
 //! | workers apart | status words a page per worker, each worker unmapping the others and closing their memfd; blocks never reused, sealed | Landlock's signal and ptrace scoping keeps a worker from signalling or tracing another |
 
+use crate::proto::status::{SharedWords, Status};
 use crate::sys::sandbox as sys_sandbox;
-use crate::sys::{self, Status};
 use serde::{Deserialize, Serialize};
 use std::os::fd::RawFd;
 use std::os::unix::process::ExitStatusExt;
@@ -784,8 +784,8 @@ const ALLOWED: &[i64] = &[
 ];
 
 /// The status words of worker slot `slot`, for the life of this worker
-/// process: keeps only its page mapped (see [`sys::SharedWords::keep_only`]).
-pub(crate) fn isolate_words(words: &'static sys::SharedWords, slot: usize) -> Status<'static> {
+/// process: keeps only its page mapped (see [`SharedWords::keep_only`]).
+pub(crate) fn isolate_words(words: &'static SharedWords, slot: usize) -> Status<'static> {
     words.keep_only(slot);
     let status = words.status(slot);
     status.died_of.store(0, Ordering::SeqCst);

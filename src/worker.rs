@@ -17,11 +17,11 @@
 
 use crate::proto::shared_buf::{Mode, Supply};
 use crate::proto::shm::Block;
+use crate::proto::status::Status;
 use crate::proto::task::{Init, Io, SharedIo, TaskFn, status};
 use crate::proto::wire::{self, HDR, Header};
 use crate::sandbox::{Active, Prepared};
 use crate::sys;
-use crate::sys::Status;
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;

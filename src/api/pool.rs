@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::proto::codec;
 use crate::proto::shared_buf::{self, Mode, Region};
 use crate::proto::shm::{BlockCache, Body, Spill, Target};
+use crate::proto::status::{STATUS_WORDS, SharedWords};
 use crate::proto::task::{self, TaskFn};
 use crate::sys;
 use serde::Serialize;
@@ -579,9 +580,9 @@ impl PoolBuilder {
         // A sandboxed pool gives each worker a page of its own, which is
         // all of the words that worker keeps mapped.
         let words = if sandbox.is_some() {
-            sys::SharedWords::paged(slots)
+            SharedWords::paged(slots)
         } else {
-            sys::SharedWords::new(slots * sys::STATUS_WORDS)
+            SharedWords::new(slots * STATUS_WORDS)
         };
         let words = Arc::new(words.map_err(|e| Error::io("mapping shared memory", e))?);
         let spec = Spec {
@@ -754,7 +755,7 @@ impl Pool {
         cfg: Config,
         server: std::os::fd::OwnedFd,
         handle: supervisor::ServerHandle,
-        words: Arc<sys::SharedWords>,
+        words: Arc<SharedWords>,
         slots: usize,
     ) -> Result<Pool> {
         let shared = Shared::new(cfg, server, handle, words, slots)?;

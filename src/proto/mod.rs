@@ -4,5 +4,6 @@
 pub(crate) mod codec;
 pub(crate) mod shared_buf;
 pub(crate) mod shm;
+pub(crate) mod status;
 pub(crate) mod task;
 pub(crate) mod wire;

@@ -607,54 +607,6 @@ pub(crate) fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usiz
     }
 }
 
-/// How many words each worker slot has in [`SharedWords`].
-pub(crate) const STATUS_WORDS: usize = 6;
-
-/// Words per slot when each worker's words have a page of their own (a
-/// sandboxed pool: a worker unmaps every page but its own).
-pub(crate) const PAGE_WORDS: usize = 4096 / 8;
-
-/// What a worker says of itself, in memory its parent reads: the sequence
-/// number of the task it started last, when it started it (CLOCK_MONOTONIC
-/// nanoseconds, the clock of `Instant`), the sequence number of the last
-/// task whose result it has written, and (written by the parent) a task to
-/// skip. A task is running while
-/// `started == seq && finished < seq`.
-#[derive(Clone, Copy)]
-pub(crate) struct Status<'a> {
-    pub(crate) started: &'a AtomicU64,
-    pub(crate) start_ns: &'a AtomicU64,
-    pub(crate) finished: &'a AtomicU64,
-    /// Written by the parent: a task the worker must skip (cancelled before
-    /// it started).
-    pub(crate) skip: &'a AtomicU64,
-    /// Written by a sandboxed worker as it dies of one of its limits (see
-    /// `sandbox::Cause`); 0 otherwise.
-    pub(crate) died_of: &'a AtomicU64,
-    /// Written by a sandboxed worker as each task (each item of a chunk)
-    /// starts: its own CPU time then, the base of the per-task CPU cap.
-    pub(crate) item_cpu: &'a AtomicU64,
-}
-
-impl Status<'_> {
-    /// Zeroes the words (for a new worker in the slot).
-    pub(crate) fn reset(&self) {
-        use std::sync::atomic::Ordering::SeqCst;
-        self.started.store(0, SeqCst);
-        self.start_ns.store(0, SeqCst);
-        self.finished.store(0, SeqCst);
-        self.skip.store(0, SeqCst);
-        self.died_of.store(0, SeqCst);
-        self.item_cpu.store(0, SeqCst);
-    }
-
-    /// Whether task `seq` is running now.
-    pub(crate) fn running(&self, seq: u64) -> bool {
-        use std::sync::atomic::Ordering::SeqCst;
-        self.started.load(SeqCst) == seq && self.finished.load(SeqCst) < seq
-    }
-}
-
 /// CLOCK_MONOTONIC in nanoseconds (the clock `Instant` reads on Linux).
 pub(crate) fn monotonic_ns() -> u64 {
     // SAFETY: ts is a plain-data out-parameter for clock_gettime.
@@ -664,93 +616,31 @@ pub(crate) fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// A region of memory shared with the fork server and every worker, seen
-/// as an array of `AtomicU64`. It is a mapping of a memfd, so that a
-/// server started by exec (which inherits no memory) can map it too.
-pub(crate) struct SharedWords {
+/// A shared, read-write mapping of a memory file seen as an array of
+/// `AtomicU64`, which (unlike a [`Mapping`]) the children of a `fork()`
+/// inherit: the memory behind the status words (`proto::status`).
+pub(crate) struct SharedAtomics {
     ptr: *mut AtomicU64,
-    len: usize,
-    fd: OwnedFd,
-    /// Words from one slot to the next: [`STATUS_WORDS`], or
-    /// [`PAGE_WORDS`] when each slot has a page of its own.
-    stride: usize,
+    bytes: usize,
 }
 
 // SAFETY: the region is only ever accessed through &AtomicU64, which is Sync.
-unsafe impl Send for SharedWords {}
+unsafe impl Send for SharedAtomics {}
 // SAFETY: as above.
-unsafe impl Sync for SharedWords {}
+unsafe impl Sync for SharedAtomics {}
 
-impl SharedWords {
-    /// A zeroed region of `len` words.
-    pub(crate) fn new(len: usize) -> io::Result<Self> {
-        let fd = memfd()?;
-        set_len(&fd, Self::bytes(len))?;
-        Self::map(fd, len, STATUS_WORDS)
-    }
-
-    /// A zeroed region with a page of words for each of `slots` slots.
-    pub(crate) fn paged(slots: usize) -> io::Result<Self> {
-        let len = slots.max(1) * PAGE_WORDS;
-        let fd = memfd()?;
-        set_len(&fd, Self::bytes(len))?;
-        Self::map(fd, len, PAGE_WORDS)
-    }
-
-    /// Maps the region whose memfd is `fd` (made by [`SharedWords::new`] or
-    /// [`SharedWords::paged`], as `stride` says, in the parent, inherited
-    /// through exec).
-    pub(crate) fn from_fd(fd: OwnedFd, stride: usize) -> io::Result<Self> {
-        let len = file_len(&fd)? / 8;
-        if len == 0 {
-            return Err(io::Error::other("the shared status words are empty"));
-        }
-        Self::map(fd, len, stride)
-    }
-
-    /// Whether each slot has a page of its own.
-    pub(crate) fn is_paged(&self) -> bool {
-        self.stride == PAGE_WORDS
-    }
-
-    /// In a freshly forked worker of a paged region: unmaps every page but
-    /// slot `slot`'s and closes the memfd, so that nothing of this process
-    /// can reach another worker's words. The value must never be used for
-    /// another slot, nor dropped, afterwards (a worker ends with `_exit`).
-    pub(crate) fn keep_only(&self, slot: usize) {
-        assert!(self.is_paged() && (slot + 1) * PAGE_WORDS <= self.len);
-        let page = PAGE_WORDS * 8;
-        let total = Self::bytes(self.len);
-        let own = slot * page;
-        // SAFETY: both ranges lie within the mapping made in map() (own + page
-        // <= total by the assertion above), page aligned; no reference into
-        // them is used in this process again (only slot `slot` is).
-        unsafe {
-            if own > 0 {
-                libc::munmap(self.ptr.cast(), own);
-            }
-            if own + page < total {
-                libc::munmap(
-                    self.ptr.cast::<u8>().add(own + page).cast(),
-                    total - own - page,
-                );
-            }
-        }
-        close_fd(self.fd.as_raw_fd());
-    }
-
-    fn bytes(len: usize) -> usize {
-        (len.max(1) * 8).next_multiple_of(4096)
-    }
-
-    fn map(fd: OwnedFd, len: usize, stride: usize) -> io::Result<Self> {
+impl SharedAtomics {
+    /// Maps the first `bytes` bytes of `fd` (a multiple of the page size,
+    /// at most the file's length; the file must be sealed against
+    /// shrinking, as [`memfd`]'s are).
+    pub(crate) fn new(fd: &OwnedFd, bytes: usize) -> io::Result<Self> {
         // SAFETY: a fresh shared mapping of an open memfd with no address
-        // hint, of at most the file's length (set in new(), or read by
-        // from_fd); the memfd is sealed against shrinking.
+        // hint, of at most the file's length (the caller's promise, which
+        // a sealed memfd keeps: it cannot shrink).
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                Self::bytes(len).min(file_len(&fd)?),
+                bytes,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
@@ -760,53 +650,49 @@ impl SharedWords {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(SharedWords {
+        Ok(SharedAtomics {
             ptr: p.cast(),
-            len,
-            fd,
-            stride,
+            bytes,
         })
     }
 
-    /// The memfd behind the region.
-    pub(crate) fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-
-    /// The memfd behind the region.
-    pub(crate) fn fd(&self) -> &OwnedFd {
-        &self.fd
-    }
-
-    /// The status words of worker slot `slot`.
-    pub(crate) fn status(&self, slot: usize) -> Status<'_> {
-        let at = slot * self.stride;
-        Status {
-            started: self.word(at),
-            start_ns: self.word(at + 1),
-            finished: self.word(at + 2),
-            skip: self.word(at + 3),
-            died_of: self.word(at + 4),
-            item_cpu: self.word(at + 5),
-        }
-    }
-
     /// Word `i`.
-    fn word(&self, i: usize) -> &AtomicU64 {
-        assert!(i < self.len);
-        // SAFETY: i < len and the mapping holds len zero-initialised,
+    pub(crate) fn word(&self, i: usize) -> &AtomicU64 {
+        assert!(i < self.bytes / 8);
+        // SAFETY: i is within the mapping, which holds zero-initialised,
         // 8-aligned u64s (page aligned); AtomicU64 has u64's layout, and the
         // mapping lives as long as &self.
         unsafe { &*self.ptr.add(i) }
     }
+
+    /// Unmaps every page of the region but the page-aligned byte range
+    /// `keep`. No reference to a word outside `keep` may be used in this
+    /// process afterwards (the caller's promise: see
+    /// `SharedWords::keep_only`).
+    pub(crate) fn unmap_except(&self, keep: std::ops::Range<usize>) {
+        assert!(keep.start <= keep.end && keep.end <= self.bytes);
+        // SAFETY: both ranges lie within the mapping made in new() (keep.end
+        // <= bytes by the assertion above), page aligned; no reference into
+        // them is used in this process again (the caller's promise).
+        unsafe {
+            if keep.start > 0 {
+                libc::munmap(self.ptr.cast(), keep.start);
+            }
+            if keep.end < self.bytes {
+                libc::munmap(
+                    self.ptr.cast::<u8>().add(keep.end).cast(),
+                    self.bytes - keep.end,
+                );
+            }
+        }
+    }
 }
 
-impl Drop for SharedWords {
+impl Drop for SharedAtomics {
     fn drop(&mut self) {
-        let bytes = Self::bytes(self.len);
-        // SAFETY: ptr/bytes are exactly the mapping made in map(), and no
+        // SAFETY: ptr/bytes are exactly the mapping made in new(), and no
         // reference into it outlives self.
-        unsafe { libc::munmap(self.ptr.cast(), bytes) };
+        unsafe { libc::munmap(self.ptr.cast(), self.bytes) };
     }
 }
 

@@ -56,9 +56,10 @@ use crate::backend::local::server::{self, Init, Msg};
 use crate::engine::supervisor::{Config, ServerHandle};
 use crate::error::Error;
 use crate::proto::shm::Block;
+use crate::proto::status::{STATUS_WORDS, SharedWords};
 use crate::proto::task::status;
 use crate::proto::wire::{self, HDR, Header};
-use crate::sys::{self, SharedWords};
+use crate::sys;
 use crate::worker::{self, Stop};
 use mpi::Threading;
 use mpi::topology::SimpleCommunicator;
@@ -167,7 +168,7 @@ pub(crate) fn build_pool(
     cfg.processes = requested.unwrap_or(workers).min(workers);
     let slots = cfg.processes * 2;
     let words = Arc::new(
-        SharedWords::new(slots * sys::STATUS_WORDS)
+        SharedWords::new(slots * STATUS_WORDS)
             .map_err(|e| Error::io("mapping shared memory", e))?,
     );
     let (parent_end, server_end) =
@@ -1070,7 +1071,7 @@ fn start_worker(init: Option<Init>) -> std::io::Result<Local> {
         .name("procpool-worker".into())
         .spawn(move || {
             // This rank's own status words (rank 0 keeps its own copy).
-            let Ok(words) = sys::SharedWords::new(sys::STATUS_WORDS) else {
+            let Ok(words) = SharedWords::new(STATUS_WORDS) else {
                 return 1;
             };
             // Tasks run under catch_unwind already; this catches a panic of

@@ -377,7 +377,7 @@ pub(crate) fn serve(
         };
         // Wait a moment for the next task without sleeping: it often comes
         // within microseconds, and waking from sleep costs more.
-        let _ = sys::spin_until(|| sys::readable_now(fd));
+        let _ = crate::proto::idle::spin_until(|| sys::readable_now(fd));
         match sys::recv_append(fd, &mut inbuf, want, &mut fds) {
             Ok(0) => return Ok(()),
             Ok(_) => {}

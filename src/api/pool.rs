@@ -622,7 +622,7 @@ fn fork_server(spec: Spec) -> Result<(std::os::fd::OwnedFd, libc::pid_t)> {
     // Settled here, before the fork: a OnceLock that another thread was
     // initialising at the fork would stay "being initialised" in the
     // children forever, and a worker's first wait would hang on it.
-    sys::spin_budget();
+    crate::proto::idle::spin_budget();
     // Every signal stays blocked across the fork, until the server has
     // left the terminal's job and set its own dispositions (server::run):
     // a Ctrl-C meanwhile must not kill it with the host's dispositions.

@@ -1278,7 +1278,7 @@ fn run_loop(shared: &Shared) {
         // within microseconds, and waking from sleep costs more.
         let mut n = 0;
         if timeout_ms != 0 {
-            sys::spin_until(|| {
+            crate::proto::idle::spin_until(|| {
                 n = sys::poll(&mut pfds, 0).unwrap_or(0);
                 n > 0
             });

@@ -2,6 +2,7 @@
 //! task offsets and outcomes, shared-memory blocks and `SharedBuf`s.
 
 pub(crate) mod codec;
+pub(crate) mod idle;
 pub(crate) mod shared_buf;
 pub(crate) mod shm;
 pub(crate) mod status;

@@ -124,7 +124,7 @@ pub(crate) fn run(sock: OwnedFd, spec: &Spec) -> ! {
     // /proc/self/cgroup, which a worker would otherwise do (an fd open for
     // a moment) right after it says READY, and which a sandboxed worker
     // may not open.
-    let _ = sys::spin_budget();
+    let _ = crate::proto::idle::spin_budget();
     let mut live: Vec<libc::pid_t> = Vec::with_capacity(64);
     let mut buf = [0u8; 64];
     loop {

@@ -80,48 +80,10 @@ pub(crate) fn send_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Sends one datagram with file descriptors attached (`SCM_RIGHTS`).
+/// Sends one datagram with file descriptors attached (`SCM_RIGHTS`; at
+/// most [`MAX_FDS_PER_MSG`]).
 pub(crate) fn send_with_fds(sock: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
-    let mut iov = libc::iovec {
-        iov_base: bytes.as_ptr() as *mut libc::c_void,
-        iov_len: bytes.len(),
-    };
-    let fd_bytes = std::mem::size_of_val(fds) as u32;
-    // SAFETY: CMSG_SPACE is a pure computation on its argument.
-    let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
-    let mut cbuf = vec![0u64; space.div_ceil(8).max(1)];
-    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if !fds.is_empty() {
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        // SAFETY: msg_control points to `space` zeroed, 8-aligned bytes, enough
-        // for one header with fds.len() descriptors (CMSG_SPACE above); the
-        // header pointer CMSG_FIRSTHDR returns lies within it, and CMSG_DATA
-        // has room for fd_bytes bytes.
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
-            std::ptr::copy_nonoverlapping(
-                fds.as_ptr().cast::<u8>(),
-                libc::CMSG_DATA(c),
-                fd_bytes as usize,
-            );
-        }
-    }
-    loop {
-        // SAFETY: msg and everything it points to (iov, cbuf) live across the call.
-        let r = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
-        match cvt_size(r) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-            Ok(_) => return Ok(()),
-        }
-    }
+    send_fds(sock, bytes, fds).map(drop)
 }
 
 /// Receives one datagram and any file descriptors attached to it (made
@@ -153,7 +115,7 @@ unsafe fn recv_raw(
     };
     // Room for the most fds one message can carry (MAX_FDS_PER_MSG: a
     // frame with many SharedBufs sends them in messages of that many).
-    let mut cbuf = [0u64; 130];
+    let mut cbuf: Control = [0; 130];
     // SAFETY: msghdr is plain data; all-zero is a valid empty header.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
@@ -202,11 +164,16 @@ fn take_fds(msg: &libc::msghdr, fds: &mut std::collections::VecDeque<OwnedFd>) {
 /// kernel's `SCM_MAX_FD`).
 pub(crate) const MAX_FDS_PER_MSG: usize = 253;
 
+/// A control buffer with room for one `SCM_RIGHTS` header and
+/// [`MAX_FDS_PER_MSG`] fds, 8-aligned: 1040 bytes, of which
+/// `CMSG_SPACE(4 * 253)` takes 1032.
+type Control = [u64; 130];
+
 /// `sendmsg` of `buf` with up to [`MAX_FDS_PER_MSG`] fds attached (to its
-/// first byte), with `MSG_NOSIGNAL`; returns the bytes sent (the fds went
-/// with them if > 0).
+/// first byte; none is a plain send), with `MSG_NOSIGNAL`, retrying on
+/// `EINTR`; returns the bytes sent (the fds went with them if > 0).
 pub(crate) fn send_fds(sock: RawFd, buf: &[u8], fds: &[RawFd]) -> io::Result<usize> {
-    if fds.is_empty() || fds.len() > MAX_FDS_PER_MSG {
+    if fds.len() > MAX_FDS_PER_MSG {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
     }
     let mut iov = libc::iovec {
@@ -214,28 +181,29 @@ pub(crate) fn send_fds(sock: RawFd, buf: &[u8], fds: &[RawFd]) -> io::Result<usi
         iov_len: buf.len(),
     };
     let fd_bytes = std::mem::size_of_val(fds) as u32;
-    // Room for one header and MAX_FDS_PER_MSG fds, 8-aligned.
-    let mut cbuf = [0u64; 130];
+    let mut cbuf: Control = [0; 130];
     // SAFETY: msghdr is plain data; all-zero is a valid empty header.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    // SAFETY: CMSG_SPACE is a pure computation.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(fd_bytes) } as _;
-    // SAFETY: cbuf (1040 bytes, 8-aligned) holds CMSG_SPACE(4 * 253) = 1032
-    // bytes, so one header and fds.len() <= 253 fds, which CMSG_FIRSTHDR and
-    // CMSG_DATA address within it.
-    unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
-        std::ptr::copy_nonoverlapping(
-            fds.as_ptr().cast::<u8>(),
-            libc::CMSG_DATA(c),
-            fd_bytes as usize,
-        );
+    if !fds.is_empty() {
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE is a pure computation.
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(fd_bytes) } as _;
+        // SAFETY: cbuf (a Control) holds CMSG_SPACE(4 * 253) bytes, so one
+        // header and fds.len() <= 253 fds, which CMSG_FIRSTHDR and
+        // CMSG_DATA address within it.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr().cast::<u8>(),
+                libc::CMSG_DATA(c),
+                fd_bytes as usize,
+            );
+        }
     }
     loop {
         // SAFETY: msg and what it points to (iov, cbuf) live across the call.
@@ -276,4 +244,49 @@ pub(crate) fn recv_append(
         ));
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+
+    #[test]
+    fn an_fd_sent_with_a_datagram_arrives_as_the_same_file() {
+        let (a, b) = seqpacket_pair().unwrap();
+        let efd = crate::sys::eventfd().unwrap();
+        send_with_fds(a.as_raw_fd(), b"hi", &[efd.as_raw_fd()]).unwrap();
+        send_with_fds(a.as_raw_fd(), b"bare", &[]).unwrap();
+        let mut buf = [0u8; 16];
+        let (n, fds) = recv_with_fds(b.as_raw_fd(), &mut buf).unwrap();
+        assert_eq!((&buf[..n], fds.len()), (&b"hi"[..], 1));
+        assert_ne!(fds[0].as_raw_fd(), efd.as_raw_fd());
+        crate::sys::eventfd_signal(fds[0].as_raw_fd());
+        assert!(crate::sys::readable_now(efd.as_raw_fd()));
+        let (n, fds) = recv_with_fds(b.as_raw_fd(), &mut buf).unwrap();
+        assert_eq!((&buf[..n], fds.len()), (&b"bare"[..], 0));
+    }
+
+    #[test]
+    fn fds_on_a_stream_are_appended_in_order_and_too_many_are_refused() {
+        let (a, b) = stream_pair().unwrap();
+        let (e1, e2) = (
+            crate::sys::eventfd().unwrap(),
+            crate::sys::eventfd().unwrap(),
+        );
+        let sent = send_fds(a.as_raw_fd(), b"abc", &[e1.as_raw_fd(), e2.as_raw_fd()]).unwrap();
+        assert_eq!(sent, 3);
+        let too_many = [e1.as_raw_fd(); MAX_FDS_PER_MSG + 1];
+        let e = send_fds(a.as_raw_fd(), b"x", &too_many).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        let (mut buf, mut fds) = (Vec::new(), VecDeque::new());
+        assert_eq!(
+            recv_append(b.as_raw_fd(), &mut buf, 64, &mut fds).unwrap(),
+            3
+        );
+        assert_eq!((buf.as_slice(), fds.len()), (&b"abc"[..], 2));
+        crate::sys::eventfd_signal(fds[1].as_raw_fd());
+        assert!(crate::sys::readable_now(e2.as_raw_fd()));
+        assert!(!crate::sys::readable_now(e1.as_raw_fd()));
+    }
 }

@@ -37,6 +37,7 @@
 //! | file size | `RLIMIT_FSIZE` (`SIGXFSZ` names it); the worker never makes a block past it, and sends a result that big through its socket instead | `ftruncate` on a memfd past `RLIMIT_FSIZE` fails (and raises `SIGXFSZ`) |
 //! | workers apart | status words a page per worker, each worker unmapping the others and closing their memfd; blocks never reused, sealed | Landlock's signal and ptrace scoping keeps a worker from signalling or tracing another |
 
+pub(crate) use crate::limit::Limit;
 use crate::proto::status::{SharedWords, Status};
 use crate::sys::sandbox as sys_sandbox;
 use serde::{Deserialize, Serialize};
@@ -222,44 +223,6 @@ impl Sandbox {
             })?;
         }
         Ok(spec)
-    }
-}
-
-/// A limit of a [`Sandbox`] that a task went past (in
-/// [`Error::LimitExceeded`](crate::Error::LimitExceeded)).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Limit {
-    /// The worker's memory cap ([`Sandbox::memory_limit`]).
-    Memory {
-        /// The cap.
-        bytes: u64,
-    },
-    /// The per-task CPU-time cap ([`Sandbox::cpu_time_per_task`]).
-    CpuTime {
-        /// The cap.
-        per_task: Duration,
-    },
-    /// The open-files cap ([`Sandbox::open_files`]).
-    OpenFiles {
-        /// The cap.
-        max: u64,
-    },
-    /// The file-size cap ([`Sandbox::file_size_limit`]).
-    FileSize {
-        /// The cap.
-        bytes: u64,
-    },
-}
-
-impl std::fmt::Display for Limit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Limit::Memory { bytes } => write!(f, "memory limit ({bytes} bytes)"),
-            Limit::CpuTime { per_task } => write!(f, "CPU-time limit ({per_task:?} per task)"),
-            Limit::OpenFiles { max } => write!(f, "open-files limit ({max})"),
-            Limit::FileSize { bytes } => write!(f, "file-size limit ({bytes} bytes)"),
-        }
     }
 }
 

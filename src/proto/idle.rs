@@ -201,6 +201,27 @@ mod tests {
     }
 
     #[test]
+    fn wait_polls_the_fds_only_once_the_delay_reaches_a_millisecond() {
+        let efd = crate::sys::eventfd().unwrap();
+        crate::sys::eventfd_signal(std::os::fd::AsRawFd::as_raw_fd(&efd));
+        let mut set = PollSet::new();
+        let i = set.push(std::os::fd::AsRawFd::as_raw_fd(&efd), true, false);
+        let mut b = Backoff::new(Duration::MAX);
+        b.since = Some(Instant::now() - HOT);
+        b.wait(&mut set);
+        assert!(!set.ready(i), "a 100 us delay is slept, not polled");
+        b.doublings = 4;
+        b.wait(&mut set);
+        assert!(
+            set.readable(i),
+            "a 1.6 ms delay polls (and the eventfd is ready)"
+        );
+        assert_eq!(b.doublings, 5);
+        b.sleep();
+        assert_eq!(b.doublings, 6);
+    }
+
+    #[test]
     fn spin_until_spins_only_with_a_budget() {
         assert_eq!(spin_until(|| true), !spin_budget().is_zero());
         assert!(!spin_until(|| false));

@@ -112,24 +112,25 @@ fn close_range(first: u32, last: u32) {
     }
 }
 
-/// This process's open-file limit (the soft `RLIMIT_NOFILE`), for messages.
+/// This process's open-file limit (the soft `RLIMIT_NOFILE`), for messages:
+/// `None` where it is unlimited or cannot be read.
 pub(crate) fn open_file_limit() -> Option<u64> {
+    soft_nofile().filter(|&n| n != libc::RLIM_INFINITY)
+}
+
+/// This process's soft limit on open files (`RLIMIT_NOFILE`; 1024 where it
+/// cannot be read).
+pub(crate) fn fd_soft_limit() -> u64 {
+    soft_nofile().unwrap_or(1024)
+}
+
+/// The soft `RLIMIT_NOFILE`, if `getrlimit` answers.
+fn soft_nofile() -> Option<u64> {
     // SAFETY: rl is a plain-data out-parameter for getrlimit.
     let mut rl: libc::rlimit = unsafe { std::mem::zeroed() };
     // SAFETY: a valid resource and out-pointer.
     let r = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) };
-    (r == 0 && rl.rlim_cur != libc::RLIM_INFINITY).then_some(rl.rlim_cur as u64)
-}
-
-/// This process's soft limit on open files (`RLIMIT_NOFILE`).
-pub(crate) fn fd_soft_limit() -> u64 {
-    // SAFETY: rlimit is plain data, an out-parameter for getrlimit.
-    let mut r: libc::rlimit = unsafe { std::mem::zeroed() };
-    // SAFETY: r is valid for writes.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == -1 {
-        return 1024;
-    }
-    r.rlim_cur
+    (r == 0).then_some(rl.rlim_cur)
 }
 
 /// Points fd 0 at `/dev/null`, as Python's pool does for its workers: a
@@ -176,4 +177,30 @@ pub(crate) fn dup_above_stdio(fd: &OwnedFd) -> io::Result<OwnedFd> {
     let new = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) })?;
     // SAFETY: a fresh fd that we alone own.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_open_file_limits_read_the_same_soft_limit() {
+        let soft = fd_soft_limit();
+        assert!(soft > 3);
+        match open_file_limit() {
+            Some(n) => assert_eq!(n, soft),
+            None => assert_eq!(soft, libc::RLIM_INFINITY),
+        }
+    }
+
+    #[test]
+    fn a_duplicate_above_stdio_reads_the_same_pipe() {
+        let (a, b) = crate::sys::stream_pair().unwrap();
+        let dup = dup_above_stdio(&a).unwrap();
+        assert!(dup.as_raw_fd() >= 3 && dup.as_raw_fd() != a.as_raw_fd());
+        crate::sys::send_all(b.as_raw_fd(), b"ok").unwrap();
+        let mut buf = [0u8; 4];
+        assert_eq!(read(dup.as_raw_fd(), &mut buf).unwrap(), 2);
+        assert_eq!(&buf[..2], b"ok");
+    }
 }

@@ -194,7 +194,7 @@ mod tests {
     }
 
     #[test]
-    fn a_duplicate_above_stdio_reads_the_same_pipe() {
+    fn a_duplicate_above_stdio_reads_the_same_socket() {
         let (a, b) = crate::sys::stream_pair().unwrap();
         let dup = dup_above_stdio(&a).unwrap();
         assert!(dup.as_raw_fd() >= 3 && dup.as_raw_fd() != a.as_raw_fd());

@@ -7,11 +7,9 @@
 //! held when the worker's process was forked. Nothing is symbolised in the
 //! worker: each address travels after the panic's message as a file offset
 //! in the object it was mapped from (`/proc/self/maps`), which the parent
-//! maps back into its own address space.
+//! maps back into its own address space (`proto/report.rs` writes and
+//! reads that report).
 
-use crate::proto::codec;
-use crate::traceback::{Maps, PanicLocation, RemoteBacktrace};
-use serde::{Deserialize, Serialize};
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -30,9 +28,12 @@ thread_local! {
 }
 
 /// What the hook records of a panic, in the worker.
-struct Recorded {
-    location: Option<(String, u32, u32)>,
-    ips: Vec<usize>,
+pub(crate) struct Recorded {
+    /// The file, line and column of the panic.
+    pub(crate) location: Option<(String, u32, u32)>,
+    /// The return addresses of the stack, innermost first (none when
+    /// backtraces are off).
+    pub(crate) ips: Vec<usize>,
 }
 
 /// Marks the calling thread as the one that runs tasks: its panics are
@@ -75,63 +76,10 @@ pub(crate) fn record(info: &std::panic::PanicHookInfo<'_>) {
     });
 }
 
-/// What travels after a panic's message in a PANIC body (see
-/// [`put_report`]).
-#[derive(Serialize, Deserialize, Default)]
-struct Wire {
-    location: Option<(String, u32, u32)>,
-    /// The objects the frames are in (paths from `/proc/self/maps`).
-    objects: Vec<String>,
-    /// Each frame: an index into `objects` and a file offset in it.
-    frames: Vec<(u32, u64)>,
-}
-
-/// In the worker, after a task's panic was caught: appends what the hook
-/// recorded (the location, the frames as object offsets) to `out`, after
-/// the panic's message.
-pub(crate) fn put_report(out: &mut Vec<u8>) {
-    let Some(rec) = LAST
-        .try_with(|l| l.try_borrow_mut().ok().and_then(|mut l| l.take()))
+/// In the worker, after a task's panic was caught: takes what the hook
+/// recorded of this thread's last panic (`proto::report` sends it).
+pub(crate) fn take_recorded() -> Option<Recorded> {
+    LAST.try_with(|l| l.try_borrow_mut().ok().and_then(|mut l| l.take()))
         .ok()
         .flatten()
-    else {
-        return;
-    };
-    let mut wire = Wire {
-        location: rec.location,
-        ..Wire::default()
-    };
-    if !rec.ips.is_empty() {
-        let maps = Maps::of_this_process();
-        for ip in rec.ips {
-            let (object, offset) = match maps.offset_of(ip) {
-                Some((path, off)) => (path, off),
-                None => ("?", ip as u64),
-            };
-            let i = match wire.objects.iter().position(|o| o == object) {
-                Some(i) => i,
-                None => {
-                    wire.objects.push(object.to_string());
-                    wire.objects.len() - 1
-                }
-            };
-            wire.frames.push((i as u32, offset));
-        }
-    }
-    // Encoding plain data into a Vec cannot fail.
-    let _ = codec::encode_into(&wire, out);
-}
-
-/// In the parent: the location and backtrace that follow a panic's
-/// message in a PANIC body (`rest` starts after the message), if any.
-pub(crate) fn read_report(rest: &[u8]) -> (Option<PanicLocation>, Option<RemoteBacktrace>) {
-    let Ok((wire, _)) = codec::decode_untrusted::<Wire>(rest) else {
-        return (None, None);
-    };
-    let location = wire
-        .location
-        .map(|(file, line, column)| PanicLocation::new(file, line, column));
-    let backtrace =
-        (!wire.frames.is_empty()).then(|| RemoteBacktrace::new(wire.objects, wire.frames));
-    (location, backtrace)
 }

@@ -204,7 +204,7 @@ pub enum Error {
         /// What broke it.
         reason: String,
     },
-    /// [`global`](crate::api::global) (or
+    /// [`global`](crate::global) (or
     /// [`configure_global`](crate::configure_global)) was called inside a
     /// worker: a task cannot use the process-wide pool, and starting one
     /// per worker would multiply processes.
@@ -221,7 +221,7 @@ pub enum Error {
     #[non_exhaustive]
     LimitExceeded {
         /// The limit it went past.
-        limit: crate::sandbox::Limit,
+        limit: crate::limit::Limit,
         /// The pid of the worker that ran it.
         pid: u32,
     },

@@ -27,6 +27,8 @@ mod engine;
 #[cfg(target_os = "linux")]
 mod error;
 #[cfg(target_os = "linux")]
+mod limit;
+#[cfg(target_os = "linux")]
 mod proto;
 #[cfg(target_os = "linux")]
 mod sandbox;
@@ -57,8 +59,10 @@ pub use deadline::{deadline_passed, time_left};
 #[cfg(target_os = "linux")]
 pub use error::{CodecError, Error, Result};
 #[cfg(target_os = "linux")]
+pub use limit::Limit;
+#[cfg(target_os = "linux")]
 pub use proto::shared_buf::{SharedBuf, SharedSlice};
 #[cfg(target_os = "linux")]
-pub use sandbox::{Limit, Sandbox};
+pub use sandbox::Sandbox;
 #[cfg(target_os = "linux")]
 pub use traceback::{BacktraceFrame, PanicLocation, RemoteBacktrace};

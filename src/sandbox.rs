@@ -37,8 +37,9 @@
 //! | file size | `RLIMIT_FSIZE` (`SIGXFSZ` names it); the worker never makes a block past it, and sends a result that big through its socket instead | `ftruncate` on a memfd past `RLIMIT_FSIZE` fails (and raises `SIGXFSZ`) |
 //! | workers apart | status words a page per worker, each worker unmapping the others and closing their memfd; blocks never reused, sealed | Landlock's signal and ptrace scoping keeps a worker from signalling or tracing another |
 
+pub(crate) use crate::limit::Limit;
+use crate::proto::status::{SharedWords, Status};
 use crate::sys::sandbox as sys_sandbox;
-use crate::sys::{self, Status};
 use serde::{Deserialize, Serialize};
 use std::os::fd::RawFd;
 use std::os::unix::process::ExitStatusExt;
@@ -222,44 +223,6 @@ impl Sandbox {
             })?;
         }
         Ok(spec)
-    }
-}
-
-/// A limit of a [`Sandbox`] that a task went past (in
-/// [`Error::LimitExceeded`](crate::Error::LimitExceeded)).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Limit {
-    /// The worker's memory cap ([`Sandbox::memory_limit`]).
-    Memory {
-        /// The cap.
-        bytes: u64,
-    },
-    /// The per-task CPU-time cap ([`Sandbox::cpu_time_per_task`]).
-    CpuTime {
-        /// The cap.
-        per_task: Duration,
-    },
-    /// The open-files cap ([`Sandbox::open_files`]).
-    OpenFiles {
-        /// The cap.
-        max: u64,
-    },
-    /// The file-size cap ([`Sandbox::file_size_limit`]).
-    FileSize {
-        /// The cap.
-        bytes: u64,
-    },
-}
-
-impl std::fmt::Display for Limit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Limit::Memory { bytes } => write!(f, "memory limit ({bytes} bytes)"),
-            Limit::CpuTime { per_task } => write!(f, "CPU-time limit ({per_task:?} per task)"),
-            Limit::OpenFiles { max } => write!(f, "open-files limit ({max})"),
-            Limit::FileSize { bytes } => write!(f, "file-size limit ({bytes} bytes)"),
-        }
     }
 }
 
@@ -540,10 +503,7 @@ fn highest_fd() -> std::io::Result<RawFd> {
 /// with `EPERM`), and one that makes `clone3` answer `ENOSYS`, so that
 /// glibc creates threads with `clone`, whose flags the allow-list checks.
 fn filters() -> Result<Vec<seccompiler::BpfProgram>, seccompiler::BackendError> {
-    use seccompiler::{
-        SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond,
-        SeccompFilter, SeccompRule, TargetArch,
-    };
+    use seccompiler::{SeccompAction, SeccompFilter, SeccompRule, TargetArch};
     use std::collections::BTreeMap;
     let arch: TargetArch = std::env::consts::ARCH
         .try_into()
@@ -552,58 +512,7 @@ fn filters() -> Result<Vec<seccompiler::BpfProgram>, seccompiler::BackendError> 
     for &nr in ALLOWED {
         rules.insert(nr, Vec::new());
     }
-    let when = |conds: Vec<Cond>| SeccompRule::new(conds);
-    // Threads only: a clone without CLONE_THREAD would be a fork.
-    rules.insert(
-        libc::SYS_clone,
-        vec![when(vec![Cond::new(
-            0,
-            Len::Qword,
-            Op::MaskedEq(libc::CLONE_THREAD as u64),
-            libc::CLONE_THREAD as u64,
-        )?])?],
-    );
-    rules.insert(libc::SYS_clone3, Vec::new());
-    // send() is sendto() without an address; with one it could reach a
-    // socket by name.
-    rules.insert(
-        libc::SYS_sendto,
-        vec![when(vec![Cond::new(4, Len::Qword, Op::Eq, 0)?])?],
-    );
-    // Reading this process's limits only.
-    rules.insert(
-        libc::SYS_prlimit64,
-        vec![when(vec![
-            Cond::new(0, Len::Dword, Op::Eq, 0)?,
-            Cond::new(2, Len::Qword, Op::Eq, 0)?,
-        ])?],
-    );
-    let mut prctl = Vec::new();
-    for op in [
-        libc::PR_SET_NAME,
-        libc::PR_GET_NAME,
-        libc::PR_GET_DUMPABLE,
-        libc::PR_SET_VMA,
-    ] {
-        prctl.push(when(vec![Cond::new(0, Len::Dword, Op::Eq, op as u64)?])?);
-    }
-    rules.insert(libc::SYS_prctl, prctl);
-    // ioctl: enough for isatty, non-blocking mode and FIONREAD; nothing
-    // that could push input into a terminal (TIOCSTI) or reach a device.
-    let mut ioctl = Vec::new();
-    for req in [
-        libc::TCGETS,
-        libc::FIONBIO,
-        libc::FIONREAD,
-        libc::FIOCLEX,
-        libc::FIONCLEX,
-    ] {
-        // The request's type differs between C libraries.
-        #[allow(clippy::unnecessary_cast)]
-        let req = req as u64;
-        ioctl.push(when(vec![Cond::new(1, Len::Dword, Op::Eq, req)?])?);
-    }
-    rules.insert(libc::SYS_ioctl, ioctl);
+    rules.extend(allowed_with_arguments()?);
     let allow = SeccompFilter::new(
         rules,
         SeccompAction::Errno(libc::EPERM as u32),
@@ -619,6 +528,72 @@ fn filters() -> Result<Vec<seccompiler::BpfProgram>, seccompiler::BackendError> 
     // In the order they are installed: the allow-list last, since it
     // denies the calls (`prctl`, `seccomp`) that installing takes.
     Ok(vec![clone3.try_into()?, allow.try_into()?])
+}
+
+/// The calls the allow-list admits only with some arguments (and
+/// `clone3`, admitted here so that the other filter's `ENOSYS` answers it).
+fn allowed_with_arguments()
+-> Result<Vec<(i64, Vec<seccompiler::SeccompRule>)>, seccompiler::BackendError> {
+    use seccompiler::{
+        SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond, SeccompRule,
+    };
+    let when = |conds: Vec<Cond>| SeccompRule::new(conds);
+    // Threads only: a clone without CLONE_THREAD would be a fork.
+    let thread = libc::CLONE_THREAD as u64;
+    let clone = vec![when(vec![Cond::new(
+        0,
+        Len::Qword,
+        Op::MaskedEq(thread),
+        thread,
+    )?])?];
+    // send() is sendto() without an address; with one it could reach a
+    // socket by name.
+    let sendto = vec![when(vec![Cond::new(4, Len::Qword, Op::Eq, 0)?])?];
+    // Reading this process's limits only.
+    let prlimit = vec![when(vec![
+        Cond::new(0, Len::Dword, Op::Eq, 0)?,
+        Cond::new(2, Len::Qword, Op::Eq, 0)?,
+    ])?];
+    let prctl = [
+        libc::PR_SET_NAME,
+        libc::PR_GET_NAME,
+        libc::PR_GET_DUMPABLE,
+        libc::PR_SET_VMA,
+    ];
+    // ioctl: enough for isatty, non-blocking mode and FIONREAD; nothing
+    // that could push input into a terminal (TIOCSTI) or reach a device.
+    // (The request's type differs between C libraries.)
+    #[allow(clippy::unnecessary_cast)]
+    let ioctl = [
+        libc::TCGETS as u64,
+        libc::FIONBIO as u64,
+        libc::FIONREAD as u64,
+        libc::FIOCLEX as u64,
+        libc::FIONCLEX as u64,
+    ];
+    Ok(vec![
+        (libc::SYS_clone, clone),
+        (libc::SYS_clone3, Vec::new()),
+        (libc::SYS_sendto, sendto),
+        (libc::SYS_prlimit64, prlimit),
+        (libc::SYS_prctl, one_of(0, prctl.map(|op| op as u64))?),
+        (libc::SYS_ioctl, one_of(1, ioctl)?),
+    ])
+}
+
+/// Rules that admit a call whose argument `arg` (32 bits) is one of `values`.
+fn one_of(
+    arg: u8,
+    values: impl IntoIterator<Item = u64>,
+) -> Result<Vec<seccompiler::SeccompRule>, seccompiler::BackendError> {
+    use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
+    values
+        .into_iter()
+        .map(|v| {
+            let eq = SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v)?;
+            SeccompRule::new(vec![eq])
+        })
+        .collect()
 }
 
 /// System calls a sandboxed worker may make with any arguments. Paths are
@@ -784,10 +759,32 @@ const ALLOWED: &[i64] = &[
 ];
 
 /// The status words of worker slot `slot`, for the life of this worker
-/// process: keeps only its page mapped (see [`sys::SharedWords::keep_only`]).
-pub(crate) fn isolate_words(words: &'static sys::SharedWords, slot: usize) -> Status<'static> {
+/// process: keeps only its page mapped (see [`SharedWords::keep_only`]).
+pub(crate) fn isolate_words(words: &'static SharedWords, slot: usize) -> Status<'static> {
     words.keep_only(slot);
     let status = words.status(slot);
     status.died_of.store(0, Ordering::SeqCst);
     status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_filters_compile_clone3_first_then_the_allow_list() {
+        let f = filters().unwrap();
+        assert_eq!(f.len(), 2);
+        assert!(!f[0].is_empty() && f[0].len() < f[1].len());
+    }
+
+    #[test]
+    fn one_of_makes_a_rule_per_value() {
+        assert_eq!(one_of(1, [3, 5, 7]).unwrap().len(), 3);
+        assert!(one_of(0, []).unwrap().is_empty());
+        let args = allowed_with_arguments().unwrap();
+        let nrs: Vec<i64> = args.iter().map(|(nr, _)| *nr).collect();
+        assert!(nrs.contains(&libc::SYS_clone) && nrs.contains(&libc::SYS_ioctl));
+        assert!(args.iter().all(|(nr, _)| !ALLOWED.contains(nr)));
+    }
 }

@@ -17,11 +17,11 @@
 
 use crate::proto::shared_buf::{Mode, Supply};
 use crate::proto::shm::Block;
+use crate::proto::status::Status;
 use crate::proto::task::{Init, Io, SharedIo, TaskFn, status};
 use crate::proto::wire::{self, HDR, Header};
 use crate::sandbox::{Active, Prepared};
 use crate::sys;
-use crate::sys::Status;
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
@@ -377,7 +377,7 @@ pub(crate) fn serve(
         };
         // Wait a moment for the next task without sleeping: it often comes
         // within microseconds, and waking from sleep costs more.
-        let _ = sys::spin_until(|| sys::readable_now(fd));
+        let _ = crate::proto::idle::spin_until(|| sys::readable_now(fd));
         match sys::recv_append(fd, &mut inbuf, want, &mut fds) {
             Ok(0) => return Ok(()),
             Ok(_) => {}

@@ -165,7 +165,7 @@ fn prepare_poll(shared: &Shared, st: &State, p: &mut Polled, cpu_watch: Option<D
 fn wait(set: &mut PollSet, timeout_ms: i32) {
     let mut n = 0;
     if timeout_ms != 0 {
-        sys::spin_until(|| {
+        crate::proto::idle::spin_until(|| {
             n = set.poll(0).unwrap_or(0);
             n > 0
         });
@@ -184,13 +184,13 @@ fn handle_io(
     events: &mut Vec<Event>,
     done: &mut Vec<Completion>,
 ) {
-    if p.set.revents(0) != 0 {
+    if p.set.ready(0) {
         sys::drain(shared.wake.as_raw_fd());
     }
     let ready_before = st.ready;
     for (k, &slot) in p.who.iter().enumerate() {
         let i = p.workers_at + k;
-        if p.set.revents(i) == 0 {
+        if !p.set.ready(i) {
             continue;
         }
         let Some(w) = st.workers.iter_mut().find(|w| w.slot == slot) else {
@@ -199,7 +199,7 @@ fn handle_io(
         if p.set.writable(i) {
             w.flush();
         }
-        if p.set.readable_or_hung_up(i) {
+        if p.set.readable(i) {
             let mut sink = Sink {
                 ready: &mut st.ready,
                 est: &mut st.est,
@@ -218,7 +218,7 @@ fn handle_io(
             if p.set.writable(i) {
                 b.flush();
             }
-            if p.set.revents(i) != 0 {
+            if p.set.ready(i) {
                 b.events(events);
             }
         }

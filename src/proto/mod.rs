@@ -1,9 +1,14 @@
 //! What the parent and its workers share: the wire framing, the codec,
-//! task offsets and outcomes, shared-memory blocks and `SharedBuf`s.
+//! task offsets and outcomes, the panic report, the status words,
+//! shared-memory blocks and `SharedBuf`s; and how a thread out of work
+//! waits for more (the idle policy both sides follow).
 
 pub(crate) mod codec;
 pub(crate) mod conn;
+pub(crate) mod idle;
+pub(crate) mod report;
 pub(crate) mod shared_buf;
 pub(crate) mod shm;
+pub(crate) mod status;
 pub(crate) mod task;
 pub(crate) mod wire;

@@ -123,14 +123,7 @@ impl Region {
         let map = Mapping::new(&fd, cap, false)?;
         map.dont_fork()?;
         let id = sys::file_id(&fd)?;
-        Ok(Region {
-            fd: Some(fd),
-            map,
-            len,
-            dev: id.dev,
-            ino: id.ino,
-            generation,
-        })
+        Ok(Region::of(fd, map, len, &id, generation))
     }
 
     /// Maps a file that another process sent, of which `len` bytes are the
@@ -157,14 +150,20 @@ impl Region {
             .map_err(|e| format!("could not map a SharedBuf: {e}"))?;
         map.dont_fork()
             .map_err(|e| format!("could not map a SharedBuf: {e}"))?;
-        Ok(Region {
+        Ok(Region::of(fd, map, len, &id, generation))
+    }
+
+    /// The region of file `fd` (whose `fstat` is `id`), mapped as `map`,
+    /// made or received in fork generation `generation`.
+    fn of(fd: OwnedFd, map: Mapping, len: usize, id: &sys::FileId, generation: u64) -> Region {
+        Region {
             fd: Some(fd),
             map,
             len,
             dev: id.dev,
             ino: id.ino,
             generation,
-        })
+        }
     }
 
     /// Whether this value was made in this process (not copied by fork).

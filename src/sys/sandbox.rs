@@ -1,18 +1,11 @@
-//! The raw libc calls of the sandbox (`sandbox.rs`), kept apart from the
-//! pool's own in `sys.rs`. Each function is a safe wrapper; each `unsafe`
-//! block says why it holds.
+//! The raw libc calls of the sandbox (`src/sandbox.rs`), kept apart from
+//! the pool's own in the other files of `sys`. Each function is a safe
+//! wrapper; each `unsafe` block says why it holds.
 
+use super::cvt;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
-
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
 
 /// The effective uid and gid of this process.
 fn ids() -> (libc::uid_t, libc::gid_t) {

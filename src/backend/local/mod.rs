@@ -14,7 +14,8 @@ pub(crate) mod start;
 
 use crate::engine::seam::{Backend, End, Event, Progress};
 use crate::error::Error;
-use crate::sys::{self, SharedWords};
+use crate::proto::status::{STATUS_WORDS, SharedWords};
+use crate::sys;
 use server::{Msg, Spec};
 use start::StartMethod;
 use std::collections::VecDeque;
@@ -261,7 +262,7 @@ pub(crate) fn words(slots: usize, sandboxed: bool) -> Result<Arc<SharedWords>, E
     let words = if sandboxed {
         SharedWords::paged(slots)
     } else {
-        SharedWords::new(slots * sys::STATUS_WORDS)
+        SharedWords::new(slots * STATUS_WORDS)
     };
     Ok(Arc::new(
         words.map_err(|e| Error::io("mapping shared memory", e))?,
@@ -283,7 +284,7 @@ fn fork_server(spec: Spec) -> Result<(OwnedFd, libc::pid_t), Error> {
     // Settled here, before the fork: a OnceLock that another thread was
     // initialising at the fork would stay "being initialised" in the
     // children forever, and a worker's first wait would hang on it.
-    sys::spin_budget();
+    crate::proto::idle::spin_budget();
     // Every signal stays blocked across the fork, until the server has
     // left the terminal's job and set its own dispositions (server::run):
     // a Ctrl-C meanwhile must not kill it with the host's dispositions.

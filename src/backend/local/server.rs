@@ -20,6 +20,7 @@
 //! End-of-file from the parent (it closed the socket, or died) makes the
 //! server SIGKILL every worker, reap them all, and exit.
 
+use crate::proto::status::{SharedWords, Status};
 use crate::sys;
 use crate::worker;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -71,7 +72,7 @@ pub(crate) use crate::proto::task::Init;
 /// the fork on.
 pub(crate) struct Spec {
     pub(crate) init: Option<Init>,
-    pub(crate) words: std::sync::Arc<sys::SharedWords>,
+    pub(crate) words: std::sync::Arc<SharedWords>,
     pub(crate) sock_buf: usize,
     /// The sandbox asked for (in the parent, and in the config it writes).
     pub(crate) sandbox: Option<crate::sandbox::Spec>,
@@ -123,7 +124,7 @@ pub(crate) fn run(sock: OwnedFd, spec: &Spec) -> ! {
     // /proc/self/cgroup, which a worker would otherwise do (an fd open for
     // a moment) right after it says READY, and which a sandboxed worker
     // may not open.
-    let _ = sys::spin_budget();
+    let _ = crate::proto::idle::spin_budget();
     let mut live: Vec<libc::pid_t> = Vec::with_capacity(64);
     let mut buf = [0u8; 64];
     loop {
@@ -246,7 +247,7 @@ fn spawn(
             }
             // This process never returns from here: its words live as
             // long as it does.
-            let words: &'static sys::SharedWords = Box::leak(Box::new(spec.words.clone()));
+            let words: &'static SharedWords = Box::leak(Box::new(spec.words.clone()));
             let status = if spec.prepared.is_some() {
                 // Only this worker's own page stays mapped.
                 crate::sandbox::isolate_words(words, slot as usize)
@@ -274,7 +275,7 @@ fn spawn(
 /// its next task between the check and the kill. Resumes it (SIGCONT) if
 /// it does not run that task. A worker that exits meanwhile is left for the
 /// SIGCHLD loop to reap (waitid with WNOWAIT leaves it unreaped).
-fn still_running(pid: libc::pid_t, status: sys::Status<'_>, seq: u64) -> bool {
+fn still_running(pid: libc::pid_t, status: Status<'_>, seq: u64) -> bool {
     if !status.running(seq) {
         return false;
     }

@@ -41,6 +41,7 @@
 
 use crate::backend::local::server::{self, Init, Msg, Spec};
 use crate::error::Error;
+use crate::proto::status::{PAGE_WORDS, STATUS_WORDS, SharedWords};
 use crate::proto::task::TaskFn;
 use crate::sys;
 use std::io::{Read, Seek, Write};
@@ -442,11 +443,11 @@ pub(crate) fn serve_exec(value: &str) -> ! {
     };
     // A sandboxed pool gives each worker a page of status words.
     let stride = if sandbox.is_some() {
-        sys::PAGE_WORDS
+        PAGE_WORDS
     } else {
-        sys::STATUS_WORDS
+        STATUS_WORDS
     };
-    let Ok(words) = sys::SharedWords::from_fd(words, stride) else {
+    let Ok(words) = SharedWords::from_fd(words, stride) else {
         sys::exit_now(122)
     };
     sys::close_fds_except(&[sock.as_raw_fd(), words.raw_fd()]);
@@ -490,7 +491,7 @@ mod tests {
     fn spec(init: Option<Init>) -> Spec {
         Spec {
             init,
-            words: Arc::new(sys::SharedWords::new(8).unwrap()),
+            words: Arc::new(SharedWords::new(8).unwrap()),
             sock_buf: 12345,
             sandbox: None,
             prepared: None,

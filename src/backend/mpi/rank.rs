@@ -172,7 +172,9 @@ fn start_worker(init: Option<Init>) -> std::io::Result<Local> {
         .name("procpool-worker".into())
         .spawn(move || {
             // This rank's own status words (rank 0 keeps its own copy).
-            let Ok(words) = sys::SharedWords::new(sys::STATUS_WORDS) else {
+            let Ok(words) =
+                crate::proto::status::SharedWords::new(crate::proto::status::STATUS_WORDS)
+            else {
                 return 1;
             };
             // Tasks run under catch_unwind already; this catches a panic of

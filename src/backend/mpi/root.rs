@@ -183,14 +183,14 @@ impl<'c> Root<'c> {
                 }
             }
             let _ = polled.poll(0);
-            if polled.revents(0) != 0 {
+            if polled.ready(0) {
                 sys::drain(self.seam.wake_me.as_raw_fd());
             }
             let Some(mut active) = self.commands() else {
                 break;
             };
             for (k, &r) in who.iter().enumerate() {
-                if polled.readable_or_hung_up(k + 1) {
+                if polled.readable(k + 1) {
                     active |= self.forward_tasks(r);
                 }
             }

@@ -10,9 +10,9 @@
 //! send large messages to each other cannot deadlock.
 
 use crate::proto::conn::{Conn, Filled};
+pub(super) use crate::proto::idle::Backoff;
 use crate::proto::shm::Block;
 use crate::proto::wire;
-use crate::sys::PollSet;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use std::collections::VecDeque;
@@ -130,75 +130,6 @@ pub(super) fn all_gather(comm: &SimpleCommunicator, mine: u64, all: &mut [u64]) 
             idle.sleep();
         }
     });
-}
-
-/// Backoff for polling, by the time since the last activity: yields at
-/// first, then short sleeps while messages are likely to follow soon (a
-/// stream of `apply` calls, say), then sleeps doubling up to a cap.
-pub(super) struct Backoff {
-    since: Option<Instant>,
-    n: u32,
-    cap: Duration,
-}
-
-/// Yield (spin) this long after the last activity...
-const SPIN: Duration = Duration::from_millis(1);
-/// ... then sleep briefly until this long after it...
-const HOT: Duration = Duration::from_millis(5);
-/// ... this long at a time (about the kernel's timer slack).
-const HOT_SLEEP: Duration = Duration::from_micros(50);
-
-impl Backoff {
-    pub(super) fn new(cap: Duration) -> Self {
-        Backoff {
-            since: None,
-            n: 0,
-            cap,
-        }
-    }
-
-    /// Something happened: poll eagerly again.
-    pub(super) fn reset(&mut self) {
-        self.since = None;
-        self.n = 0;
-    }
-
-    fn next(&mut self) -> Duration {
-        let now = Instant::now();
-        let idle = now - *self.since.get_or_insert(now);
-        if idle < SPIN {
-            Duration::ZERO
-        } else if idle < HOT {
-            HOT_SLEEP.min(self.cap)
-        } else {
-            let shift = self.n.min(10);
-            self.n += 1;
-            Duration::from_micros(100u64 << shift).min(self.cap)
-        }
-    }
-
-    /// Waits for the next delay.
-    pub(super) fn sleep(&mut self) {
-        let d = self.next();
-        if d.is_zero() {
-            std::thread::yield_now();
-        } else {
-            std::thread::sleep(d);
-        }
-    }
-
-    /// Waits for the next delay, or until one of `fds` is ready once the
-    /// delay has reached a millisecond.
-    pub(super) fn wait(&mut self, fds: &mut PollSet) {
-        let d = self.next();
-        if d >= Duration::from_millis(1) && fds.len() > 0 {
-            let _ = fds.poll(d.as_millis().min(1000) as i32);
-        } else if d.is_zero() {
-            std::thread::yield_now();
-        } else {
-            std::thread::sleep(d);
-        }
-    }
 }
 
 /// Tells every worker rank to stop and waits for each to acknowledge, so

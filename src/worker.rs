@@ -662,3 +662,325 @@ fn send_frame(fd: i32, frame: &[u8], fds: &[i32]) -> std::io::Result<()> {
     }
     sys::send_all(fd, &frame[pos..])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::wire::{DONE, READY, Reader, TASK};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn double(x: u64) -> u64 {
+        x * 2
+    }
+
+    fn big(n: u64) -> Vec<u8> {
+        vec![7; n as usize]
+    }
+
+    fn shared(n: u64) -> crate::SharedBuf {
+        crate::SharedBuf::from_slice(&[n as u8; 10]).unwrap()
+    }
+
+    fn soft_left(_: ()) -> bool {
+        crate::time_left().is_some()
+    }
+
+    /// One served loop at a time: a task's soft deadline is a word of the
+    /// whole process, which each task's end clears.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// A worker loop on a thread of this process (as on an MPI rank), and
+    /// the parent's end of its socket.
+    struct Served {
+        _serial: std::sync::MutexGuard<'static, ()>,
+        sock: OwnedFd,
+        words: Arc<sys::SharedWords>,
+        thread: std::thread::JoinHandle<Result<(), Stop>>,
+        buf: Vec<u8>,
+        fds: VecDeque<OwnedFd>,
+        reader: Reader,
+    }
+
+    impl Served {
+        /// Starts the loop and reads its READY frame.
+        fn start() -> Served {
+            let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+            let (sock, theirs) = sys::stream_pair().unwrap();
+            let words = Arc::new(sys::SharedWords::new(sys::STATUS_WORDS).unwrap());
+            let w = words.clone();
+            let thread = std::thread::spawn(move || serve(theirs, w.status(0), None, None));
+            let mut s = Served {
+                _serial: serial,
+                sock,
+                words,
+                thread,
+                buf: Vec::new(),
+                fds: VecDeque::new(),
+                reader: Reader::default(),
+            };
+            let (ready, _) = s.frame();
+            assert_eq!((ready.kind, ready.a), (READY, std::process::id() as u64));
+            s
+        }
+
+        /// Sends task `seq` of `f` with `flags` and `body`.
+        fn task(&self, f: TaskFn, seq: u64, flags: u8, body: &[u8]) {
+            let mut h = Header::new(TASK, seq, f.tramp, f.func);
+            h.status = flags;
+            self.send(h, body);
+        }
+
+        fn send(&self, h: Header, body: &[u8]) {
+            let mut out = Vec::new();
+            let frame = h.open(&mut out);
+            out.extend_from_slice(body);
+            frame.close(&mut out, 0);
+            sys::send_all(self.sock.as_raw_fd(), &out).unwrap();
+        }
+
+        /// The worker's next frame: its header and body.
+        fn frame(&mut self) -> (Header, Vec<u8>) {
+            let fd = self.sock.as_raw_fd();
+            loop {
+                if let Some(f) = self.reader.next(&self.buf) {
+                    return (f.header, f.body(&self.buf).to_vec());
+                }
+                // A guard against a hang, not a measure of time.
+                let t0 = Instant::now();
+                while !sys::readable_now(fd) {
+                    assert!(t0.elapsed() < Duration::from_secs(30), "no frame came");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let want = wire::read_size(self.reader.missing(&self.buf), 4096);
+                let n = sys::recv_append(fd, &mut self.buf, want, &mut self.fds).unwrap();
+                assert!(n > 0, "the worker closed its socket");
+            }
+        }
+
+        /// Closes the parent's end: the loop ends.
+        fn close(self) -> Result<(), Stop> {
+            let Served { sock, thread, .. } = self;
+            drop(sock);
+            thread.join().unwrap()
+        }
+    }
+
+    fn encoded<T: serde::Serialize>(v: &T) -> Vec<u8> {
+        let mut out = Vec::new();
+        codec::encode_into(v, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_task_frame_is_answered_with_its_result() {
+        let mut s = Served::start();
+        s.task(TaskFn::single(double), 1, 0, &encoded(&21u64));
+        let (h, body) = s.frame();
+        assert_eq!((h.kind, h.seq, h.status, h.a), (DONE, 1, status::OK, 0));
+        assert_eq!(task::decode_outcome::<u64>(h.status, &body).unwrap(), 42);
+        let st = s.words.status(0);
+        assert_eq!(st.started.load(Ordering::SeqCst), 1);
+        assert_eq!(st.finished.load(Ordering::SeqCst), 1);
+        assert!(s.fds.is_empty());
+        assert_eq!(s.close(), Ok(()));
+    }
+
+    #[test]
+    fn refused_tasks_are_answered_with_why() {
+        let mut s = Served::start();
+        let f = TaskFn::single(double);
+        let arg = encoded(&1u64);
+        s.words.status(0).skip.store(1, Ordering::SeqCst);
+        s.task(f, 1, 0, &arg);
+        // Its block's fd did not come with it.
+        s.task(f, 2, wire::IN_BLOCK, &8u64.to_le_bytes());
+        // Nor did its SharedBuf's.
+        let mut counted = 1u32.to_le_bytes().to_vec();
+        counted.extend_from_slice(&arg);
+        s.task(f, 3, wire::SHARED_FDS, &counted);
+        // A frame too short for its input's length.
+        s.task(f, 4, 0, &[]);
+        let answers: Vec<(u8, String)> = (1..=4)
+            .map(|seq| {
+                let (h, body) = s.frame();
+                assert_eq!((h.kind, h.seq), (DONE, seq));
+                (h.status, task::take_message(&body))
+            })
+            .collect();
+        assert_eq!(answers[0], (status::CANCELLED, "cancelled".into()));
+        assert_eq!(
+            answers[1],
+            (status::DECODE, "a task's block did not arrive".into())
+        );
+        assert_eq!(
+            answers[2],
+            (status::DECODE, "a task's SharedBufs did not arrive".into())
+        );
+        assert_eq!(answers[3].0, status::DECODE);
+        assert_eq!(s.close(), Ok(()));
+    }
+
+    #[test]
+    fn a_large_result_comes_in_a_new_block_and_shared_bufs_by_fd() {
+        let mut s = Served::start();
+        let n = 2 * crate::proto::shm::SPILL_AT as u64;
+        s.task(TaskFn::single(big), 1, 0, &encoded(&n));
+        s.task(TaskFn::single(shared), 2, 0, &encoded(&5u64));
+        let (h, body) = s.frame();
+        assert_eq!(
+            (h.seq, h.status, h.a, body.len()),
+            (1, 0, wire::OUT_NEW_BLOCK, 8)
+        );
+        let len = u64::from_le_bytes(body[..8].try_into().unwrap()) as usize;
+        let block = Block::from_fd(s.fds.pop_front().expect("the block's fd")).unwrap();
+        let (v, _) = codec::decode_untrusted::<Vec<u8>>(block.bytes(len)).unwrap();
+        assert_eq!(v, vec![7; n as usize]);
+        let (h, body) = s.frame();
+        assert_eq!((h.seq, h.status), (2, wire::SHARED_FDS));
+        assert_eq!(wire::shared_prefix(h.status, &body).unwrap().0, 1);
+        assert_eq!(s.fds.len(), 1);
+        assert_eq!(s.close(), Ok(()));
+    }
+
+    #[test]
+    fn a_soft_limit_applies_to_its_own_task_only() {
+        let mut s = Served::start();
+        let f = TaskFn::single(soft_left);
+        let unit = encoded(&());
+        s.send(Header::new(wire::SOFT_LIMIT, 1, 60_000_000_000, 0), &[]);
+        s.task(f, 1, 0, &unit);
+        // A limit sent for task 3 does not apply to task 2.
+        s.send(Header::new(wire::SOFT_LIMIT, 3, 60_000_000_000, 0), &[]);
+        s.task(f, 2, 0, &unit);
+        for (seq, limited) in [(1, true), (2, false)] {
+            let (h, body) = s.frame();
+            assert_eq!(h.seq, seq);
+            assert_eq!(
+                task::decode_outcome::<bool>(h.status, &body).unwrap(),
+                limited
+            );
+        }
+        assert_eq!(s.close(), Ok(()));
+    }
+
+    #[test]
+    fn a_soft_limit_is_for_the_task_it_names() {
+        assert_eq!(soft_limit_for(Some((3, 50)), 3), Some(50));
+        assert_eq!(soft_limit_for(Some((2, 50)), 3), None);
+        assert_eq!(soft_limit_for(None, 3), None);
+    }
+
+    #[test]
+    fn memory_counts_as_grown_past_the_limit_only() {
+        let m = MemoryLimit {
+            limit: 100,
+            baseline: 1000,
+        };
+        assert_eq!(m.grown_past(1100), None);
+        assert_eq!(m.grown_past(1101), Some(101));
+        assert_eq!(m.grown_past(10), None);
+        assert!(MemoryLimit::new(0).is_none());
+    }
+
+    #[test]
+    fn each_stop_has_its_exit_status() {
+        assert_eq!(exit_code(Ok(())), 0);
+        assert_eq!(exit_code(Err(Stop::Gone)), 0);
+        assert_eq!(exit_code(Err(Stop::InitFailed)), 1);
+        assert_eq!(exit_code(Err(Stop::Limit)), 3);
+    }
+
+    fn dev_null() -> OwnedFd {
+        std::fs::File::open("/dev/null").unwrap().into()
+    }
+
+    /// A frame with `status` and `body`, as the worker's reader sees it.
+    fn parsed(status: u8, body: &[u8]) -> (Frame, Vec<u8>) {
+        let mut h = Header::new(TASK, 1, 0, 0);
+        h.status = status;
+        let mut buf = Vec::new();
+        let f = h.open(&mut buf);
+        buf.extend_from_slice(body);
+        f.close(&mut buf, 0);
+        (Reader::default().next(&buf).unwrap(), buf)
+    }
+
+    #[test]
+    fn a_task_takes_its_own_fds_and_leaves_the_next_frames() {
+        let mut body = 2u32.to_le_bytes().to_vec();
+        body.extend_from_slice(&8u64.to_le_bytes());
+        let (frame, buf) = parsed(wire::IN_BLOCK | wire::SHARED_FDS, &body);
+        let mut fds: VecDeque<OwnedFd> = (0..4).map(|_| dev_null()).collect();
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let input = Input::take(&frame, &buf, &mut fds);
+        assert_eq!(input.body, &8u64.to_le_bytes());
+        let block = input.block_fd.flatten().map(|f| f.as_raw_fd());
+        assert_eq!(block, Some(raw[0]));
+        let shared: Vec<RawFd> = input.shared.iter().map(|f| f.as_raw_fd()).collect();
+        assert_eq!(shared, raw[1..3]);
+        assert!(!input.shared_missing);
+        assert_eq!(fds.len(), 1);
+        assert_eq!(fds[0].as_raw_fd(), raw[3]);
+    }
+
+    #[test]
+    fn a_task_short_of_fds_says_so() {
+        let (frame, buf) = parsed(wire::IN_BLOCK | wire::SHARED_FDS, &3u32.to_le_bytes());
+        let mut fds: VecDeque<OwnedFd> = (0..2).map(|_| dev_null()).collect();
+        let input = Input::take(&frame, &buf, &mut fds);
+        assert!(matches!(input.block_fd, Some(Some(_))));
+        assert_eq!(input.shared.len(), 1);
+        assert!(input.shared_missing);
+        assert!(fds.is_empty());
+        // Without flags a task takes no fd; a count cut short is no count.
+        for (status, body) in [(0, &b"abc"[..]), (wire::SHARED_FDS, &[1, 0][..])] {
+            let (frame, buf) = parsed(status, body);
+            let mut fds: VecDeque<OwnedFd> = (0..2).map(|_| dev_null()).collect();
+            let input = Input::take(&frame, &buf, &mut fds);
+            assert!(input.block_fd.is_none() && input.shared.is_empty());
+            assert_eq!(input.body.len(), if status == 0 { 3 } else { 0 });
+            assert_eq!(fds.len(), 2);
+        }
+    }
+
+    #[test]
+    fn an_input_block_must_come_whole() {
+        let err = |r: Result<(Block, usize), String>| r.err().unwrap();
+        assert_eq!(
+            err(in_block(&8u64.to_le_bytes(), None)),
+            "a task's block did not arrive"
+        );
+        assert_eq!(
+            err(in_block(&[1, 2], Some(dev_null()))),
+            "a task's block length is missing"
+        );
+        let fd = sys::memfd().unwrap();
+        sys::set_len(&fd, 4096).unwrap();
+        assert_eq!(
+            err(in_block(&(1u64 << 20).to_le_bytes(), Some(fd))),
+            "a task's block is shorter than its input"
+        );
+        let fd = sys::memfd().unwrap();
+        sys::set_len(&fd, 4096).unwrap();
+        let (b, len) = in_block(&100u64.to_le_bytes(), Some(fd)).unwrap();
+        assert_eq!((b.capacity() >= 100, len), (true, 100));
+    }
+
+    #[test]
+    fn fds_go_on_the_frames_first_bytes() {
+        let (a, b) = sys::stream_pair().unwrap();
+        let frame: Vec<u8> = (0..40).collect();
+        let files = [dev_null(), dev_null()];
+        let raw: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+        send_frame(a.as_raw_fd(), &frame, &raw).unwrap();
+        let (mut got, mut fds) = (Vec::new(), VecDeque::new());
+        while got.len() < frame.len() {
+            sys::recv_append(b.as_raw_fd(), &mut got, 64, &mut fds).unwrap();
+        }
+        assert_eq!((got, fds.len()), (frame, 2));
+        // One group of fds per byte: a 1-byte frame has room for one.
+        let many = vec![raw[0]; sys::MAX_FDS_PER_MSG + 1];
+        assert!(send_frame(a.as_raw_fd(), &[0], &many).is_err());
+    }
+}

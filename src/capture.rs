@@ -135,3 +135,36 @@ pub(crate) fn read_report(rest: &[u8]) -> (Option<PanicLocation>, Option<RemoteB
         (!wire.frames.is_empty()).then(|| RemoteBacktrace::new(wire.objects, wire.frames));
     (location, backtrace)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_travels_after_the_message() {
+        let sent = Wire {
+            location: Some(("src/lib.rs".into(), 12, 5)),
+            objects: vec!["/bin/app".into()],
+            frames: vec![(0, 0x1234), (0, 0x5678)],
+        };
+        let mut body = Vec::new();
+        codec::encode_into(&sent, &mut body).unwrap();
+        let (location, backtrace) = read_report(&body);
+        let l = location.unwrap();
+        assert_eq!((l.file(), l.line(), l.column()), ("src/lib.rs", 12, 5));
+        assert!(backtrace.is_some());
+        // Without frames there is no backtrace; without a report, nothing.
+        body.clear();
+        codec::encode_into(&Wire::default(), &mut body).unwrap();
+        assert!(matches!(read_report(&body), (None, None)));
+        assert!(matches!(read_report(&[]), (None, None)));
+    }
+
+    #[test]
+    fn nothing_recorded_adds_nothing() {
+        // This thread has had no panic recorded.
+        let mut out = vec![1, 2];
+        put_report(&mut out);
+        assert_eq!(out, [1, 2]);
+    }
+}

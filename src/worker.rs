@@ -678,12 +678,12 @@ mod tests {
         vec![7; n as usize]
     }
 
-    fn shared(n: u64) -> crate::SharedBuf {
-        crate::SharedBuf::from_slice(&[n as u8; 10]).unwrap()
+    fn shared(n: u64) -> crate::proto::shared_buf::SharedBuf {
+        crate::proto::shared_buf::SharedBuf::from_slice(&[n as u8; 10]).unwrap()
     }
 
     fn soft_left(_: ()) -> bool {
-        crate::time_left().is_some()
+        crate::deadline::time_left().is_some()
     }
 
     /// One served loop at a time: a task's soft deadline is a word of the

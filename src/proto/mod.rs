@@ -1,7 +1,9 @@
 //! What the parent and its workers share: the wire framing, the codec,
-//! task offsets and outcomes, shared-memory blocks and `SharedBuf`s.
+//! task offsets and outcomes, panic reports, shared-memory blocks and
+//! `SharedBuf`s.
 
 pub(crate) mod codec;
+pub(crate) mod report;
 pub(crate) mod shared_buf;
 pub(crate) mod shm;
 pub(crate) mod task;

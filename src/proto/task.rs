@@ -270,7 +270,7 @@ where
             shared_buf::truncate_encoded(shared_mark);
             put_message(io.out, &panic_message(&*p));
             // Where it panicked, and the stack if asked for, after the message.
-            crate::capture::put_report(io.out);
+            crate::proto::report::put_report(io.out);
             status::PANIC
         }
     }
@@ -425,7 +425,7 @@ pub(crate) fn outcome_error(st: u8, body: &[u8]) -> crate::Error {
         Ok(m) => m,
         Err(e) => (format!("(an undecodable message: {e})"), body.len()),
     };
-    let (location, backtrace) = crate::capture::read_report(&body[used..]);
+    let (location, backtrace) = crate::proto::report::read_report(&body[used..]);
     crate::Error::TaskPanicked {
         message,
         location,

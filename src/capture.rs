@@ -1,14 +1,12 @@
-//! The worker's side of a task's panic report (see `traceback.rs` for
-//! what the caller gets): the pool's panic hook (`worker::install_panic_hook`)
-//! records, on the thread that serves tasks, where the task panicked and,
-//! with backtraces on, the raw return addresses of its stack, walked with
-//! `_Unwind_Backtrace` (the unwinder the panic itself is about to use) and
-//! without std's backtrace lock, which another thread of the host may have
-//! held when the worker's process was forked. Nothing is symbolised in the
-//! worker: each address travels after the panic's message as a file offset
-//! in the object it was mapped from (`/proc/self/maps`), which the parent
-//! maps back into its own address space (`proto/report.rs` writes and
-//! reads that report).
+//! The worker's record of a task's panic (see `proto/report.rs` for how
+//! it travels and `traceback.rs` for what the caller gets): the pool's
+//! panic hook (`worker::install_panic_hook`) records, on the thread that
+//! serves tasks, where the task panicked and, with backtraces on, the raw
+//! return addresses of its stack, walked with `_Unwind_Backtrace` (the
+//! unwinder the panic itself is about to use) and without std's backtrace
+//! lock, which another thread of the host may have held when the worker's
+//! process was forked. Also which thread serves tasks, and whether this
+//! worker records stacks at all.
 
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,10 +27,9 @@ thread_local! {
 
 /// What the hook records of a panic, in the worker.
 pub(crate) struct Recorded {
-    /// The file, line and column of the panic.
+    /// Where it panicked: file, line, column.
     pub(crate) location: Option<(String, u32, u32)>,
-    /// The return addresses of the stack, innermost first (none when
-    /// backtraces are off).
+    /// The return addresses of its stack (none with backtraces off).
     pub(crate) ips: Vec<usize>,
 }
 
@@ -76,10 +73,31 @@ pub(crate) fn record(info: &std::panic::PanicHookInfo<'_>) {
     });
 }
 
-/// In the worker, after a task's panic was caught: takes what the hook
-/// recorded of this thread's last panic (`proto::report` sends it).
+/// In the worker, after a task's panic was caught: what the hook recorded
+/// of it on this thread, if anything (taken: the next panic starts afresh).
 pub(crate) fn take_recorded() -> Option<Recorded> {
     LAST.try_with(|l| l.try_borrow_mut().ok().and_then(|mut l| l.take()))
         .ok()
         .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thread_with_no_panic_has_nothing_recorded() {
+        assert!(take_recorded().is_none());
+    }
+
+    #[test]
+    fn only_the_thread_marked_serves() {
+        let marked = std::thread::spawn(|| {
+            let before = serving();
+            serve_on_this_thread();
+            (before, serving())
+        });
+        assert_eq!(marked.join().unwrap(), (false, true));
+        assert!(!std::thread::spawn(serving).join().unwrap());
+    }
 }

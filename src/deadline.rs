@@ -20,8 +20,14 @@ static SOFT_DEADLINE_NS: AtomicU64 = AtomicU64::new(0);
 
 /// In the worker, as a task starts at `start_ns`: its soft limit, if any.
 pub(crate) fn begin_task(start_ns: u64, soft_ns: Option<u64>) {
-    let d = soft_ns.map_or(0, |s| start_ns.saturating_add(s).max(1));
-    SOFT_DEADLINE_NS.store(d, Ordering::SeqCst);
+    SOFT_DEADLINE_NS.store(soft_deadline(start_ns, soft_ns), Ordering::SeqCst);
+}
+
+/// The soft deadline of a task that starts at `start_ns` with the soft
+/// limit `soft_ns`, as [`SOFT_DEADLINE_NS`] holds it: 0 for none, so a
+/// real deadline is never 0, and one past the clock's end is its end.
+fn soft_deadline(start_ns: u64, soft_ns: Option<u64>) -> u64 {
+    soft_ns.map_or(0, |s| start_ns.saturating_add(s).max(1))
 }
 
 /// In a sandboxed worker: the status word where each task (each item of a
@@ -115,4 +121,24 @@ pub fn time_left() -> Option<Duration> {
 /// A duration as the nanoseconds a SOFT frame carries.
 pub(crate) fn nanos(d: Duration) -> u64 {
     d.as_nanos().min(u64::MAX as u128) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_soft_deadline_counts_from_the_start_and_is_never_none_by_mistake() {
+        assert_eq!(soft_deadline(1_000, None), 0);
+        assert_eq!(soft_deadline(1_000, Some(500)), 1_500);
+        // A zero limit at the clock's zero is still a deadline (not 0).
+        assert_eq!(soft_deadline(0, Some(0)), 1);
+        assert_eq!(soft_deadline(u64::MAX - 1, Some(10)), u64::MAX);
+    }
+
+    #[test]
+    fn a_duration_travels_as_saturated_nanoseconds() {
+        assert_eq!(nanos(Duration::from_millis(3)), 3_000_000);
+        assert_eq!(nanos(Duration::MAX), u64::MAX);
+    }
 }

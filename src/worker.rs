@@ -15,20 +15,27 @@
 //! for many.) Large inputs and outputs travel in shared-memory blocks (see
 //! `shm.rs`).
 
-use crate::proto::shared_buf::{Mode, Supply};
+use crate::proto::codec;
+use crate::proto::shared_buf::{self, Mode, Region, Supply};
 use crate::proto::shm::Block;
 use crate::proto::status::Status;
-use crate::proto::task::{Init, Io, SharedIo, TaskFn, status};
-use crate::proto::wire::{self, HDR, Header};
+use crate::proto::task::{self, Init, Io, SharedIo, TaskFn, status};
+use crate::proto::wire::{self, Frame, Header};
 use crate::sandbox::{Active, Prepared};
 use crate::sys;
+use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+/// How much the worker asks its socket for when no frame is partial.
 const READ_CHUNK: usize = 256 << 10;
+/// A buffer that grew past this (for one large frame) is given back once
+/// it is empty.
 const KEEP_CAPACITY: usize = 4 << 20;
+/// The capacity of a fresh buffer for the frames to the parent.
+const OUT_CAPACITY: usize = 64 << 10;
 
 /// Set in the fork server, and so in every worker it forks.
 static IN_WORKER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -86,14 +93,19 @@ pub(crate) fn run(
     let apply = apply
         .as_ref()
         .map(|f| f as &dyn Fn() -> Result<Active, String>);
-    let code = match serve(sock, status, init, apply) {
+    let code = exit_code(serve(sock, status, init, apply));
+    flush_stdio();
+    sys::exit_now(code)
+}
+
+/// A worker process's exit status once [`serve`] returned `served`.
+fn exit_code(served: Result<(), Stop>) -> i32 {
+    match served {
         Ok(()) => 0,
         Err(Stop::InitFailed) => 1,
         Err(Stop::Gone) => 0,
         Err(Stop::Limit) => 3,
-    };
-    flush_stdio();
-    sys::exit_now(code)
+    }
 }
 
 /// Writes out what a task or the initializer printed and left in the
@@ -131,17 +143,146 @@ pub(crate) fn serve(
     init: Option<&Init>,
     sandbox: Option<&dyn Fn() -> Result<Active, String>>,
 ) -> Result<(), Stop> {
-    let fd = sock.as_raw_fd();
-    let mut out: Vec<u8> = Vec::with_capacity(64 << 10);
     crate::capture::serve_on_this_thread();
+    let mut w = Worker {
+        fd: sock.as_raw_fd(),
+        status,
+        active: None,
+        out: Vec::with_capacity(OUT_CAPACITY),
+        soft: None,
+        memory: None,
+    };
     if let Some(init) = init {
-        let at = Header::new(wire::INIT_FAILED, 0, 0, 0).begin(&mut out);
+        w.run_init(init)?;
+    }
+    if let Some(apply) = sandbox {
+        w.active = Some(w.apply_sandbox(apply)?);
+    }
+    w.say_ready()?;
+    let mut inbox = Inbox {
+        buf: Vec::with_capacity(READ_CHUNK),
+        fds: VecDeque::new(),
+        reader: wire::Reader::default(),
+    };
+    loop {
+        while let Some(frame) = inbox.reader.next(&inbox.buf) {
+            if w.handle(&frame, &inbox.buf, &mut inbox.fds)? == Next::Retire {
+                return Ok(());
+            }
+        }
+        if !w.receive(&mut inbox)? {
+            return Ok(());
+        }
+    }
+}
+
+/// The worker loop's state between frames.
+struct Worker<'s> {
+    /// The socket to the parent (blocking).
+    fd: RawFd,
+    /// The words this worker shares with the parent.
+    status: Status<'s>,
+    /// The sandbox, once applied.
+    active: Option<Active>,
+    /// Frames to the parent not written yet.
+    out: Vec<u8>,
+    /// The soft time limit of the next task, from a SOFT_LIMIT frame: the
+    /// task's sequence number and the limit in ns.
+    soft: Option<(u64, u64)>,
+    /// The limit on this worker's memory growth, from the CONFIG frame.
+    memory: Option<MemoryLimit>,
+}
+
+/// What came from the parent and is not handled yet: the bytes, the fds
+/// that came with them (in order: each frame takes its own from the
+/// front), and how far the frames have been read.
+struct Inbox {
+    buf: Vec<u8>,
+    fds: VecDeque<OwnedFd>,
+    reader: wire::Reader,
+}
+
+impl Inbox {
+    /// Drops the frames handled, keeping the partial one, if any, at the
+    /// front of the buffer; gives back a large buffer once it is empty.
+    fn compact(&mut self) {
+        self.reader.compact(&mut self.buf);
+        if self.buf.is_empty() && self.buf.capacity() > KEEP_CAPACITY {
+            self.buf = Vec::with_capacity(READ_CHUNK);
+        }
+    }
+}
+
+/// What the worker does after a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Goes on to the next frame.
+    Serve,
+    /// Exits (its memory grew past its limit).
+    Retire,
+}
+
+/// A TASK frame's input: its body, and the fds that came for it.
+struct Input<'b> {
+    /// The body, after the count of `SharedBuf` fds if one leads it.
+    body: &'b [u8],
+    /// The input block's fd, if the input is in a block (`Some(None)`: the
+    /// fd did not arrive).
+    block_fd: Option<Option<OwnedFd>>,
+    /// The fds of the task's `SharedBuf`s.
+    shared: Vec<OwnedFd>,
+    /// Fewer `SharedBuf` fds came than the frame counts.
+    shared_missing: bool,
+}
+
+impl<'b> Input<'b> {
+    /// Takes the body of task `frame` from `buf`, and its fds from the
+    /// front of `fds`. The fds of an input block and of SharedBufs are
+    /// taken whatever happens next, so that the next frame's fds stay
+    /// paired with their frame.
+    fn take(frame: &Frame, buf: &'b [u8], fds: &mut VecDeque<OwnedFd>) -> Input<'b> {
+        // A count of SharedBuf fds may lead the body (see wire.rs); a body
+        // too short for it is empty.
+        let (nshared, body) = match frame.shared_count(buf) {
+            Some(n) => (n, frame.payload(buf)),
+            None => (0, &[][..]),
+        };
+        let block_fd = (frame.header.status & wire::IN_BLOCK != 0).then(|| fds.pop_front());
+        let shared: Vec<OwnedFd> = fds.drain(..nshared.min(fds.len())).collect();
+        let shared_missing = shared.len() < nshared;
+        Input {
+            body,
+            block_fd,
+            shared,
+            shared_missing,
+        }
+    }
+}
+
+/// Why a task does not run: the status and the message of its result.
+type Refused = (u8, Cow<'static, str>);
+
+/// What running a task left besides the bytes of its output.
+struct Ran {
+    status: u8,
+    /// A large output: its block and length, and whether that block is the
+    /// input's.
+    spilled: Option<(Block, usize, bool)>,
+    /// The output's `SharedBuf`s, given up by the task's values (the
+    /// encoder took them out): sent with the result, then unmapped.
+    shared: Vec<Region>,
+}
+
+impl Worker<'_> {
+    /// Runs the initializer; if it fails, tells the parent why.
+    fn run_init(&mut self, init: &Init) -> Result<(), Stop> {
+        let failed = Header::new(wire::INIT_FAILED, 0, 0, 0).open(&mut self.out);
         let mut io = Io {
             input: &init.arg,
             block: None,
             reuse: false,
             spill: false,
-            out: &mut out,
+            out: &mut self.out,
             spilled: None,
             shared: SharedIo::default(),
         };
@@ -150,112 +291,112 @@ pub(crate) fn serve(
         // this same executable on an MPI rank.
         let st = unsafe { init.f.call(&mut io) };
         flush_stdio();
-        if st != status::OK {
-            wire::finish(&mut out, at, st);
-            let _ = sys::send_all(fd, &out);
-            return Err(Stop::InitFailed);
+        if st == status::OK {
+            self.out.clear();
+            return Ok(());
         }
-        out.clear();
+        failed.close(&mut self.out, st);
+        let _ = sys::send_all(self.fd, &self.out);
+        Err(Stop::InitFailed)
     }
-    let active = match sandbox.map(|apply| apply()) {
-        None => None,
-        Some(Ok(a)) => Some(a),
-        Some(Err(msg)) => {
-            let at = Header::new(wire::SANDBOX_FAILED, 0, 0, 0).begin(&mut out);
-            let _ = crate::proto::codec::encode_into(&msg, &mut out);
-            wire::finish(&mut out, at, 0);
-            let _ = sys::send_all(fd, &out);
-            return Err(Stop::InitFailed);
-        }
-    };
-    let at = Header::new(wire::READY, 0, std::process::id() as u64, 0).begin(&mut out);
-    wire::finish(&mut out, at, 0);
-    sys::send_all(fd, &out).map_err(|_| Stop::Gone)?;
-    out.clear();
 
-    let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
-    let mut fds: VecDeque<OwnedFd> = VecDeque::new();
-    let mut pos = 0usize;
-    // The soft time limit of the next task, from a SOFT_LIMIT frame: the
-    // task's sequence number and the limit in ns.
-    let mut soft: Option<(u64, u64)> = None;
-    // The limit on this worker's memory growth, from the CONFIG frame.
-    let mut memory: Option<MemoryLimit> = None;
-    loop {
-        while let Some((h, total)) = wire::complete(&inbuf[pos..]) {
-            let body = &inbuf[pos + HDR..pos + total];
-            pos += total;
-            if h.kind == wire::CONFIG {
-                memory = configure(&h);
-                continue;
+    /// Applies the sandbox; if it cannot be, tells the parent why.
+    fn apply_sandbox(
+        &mut self,
+        apply: &dyn Fn() -> Result<Active, String>,
+    ) -> Result<Active, Stop> {
+        apply().map_err(|msg| {
+            Header::new(wire::SANDBOX_FAILED, 0, 0, 0).push_message(&mut self.out, 0, &msg);
+            let _ = sys::send_all(self.fd, &self.out);
+            Stop::InitFailed
+        })
+    }
+
+    /// Tells the parent that this worker serves tasks (`a`: its pid).
+    fn say_ready(&mut self) -> Result<(), Stop> {
+        Header::new(wire::READY, 0, std::process::id() as u64, 0).push(&mut self.out);
+        self.flush()
+    }
+
+    /// Handles one frame from the parent, whose bytes are in `buf`.
+    fn handle(
+        &mut self,
+        frame: &Frame,
+        buf: &[u8],
+        fds: &mut VecDeque<OwnedFd>,
+    ) -> Result<Next, Stop> {
+        let h = &frame.header;
+        match h.kind {
+            wire::CONFIG => self.memory = configure(h),
+            wire::SOFT_LIMIT => self.soft = Some((h.seq, h.a)),
+            wire::TASK => return self.run_task(h, Input::take(frame, buf, fds)),
+            _ => {}
+        }
+        Ok(Next::Serve)
+    }
+
+    /// Runs the task of header `h` and writes its result.
+    fn run_task(&mut self, h: &Header, input: Input<'_>) -> Result<Next, Stop> {
+        self.start(h.seq);
+        let t0 = Instant::now();
+        let mut done = Header::new(wire::DONE, h.seq, 0, 0).open(&mut self.out);
+        let ran = self.execute(h, input, &done);
+        if self.over_open_files(&done, ran.status) {
+            self.status
+                .died_of
+                .store(crate::sandbox::cause::OPEN_FILES, Ordering::SeqCst);
+            return Err(Stop::Limit);
+        }
+        // The run time, for the parent's dispatch (header field `b`).
+        done.header.b = (Instant::now() - t0).as_nanos().min(u64::MAX as u128) as u64;
+        self.send_result(done, ran)?;
+        self.status.finished.store(h.seq, Ordering::SeqCst);
+        self.retire_if_grown(h.seq)
+    }
+
+    /// Marks task `seq` as started: its soft deadline, and the words from
+    /// which the parent learns which task a dead worker was running.
+    fn start(&mut self, seq: u64) {
+        let start_ns = sys::monotonic_ns();
+        crate::deadline::begin_task(start_ns, soft_limit_for(self.soft.take(), seq));
+        self.status.start_ns.store(start_ns, Ordering::SeqCst);
+        self.status.started.store(seq, Ordering::SeqCst);
+    }
+
+    /// Runs the task of header `h` on `input`; its output (or why it
+    /// failed) goes in the body of `done`, at the end of `self.out`.
+    fn execute(&mut self, h: &Header, mut input: Input<'_>, done: &wire::Open) -> Ran {
+        let checked = self.check_input(h.seq, &mut input);
+        let mode = if h.status & wire::INLINE_SHARED != 0 {
+            Mode::Inline
+        } else {
+            Mode::Fds
+        };
+        let mut io = Io {
+            input: input.body,
+            block: None,
+            // A sandboxed worker never writes into the parent's block
+            // (which it gets sealed, read-only).
+            reuse: h.status & wire::KEEP_INPUT == 0 && self.active.is_none(),
+            spill: true,
+            out: &mut self.out,
+            spilled: None,
+            shared: SharedIo {
+                mode,
+                supply: Supply::from_fds(input.shared),
+                out: Vec::new(),
+            },
+        };
+        let mut st = match checked {
+            Err((st, msg)) => {
+                let _ = codec::encode_into(&*msg, io.out);
+                st
             }
-            if h.kind == wire::SOFT_LIMIT {
-                soft = Some((h.seq, h.a));
-                continue;
-            }
-            if h.kind != wire::TASK {
-                continue;
-            }
-            // A count of SharedBuf fds may lead the body (see wire.rs).
-            let (nshared, body) = wire::shared_prefix(h.status, body).unwrap_or((0, &[]));
-            let start_ns = sys::monotonic_ns();
-            let limit = soft.take().filter(|&(seq, _)| seq == h.seq);
-            crate::deadline::begin_task(start_ns, limit.map(|(_, ns)| ns));
-            status.start_ns.store(start_ns, Ordering::SeqCst);
-            status.started.store(h.seq, Ordering::SeqCst);
-            let t0 = Instant::now();
-            let at = Header::new(wire::DONE, h.seq, 0, 0).begin(&mut out);
-            // The fds of an input block and of SharedBufs are taken whatever
-            // happens next, so that the next frame's fds stay paired with
-            // their frame.
-            let block_fd = (h.status & wire::IN_BLOCK != 0).then(|| fds.pop_front());
-            let shared_fds: Vec<OwnedFd> = fds.drain(..nshared.min(fds.len())).collect();
-            let shared_missing = shared_fds.len() < nshared;
-            let mode = if h.status & wire::INLINE_SHARED != 0 {
-                Mode::Inline
-            } else {
-                Mode::Fds
-            };
-            let mut io = Io {
-                input: body,
-                block: None,
-                // A sandboxed worker never writes into the parent's block
-                // (which it gets sealed, read-only).
-                reuse: h.status & wire::KEEP_INPUT == 0 && active.is_none(),
-                spill: true,
-                out: &mut out,
-                spilled: None,
-                shared: SharedIo {
-                    mode,
-                    supply: Supply::from_fds(shared_fds),
-                    out: Vec::new(),
-                },
-            };
-            let mut st = status::OK;
-            // Cancelled before it started: skip it. (The parent writes
-            // `skip` before it reads `started`, this process the other way
-            // round: one of the two sees the other's write, so a task is
-            // either skipped here or killed there once it runs.)
-            if status.skip.load(Ordering::SeqCst) == h.seq {
-                let _ = crate::proto::codec::encode_into("cancelled", io.out);
-                st = status::CANCELLED;
-            } else if shared_missing {
-                let msg = "a task's SharedBufs did not arrive";
-                let _ = crate::proto::codec::encode_into(msg, io.out);
-                st = status::DECODE;
-            } else if let Some(fd) = block_fd {
-                match in_block(body, fd) {
-                    Ok(b) => {
-                        io.input = &[];
-                        io.block = Some(b);
-                    }
-                    Err(msg) => {
-                        let _ = crate::proto::codec::encode_into(&msg, io.out);
-                        st = status::DECODE;
-                    }
+            Ok(block) => {
+                if block.is_some() {
+                    io.input = &[];
+                    io.block = block;
                 }
-            }
-            if st == status::OK {
                 let f = TaskFn {
                     tramp: h.a,
                     func: h.b,
@@ -264,134 +405,189 @@ pub(crate) fn serve(
                 // which encodes TaskFn::single/chunk values of this same
                 // binary (a fork of it, or, for MPI, an exec of the same
                 // executable, checked by hash at start-up).
-                st = unsafe { f.call(&mut io) };
+                let st = unsafe { f.call(&mut io) };
                 flush_stdio();
+                st
             }
-            crate::deadline::end_task();
-            if !io.shared.out.is_empty()
-                && io.shared.out.len() > crate::proto::shared_buf::max_per_task()
-            {
-                // More buffers than one message may bring the parent.
-                let msg = crate::proto::shared_buf::too_many_message(io.shared.out.len(), "result");
-                io.shared.out.clear();
-                io.spilled = None;
-                io.out.truncate(at + HDR);
-                let _ = crate::proto::codec::encode_into(&msg, io.out);
-                st = status::ENCODE;
-            }
-            let spilled = io.spilled.take();
-            // The result's SharedBufs: given up by the task's values (the
-            // encoder took them out), sent with the result, then unmapped.
-            let shared = std::mem::take(&mut io.shared.out);
-            let shared_fds: Vec<i32> = shared.iter().map(|r| r.raw_fd()).collect();
-            drop(io);
-            if let Some(a) = &active {
-                let panicked = (st == status::PANIC)
-                    .then(|| crate::proto::task::take_message(&out[at + HDR..]));
-                if a.over_open_files(panicked.as_deref()) {
-                    status
-                        .died_of
-                        .store(crate::sandbox::cause::OPEN_FILES, Ordering::SeqCst);
-                    return Err(Stop::Limit);
-                }
-            }
-            let now = Instant::now();
-            let took = (now - t0).as_nanos().min(u64::MAX as u128) as u64;
-            match spilled {
-                None => {
-                    let mut flags = 0;
-                    if !shared_fds.is_empty() {
-                        let n = shared_fds.len() as u32;
-                        out.splice(at + HDR..at + HDR, n.to_le_bytes());
-                        flags = wire::SHARED_FDS;
-                    }
-                    wire::finish(&mut out, at, st | flags);
-                    // The run time, for the parent's dispatch (header field `b`).
-                    out[at + 26..at + 34].copy_from_slice(&took.to_le_bytes());
-                    if !shared_fds.is_empty() {
-                        let frame = out.split_off(at);
-                        flush(fd, &mut out)?;
-                        send_frame(fd, &frame, &shared_fds).map_err(|_| Stop::Gone)?;
-                    }
-                }
-                Some((mut block, len, same)) => {
-                    if active.is_some() {
-                        // Sealed before the parent maps it, so that no task can
-                        // change or truncate it under the parent.
-                        block.seal().map_err(|_| Stop::Gone)?;
-                    }
-                    // The frame is a header and the output's length; a new
-                    // block's fd goes with it.
-                    out.truncate(at);
-                    let tag = if same {
-                        wire::OUT_SAME_BLOCK
-                    } else {
-                        wire::OUT_NEW_BLOCK
-                    };
-                    let mut h = Header::new(wire::DONE, h.seq, tag, took);
-                    h.len = 8;
-                    let mut frame = Vec::with_capacity(HDR + 12);
-                    let mut fds = Vec::with_capacity(1 + shared_fds.len());
-                    if !same {
-                        fds.push(block.raw_fd());
-                    }
-                    if !shared_fds.is_empty() {
-                        h.len += 4;
-                        h.status |= wire::SHARED_FDS;
-                        fds.extend_from_slice(&shared_fds);
-                    }
-                    h.begin(&mut frame);
-                    if !shared_fds.is_empty() {
-                        frame.extend_from_slice(&(shared_fds.len() as u32).to_le_bytes());
-                    }
-                    frame.extend_from_slice(&(len as u64).to_le_bytes());
-                    flush(fd, &mut out)?;
-                    send_frame(fd, &frame, &fds).map_err(|_| Stop::Gone)?;
-                    drop(block);
-                }
-            }
-            // Out before the next task starts (see the module comment).
-            flush(fd, &mut out)?;
-            drop(shared);
-            status.finished.store(h.seq, Ordering::SeqCst);
-            if let Some(grown) = memory.as_ref().and_then(MemoryLimit::exceeded) {
-                // Its result is out; the tasks after it were not started
-                // and run elsewhere. Say why, and exit.
-                let at = Header::new(wire::RETIRING, h.seq, grown, 0).begin(&mut out);
-                wire::finish(&mut out, at, 0);
-                flush(fd, &mut out)?;
-                return Ok(());
-            }
-        }
-        // Keep the partial frame, if any, at the front of the buffer.
-        inbuf.drain(..pos);
-        pos = 0;
-        if inbuf.is_empty() && inbuf.capacity() > KEEP_CAPACITY {
-            inbuf = Vec::with_capacity(READ_CHUNK);
-        }
-        let need = wire::missing(&inbuf);
-        let want = if need > 0 {
-            usize::try_from(need).unwrap_or(usize::MAX)
-        } else {
-            READ_CHUNK
         };
+        crate::deadline::end_task();
+        let n = io.shared.out.len();
+        if n != 0 && n > shared_buf::max_per_task() {
+            // More buffers than one message may bring the parent.
+            io.shared.out.clear();
+            io.spilled = None;
+            done.clear_body(io.out);
+            let _ = codec::encode_into(&shared_buf::too_many_message(n, "result"), io.out);
+            st = status::ENCODE;
+        }
+        Ran {
+            status: st,
+            spilled: io.spilled.take(),
+            shared: std::mem::take(&mut io.shared.out),
+        }
+    }
+
+    /// The input's block, if the input came in one; or why the task does
+    /// not run: the status and message of its result.
+    fn check_input(
+        &self,
+        seq: u64,
+        input: &mut Input<'_>,
+    ) -> Result<Option<(Block, usize)>, Refused> {
+        // Cancelled before it started: skip it. (The parent writes `skip`
+        // before it reads `started`, this process the other way round: one
+        // of the two sees the other's write, so a task is either skipped
+        // here or killed there once it runs.)
+        if self.status.skip.load(Ordering::SeqCst) == seq {
+            return Err((status::CANCELLED, "cancelled".into()));
+        }
+        if input.shared_missing {
+            return Err((status::DECODE, "a task's SharedBufs did not arrive".into()));
+        }
+        match input.block_fd.take() {
+            None => Ok(None),
+            Some(fd) => in_block(input.body, fd)
+                .map(Some)
+                .map_err(|msg| (status::DECODE, msg.into())),
+        }
+    }
+
+    /// Whether the task that just ran went past the sandbox's cap on open
+    /// files (then the worker ends without its result).
+    fn over_open_files(&self, done: &wire::Open, st: u8) -> bool {
+        let Some(active) = &self.active else {
+            return false;
+        };
+        let panicked = (st == status::PANIC).then(|| task::take_message(done.body(&self.out)));
+        active.over_open_files(panicked.as_deref())
+    }
+
+    /// Writes the DONE frame `done` of a task that `ran`, with the fds that
+    /// go with it: out before the next task starts (see the module
+    /// comment).
+    fn send_result(&mut self, mut done: wire::Open, mut ran: Ran) -> Result<(), Stop> {
+        let mut fds: Vec<RawFd> = Vec::new();
+        if let Some((block, len, same)) = &mut ran.spilled {
+            // Only a task that succeeded leaves its output in a block.
+            debug_assert_eq!(ran.status, status::OK);
+            if self.active.is_some() {
+                // Sealed before the parent maps it, so that no task can
+                // change or truncate it under the parent.
+                block.seal().map_err(|_| Stop::Gone)?;
+            }
+            // The body is the output's length; a new block's fd goes with
+            // the frame.
+            done.clear_body(&mut self.out);
+            self.out.extend_from_slice(&(*len as u64).to_le_bytes());
+            done.header.a = if *same {
+                wire::OUT_SAME_BLOCK
+            } else {
+                fds.push(block.raw_fd());
+                wire::OUT_NEW_BLOCK
+            };
+        }
+        // The SharedBufs' fds come after the block's.
+        fds.extend(ran.shared.iter().map(Region::raw_fd));
+        done.prefix_shared(&mut self.out, ran.shared.len());
+        let at = done.at();
+        done.close(&mut self.out, ran.status);
+        // The block and the SharedBufs are dropped (unmapped) once sent.
+        self.send_out(at, &fds)
+    }
+
+    /// After task `seq`'s result is out: if this worker's memory grew past
+    /// its limit, says why it exits and retires. The tasks after it were
+    /// not started and run elsewhere.
+    fn retire_if_grown(&mut self, seq: u64) -> Result<Next, Stop> {
+        let Some(grown) = self.memory.as_ref().and_then(MemoryLimit::exceeded) else {
+            return Ok(Next::Serve);
+        };
+        Header::new(wire::RETIRING, seq, grown, 0).push(&mut self.out);
+        self.flush()?;
+        Ok(Next::Retire)
+    }
+
+    /// Waits for the parent's next bytes, once the frames handled are
+    /// dropped, and appends them to `inbox`. `Ok(false)`: the parent closed
+    /// the socket.
+    fn receive(&mut self, inbox: &mut Inbox) -> Result<bool, Stop> {
+        inbox.compact();
+        let need = inbox.reader.missing(&inbox.buf);
+        let want = wire::read_size(need, READ_CHUNK);
         // Wait a moment for the next task without sleeping: it often comes
         // within microseconds, and waking from sleep costs more.
+        let fd = self.fd;
         let _ = crate::proto::idle::spin_until(|| sys::readable_now(fd));
-        match sys::recv_append(fd, &mut inbuf, want, &mut fds) {
-            Ok(0) => return Ok(()),
-            Ok(_) => {}
+        match sys::recv_append(fd, &mut inbox.buf, want, &mut inbox.fds) {
+            Ok(0) => Ok(false),
+            Ok(_) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::OutOfMemory => {
                 // A frame larger than this worker can hold: answer it with an
                 // error and skip its bytes.
                 // The fds that came so far are this frame's (the frames
                 // before it took theirs): they go with it.
-                fds.clear();
-                skip_oversized(fd, &mut inbuf, &mut out, need)?;
+                inbox.fds.clear();
+                self.skip_oversized(&mut inbox.buf, need)?;
+                Ok(true)
             }
-            Err(_) => return Err(Stop::Gone),
+            Err(_) => Err(Stop::Gone),
         }
     }
+
+    /// Answers the frame at the start of `inbuf`, too large to hold, with
+    /// an error, and skips the `need` bytes of it still in the socket.
+    fn skip_oversized(&mut self, inbuf: &mut Vec<u8>, need: u64) -> Result<(), Stop> {
+        let Some(h) = Header::parse(inbuf) else {
+            return Err(Stop::Gone);
+        };
+        inbuf.clear();
+        let mut left = need;
+        let mut scratch = vec![0u8; READ_CHUNK];
+        while left > 0 {
+            let want = (left as usize).min(scratch.len());
+            match sys::read(self.fd, &mut scratch[..want]) {
+                Ok(0) | Err(_) => return Err(Stop::Gone),
+                Ok(n) => left -= n as u64,
+            }
+        }
+        let msg = format!(
+            "a task of {} bytes is larger than the worker can hold",
+            h.len
+        );
+        Header::new(wire::DONE, h.seq, 0, 0).push_message(&mut self.out, status::DECODE, &msg);
+        self.flush()
+    }
+
+    /// Writes every frame in `self.out`.
+    fn flush(&mut self) -> Result<(), Stop> {
+        self.send_out(0, &[])
+    }
+
+    /// Writes every frame in `self.out`, `fds` attached to the frame that
+    /// starts at `at` (none if empty). An error means the parent is gone.
+    fn send_out(&mut self, at: usize, fds: &[RawFd]) -> Result<(), Stop> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let sent = if fds.is_empty() {
+            sys::send_all(self.fd, &self.out)
+        } else {
+            let (before, frame) = self.out.split_at(at);
+            sys::send_all(self.fd, before).and_then(|()| send_frame(self.fd, frame, fds))
+        };
+        sent.map_err(|_| Stop::Gone)?;
+        self.out.clear();
+        if self.out.capacity() > KEEP_CAPACITY {
+            self.out = Vec::with_capacity(OUT_CAPACITY);
+        }
+        Ok(())
+    }
+}
+
+/// The soft time limit (ns) of task `seq`, from the last SOFT_LIMIT frame
+/// (`soft`: its task and limit): a limit applies to its own task only.
+fn soft_limit_for(soft: Option<(u64, u64)>, seq: u64) -> Option<u64> {
+    soft.filter(|&(s, _)| s == seq).map(|(_, ns)| ns)
 }
 
 /// Applies the parent's CONFIG frame; returns the memory limit it sets.
@@ -419,12 +615,18 @@ impl MemoryLimit {
 
     /// The growth, if it is past the limit.
     fn exceeded(&self) -> Option<u64> {
-        let now = sys::private_memory().ok()?;
+        self.grown_past(sys::private_memory().ok()?)
+    }
+
+    /// The growth to `now` bytes, if it is past the limit.
+    fn grown_past(&self, now: u64) -> Option<u64> {
         let grown = now.saturating_sub(self.baseline);
         (grown > self.limit).then_some(grown)
     }
 }
 
+/// Maps the block (whose fd is `fd`) that holds a task's input; `body` is
+/// the frame's: the input's length.
 fn in_block(body: &[u8], fd: Option<OwnedFd>) -> Result<(Block, usize), String> {
     let fd = fd.ok_or("a task's block did not arrive")?;
     let len = body
@@ -461,39 +663,326 @@ fn send_frame(fd: i32, frame: &[u8], fds: &[i32]) -> std::io::Result<()> {
     sys::send_all(fd, &frame[pos..])
 }
 
-fn flush(fd: i32, out: &mut Vec<u8>) -> Result<(), Stop> {
-    if out.is_empty() {
-        return Ok(());
-    }
-    // An error means the parent is gone.
-    sys::send_all(fd, out).map_err(|_| Stop::Gone)?;
-    out.clear();
-    if out.capacity() > KEEP_CAPACITY {
-        *out = Vec::with_capacity(64 << 10);
-    }
-    Ok(())
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::wire::{DONE, READY, Reader, TASK};
+    use std::sync::Arc;
+    use std::time::Duration;
 
-fn skip_oversized(fd: i32, inbuf: &mut Vec<u8>, out: &mut Vec<u8>, need: u64) -> Result<(), Stop> {
-    let Some(h) = Header::parse(inbuf) else {
-        return Err(Stop::Gone);
-    };
-    let mut left = need;
-    inbuf.clear();
-    let mut scratch = vec![0u8; READ_CHUNK];
-    while left > 0 {
-        let want = (left as usize).min(scratch.len());
-        match sys::read(fd, &mut scratch[..want]) {
-            Ok(0) | Err(_) => return Err(Stop::Gone),
-            Ok(n) => left -= n as u64,
+    fn double(x: u64) -> u64 {
+        x * 2
+    }
+
+    fn big(n: u64) -> Vec<u8> {
+        vec![7; n as usize]
+    }
+
+    fn shared(n: u64) -> crate::proto::shared_buf::SharedBuf {
+        crate::proto::shared_buf::SharedBuf::from_slice(&[n as u8; 10]).unwrap()
+    }
+
+    fn soft_left(_: ()) -> bool {
+        crate::deadline::time_left().is_some()
+    }
+
+    /// One served loop at a time: a task's soft deadline is a word of the
+    /// whole process, which each task's end clears.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// A worker loop on a thread of this process (as on an MPI rank), and
+    /// the parent's end of its socket.
+    struct Served {
+        _serial: std::sync::MutexGuard<'static, ()>,
+        sock: OwnedFd,
+        words: Arc<crate::proto::status::SharedWords>,
+        thread: std::thread::JoinHandle<Result<(), Stop>>,
+        buf: Vec<u8>,
+        fds: VecDeque<OwnedFd>,
+        reader: Reader,
+    }
+
+    impl Served {
+        /// Starts the loop and reads its READY frame.
+        fn start() -> Served {
+            let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+            let (sock, theirs) = sys::stream_pair().unwrap();
+            let words = Arc::new(
+                crate::proto::status::SharedWords::new(crate::proto::status::STATUS_WORDS).unwrap(),
+            );
+            let w = words.clone();
+            let thread = std::thread::spawn(move || serve(theirs, w.status(0), None, None));
+            let mut s = Served {
+                _serial: serial,
+                sock,
+                words,
+                thread,
+                buf: Vec::new(),
+                fds: VecDeque::new(),
+                reader: Reader::default(),
+            };
+            let (ready, _) = s.frame();
+            assert_eq!((ready.kind, ready.a), (READY, std::process::id() as u64));
+            s
+        }
+
+        /// Sends task `seq` of `f` with `flags` and `body`.
+        fn task(&self, f: TaskFn, seq: u64, flags: u8, body: &[u8]) {
+            let mut h = Header::new(TASK, seq, f.tramp, f.func);
+            h.status = flags;
+            self.send(h, body);
+        }
+
+        fn send(&self, h: Header, body: &[u8]) {
+            let mut out = Vec::new();
+            let frame = h.open(&mut out);
+            out.extend_from_slice(body);
+            frame.close(&mut out, 0);
+            sys::send_all(self.sock.as_raw_fd(), &out).unwrap();
+        }
+
+        /// The worker's next frame: its header and body.
+        fn frame(&mut self) -> (Header, Vec<u8>) {
+            let fd = self.sock.as_raw_fd();
+            loop {
+                if let Some(f) = self.reader.next(&self.buf) {
+                    return (f.header, f.body(&self.buf).to_vec());
+                }
+                // A guard against a hang, not a measure of time.
+                let t0 = Instant::now();
+                while !sys::readable_now(fd) {
+                    assert!(t0.elapsed() < Duration::from_secs(30), "no frame came");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let want = wire::read_size(self.reader.missing(&self.buf), 4096);
+                let n = sys::recv_append(fd, &mut self.buf, want, &mut self.fds).unwrap();
+                assert!(n > 0, "the worker closed its socket");
+            }
+        }
+
+        /// Closes the parent's end: the loop ends.
+        fn close(self) -> Result<(), Stop> {
+            let Served { sock, thread, .. } = self;
+            drop(sock);
+            thread.join().unwrap()
         }
     }
-    let at = Header::new(wire::DONE, h.seq, 0, 0).begin(out);
-    let msg = format!(
-        "a task of {} bytes is larger than the worker can hold",
-        h.len
-    );
-    let _ = crate::proto::codec::encode_into(&msg, out);
-    wire::finish(out, at, status::DECODE);
-    flush(fd, out)
+
+    fn encoded<T: serde::Serialize>(v: &T) -> Vec<u8> {
+        let mut out = Vec::new();
+        codec::encode_into(v, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_task_frame_is_answered_with_its_result() {
+        let mut s = Served::start();
+        s.task(TaskFn::single(double), 1, 0, &encoded(&21u64));
+        let (h, body) = s.frame();
+        assert_eq!((h.kind, h.seq, h.status, h.a), (DONE, 1, status::OK, 0));
+        assert_eq!(task::decode_outcome::<u64>(h.status, &body).unwrap(), 42);
+        let st = s.words.status(0);
+        assert_eq!(st.started.load(Ordering::SeqCst), 1);
+        assert_eq!(st.finished.load(Ordering::SeqCst), 1);
+        assert!(s.fds.is_empty());
+        assert_eq!(s.close(), Ok(()));
+    }
+
+    #[test]
+    fn refused_tasks_are_answered_with_why() {
+        let mut s = Served::start();
+        let f = TaskFn::single(double);
+        let arg = encoded(&1u64);
+        s.words.status(0).skip.store(1, Ordering::SeqCst);
+        s.task(f, 1, 0, &arg);
+        // Its block's fd did not come with it.
+        s.task(f, 2, wire::IN_BLOCK, &8u64.to_le_bytes());
+        // Nor did its SharedBuf's.
+        let mut counted = 1u32.to_le_bytes().to_vec();
+        counted.extend_from_slice(&arg);
+        s.task(f, 3, wire::SHARED_FDS, &counted);
+        // A frame too short for its input's length.
+        s.task(f, 4, 0, &[]);
+        let answers: Vec<(u8, String)> = (1..=4)
+            .map(|seq| {
+                let (h, body) = s.frame();
+                assert_eq!((h.kind, h.seq), (DONE, seq));
+                (h.status, task::take_message(&body))
+            })
+            .collect();
+        assert_eq!(answers[0], (status::CANCELLED, "cancelled".into()));
+        assert_eq!(
+            answers[1],
+            (status::DECODE, "a task's block did not arrive".into())
+        );
+        assert_eq!(
+            answers[2],
+            (status::DECODE, "a task's SharedBufs did not arrive".into())
+        );
+        assert_eq!(answers[3].0, status::DECODE);
+        assert_eq!(s.close(), Ok(()));
+    }
+
+    #[test]
+    fn a_large_result_comes_in_a_new_block_and_shared_bufs_by_fd() {
+        let mut s = Served::start();
+        let n = 2 * crate::proto::shm::SPILL_AT as u64;
+        s.task(TaskFn::single(big), 1, 0, &encoded(&n));
+        s.task(TaskFn::single(shared), 2, 0, &encoded(&5u64));
+        let (h, body) = s.frame();
+        assert_eq!(
+            (h.seq, h.status, h.a, body.len()),
+            (1, 0, wire::OUT_NEW_BLOCK, 8)
+        );
+        let len = u64::from_le_bytes(body[..8].try_into().unwrap()) as usize;
+        let block = Block::from_fd(s.fds.pop_front().expect("the block's fd")).unwrap();
+        let (v, _) = codec::decode_untrusted::<Vec<u8>>(block.bytes(len)).unwrap();
+        assert_eq!(v, vec![7; n as usize]);
+        let (h, body) = s.frame();
+        assert_eq!((h.seq, h.status), (2, wire::SHARED_FDS));
+        assert_eq!(wire::shared_prefix(h.status, &body).unwrap().0, 1);
+        assert_eq!(s.fds.len(), 1);
+        assert_eq!(s.close(), Ok(()));
+    }
+
+    #[test]
+    fn a_soft_limit_applies_to_its_own_task_only() {
+        let mut s = Served::start();
+        let f = TaskFn::single(soft_left);
+        let unit = encoded(&());
+        s.send(Header::new(wire::SOFT_LIMIT, 1, 60_000_000_000, 0), &[]);
+        s.task(f, 1, 0, &unit);
+        // A limit sent for task 3 does not apply to task 2.
+        s.send(Header::new(wire::SOFT_LIMIT, 3, 60_000_000_000, 0), &[]);
+        s.task(f, 2, 0, &unit);
+        for (seq, limited) in [(1, true), (2, false)] {
+            let (h, body) = s.frame();
+            assert_eq!(h.seq, seq);
+            assert_eq!(
+                task::decode_outcome::<bool>(h.status, &body).unwrap(),
+                limited
+            );
+        }
+        assert_eq!(s.close(), Ok(()));
+    }
+
+    #[test]
+    fn a_soft_limit_is_for_the_task_it_names() {
+        assert_eq!(soft_limit_for(Some((3, 50)), 3), Some(50));
+        assert_eq!(soft_limit_for(Some((2, 50)), 3), None);
+        assert_eq!(soft_limit_for(None, 3), None);
+    }
+
+    #[test]
+    fn memory_counts_as_grown_past_the_limit_only() {
+        let m = MemoryLimit {
+            limit: 100,
+            baseline: 1000,
+        };
+        assert_eq!(m.grown_past(1100), None);
+        assert_eq!(m.grown_past(1101), Some(101));
+        assert_eq!(m.grown_past(10), None);
+        assert!(MemoryLimit::new(0).is_none());
+    }
+
+    #[test]
+    fn each_stop_has_its_exit_status() {
+        assert_eq!(exit_code(Ok(())), 0);
+        assert_eq!(exit_code(Err(Stop::Gone)), 0);
+        assert_eq!(exit_code(Err(Stop::InitFailed)), 1);
+        assert_eq!(exit_code(Err(Stop::Limit)), 3);
+    }
+
+    fn dev_null() -> OwnedFd {
+        std::fs::File::open("/dev/null").unwrap().into()
+    }
+
+    /// A frame with `status` and `body`, as the worker's reader sees it.
+    fn parsed(status: u8, body: &[u8]) -> (Frame, Vec<u8>) {
+        let mut h = Header::new(TASK, 1, 0, 0);
+        h.status = status;
+        let mut buf = Vec::new();
+        let f = h.open(&mut buf);
+        buf.extend_from_slice(body);
+        f.close(&mut buf, 0);
+        (Reader::default().next(&buf).unwrap(), buf)
+    }
+
+    #[test]
+    fn a_task_takes_its_own_fds_and_leaves_the_next_frames() {
+        let mut body = 2u32.to_le_bytes().to_vec();
+        body.extend_from_slice(&8u64.to_le_bytes());
+        let (frame, buf) = parsed(wire::IN_BLOCK | wire::SHARED_FDS, &body);
+        let mut fds: VecDeque<OwnedFd> = (0..4).map(|_| dev_null()).collect();
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let input = Input::take(&frame, &buf, &mut fds);
+        assert_eq!(input.body, &8u64.to_le_bytes());
+        let block = input.block_fd.flatten().map(|f| f.as_raw_fd());
+        assert_eq!(block, Some(raw[0]));
+        let shared: Vec<RawFd> = input.shared.iter().map(|f| f.as_raw_fd()).collect();
+        assert_eq!(shared, raw[1..3]);
+        assert!(!input.shared_missing);
+        assert_eq!(fds.len(), 1);
+        assert_eq!(fds[0].as_raw_fd(), raw[3]);
+    }
+
+    #[test]
+    fn a_task_short_of_fds_says_so() {
+        let (frame, buf) = parsed(wire::IN_BLOCK | wire::SHARED_FDS, &3u32.to_le_bytes());
+        let mut fds: VecDeque<OwnedFd> = (0..2).map(|_| dev_null()).collect();
+        let input = Input::take(&frame, &buf, &mut fds);
+        assert!(matches!(input.block_fd, Some(Some(_))));
+        assert_eq!(input.shared.len(), 1);
+        assert!(input.shared_missing);
+        assert!(fds.is_empty());
+        // Without flags a task takes no fd; a count cut short is no count.
+        for (status, body) in [(0, &b"abc"[..]), (wire::SHARED_FDS, &[1, 0][..])] {
+            let (frame, buf) = parsed(status, body);
+            let mut fds: VecDeque<OwnedFd> = (0..2).map(|_| dev_null()).collect();
+            let input = Input::take(&frame, &buf, &mut fds);
+            assert!(input.block_fd.is_none() && input.shared.is_empty());
+            assert_eq!(input.body.len(), if status == 0 { 3 } else { 0 });
+            assert_eq!(fds.len(), 2);
+        }
+    }
+
+    #[test]
+    fn an_input_block_must_come_whole() {
+        let err = |r: Result<(Block, usize), String>| r.err().unwrap();
+        assert_eq!(
+            err(in_block(&8u64.to_le_bytes(), None)),
+            "a task's block did not arrive"
+        );
+        assert_eq!(
+            err(in_block(&[1, 2], Some(dev_null()))),
+            "a task's block length is missing"
+        );
+        let fd = sys::memfd().unwrap();
+        sys::set_len(&fd, 4096).unwrap();
+        assert_eq!(
+            err(in_block(&(1u64 << 20).to_le_bytes(), Some(fd))),
+            "a task's block is shorter than its input"
+        );
+        let fd = sys::memfd().unwrap();
+        sys::set_len(&fd, 4096).unwrap();
+        let (b, len) = in_block(&100u64.to_le_bytes(), Some(fd)).unwrap();
+        assert_eq!((b.capacity() >= 100, len), (true, 100));
+    }
+
+    #[test]
+    fn fds_go_on_the_frames_first_bytes() {
+        let (a, b) = sys::stream_pair().unwrap();
+        let frame: Vec<u8> = (0..40).collect();
+        let files = [dev_null(), dev_null()];
+        let raw: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+        send_frame(a.as_raw_fd(), &frame, &raw).unwrap();
+        let (mut got, mut fds) = (Vec::new(), VecDeque::new());
+        while got.len() < frame.len() {
+            sys::recv_append(b.as_raw_fd(), &mut got, 64, &mut fds).unwrap();
+        }
+        assert_eq!((got, fds.len()), (frame, 2));
+        // One group of fds per byte: a 1-byte frame has room for one.
+        let many = vec![raw[0]; sys::MAX_FDS_PER_MSG + 1];
+        assert!(send_frame(a.as_raw_fd(), &[0], &many).is_err());
+    }
 }

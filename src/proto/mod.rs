@@ -1,7 +1,8 @@
 //! What the parent and its workers share: the wire framing, the codec,
 //! task offsets and outcomes, the panic report, the status words,
-//! shared-memory blocks and `SharedBuf`s; and how a thread out of work
-//! waits for more (the idle policy both sides follow).
+//! shared-memory blocks and `SharedBuf`s; the one buffered connection that
+//! every side reads and writes frames through; and how a thread out of
+//! work waits for more (the idle policy both sides follow).
 
 pub(crate) mod codec;
 pub(crate) mod conn;

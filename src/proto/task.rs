@@ -473,3 +473,144 @@ pub(crate) fn status_error(st: u8, message: String) -> crate::Error {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn double(x: u64) -> u64 {
+        x * 2
+    }
+
+    fn fails(x: u64) -> u64 {
+        assert!(x < 10, "too big: {x}");
+        x
+    }
+
+    fn encoded<T: Serialize>(v: &T) -> Vec<u8> {
+        let mut out = Vec::new();
+        codec::encode_into(v, &mut out).unwrap();
+        out
+    }
+
+    /// Runs `f` on `input` here, as a worker does; its status and output.
+    fn run(f: TaskFn, input: &[u8]) -> (u8, Vec<u8>) {
+        let mut out = Vec::new();
+        let mut io = Io {
+            input,
+            block: None,
+            reuse: false,
+            spill: false,
+            out: &mut out,
+            spilled: None,
+            shared: SharedIo::default(),
+        };
+        // SAFETY: made by TaskFn::single/chunk in this very process.
+        let st = unsafe { f.call(&mut io) };
+        (st, out)
+    }
+
+    #[test]
+    fn an_offset_stands_for_the_same_address() {
+        let f = double as fn(u64) -> u64 as usize;
+        assert_eq!(addr_of(to_offset(f)), f);
+        assert_eq!(addr_of(0), anchor_addr());
+    }
+
+    #[test]
+    fn a_task_runs_from_its_offsets() {
+        let (st, out) = run(TaskFn::single(double), &encoded(&21u64));
+        assert_eq!(decode_outcome::<u64>(st, &out).unwrap(), 42);
+        // An argument cut short does not decode.
+        let (st, out) = run(TaskFn::single(double), &[]);
+        assert_eq!(st, status::DECODE);
+        assert!(matches!(
+            decode_outcome::<u64>(st, &out),
+            Err(crate::Error::Decode {
+                what: "argument",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_panic_becomes_its_message() {
+        let (st, out) = run(TaskFn::single(fails), &encoded(&12u64));
+        assert_eq!(st, status::PANIC);
+        match outcome_error(st, &out) {
+            crate::Error::TaskPanicked { message, .. } => assert_eq!(message, "too big: 12"),
+            e => panic!("not a panic: {e:?}"),
+        }
+        assert!(init_failure_message(st, &out).starts_with("too big: 12"));
+    }
+
+    #[test]
+    fn a_chunk_carries_each_items_own_outcome() {
+        let mut input = Vec::new();
+        for x in [1u64, 11, 3] {
+            push_item(&mut input, &x).unwrap();
+        }
+        assert_eq!(items(&input).count(), 3);
+        let (st, out) = run(TaskFn::chunk(fails), &input);
+        assert_eq!(st, status::OK);
+        assert!(!chunk_all_ok(&out));
+        let got: Vec<Result<u64, crate::Error>> = decode_chunk(&out).collect();
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0].as_ref().unwrap(), &1);
+        assert!(matches!(got[1], Err(crate::Error::TaskPanicked { .. })));
+        assert_eq!(got[2].as_ref().unwrap(), &3);
+        let (_, out) = run(TaskFn::chunk(double), &input);
+        assert!(chunk_all_ok(&out));
+    }
+
+    #[test]
+    fn an_items_length_past_the_end_is_cut_to_what_is_there() {
+        let mut input = Vec::new();
+        push_item(&mut input, &5u64).unwrap();
+        input[..4].copy_from_slice(&1000u32.to_le_bytes());
+        let all: Vec<&[u8]> = items(&input).collect();
+        assert_eq!(all, [&input[4..]]);
+        // Fewer than 4 bytes: no item.
+        assert_eq!(items(&[1, 0]).count(), 0);
+    }
+
+    #[test]
+    fn each_status_stands_for_its_error() {
+        let e = |st| status_error(st, "why".into());
+        assert!(matches!(e(status::CANCELLED), crate::Error::Cancelled));
+        assert!(matches!(
+            e(status::ENCODE),
+            crate::Error::Encode { what: "result", .. }
+        ));
+        assert!(matches!(
+            e(status::DECODE),
+            crate::Error::Decode {
+                what: "argument",
+                ..
+            }
+        ));
+        assert!(matches!(
+            e(status::PANIC),
+            crate::Error::TaskPanicked { .. }
+        ));
+        match e(77) {
+            crate::Error::Broken { reason } => assert!(reason.contains("unknown status 77")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_panic_payload_is_described_by_its_type() {
+        let msg = |p: Box<dyn Any + Send>| panic_message(&*p);
+        assert_eq!(msg(Box::new("plain")), "plain");
+        assert_eq!(msg(Box::new(String::from("owned"))), "owned");
+        assert_eq!(msg(Box::new(7i32)), "a panic with a i32 payload: 7");
+        assert!(msg(Box::new(vec![1u8])).contains("neither a string nor an error"));
+    }
+
+    #[test]
+    fn an_undecodable_message_says_so() {
+        assert_eq!(take_message(&encoded(&"fine")), "fine");
+        assert!(take_message(&[0xff]).starts_with("(an undecodable message"));
+    }
+}

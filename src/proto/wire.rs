@@ -1,5 +1,8 @@
 //! Framing of the messages between the parent and a worker on their stream
-//! socket. Every frame is a fixed header and a body:
+//! socket: the header's layout, the frame kinds and flags, how frames are
+//! written ([`Header::open`], [`Open::close`]) and read ([`Reader`],
+//! [`Frame`]), and where a frame's fds ride ([`fd_offset`]). Every frame is
+//! a fixed header and a body:
 //!
 //! ```text
 //! | len: u64 | kind: u8 | status: u8 | seq: u64 | a: u64 | b: u64 | body: len bytes |
@@ -9,8 +12,21 @@
 //! worker (1, 2, ...); for a task, `a` and `b` are the trampoline and
 //! function offsets (see `task.rs`).
 
+use std::ops::Range;
+
 /// Size of a frame header.
 pub(crate) const HDR: usize = 34;
+
+// Where each field of the header lies.
+const LEN_AT: usize = 0;
+const KIND_AT: usize = 8;
+const STATUS_AT: usize = 9;
+const SEQ_AT: usize = 10;
+const A_AT: usize = 18;
+const B_AT: usize = 26;
+
+/// Size of the count of `SharedBuf` fds that leads a [`SHARED_FDS`] body.
+const SHARED_COUNT: usize = 4;
 
 /// Worker to parent: the initializer ran; the worker serves tasks.
 pub(crate) const READY: u8 = 1;
@@ -62,13 +78,14 @@ pub(crate) fn fd_offset(at: usize, i: usize) -> usize {
 }
 
 /// Splits the body of a frame with [`SHARED_FDS`] into the count of its
-/// `SharedBuf` fds and the rest; a frame without the flag has none.
+/// `SharedBuf` fds and the rest; a frame without the flag has none. `None`:
+/// the flag is set but the body is too short for the count.
 pub(crate) fn shared_prefix(status: u8, body: &[u8]) -> Option<(usize, &[u8])> {
     if status & SHARED_FDS == 0 {
         return Some((0, body));
     }
-    let n = u32::from_le_bytes(body.get(..4)?.try_into().ok()?) as usize;
-    Some((n, &body[4..]))
+    let n = u32::from_le_bytes(body.get(..SHARED_COUNT)?.try_into().ok()?) as usize;
+    Some((n, &body[SHARED_COUNT..]))
 }
 
 /// DONE (in `a`): the body is the 8-byte length of the output, which is in
@@ -90,7 +107,7 @@ pub(crate) struct Header {
 }
 
 impl Header {
-    /// A header whose length is filled in by `finish`.
+    /// A header whose length is filled in by `finish` (or [`Open::close`]).
     pub(crate) fn new(kind: u8, seq: u64, a: u64, b: u64) -> Self {
         Header {
             len: 0,
@@ -102,32 +119,106 @@ impl Header {
         }
     }
 
+    /// The header as it goes on the wire.
+    fn to_bytes(self) -> [u8; HDR] {
+        let mut b = [0u8; HDR];
+        b[LEN_AT..KIND_AT].copy_from_slice(&self.len.to_le_bytes());
+        b[KIND_AT] = self.kind;
+        b[STATUS_AT] = self.status;
+        b[SEQ_AT..A_AT].copy_from_slice(&self.seq.to_le_bytes());
+        b[A_AT..B_AT].copy_from_slice(&self.a.to_le_bytes());
+        b[B_AT..HDR].copy_from_slice(&self.b.to_le_bytes());
+        b
+    }
+
     /// Appends this header to `out` and returns where it starts, for `finish`.
     pub(crate) fn begin(&self, out: &mut Vec<u8>) -> usize {
+        self.open(out).at
+    }
+
+    /// Appends this header to `out` as the start of a frame whose body the
+    /// caller appends next; [`Open::close`] then writes its final header.
+    pub(crate) fn open(self, out: &mut Vec<u8>) -> Open {
         let at = out.len();
-        out.extend_from_slice(&self.len.to_le_bytes());
-        out.push(self.kind);
-        out.push(self.status);
-        out.extend_from_slice(&self.seq.to_le_bytes());
-        out.extend_from_slice(&self.a.to_le_bytes());
-        out.extend_from_slice(&self.b.to_le_bytes());
-        at
+        out.extend_from_slice(&self.to_bytes());
+        Open { header: self, at }
+    }
+
+    /// Appends a whole frame with no body (its `len` is 0).
+    pub(crate) fn push(self, out: &mut Vec<u8>) {
+        self.open(out).close(out, 0);
+    }
+
+    /// Appends a whole frame with `status` whose body is `msg`, encoded (the
+    /// text of an error, read back with `task::take_message`).
+    pub(crate) fn push_message(self, out: &mut Vec<u8>, status: u8, msg: &str) {
+        let frame = self.open(out);
+        // Encoding a str into a Vec cannot fail.
+        let _ = crate::proto::codec::encode_into(msg, out);
+        frame.close(out, status);
     }
 
     /// Parses a header from the first `HDR` bytes of `buf`, if there are that many.
     pub(crate) fn parse(buf: &[u8]) -> Option<Header> {
-        if buf.len() < HDR {
-            return None;
-        }
+        let buf: &[u8; HDR] = buf.get(..HDR)?.try_into().ok()?;
         let u = |i: usize| u64::from_le_bytes(buf[i..i + 8].try_into().unwrap());
         Some(Header {
-            len: u(0),
-            kind: buf[8],
-            status: buf[9],
-            seq: u(10),
-            a: u(18),
-            b: u(26),
+            len: u(LEN_AT),
+            kind: buf[KIND_AT],
+            status: buf[STATUS_AT],
+            seq: u(SEQ_AT),
+            a: u(A_AT),
+            b: u(B_AT),
         })
+    }
+}
+
+/// A frame being written at the end of a buffer: [`Header::open`] appended
+/// its header, the caller appends its body, and [`Open::close`] writes the
+/// header again with the body's length. Fields of the header may change in
+/// between (`header.a`, `header.b`); the bytes are written once, at close.
+#[derive(Debug)]
+pub(crate) struct Open {
+    /// The header that [`Open::close`] writes (its `len` is set there).
+    pub(crate) header: Header,
+    at: usize,
+}
+
+impl Open {
+    /// Where the frame starts in its buffer.
+    pub(crate) fn at(&self) -> usize {
+        self.at
+    }
+
+    /// The body written so far.
+    pub(crate) fn body<'a>(&self, out: &'a [u8]) -> &'a [u8] {
+        &out[self.at + HDR..]
+    }
+
+    /// Drops the body written so far (to write another in its place).
+    pub(crate) fn clear_body(&self, out: &mut Vec<u8>) {
+        out.truncate(self.at + HDR);
+    }
+
+    /// Puts the count `n` of the `SharedBuf` fds that go with the frame
+    /// before its body, and flags it [`SHARED_FDS`]; nothing if `n` is 0.
+    /// (The body moves by 4 bytes: the count is known only once the body is
+    /// written.)
+    pub(crate) fn prefix_shared(&mut self, out: &mut Vec<u8>, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let body = self.at + HDR;
+        out.splice(body..body, (n as u32).to_le_bytes());
+        self.header.status |= SHARED_FDS;
+    }
+
+    /// Ends the frame where `out` ends: writes its header, with the length
+    /// of everything after it and `status` added to the flags already set.
+    pub(crate) fn close(mut self, out: &mut [u8], status: u8) {
+        self.header.len = (out.len() - self.at - HDR) as u64;
+        self.header.status |= status;
+        out[self.at..self.at + HDR].copy_from_slice(&self.header.to_bytes());
     }
 }
 
@@ -135,19 +226,112 @@ impl Header {
 /// that `begin` started at `at`.
 pub(crate) fn finish(out: &mut [u8], at: usize, status: u8) {
     let len = (out.len() - at - HDR) as u64;
-    out[at..at + 8].copy_from_slice(&len.to_le_bytes());
-    out[at + 9] = status;
+    out[at + LEN_AT..at + KIND_AT].copy_from_slice(&len.to_le_bytes());
+    out[at + STATUS_AT] = status;
 }
 
-/// If `buf` starts with a whole frame, its header and total size.
-pub(crate) fn complete(buf: &[u8]) -> Option<(Header, usize)> {
-    let h = Header::parse(buf)?;
-    let total = (HDR as u64).checked_add(h.len)?;
-    if (buf.len() as u64) >= total {
-        Some((h, total as usize))
-    } else {
-        None
+/// A whole frame in a buffer: its header, and where it lies. The buffer is
+/// the one it was read from ([`Reader::next`]); its accessors take it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Frame {
+    pub(crate) header: Header,
+    /// Where the frame starts.
+    pub(crate) at: usize,
+    /// Where it ends (one past its last byte).
+    pub(crate) end: usize,
+}
+
+impl Frame {
+    /// The frame that starts at `at` in `buf`, if all of it is there.
+    pub(crate) fn parse(buf: &[u8], at: usize) -> Option<Frame> {
+        let header = Header::parse(buf.get(at..)?)?;
+        let len = (HDR as u64).checked_add(header.len)?;
+        let left = (buf.len() - at) as u64;
+        (left >= len).then(|| Frame {
+            header,
+            at,
+            end: at + len as usize,
+        })
     }
+
+    /// Its size, header and body.
+    pub(crate) fn len(&self) -> usize {
+        self.end - self.at
+    }
+
+    /// Its body, with the count of `SharedBuf` fds if one leads it.
+    pub(crate) fn body<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
+        &buf[self.at + HDR..self.end]
+    }
+
+    /// The count of the `SharedBuf` fds that came with it (0 without
+    /// [`SHARED_FDS`]); `None` if the flag is set and the count is missing.
+    pub(crate) fn shared_count(&self, buf: &[u8]) -> Option<usize> {
+        shared_prefix(self.header.status, self.body(buf)).map(|(n, _)| n)
+    }
+
+    /// Where its body proper lies in the buffer: after the count of
+    /// `SharedBuf` fds, if one leads it.
+    pub(crate) fn payload_range(&self) -> Range<usize> {
+        let mut start = self.at + HDR;
+        if self.header.status & SHARED_FDS != 0 {
+            start = (start + SHARED_COUNT).min(self.end);
+        }
+        start..self.end
+    }
+
+    /// Its body proper (see [`Frame::payload_range`]).
+    pub(crate) fn payload<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
+        &buf[self.payload_range()]
+    }
+}
+
+/// Reads the frames of a buffer that bytes are appended to: each call to
+/// [`Reader::next`] yields the next whole frame, and the reader remembers
+/// how far it has read. It holds no borrow of the buffer, so that the
+/// caller may take fds or write answers while it reads.
+#[derive(Debug, Default)]
+pub(crate) struct Reader {
+    pos: usize,
+}
+
+impl Reader {
+    /// The next whole frame of `buf`, if it has come in full.
+    pub(crate) fn next(&mut self, buf: &[u8]) -> Option<Frame> {
+        let f = Frame::parse(buf, self.pos)?;
+        self.pos = f.end;
+        Some(f)
+    }
+
+    /// How many more bytes the frame after those read needs (0 if it is
+    /// whole, or if not even its header has arrived).
+    pub(crate) fn missing(&self, buf: &[u8]) -> u64 {
+        missing(buf.get(self.pos..).unwrap_or_default())
+    }
+
+    /// Removes the frames read so far from the front of `buf`, keeping a
+    /// partial frame, and reads on from its new start.
+    pub(crate) fn compact(&mut self, buf: &mut Vec<u8>) {
+        buf.drain(..self.pos);
+        self.pos = 0;
+    }
+}
+
+/// How many bytes to ask the socket for next: what the partial frame at the
+/// end of the buffer still misses (`missing`, from [`Reader::missing`]),
+/// else `chunk`.
+pub(crate) fn read_size(missing: u64, chunk: usize) -> usize {
+    if missing > 0 {
+        usize::try_from(missing).unwrap_or(usize::MAX)
+    } else {
+        chunk
+    }
+}
+
+/// If `buf` starts with a whole frame, its header and total size. (What
+/// [`Reader`] does, for the callers that keep their own position.)
+pub(crate) fn complete(buf: &[u8]) -> Option<(Header, usize)> {
+    Frame::parse(buf, 0).map(|f| (f.header, f.len()))
 }
 
 /// How many more bytes the frame at the start of `buf` needs (0 if whole,
@@ -177,5 +361,206 @@ mod tests {
         assert_eq!(total, HDR + 4);
         assert!(complete(&out[1..out.len() - 1]).is_none());
         assert_eq!(missing(&out[1..out.len() - 1]), 1);
+    }
+
+    /// A whole frame of `kind` for task `seq` with `body`.
+    fn frame(out: &mut Vec<u8>, kind: u8, seq: u64, body: &[u8]) {
+        let f = Header::new(kind, seq, 0, 0).open(out);
+        out.extend_from_slice(body);
+        f.close(out, 0);
+    }
+
+    #[test]
+    fn several_frames_in_one_buffer_come_out_in_order() {
+        let mut buf = Vec::new();
+        frame(&mut buf, TASK, 1, b"one");
+        frame(&mut buf, SOFT_LIMIT, 2, b"");
+        frame(&mut buf, TASK, 2, b"second");
+        let mut r = Reader::default();
+        let a = r.next(&buf).unwrap();
+        let b = r.next(&buf).unwrap();
+        let c = r.next(&buf).unwrap();
+        assert!(r.next(&buf).is_none());
+        assert_eq!(
+            (a.header.kind, a.header.seq, a.body(&buf)),
+            (TASK, 1, &b"one"[..])
+        );
+        assert_eq!((b.at, b.len(), b.header.kind), (HDR + 3, HDR, SOFT_LIMIT));
+        assert_eq!((c.header.seq, c.body(&buf)), (2, &b"second"[..]));
+        assert_eq!(c.end, buf.len());
+        assert_eq!(r.missing(&buf), 0);
+        r.compact(&mut buf);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn a_partial_header_waits_for_more() {
+        let mut buf = Vec::new();
+        frame(&mut buf, TASK, 1, b"whole");
+        let first = buf.len();
+        frame(&mut buf, TASK, 2, b"next");
+        buf.truncate(first + 10);
+        let mut r = Reader::default();
+        assert_eq!(r.next(&buf).unwrap().header.seq, 1);
+        assert!(r.next(&buf).is_none());
+        // Not even its header is here: how long it is is not known yet.
+        assert_eq!(r.missing(&buf), 0);
+        assert_eq!(read_size(r.missing(&buf), 4096), 4096);
+        r.compact(&mut buf);
+        assert_eq!(buf.len(), 10);
+        assert!(r.next(&buf).is_none());
+        // The rest of it comes: it is read from the front.
+        let mut rest = Vec::new();
+        frame(&mut rest, TASK, 2, b"next");
+        buf.extend_from_slice(&rest[10..]);
+        assert_eq!(r.next(&buf).unwrap().body(&buf), b"next");
+    }
+
+    #[test]
+    fn a_partial_body_says_what_it_misses() {
+        let mut buf = Vec::new();
+        frame(&mut buf, DONE, 3, &[7; 100]);
+        buf.truncate(HDR + 40);
+        let mut r = Reader::default();
+        assert!(r.next(&buf).is_none());
+        assert_eq!(r.missing(&buf), 60);
+        assert_eq!(read_size(r.missing(&buf), 4096), 60);
+        buf.extend_from_slice(&[7; 60]);
+        let f = r.next(&buf).unwrap();
+        assert_eq!(f.body(&buf), &[7; 100][..]);
+        assert_eq!(r.missing(&buf), 0);
+    }
+
+    #[test]
+    fn an_oversized_length_is_never_whole() {
+        for len in [u64::MAX, u64::MAX - 10, 1 << 62] {
+            let mut h = Header::new(TASK, 1, 0, 0);
+            h.len = len;
+            let mut buf = Vec::new();
+            h.begin(&mut buf);
+            buf.extend_from_slice(&[0; 64]);
+            assert!(Frame::parse(&buf, 0).is_none());
+            assert!(complete(&buf).is_none());
+            assert!(Reader::default().next(&buf).is_none());
+            let need = missing(&buf);
+            assert_eq!(need, (HDR as u64).saturating_add(len) - buf.len() as u64);
+            assert!(read_size(need, 4096) > 4096);
+        }
+    }
+
+    #[test]
+    fn a_fresh_reader_reads_a_buffer_from_its_start() {
+        let mut buf = Vec::new();
+        frame(&mut buf, TASK, 1, b"a");
+        frame(&mut buf, TASK, 2, b"b");
+        let mut r = Reader::default();
+        let first = r.next(&buf).unwrap();
+        // The caller hands the first frame's bytes on itself, as the
+        // supervisor does with a large result.
+        buf.drain(..first.end);
+        let mut r = Reader::default();
+        assert_eq!(r.next(&buf).unwrap().header.seq, 2);
+    }
+
+    /// A DONE frame with body "abc" and `n` SharedBufs' fds, closed with
+    /// `status`.
+    fn with_shared(n: usize, status: u8) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let mut f = Header::new(DONE, 4, 0, 0).open(&mut buf);
+        buf.extend_from_slice(b"abc");
+        f.prefix_shared(&mut buf, n);
+        f.close(&mut buf, status);
+        buf
+    }
+
+    #[test]
+    fn the_shared_fds_count_leads_the_body() {
+        let buf = with_shared(3, 1);
+        let f = Reader::default().next(&buf).unwrap();
+        assert_eq!(f.header.status, 1 | SHARED_FDS);
+        assert_eq!(f.header.len, 7);
+        assert_eq!(f.shared_count(&buf), Some(3));
+        assert_eq!(f.payload(&buf), b"abc");
+        assert_eq!(f.payload_range(), HDR + 4..HDR + 7);
+        assert_eq!(
+            shared_prefix(f.header.status, f.body(&buf)),
+            Some((3, &b"abc"[..]))
+        );
+    }
+
+    #[test]
+    fn without_shared_fds_the_body_is_all_payload() {
+        let buf = with_shared(0, 0);
+        let f = Frame::parse(&buf, 0).unwrap();
+        assert_eq!(f.header.status & SHARED_FDS, 0);
+        assert_eq!(
+            (f.shared_count(&buf), f.payload(&buf)),
+            (Some(0), &b"abc"[..])
+        );
+    }
+
+    #[test]
+    fn a_shared_fds_flag_without_its_count_is_malformed() {
+        let mut buf = Vec::new();
+        let mut h = Header::new(DONE, 4, 0, 0);
+        h.status = SHARED_FDS;
+        let f = h.open(&mut buf);
+        buf.extend_from_slice(&[1, 0]);
+        f.close(&mut buf, 0);
+        let f = Frame::parse(&buf, 0).unwrap();
+        assert_eq!(f.shared_count(&buf), None);
+        assert!(f.payload(&buf).is_empty());
+    }
+
+    #[test]
+    fn fds_ride_one_group_per_byte() {
+        let max = crate::sys::MAX_FDS_PER_MSG;
+        assert_eq!(fd_offset(10, 0), 10);
+        assert_eq!(fd_offset(10, max - 1), 10);
+        assert_eq!(fd_offset(10, max), 11);
+        assert_eq!(fd_offset(0, 2 * max + 1), 2);
+        // The most fds one frame may carry still ride on its header.
+        assert!(fd_offset(0, HDR * max - 1) < HDR);
+    }
+
+    #[test]
+    fn close_writes_the_fields_set_after_open() {
+        let mut buf = vec![0xee; 5];
+        let mut f = Header::new(DONE, 9, 0, 0).open(&mut buf);
+        assert_eq!(f.at(), 5);
+        buf.extend_from_slice(b"scratch");
+        assert_eq!(f.body(&buf), b"scratch");
+        f.clear_body(&mut buf);
+        buf.extend_from_slice(&42u64.to_le_bytes());
+        f.header.a = OUT_NEW_BLOCK;
+        f.header.b = 1234;
+        f.close(&mut buf, 3);
+        let f = Frame::parse(&buf, 5).unwrap();
+        let h = f.header;
+        assert_eq!(
+            (h.kind, h.seq, h.a, h.b, h.status, h.len),
+            (DONE, 9, OUT_NEW_BLOCK, 1234, 3, 8)
+        );
+        assert_eq!(f.end, buf.len());
+    }
+
+    #[test]
+    fn empty_and_message_frames_are_whole() {
+        let mut buf = Vec::new();
+        Header::new(READY, 0, 77, 0).push(&mut buf);
+        Header::new(DONE, 5, 0, 0).push_message(&mut buf, 3, "too large");
+        let mut r = Reader::default();
+        let ready = r.next(&buf).unwrap();
+        assert_eq!(
+            (ready.header.kind, ready.header.a, ready.len()),
+            (READY, 77, HDR)
+        );
+        let done = r.next(&buf).unwrap();
+        assert_eq!((done.header.seq, done.header.status), (5, 3));
+        assert_eq!(
+            crate::proto::task::take_message(done.body(&buf)),
+            "too large"
+        );
+        assert_eq!(done.end, buf.len());
     }
 }

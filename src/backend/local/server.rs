@@ -20,10 +20,9 @@
 //! End-of-file from the parent (it closed the socket, or died) makes the
 //! server SIGKILL every worker, reap them all, and exit.
 
-use crate::proto::status::{SharedWords, Status};
 use crate::sys;
 use crate::worker;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 pub(crate) const SPAWN: u32 = 1;
 pub(crate) const KILL: u32 = 2;
@@ -44,6 +43,11 @@ pub(crate) struct Msg {
 }
 
 impl Msg {
+    /// A message of `kind` about `slot`, with its two numbers.
+    pub(crate) fn new(kind: u32, slot: u32, a: u64, b: u64) -> Msg {
+        Msg { kind, slot, a, b }
+    }
+
     pub(crate) fn to_bytes(self) -> [u8; 24] {
         let mut b = [0u8; 24];
         b[0..4].copy_from_slice(&self.kind.to_le_bytes());
@@ -72,7 +76,7 @@ pub(crate) use crate::proto::task::Init;
 /// the fork on.
 pub(crate) struct Spec {
     pub(crate) init: Option<Init>,
-    pub(crate) words: std::sync::Arc<SharedWords>,
+    pub(crate) words: std::sync::Arc<crate::proto::status::SharedWords>,
     pub(crate) sock_buf: usize,
     /// The sandbox asked for (in the parent, and in the config it writes).
     pub(crate) sandbox: Option<crate::sandbox::Spec>,
@@ -94,11 +98,33 @@ pub(crate) struct Spec {
 /// them across the fork), and one sent to the old group meanwhile is
 /// discarded.
 pub(crate) fn run(sock: OwnedFd, spec: &Spec) -> ! {
+    let fd = sock.as_raw_fd();
+    let sigfd = set_up(fd);
+    let mut server = Server {
+        fd,
+        sigfd: sigfd.as_raw_fd(),
+        me: std::process::id() as libc::pid_t,
+        spec,
+        live: Vec::with_capacity(64),
+    };
+    loop {
+        let (from_parent, exited) = server.wait();
+        if exited {
+            server.report_exits();
+        }
+        if from_parent {
+            server.serve_message();
+        }
+    }
+}
+
+/// Sets this process up as the server (see [`run`]); returns the signalfd
+/// that reports its workers' exits. Exits if it cannot have one.
+fn set_up(fd: RawFd) -> OwnedFd {
     sys::block_all_signals();
     sys::own_process_group();
     sys::default_dispositions();
     worker::mark_worker_process();
-    let fd = sock.as_raw_fd();
     sys::neuter_fds_except(&[fd]);
     if fd != 0 {
         sys::stdin_from_dev_null();
@@ -109,115 +135,108 @@ pub(crate) fn run(sock: OwnedFd, spec: &Spec) -> ! {
         Ok(s) => s,
         Err(e) => {
             // Out of fds, say: tell the parent why no worker will start.
-            let m = Msg {
-                kind: SPAWN_FAILED,
-                slot: u32::MAX,
-                a: e.raw_os_error().unwrap_or(0) as u64,
-                b: 0,
-            };
+            let m = Msg::new(SPAWN_FAILED, u32::MAX, errno(&e), 0);
             let _ = sys::send_with_fds(fd, &m.to_bytes(), &[]);
             sys::exit_now(2)
         }
     };
-    let me = std::process::id() as libc::pid_t;
     // Workers inherit the spin budget computed here: computing it reads
     // /proc/self/cgroup, which a worker would otherwise do (an fd open for
     // a moment) right after it says READY, and which a sandboxed worker
     // may not open.
     let _ = crate::proto::idle::spin_budget();
-    let mut live: Vec<libc::pid_t> = Vec::with_capacity(64);
-    let mut buf = [0u8; 64];
-    loop {
-        let mut fds = [
-            libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: sigfd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        if sys::poll(&mut fds, -1).is_err() {
-            shut_down(&live);
+    sigfd
+}
+
+/// An error's errno, as a message carries it.
+fn errno(e: &std::io::Error) -> u64 {
+    e.raw_os_error().unwrap_or(0) as u64
+}
+
+/// The server's state: its socket to the parent, and its live workers.
+struct Server<'a> {
+    /// The socket to the parent.
+    fd: RawFd,
+    /// The signalfd that reports SIGCHLD.
+    sigfd: RawFd,
+    /// This process's pid (each worker checks that it is still its parent).
+    me: libc::pid_t,
+    spec: &'a Spec,
+    /// The workers forked and not reaped yet: the only pids it may signal.
+    live: Vec<libc::pid_t>,
+}
+
+impl Server<'_> {
+    /// Waits for a message from the parent or a worker's exit; returns
+    /// which came: (a message, an exit).
+    fn wait(&self) -> (bool, bool) {
+        let mut set = sys::PollSet::default();
+        let msg = set.push(self.fd, true, false);
+        let exit = set.push(self.sigfd, true, false);
+        if set.poll(-1).is_err() {
+            shut_down(&self.live);
         }
-        if fds[1].revents != 0 {
-            sys::drain(sigfd.as_raw_fd());
-            while let Some((pid, status)) = sys::try_reap_any() {
-                live.retain(|&p| p != pid);
-                let m = Msg {
-                    kind: EXITED,
-                    slot: 0,
-                    a: pid as u64,
-                    b: status as u32 as u64,
-                };
-                if sys::send_with_fds(fd, &m.to_bytes(), &[]).is_err() {
-                    shut_down(&live);
-                }
-            }
+        (set.ready(msg), set.ready(exit))
+    }
+
+    /// Sends `m` (with `fds`) to the parent; if it is gone, shuts down.
+    fn send(&self, m: Msg, fds: &[RawFd]) {
+        if sys::send_with_fds(self.fd, &m.to_bytes(), fds).is_err() {
+            shut_down(&self.live);
         }
-        if fds[0].revents != 0 {
-            let (n, _) = match sys::recv_with_fds(fd, &mut buf) {
-                Ok(r) => r,
-                Err(_) => shut_down(&live),
-            };
-            if n == 0 {
-                shut_down(&live);
+    }
+
+    /// Reaps every worker that exited and tells the parent of each.
+    fn report_exits(&mut self) {
+        sys::drain(self.sigfd);
+        while let Some((pid, status)) = sys::try_reap_any() {
+            self.live.retain(|&p| p != pid);
+            self.send(Msg::new(EXITED, 0, pid as u64, status as u32 as u64), &[]);
+        }
+    }
+
+    /// Reads one message from the parent and does what it asks.
+    /// End-of-file (or an error) shuts the server down.
+    fn serve_message(&mut self) {
+        let mut buf = [0u8; 64];
+        let n = match sys::recv_with_fds(self.fd, &mut buf) {
+            Ok((n, _)) if n > 0 => n,
+            _ => shut_down(&self.live),
+        };
+        let Some(m) = Msg::from_bytes(&buf[..n]) else {
+            return;
+        };
+        match m.kind {
+            SPAWN => self.spawn(m.slot),
+            KILL => self.kill(m),
+            _ => {}
+        }
+    }
+
+    /// Forks a worker for `slot` and sends the parent its socket (or why
+    /// it could not).
+    fn spawn(&mut self, slot: u32) {
+        match spawn(slot, self.fd, self.sigfd, self.me, self.spec) {
+            Ok((pid, parent_end)) => {
+                self.live.push(pid);
+                let reply = Msg::new(SPAWNED, slot, pid as u64, 0);
+                self.send(reply, &[parent_end.as_raw_fd()]);
             }
-            let Some(m) = Msg::from_bytes(&buf[..n]) else {
-                continue;
-            };
-            match m.kind {
-                SPAWN => match spawn(m.slot, fd, sigfd.as_raw_fd(), me, spec) {
-                    Ok((pid, parent_end)) => {
-                        live.push(pid);
-                        let reply = Msg {
-                            kind: SPAWNED,
-                            slot: m.slot,
-                            a: pid as u64,
-                            b: 0,
-                        };
-                        if sys::send_with_fds(fd, &reply.to_bytes(), &[parent_end.as_raw_fd()])
-                            .is_err()
-                        {
-                            shut_down(&live);
-                        }
-                    }
-                    Err(e) => {
-                        let reply = Msg {
-                            kind: SPAWN_FAILED,
-                            slot: m.slot,
-                            a: e.raw_os_error().unwrap_or(0) as u64,
-                            b: 0,
-                        };
-                        if sys::send_with_fds(fd, &reply.to_bytes(), &[]).is_err() {
-                            shut_down(&live);
-                        }
-                    }
-                },
-                KILL => {
-                    let pid = m.a as libc::pid_t;
-                    if !live.contains(&pid) {
-                        continue;
-                    }
-                    if m.b == 0 || still_running(pid, spec.words.status(m.slot as usize), m.b) {
-                        sys::kill(pid, libc::SIGKILL);
-                    } else {
-                        let reply = Msg {
-                            kind: KILL_REFUSED,
-                            slot: m.slot,
-                            a: m.a,
-                            b: m.b,
-                        };
-                        if sys::send_with_fds(fd, &reply.to_bytes(), &[]).is_err() {
-                            shut_down(&live);
-                        }
-                    }
-                }
-                _ => {}
-            }
+            Err(e) => self.send(Msg::new(SPAWN_FAILED, slot, errno(&e), 0), &[]),
+        }
+    }
+
+    /// Kills worker `m.a` of slot `m.slot`: whatever it runs (`m.b` 0), or
+    /// only while it runs task `m.b`; else says the kill was refused.
+    fn kill(&self, m: Msg) {
+        let pid = m.a as libc::pid_t;
+        if !self.live.contains(&pid) {
+            return;
+        }
+        if m.b == 0 || still_running(pid, self.spec.words.status(m.slot as usize), m.b) {
+            sys::kill(pid, libc::SIGKILL);
+        } else {
+            self.send(Msg::new(KILL_REFUSED, m.slot, m.a, m.b), &[]);
         }
     }
 }
@@ -247,7 +266,8 @@ fn spawn(
             }
             // This process never returns from here: its words live as
             // long as it does.
-            let words: &'static SharedWords = Box::leak(Box::new(spec.words.clone()));
+            let words: &'static crate::proto::status::SharedWords =
+                Box::leak(Box::new(spec.words.clone()));
             let status = if spec.prepared.is_some() {
                 // Only this worker's own page stays mapped.
                 crate::sandbox::isolate_words(words, slot as usize)
@@ -275,7 +295,7 @@ fn spawn(
 /// its next task between the check and the kill. Resumes it (SIGCONT) if
 /// it does not run that task. A worker that exits meanwhile is left for the
 /// SIGCHLD loop to reap (waitid with WNOWAIT leaves it unreaped).
-fn still_running(pid: libc::pid_t, status: Status<'_>, seq: u64) -> bool {
+fn still_running(pid: libc::pid_t, status: crate::proto::status::Status<'_>, seq: u64) -> bool {
     if !status.running(seq) {
         return false;
     }
@@ -299,4 +319,28 @@ fn shut_down(live: &[libc::pid_t]) -> ! {
         let _ = sys::reap(pid);
     }
     sys::exit_now(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_travels_as_24_bytes() {
+        let m = Msg::new(KILL, 7, u64::MAX - 1, 42);
+        let b = m.to_bytes();
+        assert_eq!(&b[..4], &KILL.to_le_bytes());
+        assert_eq!(&b[4..8], &7u32.to_le_bytes());
+        assert_eq!(Msg::from_bytes(&b), Some(m));
+        // A datagram of another size is no message.
+        assert_eq!(Msg::from_bytes(&b[..23]), None);
+        assert_eq!(Msg::from_bytes(&[b.as_slice(), &[0]].concat()), None);
+    }
+
+    #[test]
+    fn an_error_without_an_errno_is_sent_as_0() {
+        let e = std::io::Error::from_raw_os_error(libc::EMFILE);
+        assert_eq!(errno(&e), libc::EMFILE as u64);
+        assert_eq!(errno(&std::io::Error::other("no errno")), 0);
+    }
 }

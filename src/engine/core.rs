@@ -473,9 +473,7 @@ impl Worker {
         if let Some(soft) = job.soft_timeout {
             // Its soft limit, in the frame just before it.
             let ns = crate::deadline::nanos(soft);
-            let out = self.conn.out();
-            let at = Header::new(wire::SOFT_LIMIT, seq, ns, 0).begin(out);
-            wire::finish(out, at, 0);
+            Header::new(wire::SOFT_LIMIT, seq, ns, 0).push(self.conn.out());
             bytes += HDR;
         }
         bytes += self.push_task_frame(seq, &job, inline_shared);
@@ -493,42 +491,32 @@ impl Worker {
         // input block's, then the SharedBufs'.
         let at = self.conn.out().len();
         let mut nfds = 0;
-        let prefix = if job.shared.is_empty() {
-            0
-        } else {
+        if !job.shared.is_empty() {
             h.status |= wire::SHARED_FDS;
-            4
-        };
-        match &job.payload {
-            Body::Heap(p) => h.len = (prefix + p.len()) as u64,
-            Body::Shm(b, _) => {
-                h.len = prefix as u64 + 8;
-                h.status |= wire::IN_BLOCK;
-                if job.retries > 0 {
-                    h.status |= wire::KEEP_INPUT;
-                }
-                self.conn.attach_fd(wire::fd_offset(at, 0), b.raw_fd());
-                nfds = 1;
+        }
+        if let Body::Shm(b, _) = &job.payload {
+            h.status |= wire::IN_BLOCK;
+            if job.retries > 0 {
+                h.status |= wire::KEEP_INPUT;
             }
+            self.conn.attach_fd(wire::fd_offset(at, 0), b.raw_fd());
+            nfds = 1;
         }
         for r in &job.shared {
             self.conn.attach_fd(wire::fd_offset(at, nfds), r.raw_fd());
             nfds += 1;
         }
         let out = self.conn.out();
-        h.begin(out);
-        if prefix > 0 {
+        let frame = h.open(out);
+        if !job.shared.is_empty() {
             out.extend_from_slice(&(job.shared.len() as u32).to_le_bytes());
         }
         match &job.payload {
-            Body::Heap(p) => {
-                out.extend_from_slice(p);
-                HDR + p.len()
-            }
-            Body::Shm(_, n) => {
-                out.extend_from_slice(&(*n as u64).to_le_bytes());
-                HDR + 8
-            }
+            Body::Heap(p) => out.extend_from_slice(p),
+            Body::Shm(_, n) => out.extend_from_slice(&(*n as u64).to_le_bytes()),
         }
+        let bytes = out.len() - at;
+        frame.close(out, 0);
+        bytes
     }
 }

@@ -20,7 +20,7 @@ use crate::proto::conn::Filled;
 use crate::proto::shared_buf::Supply;
 use crate::proto::shm::{Block, BlockCache, Body, Lent};
 use crate::proto::task::{self, status};
-use crate::proto::wire::{self, HDR, Header};
+use crate::proto::wire::{self, Frame, Header};
 use crate::sys::{self, PollSet};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -353,12 +353,7 @@ impl Worker {
     fn read_frames(&mut self, sink: &mut Sink<'_>) {
         loop {
             let need = wire::missing(&self.conn.inbuf);
-            let want = if need > 0 {
-                usize::try_from(need).unwrap_or(usize::MAX)
-            } else {
-                READ_CHUNK
-            };
-            match self.conn.fill(want) {
+            match self.conn.fill(wire::read_size(need, READ_CHUNK)) {
                 Filled::Some => {}
                 Filled::Nothing => break,
                 Filled::Eof => {
@@ -394,8 +389,8 @@ impl Worker {
 
     fn parse_frames(&mut self, sink: &mut Sink<'_>) {
         let mut pos = 0usize;
-        while let Some((h, total)) = wire::complete(&self.conn.inbuf[pos..]) {
-            let body = pos + HDR..pos + total;
+        while let Some(f) = Frame::parse(&self.conn.inbuf, pos) {
+            let h = f.header;
             match h.kind {
                 wire::READY if !self.ready => {
                     self.ready = true;
@@ -411,40 +406,36 @@ impl Worker {
                     self.retiring = true;
                 }
                 wire::INIT_FAILED => {
-                    let b = &self.conn.inbuf[body];
+                    let b = f.body(&self.conn.inbuf);
                     self.init_msg = Some(task::init_failure_message(h.status, b));
                 }
                 wire::SANDBOX_FAILED => {
-                    self.init_msg = Some(task::take_message(&self.conn.inbuf[body]));
+                    self.init_msg = Some(task::take_message(f.body(&self.conn.inbuf)));
                     self.sandbox_failed = true;
                 }
                 wire::DONE => {
                     // `done` may take the read buffer itself (a large
                     // result): parsing goes on from wherever it leaves it.
-                    pos = self.done(h, pos, total, sink);
+                    pos = self.done(f, sink);
                     continue;
                 }
                 _ => {}
             }
-            pos += total;
+            pos = f.end;
         }
         self.conn.consume(pos);
     }
 
-    /// A DONE frame at `pos`: stores its outcome. Returns where the next
-    /// frame starts.
-    fn done(&mut self, h: Header, pos: usize, total: usize, sink: &mut Sink<'_>) -> usize {
-        let end = pos + total;
-        let mut body_at = pos + HDR;
+    /// A DONE frame: stores its outcome. Returns where the next frame
+    /// starts.
+    fn done(&mut self, f: Frame, sink: &mut Sink<'_>) -> usize {
+        let (h, end) = (f.header, f.end);
         // The count of the SharedBufs that came with it, if any.
-        let Some((nshared, _)) = wire::shared_prefix(h.status, &self.conn.inbuf[body_at..end])
-        else {
+        let Some(nshared) = f.shared_count(&self.conn.inbuf) else {
             self.broken("sent a malformed result");
             return end;
         };
-        if h.status & wire::SHARED_FDS != 0 {
-            body_at += 4;
-        }
+        let body_at = f.payload_range().start;
         let (outcome, next) = self.outcome(h, body_at, end, sink.cache);
         // Its SharedBufs' fds came after its block's (if any).
         let fds = &mut self.conn.in_fds;

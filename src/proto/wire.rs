@@ -131,11 +131,6 @@ impl Header {
         b
     }
 
-    /// Appends this header to `out` and returns where it starts, for `finish`.
-    pub(crate) fn begin(&self, out: &mut Vec<u8>) -> usize {
-        self.open(out).at
-    }
-
     /// Appends this header to `out` as the start of a frame whose body the
     /// caller appends next; [`Open::close`] then writes its final header.
     pub(crate) fn open(self, out: &mut Vec<u8>) -> Open {
@@ -222,14 +217,6 @@ impl Open {
     }
 }
 
-/// Sets the length (everything after the header) and status of the frame
-/// that `begin` started at `at`.
-pub(crate) fn finish(out: &mut [u8], at: usize, status: u8) {
-    let len = (out.len() - at - HDR) as u64;
-    out[at + LEN_AT..at + KIND_AT].copy_from_slice(&len.to_le_bytes());
-    out[at + STATUS_AT] = status;
-}
-
 /// A whole frame in a buffer: its header, and where it lies. The buffer is
 /// the one it was read from ([`Reader::next`]); its accessors take it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -252,11 +239,6 @@ impl Frame {
             at,
             end: at + len as usize,
         })
-    }
-
-    /// Its size, header and body.
-    pub(crate) fn len(&self) -> usize {
-        self.end - self.at
     }
 
     /// Its body, with the count of `SharedBuf` fds if one leads it.
@@ -328,12 +310,6 @@ pub(crate) fn read_size(missing: u64, chunk: usize) -> usize {
     }
 }
 
-/// If `buf` starts with a whole frame, its header and total size. (What
-/// [`Reader`] does, for the callers that keep their own position.)
-pub(crate) fn complete(buf: &[u8]) -> Option<(Header, usize)> {
-    Frame::parse(buf, 0).map(|f| (f.header, f.len()))
-}
-
 /// How many more bytes the frame at the start of `buf` needs (0 if whole,
 /// or if not even its header has arrived).
 pub(crate) fn missing(buf: &[u8]) -> u64 {
@@ -352,14 +328,15 @@ mod tests {
     #[test]
     fn round_trip() {
         let mut out = vec![9u8];
-        let at = Header::new(TASK, 7, 11, 13).begin(&mut out);
+        let frame = Header::new(TASK, 7, 11, 13).open(&mut out);
         out.extend_from_slice(b"body");
-        finish(&mut out, at, 2);
-        let (h, total) = complete(&out[1..]).unwrap();
+        frame.close(&mut out, 2);
+        let f = Frame::parse(&out, 1).unwrap();
+        let h = f.header;
         assert_eq!(h.kind, TASK);
         assert_eq!((h.seq, h.a, h.b, h.status, h.len), (7, 11, 13, 2, 4));
-        assert_eq!(total, HDR + 4);
-        assert!(complete(&out[1..out.len() - 1]).is_none());
+        assert_eq!(f.end - f.at, HDR + 4);
+        assert!(Frame::parse(&out[..out.len() - 1], 1).is_none());
         assert_eq!(missing(&out[1..out.len() - 1]), 1);
     }
 
@@ -385,7 +362,10 @@ mod tests {
             (a.header.kind, a.header.seq, a.body(&buf)),
             (TASK, 1, &b"one"[..])
         );
-        assert_eq!((b.at, b.len(), b.header.kind), (HDR + 3, HDR, SOFT_LIMIT));
+        assert_eq!(
+            (b.at, b.end - b.at, b.header.kind),
+            (HDR + 3, HDR, SOFT_LIMIT)
+        );
         assert_eq!((c.header.seq, c.body(&buf)), (2, &b"second"[..]));
         assert_eq!(c.end, buf.len());
         assert_eq!(r.missing(&buf), 0);
@@ -437,10 +417,9 @@ mod tests {
             let mut h = Header::new(TASK, 1, 0, 0);
             h.len = len;
             let mut buf = Vec::new();
-            h.begin(&mut buf);
+            buf.extend_from_slice(&h.to_bytes());
             buf.extend_from_slice(&[0; 64]);
             assert!(Frame::parse(&buf, 0).is_none());
-            assert!(complete(&buf).is_none());
             assert!(Reader::default().next(&buf).is_none());
             let need = missing(&buf);
             assert_eq!(need, (HDR as u64).saturating_add(len) - buf.len() as u64);
@@ -552,7 +531,7 @@ mod tests {
         let mut r = Reader::default();
         let ready = r.next(&buf).unwrap();
         assert_eq!(
-            (ready.header.kind, ready.header.a, ready.len()),
+            (ready.header.kind, ready.header.a, ready.end - ready.at),
             (READY, 77, HDR)
         );
         let done = r.next(&buf).unwrap();

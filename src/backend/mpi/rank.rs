@@ -10,7 +10,7 @@ use super::transport::*;
 use crate::backend::local::server::Init;
 use crate::proto::conn::{Conn, Flushed};
 use crate::proto::task::status;
-use crate::proto::wire::{self, HDR, Header};
+use crate::proto::wire::{self, Frame, Header};
 use crate::sys::{self, PollSet};
 use crate::worker::{self, Stop};
 use mpi::topology::SimpleCommunicator;
@@ -131,14 +131,15 @@ impl<'c> WorkerRank<'c> {
         }
         let (got, eof) = read_some(&mut l.conn);
         let mut pos = 0;
-        while let Some((h, total)) = wire::complete(&l.conn.inbuf[pos..]) {
-            let frame = &l.conn.inbuf[pos..pos + total];
+        while let Some(f) = Frame::parse(&l.conn.inbuf, pos) {
+            let h = f.header;
+            let frame = &l.conn.inbuf[f.at..f.end];
             if h.kind == wire::DONE && (h.a == wire::OUT_NEW_BLOCK || h.a == wire::OUT_SAME_BLOCK) {
-                inline_result(h, &frame[HDR..], &mut l.conn.in_fds, &mut self.msg);
+                inline_result(h, f.body(&l.conn.inbuf), &mut l.conn.in_fds, &mut self.msg);
             } else {
                 self.msg.extend_from_slice(frame);
             }
-            pos += total;
+            pos = f.end;
             if self.msg.len() >= CHUNK {
                 send_data(self.comm, &mut self.inbox, 0, &mut self.msg);
             }
@@ -209,19 +210,19 @@ fn inline_result(h: Header, body: &[u8], fds: &mut VecDeque<OwnedFd>, msg: &mut 
     } else {
         Err("it named an input block that the worker was not given".into())
     };
-    let mut nh = Header::new(wire::DONE, h.seq, 0, h.b);
+    let nh = Header::new(wire::DONE, h.seq, 0, h.b);
     match block {
         Ok(b) => {
-            nh.len = len as u64;
-            nh.status = h.status;
-            nh.begin(msg);
+            let frame = nh.open(msg);
             msg.extend_from_slice(b.bytes(len));
+            frame.close(msg, h.status);
         }
         Err(e) => {
-            let at = nh.begin(msg);
-            let _ =
-                crate::proto::codec::encode_into(&format!("a result could not be read: {e}"), msg);
-            wire::finish(msg, at, status::ENCODE);
+            nh.push_message(
+                msg,
+                status::ENCODE,
+                &format!("a result could not be read: {e}"),
+            );
         }
     }
 }

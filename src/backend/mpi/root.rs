@@ -26,7 +26,7 @@
 use super::transport::*;
 use crate::engine::seam::{End, Event, Progress};
 use crate::proto::conn::Conn;
-use crate::proto::wire::{self, HDR};
+use crate::proto::wire::{self, Frame};
 use crate::sys::{self, PollSet};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
@@ -321,21 +321,22 @@ impl<'c> Root<'c> {
         }
         let (got, eof) = read_some(&mut s.conn);
         let mut pos = 0;
-        while let Some((h, total)) = wire::complete(&s.conn.inbuf[pos..]) {
+        while let Some(f) = Frame::parse(&s.conn.inbuf, pos) {
+            let h = f.header;
             if h.kind == wire::TASK {
                 self.seam.handed.hand(s.slot, h.seq);
             }
-            let frame = &s.conn.inbuf[pos..pos + total];
+            let frame = &s.conn.inbuf[f.at..f.end];
             if h.kind == wire::TASK && h.status & wire::IN_BLOCK != 0 {
-                let len = block_len(&frame[HDR..]).unwrap_or(0);
+                let len = block_len(f.body(&s.conn.inbuf)).unwrap_or(0);
                 match map_block(s.conn.in_fds.pop_front(), len) {
                     Ok(block) => {
                         let mut nh = h;
                         // Inline now; other flags (INLINE_SHARED) stay.
                         nh.status = h.status & !(wire::IN_BLOCK | wire::KEEP_INPUT);
-                        nh.len = len as u64;
-                        nh.begin(&mut self.msg);
+                        let inlined = nh.open(&mut self.msg);
                         self.msg.extend_from_slice(block.bytes(len));
+                        inlined.close(&mut self.msg, 0);
                     }
                     Err(e) => {
                         // The worker answers this frame (it has no block
@@ -347,7 +348,7 @@ impl<'c> Root<'c> {
             } else {
                 self.msg.extend_from_slice(frame);
             }
-            pos += total;
+            pos = f.end;
             if self.msg.len() >= CHUNK {
                 send_data(self.comm, &mut self.inbox, rank, &mut self.msg);
             }

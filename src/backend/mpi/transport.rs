@@ -192,12 +192,7 @@ pub(super) fn read_some(conn: &mut Conn) -> (bool, bool) {
     let mut got = 0;
     while got < 4 * CHUNK {
         let before = conn.inbuf.len();
-        let need = wire::missing(&conn.inbuf);
-        let want = if need > 0 {
-            usize::try_from(need).unwrap_or(usize::MAX).min(CHUNK)
-        } else {
-            READ_CHUNK
-        };
+        let want = wire::read_size(wire::missing(&conn.inbuf), READ_CHUNK).min(CHUNK);
         match conn.fill(want) {
             Filled::Some => got += conn.inbuf.len() - before,
             Filled::Nothing => break,

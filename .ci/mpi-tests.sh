@@ -81,6 +81,47 @@ case_ "one rank: a clear error, no hang" nonzero "needs at least 2 MPI ranks" \
   "${MPIRUN[@]}" -np 1 "$EX/mpi_primes"
 SHOW=1 case_ "the benchmark runs (MPI beside local)" 0 "MPI, 2 worker ranks" \
   "${MPIRUN[@]}" -np 3 "$EX/mpi_bench"
+SHOW=1 case_ "a bare MPI ping-pong, for beside the benchmark" 0 "mpi_pingpong: ok" \
+  "${MPIRUN[@]}" -np 2 "$EX/mpi_pingpong"
+
+# The same runs again, with the ranks spread over two simulated hosts:
+# network namespaces on a bridge, each with its own hostname, and ranks
+# that reach each other over TCP only (.ci/mpi-hosts.sh). Rank 0 is on
+# h1, rank 1 on h2, rank 2 on h1, and so on. It needs root; where it
+# cannot run, it says SKIP and fails nothing.
+echo "== MPI runs across two simulated hosts"
+HOSTS_SH=.ci/mpi-hosts.sh
+trap 'bash "$HOSTS_SH" down >/dev/null 2>&1' EXIT
+bash "$HOSTS_SH" up
+up_rc=$?
+if [ "$up_rc" = 77 ]; then
+  echo "(skipped: the runs across two hosts; see the SKIP line above)"
+elif [ "$up_rc" != 0 ]; then
+  failed=$((failed + 1))
+  echo "FAIL two simulated hosts: mpi-hosts.sh up exited $up_rc"
+else
+  ACROSS=(bash "$HOSTS_SH" run --oversubscribe)
+  # The hostnames 3 ranks report, sorted and unique, on one line.
+  case_ "across hosts: 3 ranks land on both hosts" 0 "h1,h2" \
+    bash -c 'set -o pipefail; "$@" hostname | sort -u | paste -sd, -' _ "${ACROSS[@]}" -np 3
+  case_ "across hosts: primes over 3 ranks match a sequential count" 0 "mpi_primes: ok" \
+    "${ACROSS[@]}" -np 3 "$EX/mpi_primes"
+  case_ "across hosts: a task that panics on a rank fails alone" 0 "mpi_panic: ok" \
+    "${ACROSS[@]}" -np 3 "$EX/mpi_panic"
+  case_ "across hosts: a timeout costs its rank; a spare replaces it" 0 "mpi_timeout: ok" \
+    "${ACROSS[@]}" -np 4 "$EX/mpi_timeout"
+  case_ "across hosts: SharedBufs are copied to the ranks and back" 0 "mpi_shared: ok" \
+    "${ACROSS[@]}" -np 3 "$EX/mpi_shared"
+  case_ "across hosts: ranks that run different binaries are refused" nonzero \
+    "do not all run the same executable" \
+    "${ACROSS[@]}" -np 1 "$EX/mpi_primes" : -np 2 "$EX/mpi_panic"
+  SHOW=1 case_ "across hosts: the benchmark runs" 0 "MPI, 2 worker ranks" \
+    "${ACROSS[@]}" -np 3 "$EX/mpi_bench"
+  SHOW=1 case_ "across hosts: a bare MPI ping-pong between h1 and h2" 0 \
+    "ranks: 0 on h1, 1 on h2" \
+    "${ACROSS[@]}" -np 2 "$EX/mpi_pingpong"
+  bash "$HOSTS_SH" down
+fi
 
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]

@@ -8,10 +8,9 @@ use crate::backend::local;
 use crate::backend::local::server::{Init, Spec};
 use crate::backend::local::start::StartMethod;
 use crate::engine::completion::{Group, Hook, Outcome, Payload, Signal, Slot, complete};
-use crate::engine::core::Shared;
+use crate::engine::core::{Launch, Shared};
 use crate::engine::job::{Config, JobSpec};
 use crate::engine::lifecycle::Phase;
-use crate::engine::seam::{Backend, Progress};
 use crate::engine::supervisor;
 use crate::error::{Error, Result};
 use crate::proto::codec;
@@ -26,6 +25,22 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+/// Builder methods that store what they are given. Each entry is a
+/// method's docs, its name and argument, and the fields it sets:
+/// `fn timeout(t: Duration) { timeout = Some(t) }` becomes
+/// `pub fn timeout(mut self, t: Duration) -> Self`.
+macro_rules! setters {
+    ($($(#[$doc:meta])* fn $name:ident($arg:ident: $t:ty) { $($field:ident = $val:expr),+ })*) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(mut self, $arg: $t) -> Self {
+                $(self.$field = $val;)+
+                self
+            }
+        )*
+    };
+}
 
 /// A value that can travel to a worker and back: anything serde can
 /// serialize and deserialize into an owned value.
@@ -81,54 +96,37 @@ impl<R> TaskOptions<R> {
         Self::default()
     }
 
-    /// Kill the worker and fail the task with [`Error::Timeout`] if it runs
-    /// longer than this (overrides the pool's default).
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(timeout);
-        self
-    }
+    setters! {
+        /// Kill the worker and fail the task with [`Error::Timeout`] if it runs
+        /// longer than this (overrides the pool's default).
+        fn timeout(timeout: Duration) { timeout = Some(timeout) }
 
-    /// A soft time limit (overrides the pool's default): once the task has
-    /// run this long, [`deadline_passed`](crate::deadline_passed) returns
-    /// true in it, so that it can stop with a partial result or clean up.
-    /// Nothing is killed at the soft limit; the hard
-    /// [`timeout`](Self::timeout), if any, still kills the worker later.
-    /// As billiard's (Celery's) `soft_time_limit`, but cooperative.
-    pub fn soft_timeout(mut self, soft: Duration) -> Self {
-        self.soft_timeout = Some(soft);
-        self
-    }
+        /// A soft time limit (overrides the pool's default): once the task has
+        /// run this long, [`deadline_passed`](crate::deadline_passed) returns
+        /// true in it, so that it can stop with a partial result or clean up.
+        /// Nothing is killed at the soft limit; the hard
+        /// [`timeout`](Self::timeout), if any, still kills the worker later.
+        /// As billiard's (Celery's) `soft_time_limit`, but cooperative.
+        fn soft_timeout(soft: Duration) { soft_timeout = Some(soft) }
 
-    /// Run the task again, up to `n` times, if its worker dies under it
-    /// (overrides the pool's default). Only for idempotent work. A task
-    /// whose argument holds [`SharedBuf`](crate::SharedBuf)s is not run
-    /// again (it fails with [`Error::WorkerLostShared`]) unless
-    /// [`retries_with_shared`](Self::retries_with_shared) asks for it.
-    pub fn retries(mut self, n: u32) -> Self {
-        self.retries = Some(n);
-        self
-    }
+        /// Run the task again, up to `n` times, if its worker dies under it
+        /// (overrides the pool's default). Only for idempotent work. A task
+        /// whose argument holds [`SharedBuf`](crate::SharedBuf)s is not run
+        /// again (it fails with [`Error::WorkerLostShared`]) unless
+        /// [`retries_with_shared`](Self::retries_with_shared) asks for it.
+        fn retries(n: u32) { retries = Some(n) }
 
-    /// As [`retries`](Self::retries), and also for a task whose argument
-    /// holds [`SharedBuf`](crate::SharedBuf)s: the retry gets the same
-    /// buffers as the dead worker left them, possibly half written. Only
-    /// for work that copes with that (it rewrites them whole, say).
-    pub fn retries_with_shared(mut self, n: u32) -> Self {
-        self.retries = Some(n);
-        self.retry_shared = true;
-        self
-    }
+        /// As [`retries`](Self::retries), and also for a task whose argument
+        /// holds [`SharedBuf`](crate::SharedBuf)s: the retry gets the same
+        /// buffers as the dead worker left them, possibly half written. Only
+        /// for work that copes with that (it rewrites them whole, say).
+        fn retries_with_shared(n: u32) { retries = Some(n), retry_shared = true }
 
-    /// Called with the value on the result-handler thread.
-    pub fn on_success(mut self, f: impl FnOnce(&R) + Send + 'static) -> Self {
-        self.on_success = Some(Box::new(f));
-        self
-    }
+        /// Called with the value on the result-handler thread.
+        fn on_success(f: impl FnOnce(&R) + Send + 'static) { on_success = Some(Box::new(f)) }
 
-    /// Called with the error on the result-handler thread.
-    pub fn on_error(mut self, f: impl FnOnce(&Error) + Send + 'static) -> Self {
-        self.on_error = Some(Box::new(f));
-        self
+        /// Called with the error on the result-handler thread.
+        fn on_error(f: impl FnOnce(&Error) + Send + 'static) { on_error = Some(Box::new(f)) }
     }
 }
 
@@ -189,57 +187,34 @@ impl<R> MapOptions<R> {
         Self::default()
     }
 
-    /// Items per task. `map` defaults to ceil(n / (4 × workers)) as in
-    /// CPython; `imap` and `imap_unordered` to 1. Zero counts as 1.
-    pub fn chunksize(mut self, n: usize) -> Self {
-        self.chunksize = Some(n.max(1));
-        self
-    }
+    setters! {
+        /// Items per task. `map` defaults to ceil(n / (4 × workers)) as in
+        /// CPython; `imap` and `imap_unordered` to 1. Zero counts as 1.
+        fn chunksize(n: usize) { chunksize = Some(n.max(1)) }
 
-    /// A timeout for each chunk (see [`TaskOptions::timeout`]).
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(timeout);
-        self
-    }
+        /// A timeout for each chunk (see [`TaskOptions::timeout`]).
+        fn timeout(timeout: Duration) { timeout = Some(timeout) }
 
-    /// A soft time limit for each chunk (see [`TaskOptions::soft_timeout`]).
-    pub fn soft_timeout(mut self, soft: Duration) -> Self {
-        self.soft_timeout = Some(soft);
-        self
-    }
+        /// A soft time limit for each chunk (see [`TaskOptions::soft_timeout`]).
+        fn soft_timeout(soft: Duration) { soft_timeout = Some(soft) }
 
-    /// Retries for each chunk whose worker dies (see [`TaskOptions::retries`]).
-    pub fn retries(mut self, n: u32) -> Self {
-        self.retries = Some(n);
-        self
-    }
+        /// Retries for each chunk whose worker dies (see [`TaskOptions::retries`]).
+        fn retries(n: u32) { retries = Some(n) }
 
-    /// Retries for each chunk, also for chunks that hold
-    /// [`SharedBuf`](crate::SharedBuf)s (see
-    /// [`TaskOptions::retries_with_shared`]).
-    pub fn retries_with_shared(mut self, n: u32) -> Self {
-        self.retries = Some(n);
-        self.retry_shared = true;
-        self
-    }
+        /// Retries for each chunk, also for chunks that hold
+        /// [`SharedBuf`](crate::SharedBuf)s (see
+        /// [`TaskOptions::retries_with_shared`]).
+        fn retries_with_shared(n: u32) { retries = Some(n), retry_shared = true }
 
-    /// For `imap`: at most this many chunks in flight (default: enough to
-    /// keep every worker busy, at least 4 per worker).
-    pub fn in_flight(mut self, chunks: usize) -> Self {
-        self.in_flight = Some(chunks.max(1));
-        self
-    }
+        /// For `imap`: at most this many chunks in flight (default: enough to
+        /// keep every worker busy, at least 4 per worker).
+        fn in_flight(chunks: usize) { in_flight = Some(chunks.max(1)) }
 
-    /// For `map_async_with`: called with every value, in input order.
-    pub fn on_success(mut self, f: impl FnOnce(&Vec<R>) + Send + 'static) -> Self {
-        self.on_success = Some(Box::new(f));
-        self
-    }
+        /// For `map_async_with`: called with every value, in input order.
+        fn on_success(f: impl FnOnce(&Vec<R>) + Send + 'static) { on_success = Some(Box::new(f)) }
 
-    /// For `map_async_with`: called with the first error in input order.
-    pub fn on_error(mut self, f: impl FnOnce(&Error) + Send + 'static) -> Self {
-        self.on_error = Some(Box::new(f));
-        self
+        /// For `map_async_with`: called with the first error in input order.
+        fn on_error(f: impl FnOnce(&Error) + Send + 'static) { on_error = Some(Box::new(f)) }
     }
 }
 
@@ -294,10 +269,9 @@ impl std::fmt::Debug for Init {
 }
 
 impl PoolBuilder {
-    /// The number of worker processes (default: the CPU count). Zero is an error.
-    pub fn processes(mut self, n: usize) -> Self {
-        self.processes = Some(n);
-        self
+    setters! {
+        /// The number of worker processes (default: the CPU count). Zero is an error.
+        fn processes(n: usize) { processes = Some(n) }
     }
 
     /// A function that every worker runs once, with `arg`, before its first
@@ -319,145 +293,123 @@ impl PoolBuilder {
         self
     }
 
-    /// A worker exits after this many tasks (chunks, for the map family) and
-    /// is replaced, as CPython's `maxtasksperchild`. Zero is an error.
-    pub fn max_tasks_per_child(mut self, n: u64) -> Self {
-        self.max_tasks_per_child = Some(n);
-        self
-    }
+    setters! {
+        /// A worker exits after this many tasks (chunks, for the map family) and
+        /// is replaced, as CPython's `maxtasksperchild`. Zero is an error.
+        fn max_tasks_per_child(n: u64) { max_tasks_per_child = Some(n) }
 
-    /// A worker whose private memory has grown by more than `bytes` since
-    /// it started (after the initializer) is replaced once its current task
-    /// is done; that task's result is kept, and tasks sent to it that had
-    /// not started run elsewhere. For code that leaks (a C library, say):
-    /// as billiard's `max_memory_per_child` and loky's leak detection, and
-    /// less blunt than [`max_tasks_per_child`](Self::max_tasks_per_child).
-    /// Zero is an error.
-    ///
-    /// What is measured is the worker's resident anonymous memory
-    /// (`RssAnon`): memory it allocated *and wrote*. Pages it shares with
-    /// your process since the fork, the executable and libraries, and the
-    /// shared-memory blocks that large arguments travel in are not counted,
-    /// nor is memory reserved but never touched. It is checked after each
-    /// task (a read of `/proc/self/statm`, a few microseconds). Over MPI a
-    /// worker is a thread of its rank's process, so replacing it frees
-    /// nothing.
-    ///
-    /// ```
-    /// fn leak(mib: usize) -> u32 {
-    ///     std::mem::forget(vec![1u8; mib << 20]);   // written, never freed
-    ///     std::process::id()
-    /// }
-    /// let pool = procpool::Pool::builder()
-    ///     .processes(1)
-    ///     .max_memory_per_child(16 << 20)
-    ///     .build()?;
-    /// let first = pool.apply(leak, 32)?;       // its result is kept...
-    /// let second = pool.apply(leak, 0)?;       // ...and its worker replaced
-    /// assert_ne!(first, second);
-    /// # Ok::<(), procpool::Error>(())
-    /// ```
-    pub fn max_memory_per_child(mut self, bytes: u64) -> Self {
-        self.max_memory_per_child = Some(bytes);
-        self
-    }
+        /// A worker whose private memory has grown by more than `bytes` since
+        /// it started (after the initializer) is replaced once its current task
+        /// is done; that task's result is kept, and tasks sent to it that had
+        /// not started run elsewhere. For code that leaks (a C library, say):
+        /// as billiard's `max_memory_per_child` and loky's leak detection, and
+        /// less blunt than [`max_tasks_per_child`](Self::max_tasks_per_child).
+        /// Zero is an error.
+        ///
+        /// What is measured is the worker's resident anonymous memory
+        /// (`RssAnon`): memory it allocated *and wrote*. Pages it shares with
+        /// your process since the fork, the executable and libraries, and the
+        /// shared-memory blocks that large arguments travel in are not counted,
+        /// nor is memory reserved but never touched. It is checked after each
+        /// task (a read of `/proc/self/statm`, a few microseconds). Over MPI a
+        /// worker is a thread of its rank's process, so replacing it frees
+        /// nothing.
+        ///
+        /// ```
+        /// fn leak(mib: usize) -> u32 {
+        ///     std::mem::forget(vec![1u8; mib << 20]);   // written, never freed
+        ///     std::process::id()
+        /// }
+        /// let pool = procpool::Pool::builder()
+        ///     .processes(1)
+        ///     .max_memory_per_child(16 << 20)
+        ///     .build()?;
+        /// let first = pool.apply(leak, 32)?;       // its result is kept...
+        /// let second = pool.apply(leak, 0)?;       // ...and its worker replaced
+        /// assert_ne!(first, second);
+        /// # Ok::<(), procpool::Error>(())
+        /// ```
+        fn max_memory_per_child(bytes: u64) { max_memory_per_child = Some(bytes) }
 
-    /// A default timeout for every task (see [`TaskOptions::timeout`]).
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(timeout);
-        self
-    }
+        /// A default timeout for every task (see [`TaskOptions::timeout`]).
+        fn timeout(timeout: Duration) { timeout = Some(timeout) }
 
-    /// A default soft time limit for every task (see
-    /// [`TaskOptions::soft_timeout`] and [`deadline_passed`](crate::deadline_passed)).
-    pub fn soft_timeout(mut self, soft: Duration) -> Self {
-        self.soft_timeout = Some(soft);
-        self
-    }
+        /// A default soft time limit for every task (see
+        /// [`TaskOptions::soft_timeout`] and [`deadline_passed`](crate::deadline_passed)).
+        fn soft_timeout(soft: Duration) { soft_timeout = Some(soft) }
 
-    /// Default retries for a task whose worker dies (see [`TaskOptions::retries`]).
-    pub fn retries(mut self, n: u32) -> Self {
-        self.retries = n;
-        self
-    }
+        /// Default retries for a task whose worker dies (see [`TaskOptions::retries`]).
+        fn retries(n: u32) { retries = n }
 
-    /// How the pool starts its fork server (see [`StartMethod`]). The
-    /// default is [`StartMethod::ForkServer`], safe in any program, unless
-    /// the environment variable `PROCPOOL_START_METHOD` says otherwise.
-    ///
-    /// With `ForkServer`, workers do not see the caller's memory: a
-    /// `static` filled before `build()` is empty in them (build such data
-    /// in the [`initializer`](Self::initializer), or pass it in the task's
-    /// argument). With [`StartMethod::Fork`] they see the caller's memory
-    /// as it was at `build()`, and a lock another thread held at that
-    /// instant stays held in every worker: use it only before the program
-    /// starts threads.
-    pub fn start_method(mut self, method: StartMethod) -> Self {
-        self.start_method = Some(method);
-        self
-    }
+        /// How the pool starts its fork server (see [`StartMethod`]). The
+        /// default is [`StartMethod::ForkServer`], safe in any program, unless
+        /// the environment variable `PROCPOOL_START_METHOD` says otherwise.
+        ///
+        /// With `ForkServer`, workers do not see the caller's memory: a
+        /// `static` filled before `build()` is empty in them (build such data
+        /// in the [`initializer`](Self::initializer), or pass it in the task's
+        /// argument). With [`StartMethod::Fork`] they see the caller's memory
+        /// as it was at `build()`, and a lock another thread held at that
+        /// instant stays held in every worker: use it only before the program
+        /// starts threads.
+        fn start_method(method: StartMethod) { start_method = Some(method) }
 
-    /// Whether a task that panics brings its worker's backtrace back with
-    /// it, in [`Error::TaskPanicked`]'s `backtrace` (shown by its
-    /// `Display`). Default: when `RUST_BACKTRACE` is set (and not `0`)
-    /// in the environment when the pool is built, as std's own panic
-    /// messages decide. The panic's location comes back either way.
-    ///
-    /// The worker records only raw frame addresses, without taking any
-    /// lock; they are resolved to functions, files and lines in this
-    /// process, the first time the backtrace is shown.
-    ///
-    /// ```
-    /// use procpool::Error;
-    /// fn check(x: i32) -> i32 {
-    ///     if x < 0 { panic!("negative: {x}") }
-    ///     x
-    /// }
-    /// let pool = procpool::Pool::builder().processes(1).backtraces(true).build()?;
-    /// let e = pool.apply(check, -1).unwrap_err();
-    /// // the task panicked at src/main.rs:4:19: negative: -1
-    /// //
-    /// // worker backtrace:
-    /// //    0: ...
-    /// //    2: demo::check
-    /// //              at src/main.rs:4:19
-    /// assert!(e.to_string().contains("worker backtrace:"));
-    /// let Error::TaskPanicked { message, backtrace: Some(bt), .. } = e else { panic!("{e:?}") };
-    /// assert_eq!(message, "negative: -1");
-    /// assert!(bt.frames().iter().any(|f| f.function().is_some_and(|n| n.ends_with("::check"))));
-    /// # Ok::<(), procpool::Error>(())
-    /// ```
-    pub fn backtraces(mut self, on: bool) -> Self {
-        self.backtraces = Some(on);
-        self
-    }
+        /// Whether a task that panics brings its worker's backtrace back with
+        /// it, in [`Error::TaskPanicked`]'s `backtrace` (shown by its
+        /// `Display`). Default: when `RUST_BACKTRACE` is set (and not `0`)
+        /// in the environment when the pool is built, as std's own panic
+        /// messages decide. The panic's location comes back either way.
+        ///
+        /// The worker records only raw frame addresses, without taking any
+        /// lock; they are resolved to functions, files and lines in this
+        /// process, the first time the backtrace is shown.
+        ///
+        /// ```
+        /// use procpool::Error;
+        /// fn check(x: i32) -> i32 {
+        ///     if x < 0 { panic!("negative: {x}") }
+        ///     x
+        /// }
+        /// let pool = procpool::Pool::builder().processes(1).backtraces(true).build()?;
+        /// let e = pool.apply(check, -1).unwrap_err();
+        /// // the task panicked at src/main.rs:4:19: negative: -1
+        /// //
+        /// // worker backtrace:
+        /// //    0: ...
+        /// //    2: demo::check
+        /// //              at src/main.rs:4:19
+        /// assert!(e.to_string().contains("worker backtrace:"));
+        /// let Error::TaskPanicked { message, backtrace: Some(bt), .. } = e else { panic!("{e:?}") };
+        /// assert_eq!(message, "negative: -1");
+        /// assert!(bt.frames().iter().any(|f| f.function().is_some_and(|n| n.ends_with("::check"))));
+        /// # Ok::<(), procpool::Error>(())
+        /// ```
+        fn backtraces(on: bool) { backtraces = Some(on) }
 
-    /// Runs every worker in a [`Sandbox`](crate::Sandbox), applied after
-    /// its initializer and before its first task: no network, no path but
-    /// those the sandbox lists, no program, no privilege, no way to reach
-    /// another worker, and the resource caps it sets. For untrusted input.
-    ///
-    /// Needs [`StartMethod::ForkServer`] (a fork of the caller would carry
-    /// the caller's memory into the sandbox): under [`StartMethod::Fork`],
-    /// or with `mpi()`, [`build`](Self::build) fails with
-    /// [`Error::Sandbox`]. So does a kernel that lacks a mechanism the
-    /// sandbox needs (unless [`Sandbox::allow_weaker`](crate::Sandbox::allow_weaker)),
-    /// and an initializer that leaves the worker with more than one thread.
-    ///
-    /// ```
-    /// use procpool::{Pool, Sandbox, StartMethod};
-    /// fn read(path: String) -> bool { std::fs::read(path).is_ok() }
-    /// let pool = Pool::builder()
-    ///     .processes(1)
-    ///     .start_method(StartMethod::ForkServer)
-    ///     .sandbox(Sandbox::new().read_only(std::env::temp_dir()).memory_limit(512 << 20))
-    ///     .build()?;
-    /// assert!(!pool.apply(read, "/etc/passwd".to_string())?);
-    /// # Ok::<(), procpool::Error>(())
-    /// ```
-    pub fn sandbox(mut self, sandbox: crate::sandbox::Sandbox) -> Self {
-        self.sandbox = Some(sandbox);
-        self
+        /// Runs every worker in a [`Sandbox`](crate::Sandbox), applied after
+        /// its initializer and before its first task: no network, no path but
+        /// those the sandbox lists, no program, no privilege, no way to reach
+        /// another worker, and the resource caps it sets. For untrusted input.
+        ///
+        /// Needs [`StartMethod::ForkServer`] (a fork of the caller would carry
+        /// the caller's memory into the sandbox): under [`StartMethod::Fork`],
+        /// or with `mpi()`, [`build`](Self::build) fails with
+        /// [`Error::Sandbox`]. So does a kernel that lacks a mechanism the
+        /// sandbox needs (unless [`Sandbox::allow_weaker`](crate::Sandbox::allow_weaker)),
+        /// and an initializer that leaves the worker with more than one thread.
+        ///
+        /// ```
+        /// use procpool::{Pool, Sandbox, StartMethod};
+        /// fn read(path: String) -> bool { std::fs::read(path).is_ok() }
+        /// let pool = Pool::builder()
+        ///     .processes(1)
+        ///     .start_method(StartMethod::ForkServer)
+        ///     .sandbox(Sandbox::new().read_only(std::env::temp_dir()).memory_limit(512 << 20))
+        ///     .build()?;
+        /// assert!(!pool.apply(read, "/etc/passwd".to_string())?);
+        /// # Ok::<(), procpool::Error>(())
+        /// ```
+        fn sandbox(sandbox: crate::sandbox::Sandbox) { sandbox = Some(sandbox) }
     }
 
     /// Runs the workers as MPI ranks, possibly on other machines, instead
@@ -555,9 +507,7 @@ impl PoolBuilder {
         };
         #[cfg(feature = "mpi")]
         if mpi {
-            let (cfg, backend, progress, slots) =
-                crate::backend::mpi::start(self.processes, cfg, init)?;
-            return Pool::start(cfg, backend, progress, slots);
+            return Pool::start(crate::backend::mpi::start(self.processes, cfg, init)?);
         }
         let slots = processes * 2;
         let words = local::words(slots, sandbox.is_some())?;
@@ -570,7 +520,12 @@ impl PoolBuilder {
         };
         crate::worker::install_panic_hook();
         let backend = local::start(method, spec)?;
-        Pool::start(cfg, Box::new(backend), words, slots)
+        Pool::start(Launch {
+            cfg,
+            backend: Box::new(backend),
+            progress: words,
+            slots,
+        })
     }
 
     /// The number of workers, after the settings' checks.
@@ -715,13 +670,8 @@ fn encode_chunk<'i, A: Serialize + 'i>(
 impl Pool {
     /// Starts the supervisor thread over a backend, asks for the workers
     /// and waits until they are ready.
-    pub(crate) fn start(
-        cfg: Config,
-        backend: Box<dyn Backend>,
-        progress: Arc<dyn Progress>,
-        slots: usize,
-    ) -> Result<Pool> {
-        let shared = Shared::new(cfg, backend, progress, slots)?;
+    pub(crate) fn start(launch: Launch) -> Result<Pool> {
+        let shared = Shared::new(launch)?;
         let s2 = shared.clone();
         let exited = Signal::new();
         let on_exit = SetOnDrop(exited.clone());

@@ -454,14 +454,17 @@ impl<R: DeserializeOwned> ImapUnordered<'_, R> {
     /// [`Imap::next_timeout`]).
     ///
     /// ```
-    /// use procpool::Next;
-    /// use std::time::Duration;
-    /// fn nap(ms: u64) -> u64 { std::thread::sleep(Duration::from_millis(ms)); ms }
-    /// let pool = procpool::Pool::builder().processes(2).build()?;
-    /// let mut it = pool.imap_unordered(nap, [300]);
-    /// assert!(matches!(it.next_timeout(Duration::from_millis(10)), Next::TimedOut));
-    /// assert_eq!(it.next_timeout(Duration::from_secs(60)).item().unwrap()?, 300);
-    /// assert!(matches!(it.next_timeout(Duration::ZERO), Next::Done));
+    /// # use std::time::Duration;
+    /// fn wait_for(ms: u64) -> u64 {
+    ///     std::thread::sleep(Duration::from_millis(ms));
+    ///     ms
+    /// }
+    /// let pool = procpool::Pool::builder().processes(1).build()?;
+    /// let mut results = pool.imap_unordered(wait_for, vec![300]);
+    /// let soon = results.next_timeout(Duration::from_millis(10));
+    /// assert!(soon.item().is_none(), "not finished after 10 ms");
+    /// let later = results.next_timeout(Duration::from_secs(60));
+    /// assert_eq!(later.item().expect("finished within a minute")?, 300);
     /// # Ok::<(), procpool::Error>(())
     /// ```
     pub fn next_timeout(&mut self, timeout: Duration) -> Next<Result<R>> {

@@ -65,13 +65,25 @@ pub(crate) struct Shared {
     pub(crate) cfg: Config,
 }
 
+/// What the engine runs on: its settings, the backend, what the backend
+/// reports of its workers' progress, and how many worker slots there are
+/// (twice the pool's size: a replacement may start before the worker it
+/// replaces is gone).
+pub(crate) struct Launch {
+    pub(crate) cfg: Config,
+    pub(crate) backend: Box<dyn Backend>,
+    pub(crate) progress: Arc<dyn Progress>,
+    pub(crate) slots: usize,
+}
+
 impl Shared {
-    pub(crate) fn new(
-        cfg: Config,
-        backend: Box<dyn Backend>,
-        progress: Arc<dyn Progress>,
-        slots: usize,
-    ) -> Result<Arc<Shared>, Error> {
+    pub(crate) fn new(launch: Launch) -> Result<Arc<Shared>, Error> {
+        let Launch {
+            cfg,
+            backend,
+            progress,
+            slots,
+        } = launch;
         let wake = match sys::eventfd() {
             Ok(fd) => fd,
             Err(e) => {

@@ -200,13 +200,7 @@ fn handle_io(
             w.flush();
         }
         if p.set.readable(i) {
-            let mut sink = Sink {
-                ready: &mut st.ready,
-                est: &mut st.est,
-                cache: &shared.blocks,
-                done,
-            };
-            w.read(&mut sink);
+            w.read(&mut st.ready, &mut st.est, &shared.blocks, done);
         }
     }
     if st.ready != ready_before {
@@ -284,13 +278,7 @@ fn ended(shared: &Shared, st: &mut State, pid: u32, end: End, done: &mut Vec<Com
         return;
     };
     let mut w = st.workers.swap_remove(i);
-    let mut sink = Sink {
-        ready: &mut st.ready,
-        est: &mut st.est,
-        cache: &shared.blocks,
-        done,
-    };
-    w.read(&mut sink);
+    w.read(&mut st.ready, &mut st.est, &shared.blocks, done);
     events::worker_ended(shared, st, w, end, done);
 }
 
@@ -325,17 +313,31 @@ const READ_CHUNK: usize = 256 << 10;
 
 /// What reading a worker's frames needs besides the worker.
 struct Sink<'a> {
-    pub(crate) ready: &'a mut usize,
-    pub(crate) est: &'a mut Estimates,
-    pub(crate) cache: &'a Arc<BlockCache>,
-    pub(crate) done: &'a mut Vec<Completion>,
+    ready: &'a mut usize,
+    est: &'a mut Estimates,
+    cache: &'a Arc<BlockCache>,
+    done: &'a mut Vec<Completion>,
 }
 
 impl Worker {
-    /// Reads everything it has sent and turns whole frames into outcomes.
-    fn read(&mut self, sink: &mut Sink<'_>) {
+    /// Reads everything it has sent and turns whole frames into outcomes
+    /// (into `done`); counts it in `ready` once it is, and learns the run
+    /// times it reports.
+    fn read(
+        &mut self,
+        ready: &mut usize,
+        est: &mut Estimates,
+        cache: &Arc<BlockCache>,
+        done: &mut Vec<Completion>,
+    ) {
         let before = (self.ready, self.in_flight.len());
-        self.read_frames(sink);
+        let mut sink = Sink {
+            ready,
+            est,
+            cache,
+            done,
+        };
+        self.read_frames(&mut sink);
         if let Some(clk) = self.cpu_clock {
             if (self.ready, self.in_flight.len()) != before {
                 // Read after the frames that said a task ended: the tasks

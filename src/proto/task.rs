@@ -112,29 +112,23 @@ pub(crate) fn addr_of(off: u64) -> usize {
 }
 
 impl TaskFn {
-    /// A task that maps one `A` to one `R`.
-    pub(crate) fn single<A, R>(f: fn(A) -> R) -> Self
-    where
-        A: DeserializeOwned,
-        R: Serialize,
-    {
+    /// The task that runs function `func` through trampoline `tramp`.
+    fn of(tramp: Trampoline, func: usize) -> Self {
         TaskFn {
-            tramp: to_offset(run_single::<A, R> as Trampoline as usize),
-            func: to_offset(f as usize),
+            tramp: to_offset(tramp as usize),
+            func: to_offset(func),
         }
+    }
+
+    /// A task that maps one `A` to one `R`.
+    pub(crate) fn single<A: DeserializeOwned, R: Serialize>(f: fn(A) -> R) -> Self {
+        TaskFn::of(run_single::<A, R>, f as usize)
     }
 
     /// A task that maps a chunk of `A`s (each framed by `push_item`) to a
     /// chunk of `(status, R)`s.
-    pub(crate) fn chunk<A, R>(f: fn(A) -> R) -> Self
-    where
-        A: DeserializeOwned,
-        R: Serialize,
-    {
-        TaskFn {
-            tramp: to_offset(run_chunk::<A, R> as Trampoline as usize),
-            func: to_offset(f as usize),
-        }
+    pub(crate) fn chunk<A: DeserializeOwned, R: Serialize>(f: fn(A) -> R) -> Self {
+        TaskFn::of(run_chunk::<A, R>, f as usize)
     }
 
     /// Runs the task in this process (a worker).

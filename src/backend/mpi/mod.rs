@@ -27,8 +27,9 @@ mod root;
 mod transport;
 
 use crate::backend::local::server::Init;
+use crate::engine::core::Launch;
 use crate::engine::job::Config;
-use crate::engine::seam::{Backend, Event, Progress};
+use crate::engine::seam::{Backend, Event};
 use crate::error::Error;
 use crate::sys;
 use mpi::Threading;
@@ -61,20 +62,15 @@ enum Role {
     Worker,
 }
 
-/// What rank 0 hands the engine: the settings, the backend, its progress,
-/// and the number of slots.
-type Started = (Config, Box<dyn Backend>, Arc<dyn Progress>, usize);
-
 /// `PoolBuilder::build` with `.mpi()`. On rank 0 this returns what the
-/// engine needs: the settings (the pool's size is the number of worker
-/// ranks, or fewer if asked), the backend, the progress it reports, and the
-/// number of slots. On the other ranks it serves tasks and then exits the
+/// engine runs on (the pool's size is the number of worker ranks, or fewer
+/// if asked). On the other ranks it serves tasks and then exits the
 /// process.
 pub(crate) fn start(
     requested: Option<usize>,
     mut cfg: Config,
     init: Option<Init>,
-) -> Result<Started, Error> {
+) -> Result<Launch, Error> {
     check_launcher()?;
     if USED.swap(true, Ordering::SeqCst) {
         return Err(Error::Config(ONCE));
@@ -135,7 +131,12 @@ pub(crate) fn start(
         thread: Some(thread),
         gone: false,
     };
-    Ok((cfg, Box::new(backend), handed, slots))
+    Ok(Launch {
+        cfg,
+        backend: Box::new(backend),
+        progress: handed,
+        slots,
+    })
 }
 
 /// The engine's side of the MPI backend (rank 0's thread is the other).

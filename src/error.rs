@@ -88,13 +88,15 @@ pub enum Error {
     },
     /// The worker running the task died (a signal, `abort`, a segfault,
     /// `exit` inside the task, the out-of-memory killer). It has been replaced.
-    #[error("worker {pid} was lost while running the task ({status})")]
+    #[error("worker {pid}{} was lost while running the task ({status})", on_rank(*rank))]
     #[non_exhaustive]
     WorkerLost {
-        /// The pid of the worker that died.
+        /// The pid of the worker that died (on its rank's host, over MPI).
         pid: u32,
         /// How it ended, as its reaper saw it.
         status: ExitStatus,
+        /// The MPI rank it ran on (`None` in a local pool).
+        rank: Option<usize>,
     },
     /// The worker running a task whose argument held [`SharedBuf`]s died
     /// part-way (as [`WorkerLost`](Error::WorkerLost)). The buffers were
@@ -120,13 +122,16 @@ pub enum Error {
         buffers: usize,
     },
     /// The task ran longer than its timeout; its worker was killed and replaced.
-    #[error("the task timed out after {timeout:?}; worker {pid} was killed")]
+    #[error("the task timed out after {timeout:?}; worker {pid}{} was killed", on_rank(*rank))]
     #[non_exhaustive]
     Timeout {
         /// The timeout that was exceeded.
         timeout: Duration,
-        /// The pid of the worker that was killed.
+        /// The pid of the worker that was killed (on its rank's host, over
+        /// MPI).
         pid: u32,
+        /// The MPI rank it ran on (`None` in a local pool).
+        rank: Option<usize>,
     },
     /// The task was cancelled before it finished.
     #[error("the task was cancelled")]
@@ -250,3 +255,8 @@ impl Error {
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// " on MPI rank N" for a worker that ran on a rank; "" for a local one.
+fn on_rank(rank: Option<usize>) -> String {
+    rank.map(|r| format!(" on MPI rank {r}")).unwrap_or_default()
+}

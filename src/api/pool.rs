@@ -258,6 +258,8 @@ pub struct PoolBuilder {
     sandbox: Option<crate::sandbox::Sandbox>,
     #[cfg(feature = "mpi")]
     mpi: bool,
+    #[cfg(feature = "mpi")]
+    workers_per_rank: Option<usize>,
 }
 
 impl std::fmt::Debug for Init {
@@ -457,6 +459,17 @@ impl PoolBuilder {
         self
     }
 
+    /// Over MPI ([`mpi`](Self::mpi)): how many worker processes each worker
+    /// rank hosts, forked by a fork server of its own on the rank's host.
+    /// The default is the number of CPUs in the rank's affinity mask (as
+    /// `mpirun` or `srun` bound it). [`processes`](Self::processes) is then
+    /// the total across the ranks, at most the sum of what they host.
+    #[cfg(feature = "mpi")]
+    pub fn workers_per_rank(mut self, n: usize) -> Self {
+        self.workers_per_rank = Some(n);
+        self
+    }
+
     /// Starts the fork server (see [`start_method`](Self::start_method)),
     /// starts the workers (running the initializer in each) and returns
     /// once every worker is ready.
@@ -504,6 +517,7 @@ impl PoolBuilder {
             // no fd of the caller's memory (it could keep a duplicate and
             // write after it gave the buffer back).
             inline_shared: mpi || sandbox.is_some(),
+            backend_keeps_timeouts: mpi,
         };
         #[cfg(feature = "mpi")]
         if mpi {
@@ -517,6 +531,7 @@ impl PoolBuilder {
             sock_buf: 1 << 20,
             sandbox,
             prepared: None,
+            without_mpi_env: false,
         };
         crate::worker::install_panic_hook();
         let backend = local::start(method, spec)?;

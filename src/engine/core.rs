@@ -446,8 +446,8 @@ impl State {
                 };
                 let job = self.queue.pop_front().expect("front exists");
                 let timed = job.timeout;
-                w.push_task(job, charge, cfg.inline_shared);
-                if let Some(t) = timed {
+                w.push_task(job, charge, cfg);
+                if let Some(t) = timed.filter(|_| !cfg.backend_keeps_timeouts) {
                     w.deadline = Some(now + t);
                     // The supervisor's poll must learn the new deadline.
                     pending = true;
@@ -477,7 +477,7 @@ impl Worker {
     /// Appends `job`'s frames (its soft limit, if any, then the task) to
     /// the out buffer, with the fds they carry, and holds it; returns the
     /// bytes written.
-    pub(crate) fn push_task(&mut self, job: Job, charge: u64, inline_shared: bool) -> usize {
+    pub(crate) fn push_task(&mut self, job: Job, charge: u64, cfg: &Config) -> usize {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.sent += 1;
@@ -488,7 +488,13 @@ impl Worker {
             Header::new(wire::SOFT_LIMIT, seq, ns, 0).push(self.conn.out());
             bytes += HDR;
         }
-        bytes += self.push_task_frame(seq, &job, inline_shared);
+        if let Some(limit) = job.timeout.filter(|_| cfg.backend_keeps_timeouts) {
+            // Its timeout, for the backend that keeps it.
+            let ns = crate::deadline::nanos(limit);
+            Header::new(wire::TIMEOUT, seq, ns, 0).push(self.conn.out());
+            bytes += HDR;
+        }
+        bytes += self.push_task_frame(seq, &job, cfg.inline_shared);
         self.held_ns += charge;
         self.in_flight.push_back(InFlight { seq, job, charge });
         bytes

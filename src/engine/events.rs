@@ -15,13 +15,19 @@ use std::time::Instant;
 /// One event from the backend.
 pub(crate) fn on_event(shared: &Shared, st: &mut State, e: Event, done: &mut Vec<Completion>) {
     match e {
-        Event::Started { slot, pid, conn } => {
+        Event::Started {
+            slot,
+            pid,
+            rank,
+            conn,
+        } => {
             if let Some(i) = st.spawning.iter().position(|s| s.0 == slot) {
                 done.append(&mut st.spawning.swap_remove(i).1);
             }
             st.starts.succeeded();
             log::debug!("procpool: worker {pid} started");
-            st.workers.push(Worker::new(slot, pid, conn, &shared.cfg));
+            st.workers
+                .push(Worker::new(slot, pid, rank, conn, &shared.cfg));
         }
         Event::StartFailed { slot, cause } => {
             if let Some(i) = st.spawning.iter().position(|s| s.0 == slot) {
@@ -31,14 +37,25 @@ pub(crate) fn on_event(shared: &Shared, st: &mut State, e: Event, done: &mut Vec
             }
             start_failed(shared, st, cause, done);
         }
-        Event::KillRefused { pid, task } => {
+        Event::KillRefused { slot, task } => {
             // The cancelled task had finished before the kill: the worker
             // goes on.
-            if let Some(w) = st.workers.iter_mut().find(|w| w.pid == pid) {
+            if let Some(w) = st.workers.iter_mut().find(|w| w.slot == slot) {
                 if matches!(w.kill, Some(KillReason::Cancel)) && w.kill_seq == task {
                     w.kill = None;
                     w.kill_sent = false;
                     w.kill_seq = 0;
+                }
+            }
+        }
+        Event::TimedOut { slot, task } => {
+            // Its backend killed it for the task's timeout: that task fails
+            // with `Timeout` when its end is reported.
+            if let Some(w) = st.workers.iter_mut().find(|w| w.slot == slot) {
+                let timed = w.in_flight.iter().find(|f| f.seq == task);
+                if let Some((id, Some(timeout))) = timed.map(|f| (f.job.id, f.job.timeout)) {
+                    w.set_kill(KillReason::Timeout { id, timeout }, 0);
+                    w.kill_sent = true;
                 }
             }
         }
@@ -141,6 +158,7 @@ pub(crate) fn worker_ended(
     }
     let facts = Ended {
         pid: w.pid,
+        rank: w.rank,
         end,
         started,
         kill: w.kill.as_ref(),

@@ -39,6 +39,11 @@ pub(crate) struct Config {
     /// Whether `SharedBuf`s travel as copies (MPI ranks, beyond shared
     /// memory) rather than by reference.
     pub(crate) inline_shared: bool,
+    /// Whether the backend keeps the tasks' timeouts itself, on the clock
+    /// of the host that runs them (MPI ranks): each timed task's limit then
+    /// goes in a TIMEOUT frame before it, and the engine kills nothing on
+    /// its own clock.
+    pub(crate) backend_keeps_timeouts: bool,
 }
 
 impl Config {

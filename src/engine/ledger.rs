@@ -13,6 +13,8 @@ use crate::sandbox::Limit;
 /// The facts about a worker that ended.
 pub(crate) struct Ended<'a> {
     pub(crate) pid: u32,
+    /// The MPI rank it ran on, if it did.
+    pub(crate) rank: Option<usize>,
     pub(crate) end: End,
     /// The last task it started (its sequence number; 0: none).
     pub(crate) started: u64,
@@ -70,6 +72,7 @@ fn started_task_error(job: &mut Job, e: &Ended<'_>) -> Option<Error> {
             return Some(Error::Timeout {
                 timeout: *timeout,
                 pid,
+                rank: e.rank,
             });
         }
         Some(KillReason::Limit { id, limit }) if *id == job.id => {
@@ -100,7 +103,11 @@ fn started_task_error(job: &mut Job, e: &Ended<'_>) -> Option<Error> {
             buffers: job.shared.len(),
         });
     }
-    Some(Error::WorkerLost { pid, status })
+    Some(Error::WorkerLost {
+        pid,
+        status,
+        rank: e.rank,
+    })
 }
 
 /// What is known of a worker that died before it said it was ready.
@@ -169,6 +176,7 @@ mod tests {
     fn ended(started: u64, kill: Option<&KillReason>) -> Ended<'_> {
         Ended {
             pid: 42,
+            rank: None,
             end: killed(9),
             started,
             kill,
@@ -191,7 +199,7 @@ mod tests {
         assert_eq!(failed, vec![10, 11]);
         assert!(v.failed.iter().all(|(_, e)| matches!(
             e,
-            Error::WorkerLost { pid: 42, status } if status.signal() == Some(9)
+            Error::WorkerLost { pid: 42, status, .. } if status.signal() == Some(9)
         )));
     }
 
@@ -223,7 +231,7 @@ mod tests {
         let v = settle(held(vec![job(7, 3)]), &ended(1, Some(&kill)));
         assert!(matches!(
             v.failed[0].1,
-            Error::Timeout { pid: 42, timeout } if timeout == Duration::from_millis(5)
+            Error::Timeout { pid: 42, timeout, .. } if timeout == Duration::from_millis(5)
         ));
     }
 

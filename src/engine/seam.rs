@@ -60,20 +60,27 @@ impl std::fmt::Display for End {
 /// What a backend reports.
 #[derive(Debug)]
 pub(crate) enum Event {
-    /// The worker for `slot` exists: `pid` names it (a rank, over MPI) and
-    /// `conn` is the parent's end of its stream.
+    /// The worker for `slot` exists: `pid` names it (on its rank's host,
+    /// over MPI: `rank` says which), and `conn` is the parent's end of its
+    /// stream.
     Started {
         slot: usize,
         pid: u32,
+        rank: Option<usize>,
         conn: OwnedFd,
     },
     /// The worker for `slot` could not be started; `cause` says why.
     StartFailed { slot: usize, cause: String },
     /// A kill for task `task` only was not carried out: the worker had
     /// finished that task (or the backend cannot kill one task).
-    KillRefused { pid: u32, task: u64 },
-    /// The worker `pid` ended.
-    Ended { pid: u32, end: End },
+    KillRefused { slot: usize, task: u64 },
+    /// The backend killed the worker in `slot` because task `task` ran past
+    /// its timeout (a backend that keeps the tasks' clocks itself: MPI
+    /// ranks). Its `Ended` follows.
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    TimedOut { slot: usize, task: u64 },
+    /// The worker in `slot` ended.
+    Ended { slot: usize, end: End },
     /// The backend itself ended: nothing more can be started or reaped.
     Gone,
 }

@@ -219,7 +219,7 @@ fn handle_io(
     }
     for e in events.drain(..) {
         match e {
-            Event::Ended { pid, end } => ended(shared, st, pid, end, done),
+            Event::Ended { slot, end } => ended(shared, st, slot, end, done),
             e => events::on_event(shared, st, e, done),
         }
     }
@@ -271,10 +271,10 @@ fn after_io(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) -> Opti
     None
 }
 
-/// Worker `pid` ended: everything it wrote before it ended is in its
-/// socket, so that is read first; then its tasks are settled.
-fn ended(shared: &Shared, st: &mut State, pid: u32, end: End, done: &mut Vec<Completion>) {
-    let Some(i) = st.workers.iter().position(|w| w.pid == pid) else {
+/// The worker in `slot` ended: everything it wrote before it ended is in
+/// its socket, so that is read first; then its tasks are settled.
+fn ended(shared: &Shared, st: &mut State, slot: usize, end: End, done: &mut Vec<Completion>) {
+    let Some(i) = st.workers.iter().position(|w| w.slot == slot) else {
         return;
     };
     let mut w = st.workers.swap_remove(i);

@@ -12,6 +12,8 @@ use std::time::Instant;
 pub(crate) struct Worker {
     pub(crate) slot: usize,
     pub(crate) pid: u32,
+    /// The MPI rank it runs on, if it does.
+    pub(crate) rank: Option<usize>,
     pub(crate) conn: Conn,
     pub(crate) ready: bool,
     /// Its write side is shut (or will be once its bytes are out): it
@@ -51,10 +53,17 @@ pub(crate) struct Worker {
 
 impl Worker {
     /// A worker that just started, with its settings queued first.
-    pub(crate) fn new(slot: usize, pid: u32, fd: OwnedFd, cfg: &Config) -> Worker {
+    pub(crate) fn new(
+        slot: usize,
+        pid: u32,
+        rank: Option<usize>,
+        fd: OwnedFd,
+        cfg: &Config,
+    ) -> Worker {
         Worker {
             slot,
             pid,
+            rank,
             conn: Conn::new(fd, cfg.worker_frame()),
             ready: false,
             retiring: false,

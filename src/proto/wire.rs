@@ -54,6 +54,9 @@ pub(crate) const CONFIG_BACKTRACES: u64 = 1;
 
 /// Worker to parent: the sandbox could not be applied; the body is why.
 pub(crate) const SANDBOX_FAILED: u8 = 8;
+/// Parent to an MPI rank, just before a TASK: that task's timeout (`a`,
+/// ns), which the rank keeps on its own clock. It never reaches a worker.
+pub(crate) const TIMEOUT: u8 = 9;
 
 /// TASK flag (in `status`): the body is the 8-byte length of the input,
 /// which is in the block whose fd came with the frame.

@@ -18,7 +18,7 @@ use crate::proto::status::{STATUS_WORDS, SharedWords};
 use crate::sys;
 use server::{Msg, Spec};
 use start::StartMethod;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
@@ -34,6 +34,9 @@ pub(crate) struct Local {
     fd: Option<OwnedFd>,
     out: VecDeque<[u8; 24]>,
     pid: libc::pid_t,
+    /// The slot of each live worker, by pid (the server names workers by
+    /// pid; the engine, by slot).
+    slots: HashMap<u32, usize>,
 }
 
 /// Starts a fork server by `method`, with `spec` (the initializer, the
@@ -47,6 +50,7 @@ pub(crate) fn start(method: StartMethod, spec: Spec) -> Result<Local, Error> {
         fd: Some(fd),
         out: VecDeque::new(),
         pid,
+        slots: HashMap::new(),
     };
     if let Err(e) = sys::set_nonblocking(local.fd.as_ref().expect("just set")) {
         // Closing its socket makes the server exit; reap it.
@@ -65,15 +69,20 @@ impl Local {
     }
 
     /// One message from the server, as an event.
-    fn event(m: Msg, mut fds: Vec<OwnedFd>) -> Option<Event> {
+    fn event(&mut self, m: Msg, mut fds: Vec<OwnedFd>) -> Option<Event> {
         let slot = m.slot as usize;
+        let pid = m.a as u32;
         Some(match m.kind {
             server::SPAWNED => match fds.pop() {
-                Some(conn) => Event::Started {
-                    slot,
-                    pid: m.a as u32,
-                    conn,
-                },
+                Some(conn) => {
+                    self.slots.insert(pid, slot);
+                    Event::Started {
+                        slot,
+                        pid,
+                        rank: None,
+                        conn,
+                    }
+                }
                 // Its socket did not arrive: this process is out of fds
                 // (the kernel closed it instead), and that worker reads
                 // end-of-file and exits.
@@ -90,11 +99,11 @@ impl Local {
                 cause: spawn_failure(m.a as i32),
             },
             server::KILL_REFUSED => Event::KillRefused {
-                pid: m.a as u32,
+                slot: *self.slots.get(&pid)?,
                 task: m.b,
             },
             server::EXITED => Event::Ended {
-                pid: m.a as u32,
+                slot: self.slots.remove(&pid)?,
                 end: End::Exited(ExitStatus::from_raw(m.b as u32 as i32)),
             },
             _ => return None,
@@ -181,7 +190,7 @@ impl Backend for Local {
                 out.push(Event::Gone);
                 return;
             }
-            if let Some(e) = Msg::from_bytes(&buf[..n]).and_then(|m| Local::event(m, fds)) {
+            if let Some(e) = Msg::from_bytes(&buf[..n]).and_then(|m| self.event(m, fds)) {
                 out.push(e);
             }
         }

@@ -82,6 +82,10 @@ pub(crate) struct Spec {
     pub(crate) sandbox: Option<crate::sandbox::Spec>,
     /// The sandbox as this server prepared it, for every worker.
     pub(crate) prepared: Option<crate::sandbox::Prepared>,
+    /// Leave the MPI launcher's variables (`OMPI_*`, `PMIX_*`, `PMI_*`)
+    /// out of an exec'd server's environment: a server on an MPI rank must
+    /// not look like a rank to the MPI library that a task may load.
+    pub(crate) without_mpi_env: bool,
 }
 
 /// The server's main loop; runs in the forked child and never returns.

@@ -221,6 +221,14 @@ pub(crate) fn exec_server(spec: &Spec) -> Result<(OwnedFd, libc::pid_t), Error> 
             cmd.arg0(arg0);
         }
     }
+    if spec.without_mpi_env {
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            if ["OMPI_", "PMIX_", "PMI_"].iter().any(|p| k.starts_with(p)) {
+                cmd.env_remove(&key);
+            }
+        }
+    }
     cmd.env(
         sys::SERVER_ENV,
         format!("{},{},{}", keep[0], keep[1], keep[2]),
@@ -495,6 +503,7 @@ mod tests {
             sock_buf: 12345,
             sandbox: None,
             prepared: None,
+            without_mpi_env: false,
         }
     }
 

@@ -1,66 +1,158 @@
-//! A task that times out on an MPI rank costs that rank: the rank abandons
-//! the task and serves no more. A spare rank replaces it, and the pool goes
-//! on (feature `mpi`).
+//! A task that times out on an MPI rank fails with `Error::Timeout`
+//! naming its rank; the rank kills the worker that ran it (on its own
+//! clock), replaces it, and keeps serving. No rank is lost (feature `mpi`).
 //!
 //! ```text
-//! mpirun -n 4 target/release/examples/mpi_timeout
+//! mpirun -n 3 target/release/examples/mpi_timeout
 //! ```
 //!
-//! There are two workers (ranks 1 and 2) and one spare (rank 3). The first
-//! timeout is replaced by the spare. After the second there is no rank left
-//! to replace it, and the pool goes on with one worker.
+//! Each worker rank hosts two workers. One task that sleeps 60 s with a
+//! 300 ms timeout must fail within seconds, its worker must be replaced on
+//! the same rank, and every rank must answer afterwards. Then one such
+//! task per worker times out at once, and still every rank answers with
+//! all its workers; a task that finishes within its timeout is unharmed.
+#[path = "support/mpi_ranks.rs"]
+mod ranks;
+
 use procpool::{Error, Pool, TaskOptions};
-use std::time::Duration;
+use ranks::{WORKERS_PER_RANK, census, check_map, is_gone, wait_replaced, wait_until, world_size};
+use std::time::{Duration, Instant};
 
-fn sleepy(ms: u64) -> u64 {
+const TIMEOUT: Duration = Duration::from_millis(300);
+/// How long a timed-out task's result may take to arrive.
+const BOUND: Duration = Duration::from_secs(20);
+/// How long a census or a replacement may take.
+const SETTLE: Duration = Duration::from_secs(30);
+
+/// Sleeps `ms`, then says which worker and host ran it.
+fn sleepy(ms: u64) -> (u32, String) {
     std::thread::sleep(Duration::from_millis(ms));
-    ms
+    (std::process::id(), ranks::hostname())
 }
 
-fn double(x: u64) -> u64 {
-    x * 2
-}
-
-fn check_map(pool: &Pool) -> Result<(), String> {
-    let v = pool.map(double, 0..500u64).map_err(|e| e.to_string())?;
-    if v != (0..500u64).map(|x| x * 2).collect::<Vec<_>>() {
-        return Err("map gave wrong values".into());
+/// Checks that `res` is the `Timeout` of a task on a worker rank; returns
+/// the pid and rank it names.
+fn expect_timeout(res: Result<(u32, String), Error>, ranks: usize) -> Result<(u32, usize), String> {
+    match res {
+        Err(Error::Timeout {
+            timeout,
+            pid,
+            rank: Some(rank),
+            ..
+        }) if timeout == TIMEOUT && (1..ranks).contains(&rank) => Ok((pid, rank)),
+        other => Err(format!(
+            "a 60 s task with a {TIMEOUT:?} timeout gave {other:?}; expected Timeout {{ timeout: \
+             {TIMEOUT:?}, rank: Some(1..{ranks}) }}"
+        )),
     }
-    Ok(())
 }
 
 fn run() -> Result<(), String> {
+    // Build first: ranks >= 1 serve from here on and never return.
     let pool = Pool::builder()
         .mpi()
-        .processes(2)
+        .workers_per_rank(WORKERS_PER_RANK)
         .build()
         .map_err(|e| e.to_string())?;
-    let before = pool.worker_pids();
-    let opts = || TaskOptions::new().timeout(Duration::from_millis(300));
-    match pool.apply_with(sleepy, 60_000, opts()) {
-        Err(Error::Timeout { pid, .. }) => println!("first timeout cost rank {pid}"),
-        other => return Err(format!("the first long task gave {other:?}")),
-    }
-    let after = pool.worker_pids();
-    println!("workers: {before:?} -> {after:?}");
-    if after.len() != 2 || !after.contains(&3) {
+    let ranks = world_size()?;
+    let opts = || TaskOptions::new().timeout(TIMEOUT);
+    let me = ranks::hostname();
+
+    // One timeout.
+    let c = census(&pool, ranks, SETTLE)?;
+    println!("workers: {}", c.describe());
+    let t = Instant::now();
+    let r = pool
+        .apply_async_with(sleepy, 60_000, opts())
+        .map_err(|e| e.to_string())?;
+    if !r.wait_timeout(BOUND) {
         return Err(format!(
-            "the spare rank 3 did not replace the lost one: {after:?}"
+            "a 60 s task with a {TIMEOUT:?} timeout was still running after {BOUND:?}"
         ));
     }
+    let (pid, rank) = expect_timeout(r.get(), ranks)?;
+    let took = t.elapsed();
+    if !c.ran_on(pid, rank) {
+        return Err(format!(
+            "Timeout names worker {pid} on rank {rank}; the census saw {}",
+            c.describe()
+        ));
+    }
+    wait_replaced(&pool, &[pid], SETTLE)?;
+    // A worker on this host can be seen to be gone (on another host its
+    // pid means nothing here).
+    if c.hosts_of[&rank].contains(&me) && c.hosts_of[&rank].len() == 1 {
+        wait_until(SETTLE, &format!("worker {pid} killed"), || {
+            if is_gone(pid) {
+                Ok(())
+            } else {
+                Err(format!("process {pid} still exists"))
+            }
+        })?;
+    }
+    // The same rank serves on, with all its workers: no rank is lost.
+    let after = census(&pool, ranks, SETTLE)?;
+    let on_rank = after.pids_of.get(&rank).cloned().unwrap_or_default();
+    if on_rank.len() != WORKERS_PER_RANK || on_rank.contains(&pid) {
+        return Err(format!(
+            "after the timeout rank {rank} should serve with {WORKERS_PER_RANK} new-or-kept \
+             workers, {pid} no more: {}",
+            after.describe()
+        ));
+    }
+    println!(
+        "timeout on rank {rank}: worker {pid} killed and replaced, the result came after \
+         {took:.2?}; rank {rank} serves on: {}",
+        after.describe()
+    );
     check_map(&pool)?;
-    match pool.apply_with(sleepy, 60_000, opts()) {
-        Err(Error::Timeout { pid, .. }) => println!("second timeout cost rank {pid}"),
-        other => return Err(format!("the second long task gave {other:?}")),
+
+    // One timeout per worker, all at once.
+    let n = pool.processes();
+    let pending: Vec<_> = (0..n)
+        .map(|_| pool.apply_async_with(sleepy, 60_000, opts()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let mut killed = Vec::new();
+    let mut by_rank = std::collections::BTreeMap::<usize, usize>::new();
+    for r in pending {
+        if !r.wait_timeout(BOUND) {
+            return Err(format!(
+                "one of {n} timed tasks at once gave no result within {BOUND:?}"
+            ));
+        }
+        let (pid, rank) = expect_timeout(r.get(), ranks)?;
+        killed.push(pid);
+        *by_rank.entry(rank).or_default() += 1;
     }
-    println!("workers left: {:?}", pool.worker_pids());
-    if pool.worker_pids().len() != 1 {
-        return Err("one worker should be left".into());
+    wait_replaced(&pool, &killed, SETTLE)?;
+    let c = census(&pool, ranks, SETTLE)?;
+    for r in 1..ranks {
+        let k = c.pids_of.get(&r).map_or(0, |p| p.len());
+        if k != WORKERS_PER_RANK {
+            return Err(format!(
+                "after {n} timeouts at once rank {r} serves with {k} workers, not \
+                 {WORKERS_PER_RANK}: {}",
+                c.describe()
+            ));
+        }
+    }
+    println!(
+        "{n} timeouts at once (per rank: {by_rank:?}); every rank serves on: {}",
+        c.describe()
+    );
+
+    // A task that ends within its timeout is not touched.
+    let before = pool.worker_pids();
+    match pool.apply_with(sleepy, 10, opts()) {
+        Ok((pid, _)) if before.contains(&pid) => {}
+        other => {
+            return Err(format!(
+                "a 10 ms task with a {TIMEOUT:?} timeout gave {other:?}"
+            ));
+        }
     }
     check_map(&pool)?;
-    if !matches!(pool.apply(sleepy, 10), Ok(10)) {
-        return Err("a short task failed".into());
-    }
     pool.close();
     pool.join().map_err(|e| e.to_string())?;
     println!("mpi_timeout: ok");
@@ -68,6 +160,7 @@ fn run() -> Result<(), String> {
 }
 
 fn main() {
+    // The pool is dropped inside run(), so MPI is finalised before exit.
     let code = match run() {
         Ok(()) => 0,
         Err(e) => {

@@ -305,23 +305,35 @@ impl Drop for MarkerDir {
     }
 }
 
-/// Writes "RANK PID HOST" to `path`, made new: false if it already
+/// Writes "RANK PID HOST" to `path`, made new: Ok(false) if it already
 /// existed (how a task tells its first attempt from a retry).
-pub fn write_marker(path: &str) -> bool {
+pub fn write_marker(path: &str) -> std::io::Result<bool> {
     use std::io::Write;
-    match std::fs::OpenOptions::new()
+    let mut f = match std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(path)
     {
-        Ok(mut f) => {
-            let rank = my_rank().map_or_else(|| "?".to_string(), |r| r.to_string());
-            let _ = writeln!(f, "{rank} {} {}", std::process::id(), hostname());
-            let _ = f.sync_all();
-            true
-        }
-        Err(_) => false,
-    }
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let rank = my_rank().map_or_else(|| "?".to_string(), |r| r.to_string());
+    writeln!(f, "{rank} {} {}", std::process::id(), hostname())?;
+    f.sync_all()?;
+    Ok(true)
+}
+
+/// As [`write_marker`], panicking (so the task fails with
+/// `TaskPanicked` and this message) if the marker cannot be written.
+pub fn mark(path: &str) -> bool {
+    write_marker(path).unwrap_or_else(|e| {
+        panic!(
+            "cannot write the marker {path} on {}: {e} (do all ranks see rank 0's filesystem \
+             there? see PROCPOOL_MARKER_DIR)",
+            hostname()
+        )
+    })
 }
 
 /// A marker's contents: (rank, pid, host), once it has all been written.

@@ -68,8 +68,17 @@ case_ "primes over 3 ranks match a sequential count" 0 "mpi_primes: ok" \
   "${MPIRUN[@]}" -np 3 "$EX/mpi_primes"
 case_ "a task that panics on a rank fails alone; the job goes on" 0 "mpi_panic: ok" \
   "${MPIRUN[@]}" -np 3 "$EX/mpi_panic"
-case_ "a timeout costs its rank; a spare replaces it; the job goes on" 0 "mpi_timeout: ok" \
-  "${MPIRUN[@]}" -np 4 "$EX/mpi_timeout"
+# Crash isolation on every rank: 2 worker ranks, each hosting 2 workers
+# (the examples ask for workers_per_rank(2)), so 5 processes of the
+# examples and 2 fork servers on 2 cores.
+case_ "a task that aborts, segfaults, exits or SIGKILLs its worker on a rank fails alone" \
+  0 "mpi_crash: ok" "${MPIRUN[@]}" -np 3 "$EX/mpi_crash"
+case_ "a timeout kills the remote worker; the same rank serves on" 0 "mpi_timeout: ok" \
+  "${MPIRUN[@]}" -np 3 "$EX/mpi_timeout"
+case_ "cancel() kills a task running on a rank; the rank serves on" 0 "mpi_cancel: ok" \
+  "${MPIRUN[@]}" -np 3 "$EX/mpi_cancel"
+case_ "2,000 tasks, 5% SIGKILL their worker: exact losses, then all right with retries" \
+  0 "mpi_chaos: ok" "${MPIRUN[@]}" -np 3 "$EX/mpi_chaos"
 case_ "SharedBufs are copied to the ranks and back" 0 "mpi_shared: ok" \
   "${MPIRUN[@]}" -np 3 "$EX/mpi_shared"
 case_ "ranks that run different binaries are refused" nonzero \
@@ -108,8 +117,14 @@ else
     "${ACROSS[@]}" -np 3 "$EX/mpi_primes"
   case_ "across hosts: a task that panics on a rank fails alone" 0 "mpi_panic: ok" \
     "${ACROSS[@]}" -np 3 "$EX/mpi_panic"
-  case_ "across hosts: a timeout costs its rank; a spare replaces it" 0 "mpi_timeout: ok" \
-    "${ACROSS[@]}" -np 4 "$EX/mpi_timeout"
+  case_ "across hosts: a task that crashes its worker on a rank fails alone" 0 "mpi_crash: ok" \
+    "${ACROSS[@]}" -np 3 "$EX/mpi_crash"
+  case_ "across hosts: a timeout kills the remote worker; the rank serves on" 0 \
+    "mpi_timeout: ok" "${ACROSS[@]}" -np 3 "$EX/mpi_timeout"
+  case_ "across hosts: cancel() kills a task running on a rank" 0 "mpi_cancel: ok" \
+    "${ACROSS[@]}" -np 3 "$EX/mpi_cancel"
+  case_ "across hosts: 2,000 tasks, 5% SIGKILL their worker" 0 "mpi_chaos: ok" \
+    "${ACROSS[@]}" -np 3 "$EX/mpi_chaos"
   case_ "across hosts: SharedBufs are copied to the ranks and back" 0 "mpi_shared: ok" \
     "${ACROSS[@]}" -np 3 "$EX/mpi_shared"
   case_ "across hosts: ranks that run different binaries are refused" nonzero \

@@ -258,5 +258,6 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// " on MPI rank N" for a worker that ran on a rank; "" for a local one.
 fn on_rank(rank: Option<usize>) -> String {
-    rank.map(|r| format!(" on MPI rank {r}")).unwrap_or_default()
+    rank.map(|r| format!(" on MPI rank {r}"))
+        .unwrap_or_default()
 }

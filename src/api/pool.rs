@@ -521,7 +521,12 @@ impl PoolBuilder {
         };
         #[cfg(feature = "mpi")]
         if mpi {
-            return Pool::start(crate::backend::mpi::start(self.processes, cfg, init)?);
+            return Pool::start(crate::backend::mpi::start(
+                self.processes,
+                self.workers_per_rank,
+                cfg,
+                init,
+            )?);
         }
         let slots = processes * 2;
         let words = local::words(slots, sandbox.is_some())?;

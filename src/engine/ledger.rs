@@ -93,7 +93,9 @@ fn started_task_error(job: &mut Job, e: &Ended<'_>) -> Option<Error> {
     }
     let Some(status) = e.end.status() else {
         return Some(Error::Broken {
-            reason: format!("worker {pid} was abandoned by its backend while it ran the task"),
+            reason: format!(
+                "worker {pid} was lost with its MPI rank's fork server while it ran the task"
+            ),
         });
     };
     if !job.shared.is_empty() {
@@ -265,12 +267,13 @@ mod tests {
         e.end = End::Abandoned;
         let v = settle(held(vec![job(1, 0)]), &e);
         assert!(matches!(v.failed[0].1, Error::Broken { .. }));
-        // A loop that returned reads as an exit with its code.
-        e.end = End::Returned(3);
+        // An exit says its code, and the rank it ran on.
+        e.end = End::Exited(ExitStatus::from_raw(3 << 8));
+        e.rank = Some(2);
         let v = settle(held(vec![job(1, 0)]), &e);
         assert!(matches!(
             v.failed[0].1,
-            Error::WorkerLost { status, .. } if status.code() == Some(3)
+            Error::WorkerLost { status, rank: Some(2), .. } if status.code() == Some(3)
         ));
     }
 

@@ -16,7 +16,6 @@
 //! imports a backend.
 
 use std::os::fd::{OwnedFd, RawFd};
-use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 
 /// How a worker ended, as its backend saw it.
@@ -24,24 +23,18 @@ use std::process::ExitStatus;
 pub(crate) enum End {
     /// Its process ended with this wait status.
     Exited(ExitStatus),
-    /// The worker loop returned this code in a process that lives on (an
-    /// MPI rank, which can start another).
-    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
-    Returned(i32),
-    /// The backend gave the worker up without ending it (an MPI rank cannot
-    /// kill its remote worker when asked to: it abandons it instead).
+    /// The backend lost sight of the worker without seeing its end (an MPI
+    /// rank whose fork server was lost: its workers died with it).
     #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
     Abandoned,
 }
 
 impl End {
-    /// The wait status that a process ending this way would have had, for
-    /// `Error::WorkerLost`: a loop that returned `c` reads as `exit(c)`.
-    /// `None` for an abandoned worker, which did not end.
+    /// Its wait status, for `Error::WorkerLost`; `None` for an abandoned
+    /// worker, whose end was not seen.
     pub(crate) fn status(self) -> Option<ExitStatus> {
         match self {
             End::Exited(s) => Some(s),
-            End::Returned(c) => Some(ExitStatus::from_raw((c & 0xff) << 8)),
             End::Abandoned => None,
         }
     }
@@ -51,7 +44,6 @@ impl std::fmt::Display for End {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             End::Exited(s) => write!(f, "{s}"),
-            End::Returned(c) => write!(f, "its loop returned {c}"),
             End::Abandoned => write!(f, "abandoned"),
         }
     }

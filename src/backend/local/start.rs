@@ -488,6 +488,7 @@ pub(crate) fn serve_exec(value: &str) -> ! {
         sock_buf,
         sandbox,
         prepared,
+        without_mpi_env: false,
     };
     server::run(sock, &spec)
 }

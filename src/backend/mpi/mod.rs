@@ -26,11 +26,14 @@ mod rank;
 mod root;
 mod transport;
 
-use crate::backend::local::server::Init;
+use crate::backend::local::server::{Init, Spec};
+use crate::backend::local::start::StartMethod;
+use crate::backend::local::{self, Local};
 use crate::engine::core::Launch;
 use crate::engine::job::Config;
 use crate::engine::seam::{Backend, Event};
 use crate::error::Error;
+use crate::proto::status::SharedWords;
 use crate::sys;
 use mpi::Threading;
 use mpi::topology::SimpleCommunicator;
@@ -57,7 +60,7 @@ static USED: AtomicBool = AtomicBool::new(false);
 /// What a rank does once MPI is up.
 enum Role {
     /// Rank 0: the pool, with this many worker ranks.
-    Root { workers: usize },
+    Root { caps: Vec<usize> },
     /// Any other rank: serve until rank 0 says STOP, then exit.
     Worker,
 }
@@ -68,21 +71,31 @@ enum Role {
 /// process.
 pub(crate) fn start(
     requested: Option<usize>,
+    per_rank: Option<usize>,
     mut cfg: Config,
     init: Option<Init>,
 ) -> Result<Launch, Error> {
     check_launcher()?;
+    if per_rank == Some(0) {
+        return Err(Error::Config("workers_per_rank must be at least 1"));
+    }
     if USED.swap(true, Ordering::SeqCst) {
         return Err(Error::Config(ONCE));
     }
+    // Before MPI is initialised in this process: a fork after MPI_Init is
+    // unsafe on RDMA transports, so the server is spawned (exec'd) now.
+    let host = match launcher_rank() {
+        Some(0) => None,
+        _ => host(per_rank, init),
+    };
     let (role_tx, role_rx) = mpsc::channel::<Result<Role, Error>>();
     let (seam_tx, seam_rx) = mpsc::channel::<Seam>();
     let thread = std::thread::Builder::new()
         .name("procpool-mpi".into())
-        .spawn(move || mpi_thread(role_tx, seam_rx, init))
+        .spawn(move || mpi_thread(role_tx, seam_rx, host))
         .map_err(|e| Error::io("starting the MPI thread", e))?;
-    let workers = match role_rx.recv() {
-        Ok(Ok(Role::Root { workers })) => workers,
+    let caps = match role_rx.recv() {
+        Ok(Ok(Role::Root { caps })) => caps,
         Ok(Ok(Role::Worker)) => {
             // A worker rank: the thread serves until rank 0 says STOP, then
             // finalises MPI. Everything else in this process ends with it.
@@ -102,6 +115,7 @@ pub(crate) fn start(
     };
     // From here on, dropping `seam_tx` (on any error) or the backend's
     // command channel makes the MPI thread stop the ranks and finalise.
+    let workers: usize = caps.iter().sum();
     cfg.processes = requested.unwrap_or(workers).min(workers);
     let slots = cfg.processes * 2;
     let eventfd = || {
@@ -173,8 +187,9 @@ impl Backend for Mpi {
         self.command(Command::Start(slot));
     }
 
-    fn kill(&mut self, _slot: usize, pid: u32, task: u64) {
-        self.command(Command::Kill { rank: pid, task });
+    /// The worker's rank kills it (its fork server does), by slot.
+    fn kill(&mut self, slot: usize, _pid: u32, task: u64) {
+        self.command(Command::Kill { slot, task });
     }
 
     fn poll_fd(&self) -> Option<(RawFd, bool)> {
@@ -279,7 +294,7 @@ fn exe_hash() -> std::io::Result<u64> {
 fn mpi_thread(
     role_tx: mpsc::Sender<Result<Role, Error>>,
     setup_rx: mpsc::Receiver<Seam>,
-    init: Option<Init>,
+    host: Option<Host>,
 ) {
     let Some((universe, provided)) = mpi::initialize_with_threading(Threading::Funneled) else {
         let _ = role_tx.send(Err(Error::Config(ONCE)));
@@ -291,7 +306,7 @@ fn mpi_thread(
     {
         let world = universe.world();
         let comm = world.duplicate();
-        run_rank(&comm, role_tx, setup_rx, init);
+        run_rank(&comm, role_tx, setup_rx, host);
     }
     // MPI_Finalize: every worker rank has stopped by now.
     drop(universe);
@@ -301,7 +316,7 @@ fn run_rank(
     comm: &SimpleCommunicator,
     role_tx: mpsc::Sender<Result<Role, Error>>,
     setup_rx: mpsc::Receiver<Seam>,
-    init: Option<Init>,
+    mut host: Option<Host>,
 ) {
     let size = comm.size() as usize;
     let rank = comm.rank() as usize;
@@ -333,19 +348,106 @@ fn run_rank(
         return;
     }
     if rank == 0 {
-        if role_tx.send(Ok(Role::Root { workers: size - 1 })).is_err() {
+        // Rank 0 hosts no workers (a server started before the rank was
+        // known is closed).
+        if let Some(h) = host.take() {
+            let _ = Box::new(h.server).wait();
+        }
+    }
+    let mut caps = vec![0u64; size];
+    let cap = host.as_ref().map_or(0, |h| h.cap as u64);
+    all_gather(comm, cap, &mut caps);
+    let caps: Vec<usize> = caps.iter().map(|&c| c as usize).collect();
+    if rank == 0 {
+        let role = if caps.iter().sum::<usize>() == 0 {
+            Err(Error::Broken {
+                reason: "no MPI rank could start its fork server to host workers".into(),
+            })
+        } else {
+            Ok(Role::Root { caps: caps.clone() })
+        };
+        if role_tx.send(role).is_err() || caps.iter().sum::<usize>() == 0 {
             stop_ranks(comm, &mut VecDeque::new());
             return;
         }
         drop(role_tx);
         match setup_rx.recv() {
-            Ok(seam) => Root::new(comm, seam).run(),
+            Ok(seam) => Root::new(comm, seam, caps).run(),
             // The builder failed after MPI was up: stop the ranks.
             Err(_) => stop_ranks(comm, &mut VecDeque::new()),
         }
     } else {
         let _ = role_tx.send(Ok(Role::Worker));
         drop(role_tx);
-        WorkerRank::new(comm, init).run();
+        match host {
+            Some(h) => WorkerRank::new(comm, h.server, h.words, h.cap).run(),
+            None => wait_for_stop(comm),
+        }
+    }
+}
+
+/// What a worker rank hosts its workers with: its fork server, the
+/// server's status words, and how many workers it may host at once.
+struct Host {
+    server: Local,
+    words: Arc<SharedWords>,
+    cap: usize,
+}
+
+/// This process's rank, as its launcher says before MPI is up.
+fn launcher_rank() -> Option<usize> {
+    [
+        "OMPI_COMM_WORLD_RANK",
+        "PMIX_RANK",
+        "PMI_RANK",
+        "SLURM_PROCID",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+}
+
+/// Starts this rank's fork server by exec, without the launcher's
+/// variables, for `per_rank` workers (default: the CPUs of this process's
+/// affinity mask). `None` if it cannot start: the rank then hosts none.
+fn host(per_rank: Option<usize>, init: Option<Init>) -> Option<Host> {
+    let cap =
+        per_rank.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let started = local::words(2 * cap, false).and_then(|words| {
+        let spec = Spec {
+            init,
+            words: words.clone(),
+            sock_buf: 1 << 20,
+            sandbox: None,
+            prepared: None,
+            without_mpi_env: true,
+        };
+        let server = local::start(StartMethod::ForkServer, spec)?;
+        Ok(Host { server, words, cap })
+    });
+    match started {
+        Ok(h) => Some(h),
+        Err(e) => {
+            eprintln!("procpool: this MPI rank cannot host workers: {e}");
+            None
+        }
+    }
+}
+
+/// A rank that hosts no workers waits for STOP, acknowledges it, and returns.
+fn wait_for_stop(comm: &SimpleCommunicator) {
+    let mut inbox = VecDeque::new();
+    let mut idle = transport::Backoff::new(transport::MAX_IDLE);
+    loop {
+        if transport::pump(comm, &mut inbox) {
+            idle.reset();
+        } else {
+            idle.sleep();
+        }
+        while let Some((from, msg)) = inbox.pop_front() {
+            if from == 0 && msg.first() == Some(&transport::M_STOP) {
+                transport::send(comm, &mut inbox, 0, &[transport::M_STOP_ACK]);
+                return;
+            }
+        }
     }
 }

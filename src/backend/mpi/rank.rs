@@ -1,202 +1,373 @@
-//! A worker rank (rank >= 1): it never returns from `build`. Each START
-//! runs the worker loop (`worker::serve`) on a thread of its own, over a
-//! stream socket pair; the rank's "procpool-mpi" thread moves bytes
-//! between the other end of that pair and rank 0, inlining a result that
-//! the worker put in a shared-memory block. When the loop ends, the rank
-//! reports ENDED(code) and can be started again (after
-//! `max_tasks_per_child`, say). On STOP it acknowledges and returns.
+//! A worker rank (rank >= 1): it never returns from `build`. It hosts its
+//! own fork server (started by exec before MPI was initialised in this
+//! process, without the launcher's variables), which forks the rank's
+//! workers; so a task that crashes ends only its worker, as in a local
+//! pool. The rank's "procpool-mpi" thread moves each worker's stream
+//! between its socket and rank 0, inlining a result that the worker put in
+//! a shared-memory block; keeps the timeouts of the tasks it relays on
+//! this host's clock; and reports each worker's end with its real wait
+//! status and the task it had started (from its status words). On STOP it
+//! closes its server (which kills its workers), acknowledges and returns.
 
 use super::transport::*;
-use crate::backend::local::server::Init;
+use crate::backend::local::Local;
+use crate::engine::seam::{Backend, End, Event};
 use crate::proto::conn::{Conn, Flushed};
+use crate::proto::status::SharedWords;
 use crate::proto::task::status;
 use crate::proto::wire::{self, Frame, Header};
 use crate::sys::{self, PollSet};
-use crate::worker::{self, Stop};
 use mpi::topology::SimpleCommunicator;
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
-use std::time::{Duration, Instant};
+use std::os::unix::process::ExitStatusExt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-/// The worker running on this rank.
-struct Local {
-    /// Our end of its stream: tasks from rank 0 in, results out.
-    conn: Conn,
-    thread: std::thread::JoinHandle<i32>,
+/// A worker this rank hosts, for rank 0's slot `remote`.
+struct Hosted {
+    remote: usize,
+    /// Its slot in this rank's fork server (and status words).
+    local: usize,
+    pid: u32,
+    /// Our end of its stream, once it is up.
+    conn: Option<Conn>,
+    /// Bytes from rank 0 not yet whole frames.
+    inbuf: Vec<u8>,
     /// Rank 0 said end-of-file: shut our write side once all is out.
     eof: bool,
     shut: bool,
+    /// The worker's stream reached end-of-file.
+    drained: bool,
+    /// The timeouts of the tasks relayed to it: (task, ns).
+    timeouts: VecDeque<(u64, u64)>,
+    /// The task this rank had it killed for (past its timeout).
+    timed_out: u64,
+    /// Its fork server reported its end: the wait status.
+    ended: Option<i32>,
 }
 
 pub(super) struct WorkerRank<'c> {
     comm: &'c SimpleCommunicator,
-    init: Option<Init>,
-    local: Option<Local>,
-    /// Its worker was abandoned: it only waits for STOP.
-    lost: bool,
+    server: Local,
+    words: Arc<SharedWords>,
+    free: Vec<usize>,
+    hosted: Vec<Hosted>,
+    events: Vec<Event>,
     inbox: Inbox,
     msg: Vec<u8>,
 }
 
 impl<'c> WorkerRank<'c> {
-    pub(super) fn new(comm: &'c SimpleCommunicator, init: Option<Init>) -> Self {
+    /// A rank whose fork server (`server`, with `words`) may host `cap`
+    /// workers at once.
+    pub(super) fn new(
+        comm: &'c SimpleCommunicator,
+        server: Local,
+        words: Arc<SharedWords>,
+        cap: usize,
+    ) -> Self {
         WorkerRank {
             comm,
-            init,
-            local: None,
-            lost: false,
+            server,
+            words,
+            // A replacement may start before the worker it replaces is gone.
+            free: (0..2 * cap).rev().collect(),
+            hosted: Vec::new(),
+            events: Vec::new(),
             inbox: VecDeque::new(),
-            msg: vec![M_DATA],
+            msg: Vec::new(),
         }
     }
 
     pub(super) fn run(mut self) {
         let mut idle = Backoff::new(MAX_IDLE);
         let mut polled = PollSet::default();
-        'outer: loop {
+        loop {
             let mut active = pump(self.comm, &mut self.inbox);
+            let mut stop = false;
             while let Some((from, msg)) = self.inbox.pop_front() {
-                if from != 0 {
-                    continue;
-                }
-                active = true;
-                match msg.first() {
-                    Some(&M_STOP) => break 'outer,
-                    Some(&M_START) => self.start(),
-                    Some(&M_DATA) => {
-                        if let Some(l) = &mut self.local {
-                            l.conn.write(&msg[1..]);
-                        }
-                    }
-                    Some(&M_EOF) => {
-                        if let Some(l) = &mut self.local {
-                            l.eof = true;
-                        }
-                    }
-                    Some(&M_ABANDON) => {
-                        // Closing our end makes the worker thread stop at its
-                        // next read or write; it is not waited for.
-                        self.local = None;
-                        self.lost = true;
-                    }
-                    _ => {}
+                if from == 0 {
+                    active = true;
+                    stop |= self.on_message(&msg);
                 }
             }
-            active |= self.serve_local();
+            if stop {
+                break;
+            }
+            active |= self.server_events();
+            for i in (0..self.hosted.len()).rev() {
+                active |= self.serve(i);
+            }
+            self.check_timeouts();
             if active {
                 idle.reset();
             } else {
                 polled.clear();
-                if let Some(l) = &self.local {
-                    polled.push(l.conn.raw(), true, l.conn.has_pending());
+                if let Some((fd, write)) = self.server.poll_fd() {
+                    polled.push(fd, true, write);
+                }
+                for h in &self.hosted {
+                    if let Some(c) = h.conn.as_ref().filter(|_| !h.drained) {
+                        polled.push(c.raw(), true, c.has_pending());
+                    }
                 }
                 idle.wait(&mut polled);
             }
         }
-        // STOP: close the worker's stream and give its thread a moment to
-        // finish. A thread still busy with a task ends with the process.
-        if let Some(l) = self.local.take() {
-            drop(l.conn);
-            let deadline = Instant::now() + JOIN_BOUND;
-            while !l.thread.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
+        // STOP: closing the server's socket makes it kill and reap every
+        // worker, then exit.
+        let _ = Box::new(self.server).wait();
         send(self.comm, &mut self.inbox, 0, &[M_STOP_ACK]);
     }
 
-    fn start(&mut self) {
-        if self.lost || self.local.is_some() {
-            return;
+    fn tell(&mut self, msg: &[u8]) {
+        send(self.comm, &mut self.inbox, 0, msg);
+    }
+
+    fn find(&self, remote: usize) -> Option<usize> {
+        self.hosted.iter().position(|h| h.remote == remote)
+    }
+
+    /// One message from rank 0; returns true on STOP.
+    fn on_message(&mut self, msg: &[u8]) -> bool {
+        let Some(&kind) = msg.first() else {
+            return false;
+        };
+        if kind == M_STOP {
+            return true;
         }
-        match start_worker(self.init.clone()) {
-            Ok(l) => self.local = Some(l),
-            Err(e) => {
-                log::error!("procpool: MPI rank could not start its worker: {e}");
-                send(self.comm, &mut self.inbox, 0, &ended(2));
+        let Some(remote) = slot_of(msg) else {
+            return false;
+        };
+        match kind {
+            M_START => self.start(remote),
+            M_DATA => {
+                if let Some(i) = self.find(remote) {
+                    self.hosted[i].inbuf.extend_from_slice(&msg[5..]);
+                    self.relay_tasks(i);
+                }
             }
+            M_EOF => {
+                if let Some(i) = self.find(remote) {
+                    self.hosted[i].eof = true;
+                }
+            }
+            M_KILL => {
+                let task = u64_at(msg, 5).unwrap_or(0);
+                if let Some(h) = self.find(remote).map(|i| &self.hosted[i]) {
+                    let (local, pid) = (h.local, h.pid);
+                    self.server.kill(local, pid, task);
+                }
+            }
+            _ => {}
+        }
+        false
+    }
+
+    fn start(&mut self, remote: usize) {
+        let Some(local) = self.free.pop() else {
+            let mut m = header(M_START_FAILED, remote);
+            m.extend_from_slice(b"this rank hosts as many workers as it may");
+            self.tell(&m);
+            return;
+        };
+        self.hosted.push(Hosted {
+            remote,
+            local,
+            pid: 0,
+            conn: None,
+            inbuf: Vec::new(),
+            eof: false,
+            shut: false,
+            drained: false,
+            timeouts: VecDeque::new(),
+            timed_out: 0,
+            ended: None,
+        });
+        self.server.start(local);
+    }
+
+    /// Writes the whole frames from rank 0 to the worker, keeping each
+    /// task's timeout (a TIMEOUT frame, which the worker never sees).
+    fn relay_tasks(&mut self, i: usize) {
+        let h = &mut self.hosted[i];
+        let Some(conn) = h.conn.as_mut() else {
+            return;
+        };
+        let mut pos = 0;
+        while let Some(f) = Frame::parse(&h.inbuf, pos) {
+            if f.header.kind == wire::TIMEOUT {
+                h.timeouts.push_back((f.header.seq, f.header.a));
+            } else {
+                conn.write(&h.inbuf[f.at..f.end]);
+            }
+            pos = f.end;
+        }
+        h.inbuf.drain(..pos);
+    }
+
+    /// What this rank's fork server reported. Returns whether it said
+    /// anything.
+    fn server_events(&mut self) -> bool {
+        self.server.flush();
+        self.server.events(&mut self.events);
+        let any = !self.events.is_empty();
+        for e in std::mem::take(&mut self.events) {
+            self.on_event(e);
+        }
+        any
+    }
+
+    fn on_event(&mut self, e: Event) {
+        let by_local =
+            |hosted: &[Hosted], local: usize| hosted.iter().position(|h| h.local == local);
+        match e {
+            Event::Started {
+                slot, pid, conn, ..
+            } => {
+                if let Some(i) = by_local(&self.hosted, slot) {
+                    let h = &mut self.hosted[i];
+                    h.pid = pid;
+                    h.conn = Some(Conn::new(conn, Vec::new()));
+                    let mut m = header(M_STARTED, h.remote);
+                    m.extend_from_slice(&pid.to_le_bytes());
+                    self.tell(&m);
+                    self.relay_tasks(i);
+                }
+            }
+            Event::StartFailed { slot, cause } => {
+                if let Some(i) = by_local(&self.hosted, slot) {
+                    let h = self.hosted.swap_remove(i);
+                    self.free.push(h.local);
+                    let mut m = header(M_START_FAILED, h.remote);
+                    m.extend_from_slice(cause.as_bytes());
+                    self.tell(&m);
+                }
+            }
+            Event::KillRefused { slot, task } => {
+                if let Some(i) = by_local(&self.hosted, slot) {
+                    let h = &mut self.hosted[i];
+                    if h.timed_out == task {
+                        // The task finished before its timeout's kill.
+                        h.timed_out = 0;
+                    } else {
+                        let mut m = header(M_KILL_REFUSED, h.remote);
+                        m.extend_from_slice(&task.to_le_bytes());
+                        self.tell(&m);
+                    }
+                }
+            }
+            Event::Ended { slot, end } => {
+                if let Some(i) = by_local(&self.hosted, slot) {
+                    self.hosted[i].ended = Some(match end {
+                        End::Exited(s) => s.into_raw(),
+                        _ => SERVER_LOST,
+                    });
+                }
+            }
+            Event::Gone => {
+                // The server is gone, and its workers with it (they die
+                // with it); no wait status will come.
+                for h in self.hosted.iter_mut() {
+                    h.ended.get_or_insert(SERVER_LOST);
+                    h.drained = true;
+                }
+            }
+            Event::TimedOut { .. } => {}
         }
     }
 
-    /// Moves tasks into the worker's socket and results out of it. Returns
+    /// Moves worker `i`'s results to rank 0 and flushes tasks to it; once
+    /// it has ended and its stream is drained, reports its end. Returns
     /// whether anything happened.
-    fn serve_local(&mut self) -> bool {
-        let Some(l) = &mut self.local else {
-            return false;
-        };
-        let had = l.conn.has_pending();
-        if l.conn.flush() != Flushed::Pending && l.eof && !l.shut {
-            l.conn.shutdown_write();
-            l.shut = true;
-        }
-        let (got, eof) = read_some(&mut l.conn);
-        let mut pos = 0;
-        while let Some(f) = Frame::parse(&l.conn.inbuf, pos) {
-            let h = f.header;
-            let frame = &l.conn.inbuf[f.at..f.end];
-            if h.kind == wire::DONE && (h.a == wire::OUT_NEW_BLOCK || h.a == wire::OUT_SAME_BLOCK) {
-                inline_result(h, f.body(&l.conn.inbuf), &mut l.conn.in_fds, &mut self.msg);
-            } else {
-                self.msg.extend_from_slice(frame);
+    fn serve(&mut self, i: usize) -> bool {
+        let remote = self.hosted[i].remote;
+        let mut active = false;
+        let h = &mut self.hosted[i];
+        if let Some(conn) = h.conn.as_mut() {
+            active |= conn.has_pending();
+            if conn.flush() != Flushed::Pending && h.eof && !h.shut {
+                conn.shutdown_write();
+                h.shut = true;
             }
-            pos = f.end;
-            if self.msg.len() >= CHUNK {
+            if !h.drained {
+                let (got, eof) = read_some(conn);
+                h.drained = eof;
+                active |= got || eof;
+                self.msg.clear();
+                self.msg.extend_from_slice(&header(M_DATA, remote));
+                let mut pos = 0;
+                while let Some(f) = Frame::parse(&conn.inbuf, pos) {
+                    let done_in_block = f.header.kind == wire::DONE
+                        && (f.header.a == wire::OUT_NEW_BLOCK
+                            || f.header.a == wire::OUT_SAME_BLOCK);
+                    if done_in_block {
+                        inline_result(
+                            f.header,
+                            f.body(&conn.inbuf),
+                            &mut conn.in_fds,
+                            &mut self.msg,
+                        );
+                    } else {
+                        self.msg.extend_from_slice(&conn.inbuf[f.at..f.end]);
+                    }
+                    pos = f.end;
+                    if self.msg.len() >= CHUNK {
+                        send_data(self.comm, &mut self.inbox, 0, &mut self.msg);
+                    }
+                }
+                conn.consume(pos);
                 send_data(self.comm, &mut self.inbox, 0, &mut self.msg);
             }
         }
-        l.conn.consume(pos);
-        send_data(self.comm, &mut self.inbox, 0, &mut self.msg);
-        if eof {
-            // The worker closed its end: serve() returned.
-            let l = self.local.take().expect("checked above");
-            drop(l.conn);
-            let code = l.thread.join().unwrap_or(101);
-            send(self.comm, &mut self.inbox, 0, &ended(code));
+        let h = &self.hosted[i];
+        if let (Some(status), true) = (h.ended, h.drained || h.conn.is_none()) {
+            let started = self.words.status(h.local).started.load(Ordering::SeqCst);
+            let mut m = header(M_ENDED, remote);
+            m.extend_from_slice(&(status as u32).to_le_bytes());
+            m.extend_from_slice(&started.to_le_bytes());
+            m.extend_from_slice(&h.timed_out.to_le_bytes());
+            let local = h.local;
+            self.hosted.swap_remove(i);
+            self.free.push(local);
+            self.tell(&m);
+            active = true;
         }
-        had || got || eof
+        active
     }
-}
 
-fn ended(code: i32) -> [u8; 5] {
-    let mut m = [M_ENDED, 0, 0, 0, 0];
-    m[1..].copy_from_slice(&code.to_le_bytes());
-    m
-}
-
-/// Starts a worker thread on this rank: the worker loop of a forked worker,
-/// over a stream pair whose other end this rank bridges to rank 0.
-fn start_worker(init: Option<Init>) -> std::io::Result<Local> {
-    let (mine, theirs) = sys::stream_pair()?;
-    sys::set_socket_buffers(&mine, SOCK_BUF);
-    sys::set_socket_buffers(&theirs, SOCK_BUF);
-    let thread = std::thread::Builder::new()
-        .name("procpool-worker".into())
-        .spawn(move || {
-            // This rank's own status words (rank 0 keeps its own copy).
-            let Ok(words) =
-                crate::proto::status::SharedWords::new(crate::proto::status::STATUS_WORDS)
-            else {
-                return 1;
-            };
-            // Tasks run under catch_unwind already; this catches a panic of
-            // the loop itself, which must not unwind into MPI.
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                worker::serve(theirs, words.status(0), init.as_ref(), None)
-            }));
-            match r {
-                Ok(Ok(())) | Ok(Err(Stop::Gone)) => 0,
-                Ok(Err(Stop::InitFailed)) => 1,
-                // No sandbox on an MPI rank, so no limit to stop at.
-                Ok(Err(Stop::Limit)) => 3,
-                Err(_) => 101,
+    /// Kills a worker whose task ran past its timeout, counted from the
+    /// start its status words recorded, on this host's clock.
+    fn check_timeouts(&mut self) {
+        let now = sys::monotonic_ns();
+        for h in self.hosted.iter_mut() {
+            if h.timed_out != 0 || h.timeouts.is_empty() {
+                continue;
             }
-        })?;
-    Ok(Local {
-        conn: Conn::new(mine, Vec::new()),
-        thread,
-        eof: false,
-        shut: false,
-    })
+            let st = self.words.status(h.local);
+            let started = st.started.load(Ordering::SeqCst);
+            // Timeouts of tasks that have finished are done with.
+            while h.timeouts.front().is_some_and(|&(seq, _)| seq < started) {
+                h.timeouts.pop_front();
+            }
+            let Some(&(seq, ns)) = h.timeouts.front() else {
+                continue;
+            };
+            if seq != started || !st.running(seq) {
+                continue;
+            }
+            let ran = now.saturating_sub(st.start_ns.load(Ordering::SeqCst));
+            if ran >= ns {
+                log::warn!(
+                    "procpool: task {seq} of worker {} ran past its timeout; killing it",
+                    h.pid
+                );
+                h.timed_out = seq;
+                self.server.kill(h.local, h.pid, seq);
+            }
+        }
+    }
 }
 
 /// Appends a DONE frame whose output was in a block as a frame with the

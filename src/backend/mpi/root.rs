@@ -4,47 +4,48 @@
 //! channel and wakes this thread through an eventfd; this thread answers
 //! with the engine's typed events (`engine::seam::Event`) on another
 //! channel, and wakes the engine through a second eventfd.
-//! - Start(slot): the thread picks a free rank and tells it to START a
-//!   worker. It keeps one end of a fresh stream socket pair and hands the
-//!   other end to the engine (`Started`, with pid = the rank).
+//! - Start(slot): the thread picks the worker rank that hosts the fewest
+//!   workers (each hosts at most its share, `workers_per_rank`) and tells it
+//!   to START a worker for the slot. It keeps one end of a fresh stream
+//!   socket pair; when the rank says the worker is up (STARTED, with its
+//!   pid on that host), it hands the other end to the engine (`Started`).
 //! - While the worker runs, the thread moves bytes both ways between its end
-//!   of the socket and MPI messages to and from the rank. It notes each task
-//!   it hands to the rank ([`Handed`]): a task handed to a rank counts as
-//!   started (so its timeout runs, and it is not silently run again if the
-//!   rank is lost).
-//! - Kill for whatever the worker runs (a timeout): a remote process cannot
-//!   be killed. The thread closes its end, tells the rank to ABANDON the
-//!   worker, and reports `Ended` with `End::Abandoned`. The rank serves no
-//!   more tasks in this run. A spare rank, if there is one, replaces it; if
-//!   there is none, the start fails and the pool goes on with fewer
-//!   workers. A kill for one task (a cancel) is refused (`KillRefused`):
-//!   the task runs to the end and its result is dropped.
+//!   of the socket and MPI messages to and from the rank, and notes each
+//!   task it hands over ([`Handed`]).
+//! - Kill: sent on to the rank, whose fork server kills the worker (for one
+//!   task: only while it runs that task; else `KillRefused`).
+//! - ENDED from the rank (a real wait status, the task the worker had
+//!   started by its own status words, and the task it was killed for, if a
+//!   timeout): once the worker's last output is in the engine's socket, the
+//!   thread reports `TimedOut` if so, then `Ended`.
 //! - The engine drops its command channel (the pool is finished): the
 //!   thread tells every rank to STOP, waits for each to acknowledge, and
 //!   returns (MPI is finalised after it).
 
 use super::transport::*;
 use crate::engine::seam::{End, Event, Progress};
-use crate::proto::conn::Conn;
+use crate::proto::conn::{Conn, Flushed};
 use crate::proto::wire::{self, Frame};
 use crate::sys::{self, PollSet};
 use mpi::topology::SimpleCommunicator;
-use mpi::traits::*;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 
 /// What the engine asks of rank 0's thread.
 pub(super) enum Command {
     Start(usize),
-    Kill { rank: u32, task: u64 },
+    Kill { slot: usize, task: u64 },
 }
 
-/// The tasks handed to each slot's rank: the engine's view of how far an
-/// MPI worker got. The remote worker's own progress stays on its rank.
+/// How far each slot's worker got, as rank 0 knows it: the last task
+/// handed to its rank (a task handed over counts as started while it
+/// runs), replaced by the worker's own word when its rank reports its end.
 pub(super) struct Handed {
-    /// Per slot: the last task handed over, and when (monotonic ns).
+    /// Per slot: the task, and when it was handed over (monotonic ns).
     seq: Vec<AtomicU64>,
     at_ns: Vec<AtomicU64>,
     skip: Vec<AtomicU64>,
@@ -70,6 +71,11 @@ impl Handed {
         self.at_ns[slot].store(sys::monotonic_ns(), Ordering::SeqCst);
         self.seq[slot].store(seq, Ordering::SeqCst);
     }
+
+    /// The worker's own word, from its rank, once it ended.
+    fn ended_at(&self, slot: usize, started: u64) {
+        self.seq[slot].store(started, Ordering::SeqCst);
+    }
 }
 
 impl Progress for Handed {
@@ -79,7 +85,8 @@ impl Progress for Handed {
     fn started_at_ns(&self, slot: usize) -> u64 {
         self.at_ns[slot].load(Ordering::SeqCst)
     }
-    /// A task handed over runs until its result comes back.
+    /// A task handed over runs until its result comes back (the rank's fork
+    /// server checks, before a kill for one task, that it really runs it).
     fn running(&self, slot: usize, seq: u64) -> bool {
         self.started(slot) == seq
     }
@@ -119,67 +126,62 @@ impl Drop for Seam {
 
 /// A worker on a rank, as rank 0's thread sees it.
 struct Session {
-    slot: usize,
+    rank: usize,
     /// Our end of the worker's stream (the engine has the other): tasks in,
     /// results out.
     conn: Conn,
+    /// The engine's end, until the rank says the worker is up.
+    theirs: Option<OwnedFd>,
     /// The engine closed its side (the worker retires).
     eof: bool,
-    /// The rank said its worker ended, with this exit code.
-    ended: Option<i32>,
-}
-
-enum RankState {
-    Free,
-    Busy(Box<Session>),
-    /// Its worker was abandoned (a kill): it serves no more tasks.
-    Lost,
+    /// The rank said the worker ended: its wait status, and the task it
+    /// was killed for running past its timeout (0: none).
+    ended: Option<(i32, u64)>,
 }
 
 pub(super) struct Root<'c> {
     comm: &'c SimpleCommunicator,
     seam: Seam,
-    /// Indexed by rank; rank 0 (this one) is never a worker.
-    ranks: Vec<RankState>,
+    /// How many workers each rank may host, and hosts now (rank 0: none).
+    caps: Vec<usize>,
+    hosted: Vec<usize>,
+    sessions: HashMap<usize, Session>,
     inbox: Inbox,
     /// Reused buffer for outgoing stream bytes.
     msg: Vec<u8>,
 }
 
 impl<'c> Root<'c> {
-    pub(super) fn new(comm: &'c SimpleCommunicator, seam: Seam) -> Self {
-        let size = comm.size() as usize;
-        let mut ranks = Vec::with_capacity(size);
-        ranks.push(RankState::Lost);
-        ranks.extend((1..size).map(|_| RankState::Free));
+    pub(super) fn new(comm: &'c SimpleCommunicator, seam: Seam, caps: Vec<usize>) -> Self {
+        let hosted = vec![0; caps.len()];
         Root {
             comm,
             seam,
-            ranks,
+            caps,
+            hosted,
+            sessions: HashMap::new(),
             inbox: VecDeque::new(),
-            msg: vec![M_DATA],
+            msg: Vec::new(),
         }
     }
 
     pub(super) fn run(mut self) {
         let mut idle = Backoff::new(MAX_IDLE);
         let mut polled = PollSet::default();
-        // The rank of each worker socket in `polled` (after the wake fd).
+        // The slot of each worker socket in `polled` (after the wake fd).
         let mut who: Vec<usize> = Vec::new();
         loop {
-            // One poll tells which sockets to read: no syscall per idle rank.
+            // One poll tells which sockets to read: no syscall per idle worker.
             polled.clear();
             who.clear();
             polled.push(self.seam.wake_me.as_raw_fd(), true, false);
-            for (r, st) in self.ranks.iter().enumerate() {
-                if let RankState::Busy(s) = st {
-                    let (read, write) = (!s.eof, s.conn.has_pending());
-                    // A socket polled for nothing would still wake the poll
-                    // on a hang-up, again and again.
-                    if read || write {
-                        polled.push(s.conn.raw(), read, write);
-                        who.push(r);
-                    }
+            for (&slot, s) in self.sessions.iter() {
+                let (read, write) = (!s.eof && s.theirs.is_none(), s.conn.has_pending());
+                // A socket polled for nothing would still wake the poll on a
+                // hang-up, again and again.
+                if read || write {
+                    polled.push(s.conn.raw(), read, write);
+                    who.push(slot);
                 }
             }
             let _ = polled.poll(0);
@@ -189,24 +191,20 @@ impl<'c> Root<'c> {
             let Some(mut active) = self.commands() else {
                 break;
             };
-            for (k, &r) in who.iter().enumerate() {
+            for (k, &slot) in who.iter().enumerate() {
                 if polled.readable(k + 1) {
-                    active |= self.forward_tasks(r);
+                    active |= self.forward_tasks(slot);
                 }
             }
             active |= self.receive();
-            for r in 1..self.ranks.len() {
-                active |= self.flush_results(r);
+            let slots: Vec<usize> = self.sessions.keys().copied().collect();
+            for slot in slots {
+                active |= self.flush_results(slot);
             }
             if active {
                 idle.reset();
             } else {
                 idle.wait(&mut polled);
-            }
-        }
-        for st in self.ranks.iter_mut() {
-            if matches!(st, RankState::Busy(_)) {
-                *st = RankState::Lost;
             }
         }
         stop_ranks(self.comm, &mut self.inbox);
@@ -217,6 +215,10 @@ impl<'c> Root<'c> {
         sys::eventfd_signal(self.seam.wake_engine.as_raw_fd());
     }
 
+    fn tell(&mut self, rank: usize, msg: &[u8]) {
+        send(self.comm, &mut self.inbox, rank, msg);
+    }
+
     /// Carries out the engine's commands. `None`: the engine closed its
     /// channel (the pool is finished).
     fn commands(&mut self) -> Option<bool> {
@@ -224,14 +226,13 @@ impl<'c> Root<'c> {
         loop {
             match self.seam.commands.try_recv() {
                 Ok(Command::Start(slot)) => self.spawn(slot),
-                // A kill for one task (a cancel) would cost the whole rank:
-                // refuse it, and the task runs to its end (its result is
-                // dropped). A kill for whatever the rank runs (a timeout)
-                // abandons the rank.
-                Ok(Command::Kill { rank, task }) if task != 0 => {
-                    self.report(Event::KillRefused { pid: rank, task });
+                Ok(Command::Kill { slot, task }) => {
+                    if let Some(rank) = self.sessions.get(&slot).map(|s| s.rank) {
+                        let mut m = header(M_KILL, slot);
+                        m.extend_from_slice(&task.to_le_bytes());
+                        self.tell(rank, &m);
+                    }
                 }
-                Ok(Command::Kill { rank, .. }) => self.abandon(rank as usize),
                 Err(mpsc::TryRecvError::Empty) => return Some(active),
                 Err(mpsc::TryRecvError::Disconnected) => return None,
             }
@@ -250,13 +251,13 @@ impl<'c> Root<'c> {
     }
 
     fn spawn(&mut self, slot: usize) {
-        let Some(rank) = (1..self.ranks.len()).find(|&r| matches!(self.ranks[r], RankState::Free))
-        else {
-            log::warn!("procpool: no MPI rank is free to start a worker on");
+        let rank = (1..self.caps.len())
+            .filter(|&r| self.hosted[r] < self.caps[r])
+            .min_by_key(|&r| self.hosted[r]);
+        let Some(rank) = rank else {
             self.report(Event::StartFailed {
                 slot,
-                cause: "no MPI rank is free to start a worker on (each rank runs one \
-                        worker, and a rank whose task timed out serves no more)"
+                cause: "every worker rank hosts as many workers as it may (workers_per_rank)"
                     .into(),
             });
             return;
@@ -274,80 +275,39 @@ impl<'c> Root<'c> {
             }
         };
         self.seam.handed.reset(slot);
-        send(self.comm, &mut self.inbox, rank, &[M_START]);
-        self.ranks[rank] = RankState::Busy(Box::new(Session {
+        self.hosted[rank] += 1;
+        self.sessions.insert(
             slot,
-            conn: Conn::new(mine, Vec::new()),
-            eof: false,
-            ended: None,
-        }));
-        self.report(Event::Started {
-            slot,
-            pid: rank as u32,
-            conn: theirs,
-        });
-    }
-
-    /// A remote rank cannot be killed: abandon its worker instead.
-    fn abandon(&mut self, rank: usize) {
-        let Some(RankState::Busy(s)) = self.ranks.get_mut(rank) else {
-            return;
-        };
-        if s.ended.is_some() {
-            // It ended by itself; its end is reported once its output is in.
-            return;
-        }
-        s.conn.flush();
-        self.ranks[rank] = RankState::Lost;
-        send(self.comm, &mut self.inbox, rank, &[M_ABANDON]);
-        log::warn!(
-            "procpool: MPI rank {rank} abandoned its task (a timeout); \
-             it serves no more tasks in this run"
+            Session {
+                rank,
+                conn: Conn::new(mine, Vec::new()),
+                theirs: Some(theirs),
+                eof: false,
+                ended: None,
+            },
         );
-        self.report(Event::Ended {
-            pid: rank as u32,
-            end: End::Abandoned,
-        });
+        self.tell(rank, &header(M_START, slot));
     }
 
-    /// Reads tasks from the engine and sends them on to the rank, with the
-    /// contents of input blocks inlined.
-    fn forward_tasks(&mut self, rank: usize) -> bool {
-        let RankState::Busy(s) = &mut self.ranks[rank] else {
+    /// Reads tasks from the engine and sends them on to the worker's rank,
+    /// with the contents of input blocks inlined.
+    fn forward_tasks(&mut self, slot: usize) -> bool {
+        let Some(s) = self.sessions.get_mut(&slot) else {
             return false;
         };
         if s.eof {
             return false;
         }
+        let rank = s.rank;
         let (got, eof) = read_some(&mut s.conn);
+        self.msg.clear();
+        self.msg.extend_from_slice(&header(M_DATA, slot));
         let mut pos = 0;
         while let Some(f) = Frame::parse(&s.conn.inbuf, pos) {
-            let h = f.header;
-            if h.kind == wire::TASK {
-                self.seam.handed.hand(s.slot, h.seq);
+            if f.header.kind == wire::TASK {
+                self.seam.handed.hand(slot, f.header.seq);
             }
-            let frame = &s.conn.inbuf[f.at..f.end];
-            if h.kind == wire::TASK && h.status & wire::IN_BLOCK != 0 {
-                let len = block_len(f.body(&s.conn.inbuf)).unwrap_or(0);
-                match map_block(s.conn.in_fds.pop_front(), len) {
-                    Ok(block) => {
-                        let mut nh = h;
-                        // Inline now; other flags (INLINE_SHARED) stay.
-                        nh.status = h.status & !(wire::IN_BLOCK | wire::KEEP_INPUT);
-                        let inlined = nh.open(&mut self.msg);
-                        self.msg.extend_from_slice(block.bytes(len));
-                        inlined.close(&mut self.msg, 0);
-                    }
-                    Err(e) => {
-                        // The worker answers this frame (it has no block
-                        // either) with a decode error.
-                        log::warn!("procpool: a task for MPI rank {rank} is lost: {e}");
-                        self.msg.extend_from_slice(frame);
-                    }
-                }
-            } else {
-                self.msg.extend_from_slice(frame);
-            }
+            inline_task(f, &mut s.conn, &mut self.msg);
             pos = f.end;
             if self.msg.len() >= CHUNK {
                 send_data(self.comm, &mut self.inbox, rank, &mut self.msg);
@@ -357,25 +317,51 @@ impl<'c> Root<'c> {
         send_data(self.comm, &mut self.inbox, rank, &mut self.msg);
         if eof {
             s.eof = true;
-            send(self.comm, &mut self.inbox, rank, &[M_EOF]);
+            self.tell(rank, &header(M_EOF, slot));
         }
         got || eof
     }
 
     fn on_message(&mut self, from: usize, msg: Vec<u8>) {
-        let Some(RankState::Busy(s)) = self.ranks.get_mut(from) else {
-            // An abandoned worker's late output, or a stray message.
+        let (Some(&kind), Some(slot)) = (msg.first(), slot_of(&msg)) else {
             return;
         };
-        match msg.first() {
-            Some(&M_DATA) => {
-                s.conn.write(&msg[1..]);
+        let Some(s) = self.sessions.get_mut(&slot).filter(|s| s.rank == from) else {
+            // A stray message (a slot already ended).
+            return;
+        };
+        match kind {
+            M_DATA => {
+                s.conn.write(&msg[5..]);
             }
-            Some(&M_ENDED) => {
-                let code = msg
-                    .get(1..5)
-                    .map_or(1, |b| i32::from_le_bytes(b.try_into().unwrap()));
-                s.ended = Some(code);
+            M_STARTED => {
+                let pid = u32_at(&msg, 5).unwrap_or(0);
+                if let Some(conn) = s.theirs.take() {
+                    self.report(Event::Started {
+                        slot,
+                        pid,
+                        rank: Some(from),
+                        conn,
+                    });
+                }
+            }
+            M_START_FAILED => {
+                let cause = String::from_utf8_lossy(&msg[5..]).into_owned();
+                self.sessions.remove(&slot);
+                self.hosted[from] -= 1;
+                let cause = format!("MPI rank {from}: {cause}");
+                self.report(Event::StartFailed { slot, cause });
+            }
+            M_KILL_REFUSED => {
+                let task = u64_at(&msg, 5).unwrap_or(0);
+                self.report(Event::KillRefused { slot, task });
+            }
+            M_ENDED => {
+                let status = u32_at(&msg, 5).map_or(SERVER_LOST, |s| s as i32);
+                let started = u64_at(&msg, 9).unwrap_or(u64::MAX);
+                let timed_out = u64_at(&msg, 17).unwrap_or(0);
+                self.seam.handed.ended_at(slot, started);
+                s.ended = Some((status, timed_out));
             }
             _ => {}
         }
@@ -384,13 +370,13 @@ impl<'c> Root<'c> {
     /// Writes results to the engine. Reports the end of a worker that ended
     /// once all its output is in the socket. Returns whether anything
     /// happened.
-    fn flush_results(&mut self, rank: usize) -> bool {
-        let RankState::Busy(s) = &mut self.ranks[rank] else {
+    fn flush_results(&mut self, slot: usize) -> bool {
+        let Some(s) = self.sessions.get_mut(&slot) else {
             return false;
         };
         let had = s.conn.has_pending();
-        let all_out = s.conn.flush() != crate::proto::conn::Flushed::Pending;
-        let Some(code) = s.ended else {
+        let all_out = s.conn.flush() != Flushed::Pending;
+        let Some((status, timed_out)) = s.ended else {
             return had;
         };
         if !all_out {
@@ -398,11 +384,49 @@ impl<'c> Root<'c> {
         }
         // Closing our end after the last byte: the engine reads it all, then
         // end-of-file.
-        self.ranks[rank] = RankState::Free;
-        self.report(Event::Ended {
-            pid: rank as u32,
-            end: End::Returned(code),
-        });
+        let rank = s.rank;
+        self.sessions.remove(&slot);
+        self.hosted[rank] -= 1;
+        if timed_out != 0 {
+            self.report(Event::TimedOut {
+                slot,
+                task: timed_out,
+            });
+        }
+        let end = if status == SERVER_LOST {
+            End::Abandoned
+        } else {
+            End::Exited(ExitStatus::from_raw(status))
+        };
+        self.report(Event::Ended { slot, end });
         true
+    }
+}
+
+/// Appends frame `f` of `conn`'s in buffer to `msg`: a task whose input is
+/// in a shared-memory block with the block's bytes inline (shared memory
+/// ends at the machine).
+fn inline_task(f: Frame, conn: &mut Conn, msg: &mut Vec<u8>) {
+    let h = f.header;
+    if h.kind != wire::TASK || h.status & wire::IN_BLOCK == 0 {
+        msg.extend_from_slice(&conn.inbuf[f.at..f.end]);
+        return;
+    }
+    let len = block_len(f.body(&conn.inbuf)).unwrap_or(0);
+    match map_block(conn.in_fds.pop_front(), len) {
+        Ok(block) => {
+            let mut nh = h;
+            // Inline now; other flags (INLINE_SHARED) stay.
+            nh.status = h.status & !(wire::IN_BLOCK | wire::KEEP_INPUT);
+            let inlined = nh.open(msg);
+            msg.extend_from_slice(block.bytes(len));
+            inlined.close(msg, 0);
+        }
+        Err(e) => {
+            // The worker answers this frame (it has no block either) with a
+            // decode error.
+            log::warn!("procpool: a task for an MPI rank is lost: {e}");
+            msg.extend_from_slice(&conn.inbuf[f.at..f.end]);
+        }
     }
 }

@@ -19,21 +19,63 @@ use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-/// Stream bytes: tasks (rank 0 to a worker rank) or results (back).
+// Message kinds. Every message but STOP and STOP_ACK names the engine's
+// worker slot it is about (4 bytes after the kind: `header`).
+
+/// Stream bytes of one worker, either way: tasks (rank 0 to the worker's
+/// rank) or results (back).
 pub(super) const M_DATA: u8 = 1;
-/// Rank 0 to a worker rank: start a worker, which runs the initializer.
+/// Rank 0 to a worker rank: start a worker for this slot.
 pub(super) const M_START: u8 = 2;
-/// Rank 0 to a worker rank: the supervisor closed its side of the worker's
+/// Rank 0 to a worker rank: the engine closed its side of the worker's
 /// stream, so the worker finishes its tasks and ends.
 pub(super) const M_EOF: u8 = 3;
-/// Rank 0 to a worker rank: drop the worker and serve no more tasks.
-pub(super) const M_ABANDON: u8 = 4;
+/// Rank 0 to a worker rank: kill the worker (8 bytes: 0, or the task it
+/// must be running for the kill to happen).
+pub(super) const M_KILL: u8 = 4;
 /// Rank 0 to a worker rank: the pool is finished; acknowledge and exit.
 pub(super) const M_STOP: u8 = 5;
-/// A worker rank to rank 0: its worker ended, with a 4-byte exit code.
+/// A worker rank to rank 0: the worker ended. 4 bytes: its wait status
+/// (or [`SERVER_LOST`]); 8: the task it had started; 8: the task it was
+/// killed for running past its timeout (0: none).
 pub(super) const M_ENDED: u8 = 6;
 /// A worker rank to rank 0: STOP received; nothing follows.
 pub(super) const M_STOP_ACK: u8 = 7;
+/// A worker rank to rank 0: the worker is up (4 bytes: its pid).
+pub(super) const M_STARTED: u8 = 8;
+/// A worker rank to rank 0: the worker could not be started (the rest:
+/// why, in UTF-8).
+pub(super) const M_START_FAILED: u8 = 9;
+/// A worker rank to rank 0: a kill for one task was not carried out (8
+/// bytes: the task), as its fork server's KILL_REFUSED.
+pub(super) const M_KILL_REFUSED: u8 = 10;
+
+/// The status in an ENDED message when the rank's fork server itself was
+/// lost: its workers died with it, and no wait status was seen.
+pub(super) const SERVER_LOST: i32 = i32::MIN;
+
+/// A message's first bytes: its kind and the slot it is about.
+pub(super) fn header(kind: u8, slot: usize) -> Vec<u8> {
+    let mut m = Vec::with_capacity(64);
+    m.push(kind);
+    m.extend_from_slice(&(slot as u32).to_le_bytes());
+    m
+}
+
+/// The slot a message is about.
+pub(super) fn slot_of(msg: &[u8]) -> Option<usize> {
+    Some(u32::from_le_bytes(msg.get(1..5)?.try_into().ok()?) as usize)
+}
+
+/// The 8-byte number at `at` in a message.
+pub(super) fn u64_at(msg: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(msg.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// The 4-byte number at `at` in a message.
+pub(super) fn u32_at(msg: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(msg.get(at..at + 4)?.try_into().ok()?))
+}
 
 /// A message carries at most this many stream bytes (MPI counts are `int`).
 pub(super) const CHUNK: usize = 64 << 20;
@@ -46,8 +88,6 @@ pub(super) const MAX_SEND_WAIT: Duration = Duration::from_micros(100);
 /// How long rank 0 waits for the ranks to acknowledge STOP before it aborts
 /// the job (MPI finalisation would hang on a rank that never answers).
 pub(super) const STOP_BOUND: Duration = Duration::from_secs(30);
-/// How long a stopping rank lets its worker thread finish.
-pub(super) const JOIN_BOUND: Duration = Duration::from_millis(50);
 /// Socket buffer size, as for local workers.
 pub(super) const SOCK_BUF: usize = 1 << 20;
 
@@ -89,30 +129,31 @@ pub(super) fn send(comm: &SimpleCommunicator, inbox: &mut Inbox, to: usize, msg:
 }
 
 /// Sends stream bytes in messages of at most `CHUNK` bytes. `msg` holds
-/// the `M_DATA` byte and then the bytes.
+/// an `M_DATA` header (`header`) and then the bytes; the header stays.
 pub(super) fn send_data(
     comm: &SimpleCommunicator,
     inbox: &mut Inbox,
     to: usize,
     msg: &mut Vec<u8>,
 ) {
-    if msg.len() <= 1 {
+    const HEAD: usize = 5;
+    if msg.len() <= HEAD {
         return;
     }
-    if msg.len() <= CHUNK + 1 {
+    if msg.len() <= CHUNK + HEAD {
         send(comm, inbox, to, msg);
     } else {
-        let mut part = Vec::with_capacity(CHUNK + 1);
-        for piece in msg[1..].chunks(CHUNK) {
+        let mut part = Vec::with_capacity(CHUNK + HEAD);
+        for piece in msg[HEAD..].chunks(CHUNK) {
             part.clear();
-            part.push(M_DATA);
+            part.extend_from_slice(&msg[..HEAD]);
             part.extend_from_slice(piece);
             send(comm, inbox, to, &part);
         }
     }
-    msg.truncate(1);
+    msg.truncate(HEAD);
     if msg.capacity() > 4 * CHUNK {
-        *msg = vec![M_DATA];
+        msg.shrink_to(HEAD);
     }
 }
 

@@ -6,10 +6,14 @@
 //! mpirun -n 3 target/release/examples/mpi_bench
 //! ```
 //!
-//! Rank 0 measures the MPI pool (ranks 1..N-1) and drops it. That stops the
-//! other ranks and finalises MPI. It then measures a local pool of N-1
-//! forked workers on its own machine. Run without mpirun, it measures the
-//! local pool only (two workers).
+//! Rank 0 measures the MPI pool (the workers that ranks 1..N-1 host,
+//! `workers_per_rank` each) and drops it. That stops the other ranks and
+//! finalises MPI. It then measures a local pool of as many forked workers
+//! on its own machine. Run without mpirun, it measures the local pool only
+//! (two workers).
+#[path = "support/mpi_ranks.rs"]
+mod ranks;
+
 use procpool::Pool;
 use std::time::{Duration, Instant};
 
@@ -80,7 +84,7 @@ fn measure(pool: &Pool) -> Numbers {
 
 fn row(name: &str, n: &Numbers) {
     println!(
-        "{name:<24} {:>10.1} {:>14.0} {:>16.0} {:>12.0}",
+        "{name:<34} {:>10.1} {:>14.0} {:>16.0} {:>12.0}",
         n.apply_us, n.apply_async_per_s, n.map_items_per_s, n.map_mib_per_s
     );
 }
@@ -88,28 +92,31 @@ fn row(name: &str, n: &Numbers) {
 fn main() {
     let mpi = match Pool::builder().mpi().build() {
         Ok(pool) => {
+            // Each worker rank hosts workers of its own: the pool's size
+            // is theirs together, not the number of ranks.
             let workers = pool.processes();
+            let worker_ranks = ranks::world_size().map_or(0, |n| n - 1);
             let n = measure(&pool);
             drop(pool);
-            Some((workers, n))
+            Some((worker_ranks, workers, n))
         }
         Err(e) => {
             println!("(no MPI pool: {e})");
             None
         }
     };
-    let workers = mpi.as_ref().map_or(2, |m| m.0);
+    let workers = mpi.as_ref().map_or(2, |m| m.1);
     let local = Pool::builder().processes(workers).build().unwrap();
     let l = measure(&local);
     drop(local);
     // Give the machine a moment between the runs' teardown and the report.
     std::thread::sleep(Duration::from_millis(10));
     println!(
-        "{:<24} {:>10} {:>14} {:>16} {:>12}",
+        "{:<34} {:>10} {:>14} {:>16} {:>12}",
         "pool", "apply µs", "apply_async/s", "map items/s", "map MiB/s"
     );
-    if let Some((w, m)) = &mpi {
-        row(&format!("MPI, {w} worker ranks"), m);
+    if let Some((r, w, m)) = &mpi {
+        row(&format!("MPI, {r} worker ranks, {w} workers"), m);
     }
     row(&format!("local, {workers} processes"), &l);
 }

@@ -57,7 +57,7 @@ fn run() -> Result<bool, Error> {
     let sequential = count_primes((0, bound));
     let seq_took = t.elapsed();
     println!(
-        "primes below {bound}: {parallel} in {} chunks over worker ranks {:?} in {took:.2?}; \
+        "primes below {bound}: {parallel} in {} chunks over workers (pids on their ranks' hosts) {:?} in {took:.2?}; \
          sequential count on rank 0: {sequential} in {seq_took:.2?}",
         chunks.len(),
         pool.worker_pids(),

@@ -4,12 +4,13 @@
 //!
 //! - **The parent** (`PoolBuilder::build`) checks the settings, makes the
 //!   listed paths absolute, and writes them into the exec'd server's
-//!   config memfd (`start.rs`). A sandbox needs that exec'd server: a fork
-//!   of the caller would carry the caller's memory, and its secrets, into
-//!   every worker. While a task runs, the parent watches the worker's CPU
-//!   clock (a per-task CPU cap), gives each worker shared-memory blocks of
-//!   its own (never reused), seals its own input blocks, and maps a
-//!   worker's result block only once it has checked the block's seals.
+//!   config memfd (`backend/local/start.rs`). A sandbox needs that exec'd
+//!   server: a fork of the caller would carry the caller's memory, and its
+//!   secrets, into every worker. While a task runs, the parent watches the
+//!   worker's CPU clock (a per-task CPU cap), gives each worker
+//!   shared-memory blocks of its own (never reused), seals its own input
+//!   blocks, and maps a worker's result block only once it has checked the
+//!   block's seals.
 //! - **The server**, once, before it forks any worker: moves into a new
 //!   network namespace (one per pool, not one per worker: creating one
 //!   costs far more than a fork), compiles the seccomp filters, and checks

@@ -413,7 +413,8 @@ impl PoolBuilder {
     }
 
     /// Runs the workers as MPI ranks, possibly on other machines, instead
-    /// of forked processes (cargo feature `mpi`). See `src/mpi.rs` for details.
+    /// of forked processes (cargo feature `mpi`). See
+    /// `src/backend/mpi/mod.rs` for details.
     ///
     /// Start the program with an MPI launcher: `mpirun -n N ./prog`, or
     /// `srun -n N ./prog` on a Slurm cluster. On rank 0, `build` returns the

@@ -21,6 +21,18 @@
 //! are copied into the messages: rank 0 inlines a task's input block, and
 //! a worker rank inlines a result's block. Task ids are in the frames, not
 //! in MPI tags.
+//!
+//! `SharedBuf`s are copied too, since shared memory ends at the machine: an
+//! MPI pool's encoder writes their bytes inline (`Config::inline_shared`,
+//! which a sandboxed pool sets as well), and the TASK frame's
+//! `INLINE_SHARED` bit tells the rank's worker to do the same with its
+//! result (rank 0 keeps that bit when it inlines an input block).
+//!
+//! Where this departs from a local worker: a remote process cannot be
+//! killed (`root.rs` says what a timeout and a cancel do instead); and a
+//! task that ends its rank's process ends the whole MPI job (the launcher
+//! stops every rank), so `WorkerLost` does not happen here. The project
+//! README's "Scaling past one machine" lists what a user sees of it.
 
 mod rank;
 mod root;

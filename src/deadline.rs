@@ -5,7 +5,7 @@
 //! cooperative: the task asks [`deadline_passed`] (or [`time_left`]) where
 //! it can stop.
 //!
-//! The limit travels with the task (a SOFT frame before its TASK frame);
+//! The limit travels with the task (a SOFT_LIMIT frame before its TASK frame);
 //! the worker sets the deadline from the moment it starts the task, in a
 //! word that every thread of the worker process can read.
 //!

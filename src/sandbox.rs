@@ -4,12 +4,13 @@
 //!
 //! - **The parent** (`PoolBuilder::build`) checks the settings, makes the
 //!   listed paths absolute, and writes them into the exec'd server's
-//!   config memfd (`start.rs`). A sandbox needs that exec'd server: a fork
-//!   of the caller would carry the caller's memory, and its secrets, into
-//!   every worker. While a task runs, the parent watches the worker's CPU
-//!   clock (a per-task CPU cap), gives each worker shared-memory blocks of
-//!   its own (never reused), seals its own input blocks, and maps a
-//!   worker's result block only once it has checked the block's seals.
+//!   config memfd (`backend/local/start.rs`). A sandbox needs that exec'd
+//!   server: a fork of the caller would carry the caller's memory, and its
+//!   secrets, into every worker. While a task runs, the parent watches the
+//!   worker's CPU clock (a per-task CPU cap), gives each worker
+//!   shared-memory blocks of its own (never reused), seals its own input
+//!   blocks, and maps a worker's result block only once it has checked the
+//!   block's seals.
 //! - **The server**, once, before it forks any worker: moves into a new
 //!   network namespace (one per pool, not one per worker: creating one
 //!   costs far more than a fork), compiles the seccomp filters, and checks
@@ -36,6 +37,37 @@
 //! | open files | `RLIMIT_NOFILE`, set above what is open plus a reserve for the pool's blocks | |
 //! | file size | `RLIMIT_FSIZE` (`SIGXFSZ` names it); the worker never makes a block past it, and sends a result that big through its socket instead | `ftruncate` on a memfd past `RLIMIT_FSIZE` fails (and raises `SIGXFSZ`) |
 //! | workers apart | status words a page per worker, each worker unmapping the others and closing their memfd; blocks never reused, sealed | Landlock's signal and ptrace scoping keeps a worker from signalling or tracing another |
+//!
+//! What the table leaves out:
+//!
+//! - **One network namespace per pool** also because the workers of one
+//!   pool have nothing to hide from each other's loopback: they have no
+//!   sockets at all.
+//! - **A page of status words per worker**, not a memfd per worker: that
+//!   would cost the server an fd per slot and a change to the spawn
+//!   protocol, where unmapping the other pages costs two `munmap`s.
+//! - **Capabilities are dropped** because a program run as root (CI runs
+//!   so) would otherwise leave its workers every one.
+//! - **Two seccomp filters**: `seccompiler` gives one action per filter,
+//!   so `clone3`'s `ENOSYS` needs a filter of its own (the kernel takes the
+//!   most restrictive action of all filters; between two errnos, the later
+//!   filter's).
+//! - **Each worker builds its own Landlock ruleset** (a few
+//!   `open(O_PATH)`s): one made in the server would leave its fd in every
+//!   worker, and the `landlock` crate does not expose it to close.
+//! - **An rlimit for memory, not a cgroup.** A cgroup's `memory.events`
+//!   would name an OOM kill precisely, but needs a writable, delegated
+//!   hierarchy (root, or systemd delegation) and differs between cgroup v1
+//!   and v2; an rlimit works everywhere, at the price of resting the verdict
+//!   on `errno` ([`Prepared::apply`]; that a backtrace overwrites it was
+//!   found with `examples/untrusted.rs`).
+//! - **A hostile worker and its parent**: everything a worker sends is
+//!   data. bincode allocates a buffer of the length it reads before it
+//!   reads the bytes, so a crafted frame made the parent abort (found while
+//!   writing the sandbox's tests); results and messages from workers now
+//!   decode with a limit (`codec::decode_untrusted`). A task cannot put off
+//!   its timeout by writing its start word (`engine/README.md`, "Who may
+//!   kill whom").
 
 pub(crate) use crate::limit::Limit;
 use crate::proto::status::{SharedWords, Status};

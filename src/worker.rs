@@ -13,7 +13,7 @@
 //! (Holding results back to write several at once was tried; a crash then
 //! failed tasks that had finished. Tasks still arrive in batches, one read
 //! for many.) Large inputs and outputs travel in shared-memory blocks (see
-//! `shm.rs`).
+//! `proto/shm.rs`).
 
 use crate::proto::codec;
 use crate::proto::shared_buf::{self, Mode, Region, Supply};
@@ -241,8 +241,8 @@ impl<'b> Input<'b> {
     /// taken whatever happens next, so that the next frame's fds stay
     /// paired with their frame.
     fn take(frame: &Frame, buf: &'b [u8], fds: &mut VecDeque<OwnedFd>) -> Input<'b> {
-        // A count of SharedBuf fds may lead the body (see wire.rs); a body
-        // too short for it is empty.
+        // A count of SharedBuf fds may lead the body (see proto/wire.rs); a
+        // body too short for it is empty.
         let (nshared, body) = match frame.shared_count(buf) {
             Some(n) => (n, frame.payload(buf)),
             None => (0, &[][..]),

@@ -284,7 +284,7 @@ fn failed_replacements_fail_queued_tasks_once_no_worker_is_left() {
 
 // ---- shared memory held after large values ---------------------------------
 
-/// The bound on the free blocks the pool keeps (src/shm.rs, CACHE_BYTES).
+/// The bound on the free blocks the pool keeps (src/proto/shm.rs, CACHE_BYTES).
 const CACHE_BOUND: u64 = 128 << 20;
 
 fn big_result(n: usize) -> serde_bytes::ByteBuf {

@@ -704,8 +704,8 @@ fn a_missing_mechanism_fails_the_build_unless_a_weaker_sandbox_is_accepted() {
 // ---- a hostile worker and its parent ----
 
 /// Writes, on the worker's socket (its one fd from 3 up), a result frame of
-/// the pool's wire format (`src/wire.rs`) for its first task: a panic whose
-/// message claims 2^60 bytes. Then returns normally.
+/// the pool's wire format (`src/proto/wire.rs`) for its first task: a panic
+/// whose message claims 2^60 bytes. Then returns normally.
 fn forge_a_frame(_: ()) -> u64 {
     let fd = open_fds(())[0];
     let mut body = vec![253u8];

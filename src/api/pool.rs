@@ -414,18 +414,19 @@ impl PoolBuilder {
         fn sandbox(sandbox: crate::sandbox::Sandbox) { sandbox = Some(sandbox) }
     }
 
-    /// Runs the workers as MPI ranks, possibly on other machines, instead
-    /// of forked processes (cargo feature `mpi`). See `src/mpi.rs` for details.
+    /// Runs the workers on MPI ranks, possibly on other machines (cargo
+    /// feature `mpi`). See `src/backend/mpi/mod.rs` for details.
     ///
     /// Start the program with an MPI launcher: `mpirun -n N ./prog`, or
     /// `srun -n N ./prog` on a Slurm cluster. On rank 0, `build` returns the
-    /// pool. Its workers are ranks 1 to N-1: at most
-    /// [`processes`](Self::processes) of them, and the other ranks are kept
-    /// as replacements. On every other rank `build` never returns. The rank
+    /// pool; it hosts no workers. Ranks 1 to N-1 host them:
+    /// [`processes`](Self::processes) is the total across the ranks, at
+    /// most the sum of their [`workers_per_rank`](Self::workers_per_rank)
+    /// (the default: all of them). On every other rank `build` never returns. The rank
     /// serves tasks, then exits with status 0 when rank 0's pool closes or
     /// is dropped. `main` runs on every rank, so build the pool before any
     /// other work. The [`initializer`](Self::initializer) runs on each
-    /// worker rank.
+    /// worker process of every rank.
     ///
     /// Every rank must run the same executable. This is checked by hashing
     /// `/proc/self/exe` on each rank; if they differ, `build` returns
@@ -435,16 +436,22 @@ impl PoolBuilder {
     /// workers, build again without `mpi()`. MPI can be initialised only
     /// once per process, so a program builds at most one MPI pool.
     ///
-    /// Differences from the local pool:
-    /// - [`Pool::worker_pids`] returns rank numbers.
-    /// - A timeout cannot kill a remote process. It costs the rank instead:
-    ///   the rank abandons the task and serves no more tasks for the rest
-    ///   of the run.
-    /// - [`AsyncResult::cancel`] on a running task resolves it as
-    ///   `Cancelled` right away, but the task still runs to the end on its
-    ///   rank. Its result is then discarded.
-    /// - A task that ends its rank's process (abort, segfault, `exit`) ends
-    ///   the whole MPI job.
+    /// Each worker rank hosts its own fork server, started (by exec, as
+    /// with `StartMethod::ForkServer`) before MPI is initialised in that
+    /// process and without the launcher's variables, and runs tasks in
+    /// worker processes it forks: [`workers_per_rank`](Self::workers_per_rank)
+    /// of them. So a rank keeps the local pool's guarantees:
+    /// - A task that crashes (abort, segfault, `exit`, a kill) fails alone
+    ///   with [`Error::WorkerLost`], which names the rank; its worker is
+    ///   replaced on that rank, and the job goes on.
+    /// - A timeout is kept on the rank that runs the task, on its own clock
+    ///   (clocks of different hosts are not comparable): the worker is
+    ///   killed there and the rank keeps serving.
+    /// - [`AsyncResult::cancel`] on a running task kills its worker there.
+    /// - [`Pool::worker_pids`] gives the workers' pids on their hosts.
+    ///
+    /// A rank that dies as a whole (its host lost, or the rank killed)
+    /// ends the job: Open MPI aborts every rank when one of them dies.
     ///
     /// ```no_run
     /// fn square(x: u64) -> u64 { x * x }

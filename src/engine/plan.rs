@@ -10,6 +10,11 @@
 //! an idle worker alone, so long tasks spread evenly. The least busy
 //! workers are served first. (An estimate per worker was tried first and
 //! was wrong: a worker that had run tiny tasks took a batch of slow ones.)
+//!
+//! The limit of it: a task that is short by its function's estimate but
+//! blocks holds up to about [`PIPELINE_NS`] of estimated work queued behind
+//! it on its worker. (While another worker is idle, a quick task goes
+//! there instead: `tests/apply.rs`.)
 
 use crate::proto::task::TaskFn;
 use std::collections::HashMap;

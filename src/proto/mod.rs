@@ -3,6 +3,9 @@
 //! shared-memory blocks and `SharedBuf`s; the one buffered connection that
 //! every side reads and writes frames through; and how a thread out of
 //! work waits for more (the idle policy both sides follow).
+//!
+//! `README.md` beside this file: the frames besides tasks, and how large
+//! bodies and `SharedBuf`s travel.
 
 pub(crate) mod codec;
 pub(crate) mod conn;

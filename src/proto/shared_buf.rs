@@ -24,16 +24,18 @@
 //!   only `&self`, so it cannot rely on ownership alone: a `&SharedBuf`
 //!   reachable from elsewhere (a thread-local, say, that a hand-written
 //!   `Serialize` of the argument reads) could be encoded while a slice of
-//!   it is alive. Hence: there is no `Deref`; the bytes are read through a
-//!   guard ([`SharedBuf::as_slice`] returns a `Ref` of a `RefCell`) or
-//!   written through `&mut self`, and `Serialize` takes the file only if it
-//!   can borrow the cell mutably, so that no view of the memory is alive in
-//!   this process when it leaves. A `&mut [u8]` from `as_mut_slice` holds
-//!   `&mut SharedBuf`, so no `&SharedBuf` exists meanwhile. `SharedBuf` is
-//!   `Send` but not `Sync`: no other thread can hold a `&SharedBuf`, so the
-//!   cell's borrow flag is never raced. Every task argument is taken by
-//!   value (`apply(f, arg: A)`, `map(f, items)`), so in the ordinary case
-//!   the borrow checker alone rules out a view that outlives the send.
+//!   it is alive; that path makes the simplest design (`Deref` and an
+//!   interior `take`) unsound. Hence: there is no `Deref`; the bytes are
+//!   read through a guard ([`SharedBuf::as_slice`] returns a `Ref` of a
+//!   `RefCell`) or written through `&mut self`, and `Serialize` takes the
+//!   file only if it can borrow the cell mutably, so that no view of the
+//!   memory is alive in this process when it leaves. A `&mut [u8]` from
+//!   `as_mut_slice` holds `&mut SharedBuf`, so no `&SharedBuf` exists
+//!   meanwhile. `SharedBuf` is `Send` but not `Sync`: no other thread can
+//!   hold a `&SharedBuf`, so the cell's borrow flag is never raced. Every
+//!   task argument is taken by value (`apply(f, arg: A)`,
+//!   `map(f, items)`), so in the ordinary case the borrow checker alone
+//!   rules out a view that outlives the send.
 //! - **Outside the pool's encoder, an error.** Serializing a `SharedBuf`
 //!   with any other serializer (or into an initializer's argument, which
 //!   every worker gets a copy of) fails with an error that says so, and

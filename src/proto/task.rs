@@ -4,6 +4,15 @@
 //! addresses, agree between a process and any fork of it, and between
 //! separate executions of the same binary (address randomisation moves the
 //! whole image, not its parts).
+//!
+//! But only within one ELF object: an offset from the anchor names the same
+//! code in the object the anchor lives in, and nothing in a shared library
+//! or plugin, which another process may load elsewhere or not at all. So
+//! where a task runs in another image (`StartMethod::ForkServer`, MPI), a
+//! function outside that object is refused at submission
+//! (`backend::local::start::check_task`, a range check against the
+//! object's `PT_LOAD` segments, computed once). DESIGN.md took any plain
+//! `fn` to be a task; under `StartMethod::Fork` any still is.
 
 use crate::proto::codec;
 use crate::proto::shared_buf::{self, Mode, Region, Supply};

@@ -1,6 +1,6 @@
 //! The program image: the constructor that turns an exec'd copy of the
 //! program into a fork server, and the object that holds the task code.
-//! See `start.rs` for the design.
+//! See `backend/local/start.rs` for the design.
 
 /// The environment variable that makes an exec'd copy of the program a fork
 /// server; its value is `SOCKET_FD,WORDS_FD,CONFIG_FD`.

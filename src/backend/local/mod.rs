@@ -8,6 +8,10 @@
 //! Each worker stores, in a page of shared memory made before the server
 //! (`proto::status`), the task it has started and when, which is how the
 //! engine's [`Progress`] sees it.
+//!
+//! `README.md` beside this file says what is particular to forking workers
+//! here: the invariant the start methods keep, what a worker inherits, the
+//! terminal, signals and stdio, and why a stream socket per worker.
 
 pub(crate) mod server;
 pub(crate) mod start;

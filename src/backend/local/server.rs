@@ -1,5 +1,7 @@
-//! The fork server: a single-threaded child that the pool forks once, before
-//! it starts any thread, and that forks every worker after that.
+//! The fork server: a single-threaded child of the pool, one per pool,
+//! that forks every worker: a fresh exec of the program, or a fork of the
+//! caller (`start.rs`; `README.md` beside this file for what each leaves
+//! in a worker).
 //!
 //! `fork()` in a process with threads copies only the calling thread; a lock
 //! held by another thread stays locked forever in the child. The pool has
@@ -16,7 +18,8 @@
 //! server → parent: `SPAWNED slot pid` (+ the worker's socket),
 //! `SPAWN_FAILED slot errno` (slot `u32::MAX`: the server could not set
 //! itself up, and exits), `EXITED pid status`, `KILL_REFUSED pid`, and
-//! first of all, from a server started by exec, `HELLO 0 pid`.
+//! first of all, from a server started by exec, `HELLO 0 pid ready`
+//! (`ready` says whether its sandbox could be had: `start.rs`).
 //! End-of-file from the parent (it closed the socket, or died) makes the
 //! server SIGKILL every worker, reap them all, and exit.
 
@@ -90,17 +93,9 @@ pub(crate) struct Spec {
 
 /// The server's main loop; runs in the forked child and never returns.
 ///
-/// First it leaves the terminal's foreground job and sets its signals, for
-/// itself and every worker it will fork (whatever starts it): a process
-/// group of its own, so that the terminal's Ctrl-C (SIGINT to that job)
-/// reaches the host program, which decides what becomes of its pool, and
-/// never the pool's processes; every disposition back to a Rust program's
-/// defaults, so that neither a handler of the host nor a disposition
-/// inherited as ignored reaches a task (SIGCHLD ignored would also make the
-/// kernel reap the workers and lose their exit status); and stdin from
-/// `/dev/null`. Signals stay blocked until that is done (the parent blocks
-/// them across the fork), and one sent to the old group meanwhile is
-/// discarded.
+/// First it leaves the terminal's foreground job and sets its signals and
+/// stdin, for itself and every worker it will fork, whatever started it
+/// (`README.md` beside this file, "The terminal, signals and stdio").
 pub(crate) fn run(sock: OwnedFd, spec: &Spec) -> ! {
     let fd = sock.as_raw_fd();
     let sigfd = set_up(fd);

@@ -17,6 +17,9 @@
 //! then calls [`serve_exec`], which never returns. A constructor of our own
 //! rather than the `ctor` crate: we need the address of our own entry to
 //! find the constructors after it, and the whole of it is one static.
+//! The limit of it: the constructors after ours are found in the
+//! executable's `DT_INIT_ARRAY`, so a static executable without a dynamic
+//! section runs in its server only the constructors before ours.
 //!
 //! The parent hands the server three fds by number in that variable: its
 //! socket, the memfd of the shared status words, and a memfd holding the

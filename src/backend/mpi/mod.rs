@@ -1,26 +1,46 @@
-//! The MPI backend (cargo feature `mpi`): workers are MPI ranks.
+//! The MPI backend (cargo feature `mpi`): workers live on MPI ranks.
 //!
 //! A program written once runs under `mpirun -n N ./prog` (or `srun -n N`).
 //! Every rank runs `main`. When a rank reaches
-//! [`PoolBuilder::mpi`](crate::PoolBuilder::mpi)`.build()`, it starts a
-//! thread named "procpool-mpi". That thread initialises MPI, and it is the
-//! only thread of the process that ever calls MPI (`Threading::Funneled`).
-//! The thread then checks that every rank runs the same executable: each
-//! rank hashes `/proc/self/exe` and all ranks exchange the hashes.
+//! [`PoolBuilder::mpi`](crate::PoolBuilder::mpi)`.build()`, it first (on
+//! every rank but 0, as the launcher's variables tell) spawns its own fork
+//! server by exec, without the launcher's variables (`OMPI_*`, `PMIX_*`,
+//! `PMI_*`): MPI is not initialised in this process yet, and a fork after
+//! `MPI_Init` is unsafe on RDMA transports. It then starts a thread named
+//! "procpool-mpi", which initialises MPI and is the only thread of the
+//! process that ever calls MPI (`Threading::Funneled`). The thread checks
+//! that every rank runs the same executable (each rank hashes
+//! `/proc/self/exe` and all exchange the hashes) and gathers how many
+//! workers each rank hosts (`workers_per_rank`, by default the CPUs of its
+//! affinity mask).
 //!
-//! **Rank 0** runs the engine, as a local pool does; this backend is the
-//! engine's seam to the ranks (`root.rs`): a rank is a place where a
-//! worker lives, reached over MPI, and the engine hears of it through the
-//! same typed events as of a local worker (started, ended and how, could
-//! not start). **Ranks >= 1** never return from `build` (`rank.rs`).
-//! `transport.rs` is how the ranks talk.
+//! **Rank 0** runs the engine, as a local pool does, and hosts no workers;
+//! this backend is the engine's seam to the ranks (`root.rs`). A rank is a
+//! remote local backend: a place where workers live, forked by its own
+//! fork server, reached over MPI. The engine hears of them through the
+//! same typed events as of local workers (started, could not start, ended
+//! with a real wait status), plus `TimedOut`, since a rank keeps its tasks'
+//! timeouts on its own clock. **Ranks >= 1** never return from `build`
+//! (`rank.rs`). `transport.rs` is how the ranks talk.
+//!
+//! So a rank keeps a local pool's guarantees: a task that crashes ends
+//! only its worker (`WorkerLost` names the rank), a timeout or a cancel
+//! kills the worker on its rank, and the rank goes on. What it cannot keep:
+//! a rank that dies as a whole ends the MPI job (the launcher stops every
+//! rank). The project README's "Scaling past one machine" has the table.
 //!
 //! Tasks travel as code offsets from an anchor (see `proto/task.rs`). These
 //! are the same in every rank of one binary, which the hash check makes
 //! sure of. Large bodies that travel in shared-memory blocks on one machine
 //! are copied into the messages: rank 0 inlines a task's input block, and
 //! a worker rank inlines a result's block. Task ids are in the frames, not
-//! in MPI tags.
+//! in MPI tags; every message names the engine's worker slot it is about.
+//!
+//! `SharedBuf`s are copied too, since shared memory ends at the machine: an
+//! MPI pool's encoder writes their bytes inline (`Config::inline_shared`,
+//! which a sandboxed pool sets as well), and the TASK frame's
+//! `INLINE_SHARED` bit tells the rank's worker to do the same with its
+//! result (rank 0 keeps that bit when it inlines an input block).
 
 mod rank;
 mod root;

@@ -90,7 +90,16 @@ fn row(name: &str, n: &Numbers) {
 }
 
 fn main() {
-    let mpi = match Pool::builder().mpi().build() {
+    // PROCPOOL_BENCH_WORKERS_PER_RANK sets how many workers each rank
+    // hosts (default: the CPUs of its affinity mask).
+    let mut builder = Pool::builder().mpi();
+    if let Some(n) = std::env::var("PROCPOOL_BENCH_WORKERS_PER_RANK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        builder = builder.workers_per_rank(n);
+    }
+    let mpi = match builder.build() {
         Ok(pool) => {
             // Each worker rank hosts workers of its own: the pool's size
             // is theirs together, not the number of ranks.

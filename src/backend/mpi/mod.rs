@@ -138,6 +138,22 @@ pub(crate) fn start(
     let workers: usize = caps.iter().sum();
     cfg.processes = requested.unwrap_or(workers).min(workers);
     let slots = cfg.processes * 2;
+    let (backend, handed) = connect(thread, seam_tx, slots)?;
+    Ok(Launch {
+        cfg,
+        backend: Box::new(backend),
+        progress: handed,
+        slots,
+    })
+}
+
+/// Rank 0: joins the engine's side of the seam to the MPI thread's (the
+/// channels and the eventfds that wake either side).
+fn connect(
+    thread: std::thread::JoinHandle<()>,
+    seam_tx: mpsc::Sender<Seam>,
+    slots: usize,
+) -> Result<(Mpi, Arc<Handed>), Error> {
     let eventfd = || {
         sys::eventfd()
             .map(Arc::new)
@@ -165,12 +181,7 @@ pub(crate) fn start(
         thread: Some(thread),
         gone: false,
     };
-    Ok(Launch {
-        cfg,
-        backend: Box::new(backend),
-        progress: handed,
-        slots,
-    })
+    Ok((backend, handed))
 }
 
 /// The engine's side of the MPI backend (rank 0's thread is the other).

@@ -813,6 +813,7 @@ impl Pool {
                 retries: opts.retries,
                 shared,
                 retry_shared: opts.retry_shared,
+                items: 1,
             },
         )])?;
         Ok(AsyncResult {
@@ -917,6 +918,7 @@ impl Pool {
                 retries: opts.retries,
                 shared,
                 retry_shared: opts.retry_shared,
+                items: chunk.len() as u32,
             };
             if let Err(e) = self.shared.submit(vec![(slot.clone(), spec)]) {
                 // Closed or terminated: nothing of this map may run.
@@ -1189,6 +1191,7 @@ where
             retries: self.retries,
             shared,
             retry_shared: self.retry_shared,
+            items: n as u32,
         };
         match self.shared.submit(vec![(slot.clone(), spec)]) {
             Ok(()) => Some(Pending::Chunk(slot, n)),

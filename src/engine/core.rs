@@ -209,6 +209,7 @@ impl Shared {
                 cancelled: false,
                 shared: s.shared,
                 retry_shared: s.retry_shared,
+                items: s.items.max(1),
             });
         }
         let pending = st.dispatch(&self.cfg, true);

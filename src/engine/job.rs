@@ -81,6 +81,9 @@ pub(crate) struct Job {
     /// Whether it runs again after its worker died part-way even though it
     /// holds `SharedBuf`s (which that worker may have half written).
     pub(crate) retry_shared: bool,
+    /// How many items it carries (a map chunk's; 1 for `apply`): under a
+    /// per-task CPU cap it may use the cap once per item.
+    pub(crate) items: u32,
 }
 
 /// What a caller hands to `submit`.
@@ -93,6 +96,9 @@ pub(crate) struct JobSpec {
     pub(crate) retries: Option<u32>,
     pub(crate) shared: Vec<Region>,
     pub(crate) retry_shared: bool,
+    /// How many items it carries (a map chunk's; 1 for `apply`): under a
+    /// per-task CPU cap it may use the cap once per item.
+    pub(crate) items: u32,
 }
 
 /// A job sent to a worker, under the number the worker knows it by.

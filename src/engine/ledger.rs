@@ -157,6 +157,7 @@ mod tests {
             cancelled: false,
             shared: Vec::new(),
             retry_shared: false,
+            items: 1,
         }
     }
 

@@ -85,6 +85,21 @@ fn check_cancels(w: &mut Worker, p: &dyn Progress) -> bool {
     false
 }
 
+/// What is left of the CPU cap of a worker whose clock reads `ns`: the
+/// least of what the item it runs has left (counted from `item`, its start
+/// as the worker recorded it, which counts only between `base` and now)
+/// and what the whole task has left (`items` caps, counted from `base`,
+/// when its last result came). `None` once either is used up.
+fn cpu_left(ns: u64, base: u64, item: u64, cap: Duration, items: u32) -> Option<Duration> {
+    let item_used = Duration::from_nanos(ns.saturating_sub(item.clamp(base, ns.max(base))));
+    let task_used = Duration::from_nanos(ns.saturating_sub(base));
+    let task_cap = cap.saturating_mul(items.max(1));
+    let left = cap
+        .checked_sub(item_used)?
+        .min(task_cap.checked_sub(task_used)?);
+    (!left.is_zero()).then_some(left)
+}
+
 /// How long the CPU clocks of busy workers may go unread, at most, under
 /// a per-task CPU cap: the time in which the threads of a task, one per
 /// CPU, could together use up the cap (at least a millisecond).
@@ -110,29 +125,71 @@ pub(crate) fn check_cpu(st: &mut State, p: &dyn Progress, cap: Duration) {
             w.cpu_next = None;
             continue;
         };
-        // From the start of the task or chunk item it runs now, as the
-        // worker recorded it, or else from when its last result came.
-        let item = p.item_cpu(w.slot);
-        let used = Duration::from_nanos(ns.saturating_sub(w.cpu_base.max(item)));
-        if used < cap {
-            // Its threads together cannot use more than one CPU each per
-            // second of wall time.
-            w.cpu_next = Some(now + cpu_interval(cap - used));
-            continue;
-        }
         let started = p.started(w.slot);
-        let id = w
+        let job = &w
             .in_flight
             .iter()
             .find(|f| f.seq == started)
             .unwrap_or(&w.in_flight[0])
-            .job
-            .id;
+            .job;
+        let (id, items) = (job.id, job.items);
+        // The worker records the start of each chunk item (a word it
+        // writes, so a hostile task could keep moving it): each item may
+        // use the cap from its own start, and the task as a whole at most
+        // the cap once per item since its last result came.
+        let left = cpu_left(ns, w.cpu_base, p.item_cpu(w.slot), cap, items);
+        if let Some(left) = left {
+            // Its threads together cannot use more than one CPU each per
+            // second of wall time.
+            w.cpu_next = Some(now + cpu_interval(left));
+            continue;
+        }
         let limit = crate::sandbox::Limit::CpuTime { per_task: cap };
         log::warn!(
             "procpool: task {id} went past its {limit}; killing worker {}",
             w.pid
         );
         w.set_kill(KillReason::Limit { id, limit }, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn an_item_may_use_the_cap_from_its_own_start() {
+        let cap = Duration::from_millis(100);
+        // Item 3 of a chunk of 5 started at 250 ms; 300 ms now.
+        assert_eq!(
+            cpu_left(300 * MS, 0, 250 * MS, cap, 5),
+            Some(Duration::from_millis(50))
+        );
+        assert_eq!(cpu_left(350 * MS, 0, 250 * MS, cap, 5), None);
+    }
+
+    #[test]
+    fn a_task_that_keeps_moving_its_item_start_is_capped_per_item() {
+        let cap = Duration::from_millis(100);
+        // It claims an item started just now, again and again: the task as
+        // a whole still stops at one cap per item.
+        assert!(cpu_left(99 * MS, 0, 99 * MS, cap, 1).is_some());
+        assert_eq!(cpu_left(100 * MS, 0, 100 * MS, cap, 1), None);
+        assert!(cpu_left(499 * MS, 0, 499 * MS, cap, 5).is_some());
+        assert_eq!(cpu_left(500 * MS, 0, 500 * MS, cap, 5), None);
+    }
+
+    #[test]
+    fn a_start_word_from_before_the_last_result_or_the_future_counts_nothing() {
+        let cap = Duration::from_millis(100);
+        // Before `base`: counted from `base`.
+        assert_eq!(
+            cpu_left(150 * MS, 100 * MS, 0, cap, 1),
+            Some(Duration::from_millis(50))
+        );
+        // In the future: counted as now, so the task cap still holds.
+        assert_eq!(cpu_left(150 * MS, 0, u64::MAX, cap, 1), None);
     }
 }

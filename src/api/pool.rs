@@ -313,9 +313,8 @@ impl PoolBuilder {
         /// your process since the fork, the executable and libraries, and the
         /// shared-memory blocks that large arguments travel in are not counted,
         /// nor is memory reserved but never touched. It is checked after each
-        /// task (a read of `/proc/self/statm`, a few microseconds). Over MPI a
-        /// worker is a thread of its rank's process, so replacing it frees
-        /// nothing.
+        /// task (a read of `/proc/self/statm`, a few microseconds). Over MPI it
+        /// holds the same way: each rank's workers are processes on its host.
         ///
         /// ```
         /// fn leak(mib: usize) -> u32 {

@@ -324,6 +324,39 @@ fn unpack<R: DeserializeOwned>(p: Pending, into: &mut VecDeque<Result<R>>) {
     }
 }
 
+/// What the two imap iterators share: items ready to yield, and a step
+/// that makes more ready (pulling input, waiting for a chunk).
+trait Stream<R> {
+    fn ready(&mut self) -> &mut VecDeque<Result<R>>;
+    /// One step towards the next item; `Some` to stop (done, or timed out).
+    fn step(&mut self, deadline: Option<Instant>) -> Option<Next<Result<R>>>;
+}
+
+/// The next item of `s`, waiting until `deadline` (forever if None).
+fn advance<R>(s: &mut impl Stream<R>, deadline: Option<Instant>) -> Next<Result<R>> {
+    loop {
+        if let Some(x) = s.ready().pop_front() {
+            return Next::Item(x);
+        }
+        if let Some(stop) = s.step(deadline) {
+            return stop;
+        }
+    }
+}
+
+/// `Iterator` for an imap iterator: `next` waits as long as it takes.
+macro_rules! imap_iterator {
+    ($t:ident) => {
+        impl<R: DeserializeOwned> Iterator for $t<'_, R> {
+            type Item = Result<R>;
+
+            fn next(&mut self) -> Option<Result<R>> {
+                advance(self, None).item()
+            }
+        }
+    };
+}
+
 /// The iterator of [`Pool::imap`](crate::Pool::imap): each item's
 /// `Result`, in input order. It pulls its input lazily and keeps a bounded
 /// number of chunks in flight, so an endless input runs in bounded memory.
@@ -368,42 +401,38 @@ impl<R: DeserializeOwned> Imap<'_, R> {
     /// # Ok::<(), procpool::Error>(())
     /// ```
     pub fn next_timeout(&mut self, timeout: Duration) -> Next<Result<R>> {
-        self.advance(Instant::now().checked_add(timeout))
+        advance(self, Instant::now().checked_add(timeout))
+    }
+}
+
+impl<R: DeserializeOwned> Stream<R> for Imap<'_, R> {
+    fn ready(&mut self) -> &mut VecDeque<Result<R>> {
+        &mut self.ready
     }
 
-    /// The next item, waiting until `deadline` (forever if None).
-    fn advance(&mut self, deadline: Option<Instant>) -> Next<Result<R>> {
-        loop {
-            if let Some(x) = self.ready.pop_front() {
-                return Next::Item(x);
+    /// Tops the window up from the input, then waits for its oldest chunk.
+    fn step(&mut self, deadline: Option<Instant>) -> Option<Next<Result<R>>> {
+        while !self.exhausted && self.window.len() < self.max_in_flight {
+            match self.feeder.next_chunk(&mut |_| Hook::None) {
+                Some(p) => self.window.push_back(p),
+                None => self.exhausted = true,
             }
-            while !self.exhausted && self.window.len() < self.max_in_flight {
-                match self.feeder.next_chunk(&mut |_| Hook::None) {
-                    Some(p) => self.window.push_back(p),
-                    None => self.exhausted = true,
-                }
-            }
-            let Some(front) = self.window.front() else {
-                return Next::Done;
-            };
-            if let (Pending::Chunk(slot, _), Some(end)) = (front, deadline) {
-                if !slot.wait_deadline(end) {
-                    return Next::TimedOut;
-                }
-            }
-            let front = self.window.pop_front().expect("front exists");
-            unpack(front, &mut self.ready);
         }
+        let Some(front) = self.window.front() else {
+            return Some(Next::Done);
+        };
+        if let (Pending::Chunk(slot, _), Some(end)) = (front, deadline) {
+            if !slot.wait_deadline(end) {
+                return Some(Next::TimedOut);
+            }
+        }
+        let front = self.window.pop_front().expect("front exists");
+        unpack(front, &mut self.ready);
+        None
     }
 }
 
-impl<R: DeserializeOwned> Iterator for Imap<'_, R> {
-    type Item = Result<R>;
-
-    fn next(&mut self) -> Option<Result<R>> {
-        self.advance(None).item()
-    }
-}
+imap_iterator!(Imap);
 
 fn cancel_pending(pool: &Weak<Shared>, pending: impl Iterator<Item = u64>) {
     let ids: Vec<u64> = pending.collect();
@@ -468,67 +497,65 @@ impl<R: DeserializeOwned> ImapUnordered<'_, R> {
     /// # Ok::<(), procpool::Error>(())
     /// ```
     pub fn next_timeout(&mut self, timeout: Duration) -> Next<Result<R>> {
-        self.advance(Instant::now().checked_add(timeout))
+        advance(self, Instant::now().checked_add(timeout))
+    }
+}
+
+impl<R: DeserializeOwned> Stream<R> for ImapUnordered<'_, R> {
+    fn ready(&mut self) -> &mut VecDeque<Result<R>> {
+        &mut self.ready
     }
 
-    fn advance(&mut self, deadline: Option<Instant>) -> Next<Result<R>> {
-        loop {
-            if let Some(x) = self.ready.pop_front() {
-                return Next::Item(x);
-            }
-            while !self.exhausted && self.in_flight.len() < self.max_in_flight {
-                let i = self.next_index;
-                let tx = self.tx.clone();
-                match self.feeder.next_chunk(&mut |_| Hook::Notify(tx.clone(), i)) {
-                    Some(Pending::Failed(e, n)) => {
-                        self.ready.extend(std::iter::repeat_n(e, n).map(Err));
-                    }
-                    Some(Pending::InputPanicked(p)) => {
-                        self.input_panic = Some(p);
-                        self.exhausted = true;
-                    }
-                    Some(p) => {
-                        self.in_flight.insert(i, p);
-                        self.next_index += 1;
-                    }
-                    None => self.exhausted = true,
+    /// Tops the chunks in flight up from the input, then waits for the
+    /// next one to finish.
+    fn step(&mut self, deadline: Option<Instant>) -> Option<Next<Result<R>>> {
+        while !self.exhausted && self.in_flight.len() < self.max_in_flight {
+            let i = self.next_index;
+            let tx = self.tx.clone();
+            match self.feeder.next_chunk(&mut |_| Hook::Notify(tx.clone(), i)) {
+                Some(Pending::Failed(e, n)) => {
+                    self.ready.extend(std::iter::repeat_n(e, n).map(Err));
                 }
-            }
-            if !self.ready.is_empty() {
-                continue;
-            }
-            if self.in_flight.is_empty() {
-                if let Some(p) = self.input_panic.take() {
-                    std::panic::resume_unwind(p);
+                Some(Pending::InputPanicked(p)) => {
+                    self.input_panic = Some(p);
+                    self.exhausted = true;
                 }
-                return Next::Done;
-            }
-            let got = match deadline {
-                None => self.rx.recv().ok(),
-                Some(end) => match self.rx.recv_deadline(end) {
-                    Ok(i) => Some(i),
-                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => return Next::TimedOut,
-                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => None,
-                },
-            };
-            // The iterator holds a sender itself: the channel cannot close.
-            let Some(i) = got else {
-                return Next::Done;
-            };
-            if let Some(p) = self.in_flight.remove(&i) {
-                unpack(p, &mut self.ready);
+                Some(p) => {
+                    self.in_flight.insert(i, p);
+                    self.next_index += 1;
+                }
+                None => self.exhausted = true,
             }
         }
+        if !self.ready.is_empty() {
+            return None;
+        }
+        if self.in_flight.is_empty() {
+            if let Some(p) = self.input_panic.take() {
+                std::panic::resume_unwind(p);
+            }
+            return Some(Next::Done);
+        }
+        let got = match deadline {
+            None => self.rx.recv().ok(),
+            Some(end) => match self.rx.recv_deadline(end) {
+                Ok(i) => Some(i),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => return Some(Next::TimedOut),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => None,
+            },
+        };
+        // The iterator holds a sender itself: the channel cannot close.
+        let Some(i) = got else {
+            return Some(Next::Done);
+        };
+        if let Some(p) = self.in_flight.remove(&i) {
+            unpack(p, &mut self.ready);
+        }
+        None
     }
 }
 
-impl<R: DeserializeOwned> Iterator for ImapUnordered<'_, R> {
-    type Item = Result<R>;
-
-    fn next(&mut self) -> Option<Result<R>> {
-        self.advance(None).item()
-    }
-}
+imap_iterator!(ImapUnordered);
 
 impl<R> Drop for ImapUnordered<'_, R> {
     fn drop(&mut self) {

@@ -16,11 +16,8 @@
 #[path = "support/mpi_ranks.rs"]
 mod ranks;
 
-use procpool::{AsyncResult, Error, Pool};
-use ranks::{
-    MarkerDir, WORKERS_PER_RANK, census, check_map, is_gone, read_marker, wait_replaced,
-    wait_until, world_size,
-};
+use procpool::{AsyncResult, Error};
+use ranks::*;
 use std::time::{Duration, Instant};
 
 /// How long a task may take to start, or a cancelled one to resolve.
@@ -70,12 +67,7 @@ fn cancel(r: AsyncResult<u64>, what: &str) -> Result<Duration, String> {
 
 fn run() -> Result<(), String> {
     // Build first: ranks >= 1 serve from here on and never return.
-    let pool = Pool::builder()
-        .mpi()
-        .workers_per_rank(WORKERS_PER_RANK)
-        .build()
-        .map_err(|e| e.to_string())?;
-    let ranks = world_size()?;
+    let (pool, ranks) = mpi_pool()?;
     let dir = MarkerDir::new("mpi_cancel")?;
     let me = ranks::hostname();
     let c = census(&pool, ranks, BOUND)?;
@@ -99,23 +91,10 @@ fn run() -> Result<(), String> {
     wait_replaced(&pool, &[pid], BOUND)?;
     if host == me {
         // On rank 0's host its pid can be checked: killed, not left running.
-        wait_until(BOUND, &format!("worker {pid} killed"), || {
-            if is_gone(pid) {
-                Ok(())
-            } else {
-                Err(format!("process {pid} still exists"))
-            }
-        })?;
+        wait_gone(pid, BOUND)?;
     }
     let after = census(&pool, ranks, BOUND)?;
-    let on_rank = after.pids_of.get(&rank).cloned().unwrap_or_default();
-    if on_rank.len() != WORKERS_PER_RANK || on_rank.contains(&pid) {
-        return Err(format!(
-            "after the cancel rank {rank} should serve with {WORKERS_PER_RANK} workers, {pid} no \
-             more: {}",
-            after.describe()
-        ));
-    }
+    after.expect_replaced(rank, WORKERS_PER_RANK, pid, "the cancel")?;
     println!(
         "cancelled a running task on rank {rank} (worker {pid} on {host}) in {took:.2?}; \
          replaced: {}",
@@ -142,16 +121,7 @@ fn run() -> Result<(), String> {
     }
     wait_replaced(&pool, &pids, BOUND)?;
     let c = census(&pool, ranks, BOUND)?;
-    for r in 1..ranks {
-        let k = c.pids_of.get(&r).map_or(0, |p| p.len());
-        if k != WORKERS_PER_RANK {
-            return Err(format!(
-                "after {n} cancels at once rank {r} serves with {k} workers, not \
-                 {WORKERS_PER_RANK}: {}",
-                c.describe()
-            ));
-        }
-    }
+    c.expect_full(ranks, WORKERS_PER_RANK, &format!("{n} cancels at once"))?;
     println!("cancelled {n} running tasks at once (workers {pids:?}); every rank serves on");
 
     // A finished task is not cancelled: its value stands.
@@ -175,13 +145,5 @@ fn run() -> Result<(), String> {
 }
 
 fn main() {
-    // The pool is dropped inside run(), so MPI is finalised before exit.
-    let code = match run() {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("mpi_cancel: {e}");
-            1
-        }
-    };
-    std::process::exit(code)
+    exit_with("mpi_cancel", run)
 }

@@ -30,7 +30,7 @@
 mod ranks;
 
 use procpool::{Error, MapOptions, Pool, TaskOptions};
-use ranks::{MarkerDir, WORKERS_PER_RANK, census, read_marker, wait_replaced, world_size};
+use ranks::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
@@ -164,12 +164,7 @@ fn report(phase: &str, bad: &[String]) -> Result<(), String> {
 
 fn run() -> Result<(), String> {
     // Build first: ranks >= 1 serve from here on and never return.
-    let pool = Pool::builder()
-        .mpi()
-        .workers_per_rank(WORKERS_PER_RANK)
-        .build()
-        .map_err(|e| e.to_string())?;
-    let ranks = world_size()?;
+    let (pool, ranks) = mpi_pool()?;
     let dir = MarkerDir::new("mpi_chaos")?;
     let n_chosen = (0..TASKS).filter(|&i| chosen(i)).count();
     println!(
@@ -300,15 +295,7 @@ fn run() -> Result<(), String> {
 
     // Every rank still serves, with all its workers.
     let c = census(&pool, ranks, SETTLE)?;
-    for r in 1..ranks {
-        let k = c.pids_of.get(&r).map_or(0, |p| p.len());
-        if k != WORKERS_PER_RANK {
-            return Err(format!(
-                "after the chaos rank {r} serves with {k} workers, not {WORKERS_PER_RANK}: {}",
-                c.describe()
-            ));
-        }
-    }
+    c.expect_full(ranks, WORKERS_PER_RANK, "the chaos")?;
     pool.close();
     pool.join().map_err(|e| e.to_string())?;
     drop(dir);
@@ -317,13 +304,5 @@ fn run() -> Result<(), String> {
 }
 
 fn main() {
-    // The pool is dropped inside run(), so MPI is finalised before exit.
-    let code = match run() {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("mpi_chaos: {e}");
-            1
-        }
-    };
-    std::process::exit(code)
+    exit_with("mpi_chaos", run)
 }

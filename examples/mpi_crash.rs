@@ -18,8 +18,8 @@
 #[path = "support/mpi_ranks.rs"]
 mod ranks;
 
-use procpool::{Error, Pool};
-use ranks::{WORKERS_PER_RANK, census, check_map, no_core_files, wait_replaced, world_size};
+use procpool::Error;
+use ranks::*;
 use serde::{Deserialize, Serialize};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
@@ -124,12 +124,7 @@ fn expect_lost(
 
 fn run() -> Result<(), String> {
     // Build first: ranks >= 1 serve from here on and never return.
-    let pool = Pool::builder()
-        .mpi()
-        .workers_per_rank(WORKERS_PER_RANK)
-        .build()
-        .map_err(|e| e.to_string())?;
-    let ranks = world_size()?;
+    let (pool, ranks) = mpi_pool()?;
     if pool.processes() != (ranks - 1) * WORKERS_PER_RANK {
         return Err(format!(
             "{} worker ranks hosting {WORKERS_PER_RANK} workers each should make {} processes; \
@@ -165,14 +160,7 @@ fn run() -> Result<(), String> {
         }
         wait_replaced(&pool, &[pid], SETTLE)?;
         let after = census(&pool, ranks, SETTLE)?;
-        let on_rank = after.pids_of.get(&rank).cloned().unwrap_or_default();
-        if on_rank.len() != WORKERS_PER_RANK || on_rank.contains(&pid) {
-            return Err(format!(
-                "{how:?}: rank {rank} should host {WORKERS_PER_RANK} workers, {pid} no more; \
-                 the census after: {}",
-                after.describe()
-            ));
-        }
+        after.expect_replaced(rank, WORKERS_PER_RANK, pid, &format!("{how:?}"))?;
         let fresh: Vec<_> = pool
             .worker_pids()
             .into_iter()
@@ -217,15 +205,7 @@ fn run() -> Result<(), String> {
     }
     wait_replaced(&pool, &lost, SETTLE)?;
     let c = census(&pool, ranks, SETTLE)?;
-    for r in 1..ranks {
-        let n = c.pids_of.get(&r).map_or(0, |p| p.len());
-        if n != WORKERS_PER_RANK {
-            return Err(format!(
-                "after {crashes} crashes rank {r} hosts {n} workers, not {WORKERS_PER_RANK}: {}",
-                c.describe()
-            ));
-        }
-    }
+    c.expect_full(ranks, WORKERS_PER_RANK, &format!("{crashes} crashes"))?;
     check_map(&pool)?;
     println!(
         "{crashes} crashes at once, lost workers per rank {by_rank:?}; every rank serves again: {}",
@@ -238,13 +218,5 @@ fn run() -> Result<(), String> {
 }
 
 fn main() {
-    // The pool is dropped inside run(), so MPI is finalised before exit.
-    let code = match run() {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("mpi_crash: {e}");
-            1
-        }
-    };
-    std::process::exit(code)
+    exit_with("mpi_crash", run)
 }

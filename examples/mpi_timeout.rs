@@ -14,8 +14,8 @@
 #[path = "support/mpi_ranks.rs"]
 mod ranks;
 
-use procpool::{Error, Pool, TaskOptions};
-use ranks::{WORKERS_PER_RANK, census, check_map, is_gone, wait_replaced, wait_until, world_size};
+use procpool::{Error, TaskOptions};
+use ranks::*;
 use std::time::{Duration, Instant};
 
 const TIMEOUT: Duration = Duration::from_millis(300);
@@ -49,12 +49,7 @@ fn expect_timeout(res: Result<(u32, String), Error>, ranks: usize) -> Result<(u3
 
 fn run() -> Result<(), String> {
     // Build first: ranks >= 1 serve from here on and never return.
-    let pool = Pool::builder()
-        .mpi()
-        .workers_per_rank(WORKERS_PER_RANK)
-        .build()
-        .map_err(|e| e.to_string())?;
-    let ranks = world_size()?;
+    let (pool, ranks) = mpi_pool()?;
     let opts = || TaskOptions::new().timeout(TIMEOUT);
     let me = ranks::hostname();
 
@@ -82,24 +77,11 @@ fn run() -> Result<(), String> {
     // A worker on this host can be seen to be gone (on another host its
     // pid means nothing here).
     if c.hosts_of[&rank].contains(&me) && c.hosts_of[&rank].len() == 1 {
-        wait_until(SETTLE, &format!("worker {pid} killed"), || {
-            if is_gone(pid) {
-                Ok(())
-            } else {
-                Err(format!("process {pid} still exists"))
-            }
-        })?;
+        wait_gone(pid, SETTLE)?;
     }
     // The same rank serves on, with all its workers: no rank is lost.
     let after = census(&pool, ranks, SETTLE)?;
-    let on_rank = after.pids_of.get(&rank).cloned().unwrap_or_default();
-    if on_rank.len() != WORKERS_PER_RANK || on_rank.contains(&pid) {
-        return Err(format!(
-            "after the timeout rank {rank} should serve with {WORKERS_PER_RANK} new-or-kept \
-             workers, {pid} no more: {}",
-            after.describe()
-        ));
-    }
+    after.expect_replaced(rank, WORKERS_PER_RANK, pid, "the timeout")?;
     println!(
         "timeout on rank {rank}: worker {pid} killed and replaced, the result came after \
          {took:.2?}; rank {rank} serves on: {}",
@@ -127,16 +109,7 @@ fn run() -> Result<(), String> {
     }
     wait_replaced(&pool, &killed, SETTLE)?;
     let c = census(&pool, ranks, SETTLE)?;
-    for r in 1..ranks {
-        let k = c.pids_of.get(&r).map_or(0, |p| p.len());
-        if k != WORKERS_PER_RANK {
-            return Err(format!(
-                "after {n} timeouts at once rank {r} serves with {k} workers, not \
-                 {WORKERS_PER_RANK}: {}",
-                c.describe()
-            ));
-        }
-    }
+    c.expect_full(ranks, WORKERS_PER_RANK, &format!("{n} timeouts at once"))?;
     println!(
         "{n} timeouts at once (per rank: {by_rank:?}); every rank serves on: {}",
         c.describe()
@@ -160,13 +133,5 @@ fn run() -> Result<(), String> {
 }
 
 fn main() {
-    // The pool is dropped inside run(), so MPI is finalised before exit.
-    let code = match run() {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("mpi_timeout: {e}");
-            1
-        }
-    };
-    std::process::exit(code)
+    exit_with("mpi_timeout", run)
 }

@@ -123,6 +123,41 @@ impl Census {
         self.rank_of.get(&pid).is_some_and(|r| r.contains(&rank))
     }
 
+    /// `Err` unless every worker rank (1 to `ranks - 1`) hosts `per_rank`
+    /// workers; `after` says after what, for the message.
+    pub fn expect_full(&self, ranks: usize, per_rank: usize, after: &str) -> Result<(), String> {
+        for r in 1..ranks {
+            let k = self.pids_of.get(&r).map_or(0, |p| p.len());
+            if k != per_rank {
+                return Err(format!(
+                    "after {after} rank {r} serves with {k} workers, not {per_rank}: {}",
+                    self.describe()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `Err` unless `rank` hosts `per_rank` workers again, `gone` no more
+    /// (it was replaced on the same rank).
+    pub fn expect_replaced(
+        &self,
+        rank: usize,
+        per_rank: usize,
+        gone: u32,
+        after: &str,
+    ) -> Result<(), String> {
+        let on_rank = self.pids_of.get(&rank).cloned().unwrap_or_default();
+        if on_rank.len() != per_rank || on_rank.contains(&gone) {
+            return Err(format!(
+                "after {after} rank {rank} should serve with {per_rank} workers, {gone} no \
+                 more: {}",
+                self.describe()
+            ));
+        }
+        Ok(())
+    }
+
     /// "rank 1 on h2: [pids], ..." for messages.
     pub fn describe(&self) -> String {
         self.pids_of
@@ -345,4 +380,41 @@ pub fn read_marker(path: &str) -> Option<(usize, u32, String)> {
     let pid = it.next()?.parse().ok()?;
     let host = it.next()?.to_string();
     Some((rank, pid, host))
+}
+
+/// An example's `main`: runs it (its pool is dropped inside, so MPI is
+/// finalised before the exit), says why if it failed, and exits 0 or 1.
+pub fn exit_with(example: &str, run: fn() -> Result<(), String>) -> ! {
+    let code = match run() {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{example}: {e}");
+            1
+        }
+    };
+    std::process::exit(code)
+}
+
+/// The examples' pool: over MPI, `WORKERS_PER_RANK` workers on each rank;
+/// with the number of ranks. Ranks >= 1 serve from here on and never
+/// return.
+pub fn mpi_pool() -> Result<(Pool, usize), String> {
+    let pool = Pool::builder()
+        .mpi()
+        .workers_per_rank(WORKERS_PER_RANK)
+        .build()
+        .map_err(|e| e.to_string())?;
+    Ok((pool, world_size()?))
+}
+
+/// Waits until process `pid` (of this host) is gone: killed, not left
+/// running.
+pub fn wait_gone(pid: u32, within: Duration) -> Result<(), String> {
+    wait_until(within, &format!("worker {pid} killed"), || {
+        if is_gone(pid) {
+            Ok(())
+        } else {
+            Err(format!("process {pid} still exists"))
+        }
+    })
 }

@@ -144,8 +144,7 @@ impl<'c> WorkerRank<'c> {
             M_START => self.start(remote),
             M_DATA => {
                 if let Some(i) = self.find(remote) {
-                    self.hosted[i].inbuf.extend_from_slice(&msg[5..]);
-                    self.relay_tasks(i);
+                    self.relay(i, &msg[5..]);
                 }
             }
             M_EOF => {
@@ -192,19 +191,31 @@ impl<'c> WorkerRank<'c> {
     /// task's timeout (a TIMEOUT frame, which the worker never sees).
     fn relay_tasks(&mut self, i: usize) {
         let h = &mut self.hosted[i];
-        let Some(conn) = h.conn.as_mut() else {
+        let inbuf = std::mem::take(&mut h.inbuf);
+        self.relay(i, &inbuf);
+    }
+
+    /// Relays `bytes` from rank 0 after what waits: whole frames straight
+    /// from `bytes` when nothing waits (no copy), the rest kept for later.
+    fn relay(&mut self, i: usize, bytes: &[u8]) {
+        let h = &mut self.hosted[i];
+        let (Some(conn), true) = (h.conn.as_mut(), h.inbuf.is_empty()) else {
+            h.inbuf.extend_from_slice(bytes);
+            if h.conn.is_some() {
+                self.relay_tasks(i);
+            }
             return;
         };
         let mut pos = 0;
-        while let Some(f) = Frame::parse(&h.inbuf, pos) {
+        while let Some(f) = Frame::parse(bytes, pos) {
             if f.header.kind == wire::TIMEOUT {
                 h.timeouts.push_back((f.header.seq, f.header.a));
             } else {
-                conn.write(&h.inbuf[f.at..f.end]);
+                conn.write(&bytes[f.at..f.end]);
             }
             pos = f.end;
         }
-        h.inbuf.drain(..pos);
+        h.inbuf.extend_from_slice(&bytes[pos..]);
     }
 
     /// What this rank's fork server reported. Returns whether it said

@@ -197,8 +197,9 @@ impl<'c> Root<'c> {
                 }
             }
             active |= self.receive();
-            let slots: Vec<usize> = self.sessions.keys().copied().collect();
-            for slot in slots {
+            who.clear();
+            who.extend(self.sessions.keys());
+            for &slot in who.iter() {
                 active |= self.flush_results(slot);
             }
             if active {

@@ -523,7 +523,8 @@ impl PoolBuilder {
             // no fd of the caller's memory (it could keep a duplicate and
             // write after it gave the buffer back).
             inline_shared: mpi || sandbox.is_some(),
-            backend_keeps_timeouts: mpi,
+            // The MPI backend sets it: its ranks keep their own clocks.
+            backend_keeps_timeouts: false,
         };
         #[cfg(feature = "mpi")]
         if mpi {

@@ -137,6 +137,9 @@ pub(crate) fn start(
     // command channel makes the MPI thread stop the ranks and finalise.
     let workers: usize = caps.iter().sum();
     cfg.processes = requested.unwrap_or(workers).min(workers);
+    // Each rank times its own tasks: clocks of different hosts are not
+    // comparable.
+    cfg.backend_keeps_timeouts = true;
     let slots = cfg.processes * 2;
     let (backend, handed) = connect(thread, seam_tx, slots)?;
     Ok(Launch {

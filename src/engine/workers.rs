@@ -46,7 +46,7 @@ pub(crate) struct Worker {
     /// the parent last learnt that a task had ended (no task after it can
     /// have used less than what the clock has counted since), and when to
     /// look at it next.
-    pub(crate) cpu_clock: Option<libc::clockid_t>,
+    pub(crate) cpu_clock: Option<crate::sys::sandbox::CpuClock>,
     pub(crate) cpu_base: u64,
     pub(crate) cpu_next: Option<Instant>,
 }
@@ -84,7 +84,7 @@ impl Worker {
                 .sandbox
                 .as_ref()
                 .and_then(|l| l.cpu_per_task)
-                .and_then(|_| crate::sys::sandbox::process_cpu_clock(pid as libc::pid_t)),
+                .and_then(|_| crate::sys::sandbox::process_cpu_clock(pid)),
             cpu_base: 0,
             cpu_next: None,
         }

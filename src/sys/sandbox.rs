@@ -210,16 +210,19 @@ pub(crate) fn default_signal(sig: libc::c_int) {
     unsafe { libc::signal(sig, libc::SIG_DFL) };
 }
 
+/// A clock id of `clock_gettime` (a process's CPU clock, say).
+pub(crate) type CpuClock = libc::clockid_t;
+
 /// The clock that counts the CPU time of every thread of process `pid`.
-pub(crate) fn process_cpu_clock(pid: libc::pid_t) -> Option<libc::clockid_t> {
+pub(crate) fn process_cpu_clock(pid: u32) -> Option<CpuClock> {
     let mut clk: libc::clockid_t = 0;
     // SAFETY: clk is a valid out-pointer.
-    let r = unsafe { libc::clock_getcpuclockid(pid, &mut clk) };
+    let r = unsafe { libc::clock_getcpuclockid(pid as libc::pid_t, &mut clk) };
     (r == 0).then_some(clk)
 }
 
 /// Reads a clock, in nanoseconds (`None` once its process is gone).
-pub(crate) fn clock_ns(clk: libc::clockid_t) -> Option<u64> {
+pub(crate) fn clock_ns(clk: CpuClock) -> Option<u64> {
     // SAFETY: ts is a plain-data out-parameter for clock_gettime.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
     // SAFETY: a clock id and a valid out-pointer.

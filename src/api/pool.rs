@@ -523,6 +523,8 @@ impl PoolBuilder {
             // no fd of the caller's memory (it could keep a duplicate and
             // write after it gave the buffer back).
             inline_shared: mpi || sandbox.is_some(),
+            // The MPI backend sets it: its streams cross hosts.
+            inline_bodies: false,
             // The MPI backend sets it: its ranks keep their own clocks.
             backend_keeps_timeouts: false,
         };
@@ -640,15 +642,28 @@ impl std::fmt::Debug for Pool {
     }
 }
 
-/// Encodes an argument: in a buffer, or in a shared-memory block once it
-/// grows large; with the `SharedBuf`s it moved out of the argument.
+/// Encodes an argument: in a buffer, or in a shared-memory block from
+/// `cache` once it grows large (never without a cache); with the
+/// `SharedBuf`s it moved out of the argument.
 fn encode_arg<A: Serialize>(
     arg: &A,
-    cache: &BlockCache,
+    cache: Option<&BlockCache>,
     mode: Mode,
 ) -> Result<(Body, Vec<Region>)> {
     let mut v = Vec::new();
     let mut shared = Vec::new();
+    let Some(cache) = cache else {
+        return match shared_buf::encoding(mode, &mut shared, || codec::encode_to(arg, &mut v)) {
+            Ok(()) if shared.len() > shared_buf::max_per_task() => {
+                Err(shared_buf::too_many(shared.len()))
+            }
+            Ok(()) => Ok((Body::Heap(v), shared)),
+            Err(source) => Err(Error::Encode {
+                what: "argument",
+                source,
+            }),
+        };
+    };
     let mut w = Spill::new(&mut v, Target::Cache(cache));
     let encoded = shared_buf::encoding(mode, &mut shared, || codec::encode_to(arg, &mut w));
     if let Err(source) = encoded {
@@ -793,7 +808,8 @@ impl Pool {
         arg: A,
         opts: TaskOptions<R>,
     ) -> Result<AsyncResult<R>> {
-        let (payload, shared) = encode_arg(&arg, &self.shared.blocks, self.shared_mode())?;
+        let cache = (!self.shared.cfg.inline_bodies).then_some(&*self.shared.blocks);
+        let (payload, shared) = encode_arg(&arg, cache, self.shared_mode())?;
         let hook = match (opts.on_success, opts.on_error) {
             (None, None) => Hook::None,
             (ok, err) => Hook::Handler(Box::new(move |o: Outcome| {

@@ -39,6 +39,10 @@ pub(crate) struct Config {
     /// Whether `SharedBuf`s travel as copies (MPI ranks, beyond shared
     /// memory) rather than by reference.
     pub(crate) inline_shared: bool,
+    /// Whether arguments always travel inside the task's frame, never in a
+    /// shared-memory block: the MPI backend's streams cross hosts, and no
+    /// fd goes with them.
+    pub(crate) inline_bodies: bool,
     /// Whether the backend keeps the tasks' timeouts itself, on the clock
     /// of the host that runs them (MPI ranks): each timed task's limit then
     /// goes in a TIMEOUT frame before it, and the engine kills nothing on

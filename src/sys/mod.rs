@@ -7,6 +7,8 @@ mod eventfd;
 mod fd;
 mod image;
 mod memory;
+#[cfg(feature = "mpi")]
+mod net;
 mod poll;
 mod process;
 pub(crate) mod sandbox;
@@ -19,6 +21,8 @@ pub(crate) use eventfd::*;
 pub(crate) use fd::*;
 pub(crate) use image::*;
 pub(crate) use memory::*;
+#[cfg(feature = "mpi")]
+pub(crate) use net::*;
 pub(crate) use poll::*;
 pub(crate) use process::*;
 pub(crate) use signal::*;

@@ -44,6 +44,7 @@
 
 mod rank;
 mod root;
+mod tcp;
 mod transport;
 
 use crate::backend::local::server::{Init, Spec};
@@ -140,6 +141,9 @@ pub(crate) fn start(
     // Each rank times its own tasks: clocks of different hosts are not
     // comparable.
     cfg.backend_keeps_timeouts = true;
+    // Tasks go to other hosts, where no fd (of a shared-memory block) can
+    // go with them.
+    cfg.inline_bodies = true;
     let slots = cfg.processes * 2;
     let (backend, handed) = connect(thread, seam_tx, slots)?;
     Ok(Launch {

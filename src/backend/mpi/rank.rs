@@ -3,12 +3,15 @@
 //! process, without the launcher's variables), which forks the rank's
 //! workers; so a task that crashes ends only its worker, as in a local
 //! pool. The rank's "procpool-mpi" thread moves each worker's stream
-//! between its socket and rank 0, inlining a result that the worker put in
-//! a shared-memory block; keeps the timeouts of the tasks it relays on
-//! this host's clock; and reports each worker's end with its real wait
-//! status and the task it had started (from its status words). On STOP it
-//! closes its server (which kills its workers), acknowledges and returns.
+//! between its socket and rank 0 (over a TCP stream it connects to rank 0,
+//! see `tcp`, or else in MPI messages), inlining a result that the worker
+//! put in a shared-memory block; keeps the timeouts of the tasks it relays
+//! on this host's clock; and reports each worker's end with its real wait
+//! status and the task it had started (from its status words), once all
+//! the worker's output has reached rank 0's host. On STOP it closes its
+//! server (which kills its workers), acknowledges and returns.
 
+use super::tcp::{self, Dial};
 use super::transport::*;
 use crate::backend::local::Local;
 use crate::engine::seam::{Backend, End, Event};
@@ -17,12 +20,20 @@ use crate::proto::status::SharedWords;
 use crate::proto::task::status;
 use crate::proto::wire::{self, Frame, Header};
 use crate::sys::{self, PollSet};
-use mpi::topology::SimpleCommunicator;
+use mpi::topology::{Communicator, SimpleCommunicator};
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// How long a rank waits for rank 0's host to acknowledge a worker's last
+/// bytes before it reports the worker's end anyway.
+const LAST_BYTES_WAIT: Duration = Duration::from_secs(5);
+/// While every stream is a socket, MPI is looked at no more often than
+/// this (it brings only control messages then).
+const CONTROL_LOOK: Duration = Duration::from_micros(200);
 
 /// A worker this rank hosts, for rank 0's slot `remote`.
 struct Hosted {
@@ -32,6 +43,12 @@ struct Hosted {
     pid: u32,
     /// Our end of its stream, once it is up.
     conn: Option<Conn>,
+    /// Where rank 0 listens for its stream (none: it goes over MPI).
+    dial: Option<Dial>,
+    /// The TCP stream to rank 0's engine, if it connected.
+    up: Option<Conn>,
+    /// Since when the TCP stream is shut after the worker's last bytes.
+    up_shut: Option<Instant>,
     /// Bytes from rank 0 not yet whole frames.
     inbuf: Vec<u8>,
     /// Rank 0 said end-of-file: shut our write side once all is out.
@@ -56,6 +73,8 @@ pub(super) struct WorkerRank<'c> {
     events: Vec<Event>,
     inbox: Inbox,
     msg: Vec<u8>,
+    /// A connection to rank 0 failed: later workers' streams go over MPI.
+    tcp_failed: bool,
 }
 
 impl<'c> WorkerRank<'c> {
@@ -77,14 +96,23 @@ impl<'c> WorkerRank<'c> {
             events: Vec::new(),
             inbox: VecDeque::new(),
             msg: Vec::new(),
+            tcp_failed: false,
         }
     }
 
     pub(super) fn run(mut self) {
         let mut idle = Backoff::new(MAX_IDLE);
         let mut polled = PollSet::default();
+        let mut last_look = Instant::now();
         loop {
-            let mut active = pump(self.comm, &mut self.inbox);
+            // While every stream is a socket, MPI carries only control
+            // messages: looking at it (which costs a progress call of the
+            // MPI library) on every turn would only slow the streams.
+            let mut active = false;
+            if self.relaying() || last_look.elapsed() >= CONTROL_LOOK {
+                last_look = Instant::now();
+                active = pump(self.comm, &mut self.inbox);
+            }
             let mut stop = false;
             while let Some((from, msg)) = self.inbox.pop_front() {
                 if from == 0 {
@@ -102,23 +130,42 @@ impl<'c> WorkerRank<'c> {
             self.check_timeouts();
             if active {
                 idle.reset();
-            } else {
-                polled.clear();
-                if let Some((fd, write)) = self.server.poll_fd() {
-                    polled.push(fd, true, write);
+                continue;
+            }
+            polled.clear();
+            if let Some((fd, write)) = self.server.poll_fd() {
+                polled.push(fd, true, write);
+            }
+            for h in &self.hosted {
+                if let Some(c) = h.conn.as_ref().filter(|_| !h.drained) {
+                    polled.push(c.raw(), true, c.has_pending());
                 }
-                for h in &self.hosted {
-                    if let Some(c) = h.conn.as_ref().filter(|_| !h.drained) {
-                        polled.push(c.raw(), true, c.has_pending());
-                    }
+                if let Some(up) = &h.up {
+                    polled.push(up.raw(), !h.eof, up.has_pending());
                 }
+            }
+            if self.relaying() {
                 idle.wait(&mut polled);
+            } else {
+                // The streams are sockets: sleep on them (after a short
+                // spin), looking at MPI, which has only control messages
+                // now, every millisecond.
+                let _ = crate::proto::idle::spin_until(|| polled.poll(0).is_ok_and(|n| n > 0))
+                    || polled.poll(1).is_ok();
             }
         }
         // STOP: closing the server's socket makes it kill and reap every
         // worker, then exit.
         let _ = Box::new(self.server).wait();
         send(self.comm, &mut self.inbox, 0, &[M_STOP_ACK]);
+    }
+
+    /// Whether a worker's stream goes over MPI (so MPI must be polled
+    /// eagerly).
+    fn relaying(&self) -> bool {
+        self.hosted
+            .iter()
+            .any(|h| h.up.is_none() && h.conn.is_some())
     }
 
     fn tell(&mut self, msg: &[u8]) {
@@ -141,7 +188,7 @@ impl<'c> WorkerRank<'c> {
             return false;
         };
         match kind {
-            M_START => self.start(remote),
+            M_START => self.start(remote, Dial::decode(&msg[5..])),
             M_DATA => {
                 if let Some(i) = self.find(remote) {
                     self.relay(i, &msg[5..]);
@@ -164,7 +211,7 @@ impl<'c> WorkerRank<'c> {
         false
     }
 
-    fn start(&mut self, remote: usize) {
+    fn start(&mut self, remote: usize, dial: Option<Dial>) {
         let Some(local) = self.free.pop() else {
             let mut m = header(M_START_FAILED, remote);
             m.extend_from_slice(b"this rank hosts as many workers as it may");
@@ -176,6 +223,9 @@ impl<'c> WorkerRank<'c> {
             local,
             pid: 0,
             conn: None,
+            dial,
+            up: None,
+            up_shut: None,
             inbuf: Vec::new(),
             eof: false,
             shut: false,
@@ -241,9 +291,12 @@ impl<'c> WorkerRank<'c> {
                     let h = &mut self.hosted[i];
                     h.pid = pid;
                     h.conn = Some(Conn::new(conn, Vec::new()));
-                    let mut m = header(M_STARTED, h.remote);
-                    m.extend_from_slice(&pid.to_le_bytes());
-                    self.tell(&m);
+                    if !self.connect(i) {
+                        let h = &self.hosted[i];
+                        let mut m = header(M_STARTED, h.remote);
+                        m.extend_from_slice(&pid.to_le_bytes());
+                        self.tell(&m);
+                    }
                     self.relay_tasks(i);
                 }
             }
@@ -289,12 +342,55 @@ impl<'c> WorkerRank<'c> {
         }
     }
 
+    /// Connects worker `i`'s stream to rank 0 over TCP, if rank 0 said
+    /// where and no connection of this rank has failed yet. Returns whether
+    /// it did.
+    fn connect(&mut self, i: usize) -> bool {
+        let h = &mut self.hosted[i];
+        let Some(dial) = h.dial.as_ref().filter(|_| !self.tcp_failed) else {
+            return false;
+        };
+        match tcp::connect(dial, h.remote, self.comm.rank() as usize, h.pid) {
+            Ok(s) => {
+                h.up = Some(Conn::new(s, Vec::new()));
+                true
+            }
+            Err(e) => {
+                eprintln!(
+                    "procpool: MPI rank {} cannot connect to rank 0 ({e}); its workers' \
+                     streams go over MPI",
+                    self.comm.rank()
+                );
+                self.tcp_failed = true;
+                false
+            }
+        }
+    }
+
+    /// Reads what came from the engine over worker `i`'s TCP stream and
+    /// relays it. Returns whether anything came.
+    fn engine_bytes(&mut self, i: usize) -> bool {
+        let h = &mut self.hosted[i];
+        let Some(up) = h.up.as_mut().filter(|_| !h.eof) else {
+            return false;
+        };
+        let (got, eof) = read_some(up);
+        h.eof = eof;
+        let bytes = std::mem::take(&mut up.inbuf);
+        self.relay(i, &bytes);
+        if let Some(up) = self.hosted[i].up.as_mut() {
+            up.inbuf = bytes;
+            up.inbuf.clear();
+        }
+        got || eof
+    }
+
     /// Moves worker `i`'s results to rank 0 and flushes tasks to it; once
-    /// it has ended and its stream is drained, reports its end. Returns
-    /// whether anything happened.
+    /// it has ended, its stream is drained and rank 0's host has its last
+    /// bytes, reports its end. Returns whether anything happened.
     fn serve(&mut self, i: usize) -> bool {
         let remote = self.hosted[i].remote;
-        let mut active = false;
+        let mut active = self.engine_bytes(i);
         let h = &mut self.hosted[i];
         if let Some(conn) = h.conn.as_mut() {
             active |= conn.has_pending();
@@ -306,34 +402,27 @@ impl<'c> WorkerRank<'c> {
                 let (got, eof) = read_some(conn);
                 h.drained = eof;
                 active |= got || eof;
-                self.msg.clear();
-                self.msg.extend_from_slice(&header(M_DATA, remote));
-                let mut pos = 0;
-                while let Some(f) = Frame::parse(&conn.inbuf, pos) {
-                    let done_in_block = f.header.kind == wire::DONE
-                        && (f.header.a == wire::OUT_NEW_BLOCK
-                            || f.header.a == wire::OUT_SAME_BLOCK);
-                    if done_in_block {
-                        inline_result(
-                            f.header,
-                            f.body(&conn.inbuf),
-                            &mut conn.in_fds,
-                            &mut self.msg,
-                        );
-                    } else {
-                        self.msg.extend_from_slice(&conn.inbuf[f.at..f.end]);
-                    }
-                    pos = f.end;
-                    if self.msg.len() >= CHUNK {
-                        send_data(self.comm, &mut self.inbox, 0, &mut self.msg);
+                match h.up.as_mut() {
+                    Some(up) => results(conn, up.out(), |_| {}),
+                    None => {
+                        let (comm, inbox, msg) = (self.comm, &mut self.inbox, &mut self.msg);
+                        msg.clear();
+                        msg.extend_from_slice(&header(M_DATA, remote));
+                        results(conn, msg, |m| send_data(comm, inbox, 0, m));
+                        send_data(comm, inbox, 0, msg);
                     }
                 }
-                conn.consume(pos);
-                send_data(self.comm, &mut self.inbox, 0, &mut self.msg);
             }
         }
+        if let Some(up) = h.up.as_mut() {
+            active |= up.has_pending();
+            up.flush();
+        }
         let h = &self.hosted[i];
-        if let (Some(status), true) = (h.ended, h.drained || h.conn.is_none()) {
+        let over = h.ended.is_some() && (h.drained || h.conn.is_none());
+        if over && self.last_bytes_in(i) {
+            let h = &self.hosted[i];
+            let status = h.ended.unwrap_or(SERVER_LOST);
             let started = self.words.status(h.local).started.load(Ordering::SeqCst);
             let mut m = header(M_ENDED, remote);
             m.extend_from_slice(&(status as u32).to_le_bytes());
@@ -346,6 +435,25 @@ impl<'c> WorkerRank<'c> {
             active = true;
         }
         active
+    }
+
+    /// Whether rank 0's host has all of worker `i`'s output: its TCP
+    /// stream is flushed, shut and acknowledged (or broken, or no answer
+    /// came in time), or it has none.
+    fn last_bytes_in(&mut self, i: usize) -> bool {
+        let h = &mut self.hosted[i];
+        let Some(up) = h.up.as_mut() else {
+            return true;
+        };
+        if up.flush() == Flushed::Pending {
+            return false;
+        }
+        let since = *h.up_shut.get_or_insert_with(|| {
+            up.shutdown_write();
+            Instant::now()
+        });
+        let acked = sys::unacked_bytes(up.raw()).map_or(true, |n| n == 0);
+        acked || since.elapsed() > LAST_BYTES_WAIT
     }
 
     /// Kills a worker whose task ran past its timeout, counted from the
@@ -379,6 +487,27 @@ impl<'c> WorkerRank<'c> {
             }
         }
     }
+}
+
+/// Appends the whole frames that `conn` has read to `out` (a result in a
+/// block with its bytes inline), calling `full` whenever `out` holds a
+/// message's worth; consumes them.
+fn results(conn: &mut Conn, out: &mut Vec<u8>, mut full: impl FnMut(&mut Vec<u8>)) {
+    let mut pos = 0;
+    while let Some(f) = Frame::parse(&conn.inbuf, pos) {
+        let done_in_block = f.header.kind == wire::DONE
+            && (f.header.a == wire::OUT_NEW_BLOCK || f.header.a == wire::OUT_SAME_BLOCK);
+        if done_in_block {
+            inline_result(f.header, f.body(&conn.inbuf), &mut conn.in_fds, out);
+        } else {
+            out.extend_from_slice(&conn.inbuf[f.at..f.end]);
+        }
+        pos = f.end;
+        if out.len() >= CHUNK {
+            full(out);
+        }
+    }
+    conn.consume(pos);
 }
 
 /// Appends a DONE frame whose output was in a block as a frame with the

@@ -6,12 +6,16 @@
 //! channel, and wakes the engine through a second eventfd.
 //! - Start(slot): the thread picks the worker rank that hosts the fewest
 //!   workers (each hosts at most its share, `workers_per_rank`) and tells it
-//!   to START a worker for the slot. It keeps one end of a fresh stream
-//!   socket pair; when the rank says the worker is up (STARTED, with its
-//!   pid on that host), it hands the other end to the engine (`Started`).
-//! - While the worker runs, the thread moves bytes both ways between its end
-//!   of the socket and MPI messages to and from the rank, and notes each
-//!   task it hands over ([`Handed`]).
+//!   to START a worker for the slot, with where to connect (`tcp`). When
+//!   the rank connects for that slot with the right token, the thread hands
+//!   the TCP stream to the engine (`Started`): tasks and results then pass
+//!   between the engine and the rank with no hop through this thread.
+//! - A rank that cannot connect says STARTED over MPI instead (with the
+//!   worker's pid on that host). The thread keeps one end of a stream
+//!   socket pair made at Start and hands the engine the other; while the
+//!   worker runs, it moves bytes both ways between its end and MPI
+//!   messages to and from the rank, and notes each task it hands over
+//!   ([`Handed`]).
 //! - Kill: sent on to the rank, whose fork server kills the worker (for one
 //!   task: only while it runs that task; else `KillRefused`).
 //! - ENDED from the rank (a real wait status, the task the worker had
@@ -22,6 +26,7 @@
 //!   thread tells every rank to STOP, waits for each to acknowledge, and
 //!   returns (MPI is finalised after it).
 
+use super::tcp::{Hello, Listener};
 use super::transport::*;
 use crate::engine::seam::{End, Event, Progress};
 use crate::proto::conn::{Conn, Flushed};
@@ -44,6 +49,9 @@ pub(super) enum Command {
 /// How far each slot's worker got, as rank 0 knows it: the last task
 /// handed to its rank (a task handed over counts as started while it
 /// runs), replaced by the worker's own word when its rank reports its end.
+/// A worker whose stream goes straight to the engine (over TCP) is
+/// [`UNKNOWN`]: any task of its may be running, so a cancel asks its rank,
+/// whose fork server kills it only if it runs that very task.
 pub(super) struct Handed {
     /// Per slot: the task, and when it was handed over (monotonic ns).
     seq: Vec<AtomicU64>,
@@ -67,6 +75,11 @@ impl Handed {
         self.skip[slot].store(0, Ordering::SeqCst);
     }
 
+    /// The worker's tasks pass this thread by.
+    fn direct(&self, slot: usize) {
+        self.seq[slot].store(UNKNOWN, Ordering::SeqCst);
+    }
+
     fn hand(&self, slot: usize, seq: u64) {
         self.at_ns[slot].store(sys::monotonic_ns(), Ordering::SeqCst);
         self.seq[slot].store(seq, Ordering::SeqCst);
@@ -88,7 +101,8 @@ impl Progress for Handed {
     /// A task handed over runs until its result comes back (the rank's fork
     /// server checks, before a kill for one task, that it really runs it).
     fn running(&self, slot: usize, seq: u64) -> bool {
-        self.started(slot) == seq
+        let started = self.started(slot);
+        started == seq || started == UNKNOWN
     }
     fn skip(&self, slot: usize) -> u64 {
         self.skip[slot].load(Ordering::SeqCst)
@@ -105,6 +119,9 @@ impl Progress for Handed {
         0
     }
 }
+
+/// The started word of a worker whose tasks rank 0 does not see.
+const UNKNOWN: u64 = u64::MAX;
 
 /// Rank 0's ends of the seam.
 pub(super) struct Seam {
@@ -132,8 +149,11 @@ struct Session {
     conn: Conn,
     /// The engine's end, until the rank says the worker is up.
     theirs: Option<OwnedFd>,
-    /// The engine closed its side (the worker retires).
+    /// The engine closed its side (the worker retires), or has the TCP
+    /// stream itself: nothing to read from `conn`.
     eof: bool,
+    /// The engine has the worker's TCP stream: no bytes pass this thread.
+    direct: bool,
     /// The rank said the worker ended: its wait status, and the task it
     /// was killed for running past its timeout (0: none).
     ended: Option<(i32, u64)>,
@@ -149,12 +169,27 @@ pub(super) struct Root<'c> {
     inbox: Inbox,
     /// Reused buffer for outgoing stream bytes.
     msg: Vec<u8>,
+    /// Where ranks connect the workers' streams (`None`: they go over MPI).
+    listener: Option<Listener>,
 }
 
 impl<'c> Root<'c> {
     pub(super) fn new(comm: &'c SimpleCommunicator, seam: Seam, caps: Vec<usize>) -> Self {
         let hosted = vec![0; caps.len()];
+        let listener = if std::env::var("PROCPOOL_MPI_STREAMS").is_ok_and(|v| v == "mpi") {
+            None
+        } else {
+            Listener::open()
+                .inspect_err(|e| {
+                    eprintln!(
+                        "procpool: rank 0 cannot listen for the workers' streams ({e}); \
+                         they go over MPI"
+                    )
+                })
+                .ok()
+        };
         Root {
+            listener,
             comm,
             seam,
             caps,
@@ -175,7 +210,9 @@ impl<'c> Root<'c> {
             polled.clear();
             who.clear();
             polled.push(self.seam.wake_me.as_raw_fd(), true, false);
+            let mut relaying = false;
             for (&slot, s) in self.sessions.iter() {
+                relaying |= !s.direct && s.theirs.is_none();
                 let (read, write) = (!s.eof && s.theirs.is_none(), s.conn.has_pending());
                 // A socket polled for nothing would still wake the poll on a
                 // hang-up, again and again.
@@ -183,6 +220,10 @@ impl<'c> Root<'c> {
                     polled.push(s.conn.raw(), read, write);
                     who.push(slot);
                 }
+            }
+            let first_tcp = polled.len();
+            if let Some(l) = &self.listener {
+                l.watch(&mut polled);
             }
             let _ = polled.poll(0);
             if polled.ready(0) {
@@ -196,6 +237,10 @@ impl<'c> Root<'c> {
                     active |= self.forward_tasks(slot);
                 }
             }
+            let waiting = self.listener.as_ref().is_some_and(Listener::waiting);
+            if waiting || (first_tcp..polled.len()).any(|i| polled.ready(i)) {
+                active |= self.accept_streams();
+            }
             active |= self.receive();
             who.clear();
             who.extend(self.sessions.keys());
@@ -204,8 +249,12 @@ impl<'c> Root<'c> {
             }
             if active {
                 idle.reset();
-            } else {
+            } else if relaying {
                 idle.wait(&mut polled);
+            } else {
+                // Only control messages come over MPI: no need to poll it
+                // eagerly. Commands and connections wake the poll.
+                let _ = polled.poll(1);
             }
         }
         stop_ranks(self.comm, &mut self.inbox);
@@ -284,14 +333,58 @@ impl<'c> Root<'c> {
                 conn: Conn::new(mine, Vec::new()),
                 theirs: Some(theirs),
                 eof: false,
+                direct: false,
                 ended: None,
             },
         );
-        self.tell(rank, &header(M_START, slot));
+        let mut m = header(M_START, slot);
+        if let Some(l) = &self.listener {
+            l.dial().encode(&mut m);
+        }
+        self.tell(rank, &m);
     }
 
-    /// Reads tasks from the engine and sends them on to the worker's rank,
-    /// with the contents of input blocks inlined.
+    /// Takes the TCP streams that ranks connected for their workers, and
+    /// hands each to the engine. Returns whether one came.
+    fn accept_streams(&mut self) -> bool {
+        let Some(l) = self.listener.as_mut() else {
+            return false;
+        };
+        let sessions = &self.sessions;
+        let hellos = l.hellos(|slot, rank| {
+            sessions
+                .get(&slot)
+                .is_some_and(|s| s.rank == rank && s.theirs.is_some())
+        });
+        let any = !hellos.is_empty();
+        for Hello {
+            slot,
+            rank,
+            pid,
+            stream,
+        } in hellos
+        {
+            let Some(s) = self.sessions.get_mut(&slot) else {
+                continue;
+            };
+            // The socket pair made for a relay is not needed.
+            s.theirs = None;
+            s.eof = true;
+            s.direct = true;
+            self.seam.handed.direct(slot);
+            self.report(Event::Started {
+                slot,
+                pid,
+                rank: Some(rank),
+                conn: stream,
+            });
+        }
+        any
+    }
+
+    /// Reads tasks from the engine and sends them on to the worker's rank
+    /// (an MPI pool's arguments are never in shared-memory blocks:
+    /// `Config::inline_bodies`).
     fn forward_tasks(&mut self, slot: usize) -> bool {
         let Some(s) = self.sessions.get_mut(&slot) else {
             return false;
@@ -308,7 +401,7 @@ impl<'c> Root<'c> {
             if f.header.kind == wire::TASK {
                 self.seam.handed.hand(slot, f.header.seq);
             }
-            inline_task(f, &mut s.conn, &mut self.msg);
+            self.msg.extend_from_slice(&s.conn.inbuf[f.at..f.end]);
             pos = f.end;
             if self.msg.len() >= CHUNK {
                 send_data(self.comm, &mut self.inbox, rank, &mut self.msg);
@@ -401,33 +494,5 @@ impl<'c> Root<'c> {
         };
         self.report(Event::Ended { slot, end });
         true
-    }
-}
-
-/// Appends frame `f` of `conn`'s in buffer to `msg`: a task whose input is
-/// in a shared-memory block with the block's bytes inline (shared memory
-/// ends at the machine).
-fn inline_task(f: Frame, conn: &mut Conn, msg: &mut Vec<u8>) {
-    let h = f.header;
-    if h.kind != wire::TASK || h.status & wire::IN_BLOCK == 0 {
-        msg.extend_from_slice(&conn.inbuf[f.at..f.end]);
-        return;
-    }
-    let len = block_len(f.body(&conn.inbuf)).unwrap_or(0);
-    match map_block(conn.in_fds.pop_front(), len) {
-        Ok(block) => {
-            let mut nh = h;
-            // Inline now; other flags (INLINE_SHARED) stay.
-            nh.status = h.status & !(wire::IN_BLOCK | wire::KEEP_INPUT);
-            let inlined = nh.open(msg);
-            msg.extend_from_slice(block.bytes(len));
-            inlined.close(msg, 0);
-        }
-        Err(e) => {
-            // The worker answers this frame (it has no block either) with a
-            // decode error.
-            log::warn!("procpool: a task for an MPI rank is lost: {e}");
-            msg.extend_from_slice(&conn.inbuf[f.at..f.end]);
-        }
     }
 }

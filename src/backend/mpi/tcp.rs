@@ -1,0 +1,293 @@
+//! The worker streams' direct path: TCP from the engine's end straight to
+//! the worker's rank, so that tasks and results cross no MPI message and
+//! no thread that polls MPI.
+//!
+//! Rank 0 listens on an ephemeral port of every IPv4 address of its host
+//! ([`Listener`]). Each START it sends carries a [`Dial`]: that port, the
+//! host's addresses (loopback last) and a random token. Once the rank's
+//! fork server has the worker up, the rank connects to the first address
+//! that answers and says hello: the token, the slot, its rank and the
+//! worker's pid. Rank 0 checks the token and the slot (a stranger's
+//! connection is dropped), acknowledges with one byte, and hands the
+//! socket to the engine as the worker's stream. MPI keeps the control
+//! messages (start, kill, end, stop).
+//!
+//! Where no address answers (a firewall, say), the rank falls back to
+//! relaying the stream in MPI messages, and says so once on stderr.
+//! `PROCPOOL_MPI_STREAMS=mpi` on rank 0 makes every stream go that way.
+
+use crate::sys::{self, PollSet};
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+/// The token's length.
+const TOKEN: usize = 16;
+/// A hello: the token, then the slot, the rank and the pid (4 bytes each).
+const HELLO: usize = TOKEN + 12;
+/// What rank 0 answers to a hello it accepts.
+const ACK: u8 = 0xA5;
+/// How long a rank waits to connect to one address, and for the ack.
+const DIAL_WAIT: Duration = Duration::from_secs(2);
+/// How long rank 0 waits for a connection's hello before dropping it.
+const HELLO_WAIT: Duration = Duration::from_secs(10);
+/// At most this many connections wait for their hello at once (a flood of
+/// strangers cannot make rank 0 hold more).
+const MAX_PENDING: usize = 64;
+
+/// Where and how a rank reaches rank 0.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Dial {
+    token: [u8; TOKEN],
+    port: u16,
+    addrs: Vec<Ipv4Addr>,
+}
+
+impl Dial {
+    /// Appends it to a START message.
+    pub(super) fn encode(&self, m: &mut Vec<u8>) {
+        m.extend_from_slice(&self.token);
+        m.extend_from_slice(&self.port.to_le_bytes());
+        for a in &self.addrs {
+            m.extend_from_slice(&a.octets());
+        }
+    }
+
+    /// The dial in a START message's body; `None` if it has none (the
+    /// stream goes over MPI) or it is malformed.
+    pub(super) fn decode(b: &[u8]) -> Option<Dial> {
+        let token = b.get(..TOKEN)?.try_into().ok()?;
+        let port = u16::from_le_bytes(b.get(TOKEN..TOKEN + 2)?.try_into().ok()?);
+        let rest = &b[TOKEN + 2..];
+        if rest.is_empty() || rest.len() % 4 != 0 {
+            return None;
+        }
+        let addrs = rest
+            .chunks(4)
+            .map(|c| Ipv4Addr::new(c[0], c[1], c[2], c[3]))
+            .collect();
+        Some(Dial { token, port, addrs })
+    }
+}
+
+/// A worker's stream, connected and acknowledged.
+pub(super) struct Hello {
+    pub(super) slot: usize,
+    pub(super) rank: usize,
+    pub(super) pid: u32,
+    pub(super) stream: OwnedFd,
+}
+
+/// A connection that has not said its hello yet.
+struct Pending {
+    stream: TcpStream,
+    got: Vec<u8>,
+    until: Instant,
+}
+
+/// Rank 0's listening socket, and the connections that wait for their
+/// hello.
+pub(super) struct Listener {
+    listener: TcpListener,
+    dial: Dial,
+    pending: Vec<Pending>,
+}
+
+impl Listener {
+    /// Listens on an ephemeral port of every IPv4 address of this host.
+    pub(super) fn open() -> io::Result<Listener> {
+        let addrs = sys::ipv4_addrs()?;
+        if addrs.is_empty() {
+            return Err(io::Error::other("this host has no IPv4 address"));
+        }
+        let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let mut token = [0u8; TOKEN];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut token)?;
+        Ok(Listener {
+            listener,
+            dial: Dial { token, port, addrs },
+            pending: Vec::new(),
+        })
+    }
+
+    pub(super) fn dial(&self) -> &Dial {
+        &self.dial
+    }
+
+    /// Whether connections wait for their hello (whose deadlines pass
+    /// whether or not they are readable).
+    pub(super) fn waiting(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Adds its sockets to `set` (for reading).
+    pub(super) fn watch(&self, set: &mut PollSet) {
+        set.push(self.listener.as_raw_fd(), true, false);
+        for p in &self.pending {
+            set.push(p.stream.as_raw_fd(), true, false);
+        }
+    }
+
+    /// Accepts what connected and reads what hellos came; each whole one
+    /// that `expected(slot, rank)` accepts is acknowledged and returned.
+    /// A wrong token, a slot not expected from that rank, or a hello that
+    /// is late drops the connection.
+    pub(super) fn hellos(&mut self, mut expected: impl FnMut(usize, usize) -> bool) -> Vec<Hello> {
+        let now = Instant::now();
+        while self.pending.len() < MAX_PENDING {
+            match self.listener.accept() {
+                Ok((stream, _)) if stream.set_nonblocking(true).is_ok() => {
+                    self.pending.push(Pending {
+                        stream,
+                        got: Vec::with_capacity(HELLO),
+                        until: now + HELLO_WAIT,
+                    })
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        let mut out = Vec::new();
+        let token = self.dial.token;
+        self.pending.retain_mut(|p| {
+            let mut buf = [0u8; HELLO];
+            let want = HELLO - p.got.len();
+            match p.stream.read(&mut buf[..want]) {
+                Ok(0) => return false,
+                Ok(n) => p.got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return p.until > now,
+                Err(_) => return false,
+            }
+            if p.got.len() < HELLO {
+                return p.until > now;
+            }
+            let word = |at: usize| u32::from_le_bytes(p.got[at..at + 4].try_into().unwrap());
+            let (slot, rank, pid) = (
+                word(TOKEN) as usize,
+                word(TOKEN + 4) as usize,
+                word(TOKEN + 8),
+            );
+            if p.got[..TOKEN] != token || !expected(slot, rank) {
+                return false;
+            }
+            let _ = p.stream.set_nodelay(true);
+            if p.stream.write(&[ACK]).ok() != Some(1) {
+                return false;
+            }
+            if let Ok(s) = p.stream.try_clone() {
+                out.push(Hello {
+                    slot,
+                    rank,
+                    pid,
+                    stream: OwnedFd::from(s),
+                });
+            }
+            false
+        });
+        out
+    }
+}
+
+/// A worker rank's side: connects to rank 0 for the worker in `slot` and
+/// says hello, trying each address in turn. Returns the stream once rank 0
+/// has acknowledged it.
+pub(super) fn connect(d: &Dial, slot: usize, rank: usize, pid: u32) -> io::Result<OwnedFd> {
+    let mut hello = Vec::with_capacity(HELLO);
+    hello.extend_from_slice(&d.token);
+    for w in [slot as u32, rank as u32, pid] {
+        hello.extend_from_slice(&w.to_le_bytes());
+    }
+    let mut last = io::Error::other("rank 0 named no address");
+    for &ip in &d.addrs {
+        let to = SocketAddr::from((ip, d.port));
+        match say_hello(to, &hello) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = io::Error::new(e.kind(), format!("{to}: {e}")),
+        }
+    }
+    Err(last)
+}
+
+fn say_hello(to: SocketAddr, hello: &[u8]) -> io::Result<OwnedFd> {
+    let mut s = TcpStream::connect_timeout(&to, DIAL_WAIT)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(DIAL_WAIT))?;
+    s.write_all(hello)?;
+    let mut ack = [0u8; 1];
+    s.read_exact(&mut ack)?;
+    if ack[0] != ACK {
+        return Err(io::Error::other("not acknowledged"));
+    }
+    s.set_read_timeout(None)?;
+    Ok(OwnedFd::from(s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait_for_hellos(l: &mut Listener, expected: (usize, usize)) -> Vec<Hello> {
+        for _ in 0..2000 {
+            let got = l.hellos(|s, r| (s, r) == expected);
+            if !got.is_empty() {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Vec::new()
+    }
+
+    #[test]
+    fn a_dial_survives_its_message() {
+        let d = Dial {
+            token: [9; TOKEN],
+            port: 4242,
+            addrs: vec![Ipv4Addr::new(10, 1, 2, 3), Ipv4Addr::LOCALHOST],
+        };
+        let mut m = vec![1, 2, 3];
+        d.encode(&mut m);
+        assert_eq!(Dial::decode(&m[3..]), Some(d));
+        assert_eq!(Dial::decode(&[]), None, "no dial: the stream goes over MPI");
+        assert_eq!(Dial::decode(&m[3..m.len() - 1]), None);
+    }
+
+    #[test]
+    fn a_rank_with_the_token_is_acknowledged_and_handed_over() {
+        let mut l = Listener::open().unwrap();
+        let d = l.dial().clone();
+        let dialer = std::thread::spawn(move || connect(&d, 5, 2, 777));
+        let got = wait_for_hellos(&mut l, (5, 2));
+        let theirs = dialer.join().unwrap().expect("acknowledged");
+        assert_eq!(got.len(), 1);
+        assert_eq!((got[0].slot, got[0].rank, got[0].pid), (5, 2, 777));
+        // The two ends are one stream.
+        let mut ours = TcpStream::from(theirs);
+        ours.write_all(b"task").unwrap();
+        let mut engine = TcpStream::from(got.into_iter().next().unwrap().stream);
+        engine.set_nonblocking(false).unwrap();
+        let mut b = [0u8; 4];
+        engine.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"task");
+    }
+
+    #[test]
+    fn a_wrong_token_or_an_unexpected_slot_is_refused() {
+        let mut l = Listener::open().unwrap();
+        let mut wrong = l.dial().clone();
+        wrong.token[0] ^= 1;
+        let d = l.dial().clone();
+        let a = std::thread::spawn(move || connect(&wrong, 5, 2, 1));
+        let b = std::thread::spawn(move || connect(&d, 6, 2, 1));
+        // Only slot 5 from rank 2 is expected: neither hello is taken.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !(a.is_finished() && b.is_finished()) && Instant::now() < deadline {
+            assert!(l.hellos(|s, r| (s, r) == (5, 2)).is_empty());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(a.join().unwrap().is_err());
+        assert!(b.join().unwrap().is_err());
+    }
+}

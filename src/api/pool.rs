@@ -527,6 +527,7 @@ impl PoolBuilder {
             inline_bodies: false,
             // The MPI backend sets it: its ranks keep their own clocks.
             backend_keeps_timeouts: false,
+            spin: crate::proto::idle::spin_budget(),
         };
         #[cfg(feature = "mpi")]
         if mpi {

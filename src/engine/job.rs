@@ -48,6 +48,9 @@ pub(crate) struct Config {
     /// goes in a TIMEOUT frame before it, and the engine kills nothing on
     /// its own clock.
     pub(crate) backend_keeps_timeouts: bool,
+    /// How long the supervisor polls without sleeping once it runs out of
+    /// work (`proto::idle`): longer for workers on other hosts.
+    pub(crate) spin: std::time::Duration,
 }
 
 impl Config {

@@ -81,7 +81,7 @@ fn run_loop(shared: &Shared) {
             }
             prepare_poll(shared, &st, &mut polled, cpu_watch)
         };
-        wait(&mut polled.set, timeout_ms);
+        wait(&mut polled.set, timeout_ms, shared.cfg.spin);
         let mut done: Vec<Completion> = Vec::new();
         let ending = {
             let mut guard = shared.lock();
@@ -162,10 +162,10 @@ fn prepare_poll(shared: &Shared, st: &State, p: &mut Polled, cpu_watch: Option<D
 
 /// Polls without sleeping for a moment first (results often follow within
 /// microseconds, and waking from sleep costs more), then sleeps.
-fn wait(set: &mut PollSet, timeout_ms: i32) {
+fn wait(set: &mut PollSet, timeout_ms: i32, spin: std::time::Duration) {
     let mut n = 0;
     if timeout_ms != 0 {
-        crate::proto::idle::spin_until(|| {
+        crate::proto::idle::spin_for(spin, || {
             n = set.poll(0).unwrap_or(0);
             n > 0
         });

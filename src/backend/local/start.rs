@@ -231,6 +231,10 @@ pub(crate) fn exec_server(spec: &Spec) -> Result<(OwnedFd, libc::pid_t), Error> 
                 cmd.env_remove(&key);
             }
         }
+        // Its workers answer a rank that relays from another host: they
+        // spin as long as the rank does (`idle::remote_spin_budget`).
+        let spin = crate::proto::idle::remote_spin_budget().as_micros();
+        cmd.env(crate::proto::idle::SPIN_ENV, spin.to_string());
     }
     cmd.env(
         sys::SERVER_ENV,

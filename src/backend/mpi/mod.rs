@@ -144,6 +144,7 @@ pub(crate) fn start(
     // Tasks go to other hosts, where no fd (of a shared-memory block) can
     // go with them.
     cfg.inline_bodies = true;
+    cfg.spin = crate::proto::idle::remote_spin_budget();
     let slots = cfg.processes * 2;
     let (backend, handed) = connect(thread, seam_tx, slots)?;
     Ok(Launch {

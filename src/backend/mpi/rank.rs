@@ -150,7 +150,8 @@ impl<'c> WorkerRank<'c> {
                 // The streams are sockets: sleep on them (after a short
                 // spin), looking at MPI, which has only control messages
                 // now, every millisecond.
-                let _ = crate::proto::idle::spin_until(|| polled.poll(0).is_ok_and(|n| n > 0))
+                let spin = crate::proto::idle::remote_spin_budget();
+                let _ = crate::proto::idle::spin_for(spin, || polled.poll(0).is_ok_and(|n| n > 0))
                     || polled.poll(1).is_ok();
             }
         }

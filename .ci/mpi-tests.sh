@@ -30,8 +30,8 @@ failed=0
 
 # case NAME WANT PATTERN COMMAND...: runs COMMAND under a timeout. It
 # passes if its exit status is WANT ("nonzero": any failure except a
-# timeout) and its output contains PATTERN. With SHOW set, a passing
-# case's output is printed too.
+# timeout), its output contains PATTERN and, with NOT set, lacks NOT.
+# With SHOW set, a passing case's output is printed too.
 case_() {
   local name=$1 want=$2 pattern=$3
   shift 3
@@ -48,6 +48,8 @@ case_() {
     why="exited $rc; $want was expected"
   elif ! grep -qF -- "$pattern" "$out"; then
     why="its output lacks: $pattern"
+  elif [ -n "${NOT:-}" ] && grep -qF -- "$NOT" "$out"; then
+    why="its output has: $NOT"
   fi
   if [ -z "$why" ]; then
     passed=$((passed + 1))
@@ -77,8 +79,15 @@ case_ "a timeout kills the remote worker; the same rank serves on" 0 "mpi_timeou
   "${MPIRUN[@]}" -np 3 "$EX/mpi_timeout"
 case_ "cancel() kills a task running on a rank; the rank serves on" 0 "mpi_cancel: ok" \
   "${MPIRUN[@]}" -np 3 "$EX/mpi_cancel"
-case_ "2,000 tasks, 5% SIGKILL their worker: exact losses, then all right with retries" \
+NOT="go over MPI" case_ \
+  "2,000 tasks, 5% SIGKILL their worker: exact losses, then all right with retries" \
   0 "mpi_chaos: ok" "${MPIRUN[@]}" -np 3 "$EX/mpi_chaos"
+# The workers' streams go over TCP unless a rank cannot connect to rank 0;
+# PROCPOOL_MPI_STREAMS=mpi makes them go in MPI messages, as they do then.
+for ex in mpi_crash mpi_timeout mpi_cancel mpi_chaos mpi_shared; do
+  case_ "streams in MPI messages: $ex" 0 "$ex: ok" \
+    env PROCPOOL_MPI_STREAMS=mpi "${MPIRUN[@]}" -x PROCPOOL_MPI_STREAMS -np 3 "$EX/$ex"
+done
 case_ "SharedBufs are copied to the ranks and back" 0 "mpi_shared: ok" \
   "${MPIRUN[@]}" -np 3 "$EX/mpi_shared"
 case_ "ranks that run different binaries are refused" nonzero \
@@ -123,8 +132,11 @@ else
     "mpi_timeout: ok" "${ACROSS[@]}" -np 3 "$EX/mpi_timeout"
   case_ "across hosts: cancel() kills a task running on a rank" 0 "mpi_cancel: ok" \
     "${ACROSS[@]}" -np 3 "$EX/mpi_cancel"
-  case_ "across hosts: 2,000 tasks, 5% SIGKILL their worker" 0 "mpi_chaos: ok" \
-    "${ACROSS[@]}" -np 3 "$EX/mpi_chaos"
+  NOT="go over MPI" case_ "across hosts: 2,000 tasks, 5% SIGKILL their worker" 0 \
+    "mpi_chaos: ok" "${ACROSS[@]}" -np 3 "$EX/mpi_chaos"
+  case_ "across hosts, streams in MPI messages: 2,000 tasks, 5% SIGKILL their worker" 0 \
+    "mpi_chaos: ok" env PROCPOOL_MPI_STREAMS=mpi "${ACROSS[@]}" -x PROCPOOL_MPI_STREAMS \
+    -np 3 "$EX/mpi_chaos"
   case_ "across hosts: SharedBufs are copied to the ranks and back" 0 "mpi_shared: ok" \
     "${ACROSS[@]}" -np 3 "$EX/mpi_shared"
   case_ "across hosts: ranks that run different binaries are refused" nonzero \

@@ -1,11 +1,9 @@
-//! TCP helpers for the MPI backend's streams between hosts: this host's
-//! IPv4 addresses, and how much of what was sent the peer has not yet
-//! acknowledged.
+//! What the MPI backend's TCP streams between hosts need of the system:
+//! this host's IPv4 addresses.
 
 use super::cvt;
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::RawFd;
 
 /// The IPv4 addresses of this host's interfaces that are up, those that
 /// are not loopback first (in the kernel's order), then loopback ones.
@@ -44,21 +42,9 @@ pub(crate) fn ipv4_addrs() -> io::Result<Vec<Ipv4Addr>> {
     Ok(outer)
 }
 
-/// The bytes written to a TCP socket that its peer has not yet
-/// acknowledged (`SIOCOUTQ`): at 0, all of them are in the peer's receive
-/// buffer.
-pub(crate) fn unacked_bytes(fd: RawFd) -> io::Result<usize> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ (SIOCOUTQ for a socket) writes one c_int to the
-    // pointer, which points to a live c_int; a closed fd is EBADF.
-    cvt(unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) })?;
-    Ok(n.max(0) as usize)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Read, Write};
 
     #[test]
     fn loopback_is_listed_last() {
@@ -67,28 +53,5 @@ mod tests {
         if let Some(i) = first_lo {
             assert!(addrs[i..].iter().all(|a| a.is_loopback()), "{addrs:?}");
         }
-    }
-
-    #[test]
-    fn unacked_bytes_reach_zero_once_the_peer_has_them() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (mut b, _) = l.accept().unwrap();
-        a.write_all(&[7u8; 1000]).unwrap();
-        let mut got = [0u8; 1000];
-        b.read_exact(&mut got).unwrap();
-        use std::os::fd::AsRawFd;
-        let fd = a.as_raw_fd();
-        // Read by the peer, so acknowledged (a bounded wait for the ack).
-        let mut left = usize::MAX;
-        for _ in 0..1000 {
-            left = unacked_bytes(fd).unwrap();
-            if left == 0 {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        assert_eq!(left, 0);
-        assert_eq!(got, [7u8; 1000]);
     }
 }

@@ -29,6 +29,19 @@ pub(crate) fn wait_readable(fd: RawFd, timeout: std::time::Duration) -> io::Resu
     Ok(poll_in(fd, ms)? > 0)
 }
 
+/// Whether the peer of stream socket `fd` has shut its writing side, so
+/// that every byte it sent before is in this side's receive buffer (or the
+/// socket hung up, or failed). Reads nothing.
+#[cfg(feature = "mpi")]
+pub(crate) fn peer_shut_now(fd: RawFd) -> bool {
+    let mut p = [libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    }];
+    matches!(poll(&mut p, 0), Ok(n) if n > 0)
+}
+
 /// [`poll`] of one fd for reading (no allocation: the worker's idle spin
 /// calls it in a loop).
 fn poll_in(fd: RawFd, timeout_ms: i32) -> io::Result<usize> {
@@ -79,6 +92,18 @@ impl PollSet {
         self.fds.push(libc::pollfd {
             fd,
             events,
+            revents: 0,
+        });
+        self.fds.len() - 1
+    }
+
+    /// Adds stream socket `fd`, watched for its peer shutting its writing
+    /// side (see [`peer_shut_now`]); returns its index.
+    #[cfg(feature = "mpi")]
+    pub(crate) fn push_peer_shut(&mut self, fd: RawFd) -> usize {
+        self.fds.push(libc::pollfd {
+            fd,
+            events: libc::POLLRDHUP,
             revents: 0,
         });
         self.fds.len() - 1

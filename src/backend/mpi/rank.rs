@@ -28,9 +28,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// How long a rank waits for rank 0's host to acknowledge a worker's last
-/// bytes before it reports the worker's end anyway.
-const LAST_BYTES_WAIT: Duration = Duration::from_secs(5);
 /// While every stream is a socket, MPI is looked at no more often than
 /// this (it brings only control messages then).
 const CONTROL_LOOK: Duration = Duration::from_micros(200);
@@ -47,8 +44,8 @@ struct Hosted {
     dial: Option<Dial>,
     /// The TCP stream to rank 0's engine, if it connected.
     up: Option<Conn>,
-    /// Since when the TCP stream is shut after the worker's last bytes.
-    up_shut: Option<Instant>,
+    /// The TCP stream is shut after the worker's last bytes.
+    up_shut: bool,
     /// Bytes from rank 0 not yet whole frames.
     inbuf: Vec<u8>,
     /// Rank 0 said end-of-file: shut our write side once all is out.
@@ -226,7 +223,7 @@ impl<'c> WorkerRank<'c> {
             conn: None,
             dial,
             up: None,
-            up_shut: None,
+            up_shut: false,
             inbuf: Vec::new(),
             eof: false,
             shut: false,
@@ -438,9 +435,9 @@ impl<'c> WorkerRank<'c> {
         active
     }
 
-    /// Whether rank 0's host has all of worker `i`'s output: its TCP
-    /// stream is flushed, shut and acknowledged (or broken, or no answer
-    /// came in time), or it has none.
+    /// Whether all of worker `i`'s output is on its way to rank 0: its TCP
+    /// stream is flushed and shut (rank 0 reports the worker's end once it
+    /// sees the shut, so after the last byte), or broken, or it has none.
     fn last_bytes_in(&mut self, i: usize) -> bool {
         let h = &mut self.hosted[i];
         let Some(up) = h.up.as_mut() else {
@@ -449,12 +446,11 @@ impl<'c> WorkerRank<'c> {
         if up.flush() == Flushed::Pending {
             return false;
         }
-        let since = *h.up_shut.get_or_insert_with(|| {
+        if !h.up_shut {
             up.shutdown_write();
-            Instant::now()
-        });
-        let acked = sys::unacked_bytes(up.raw()).map_or(true, |n| n == 0);
-        acked || since.elapsed() > LAST_BYTES_WAIT
+            h.up_shut = true;
+        }
+        true
     }
 
     /// Kills a worker whose task ran past its timeout, counted from the

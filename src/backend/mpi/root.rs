@@ -39,6 +39,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
 
 /// What the engine asks of rank 0's thread.
 pub(super) enum Command {
@@ -120,6 +121,11 @@ impl Progress for Handed {
     }
 }
 
+/// How long rank 0 waits, after a rank said a worker ended, for the rank to
+/// shut the worker's TCP stream (after its last bytes) before it reports
+/// the end anyway.
+const LAST_BYTES_WAIT: Duration = Duration::from_secs(5);
+
 /// The started word of a worker whose tasks rank 0 does not see.
 const UNKNOWN: u64 = u64::MAX;
 
@@ -154,9 +160,12 @@ struct Session {
     eof: bool,
     /// The engine has the worker's TCP stream: no bytes pass this thread.
     direct: bool,
-    /// The rank said the worker ended: its wait status, and the task it
-    /// was killed for running past its timeout (0: none).
-    ended: Option<(i32, u64)>,
+    /// A duplicate of that stream, to see the rank shut it after the
+    /// worker's last bytes (it is never read here).
+    stream: Option<OwnedFd>,
+    /// The rank said the worker ended: its wait status, the task it was
+    /// killed for running past its timeout (0: none), and when it said so.
+    ended: Option<(i32, u64, Instant)>,
 }
 
 pub(super) struct Root<'c> {
@@ -219,6 +228,11 @@ impl<'c> Root<'c> {
                 if read || write {
                     polled.push(s.conn.raw(), read, write);
                     who.push(slot);
+                }
+            }
+            for s in self.sessions.values().filter(|s| s.ended.is_some()) {
+                if let Some(fd) = &s.stream {
+                    polled.push_peer_shut(fd.as_raw_fd());
                 }
             }
             let first_tcp = polled.len();
@@ -334,6 +348,7 @@ impl<'c> Root<'c> {
                 theirs: Some(theirs),
                 eof: false,
                 direct: false,
+                stream: None,
                 ended: None,
             },
         );
@@ -371,6 +386,7 @@ impl<'c> Root<'c> {
             s.theirs = None;
             s.eof = true;
             s.direct = true;
+            s.stream = stream.try_clone().ok();
             self.seam.handed.direct(slot);
             self.report(Event::Started {
                 slot,
@@ -455,7 +471,7 @@ impl<'c> Root<'c> {
                 let started = u64_at(&msg, 9).unwrap_or(u64::MAX);
                 let timed_out = u64_at(&msg, 17).unwrap_or(0);
                 self.seam.handed.ended_at(slot, started);
-                s.ended = Some((status, timed_out));
+                s.ended = Some((status, timed_out, Instant::now()));
             }
             _ => {}
         }
@@ -470,10 +486,13 @@ impl<'c> Root<'c> {
         };
         let had = s.conn.has_pending();
         let all_out = s.conn.flush() != Flushed::Pending;
-        let Some((status, timed_out)) = s.ended else {
+        let Some((status, timed_out, when)) = s.ended else {
             return had;
         };
-        if !all_out {
+        // A TCP stream: its last bytes are in once the rank's shut is.
+        let shut = |fd: &OwnedFd| sys::peer_shut_now(fd.as_raw_fd());
+        let all_in = s.stream.as_ref().is_none_or(shut) || when.elapsed() > LAST_BYTES_WAIT;
+        if !all_out || !all_in {
             return had;
         }
         // Closing our end after the last byte: the engine reads it all, then

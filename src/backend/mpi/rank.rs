@@ -244,26 +244,25 @@ impl<'c> WorkerRank<'c> {
     }
 
     /// Relays `bytes` from rank 0 after what waits: whole frames straight
-    /// from `bytes` when nothing waits (no copy), the rest kept for later.
+    /// from `bytes` when nothing waits (no copy), else appended to what
+    /// waits and passed from there; a partial frame is kept for later.
+    /// Before the worker is up, everything waits.
     fn relay(&mut self, i: usize, bytes: &[u8]) {
         let h = &mut self.hosted[i];
-        let (Some(conn), true) = (h.conn.as_mut(), h.inbuf.is_empty()) else {
+        let Some(conn) = h.conn.as_mut() else {
             h.inbuf.extend_from_slice(bytes);
-            if h.conn.is_some() {
-                self.relay_tasks(i);
-            }
             return;
         };
-        let mut pos = 0;
-        while let Some(f) = Frame::parse(bytes, pos) {
-            if f.header.kind == wire::TIMEOUT {
-                h.timeouts.push_back((f.header.seq, f.header.a));
-            } else {
-                conn.write(&bytes[f.at..f.end]);
-            }
-            pos = f.end;
+        if h.inbuf.is_empty() {
+            let pos = pass_frames(bytes, conn, &mut h.timeouts);
+            h.inbuf.extend_from_slice(&bytes[pos..]);
+        } else {
+            // Each piece of a large frame is copied once, not once per
+            // piece that follows it.
+            h.inbuf.extend_from_slice(bytes);
+            let pos = pass_frames(&h.inbuf, conn, &mut h.timeouts);
+            h.inbuf.drain(..pos);
         }
-        h.inbuf.extend_from_slice(&bytes[pos..]);
     }
 
     /// What this rank's fork server reported. Returns whether it said
@@ -369,17 +368,15 @@ impl<'c> WorkerRank<'c> {
     /// relays it. Returns whether anything came.
     fn engine_bytes(&mut self, i: usize) -> bool {
         let h = &mut self.hosted[i];
-        let Some(up) = h.up.as_mut().filter(|_| !h.eof) else {
+        let (Some(up), Some(conn)) = (h.up.as_mut().filter(|_| !h.eof), h.conn.as_mut()) else {
             return false;
         };
+        // A partial frame stays in the stream's buffer, whose next read
+        // asks for the rest of it.
         let (got, eof) = read_some(up);
         h.eof = eof;
-        let bytes = std::mem::take(&mut up.inbuf);
-        self.relay(i, &bytes);
-        if let Some(up) = self.hosted[i].up.as_mut() {
-            up.inbuf = bytes;
-            up.inbuf.clear();
-        }
+        let pos = pass_frames(&up.inbuf, conn, &mut h.timeouts);
+        up.consume(pos);
         got || eof
     }
 
@@ -484,6 +481,22 @@ impl<'c> WorkerRank<'c> {
             }
         }
     }
+}
+
+/// Writes the whole frames at the start of `bytes` from rank 0 to the
+/// worker's `conn`, but for TIMEOUT frames, whose limits go to `timeouts`
+/// (the worker never sees them). Returns how many bytes they took.
+fn pass_frames(bytes: &[u8], conn: &mut Conn, timeouts: &mut VecDeque<(u64, u64)>) -> usize {
+    let mut pos = 0;
+    while let Some(f) = Frame::parse(bytes, pos) {
+        if f.header.kind == wire::TIMEOUT {
+            timeouts.push_back((f.header.seq, f.header.a));
+        } else {
+            conn.write(&bytes[f.at..f.end]);
+        }
+        pos = f.end;
+    }
+    pos
 }
 
 /// Appends the whole frames that `conn` has read to `out` (a result in a

@@ -88,6 +88,11 @@ for ex in mpi_crash mpi_timeout mpi_cancel mpi_chaos mpi_shared; do
   case_ "streams in MPI messages: $ex" 0 "$ex: ok" \
     env PROCPOOL_MPI_STREAMS=mpi "${MPIRUN[@]}" -x PROCPOOL_MPI_STREAMS -np 3 "$EX/$ex"
 done
+# A rank that cannot connect (rank 0 names an address nobody answers on,
+# TEST-NET-1) says so and relays in MPI messages; the job is as right.
+case_ "a rank that cannot reach rank 0 over TCP relays over MPI (mpi_crash exits 0)" 0 \
+  "cannot connect to rank 0" \
+  env PROCPOOL_MPI_ADDRS=192.0.2.1 "${MPIRUN[@]}" -x PROCPOOL_MPI_ADDRS -np 3 "$EX/mpi_crash"
 case_ "SharedBufs are copied to the ranks and back" 0 "mpi_shared: ok" \
   "${MPIRUN[@]}" -np 3 "$EX/mpi_shared"
 case_ "ranks that run different binaries are refused" nonzero \
@@ -137,6 +142,9 @@ else
   case_ "across hosts, streams in MPI messages: 2,000 tasks, 5% SIGKILL their worker" 0 \
     "mpi_chaos: ok" env PROCPOOL_MPI_STREAMS=mpi "${ACROSS[@]}" -x PROCPOOL_MPI_STREAMS \
     -np 3 "$EX/mpi_chaos"
+  case_ "across hosts: ranks that cannot reach rank 0 over TCP relay over MPI (mpi_chaos exits 0)" \
+    0 "cannot connect to rank 0" env PROCPOOL_MPI_ADDRS=192.0.2.1 "${ACROSS[@]}" \
+    -x PROCPOOL_MPI_ADDRS -np 3 "$EX/mpi_chaos"
   case_ "across hosts: SharedBufs are copied to the ranks and back" 0 "mpi_shared: ok" \
     "${ACROSS[@]}" -np 3 "$EX/mpi_shared"
   case_ "across hosts: ranks that run different binaries are refused" nonzero \

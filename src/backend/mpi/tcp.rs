@@ -14,7 +14,9 @@
 //!
 //! Where no address answers (a firewall, say), the rank falls back to
 //! relaying the stream in MPI messages, and says so once on stderr.
-//! `PROCPOOL_MPI_STREAMS=mpi` on rank 0 makes every stream go that way.
+//! `PROCPOOL_MPI_STREAMS=mpi` on rank 0 makes every stream go that way;
+//! `PROCPOOL_MPI_ADDRS` on rank 0 chooses the addresses ranks try (a
+//! cluster's fast network rather than the first one the kernel lists).
 
 use crate::sys::{self, PollSet};
 use std::io::{self, Read, Write};
@@ -96,8 +98,13 @@ pub(super) struct Listener {
 
 impl Listener {
     /// Listens on an ephemeral port of every IPv4 address of this host.
+    /// The ranks are told `PROCPOOL_MPI_ADDRS` (addresses, comma
+    /// separated, tried in that order) if it is set, else every address.
     pub(super) fn open() -> io::Result<Listener> {
-        let addrs = sys::ipv4_addrs()?;
+        let addrs = match std::env::var(ADDRS_ENV) {
+            Ok(v) => parse_addrs(&v)?,
+            Err(_) => sys::ipv4_addrs()?,
+        };
         if addrs.is_empty() {
             return Err(io::Error::other("this host has no IPv4 address"));
         }
@@ -191,6 +198,23 @@ impl Listener {
     }
 }
 
+/// The variable that names the addresses ranks connect to.
+const ADDRS_ENV: &str = "PROCPOOL_MPI_ADDRS";
+
+fn parse_addrs(v: &str) -> io::Result<Vec<Ipv4Addr>> {
+    v.split(',')
+        .filter(|a| !a.trim().is_empty())
+        .map(|a| {
+            a.trim().parse().map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{ADDRS_ENV}: {a:?} is not an IPv4 address"),
+                )
+            })
+        })
+        .collect()
+}
+
 /// A worker rank's side: connects to rank 0 for the worker in `slot` and
 /// says hello, trying each address in turn. Returns the stream once rank 0
 /// has acknowledged it.
@@ -238,6 +262,17 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         Vec::new()
+    }
+
+    #[test]
+    fn addresses_are_read_in_order_and_a_bad_one_is_refused() {
+        let a = parse_addrs("10.0.0.2, 127.0.0.1,").unwrap();
+        assert_eq!(a, [Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::LOCALHOST]);
+        let e = parse_addrs("10.0.0.2,example.org").unwrap_err();
+        assert!(
+            e.to_string().contains("\"example.org\" is not an IPv4"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -84,7 +84,7 @@ NOT="go over MPI" case_ \
   0 "mpi_chaos: ok" "${MPIRUN[@]}" -np 3 "$EX/mpi_chaos"
 # The workers' streams go over TCP unless a rank cannot connect to rank 0;
 # PROCPOOL_MPI_STREAMS=mpi makes them go in MPI messages, as they do then.
-for ex in mpi_crash mpi_timeout mpi_cancel mpi_chaos mpi_shared; do
+for ex in mpi_crash mpi_timeout mpi_cancel mpi_chaos mpi_shared mpi_lifecycle; do
   case_ "streams in MPI messages: $ex" 0 "$ex: ok" \
     env PROCPOOL_MPI_STREAMS=mpi "${MPIRUN[@]}" -x PROCPOOL_MPI_STREAMS -np 3 "$EX/$ex"
 done
@@ -95,6 +95,8 @@ case_ "a rank that cannot reach rank 0 over TCP relays over MPI (mpi_crash exits
   env PROCPOOL_MPI_ADDRS=192.0.2.1 "${MPIRUN[@]}" -x PROCPOOL_MPI_ADDRS -np 3 "$EX/mpi_crash"
 case_ "SharedBufs are copied to the ranks and back" 0 "mpi_shared: ok" \
   "${MPIRUN[@]}" -np 3 "$EX/mpi_shared"
+case_ "max_tasks_per_child recycles workers on their ranks; imap streams; terminate" 0 \
+  "mpi_lifecycle: ok" "${MPIRUN[@]}" -np 3 "$EX/mpi_lifecycle"
 case_ "ranks that run different binaries are refused" nonzero \
   "do not all run the same executable" \
   "${MPIRUN[@]}" -np 1 "$EX/mpi_primes" : -np 2 "$EX/mpi_panic"
@@ -147,6 +149,8 @@ else
     -x PROCPOOL_MPI_ADDRS -np 3 "$EX/mpi_chaos"
   case_ "across hosts: SharedBufs are copied to the ranks and back" 0 "mpi_shared: ok" \
     "${ACROSS[@]}" -np 3 "$EX/mpi_shared"
+  case_ "across hosts: max_tasks_per_child, imap streams, terminate" 0 \
+    "mpi_lifecycle: ok" "${ACROSS[@]}" -np 3 "$EX/mpi_lifecycle"
   case_ "across hosts: ranks that run different binaries are refused" nonzero \
     "do not all run the same executable" \
     "${ACROSS[@]}" -np 1 "$EX/mpi_primes" : -np 2 "$EX/mpi_panic"

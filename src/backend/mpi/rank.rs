@@ -484,17 +484,25 @@ impl<'c> WorkerRank<'c> {
 }
 
 /// Writes the whole frames at the start of `bytes` from rank 0 to the
-/// worker's `conn`, but for TIMEOUT frames, whose limits go to `timeouts`
-/// (the worker never sees them). Returns how many bytes they took.
+/// worker's `conn`, in one write, but for TIMEOUT frames, whose limits go
+/// to `timeouts` (the worker never sees them). Returns how many bytes they
+/// took.
 fn pass_frames(bytes: &[u8], conn: &mut Conn, timeouts: &mut VecDeque<(u64, u64)>) -> usize {
     let mut pos = 0;
+    // The run of frames that goes out as it is (up to a TIMEOUT frame).
+    let mut run = 0;
     while let Some(f) = Frame::parse(bytes, pos) {
         if f.header.kind == wire::TIMEOUT {
+            if f.at > run {
+                conn.write(&bytes[run..f.at]);
+            }
+            run = f.end;
             timeouts.push_back((f.header.seq, f.header.a));
-        } else {
-            conn.write(&bytes[f.at..f.end]);
         }
         pos = f.end;
+    }
+    if pos > run {
+        conn.write(&bytes[run..pos]);
     }
     pos
 }

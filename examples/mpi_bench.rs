@@ -37,14 +37,16 @@ fn measure(pool: &Pool) -> Numbers {
     for i in 0..200 {
         pool.apply(double, i).unwrap();
     }
-    let n = 3000;
+    // Long enough phases that a moment of the machine's noise does not
+    // decide a figure.
+    let n = 10_000;
     let t = Instant::now();
     for i in 0..n {
         assert_eq!(pool.apply(double, i).unwrap(), i * 2);
     }
     let apply_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
 
-    let n = 20_000u64;
+    let n = 100_000u64;
     let t = Instant::now();
     let rs: Vec<_> = (0..n)
         .map(|i| pool.apply_async(double, i).unwrap())
@@ -54,14 +56,14 @@ fn measure(pool: &Pool) -> Numbers {
     }
     let apply_async_per_s = n as f64 / t.elapsed().as_secs_f64();
 
-    let n = 2_000_000u64;
+    let n = 4_000_000u64;
     let t = Instant::now();
     let v = pool.map(double, 0..n).unwrap();
     let map_items_per_s = n as f64 / t.elapsed().as_secs_f64();
     assert_eq!(v[12345], 24690);
 
     // 1 MiB items travel in shared-memory blocks locally, inline over MPI.
-    let items = 64;
+    let items = 128;
     let t = Instant::now();
     let v = pool
         .map(echo, (0..items).map(|i| vec![i as u8; 1 << 20]))

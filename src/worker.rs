@@ -151,6 +151,8 @@ pub(crate) fn serve(
         out: Vec::with_capacity(OUT_CAPACITY),
         soft: None,
         memory: None,
+        in_fd: sock.as_raw_fd(),
+        adopted: None,
     };
     if let Some(init) = init {
         w.run_init(init)?;
@@ -191,6 +193,10 @@ struct Worker<'s> {
     soft: Option<(u64, u64)>,
     /// The limit on this worker's memory growth, from the CONFIG frame.
     memory: Option<MemoryLimit>,
+    /// Where tasks come from: `fd`, or the stream it adopted (an ADOPT
+    /// frame; results still go by `fd`, to the rank that relays them).
+    in_fd: RawFd,
+    adopted: Option<OwnedFd>,
 }
 
 /// What came from the parent and is not handled yet: the bytes, the fds
@@ -330,6 +336,12 @@ impl Worker<'_> {
             wire::CONFIG => self.memory = configure(h),
             wire::SOFT_LIMIT => self.soft = Some((h.seq, h.a)),
             wire::TASK => return self.run_task(h, Input::take(frame, buf, fds)),
+            wire::ADOPT => {
+                // Tasks come by the new stream from now on.
+                let fd = fds.pop_front().ok_or(Stop::Gone)?;
+                self.in_fd = fd.as_raw_fd();
+                self.adopted = Some(fd);
+            }
             _ => {}
         }
         Ok(Next::Serve)
@@ -516,7 +528,7 @@ impl Worker<'_> {
         let want = wire::read_size(need, READ_CHUNK);
         // Wait a moment for the next task without sleeping: it often comes
         // within microseconds, and waking from sleep costs more.
-        let fd = self.fd;
+        let fd = self.in_fd;
         let _ = crate::proto::idle::spin_until(|| sys::readable_now(fd));
         match sys::recv_append(fd, &mut inbox.buf, want, &mut inbox.fds) {
             Ok(0) => Ok(false),
@@ -545,7 +557,7 @@ impl Worker<'_> {
         let mut scratch = vec![0u8; READ_CHUNK];
         while left > 0 {
             let want = (left as usize).min(scratch.len());
-            match sys::read(self.fd, &mut scratch[..want]) {
+            match sys::read(self.in_fd, &mut scratch[..want]) {
                 Ok(0) | Err(_) => return Err(Stop::Gone),
                 Ok(n) => left -= n as u64,
             }

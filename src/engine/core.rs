@@ -447,11 +447,17 @@ impl State {
                 };
                 let job = self.queue.pop_front().expect("front exists");
                 let timed = job.timeout;
-                w.push_task(job, charge, cfg);
-                if let Some(t) = timed.filter(|_| !cfg.backend_keeps_timeouts) {
-                    w.deadline = Some(now + t);
-                    // The supervisor's poll must learn the new deadline.
-                    pending = true;
+                let seq = w.push_task(job, charge, cfg);
+                match (timed, self.backend.as_mut()) {
+                    (Some(t), Some(b)) if cfg.backend_keeps_timeouts => {
+                        b.keep_timeout(w.slot, seq, t);
+                    }
+                    (Some(t), _) => {
+                        w.deadline = Some(now + t);
+                        // The supervisor's poll must learn the new deadline.
+                        pending = true;
+                    }
+                    (None, _) => {}
                 }
             }
             if max.is_some_and(|m| w.sent >= m) {
@@ -477,28 +483,20 @@ fn frame_bytes(job: &Job) -> usize {
 impl Worker {
     /// Appends `job`'s frames (its soft limit, if any, then the task) to
     /// the out buffer, with the fds they carry, and holds it; returns the
-    /// bytes written.
-    pub(crate) fn push_task(&mut self, job: Job, charge: u64, cfg: &Config) -> usize {
+    /// task's sequence number on this worker.
+    pub(crate) fn push_task(&mut self, job: Job, charge: u64, cfg: &Config) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.sent += 1;
-        let mut bytes = 0;
         if let Some(soft) = job.soft_timeout {
             // Its soft limit, in the frame just before it.
             let ns = crate::deadline::nanos(soft);
             Header::new(wire::SOFT_LIMIT, seq, ns, 0).push(self.conn.out());
-            bytes += HDR;
         }
-        if let Some(limit) = job.timeout.filter(|_| cfg.backend_keeps_timeouts) {
-            // Its timeout, for the backend that keeps it.
-            let ns = crate::deadline::nanos(limit);
-            Header::new(wire::TIMEOUT, seq, ns, 0).push(self.conn.out());
-            bytes += HDR;
-        }
-        bytes += self.push_task_frame(seq, &job, cfg.inline_shared);
+        self.push_task_frame(seq, &job, cfg.inline_shared);
         self.held_ns += charge;
         self.in_flight.push_back(InFlight { seq, job, charge });
-        bytes
+        seq
     }
 
     fn push_task_frame(&mut self, seq: u64, job: &Job, inline_shared: bool) -> usize {

@@ -45,7 +45,7 @@ pub(crate) struct Config {
     pub(crate) inline_bodies: bool,
     /// Whether the backend keeps the tasks' timeouts itself, on the clock
     /// of the host that runs them (MPI ranks): each timed task's limit then
-    /// goes in a TIMEOUT frame before it, and the engine kills nothing on
+    /// goes to the backend with it (`Backend::keep_timeout`), and the engine kills nothing on
     /// its own clock.
     pub(crate) backend_keeps_timeouts: bool,
     /// How long the supervisor polls without sleeping once it runs out of

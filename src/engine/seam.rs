@@ -107,6 +107,11 @@ pub(crate) trait Backend: Send {
     /// Asks for worker `pid` (in `slot`) to be killed: whatever it runs
     /// (`task` 0) or only while it runs task `task`.
     fn kill(&mut self, slot: usize, pid: u32, task: u64);
+    /// Task `task`, just sent to the worker in `slot`, may run for at most
+    /// `limit`: a backend that keeps timeouts itself (on the clock of the
+    /// host that runs the task) kills the worker past it and reports
+    /// `TimedOut`. Others are not told (the engine keeps their timeouts).
+    fn keep_timeout(&mut self, _slot: usize, _task: u64, _limit: std::time::Duration) {}
     /// The fd to poll for its events, and whether it has requests waiting
     /// to be sent (poll for writing too). `None` once it is closed.
     fn poll_fd(&self) -> Option<(RawFd, bool)>;

@@ -52,6 +52,9 @@ pub(crate) struct Conn {
     pub(crate) inbuf: Vec<u8>,
     /// fds received, in order.
     pub(crate) in_fds: VecDeque<OwnedFd>,
+    /// The socket stays in blocking mode (another process reads it so):
+    /// each write asks not to block instead.
+    nowait: bool,
 }
 
 impl Conn {
@@ -65,6 +68,36 @@ impl Conn {
             out_fds: VecDeque::new(),
             inbuf: Vec::new(),
             in_fds: VecDeque::new(),
+            nowait: false,
+        }
+    }
+
+    /// Wraps a socket that another process shares in blocking mode (a
+    /// worker that reads it): its mode is left alone, and writes ask not to
+    /// block. Only for writing, without fds: reads would block.
+    pub(crate) fn shared(fd: OwnedFd) -> Conn {
+        Conn {
+            fd,
+            out: Vec::new(),
+            out_pos: 0,
+            out_fds: VecDeque::new(),
+            inbuf: Vec::new(),
+            in_fds: VecDeque::new(),
+            nowait: true,
+        }
+    }
+
+    /// The socket, once nothing more is to be written.
+    pub(crate) fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
+    /// One `send` of `bytes`, in the way this socket wants.
+    fn send(&self, bytes: &[u8]) -> io::Result<usize> {
+        if self.nowait {
+            sys::send_nowait(self.fd.as_raw_fd(), bytes)
+        } else {
+            sys::send(self.fd.as_raw_fd(), bytes)
         }
     }
 
@@ -144,8 +177,8 @@ impl Conn {
                 }
                 r
             }
-            Some(&(at, _)) => sys::send(sock, &self.out[self.out_pos..at]),
-            None => sys::send(sock, &self.out[self.out_pos..]),
+            Some(&(at, _)) => self.send(&self.out[self.out_pos..at]),
+            None => self.send(&self.out[self.out_pos..]),
         }
     }
 
@@ -156,7 +189,7 @@ impl Conn {
         let mut from = 0;
         if !self.has_pending() {
             while from < bytes.len() {
-                match sys::send(self.fd.as_raw_fd(), &bytes[from..]) {
+                match self.send(&bytes[from..]) {
                     Ok(n) => from += n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     // The peer is gone: nobody reads these bytes.

@@ -54,9 +54,12 @@ pub(crate) const CONFIG_BACKTRACES: u64 = 1;
 
 /// Worker to parent: the sandbox could not be applied; the body is why.
 pub(crate) const SANDBOX_FAILED: u8 = 8;
-/// Parent to an MPI rank, just before a TASK: that task's timeout (`a`,
-/// ns), which the rank keeps on its own clock. It never reaches a worker.
-pub(crate) const TIMEOUT: u8 = 9;
+/// An MPI rank to its worker, with one fd: from now on the worker reads
+/// its tasks from that fd, a TCP stream from the engine on another host.
+/// Its results still go to the rank, which relays them (in batches, and
+/// after the worker's death too) on that stream. (9 was a TIMEOUT frame,
+/// which the MPI backend no longer sends.)
+pub(crate) const ADOPT: u8 = 10;
 
 /// TASK flag (in `status`): the body is the 8-byte length of the input,
 /// which is in the block whose fd came with the frame.

@@ -61,9 +61,26 @@ pub(crate) fn shutdown_write(fd: &OwnedFd) {
 /// `send(2)` with `MSG_NOSIGNAL`, retrying on `EINTR`: a dead peer gives
 /// `EPIPE` rather than a `SIGPIPE` that could end the process.
 pub(crate) fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    send_flags(fd, buf, 0)
+}
+
+/// [`send`] that never blocks (`MSG_DONTWAIT`), on a socket that is in
+/// blocking mode for another process that shares it.
+pub(crate) fn send_nowait(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    send_flags(fd, buf, libc::MSG_DONTWAIT)
+}
+
+fn send_flags(fd: RawFd, buf: &[u8], flags: libc::c_int) -> io::Result<usize> {
     loop {
         // SAFETY: buf is a valid readable region of buf.len() bytes.
-        let r = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+        let r = unsafe {
+            libc::send(
+                fd,
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_NOSIGNAL | flags,
+            )
+        };
         match cvt_size(r) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             other => return other,

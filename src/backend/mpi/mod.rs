@@ -246,6 +246,12 @@ impl Backend for Mpi {
         self.command(Command::Kill { slot, task });
     }
 
+    /// The worker's rank times the task, from its start there.
+    fn keep_timeout(&mut self, slot: usize, task: u64, limit: std::time::Duration) {
+        let ns = crate::deadline::nanos(limit);
+        self.command(Command::Timeout { slot, task, ns });
+    }
+
     fn poll_fd(&self) -> Option<(RawFd, bool)> {
         self.is_open()
             .then(|| (self.wake_engine.as_raw_fd(), false))

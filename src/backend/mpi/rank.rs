@@ -22,7 +22,7 @@ use crate::proto::wire::{self, Frame, Header};
 use crate::sys::{self, PollSet};
 use mpi::topology::{Communicator, SimpleCommunicator};
 use std::collections::VecDeque;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -31,6 +31,9 @@ use std::time::{Duration, Instant};
 /// While every stream is a socket, MPI is looked at no more often than
 /// this (it brings only control messages then).
 const CONTROL_LOOK: Duration = Duration::from_micros(200);
+/// How long the TCP stream of an ended worker is read, at most, for the
+/// engine to close its end.
+const LINGER: Duration = Duration::from_secs(60);
 
 /// A worker this rank hosts, for rank 0's slot `remote`.
 struct Hosted {
@@ -42,13 +45,17 @@ struct Hosted {
     conn: Option<Conn>,
     /// Where rank 0 listens for its stream (none: it goes over MPI).
     dial: Option<Dial>,
-    /// The TCP stream to rank 0's engine, if it connected.
+    /// The TCP stream to rank 0's engine, if it connected. The worker
+    /// adopted it (an ADOPT frame) and reads its tasks from it; this rank
+    /// writes the worker's results on it, batched as they come from the
+    /// worker's socket, and never reads it while the worker lives. The
+    /// stream outlives the worker: what the worker wrote before it died
+    /// still goes out, and then the rank shuts it.
     up: Option<Conn>,
-    /// The TCP stream is shut after the worker's last bytes.
-    up_shut: bool,
-    /// Bytes from rank 0 not yet whole frames.
+    /// Bytes from rank 0 not yet whole frames (streams over MPI).
     inbuf: Vec<u8>,
-    /// Rank 0 said end-of-file: shut our write side once all is out.
+    /// Rank 0 said end-of-file (over MPI): shut our write side once all
+    /// is out.
     eof: bool,
     shut: bool,
     /// The worker's stream reached end-of-file.
@@ -72,6 +79,10 @@ pub(super) struct WorkerRank<'c> {
     msg: Vec<u8>,
     /// A connection to rank 0 failed: later workers' streams go over MPI.
     tcp_failed: bool,
+    /// The TCP streams of workers that ended, read (and what comes thrown
+    /// away) until the engine closes its end, so that closing ours resets
+    /// nothing; each until a deadline.
+    lingering: Vec<(OwnedFd, Instant)>,
 }
 
 impl<'c> WorkerRank<'c> {
@@ -94,6 +105,7 @@ impl<'c> WorkerRank<'c> {
             inbox: VecDeque::new(),
             msg: Vec::new(),
             tcp_failed: false,
+            lingering: Vec::new(),
         }
     }
 
@@ -137,20 +149,25 @@ impl<'c> WorkerRank<'c> {
                 if let Some(c) = h.conn.as_ref().filter(|_| !h.drained) {
                     polled.push(c.raw(), true, c.has_pending());
                 }
-                if let Some(up) = &h.up {
-                    polled.push(up.raw(), !h.eof, up.has_pending());
+                if let Some(up) = h.up.as_ref().filter(|u| u.has_pending()) {
+                    polled.push(up.raw(), false, true);
                 }
+            }
+            for (fd, _) in &self.lingering {
+                polled.push(fd.as_raw_fd(), true, false);
             }
             if self.relaying() {
                 idle.wait(&mut polled);
             } else {
-                // The streams are sockets: sleep on them (after a short
-                // spin), looking at MPI, which has only control messages
-                // now, every millisecond.
+                // Tasks go from the engine to the workers with no hop
+                // through this thread, and results wake it on their
+                // sockets (after a short spin): MPI, which has only control
+                // messages now, is looked at every millisecond.
                 let spin = crate::proto::idle::remote_spin_budget();
                 let _ = crate::proto::idle::spin_for(spin, || polled.poll(0).is_ok_and(|n| n > 0))
                     || polled.poll(1).is_ok();
             }
+            self.linger();
         }
         // STOP: closing the server's socket makes it kill and reap every
         // worker, then exit.
@@ -164,6 +181,23 @@ impl<'c> WorkerRank<'c> {
         self.hosted
             .iter()
             .any(|h| h.up.is_none() && h.conn.is_some())
+    }
+
+    /// Reads the TCP streams of ended workers until the engine closes its
+    /// end (or their deadline passes), throwing the bytes away.
+    fn linger(&mut self) {
+        let now = Instant::now();
+        let mut scratch = [0u8; 16 << 10];
+        self.lingering.retain(|(fd, until)| {
+            loop {
+                match sys::read(fd.as_raw_fd(), &mut scratch) {
+                    Ok(0) => return false,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return *until > now,
+                    Err(_) => return false,
+                }
+            }
+        });
     }
 
     fn tell(&mut self, msg: &[u8]) {
@@ -197,6 +231,12 @@ impl<'c> WorkerRank<'c> {
                     self.hosted[i].eof = true;
                 }
             }
+            M_TIMEOUT => {
+                let (task, ns) = (u64_at(msg, 5).unwrap_or(0), u64_at(msg, 13).unwrap_or(0));
+                if let Some(i) = self.find(remote) {
+                    self.hosted[i].timeouts.push_back((task, ns));
+                }
+            }
             M_KILL => {
                 let task = u64_at(msg, 5).unwrap_or(0);
                 if let Some(h) = self.find(remote).map(|i| &self.hosted[i]) {
@@ -223,7 +263,6 @@ impl<'c> WorkerRank<'c> {
             conn: None,
             dial,
             up: None,
-            up_shut: false,
             inbuf: Vec::new(),
             eof: false,
             shut: false,
@@ -254,13 +293,13 @@ impl<'c> WorkerRank<'c> {
             return;
         };
         if h.inbuf.is_empty() {
-            let pos = pass_frames(bytes, conn, &mut h.timeouts);
+            let pos = pass_frames(bytes, conn);
             h.inbuf.extend_from_slice(&bytes[pos..]);
         } else {
             // Each piece of a large frame is copied once, not once per
             // piece that follows it.
             h.inbuf.extend_from_slice(bytes);
-            let pos = pass_frames(&h.inbuf, conn, &mut h.timeouts);
+            let pos = pass_frames(&h.inbuf, conn);
             h.inbuf.drain(..pos);
         }
     }
@@ -349,7 +388,14 @@ impl<'c> WorkerRank<'c> {
         };
         match tcp::connect(dial, h.remote, self.comm.rank() as usize, h.pid) {
             Ok(s) => {
-                h.up = Some(Conn::new(s, Vec::new()));
+                // The worker takes the stream over: ADOPT, with the fd.
+                if let Some(conn) = h.conn.as_mut() {
+                    let at = conn.out().len();
+                    conn.attach_fd(wire::fd_offset(at, 0), s.as_raw_fd());
+                    Header::new(wire::ADOPT, 0, 0, 0).push(conn.out());
+                    conn.flush();
+                }
+                h.up = Some(Conn::shared(s));
                 true
             }
             Err(e) => {
@@ -364,28 +410,13 @@ impl<'c> WorkerRank<'c> {
         }
     }
 
-    /// Reads what came from the engine over worker `i`'s TCP stream and
-    /// relays it. Returns whether anything came.
-    fn engine_bytes(&mut self, i: usize) -> bool {
-        let h = &mut self.hosted[i];
-        let (Some(up), Some(conn)) = (h.up.as_mut().filter(|_| !h.eof), h.conn.as_mut()) else {
-            return false;
-        };
-        // A partial frame stays in the stream's buffer, whose next read
-        // asks for the rest of it.
-        let (got, eof) = read_some(up);
-        h.eof = eof;
-        let pos = pass_frames(&up.inbuf, conn, &mut h.timeouts);
-        up.consume(pos);
-        got || eof
-    }
-
-    /// Moves worker `i`'s results to rank 0 and flushes tasks to it; once
-    /// it has ended, its stream is drained and rank 0's host has its last
-    /// bytes, reports its end. Returns whether anything happened.
+    /// Moves worker `i`'s output to rank 0 (over MPI; or, on a TCP stream,
+    /// what it wrote before it adopted it: READY, say) and flushes tasks to
+    /// it; once it has ended and its output is all out, shuts its TCP
+    /// stream and reports its end. Returns whether anything happened.
     fn serve(&mut self, i: usize) -> bool {
         let remote = self.hosted[i].remote;
-        let mut active = self.engine_bytes(i);
+        let mut active = false;
         let h = &mut self.hosted[i];
         if let Some(conn) = h.conn.as_mut() {
             active |= conn.has_pending();
@@ -409,13 +440,23 @@ impl<'c> WorkerRank<'c> {
                 }
             }
         }
-        if let Some(up) = h.up.as_mut() {
-            active |= up.has_pending();
-            up.flush();
-        }
-        let h = &self.hosted[i];
-        let over = h.ended.is_some() && (h.drained || h.conn.is_none());
-        if over && self.last_bytes_in(i) {
+        let h = &mut self.hosted[i];
+        let flushed = match h.up.as_mut() {
+            Some(up) => {
+                active |= up.has_pending();
+                up.flush() != Flushed::Pending
+            }
+            None => true,
+        };
+        if h.ended.is_some() && (h.drained || h.conn.is_none()) && flushed {
+            if let Some(up) = h.up.take() {
+                // After the worker's last bytes: rank 0 reports its end
+                // once this arrives. Then read until the engine closes.
+                up.shutdown_write();
+                let fd = up.into_fd();
+                let _ = sys::set_nonblocking(&fd);
+                self.lingering.push((fd, Instant::now() + LINGER));
+            }
             let h = &self.hosted[i];
             let status = h.ended.unwrap_or(SERVER_LOST);
             let started = self.words.status(h.local).started.load(Ordering::SeqCst);
@@ -430,24 +471,6 @@ impl<'c> WorkerRank<'c> {
             active = true;
         }
         active
-    }
-
-    /// Whether all of worker `i`'s output is on its way to rank 0: its TCP
-    /// stream is flushed and shut (rank 0 reports the worker's end once it
-    /// sees the shut, so after the last byte), or broken, or it has none.
-    fn last_bytes_in(&mut self, i: usize) -> bool {
-        let h = &mut self.hosted[i];
-        let Some(up) = h.up.as_mut() else {
-            return true;
-        };
-        if up.flush() == Flushed::Pending {
-            return false;
-        }
-        if !h.up_shut {
-            up.shutdown_write();
-            h.up_shut = true;
-        }
-        true
     }
 
     /// Kills a worker whose task ran past its timeout, counted from the
@@ -484,25 +507,14 @@ impl<'c> WorkerRank<'c> {
 }
 
 /// Writes the whole frames at the start of `bytes` from rank 0 to the
-/// worker's `conn`, in one write, but for TIMEOUT frames, whose limits go
-/// to `timeouts` (the worker never sees them). Returns how many bytes they
-/// took.
-fn pass_frames(bytes: &[u8], conn: &mut Conn, timeouts: &mut VecDeque<(u64, u64)>) -> usize {
+/// worker's `conn`, in one write. Returns how many bytes they took.
+fn pass_frames(bytes: &[u8], conn: &mut Conn) -> usize {
     let mut pos = 0;
-    // The run of frames that goes out as it is (up to a TIMEOUT frame).
-    let mut run = 0;
     while let Some(f) = Frame::parse(bytes, pos) {
-        if f.header.kind == wire::TIMEOUT {
-            if f.at > run {
-                conn.write(&bytes[run..f.at]);
-            }
-            run = f.end;
-            timeouts.push_back((f.header.seq, f.header.a));
-        }
         pos = f.end;
     }
-    if pos > run {
-        conn.write(&bytes[run..pos]);
+    if pos > 0 {
+        conn.write(&bytes[..pos]);
     }
     pos
 }

@@ -44,7 +44,16 @@ use std::time::{Duration, Instant};
 /// What the engine asks of rank 0's thread.
 pub(super) enum Command {
     Start(usize),
-    Kill { slot: usize, task: u64 },
+    Kill {
+        slot: usize,
+        task: u64,
+    },
+    /// Task `task` of the worker in `slot` may run `ns` nanoseconds.
+    Timeout {
+        slot: usize,
+        task: u64,
+        ns: u64,
+    },
 }
 
 /// How far each slot's worker got, as rank 0 knows it: the last task
@@ -294,6 +303,16 @@ impl<'c> Root<'c> {
                     if let Some(rank) = self.sessions.get(&slot).map(|s| s.rank) {
                         let mut m = header(M_KILL, slot);
                         m.extend_from_slice(&task.to_le_bytes());
+                        self.tell(rank, &m);
+                    }
+                }
+                Ok(Command::Timeout { slot, task, ns }) => {
+                    // Sent before the task's own bytes, if they go over MPI
+                    // too (this loop forwards tasks after the commands).
+                    if let Some(rank) = self.sessions.get(&slot).map(|s| s.rank) {
+                        let mut m = header(M_TIMEOUT, slot);
+                        m.extend_from_slice(&task.to_le_bytes());
+                        m.extend_from_slice(&ns.to_le_bytes());
                         self.tell(rank, &m);
                     }
                 }

@@ -50,6 +50,11 @@ pub(super) const M_START_FAILED: u8 = 9;
 /// bytes: the task), as its fork server's KILL_REFUSED.
 pub(super) const M_KILL_REFUSED: u8 = 10;
 
+/// Rank 0 to a worker rank: a task's timeout, which the rank keeps on its
+/// own clock from the task's start there (8 bytes: the task; 8: the limit
+/// in ns).
+pub(super) const M_TIMEOUT: u8 = 11;
+
 /// The status in an ENDED message when the rank's fork server itself was
 /// lost: its workers died with it, and no wait status was seen.
 pub(super) const SERVER_LOST: i32 = i32::MIN;

@@ -801,6 +801,28 @@ mod tests {
     }
 
     #[test]
+    fn after_adopt_tasks_come_by_the_new_stream_and_results_go_by_the_old() {
+        let mut s = Served::start();
+        let (engine, adopted) = sys::stream_pair().unwrap();
+        let mut out = Vec::new();
+        Header::new(wire::ADOPT, 0, 0, 0).push(&mut out);
+        sys::send_fds(s.sock.as_raw_fd(), &out, &[adopted.as_raw_fd()]).unwrap();
+        drop(adopted);
+        let mut task = Vec::new();
+        let f = TaskFn::single(double);
+        let frame = Header::new(TASK, 1, f.tramp, f.func).open(&mut task);
+        task.extend_from_slice(&encoded(&21u64));
+        frame.close(&mut task, 0);
+        sys::send_all(engine.as_raw_fd(), &task).unwrap();
+        let (h, body) = s.frame();
+        assert_eq!((h.kind, h.seq, h.status), (DONE, 1, status::OK));
+        assert_eq!(task::decode_outcome::<u64>(h.status, &body).unwrap(), 42);
+        // The adopted stream's end is the worker's end.
+        drop(engine);
+        assert_eq!(s.close(), Ok(()));
+    }
+
+    #[test]
     fn refused_tasks_are_answered_with_why() {
         let mut s = Served::start();
         let f = TaskFn::single(double);

@@ -23,20 +23,26 @@
 //! timeouts on its own clock. **Ranks >= 1** never return from `build`
 //! (`rank.rs`). `transport.rs` is how the ranks talk over MPI.
 //!
-//! MPI carries the control messages (start, kill, ended, stop). Each
-//! worker's stream, tasks one way and results the other, goes over TCP
-//! from the engine straight to the worker's rank (`tcp.rs`), which passes
-//! it to and from the worker process. MPI gives no fd to sleep on, so a
-//! thread that waits for MPI messages must poll; with the streams on
-//! sockets, no task waits for such a thread, and the threads that poll
-//! MPI do so once a millisecond. A rank that cannot reach rank 0 over
-//! TCP relays the stream in MPI messages instead (as does every rank
-//! under `PROCPOOL_MPI_STREAMS=mpi`), through rank 0's thread.
+//! MPI carries the control messages (start, kill, a task's timeout,
+//! ended, stop). Each worker's stream goes over TCP (`tcp.rs`): the
+//! worker reads its tasks straight from the engine's stream (its rank
+//! hands it over in an ADOPT frame), and writes each result to its rank,
+//! which writes them on the stream in batches and keeps the stream open
+//! past the worker's death, so that no result written is lost. MPI gives
+//! no fd to sleep on, so a thread that waits for MPI messages must poll;
+//! with the streams on sockets, no task waits for such a thread, and the
+//! threads that poll MPI do so once a millisecond. A rank that cannot
+//! reach rank 0 over TCP relays the stream in MPI messages instead (as
+//! does every rank under `PROCPOOL_MPI_STREAMS=mpi`), through rank 0's
+//! thread.
 //!
 //! Why the streams are not MPI messages: measured on the project's 2-core
 //! VM over two simulated hosts, an `apply` took 110-135 us relayed
-//! through two threads that poll MPI, and 35-55 us over TCP (a bare MPI
-//! round trip there: 11-16 us).
+//! through two threads that poll MPI, 40-50 us relayed by the rank over
+//! TCP, and 33-36 us with the worker reading its tasks from TCP itself (a
+//! bare MPI round trip there: 10-15 us). Results written on TCP by the
+//! worker itself made `apply_async` 2-3x slower than locally: one segment
+//! per result, which the rank's batches avoid.
 //!
 //! So a rank keeps a local pool's guarantees: a task that crashes ends
 //! only its worker (`WorkerLost` names the rank), a timeout or a cancel

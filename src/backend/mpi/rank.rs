@@ -2,14 +2,16 @@
 //! own fork server (started by exec before MPI was initialised in this
 //! process, without the launcher's variables), which forks the rank's
 //! workers; so a task that crashes ends only its worker, as in a local
-//! pool. The rank's "procpool-mpi" thread moves each worker's stream
-//! between its socket and rank 0 (over a TCP stream it connects to rank 0,
-//! see `tcp`, or else in MPI messages), inlining a result that the worker
-//! put in a shared-memory block; keeps the timeouts of the tasks it relays
-//! on this host's clock; and reports each worker's end with its real wait
-//! status and the task it had started (from its status words), once all
-//! the worker's output has reached rank 0's host. On STOP it closes its
-//! server (which kills its workers), acknowledges and returns.
+//! pool. The rank's "procpool-mpi" thread connects a TCP stream to rank 0
+//! for each worker (`tcp`) and hands it to the worker (ADOPT), which reads
+//! its tasks from it; the thread writes the worker's results on it,
+//! inlining one that the worker put in a shared-memory block. (Where it
+//! cannot connect, it relays both ways in MPI messages.) It keeps the
+//! timeouts that rank 0 sends for the worker's tasks on this host's clock,
+//! and reports each worker's end with its real wait status and the task it
+//! had started (from its status words), once the worker's last output is
+//! on its way. On STOP it closes its server (which kills its workers),
+//! acknowledges and returns.
 
 use super::tcp::{self, Dial};
 use super::transport::*;
@@ -274,8 +276,8 @@ impl<'c> WorkerRank<'c> {
         self.server.start(local);
     }
 
-    /// Writes the whole frames from rank 0 to the worker, keeping each
-    /// task's timeout (a TIMEOUT frame, which the worker never sees).
+    /// Writes the whole frames that came from rank 0 (over MPI) before the
+    /// worker was up.
     fn relay_tasks(&mut self, i: usize) {
         let h = &mut self.hosted[i];
         let inbuf = std::mem::take(&mut h.inbuf);

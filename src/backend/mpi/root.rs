@@ -9,7 +9,8 @@
 //!   to START a worker for the slot, with where to connect (`tcp`). When
 //!   the rank connects for that slot with the right token, the thread hands
 //!   the TCP stream to the engine (`Started`): tasks and results then pass
-//!   between the engine and the rank with no hop through this thread.
+//!   between the engine and the worker's host with no hop through this
+//!   thread.
 //! - A rank that cannot connect says STARTED over MPI instead (with the
 //!   worker's pid on that host). The thread keeps one end of a stream
 //!   socket pair made at Start and hands the engine the other; while the

@@ -1,6 +1,6 @@
-//! The worker streams' direct path: TCP from the engine's end straight to
-//! the worker's rank, so that tasks and results cross no MPI message and
-//! no thread that polls MPI.
+//! The worker streams' direct path: TCP from the engine's end to the
+//! worker (tasks) and from its rank (results), so that they cross no MPI
+//! message and no thread that polls MPI.
 //!
 //! Rank 0 listens on an ephemeral port of every IPv4 address of its host
 //! ([`Listener`]). Each START it sends carries a [`Dial`]: that port, the
@@ -9,8 +9,9 @@
 //! that answers and says hello: the token, the slot, its rank and the
 //! worker's pid. Rank 0 checks the token and the slot (a stranger's
 //! connection is dropped), acknowledges with one byte, and hands the
-//! socket to the engine as the worker's stream. MPI keeps the control
-//! messages (start, kill, end, stop).
+//! socket to the engine as the worker's stream; the rank hands its end to
+//! the worker (`rank.rs`). MPI keeps the control messages (start, kill,
+//! timeouts, end, stop).
 //!
 //! Where no address answers (a firewall, say), the rank falls back to
 //! relaying the stream in MPI messages, and says so once on stderr.

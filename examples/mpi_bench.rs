@@ -101,15 +101,20 @@ fn main() {
     {
         builder = builder.workers_per_rank(n);
     }
+    // Start-up: from build() (MPI's initialisation included) to the first
+    // result.
+    let t0 = Instant::now();
     let mpi = match builder.build() {
         Ok(pool) => {
+            pool.apply(double, 1).unwrap();
+            let startup = t0.elapsed();
             // Each worker rank hosts workers of its own: the pool's size
             // is theirs together, not the number of ranks.
             let workers = pool.processes();
             let worker_ranks = ranks::world_size().map_or(0, |n| n - 1);
             let n = measure(&pool);
             drop(pool);
-            Some((worker_ranks, workers, n))
+            Some((worker_ranks, workers, n, startup))
         }
         Err(e) => {
             println!("(no MPI pool: {e})");
@@ -117,7 +122,10 @@ fn main() {
         }
     };
     let workers = mpi.as_ref().map_or(2, |m| m.1);
+    let t0 = Instant::now();
     let local = Pool::builder().processes(workers).build().unwrap();
+    local.apply(double, 1).unwrap();
+    let local_startup = t0.elapsed();
     let l = measure(&local);
     drop(local);
     // Give the machine a moment between the runs' teardown and the report.
@@ -126,8 +134,15 @@ fn main() {
         "{:<34} {:>10} {:>14} {:>16} {:>12}",
         "pool", "apply µs", "apply_async/s", "map items/s", "map MiB/s"
     );
-    if let Some((r, w, m)) = &mpi {
+    if let Some((r, w, m, _)) = &mpi {
         row(&format!("MPI, {r} worker ranks, {w} workers"), m);
     }
     row(&format!("local, {workers} processes"), &l);
+    if let Some((_, _, _, startup)) = &mpi {
+        println!(
+            "start-up, build() to the first result: MPI {:.1} ms, local {:.1} ms",
+            startup.as_secs_f64() * 1e3,
+            local_startup.as_secs_f64() * 1e3
+        );
+    }
 }

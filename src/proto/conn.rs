@@ -75,6 +75,7 @@ impl Conn {
     /// Wraps a socket that another process shares in blocking mode (a
     /// worker that reads it): its mode is left alone, and writes ask not to
     /// block. Only for writing, without fds: reads would block.
+    #[cfg(feature = "mpi")]
     pub(crate) fn shared(fd: OwnedFd) -> Conn {
         Conn {
             fd,
@@ -88,6 +89,7 @@ impl Conn {
     }
 
     /// The socket, once nothing more is to be written.
+    #[cfg(feature = "mpi")]
     pub(crate) fn into_fd(self) -> OwnedFd {
         self.fd
     }

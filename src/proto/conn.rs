@@ -123,6 +123,21 @@ impl Conn {
         self.out_pos < self.out.len()
     }
 
+    /// How many bytes wait to be sent.
+    #[cfg(feature = "mpi")]
+    pub(crate) fn pending(&self) -> usize {
+        self.out.len() - self.out_pos
+    }
+
+    /// [`flush`](Self::flush), and whether any byte went (a loop that
+    /// counts a full socket as work would spin).
+    #[cfg(feature = "mpi")]
+    pub(crate) fn flush_some(&mut self) -> (Flushed, bool) {
+        let before = self.pending();
+        let f = self.flush();
+        (f, self.pending() < before)
+    }
+
     /// Drops what waits to be sent (its fds may belong to jobs that are
     /// being dropped).
     pub(crate) fn clear_out(&mut self) {

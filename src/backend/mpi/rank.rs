@@ -329,12 +329,13 @@ impl<'c> WorkerRank<'c> {
                     let h = &mut self.hosted[i];
                     h.pid = pid;
                     h.conn = Some(Conn::new(conn, Vec::new()));
-                    if !self.connect(i) {
-                        let h = &self.hosted[i];
-                        let mut m = header(M_STARTED, h.remote);
-                        m.extend_from_slice(&pid.to_le_bytes());
-                        self.tell(&m);
-                    }
+                    // Rank 0 hands the engine the TCP stream, or the relay,
+                    // as this message says.
+                    let over_tcp = self.connect(i);
+                    let mut m = header(M_STARTED, self.hosted[i].remote);
+                    m.extend_from_slice(&pid.to_le_bytes());
+                    m.push(if over_tcp { STREAM_TCP } else { 0 });
+                    self.tell(&m);
                     self.relay_tasks(i);
                 }
             }
@@ -421,8 +422,9 @@ impl<'c> WorkerRank<'c> {
         let mut active = false;
         let h = &mut self.hosted[i];
         if let Some(conn) = h.conn.as_mut() {
-            active |= conn.has_pending();
-            if conn.flush() != Flushed::Pending && h.eof && !h.shut {
+            let (flushed, moved) = conn.flush_some();
+            active |= moved;
+            if flushed != Flushed::Pending && h.eof && !h.shut {
                 conn.shutdown_write();
                 h.shut = true;
             }
@@ -445,8 +447,9 @@ impl<'c> WorkerRank<'c> {
         let h = &mut self.hosted[i];
         let flushed = match h.up.as_mut() {
             Some(up) => {
-                active |= up.has_pending();
-                up.flush() != Flushed::Pending
+                let (flushed, moved) = up.flush_some();
+                active |= moved;
+                flushed != Flushed::Pending
             }
             None => true,
         };

@@ -27,7 +27,7 @@
 //!   thread tells every rank to STOP, waits for each to acknowledge, and
 //!   returns (MPI is finalised after it).
 
-use super::tcp::{Hello, Listener};
+use super::tcp::Listener;
 use super::transport::*;
 use crate::engine::seam::{End, Event, Progress};
 use crate::proto::conn::{Conn, Flushed};
@@ -134,7 +134,7 @@ impl Progress for Handed {
 /// How long rank 0 waits, after a rank said a worker ended, for the rank to
 /// shut the worker's TCP stream (after its last bytes) before it reports
 /// the end anyway.
-const LAST_BYTES_WAIT: Duration = Duration::from_secs(5);
+const LAST_BYTES_WAIT: Duration = Duration::from_secs(60);
 
 /// The started word of a worker whose tasks rank 0 does not see.
 const UNKNOWN: u64 = u64::MAX;
@@ -173,6 +173,9 @@ struct Session {
     /// A duplicate of that stream, to see the rank shut it after the
     /// worker's last bytes (it is never read here).
     stream: Option<OwnedFd>,
+    /// The TCP stream the rank connected for the worker, and its
+    /// duplicate, until the rank's STARTED says whether the worker took it.
+    tcp: Option<(OwnedFd, OwnedFd)>,
     /// The rank said the worker ended: its wait status, the task it was
     /// killed for running past its timeout (0: none), and when it said so.
     ended: Option<(i32, u64, Instant)>,
@@ -369,6 +372,7 @@ impl<'c> Root<'c> {
                 eof: false,
                 direct: false,
                 stream: None,
+                tcp: None,
                 ended: None,
             },
         );
@@ -389,31 +393,14 @@ impl<'c> Root<'c> {
         let hellos = l.hellos(|slot, rank| {
             sessions
                 .get(&slot)
-                .is_some_and(|s| s.rank == rank && s.theirs.is_some())
+                .is_some_and(|s| s.rank == rank && s.theirs.is_some() && s.tcp.is_none())
         });
         let any = !hellos.is_empty();
-        for Hello {
-            slot,
-            rank,
-            pid,
-            stream,
-        } in hellos
-        {
-            let Some(s) = self.sessions.get_mut(&slot) else {
-                continue;
-            };
-            // The socket pair made for a relay is not needed.
-            s.theirs = None;
-            s.eof = true;
-            s.direct = true;
-            s.stream = stream.try_clone().ok();
-            self.seam.handed.direct(slot);
-            self.report(Event::Started {
-                slot,
-                pid,
-                rank: Some(rank),
-                conn: stream,
-            });
+        for h in hellos {
+            // Kept until the rank says, over MPI, that its worker took it.
+            if let Some(s) = self.sessions.get_mut(&h.slot) {
+                s.tcp = Some((h.stream, h.watch));
+            }
         }
         any
     }
@@ -466,7 +453,35 @@ impl<'c> Root<'c> {
             }
             M_STARTED => {
                 let pid = u32_at(&msg, 5).unwrap_or(0);
-                if let Some(conn) = s.theirs.take() {
+                let over_tcp = msg.get(9) == Some(&STREAM_TCP);
+                let conn = match (over_tcp, s.tcp.take()) {
+                    (true, Some((stream, watch))) => {
+                        // The relay's socket pair is not needed.
+                        s.theirs = None;
+                        s.eof = true;
+                        s.direct = true;
+                        s.stream = Some(watch);
+                        self.seam.handed.direct(slot);
+                        Some(stream)
+                    }
+                    // Its worker reads a stream this side does not have
+                    // (cannot happen: the rank says TCP only once it was
+                    // acknowledged, and it was kept): end the worker.
+                    (true, None) => {
+                        let rank = s.rank;
+                        self.sessions.remove(&slot);
+                        self.hosted[rank] -= 1;
+                        let mut m = header(M_KILL, slot);
+                        m.extend_from_slice(&0u64.to_le_bytes());
+                        self.tell(rank, &m);
+                        let cause = format!("MPI rank {from}: its worker's stream was lost");
+                        self.report(Event::StartFailed { slot, cause });
+                        None
+                    }
+                    // Over MPI: a stream it connected, if any, goes.
+                    (false, _) => s.theirs.take(),
+                };
+                if let Some(conn) = conn {
                     self.report(Event::Started {
                         slot,
                         pid,
@@ -504,8 +519,8 @@ impl<'c> Root<'c> {
         let Some(s) = self.sessions.get_mut(&slot) else {
             return false;
         };
-        let had = s.conn.has_pending();
-        let all_out = s.conn.flush() != Flushed::Pending;
+        let (flushed, had) = s.conn.flush_some();
+        let all_out = flushed != Flushed::Pending;
         let Some((status, timed_out, when)) = s.ended else {
             return had;
         };

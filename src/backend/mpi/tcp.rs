@@ -31,10 +31,17 @@ const TOKEN: usize = 16;
 const HELLO: usize = TOKEN + 12;
 /// What rank 0 answers to a hello it accepts.
 const ACK: u8 = 0xA5;
-/// How long a rank waits to connect to one address, and for the ack.
+/// How long a rank waits to connect to one address.
 const DIAL_WAIT: Duration = Duration::from_secs(2);
-/// How long rank 0 waits for a connection's hello before dropping it.
-const HELLO_WAIT: Duration = Duration::from_secs(10);
+/// How long rank 0 waits for a connection's hello before dropping it...
+const HELLO_WAIT: Duration = Duration::from_secs(5);
+/// ... and a rank for the ack, longer (rank 0 acknowledges in time or
+/// drops the connection, which the rank then sees at once). Either way it
+/// is the rank's STARTED message over MPI that says which way the stream
+/// goes, so the two sides cannot disagree.
+const ACK_WAIT: Duration = Duration::from_secs(10);
+/// How long the listener is left alone after accepting failed.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// At most this many connections wait for their hello at once (a flood of
 /// strangers cannot make rank 0 hold more).
 const MAX_PENDING: usize = 64;
@@ -77,9 +84,10 @@ impl Dial {
 /// A worker's stream, connected and acknowledged.
 pub(super) struct Hello {
     pub(super) slot: usize,
-    pub(super) rank: usize,
-    pub(super) pid: u32,
+    /// The stream, for the engine...
     pub(super) stream: OwnedFd,
+    /// ... and a duplicate, never read, to see the rank shut it.
+    pub(super) watch: OwnedFd,
 }
 
 /// A connection that has not said its hello yet.
@@ -95,6 +103,8 @@ pub(super) struct Listener {
     listener: TcpListener,
     dial: Dial,
     pending: Vec<Pending>,
+    /// Accepting failed: the listener is not watched until then.
+    paused_until: Option<Instant>,
 }
 
 impl Listener {
@@ -118,6 +128,7 @@ impl Listener {
             listener,
             dial: Dial { token, port, addrs },
             pending: Vec::new(),
+            paused_until: None,
         })
     }
 
@@ -128,37 +139,31 @@ impl Listener {
     /// Whether connections wait for their hello (whose deadlines pass
     /// whether or not they are readable).
     pub(super) fn waiting(&self) -> bool {
-        !self.pending.is_empty()
+        !self.pending.is_empty() || self.paused_until.is_some()
     }
 
     /// Adds its sockets to `set` (for reading).
     pub(super) fn watch(&self, set: &mut PollSet) {
-        set.push(self.listener.as_raw_fd(), true, false);
+        if self.paused_until.is_none() {
+            set.push(self.listener.as_raw_fd(), true, false);
+        }
         for p in &self.pending {
             set.push(p.stream.as_raw_fd(), true, false);
         }
     }
 
     /// Accepts what connected and reads what hellos came; each whole one
-    /// that `expected(slot, rank)` accepts is acknowledged and returned.
-    /// A wrong token, a slot not expected from that rank, or a hello that
-    /// is late drops the connection.
+    /// that `expected(slot, rank)` accepts is acknowledged and returned
+    /// (at most one per slot). A wrong token, a slot not expected from that
+    /// rank, or a hello that is late drops the connection; so does the
+    /// oldest waiting one when too many wait.
     pub(super) fn hellos(&mut self, mut expected: impl FnMut(usize, usize) -> bool) -> Vec<Hello> {
         let now = Instant::now();
-        while self.pending.len() < MAX_PENDING {
-            match self.listener.accept() {
-                Ok((stream, _)) if stream.set_nonblocking(true).is_ok() => {
-                    self.pending.push(Pending {
-                        stream,
-                        got: Vec::with_capacity(HELLO),
-                        until: now + HELLO_WAIT,
-                    })
-                }
-                Ok(_) => {}
-                Err(_) => break,
-            }
+        if self.paused_until.is_none_or(|t| t <= now) {
+            self.paused_until = None;
+            self.accept(now);
         }
-        let mut out = Vec::new();
+        let mut out: Vec<Hello> = Vec::new();
         let token = self.dial.token;
         self.pending.retain_mut(|p| {
             let mut buf = [0u8; HELLO];
@@ -173,29 +178,60 @@ impl Listener {
                 return p.until > now;
             }
             let word = |at: usize| u32::from_le_bytes(p.got[at..at + 4].try_into().unwrap());
-            let (slot, rank, pid) = (
-                word(TOKEN) as usize,
-                word(TOKEN + 4) as usize,
-                word(TOKEN + 8),
-            );
-            if p.got[..TOKEN] != token || !expected(slot, rank) {
+            // The pid (at TOKEN + 8) is not needed here: the rank's STARTED
+            // says it.
+            let (slot, rank) = (word(TOKEN) as usize, word(TOKEN + 4) as usize);
+            let again = out.iter().any(|h| h.slot == slot);
+            if p.got[..TOKEN] != token || again || !expected(slot, rank) {
                 return false;
             }
+            // Both fds before the ack: once acknowledged, the rank counts
+            // on the stream.
+            let (Ok(stream), Ok(watch)) = (p.stream.try_clone(), p.stream.try_clone()) else {
+                return false;
+            };
             let _ = p.stream.set_nodelay(true);
             if p.stream.write(&[ACK]).ok() != Some(1) {
                 return false;
             }
-            if let Ok(s) = p.stream.try_clone() {
-                out.push(Hello {
-                    slot,
-                    rank,
-                    pid,
-                    stream: OwnedFd::from(s),
-                });
-            }
+            out.push(Hello {
+                slot,
+                stream: OwnedFd::from(stream),
+                watch: OwnedFd::from(watch),
+            });
             false
         });
         out
+    }
+
+    /// Accepts every connection that waits; the oldest that waits for its
+    /// hello makes room when too many do. If accepting fails (no fd left,
+    /// say), the listener is left alone for a moment (it would stay
+    /// readable, and the caller's poll would spin).
+    fn accept(&mut self, now: Instant) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    if self.pending.len() >= MAX_PENDING {
+                        self.pending.remove(0);
+                    }
+                    self.pending.push(Pending {
+                        stream,
+                        got: Vec::with_capacity(HELLO),
+                        until: now + HELLO_WAIT,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.paused_until = Some(now + ACCEPT_PAUSE);
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -239,7 +275,7 @@ pub(super) fn connect(d: &Dial, slot: usize, rank: usize, pid: u32) -> io::Resul
 fn say_hello(to: SocketAddr, hello: &[u8]) -> io::Result<OwnedFd> {
     let mut s = TcpStream::connect_timeout(&to, DIAL_WAIT)?;
     s.set_nodelay(true)?;
-    s.set_read_timeout(Some(DIAL_WAIT))?;
+    s.set_read_timeout(Some(ACK_WAIT))?;
     s.write_all(hello)?;
     let mut ack = [0u8; 1];
     s.read_exact(&mut ack)?;
@@ -298,7 +334,7 @@ mod tests {
         let got = wait_for_hellos(&mut l, (5, 2));
         let theirs = dialer.join().unwrap().expect("acknowledged");
         assert_eq!(got.len(), 1);
-        assert_eq!((got[0].slot, got[0].rank, got[0].pid), (5, 2, 777));
+        assert_eq!(got[0].slot, 5);
         // The two ends are one stream.
         let mut ours = TcpStream::from(theirs);
         ours.write_all(b"task").unwrap();
@@ -307,6 +343,30 @@ mod tests {
         let mut b = [0u8; 4];
         engine.read_exact(&mut b).unwrap();
         assert_eq!(&b, b"task");
+    }
+
+    #[test]
+    fn one_stream_per_slot_and_a_flood_of_silent_connections_keeps_no_rank_out() {
+        let mut l = Listener::open().unwrap();
+        let at = SocketAddr::from((Ipv4Addr::LOCALHOST, l.dial().port));
+        // More strangers than may wait, connected and silent.
+        let strangers: Vec<TcpStream> = (0..MAX_PENDING + 6)
+            .map(|_| TcpStream::connect(at).unwrap())
+            .collect();
+        let d = l.dial().clone();
+        let (d1, d2) = (d.clone(), d);
+        let a = std::thread::spawn(move || connect(&d1, 5, 2, 1));
+        let b = std::thread::spawn(move || connect(&d2, 5, 2, 1));
+        let mut got = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !(a.is_finished() && b.is_finished()) && Instant::now() < deadline {
+            got += l.hellos(|s, r| (s, r) == (5, 2) && got == 0).len();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let ok = [a.join().unwrap().is_ok(), b.join().unwrap().is_ok()];
+        assert_eq!(got, 1, "one stream for slot 5");
+        assert_eq!(ok.iter().filter(|&&o| o).count(), 1, "{ok:?}");
+        drop(strangers);
     }
 
     #[test]

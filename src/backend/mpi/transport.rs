@@ -41,8 +41,12 @@ pub(super) const M_STOP: u8 = 5;
 pub(super) const M_ENDED: u8 = 6;
 /// A worker rank to rank 0: STOP received; nothing follows.
 pub(super) const M_STOP_ACK: u8 = 7;
-/// A worker rank to rank 0: the worker is up (4 bytes: its pid).
+/// A worker rank to rank 0: the worker is up (4 bytes: its pid; 1 byte:
+/// [`STREAM_TCP`] if it took the TCP stream the rank connected, else its
+/// stream goes in MPI messages).
 pub(super) const M_STARTED: u8 = 8;
+/// In a STARTED message: the worker's stream is the TCP one.
+pub(super) const STREAM_TCP: u8 = 1;
 /// A worker rank to rank 0: the worker could not be started (the rest:
 /// why, in UTF-8).
 pub(super) const M_START_FAILED: u8 = 9;

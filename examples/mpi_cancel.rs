@@ -34,6 +34,108 @@ fn double(x: u64) -> u64 {
     x * 2
 }
 
+/// Creates the file at `path` and returns at once: a short task, which
+/// the pool sends to a busy worker, to run after what it runs.
+fn touch(path: String) -> bool {
+    std::fs::File::create(&path).is_ok()
+}
+
+/// Creates the file at `path`, then sleeps `ms`: quick by what the pool
+/// learns of it (it is warmed up with 0 ms), so that a worker that runs
+/// a long one is still sent short tasks.
+fn pause((path, ms): (String, u64)) -> bool {
+    let made = touch(path);
+    std::thread::sleep(Duration::from_millis(ms));
+    made
+}
+
+/// A task sent to a busy worker and cancelled before it starts never runs:
+/// the worker's rank is told to skip it. Every worker runs a `pause`,
+/// which the pool takes for a quick task (the first one is short, the
+/// others 6 s); `touch` tasks wait in the pool, and when the short pause
+/// ends, the pool tops up every busy worker with them. Once no more of
+/// them finish, those still pending wait behind a pause on their worker:
+/// one of them is cancelled, and must not leave its file.
+fn a_queued_task_never_runs(pool: &procpool::Pool, dir: &MarkerDir) -> Result<(), String> {
+    for i in 0..50 {
+        // The pool learns that `touch` and `pause` are short.
+        pool.apply(touch, dir.file(&format!("warm-{i}")))
+            .map_err(|e| e.to_string())?;
+        pool.apply(pause, (dir.file(&format!("warm-pause-{i}")), 0))
+            .map_err(|e| e.to_string())?;
+    }
+    let n = pool.processes();
+    // One at a time, each once the last runs: each goes to an idle worker
+    // (a quick task for a busy one could wait behind the last).
+    let mut blockers = Vec::new();
+    for i in 0..n {
+        let ms = if i == 0 { 300 } else { 6_000 };
+        let path = dir.file(&format!("block-{i}"));
+        let r = pool
+            .apply_async(pause, (path.clone(), ms))
+            .map_err(|e| e.to_string())?;
+        blockers.push(r);
+        wait_until(BOUND, "a pause runs", || {
+            if std::path::Path::new(&path).exists() {
+                Ok(())
+            } else {
+                Err(format!("{path} not made yet"))
+            }
+        })?;
+    }
+    let queued = (0..40)
+        .map(|i| pool.apply_async(touch, dir.file(&format!("queued-{i}"))))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    // Once the short pause has ended and no more results come, those still
+    // pending wait behind a long pause.
+    let mut blockers = blockers.into_iter();
+    if let Some(short) = blockers.next() {
+        short
+            .get()
+            .map_err(|e| format!("the short pause failed: {e}"))?;
+    }
+    let mut done = usize::MAX;
+    let settle = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < settle {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = queued.iter().filter(|q| q.ready()).count();
+        if now == done {
+            break;
+        }
+        done = now;
+    }
+    let victim = queued.iter().position(|q| !q.ready());
+    if let Some(v) = victim {
+        if !queued[v].cancel() {
+            return Err(format!("cancel() of queued task {v} returned false"));
+        }
+    }
+    for b in blockers {
+        b.get().map_err(|e| format!("a pause failed: {e}"))?;
+    }
+    for (i, q) in queued.into_iter().enumerate() {
+        match (q.get(), Some(i) == victim) {
+            (Err(Error::Cancelled), true) | (Ok(true), false) => {}
+            (other, was) => {
+                return Err(format!("queued task {i} (cancelled: {was}) gave {other:?}"));
+            }
+        }
+    }
+    let Some(v) = victim else {
+        return Err(format!(
+            "no task was still queued once the short pause had ended ({done} of 40 done)"
+        ));
+    };
+    if std::path::Path::new(&dir.file(&format!("queued-{v}"))).exists() {
+        return Err(format!(
+            "queued task {v} was cancelled but ran all the same"
+        ));
+    }
+    println!("a task cancelled while queued behind a running one on its worker never ran");
+    Ok(())
+}
+
 /// Waits for the task's marker: (rank, pid, host) of the worker running it.
 fn running(path: &str) -> Result<(usize, u32, String), String> {
     let deadline = Instant::now() + BOUND;
@@ -123,6 +225,8 @@ fn run() -> Result<(), String> {
     let c = census(&pool, ranks, BOUND)?;
     c.expect_full(ranks, WORKERS_PER_RANK, &format!("{n} cancels at once"))?;
     println!("cancelled {n} running tasks at once (workers {pids:?}); every rank serves on");
+
+    a_queued_task_never_runs(&pool, &dir)?;
 
     // A finished task is not cancelled: its value stands.
     let r = pool.apply_async(double, 21).map_err(|e| e.to_string())?;

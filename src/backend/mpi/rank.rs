@@ -64,6 +64,9 @@ struct Hosted {
     drained: bool,
     /// The timeouts of the tasks relayed to it: (task, ns).
     timeouts: VecDeque<(u64, u64)>,
+    /// Tasks to skip (cancelled before they started), beyond the one in
+    /// its skip word.
+    skips: std::collections::BTreeSet<u64>,
     /// The task this rank had it killed for (past its timeout).
     timed_out: u64,
     /// Its fork server reported its end: the wait status.
@@ -139,6 +142,7 @@ impl<'c> WorkerRank<'c> {
                 active |= self.serve(i);
             }
             self.check_timeouts();
+            self.advance_skips();
             if active {
                 idle.reset();
                 continue;
@@ -233,6 +237,13 @@ impl<'c> WorkerRank<'c> {
                     self.hosted[i].eof = true;
                 }
             }
+            M_SKIP => {
+                if let Some(i) = self.find(remote) {
+                    let task = u64_at(msg, 5).unwrap_or(0);
+                    self.hosted[i].skips.insert(task);
+                    self.advance_skips();
+                }
+            }
             M_TIMEOUT => {
                 let (task, ns) = (u64_at(msg, 5).unwrap_or(0), u64_at(msg, 13).unwrap_or(0));
                 if let Some(i) = self.find(remote) {
@@ -270,6 +281,7 @@ impl<'c> WorkerRank<'c> {
             shut: false,
             drained: false,
             timeouts: VecDeque::new(),
+            skips: std::collections::BTreeSet::new(),
             timed_out: 0,
             ended: None,
         });
@@ -476,6 +488,26 @@ impl<'c> WorkerRank<'c> {
             active = true;
         }
         active
+    }
+
+    /// Moves each worker's skip word on to the next task to skip, once the
+    /// worker is past the one it holds (it finished it, skipped or not, or
+    /// started a later one: before that, it may be just reading the word).
+    fn advance_skips(&mut self) {
+        for h in self.hosted.iter_mut().filter(|h| !h.skips.is_empty()) {
+            let st = self.words.status(h.local);
+            let started = st.started.load(Ordering::SeqCst);
+            let current = st.skip.load(Ordering::SeqCst);
+            let past =
+                current == 0 || current < started || st.finished.load(Ordering::SeqCst) >= current;
+            // Those it has reached are running or done: a kill covers them.
+            h.skips.retain(|&t| t > started);
+            if past {
+                if let Some(next) = h.skips.pop_first() {
+                    st.skip.store(next, Ordering::SeqCst);
+                }
+            }
+        }
     }
 
     /// Kills a worker whose task ran past its timeout, counted from the

@@ -31,15 +31,15 @@ use super::tcp::Listener;
 use super::transport::*;
 use crate::engine::seam::{End, Event, Progress};
 use crate::proto::conn::{Conn, Flushed};
-use crate::proto::wire::{self, Frame};
+use crate::proto::wire::Frame;
 use crate::sys::{self, PollSet};
 use mpi::topology::SimpleCommunicator;
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 /// What the engine asks of rank 0's thread.
@@ -57,48 +57,53 @@ pub(super) enum Command {
     },
 }
 
-/// How far each slot's worker got, as rank 0 knows it: the last task
-/// handed to its rank (a task handed over counts as started while it
-/// runs), replaced by the worker's own word when its rank reports its end.
-/// A worker whose stream goes straight to the engine (over TCP) is
-/// [`UNKNOWN`]: any task of its may be running, so a cancel asks its rank,
-/// whose fork server kills it only if it runs that very task.
+/// How far each slot's worker got, as rank 0 knows it: nothing while it
+/// runs (its status words are on its rank's host), then the worker's own
+/// word when its rank reports its end. So while it runs, none of its tasks
+/// counts as started and any may be running: a cancel does both what it
+/// does for a task not started (the skip word, which this thread sends on
+/// to the rank, which keeps a list of them and moves the worker's word on
+/// as the worker passes each) and for one that runs (a kill, which the
+/// rank's fork server carries out only if the worker runs that very
+/// task).
 pub(super) struct Handed {
-    /// Per slot: the task, and when it was handed over (monotonic ns).
+    /// Per slot: the worker's started word, once it ended.
     seq: Vec<AtomicU64>,
-    at_ns: Vec<AtomicU64>,
-    skip: Vec<AtomicU64>,
+    /// Whether the slot's worker runs (its tasks are out of sight).
+    blind: Vec<AtomicBool>,
+    /// Skips for running workers, for this thread to send on to their
+    /// ranks.
+    skips: Mutex<Vec<(usize, u64)>>,
 }
 
 impl Handed {
     pub(super) fn new(slots: usize) -> Handed {
-        let words = || (0..slots).map(|_| AtomicU64::new(0)).collect();
         Handed {
-            seq: words(),
-            at_ns: words(),
-            skip: words(),
+            seq: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+            blind: (0..slots).map(|_| AtomicBool::new(false)).collect(),
+            skips: Mutex::new(Vec::new()),
         }
     }
 
     fn reset(&self, slot: usize) {
         self.seq[slot].store(0, Ordering::SeqCst);
-        self.at_ns[slot].store(0, Ordering::SeqCst);
-        self.skip[slot].store(0, Ordering::SeqCst);
+        self.blind[slot].store(false, Ordering::SeqCst);
     }
 
-    /// The worker's tasks pass this thread by.
-    fn direct(&self, slot: usize) {
-        self.seq[slot].store(UNKNOWN, Ordering::SeqCst);
+    /// The worker is up: what it runs is out of sight until it ends.
+    fn started_up(&self, slot: usize) {
+        self.blind[slot].store(true, Ordering::SeqCst);
     }
 
-    fn hand(&self, slot: usize, seq: u64) {
-        self.at_ns[slot].store(sys::monotonic_ns(), Ordering::SeqCst);
-        self.seq[slot].store(seq, Ordering::SeqCst);
+    /// The skips set since the last call.
+    fn take_skips(&self) -> Vec<(usize, u64)> {
+        std::mem::take(&mut *self.skips.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// The worker's own word, from its rank, once it ended.
     fn ended_at(&self, slot: usize, started: u64) {
         self.seq[slot].store(started, Ordering::SeqCst);
+        self.blind[slot].store(false, Ordering::SeqCst);
     }
 }
 
@@ -106,22 +111,23 @@ impl Progress for Handed {
     fn started(&self, slot: usize) -> u64 {
         self.seq[slot].load(Ordering::SeqCst)
     }
-    fn started_at_ns(&self, slot: usize) -> u64 {
-        self.at_ns[slot].load(Ordering::SeqCst)
+    /// Not known here (the engine keeps no deadline of an MPI pool's
+    /// tasks: their ranks do).
+    fn started_at_ns(&self, _slot: usize) -> u64 {
+        0
     }
-    /// A task handed over runs until its result comes back (the rank's fork
-    /// server checks, before a kill for one task, that it really runs it).
     fn running(&self, slot: usize, seq: u64) -> bool {
-        let started = self.started(slot);
-        started == seq || started == UNKNOWN
+        self.blind[slot].load(Ordering::SeqCst) || self.started(slot) == seq
     }
-    fn skip(&self, slot: usize) -> u64 {
-        self.skip[slot].load(Ordering::SeqCst)
+    /// Always free: the rank keeps a list.
+    fn skip(&self, _slot: usize) -> u64 {
+        0
     }
-    /// Noted, though a rank never sees it: every task is handed over as it
-    /// is sent (the engine drops a cancelled task's result).
     fn set_skip(&self, slot: usize, seq: u64) {
-        self.skip[slot].store(seq, Ordering::SeqCst);
+        if self.blind[slot].load(Ordering::SeqCst) {
+            let mut skips = self.skips.lock().unwrap_or_else(|e| e.into_inner());
+            skips.push((slot, seq));
+        }
     }
     fn item_cpu(&self, _slot: usize) -> u64 {
         0
@@ -135,9 +141,6 @@ impl Progress for Handed {
 /// shut the worker's TCP stream (after its last bytes) before it reports
 /// the end anyway.
 const LAST_BYTES_WAIT: Duration = Duration::from_secs(60);
-
-/// The started word of a worker whose tasks rank 0 does not see.
-const UNKNOWN: u64 = u64::MAX;
 
 /// Rank 0's ends of the seam.
 pub(super) struct Seam {
@@ -300,6 +303,16 @@ impl<'c> Root<'c> {
     /// channel (the pool is finished).
     fn commands(&mut self) -> Option<bool> {
         let mut active = false;
+        // Skips first: a kill for the same task may follow, and the rank
+        // should have the skip by then.
+        for (slot, task) in self.seam.handed.take_skips() {
+            if let Some(rank) = self.sessions.get(&slot).map(|s| s.rank) {
+                let mut m = header(M_SKIP, slot);
+                m.extend_from_slice(&task.to_le_bytes());
+                self.tell(rank, &m);
+                active = true;
+            }
+        }
         loop {
             match self.seam.commands.try_recv() {
                 Ok(Command::Start(slot)) => self.spawn(slot),
@@ -421,9 +434,6 @@ impl<'c> Root<'c> {
         self.msg.extend_from_slice(&header(M_DATA, slot));
         let mut pos = 0;
         while let Some(f) = Frame::parse(&s.conn.inbuf, pos) {
-            if f.header.kind == wire::TASK {
-                self.seam.handed.hand(slot, f.header.seq);
-            }
             self.msg.extend_from_slice(&s.conn.inbuf[f.at..f.end]);
             pos = f.end;
             if self.msg.len() >= CHUNK {
@@ -461,7 +471,6 @@ impl<'c> Root<'c> {
                         s.eof = true;
                         s.direct = true;
                         s.stream = Some(watch);
-                        self.seam.handed.direct(slot);
                         Some(stream)
                     }
                     // Its worker reads a stream this side does not have
@@ -482,6 +491,7 @@ impl<'c> Root<'c> {
                     (false, _) => s.theirs.take(),
                 };
                 if let Some(conn) = conn {
+                    self.seam.handed.started_up(slot);
                     self.report(Event::Started {
                         slot,
                         pid,

@@ -58,6 +58,9 @@ pub(super) const M_KILL_REFUSED: u8 = 10;
 /// own clock from the task's start there (8 bytes: the task; 8: the limit
 /// in ns).
 pub(super) const M_TIMEOUT: u8 = 11;
+/// Rank 0 to a worker rank: the worker must skip this task, cancelled
+/// before it started (8 bytes: the task), through its skip word.
+pub(super) const M_SKIP: u8 = 12;
 
 /// The status in an ENDED message when the rank's fork server itself was
 /// lost: its workers died with it, and no wait status was seen.

@@ -78,6 +78,22 @@ pub(crate) fn try_reap_any() -> Option<(libc::pid_t, i32)> {
 }
 
 /// Waits for (and reaps) one specific child; returns its raw wait status.
+/// Whether process `pid` exists and is a child of this process (a child
+/// that has exited but is not yet released by the kernel counts): its
+/// `/proc` entry names this process as its parent.
+pub(crate) fn is_our_child(pid: libc::pid_t) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "pid (comm) state ppid ...": comm may hold spaces and parentheses,
+    // so the fields are counted from the last ')'.
+    let ppid = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+        .and_then(|p| p.parse::<u32>().ok());
+    ppid == Some(std::process::id())
+}
+
 pub(crate) fn reap(pid: libc::pid_t) -> io::Result<i32> {
     let mut status = 0;
     loop {
@@ -202,5 +218,24 @@ pub(crate) fn fork_generation() -> u64 {
         // No handler (pthread_atfork failed): the pid tells a child apart.
         // SAFETY: getpid has no preconditions.
         u64::from(unsafe { libc::getpid() } as u32) << 32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_is_ours_until_it_is_reaped() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as libc::pid_t;
+        assert!(is_our_child(pid));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!is_our_child(pid), "reaped: gone");
+        assert!(!is_our_child(1), "init is nobody's child here");
     }
 }

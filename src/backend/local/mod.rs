@@ -212,10 +212,20 @@ impl Backend for Local {
 
     /// Waits for the server to end. Never waits for a server that has
     /// ended: one reaped by another (the kernel, when this process ignores
-    /// SIGCHLD) is `ECHILD`, and counts as gone.
+    /// SIGCHLD) is `ECHILD`, and counts as gone. The kernel wakes the
+    /// waiter of such a child a moment before it drops it from this
+    /// process's children, so then this waits (briefly, and at most a
+    /// second) until it is gone from them too: once `join` returns, no
+    /// process of the pool's is left.
     fn wait(mut self: Box<Self>) -> String {
         self.close();
         let status = sys::reap(self.pid).ok().map(ExitStatus::from_raw);
+        if status.is_none() {
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            while sys::is_our_child(self.pid) && std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        }
         exit_reason(self.what(), status)
     }
 }

@@ -192,6 +192,9 @@ impl<'c> WorkerRank<'c> {
     /// Reads the TCP streams of ended workers until the engine closes its
     /// end (or their deadline passes), throwing the bytes away.
     fn linger(&mut self) {
+        if self.lingering.is_empty() {
+            return;
+        }
         let now = Instant::now();
         let mut scratch = [0u8; 16 << 10];
         self.lingering.retain(|(fd, until)| {

@@ -1,24 +1,24 @@
 //! Rank 0's "procpool-mpi" thread: the far side of the engine's seam.
 //!
-//! The engine sends [`Command`]s (start a worker in a slot, kill one) on a
-//! channel and wakes this thread through an eventfd; this thread answers
+//! The engine sends [`Command`]s (start a worker in a slot, kill one, a
+//! task's timeout) on a channel and wakes this thread through an eventfd; this thread answers
 //! with the engine's typed events (`engine::seam::Event`) on another
 //! channel, and wakes the engine through a second eventfd.
 //! - Start(slot): the thread picks the worker rank that hosts the fewest
 //!   workers (each hosts at most its share, `workers_per_rank`) and tells it
-//!   to START a worker for the slot, with where to connect (`tcp`). When
-//!   the rank connects for that slot with the right token, the thread hands
-//!   the TCP stream to the engine (`Started`): tasks and results then pass
-//!   between the engine and the worker's host with no hop through this
-//!   thread.
-//! - A rank that cannot connect says STARTED over MPI instead (with the
-//!   worker's pid on that host). The thread keeps one end of a stream
-//!   socket pair made at Start and hands the engine the other; while the
-//!   worker runs, it moves bytes both ways between its end and MPI
-//!   messages to and from the rank, and notes each task it hands over
-//!   ([`Handed`]).
-//! - Kill: sent on to the rank, whose fork server kills the worker (for one
-//!   task: only while it runs that task; else `KillRefused`).
+//!   to START a worker for the slot, with where to connect (`tcp`). The
+//!   rank connects for that slot with the right token, and the thread
+//!   keeps the stream. The rank's STARTED (the worker's pid on that host,
+//!   and whether the worker took the stream) decides what the engine gets
+//!   (`Started`): that TCP stream, over which tasks and results then pass
+//!   with no hop through this thread; or, if the rank could not connect,
+//!   the other end of a stream socket pair made at Start, between whose
+//!   first end and MPI messages to and from the rank this thread moves the
+//!   bytes while the worker runs.
+//! - Kill, a task's timeout, and a skip (a cancel, through [`Handed`]):
+//!   sent on to the rank, whose fork server kills the worker (for one
+//!   task: only while it runs that task; else `KillRefused`) and which
+//!   times and skips the worker's tasks.
 //! - ENDED from the rank (a real wait status, the task the worker had
 //!   started by its own status words, and the task it was killed for, if a
 //!   timeout): once the worker's last output is in the engine's socket, the
@@ -171,9 +171,8 @@ struct Session {
     /// The engine closed its side (the worker retires), or has the TCP
     /// stream itself: nothing to read from `conn`.
     eof: bool,
-    /// The engine has the worker's TCP stream: no bytes pass this thread.
-    direct: bool,
-    /// A duplicate of that stream, to see the rank shut it after the
+    /// When the engine has the worker's TCP stream (and no bytes pass this
+    /// thread), a duplicate of it, to see the rank shut it after the
     /// worker's last bytes (it is never read here).
     stream: Option<OwnedFd>,
     /// The TCP stream the rank connected for the worker, and its
@@ -237,7 +236,7 @@ impl<'c> Root<'c> {
             polled.push(self.seam.wake_me.as_raw_fd(), true, false);
             let mut relaying = false;
             for (&slot, s) in self.sessions.iter() {
-                relaying |= !s.direct && s.theirs.is_none();
+                relaying |= s.stream.is_none() && s.theirs.is_none();
                 let (read, write) = (!s.eof && s.theirs.is_none(), s.conn.has_pending());
                 // A socket polled for nothing would still wake the poll on a
                 // hang-up, again and again.
@@ -383,7 +382,6 @@ impl<'c> Root<'c> {
                 conn: Conn::new(mine, Vec::new()),
                 theirs: Some(theirs),
                 eof: false,
-                direct: false,
                 stream: None,
                 tcp: None,
                 ended: None,
@@ -396,8 +394,8 @@ impl<'c> Root<'c> {
         self.tell(rank, &m);
     }
 
-    /// Takes the TCP streams that ranks connected for their workers, and
-    /// hands each to the engine. Returns whether one came.
+    /// Takes the TCP streams that ranks connected for their workers, each
+    /// kept until its rank's STARTED. Returns whether one came.
     fn accept_streams(&mut self) -> bool {
         let Some(l) = self.listener.as_mut() else {
             return false;
@@ -469,7 +467,6 @@ impl<'c> Root<'c> {
                         // The relay's socket pair is not needed.
                         s.theirs = None;
                         s.eof = true;
-                        s.direct = true;
                         s.stream = Some(watch);
                         Some(stream)
                     }

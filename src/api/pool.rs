@@ -654,35 +654,37 @@ fn encode_arg<A: Serialize>(
     let mut v = Vec::new();
     let mut shared = Vec::new();
     let Some(cache) = cache else {
-        return match shared_buf::encoding(mode, &mut shared, || codec::encode_to(arg, &mut v)) {
-            Ok(()) if shared.len() > shared_buf::max_per_task() => {
-                Err(shared_buf::too_many(shared.len()))
-            }
-            Ok(()) => Ok((Body::Heap(v), shared)),
-            Err(source) => Err(Error::Encode {
-                what: "argument",
-                source,
-            }),
-        };
+        let encoded = shared_buf::encoding(mode, &mut shared, || codec::encode_to(arg, &mut v));
+        arg_encoded(encoded, &shared)?;
+        return Ok((Body::Heap(v), shared));
     };
     let mut w = Spill::new(&mut v, Target::Cache(cache));
     let encoded = shared_buf::encoding(mode, &mut shared, || codec::encode_to(arg, &mut w));
-    if let Err(source) = encoded {
+    if let Err(e) = arg_encoded(encoded, &shared) {
         w.discard();
-        return Err(Error::Encode {
-            what: "argument",
-            source,
-        });
-    }
-    if !shared.is_empty() && shared.len() > shared_buf::max_per_task() {
-        w.discard();
-        return Err(shared_buf::too_many(shared.len()));
+        return Err(e);
     }
     match w.finish() {
         Ok((Some((b, n)), _)) => Ok((Body::Shm(b, n), shared)),
         Ok((None, _)) => Ok((Body::Heap(v), shared)),
         Err(e) => Err(Error::io("making a shared-memory block", e)),
     }
+}
+
+/// Whether an argument's encoding went well: no codec error, and no more
+/// `SharedBuf`s than a task may carry.
+fn arg_encoded(
+    encoded: std::result::Result<(), crate::CodecError>,
+    shared: &[Region],
+) -> Result<()> {
+    encoded.map_err(|source| Error::Encode {
+        what: "argument",
+        source,
+    })?;
+    if shared.len() > shared_buf::max_per_task() {
+        return Err(shared_buf::too_many(shared.len()));
+    }
+    Ok(())
 }
 
 /// Encodes the items of one chunk, with the `SharedBuf`s they moved out.

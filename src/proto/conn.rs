@@ -61,6 +61,10 @@ impl Conn {
     /// Wraps a socket (made non-blocking here) with `out` already queued.
     pub(crate) fn new(fd: OwnedFd, out: Vec<u8>) -> Conn {
         let _ = sys::set_nonblocking(&fd);
+        Conn::with(fd, out, false)
+    }
+
+    fn with(fd: OwnedFd, out: Vec<u8>, nowait: bool) -> Conn {
         Conn {
             fd,
             out,
@@ -68,7 +72,7 @@ impl Conn {
             out_fds: VecDeque::new(),
             inbuf: Vec::new(),
             in_fds: VecDeque::new(),
-            nowait: false,
+            nowait,
         }
     }
 
@@ -77,15 +81,7 @@ impl Conn {
     /// block. Only for writing, without fds: reads would block.
     #[cfg(feature = "mpi")]
     pub(crate) fn shared(fd: OwnedFd) -> Conn {
-        Conn {
-            fd,
-            out: Vec::new(),
-            out_pos: 0,
-            out_fds: VecDeque::new(),
-            inbuf: Vec::new(),
-            in_fds: VecDeque::new(),
-            nowait: true,
-        }
+        Conn::with(fd, Vec::new(), true)
     }
 
     /// The socket, once nothing more is to be written.

@@ -34,20 +34,19 @@ pub(crate) fn wait_readable(fd: RawFd, timeout: std::time::Duration) -> io::Resu
 /// socket hung up, or failed). Reads nothing.
 #[cfg(feature = "mpi")]
 pub(crate) fn peer_shut_now(fd: RawFd) -> bool {
-    let mut p = [libc::pollfd {
-        fd,
-        events: libc::POLLRDHUP,
-        revents: 0,
-    }];
-    matches!(poll(&mut p, 0), Ok(n) if n > 0)
+    matches!(poll_one(fd, libc::POLLRDHUP, 0), Ok(n) if n > 0)
 }
 
 /// [`poll`] of one fd for reading (no allocation: the worker's idle spin
 /// calls it in a loop).
 fn poll_in(fd: RawFd, timeout_ms: i32) -> io::Result<usize> {
+    poll_one(fd, libc::POLLIN, timeout_ms)
+}
+
+fn poll_one(fd: RawFd, events: libc::c_short, timeout_ms: i32) -> io::Result<usize> {
     let mut p = [libc::pollfd {
         fd,
-        events: libc::POLLIN,
+        events,
         revents: 0,
     }];
     poll(&mut p, timeout_ms)
@@ -89,6 +88,10 @@ impl PollSet {
         if write {
             events |= libc::POLLOUT;
         }
+        self.push_events(fd, events)
+    }
+
+    fn push_events(&mut self, fd: RawFd, events: libc::c_short) -> usize {
         self.fds.push(libc::pollfd {
             fd,
             events,
@@ -101,12 +104,7 @@ impl PollSet {
     /// side (see [`peer_shut_now`]); returns its index.
     #[cfg(feature = "mpi")]
     pub(crate) fn push_peer_shut(&mut self, fd: RawFd) -> usize {
-        self.fds.push(libc::pollfd {
-            fd,
-            events: libc::POLLRDHUP,
-            revents: 0,
-        });
-        self.fds.len() - 1
+        self.push_events(fd, libc::POLLRDHUP)
     }
 
     /// Waits until an fd of the set is ready, at most `timeout_ms`

@@ -1,7 +1,9 @@
-//! A pool's life over MPI (feature `mpi`), as on one machine: workers
-//! retire after `max_tasks_per_child` tasks and are replaced on their rank,
-//! large items stream both ways through `imap_unordered`, and `terminate`
-//! with tasks running fails them all at once and ends the job cleanly.
+//! A pool's life over MPI (feature `mpi`), as on one machine: every worker
+//! runs the initializer (replacements too), and none sees the MPI
+//! launcher's variables; workers retire after `max_tasks_per_child` tasks
+//! and are replaced on their rank, large items stream both ways through
+//! `imap_unordered`, and `terminate` with tasks running fails them all at
+//! once and ends the job cleanly.
 //!
 //! ```text
 //! mpirun -n 3 target/release/examples/mpi_lifecycle
@@ -15,7 +17,29 @@ mod ranks;
 use procpool::{Error, Pool};
 use ranks::{WORKERS_PER_RANK, Who, whoami};
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+/// Set by the initializer in each worker.
+static INITIALISED: AtomicU64 = AtomicU64::new(0);
+
+fn init(tag: u64) {
+    INITIALISED.store(tag, Ordering::SeqCst);
+}
+
+/// What the initializer set in this worker, and the MPI launcher's
+/// variables in its environment (there must be none: a worker must not look
+/// like a rank to an MPI library that a task loads).
+fn inspect(_: ()) -> (u64, Vec<String>) {
+    let launcher = std::env::vars()
+        .map(|(k, _)| k)
+        .filter(|k| ["OMPI_", "PMIX_", "PMI_"].iter().any(|p| k.starts_with(p)))
+        .collect();
+    (INITIALISED.load(Ordering::SeqCst), launcher)
+}
+
+/// The initializer's tag.
+const TAG: u64 = 0x5eed;
 
 /// Each worker runs at most this many tasks.
 const MAX_TASKS: u64 = 3;
@@ -27,6 +51,25 @@ fn echo_sum(v: Vec<u32>) -> (u64, Vec<u32>) {
 fn sleep_ms(ms: u64) -> u64 {
     std::thread::sleep(Duration::from_millis(ms));
     ms
+}
+
+/// Twenty tasks see the initializer's tag and no launcher variable.
+fn inspected(pool: &Pool) -> Result<(), String> {
+    let seen = pool.map(inspect, vec![(); 20]).map_err(|e| e.to_string())?;
+    for (tag, launcher) in seen {
+        if tag != TAG {
+            return Err(format!(
+                "a worker ran without the initializer (tag {tag:#x})"
+            ));
+        }
+        if !launcher.is_empty() {
+            return Err(format!(
+                "a worker sees the launcher's variables {launcher:?}"
+            ));
+        }
+    }
+    println!("20 tasks saw the initializer's tag and no launcher variable");
+    Ok(())
 }
 
 /// Every worker ran at most MAX_TASKS tasks, and retired workers were
@@ -108,10 +151,14 @@ fn run() -> Result<(), String> {
         .mpi()
         .workers_per_rank(WORKERS_PER_RANK)
         .max_tasks_per_child(MAX_TASKS)
+        .initializer(init, TAG)
         .build()
         .map_err(|e| e.to_string())?;
     let ranks = ranks::world_size()?;
+    inspected(&pool)?;
     recycles(&pool, ranks)?;
+    // The workers that replaced the retired ones ran it too.
+    inspected(&pool)?;
     streams(&pool)?;
     terminates(&pool)?;
     pool.join().map_err(|e| e.to_string())?;

@@ -36,6 +36,7 @@
 //! | CPU per task | the parent reads the worker's CPU clock | `RLIMIT_CPU` counts the whole process and cannot be raised again |
 //! | open files | `RLIMIT_NOFILE`, set above what is open plus a reserve for the pool's blocks | |
 //! | file size | `RLIMIT_FSIZE` (`SIGXFSZ` names it); the worker never makes a block past it, and sends a result that big through its socket instead | `ftruncate` on a memfd past `RLIMIT_FSIZE` fails (and raises `SIGXFSZ`) |
+//! | no set-user-ID or set-group-ID file | seccomp admits `open`, `openat`, `creat`, `mkdir`, `mkdirat`, `mknod`, `mknodat` and `fchmod` only with a mode free of `S_ISUID` and `S_ISGID` (`mknod` only for FIFOs and regular files); `openat2`, whose mode lies in memory where a filter cannot read it, answers `ENOSYS` (glibc falls back to `openat`); `chmod` by path is denied | a task of a program run as root would otherwise leave a root-owned set-user-ID program of its own making on the host |
 //! | workers apart | status words a page per worker, each worker unmapping the others and closing their memfd; blocks never reused, sealed | Landlock's signal and ptrace scoping keeps a worker from signalling or tracing another |
 //!
 //! What the table leaves out:
@@ -49,7 +50,7 @@
 //! - **Capabilities are dropped** because a program run as root (CI runs
 //!   so) would otherwise leave its workers every one.
 //! - **Two seccomp filters**: `seccompiler` gives one action per filter,
-//!   so `clone3`'s `ENOSYS` needs a filter of its own (the kernel takes the
+//!   so the `ENOSYS` of `clone3` and `openat2` needs a filter of its own (the kernel takes the
 //!   most restrictive action of all filters; between two errnos, the later
 //!   filter's).
 //! - **Each worker builds its own Landlock ruleset** (a few
@@ -462,7 +463,7 @@ impl Prepared {
 
     /// Restricts this process with Landlock; returns whether every access
     /// right asked for is enforced.
-    fn landlock(&self) -> Result<bool, landlock::RulesetError> {
+    fn landlock(&self) -> Result<bool, String> {
         use landlock::{
             ABI, Access, AccessFs, AccessNet, BitFlags, PathBeneath, PathFd, Ruleset, RulesetAttr,
             RulesetCreatedAttr, RulesetStatus, Scope,
@@ -476,6 +477,7 @@ impl Prepared {
             | AccessFs::MakeDir
             | AccessFs::MakeReg
             | AccessFs::MakeSym
+            | AccessFs::MakeFifo
             | AccessFs::Refer
             | AccessFs::Truncate;
         let mut rules: Vec<(PathBuf, BitFlags<AccessFs>)> = Vec::new();
@@ -487,23 +489,29 @@ impl Prepared {
         for dev in ["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"] {
             rules.push((dev.into(), read | AccessFs::WriteFile));
         }
-        let mut ruleset = Ruleset::default()
-            .handle_access(AccessFs::from_all(abi))?
-            .handle_access(AccessNet::from_all(abi))?
-            .scope(Scope::from_all(abi))?
-            .create()?;
+        // A path that cannot be opened is an error, never skipped: the task
+        // would lose a path it was promised, or the worker one it needs,
+        // with nothing said.
+        let mut opened = Vec::with_capacity(rules.len());
         for (path, access) in rules {
-            let Ok(fd) = PathFd::new(&path) else {
-                continue;
-            };
+            let fd = PathFd::new(&path).map_err(|e| format!("{}: {e}", path.display()))?;
             let access = if path.is_dir() {
                 access
             } else {
                 access & AccessFs::from_file(abi)
             };
-            ruleset = ruleset.add_rule(PathBeneath::new(fd, access))?;
+            opened.push(PathBeneath::new(fd, access));
         }
-        let status = ruleset.restrict_self()?;
+        let restrict = || -> Result<_, landlock::RulesetError> {
+            Ruleset::default()
+                .handle_access(AccessFs::from_all(abi))?
+                .handle_access(AccessNet::from_all(abi))?
+                .scope(Scope::from_all(abi))?
+                .create()?
+                .add_rules(opened.into_iter().map(Ok::<_, landlock::RulesetError>))?
+                .restrict_self()
+        };
+        let status = restrict().map_err(|e| e.to_string())?;
         Ok(status.ruleset == RulesetStatus::FullyEnforced)
     }
 }
@@ -532,8 +540,9 @@ fn highest_fd() -> std::io::Result<RawFd> {
 }
 
 /// The seccomp filters: an allow-list (anything it does not name fails
-/// with `EPERM`), and one that makes `clone3` answer `ENOSYS`, so that
-/// glibc creates threads with `clone`, whose flags the allow-list checks.
+/// with `EPERM`), and one that makes `clone3` and `openat2` answer
+/// `ENOSYS` ([`ANSWER_ENOSYS`]), so that glibc falls back to `clone` and
+/// `openat`, whose flags and modes the allow-list checks.
 fn filters() -> Result<Vec<seccompiler::BpfProgram>, seccompiler::BackendError> {
     use seccompiler::{SeccompAction, SeccompFilter, SeccompRule, TargetArch};
     use std::collections::BTreeMap;
@@ -551,19 +560,31 @@ fn filters() -> Result<Vec<seccompiler::BpfProgram>, seccompiler::BackendError> 
         SeccompAction::Allow,
         arch,
     )?;
-    let clone3 = SeccompFilter::new(
-        [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
+    let enosys = SeccompFilter::new(
+        ANSWER_ENOSYS.iter().map(|&nr| (nr, Vec::new())).collect(),
         SeccompAction::Allow,
         SeccompAction::Errno(libc::ENOSYS as u32),
         arch,
     )?;
     // In the order they are installed: the allow-list last, since it
     // denies the calls (`prctl`, `seccomp`) that installing takes.
-    Ok(vec![clone3.try_into()?, allow.try_into()?])
+    Ok(vec![enosys.try_into()?, allow.try_into()?])
 }
 
-/// The calls the allow-list admits only with some arguments (and
-/// `clone3`, admitted here so that the other filter's `ENOSYS` answers it).
+/// The calls that answer `ENOSYS`, so that the C library falls back to
+/// an older call whose arguments a filter can read: `clone3` (its flags
+/// are in memory; `clone`'s are in a register) and `openat2` (its mode is
+/// in memory; `openat`'s is in a register).
+const ANSWER_ENOSYS: &[i64] = &[libc::SYS_clone3, libc::SYS_openat2];
+
+/// The set-user-ID and set-group-ID bits of a file mode: no file a task
+/// makes, or changes the mode of, may carry them (the host would run it
+/// with the file owner's privileges).
+const SET_ID_BITS: u64 = (libc::S_ISUID | libc::S_ISGID) as u64;
+
+/// The calls the allow-list admits only with some arguments (and those of
+/// [`ANSWER_ENOSYS`], admitted here so that the other filter's `ENOSYS`
+/// answers them).
 fn allowed_with_arguments()
 -> Result<Vec<(i64, Vec<seccompiler::SeccompRule>)>, seccompiler::BackendError> {
     use seccompiler::{
@@ -603,14 +624,58 @@ fn allowed_with_arguments()
         libc::FIOCLEX as u64,
         libc::FIONCLEX as u64,
     ];
-    Ok(vec![
+    let mut rules = vec![
         (libc::SYS_clone, clone),
-        (libc::SYS_clone3, Vec::new()),
         (libc::SYS_sendto, sendto),
         (libc::SYS_prlimit64, prlimit),
         (libc::SYS_prctl, one_of(0, prctl.map(|op| op as u64))?),
         (libc::SYS_ioctl, one_of(1, ioctl)?),
-    ])
+    ];
+    // Admitted here so that the other filter's ENOSYS answers them.
+    rules.extend(ANSWER_ENOSYS.iter().map(|&nr| (nr, Vec::new())));
+    rules.extend(mode_rules()?);
+    Ok(rules)
+}
+
+/// The calls that take a file mode, admitted only when the mode carries
+/// no set-user-ID or set-group-ID bit; `mknod` only for FIFOs and regular
+/// files. (`chmod` by path stays out: Landlock does not govern it, and a
+/// task run as root owns the host's files.)
+fn mode_rules() -> Result<Vec<(i64, Vec<seccompiler::SeccompRule>)>, seccompiler::BackendError> {
+    use seccompiler::{
+        SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond, SeccompRule,
+    };
+    // The mode is a 32-bit argument; `arg` is its place in each call.
+    let no_set_id = |arg: u8| Cond::new(arg, Len::Dword, Op::MaskedEq(SET_ID_BITS), 0);
+    let plain = |arg: u8| -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+        Ok(vec![SeccompRule::new(vec![no_set_id(arg)?])?])
+    };
+    let node = |arg: u8| -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+        let kind = |k: libc::mode_t| {
+            Cond::new(arg, Len::Dword, Op::MaskedEq(libc::S_IFMT as u64), k as u64)
+        };
+        Ok(vec![
+            SeccompRule::new(vec![no_set_id(arg)?, kind(libc::S_IFIFO)?])?,
+            SeccompRule::new(vec![no_set_id(arg)?, kind(libc::S_IFREG)?])?,
+        ])
+    };
+    #[allow(unused_mut)]
+    let mut rules = vec![
+        (libc::SYS_openat, plain(3)?),
+        (libc::SYS_mkdirat, plain(2)?),
+        (libc::SYS_mknodat, node(2)?),
+        (libc::SYS_fchmod, plain(1)?),
+    ];
+    // x86_64 keeps the older calls, which glibc still makes for
+    // `creat`, `mknod`, `mkfifo` and `symlink` on some paths.
+    #[cfg(target_arch = "x86_64")]
+    rules.extend([
+        (libc::SYS_open, plain(2)?),
+        (libc::SYS_creat, plain(1)?),
+        (libc::SYS_mkdir, plain(1)?),
+        (libc::SYS_mknod, node(1)?),
+    ]);
+    Ok(rules)
 }
 
 /// Rules that admit a call whose argument `arg` (32 bits) is one of `values`.
@@ -654,8 +719,6 @@ const ALLOWED: &[i64] = &[
     libc::SYS_dup,
     libc::SYS_dup3,
     libc::SYS_fcntl,
-    libc::SYS_openat,
-    libc::SYS_openat2,
     libc::SYS_newfstatat,
     libc::SYS_fstat,
     libc::SYS_statx,
@@ -666,7 +729,6 @@ const ALLOWED: &[i64] = &[
     libc::SYS_getcwd,
     libc::SYS_chdir,
     libc::SYS_fchdir,
-    libc::SYS_mkdirat,
     libc::SYS_unlinkat,
     libc::SYS_renameat2,
     libc::SYS_linkat,
@@ -680,7 +742,6 @@ const ALLOWED: &[i64] = &[
     libc::SYS_statfs,
     libc::SYS_fstatfs,
     libc::SYS_umask,
-    libc::SYS_fchmod,
     libc::SYS_sendfile,
     libc::SYS_copy_file_range,
     libc::SYS_splice,
@@ -757,8 +818,6 @@ const ALLOWED: &[i64] = &[
     #[cfg(target_arch = "x86_64")]
     libc::SYS_getrlimit,
     #[cfg(target_arch = "x86_64")]
-    libc::SYS_open,
-    #[cfg(target_arch = "x86_64")]
     libc::SYS_stat,
     #[cfg(target_arch = "x86_64")]
     libc::SYS_lstat,
@@ -766,8 +825,6 @@ const ALLOWED: &[i64] = &[
     libc::SYS_access,
     #[cfg(target_arch = "x86_64")]
     libc::SYS_readlink,
-    #[cfg(target_arch = "x86_64")]
-    libc::SYS_mkdir,
     #[cfg(target_arch = "x86_64")]
     libc::SYS_rmdir,
     #[cfg(target_arch = "x86_64")]
@@ -788,6 +845,10 @@ const ALLOWED: &[i64] = &[
     libc::SYS_epoll_create,
     #[cfg(target_arch = "x86_64")]
     libc::SYS_time,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_symlink,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_link,
 ];
 
 /// The status words of worker slot `slot`, for the life of this worker

@@ -258,6 +258,180 @@ fn an_allowed_file_can_be_read_and_no_other() {
     });
 }
 
+/// Tries every way a task could leave a set-user-ID or set-group-ID file
+/// in `dir`: an `open` with the bits in its mode (umask cleared), an
+/// `fchmod` adding them, a `mkdir` with them. Returns what each call
+/// answered (0, or the errno).
+fn plant_set_id(dir: String) -> Vec<i32> {
+    use std::ffi::CString;
+    let errno = |r: i32| {
+        if r < 0 {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+        } else {
+            0
+        }
+    };
+    let c = |name: &str| CString::new(format!("{dir}/{name}")).unwrap();
+    let mut out = Vec::new();
+    // SAFETY (test): plain libc calls on paths this function made, and fds
+    // it opened and closes.
+    unsafe {
+        libc::umask(0);
+        let fd = libc::open(c("opened").as_ptr(), libc::O_CREAT | libc::O_WRONLY, 0o6777);
+        out.push(errno(fd));
+        if fd >= 0 {
+            libc::close(fd);
+        }
+        let fd = libc::open(
+            c("chmodded").as_ptr(),
+            libc::O_CREAT | libc::O_WRONLY,
+            0o755,
+        );
+        out.push(errno(fd));
+        if fd >= 0 {
+            libc::write(fd, b"#!/bin/sh\n".as_ptr().cast(), 10);
+            out.push(errno(libc::fchmod(fd, 0o6755)));
+            libc::close(fd);
+        }
+        out.push(errno(libc::mkdir(c("dir").as_ptr(), 0o2777)));
+        let fd = libc::creat(c("created").as_ptr(), 0o4755);
+        out.push(errno(fd));
+        if fd >= 0 {
+            libc::close(fd);
+        }
+    }
+    out
+}
+
+/// The names under `dir` whose mode, as the host sees it, carries a
+/// set-user-ID or set-group-ID bit.
+fn set_id_files(dir: &std::path::Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.unwrap();
+            let mode = e.metadata().unwrap().permissions().mode();
+            (mode & 0o6000 != 0).then(|| e.file_name().to_string_lossy().into_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn no_set_user_id_file_can_be_made() {
+    within_bound("the set-user-ID test", || {
+        let dir = TempDir::new("setid");
+        let pool = sandboxed(1, Sandbox::new().read_write(&dir.0));
+        let answers = pool.apply(plant_set_id, dir.join("")).unwrap();
+        assert!(
+            answers.contains(&libc::EPERM),
+            "no call was refused: {answers:?}"
+        );
+        let planted = set_id_files(&dir.0);
+        assert!(
+            planted.is_empty(),
+            "the sandbox let a task make {planted:?}"
+        );
+        // The plain calls still work: a file made without the bits.
+        assert_eq!(pool.apply(write_file, dir.join("plain")).unwrap(), Ok(()));
+
+        let control = TempDir::new("setid-control");
+        let pool = plain(1);
+        let answers = pool.apply(plant_set_id, control.join("")).unwrap();
+        assert!(answers.iter().all(|&a| a == 0), "{answers:?}");
+        assert!(
+            !set_id_files(&control.0).is_empty(),
+            "without a sandbox the task made no set-user-ID file"
+        );
+    });
+}
+
+/// A symlink, a file made by `creat` and a FIFO in `dir`; what each call
+/// answered (0, or the errno).
+fn make_links_and_fifos(dir: String) -> Vec<i32> {
+    use std::ffi::CString;
+    let errno = |r: i32| {
+        if r < 0 {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+        } else {
+            0
+        }
+    };
+    let c = |name: &str| CString::new(format!("{dir}/{name}")).unwrap();
+    let mut out = vec![];
+    std::fs::write(format!("{dir}/target"), b"t").unwrap();
+    // SAFETY (test): plain libc calls on paths this function made.
+    unsafe {
+        out.push(errno(libc::symlink(
+            c("target").as_ptr(),
+            c("link").as_ptr(),
+        )));
+        let fd = libc::creat(c("created").as_ptr(), 0o644);
+        out.push(errno(fd));
+        if fd >= 0 {
+            libc::close(fd);
+        }
+        out.push(errno(libc::mkfifo(c("fifo").as_ptr(), 0o600)));
+    }
+    out.push(
+        std::os::unix::fs::symlink("target", format!("{dir}/link2"))
+            .map_or_else(|e| e.raw_os_error().unwrap_or(-1), |_| 0),
+    );
+    out
+}
+
+#[test]
+fn symlink_creat_and_mkfifo_work_in_the_read_write_directory() {
+    within_bound("the symlink test", || {
+        let dir = TempDir::new("links");
+        let pool = sandboxed(1, Sandbox::new().read_write(&dir.0));
+        assert_eq!(
+            pool.apply(make_links_and_fifos, dir.join("")).unwrap(),
+            vec![0, 0, 0, 0]
+        );
+        use std::os::unix::fs::FileTypeExt;
+        let fifo = std::fs::metadata(dir.0.join("fifo")).unwrap();
+        assert!(fifo.file_type().is_fifo());
+        let link = std::fs::read_link(dir.0.join("link")).unwrap();
+        assert!(link.ends_with("target"), "{link:?}");
+        assert!(dir.0.join("created").exists());
+    });
+}
+
+fn openat2_answer(path: String) -> i64 {
+    let c = std::ffi::CString::new(path).unwrap();
+    // struct open_how { u64 flags; u64 mode; u64 resolve; }
+    let how: [u64; 3] = [(libc::O_CREAT | libc::O_WRONLY) as u64, 0o4755, 0];
+    // SAFETY (test): openat2 reads `how` (24 bytes, alive for the call).
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            how.as_ptr(),
+            std::mem::size_of_val(&how),
+        )
+    };
+    if r < 0 {
+        -(std::io::Error::last_os_error().raw_os_error().unwrap_or(1) as i64)
+    } else {
+        // SAFETY (test): r is an fd this call opened.
+        unsafe { libc::close(r as i32) };
+        0
+    }
+}
+
+#[test]
+fn openat2_answers_enosys() {
+    within_bound("the openat2 test", || {
+        let dir = TempDir::new("openat2");
+        let pool = sandboxed(1, Sandbox::new().read_write(&dir.0));
+        let r = pool.apply(openat2_answer, dir.join("f")).unwrap();
+        assert_eq!(r, -(libc::ENOSYS as i64));
+        assert!(set_id_files(&dir.0).is_empty());
+    });
+}
+
 // ---- resource caps ----
 
 fn balloon(mib: usize) -> usize {

@@ -33,6 +33,15 @@ pub enum Limit {
         /// The cap.
         bytes: u64,
     },
+    /// The wall-clock limit every sandboxed task has when neither it nor
+    /// the pool sets a timeout: ten times the CPU-time cap, or 60 seconds
+    /// without one. A chunk of a map may take it once per item. A timeout
+    /// set on the task or the pool replaces it (and fails the task with
+    /// [`Error::Timeout`](crate::Error::Timeout) instead).
+    WallClock {
+        /// The limit, per item.
+        per_task: Duration,
+    },
 }
 
 impl std::fmt::Display for Limit {
@@ -42,6 +51,9 @@ impl std::fmt::Display for Limit {
             Limit::CpuTime { per_task } => write!(f, "CPU-time limit ({per_task:?} per task)"),
             Limit::OpenFiles { max } => write!(f, "open-files limit ({max})"),
             Limit::FileSize { bytes } => write!(f, "file-size limit ({bytes} bytes)"),
+            Limit::WallClock { per_task } => {
+                write!(f, "wall-clock limit ({per_task:?} per task)")
+            }
         }
     }
 }

@@ -155,6 +155,7 @@ pub(crate) struct Spec {
     cpu_per_task: Option<Duration>,
     open_files: Option<u64>,
     file_size: Option<u64>,
+    tasks_per_worker: Option<u64>,
     allow_weaker: bool,
 }
 
@@ -228,6 +229,35 @@ impl Sandbox {
         self
     }
 
+    /// Lets a worker run up to `n` tasks, one at a time, before the pool
+    /// kills it (default 1: each task in a process of its own, which no
+    /// earlier task ran in).
+    ///
+    /// Reuse is shared fate: a task owns its process, so it can leave
+    /// behind whatever it likes (a thread, a changed global, a forged
+    /// answer to the next task on its socket) for the tasks after it on
+    /// that worker. The pool sends such a worker one task at a time, and
+    /// kills it before its next task when it ends a task with more
+    /// threads than it started with (the next task is not blamed: it runs
+    /// on another worker). A map's chunk is one task either way.
+    ///
+    /// ```
+    /// use procpool::{Pool, Sandbox};
+    ///
+    /// fn double(x: u64) -> u64 { x * 2 }
+    ///
+    /// let pool = Pool::builder()
+    ///     .processes(2)
+    ///     .sandbox(Sandbox::new().tasks_per_worker(100))
+    ///     .build()?;
+    /// assert_eq!(pool.map(double, 0..10u64)?, (0..10).map(|x| x * 2).collect::<Vec<_>>());
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
+    pub fn tasks_per_worker(mut self, n: u64) -> Sandbox {
+        self.spec.tasks_per_worker = Some(n);
+        self
+    }
+
     /// Accepts a weaker sandbox where the kernel lacks a mechanism (no
     /// seccomp, Landlock older than ABI 6 or absent, no network
     /// namespace): the pool applies what there is, and logs what is
@@ -244,6 +274,7 @@ impl Sandbox {
         let zero = spec.memory == Some(0)
             || spec.open_files == Some(0)
             || spec.file_size == Some(0)
+            || spec.tasks_per_worker == Some(0)
             || spec.cpu_per_task.is_some_and(|d| d.is_zero());
         if zero {
             return Err(crate::Error::Config(
@@ -275,7 +306,16 @@ pub(crate) struct Limits {
     pub(crate) cpu_per_task: Option<Duration>,
     pub(crate) open_files: Option<u64>,
     pub(crate) file_size: Option<u64>,
+    /// How many tasks a worker runs before the pool kills it.
+    pub(crate) tasks_per_worker: u64,
+    /// The wall-clock limit of a task that has no timeout of its own (nor
+    /// the pool's): ten times the CPU cap, else [`DEFAULT_WALL_CLOCK`].
+    pub(crate) wall_clock: Duration,
 }
+
+/// The wall-clock limit of a sandboxed task when neither a timeout nor a
+/// CPU cap is set.
+pub(crate) const DEFAULT_WALL_CLOCK: Duration = Duration::from_secs(60);
 
 impl Spec {
     pub(crate) fn limits(&self) -> Limits {
@@ -284,6 +324,10 @@ impl Spec {
             cpu_per_task: self.cpu_per_task,
             open_files: self.open_files,
             file_size: self.file_size,
+            tasks_per_worker: self.tasks_per_worker.unwrap_or(1),
+            wall_clock: self
+                .cpu_per_task
+                .map_or(DEFAULT_WALL_CLOCK, |c| c.saturating_mul(10)),
         }
     }
 }
@@ -411,7 +455,7 @@ impl Prepared {
     /// the worker has more than one thread. `status` is the worker's own
     /// status words, which stay mapped for the life of the process.
     pub(crate) fn apply(&self, status: Status<'static>) -> Result<Active, String> {
-        let threads = thread_count();
+        let threads = crate::sys::thread_count(std::process::id());
         if threads != Some(1) {
             return Err(format!(
                 "the worker has {} threads after its initializer; a sandbox binds only the \
@@ -514,14 +558,6 @@ impl Prepared {
         let status = restrict().map_err(|e| e.to_string())?;
         Ok(status.ruleset == RulesetStatus::FullyEnforced)
     }
-}
-
-/// How many threads this process has (from `/proc/self/status`).
-fn thread_count() -> Option<usize> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 /// The highest fd open in this process.

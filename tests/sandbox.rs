@@ -639,7 +639,10 @@ fn read_proc_of(pid: u32) -> Result<usize, String> {
 #[test]
 fn a_worker_cannot_signal_another() {
     within_bound("the signal test", || {
-        let pool = sandboxed(2, Sandbox::new());
+        // Workers that are reused, so that a pid missing afterwards can
+        // only be one the task killed (by default each task's worker is
+        // killed by the pool after its task).
+        let pool = sandboxed(2, Sandbox::new().tasks_per_worker(100));
         let pids = pool.worker_pids();
         assert_eq!(pids.len(), 2);
         assert_eq!(
@@ -1096,5 +1099,221 @@ fn clone3_and_process_vm_readv_are_out_of_a_sandbox() {
             pool.apply(process_vm_read_self, ()).unwrap(),
             Ok(0x1234_5678)
         );
+    });
+}
+
+// ---- the task owns its process: one task, one process ----
+
+static RUNS_HERE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// This process's pid, and how many tasks have run in it (this one
+/// included).
+fn pid_and_runs(_: u64) -> (u32, u64) {
+    let runs = RUNS_HERE.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    (std::process::id(), runs)
+}
+
+#[test]
+fn each_sandboxed_task_runs_in_a_process_of_its_own() {
+    within_bound("the process-per-task test", || {
+        let pool = sandboxed(2, Sandbox::new());
+        let mut pids = Vec::new();
+        for i in 0..20 {
+            let (pid, runs) = pool.apply(pid_and_runs, i).unwrap();
+            assert_eq!(runs, 1, "a task ran in a process an earlier task ran in");
+            pids.push(pid);
+        }
+        // A map's items are alone too unless a chunk size is set.
+        for (pid, runs) in pool.map(pid_and_runs, 0..20).unwrap() {
+            assert_eq!(runs, 1);
+            pids.push(pid);
+        }
+        let n = pids.len();
+        pids.sort_unstable();
+        pids.dedup();
+        assert_eq!(pids.len(), n, "a worker process served two tasks");
+        pool.close();
+        pool.join().unwrap();
+
+        let pool = plain(1);
+        let runs: Vec<u64> = (0..5)
+            .map(|i| pool.apply(pid_and_runs, i).unwrap().1)
+            .collect();
+        assert_eq!(runs, vec![1, 2, 3, 4, 5]);
+    });
+}
+
+/// The fd of this process's socket (the first socket from fd 3 up).
+fn own_socket() -> i32 {
+    (3..1024)
+        .find(|&fd| {
+            // SAFETY (test): fstat into a zeroed stat of this frame.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            unsafe { libc::fstat(fd, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFSOCK }
+        })
+        .expect("a socket")
+}
+
+/// A DONE frame (`src/proto/wire.rs`) for task `seq`: a success whose
+/// value is the u64 7 (one byte in the pool's encoding).
+fn forged_done(seq: u64) -> Vec<u8> {
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&1u64.to_le_bytes()); // len
+    frame.push(3); // DONE
+    frame.push(0); // ok
+    frame.extend_from_slice(&seq.to_le_bytes());
+    frame.extend_from_slice(&[0u8; 16]); // a, b
+    frame.push(7);
+    frame
+}
+
+/// Takes its worker over: answers its own task (seq 1) with a forged 7,
+/// then becomes the worker's protocol loop, answering every task it is
+/// sent with 7, and never exits by itself.
+fn hijack(_: u64) -> u64 {
+    let fd = own_socket();
+    let write = |b: &[u8]| {
+        // SAFETY (test): write of a live buffer on this process's socket.
+        unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
+    };
+    write(&forged_done(1));
+    let mut inbuf: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        // SAFETY (test): read into a live buffer of this frame.
+        let n = unsafe { libc::read(fd, chunk.as_mut_ptr().cast(), chunk.len()) };
+        if n <= 0 {
+            // The parent shut its side: stay anyway.
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        inbuf.extend_from_slice(&chunk[..n as usize]);
+        while inbuf.len() >= 34 {
+            let len = u64::from_le_bytes(inbuf[..8].try_into().unwrap()) as usize;
+            if inbuf.len() < 34 + len {
+                break;
+            }
+            let (kind, seq) = (
+                inbuf[8],
+                u64::from_le_bytes(inbuf[10..18].try_into().unwrap()),
+            );
+            if kind == 4 {
+                write(&forged_done(seq));
+            }
+            inbuf.drain(..34 + len);
+        }
+    }
+}
+
+#[test]
+fn a_hijacked_worker_answers_no_later_task_and_join_returns() {
+    within_bound("the hijack test", || {
+        let pool = std::sync::Arc::new(sandboxed(2, Sandbox::new()));
+        assert_eq!(
+            pool.apply(hijack, 0).unwrap(),
+            7,
+            "the hijacker's own answer"
+        );
+        // The next 100 tasks, from other callers, are answered by workers
+        // no task ran in before.
+        let callers: Vec<_> = (0..4u64)
+            .map(|c| {
+                let pool = pool.clone();
+                std::thread::spawn(move || {
+                    (0..25u64)
+                        .all(|i| pool.apply(double, c * 100 + i).unwrap() == 2 * (c * 100 + i))
+                })
+            })
+            .collect();
+        for c in callers {
+            assert!(c.join().unwrap(), "a later task got a forged result");
+        }
+        pool.close();
+        pool.join().expect("join after a hijack");
+
+        // Without a sandbox the hijacker answers the next task itself.
+        let pool = plain(1);
+        assert_eq!(pool.apply(hijack, 0).unwrap(), 7);
+        assert_eq!(
+            pool.apply(double, 5).unwrap(),
+            7,
+            "the control was not hijacked"
+        );
+    });
+}
+
+fn stop_myself(_: ()) -> u32 {
+    // SAFETY (test): a signal to this process itself.
+    unsafe { libc::kill(libc::getpid(), libc::SIGSTOP) };
+    1
+}
+
+#[test]
+fn a_stopped_task_resolves_with_the_wall_clock_limit() {
+    within_bound("the SIGSTOP test", || {
+        let cap = Duration::from_millis(100);
+        let pool = sandboxed(1, Sandbox::new().cpu_time_per_task(cap));
+        match pool.apply(stop_myself, ()) {
+            Err(Error::LimitExceeded {
+                limit: Limit::WallClock { per_task },
+                ..
+            }) => assert_eq!(per_task, cap * 10),
+            other => panic!("expected the wall-clock limit, got {other:?}"),
+        }
+        assert_eq!(pool.apply(double, 4).unwrap(), 8, "the pool went on");
+
+        // Without a sandbox (and no timeout) it would wait for ever.
+        let pool = plain(1);
+        let r = pool.apply_async(stop_myself, ()).unwrap();
+        assert!(!r.wait_timeout(Duration::from_millis(300)));
+        pool.terminate();
+    });
+}
+
+/// Spinning threads left behind by tasks in this process.
+static SPINNERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Leaves a thread spinning after it returns; says how many threads its
+/// process has when it returns (its own and the spinners).
+fn leave_a_spinner(_: ()) -> usize {
+    SPINNERS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    std::thread::spawn(|| {
+        loop {
+            std::hint::spin_loop()
+        }
+    });
+    threads_here(())
+}
+
+/// This thread and the spinners left in this process (a sandboxed task
+/// cannot read /proc).
+fn threads_here(_: ()) -> usize {
+    1 + SPINNERS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+fn nap(ms: u64) -> u64 {
+    std::thread::sleep(Duration::from_millis(ms));
+    ms
+}
+
+#[test]
+fn a_leftover_spinning_thread_never_fails_a_later_task() {
+    within_bound("the leftover thread test", || {
+        // Reuse asked for: the worker is killed before its next task
+        // because its task left a thread.
+        let sandbox = Sandbox::new()
+            .tasks_per_worker(1000)
+            .cpu_time_per_task(Duration::from_millis(300));
+        let pool = sandboxed(1, sandbox);
+        for _ in 0..3 {
+            assert_eq!(pool.apply(leave_a_spinner, ()).unwrap(), 2);
+            assert_eq!(pool.apply(nap, 300).unwrap(), 300);
+            assert_eq!(pool.apply(threads_here, ()).unwrap(), 1);
+        }
+
+        // Without a sandbox the thread is still there for the next task.
+        let pool = plain(1);
+        assert_eq!(pool.apply(leave_a_spinner, ()).unwrap(), 2);
+        assert!(pool.apply(threads_here, ()).unwrap() >= 2);
     });
 }

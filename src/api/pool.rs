@@ -507,7 +507,14 @@ impl PoolBuilder {
         let sandbox = self.resolve_sandbox(method, mpi)?;
         let cfg = Config {
             processes,
-            max_tasks_per_child: self.max_tasks_per_child,
+            // A sandboxed worker runs as many tasks as its sandbox allows
+            // (one, unless reuse is asked for), then is killed.
+            max_tasks_per_child: match (&sandbox, self.max_tasks_per_child) {
+                (Some(s), m) => Some(m.map_or(s.limits().tasks_per_worker, |m| {
+                    m.min(s.limits().tasks_per_worker)
+                })),
+                (None, m) => m,
+            },
             timeout: self.timeout,
             soft_timeout: self.soft_timeout,
             retries: self.retries,
@@ -883,9 +890,14 @@ impl Pool {
         self.shared.check_running()?;
         let items: Vec<A> = items.into_iter().collect();
         let total = items.len();
+        // In a sandboxed pool each item is alone (a chunk shares one
+        // process, and its fate) unless the caller sets a chunk size.
         let chunksize = opts
             .chunksize
-            .unwrap_or_else(|| total.div_ceil(4 * self.processes()).max(1));
+            .unwrap_or_else(|| match self.shared.cfg.sandbox {
+                Some(_) => 1,
+                None => total.div_ceil(4 * self.processes()).max(1),
+            });
         let tf = TaskFn::chunk(f);
         let nchunks = total.div_ceil(chunksize);
         let first = self.shared.reserve_ids(nchunks as u64);

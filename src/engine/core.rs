@@ -197,19 +197,21 @@ impl Shared {
             return Err(e);
         }
         for (slot, s) in jobs {
+            let (timeout, wall_limit) = self.cfg.timeout_of(s.timeout, s.items);
             st.queue.push_back(Job {
                 id: slot.id,
                 f: s.f,
                 payload: s.payload,
                 slot,
                 hook: s.hook,
-                timeout: s.timeout.or(self.cfg.timeout),
+                timeout,
                 soft_timeout: s.soft_timeout.or(self.cfg.soft_timeout),
                 retries: s.retries.unwrap_or(self.cfg.retries),
                 cancelled: false,
                 shared: s.shared,
                 retry_shared: s.retry_shared,
                 items: s.items.max(1),
+                wall_limit,
             });
         }
         let pending = st.dispatch(&self.cfg, true);

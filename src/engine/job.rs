@@ -54,6 +54,16 @@ pub(crate) struct Config {
 }
 
 impl Config {
+    /// The timeout of a task whose own is `own` and that carries `items`
+    /// items, and whether it is the sandbox's wall-clock limit.
+    pub(crate) fn timeout_of(&self, own: Option<Duration>, items: u32) -> (Option<Duration>, bool) {
+        match (own.or(self.timeout), &self.sandbox) {
+            (Some(t), _) => (Some(t), false),
+            (None, Some(l)) => (Some(l.wall_clock.saturating_mul(items.max(1))), true),
+            (None, None) => (None, false),
+        }
+    }
+
     /// The CONFIG frame that a new worker reads before its first task, if
     /// anything differs from a worker's defaults.
     pub(crate) fn worker_frame(&self) -> Vec<u8> {
@@ -91,6 +101,9 @@ pub(crate) struct Job {
     /// How many items it carries (a map chunk's; 1 for `apply`): under a
     /// per-task CPU cap it may use the cap once per item.
     pub(crate) items: u32,
+    /// Its timeout is the sandbox's wall-clock limit (it had none of its
+    /// own): past it, it fails with `LimitExceeded`, not `Timeout`.
+    pub(crate) wall_limit: bool,
 }
 
 /// What a caller hands to `submit`.
@@ -129,4 +142,8 @@ pub(crate) enum KillReason {
     },
     Cancel,
     Error(Error),
+    /// Its tasks are done and it is not trusted to exit by itself (a
+    /// sandboxed worker, which its task owns): it is killed, never waited
+    /// for.
+    Retired,
 }

@@ -158,6 +158,7 @@ mod tests {
             shared: Vec::new(),
             retry_shared: false,
             items: 1,
+            wall_limit: false,
         }
     }
 

@@ -237,6 +237,9 @@ fn after_io(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) -> Opti
     {
         events::make_up_workers(shared, st, done);
     }
+    if let Some(limits) = &shared.cfg.sandbox {
+        retire_sandboxed(st, limits);
+    }
     watch::check_clocks(st, &*shared.progress);
     if let Some(cap) = shared.cfg.sandbox.as_ref().and_then(|l| l.cpu_per_task) {
         watch::check_cpu(st, &*shared.progress, cap);
@@ -257,6 +260,10 @@ fn after_io(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) -> Opti
                         w.flush();
                     }
                 }
+                if let Some(limits) = &shared.cfg.sandbox {
+                    retire_sandboxed(st, limits);
+                    st.send_kills();
+                }
             }
             let no_workers = st.workers.is_empty() && st.spawning.is_empty();
             st.phase.drained(st.queue.is_empty(), no_workers)
@@ -269,6 +276,26 @@ fn after_io(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) -> Opti
     }
     st.dispatch(&shared.cfg, false);
     None
+}
+
+/// A sandboxed worker is killed once its last task is answered, never
+/// asked to exit (its task owns it and could keep it running); one that
+/// may run more tasks is killed once it ends a task with threads left
+/// over, before its next task.
+fn retire_sandboxed(st: &mut State, limits: &crate::sandbox::Limits) {
+    for w in st.workers.iter_mut() {
+        if !w.ready || w.kill.is_some() || !w.in_flight.is_empty() {
+            continue;
+        }
+        let answered = w.sent;
+        let leftover =
+            || limits.tasks_per_worker > 1 && crate::sys::thread_count(w.pid).is_none_or(|n| n > 1);
+        if w.retiring || (answered > w.idle_checked && leftover()) {
+            w.retiring = true;
+            w.set_kill(KillReason::Retired, 0);
+        }
+        w.idle_checked = answered;
+    }
 }
 
 /// The worker in `slot` ended: everything it wrote before it ended is in

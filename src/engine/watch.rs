@@ -31,11 +31,10 @@ pub(crate) fn check_clocks(st: &mut State, p: &dyn Progress) {
         if d > now {
             continue;
         }
-        let Some((seq, id, timeout)) = w
-            .in_flight
-            .front()
-            .map(|f| (f.seq, f.job.id, f.job.timeout.unwrap_or_default()))
-        else {
+        let Some((seq, id, timeout, wall_limit)) = w.in_flight.front().map(|f| {
+            let t = f.job.timeout.unwrap_or_default();
+            (f.seq, f.job.id, t, f.job.wall_limit.then_some(f.job.items))
+        }) else {
             w.deadline = None;
             continue;
         };
@@ -56,9 +55,17 @@ pub(crate) fn check_clocks(st: &mut State, p: &dyn Progress) {
         // A timed task is alone on its worker: whatever it runs is this task
         // (or it has just finished, and its result is read before the exit
         // is handled).
-        w.set_kill(KillReason::Timeout { id, timeout }, 0);
+        let reason = match wall_limit {
+            Some(items) => {
+                let per_task = timeout / items.max(1);
+                let limit = crate::limit::Limit::WallClock { per_task };
+                KillReason::Limit { id, limit }
+            }
+            None => KillReason::Timeout { id, timeout },
+        };
+        w.set_kill(reason, 0);
         log::warn!(
-            "procpool: task {id} timed out after {timeout:?}; killing worker {}",
+            "procpool: task {id} ran past {timeout:?}; killing worker {}",
             w.pid
         );
     }

@@ -49,6 +49,9 @@ pub(crate) struct Worker {
     pub(crate) cpu_clock: Option<crate::sys::sandbox::CpuClock>,
     pub(crate) cpu_base: u64,
     pub(crate) cpu_next: Option<Instant>,
+    /// How many tasks it had been sent when a sandboxed worker was last
+    /// found idle and looked at (for threads left over by its task).
+    pub(crate) idle_checked: u64,
 }
 
 impl Worker {
@@ -87,6 +90,7 @@ impl Worker {
                 .and_then(|_| crate::sys::sandbox::process_cpu_clock(pid)),
             cpu_base: 0,
             cpu_next: None,
+            idle_checked: 0,
         }
     }
 

@@ -221,6 +221,15 @@ pub(crate) fn fork_generation() -> u64 {
     }
 }
 
+/// How many threads process `pid` has (its `/proc/PID/status`), if it
+/// can be read.
+pub(crate) fn thread_count(pid: u32) -> Option<usize> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

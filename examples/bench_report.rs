@@ -45,9 +45,17 @@
 //! and figures that pool_bench.py lacks (compare.py ignores them):
 //!   startup_sandbox_s         startup_s with a Sandbox (every cap set;
 //!                             StartMethod::ForkServer)
-//!   apply_sync_sandbox_us_per_task   apply_sync_us_per_task in that pool
+//!   (the sandboxed rows use 2 workers, whatever WORKERS says; each task
+//!   in a process of its own, as the sandbox's default is)
+//!   apply_spare_sandbox_us    one apply after 20 ms idle, when a fresh
+//!                             worker is ready for it (median of 200)
+//!   apply_sync_sandbox_us_per_task   1,000 applies back to back (each
+//!                             waits for a fresh worker)
+//!   apply_async_sandbox_tasks_per_s  2,000 apply_async, then every get
 //!   echo_64MiB_sandbox_GBps   echo_64MiB_GBps in that pool (fresh, sealed
 //!                             blocks: none is reused)
+//!   apply_sync_sandbox_reuse_us_per_task   10,000 applies back to back
+//!                             with Sandbox::tasks_per_worker(u64::MAX)
 //!   imap_10M_peak_rss_mb      the caller's peak RSS (VmHWM, MiB) while a
 //!                             fresh pool runs imap_unordered over 10 M items
 //!                             (chunk 1000); the peak is reset first through
@@ -236,6 +244,93 @@ fn bare_parallel(work: &[u64], n: usize) -> BoxResult<()> {
     Ok(())
 }
 
+/// The sandboxed pool's rows, in a pinned configuration: 2 workers,
+/// every cap set, no initializer, whatever WORKERS says.
+fn sandbox_rows(want: &dyn Fn(&str) -> bool, out: &mut Vec<(&'static str, f64)>) -> BoxResult<()> {
+    let sandbox = || {
+        procpool::Sandbox::new()
+            .memory_limit(1 << 30)
+            .cpu_time_per_task(Duration::from_secs(10))
+            .open_files(64)
+            .file_size_limit(1 << 30)
+    };
+    let sandboxed = |s: procpool::Sandbox| {
+        Pool::builder()
+            .processes(2)
+            .start_method(procpool::StartMethod::ForkServer)
+            .sandbox(s)
+            .build()
+    };
+    if want("startup_sandbox_s") {
+        let t = med(5, || {
+            let p = sandboxed(sandbox())?;
+            assert_eq!(p.apply(inc, 1)?, 2);
+            p.close();
+            p.join()?;
+            Ok(())
+        })?;
+        out.push(("startup_sandbox_s", t));
+    }
+    let p = sandboxed(sandbox())?;
+    if want("apply_spare_sandbox_us") {
+        // An apply that finds a worker ready: the pool is idle a moment
+        // between calls, so the worker the last task used is replaced.
+        let mut xs = Vec::new();
+        for i in 0..200 {
+            std::thread::sleep(Duration::from_millis(20));
+            let t = Instant::now();
+            black_box(p.apply(inc, i)?);
+            xs.push(t.elapsed().as_secs_f64());
+        }
+        out.push(("apply_spare_sandbox_us", median(xs) * 1e6));
+    }
+    if want("apply_sync_sandbox_us_per_task") {
+        const K: u64 = 1_000;
+        let t = med(3, || {
+            for i in 0..K {
+                black_box(p.apply(inc, i)?);
+            }
+            Ok(())
+        })?;
+        out.push(("apply_sync_sandbox_us_per_task", t / K as f64 * 1e6));
+    }
+    if want("apply_async_sandbox_tasks_per_s") {
+        const K: u64 = 2_000;
+        let t = med(3, || {
+            let rs: Vec<_> = (0..K)
+                .map(|i| p.apply_async(inc, i))
+                .collect::<Result<_, _>>()?;
+            for r in rs {
+                black_box(r.get()?);
+            }
+            Ok(())
+        })?;
+        out.push(("apply_async_sandbox_tasks_per_s", K as f64 / t));
+    }
+    if want("echo_64MiB_sandbox_GBps") {
+        let buf = ByteBuf::from(vec![7u8; 64 << 20]);
+        let t = med(3, || {
+            let r = p.apply(echo, buf.clone())?;
+            assert_eq!(r.len(), 64 << 20);
+            Ok(())
+        })?;
+        out.push(("echo_64MiB_sandbox_GBps", 2.0 * (64 << 20) as f64 / t / 1e9));
+    }
+    drop(p);
+    if want("apply_sync_sandbox_reuse_us_per_task") {
+        let p = sandboxed(sandbox().tasks_per_worker(u64::MAX))?;
+        const K: u64 = 10_000;
+        let t = med(3, || {
+            for i in 0..K {
+                black_box(p.apply(inc, i)?);
+            }
+            Ok(())
+        })?;
+        out.push(("apply_sync_sandbox_reuse_us_per_task", t / K as f64 * 1e6));
+    }
+    Ok(())
+}
+
 fn main() -> BoxResult<()> {
     let n: usize = match std::env::var("WORKERS") {
         Ok(v) => v.trim().parse()?,
@@ -272,52 +367,7 @@ fn main() -> BoxResult<()> {
         out.push(("startup_fork_s", t));
     }
 
-    let sandbox = || {
-        procpool::Sandbox::new()
-            .memory_limit(1 << 30)
-            .cpu_time_per_task(Duration::from_secs(10))
-            .open_files(64)
-            .file_size_limit(1 << 30)
-    };
-    let sandboxed = || {
-        Pool::builder()
-            .processes(n)
-            .start_method(procpool::StartMethod::ForkServer)
-            .sandbox(sandbox())
-            .build()
-    };
-    if want("startup_sandbox_s") {
-        let t = med(5, || {
-            let p = sandboxed()?;
-            assert_eq!(p.apply(inc, 1)?, 2);
-            p.close();
-            p.join()?;
-            Ok(())
-        })?;
-        out.push(("startup_sandbox_s", t));
-    }
-    if want("apply_sync_sandbox_us_per_task") || want("echo_64MiB_sandbox_GBps") {
-        let p = sandboxed()?;
-        if want("apply_sync_sandbox_us_per_task") {
-            const K: u64 = 10_000;
-            let t = med(3, || {
-                for i in 0..K {
-                    black_box(p.apply(inc, i)?);
-                }
-                Ok(())
-            })?;
-            out.push(("apply_sync_sandbox_us_per_task", t / K as f64 * 1e6));
-        }
-        if want("echo_64MiB_sandbox_GBps") {
-            let buf = ByteBuf::from(vec![7u8; 64 << 20]);
-            let t = med(3, || {
-                let r = p.apply(echo, buf.clone())?;
-                assert_eq!(r.len(), 64 << 20);
-                Ok(())
-            })?;
-            out.push(("echo_64MiB_sandbox_GBps", 2.0 * (64 << 20) as f64 / t / 1e9));
-        }
-    }
+    sandbox_rows(&want, &mut out)?;
 
     {
         let p = Pool::builder().processes(n).build()?;

@@ -3,14 +3,20 @@
 //!
 //! The "parser" stands for a library with a history of CVEs: some inputs
 //! make it crash, loop forever, balloon, or try to phone home, read your
-//! secrets, write outside its directory or start a shell. In a sandboxed
+//! secrets, write outside its directory, start a shell, plant a
+//! set-user-ID file, poison its process for later inputs or stop itself.
+//! In a sandboxed
 //! pool each of those fails alone, with an error that says why, and the
 //! other files are parsed as usual.
 //!
 //! Run with `cargo run --release --example untrusted`.
 
 use procpool::{Error, Pool, Sandbox, StartMethod};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+/// Set by an input that poisons the process it is parsed in.
+static POISONED: AtomicBool = AtomicBool::new(false);
 
 /// What the parser found in one file.
 #[derive(serde::Serialize, serde::Deserialize, Debug)]
@@ -57,6 +63,41 @@ fn parse(path: String) -> Summary {
                 let r = std::fs::write(&target, "payload");
                 tried.push(format!("write {}: {}", target.display(), outcome(r)));
             }
+            // Plants a set-user-ID copy of itself for whoever runs it later.
+            "SETUID" => {
+                let out = std::path::Path::new(&path).with_file_name("out");
+                let target =
+                    std::ffi::CString::new(format!("{}/suid", out.display())).expect("a path");
+                // SAFETY: umask and open with a valid C string; the fd is
+                // closed at once.
+                let fd = unsafe {
+                    libc::umask(0);
+                    libc::open(target.as_ptr(), libc::O_CREAT | libc::O_WRONLY, 0o6755)
+                };
+                let r = if fd < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    // SAFETY: fd is the file just opened.
+                    unsafe { libc::close(fd) };
+                    Ok(())
+                };
+                tried.push(format!("make a set-user-ID file: {}", outcome(r)));
+            }
+            // Leaves its mark on the process for the inputs after it.
+            "POISON" => {
+                POISONED.store(true, Ordering::SeqCst);
+                std::thread::spawn(|| {
+                    loop {
+                        std::hint::spin_loop();
+                    }
+                });
+                tried.push("poison its process and leave a thread spinning".into());
+            }
+            // Stops itself: uses no CPU, and would hold its worker for ever.
+            "STOP" => {
+                // SAFETY: a signal to this process itself.
+                unsafe { libc::kill(libc::getpid(), libc::SIGSTOP) };
+            }
             "SHELL" => {
                 let r = std::process::Command::new("/bin/sh")
                     .arg("-c")
@@ -93,7 +134,12 @@ fn main() -> Result<(), Error> {
         ("phone-home.txt", "x=1\nPHONE HOME\nSTEAL\n"),
         ("dropper.txt", "DROP\nSHELL\ny=2\n"),
         ("users.txt", "alice=admin\nbob=user\n"),
+        ("setuid.txt", "SETUID\nz=3\n"),
+        ("poison.txt", "POISON\nw=4\n"),
+        ("stop.txt", "STOP\n"),
     ];
+    let out = dir.join("out");
+    std::fs::create_dir_all(&out).expect("making the output directory");
     for (name, text) in inputs {
         std::fs::write(dir.join(name), text).expect("writing an input");
     }
@@ -104,6 +150,7 @@ fn main() -> Result<(), Error> {
         .sandbox(
             Sandbox::new()
                 .read_only(&dir)
+                .read_write(&out)
                 .memory_limit(256 << 20)
                 .cpu_time_per_task(Duration::from_millis(500))
                 .open_files(64)
@@ -113,7 +160,9 @@ fn main() -> Result<(), Error> {
 
     let mut files: Vec<String> = std::fs::read_dir(&dir)
         .expect("listing the inputs")
-        .map(|e| e.expect("an entry").path().display().to_string())
+        .map(|e| e.expect("an entry").path())
+        .filter(|p| p.is_file())
+        .map(|p| p.display().to_string())
         .collect();
     files.sort();
     let results: Vec<_> = files
@@ -143,6 +192,17 @@ fn main() -> Result<(), Error> {
     }
     pool.close();
     pool.join()?;
+    let planted = std::fs::read_dir(&out)
+        .expect("listing the output directory")
+        .filter(|e| {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = e
+                .as_ref()
+                .map_or(0, |e| e.metadata().map_or(0, |m| m.permissions().mode()));
+            mode & 0o6000 != 0
+        })
+        .count();
+    println!("set-user-ID or set-group-ID files left on the host: {planted}");
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

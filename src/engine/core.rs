@@ -369,6 +369,36 @@ impl State {
         self.phase.refusal(self.broken.as_ref(), has_workers)
     }
 
+    /// Whether the pool has fewer workers than its size. A sandboxed
+    /// pool does not count a worker it is killing (its task done): the
+    /// replacement starts at once, not once the kill is reported.
+    pub(crate) fn short_of_workers(&self, cfg: &Config) -> bool {
+        let have = match cfg.sandbox {
+            Some(_) => self.workers.iter().filter(|w| w.counts()).count(),
+            None => self.workers.len(),
+        };
+        have + self.spawning.len() < cfg.processes
+    }
+
+    /// In a sandboxed pool: starts the workers the pool is short of, if it
+    /// still wants workers.
+    fn start_replacements(&mut self, cfg: &Config) {
+        if cfg.sandbox.is_none()
+            || !self.phase.wants_workers(self.queue.is_empty())
+            || self.broken.is_some()
+            || self.starts.retry_at.is_some()
+        {
+            return;
+        }
+        while self.short_of_workers(cfg) && !self.free_slots.is_empty() {
+            let back = self.request_spawn(Vec::new());
+            debug_assert!(back.is_empty());
+            if self.backend.as_ref().is_none_or(|b| !b.is_open()) {
+                break;
+            }
+        }
+    }
+
     /// Asks the backend for a worker; `held` outcomes wait for it. Returns
     /// them at once if no start could be asked for.
     #[must_use]
@@ -426,6 +456,18 @@ impl State {
         let max = cfg.max_tasks_per_child;
         self.loads.extend(self.workers.iter().map(|w| w.load(max)));
         plan::order(&self.loads, &mut self.order);
+        // A sandboxed pool may hold more workers than its size for a
+        // moment (replacements start before the kill is reported): no more
+        // than its size run tasks at once.
+        let mut running = self
+            .workers
+            .iter()
+            .filter(|w| !w.in_flight.is_empty())
+            .count();
+        let limit = match cfg.sandbox {
+            Some(_) => cfg.processes,
+            None => usize::MAX,
+        };
         for k in 0..self.order.len() {
             if self.queue.is_empty() {
                 break;
@@ -433,9 +475,12 @@ impl State {
             let i = self.order[k];
             let load = self.loads[i];
             let w = &mut self.workers[i];
-            if !plan::takes_tasks(&load, from_caller) {
+            if !plan::takes_tasks(&load, from_caller) || (load.held == 0 && running >= limit) {
                 pending |= w.conn.has_pending();
                 continue;
+            }
+            if load.held == 0 {
+                running += 1;
             }
             let mut batch = Batch::new(&load, self.queue.len(), live);
             while let Some(front) = self.queue.front() {
@@ -467,6 +512,7 @@ impl State {
             }
             pending |= w.flush();
         }
+        self.start_replacements(cfg);
         pending
     }
 }

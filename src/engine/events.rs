@@ -109,7 +109,7 @@ fn start_failed(shared: &Shared, st: &mut State, cause: String, done: &mut Vec<C
 
 /// Asks for workers up to the pool's size (after failed starts).
 pub(crate) fn make_up_workers(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) {
-    while st.workers.len() + st.spawning.len() < shared.cfg.processes
+    while st.short_of_workers(&shared.cfg)
         && !st.free_slots.is_empty()
         && st.backend.as_ref().is_some_and(|b| b.is_open())
     {
@@ -223,7 +223,7 @@ fn replace(
     if st.phase.wants_workers(st.queue.is_empty())
         && st.broken.is_none()
         && st.starts.retry_at.is_none()
-        && st.workers.len() + st.spawning.len() < shared.cfg.processes
+        && st.short_of_workers(&shared.cfg)
     {
         log::debug!("procpool: replacing worker {pid}");
         let back = st.request_spawn(lost);

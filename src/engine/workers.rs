@@ -108,6 +108,13 @@ impl Worker {
         }
     }
 
+    /// Whether it counts towards a sandboxed pool's size: not ended nor
+    /// being killed (a worker running its last task still counts, so that
+    /// its replacement does not compete with that task for the CPU).
+    pub(crate) fn counts(&self) -> bool {
+        !self.eof && self.kill.is_none()
+    }
+
     /// Marks it for a kill (the supervisor asks the backend). A kill for a
     /// reason other than a cancel is unconditional and replaces a
     /// cancel's, which the backend may refuse.

@@ -20,6 +20,7 @@ use crate::proto::conn::Filled;
 use crate::proto::shared_buf::Supply;
 use crate::proto::shm::{Block, BlockCache, Body, Lent};
 use crate::proto::task::{self, status};
+use crate::proto::untrusted;
 use crate::proto::wire::{self, Frame, Header};
 use crate::sys::{self, PollSet};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -310,7 +311,6 @@ fn backend_lost(shared: &Shared, reason: String) {
 const HAND_OVER: usize = 1 << 20;
 /// How much one read asks for when no frame is partly read.
 const READ_CHUNK: usize = 256 << 10;
-
 /// What reading a worker's frames needs besides the worker.
 struct Sink<'a> {
     ready: &'a mut usize,
@@ -353,7 +353,13 @@ impl Worker {
     }
 
     fn read_frames(&mut self, sink: &mut Sink<'_>) {
-        loop {
+        while !self.violated {
+            // A sandboxed worker's claim is checked before the buffer grows
+            // for it.
+            if let Err(reason) = self.check_partial() {
+                self.violation(reason);
+                break;
+            }
             let need = wire::missing(&self.conn.inbuf);
             match self.conn.fill(wire::read_size(need, READ_CHUNK)) {
                 Filled::Some => {}
@@ -364,68 +370,153 @@ impl Worker {
                     break;
                 }
                 Filled::Failed(e) => {
-                    let e = if e.kind() == std::io::ErrorKind::OutOfMemory {
-                        // A result larger than this process can hold.
-                        Error::TooLarge { len: need }
-                    } else {
-                        // Its stream can no longer be trusted (fds lost,
-                        // say): make sure it dies.
-                        Error::io("reading from a worker", e)
-                    };
-                    self.set_kill(KillReason::Error(e), 0);
-                    self.eof = true;
+                    self.read_failed(e, need);
                     break;
                 }
+            }
+            if let Err(reason) = self.check_fds() {
+                self.violation(reason);
+                break;
             }
             self.parse_frames(sink);
         }
     }
 
-    /// A failure of the worker's own protocol: the pool kills it.
+    /// Reading its socket failed: its stream can no longer be trusted.
+    fn read_failed(&mut self, e: std::io::Error, need: u64) {
+        let e = if e.kind() == std::io::ErrorKind::OutOfMemory {
+            // A result larger than this process can hold.
+            Error::TooLarge { len: need }
+        } else {
+            // fds lost, say: make sure it dies.
+            Error::io("reading from a worker", e)
+        };
+        self.set_kill(KillReason::Error(e), 0);
+        self.eof = true;
+    }
+
+    /// In a sandboxed pool: the frame the read buffer starts with, once its
+    /// header is in, must be one the protocol allows, its length within
+    /// the result limit (`proto/untrusted.rs`).
+    fn check_partial(&self) -> Result<(), String> {
+        match (self.result_limit, Header::parse(&self.conn.inbuf)) {
+            (Some(limit), Some(h)) => untrusted::check_header(&h, limit),
+            _ => Ok(()),
+        }
+    }
+
+    /// In a sandboxed pool: fds beyond those its frames may carry are
+    /// closed as soon as they are received, and break the protocol.
+    fn check_fds(&mut self) -> Result<(), String> {
+        let fds = &mut self.conn.in_fds;
+        if self.result_limit.is_none() || fds.is_empty() {
+            return Ok(());
+        }
+        let allowed = untrusted::fds_allowed(&self.conn.inbuf);
+        if fds.len() <= allowed {
+            return Ok(());
+        }
+        let extra = fds.len() - allowed;
+        fds.truncate(allowed);
+        Err(format!(
+            "sent {extra} file descriptor(s) where the protocol carries none"
+        ))
+    }
+
+    /// A sandboxed worker broke the protocol: the pool kills it, reads
+    /// nothing more from it (what it sent is dropped and its fds closed),
+    /// and fails its task with the error returned.
+    fn violation(&mut self, reason: impl Into<String>) -> Error {
+        let e = Error::ProtocolViolation {
+            pid: self.pid,
+            reason: reason.into(),
+        };
+        log::warn!("procpool: {e}");
+        self.set_kill(KillReason::Error(e.clone()), 0);
+        self.violated = true;
+        self.eof = true;
+        self.conn.inbuf = Vec::new();
+        self.conn.in_fds.clear();
+        e
+    }
+
+    /// A failure of the worker's own protocol: the pool kills it (in a
+    /// sandboxed pool, as a violation).
     fn broken(&mut self, what: &str) {
+        if self.result_limit.is_some() {
+            self.violation(what);
+            return;
+        }
         let e = Error::Broken {
             reason: format!("worker {} {what}", self.pid),
         };
         self.set_kill(KillReason::Error(e), 0);
     }
 
+    /// A result that breaks the protocol: in a sandboxed pool a violation
+    /// (the worker is killed), else its task's `Broken` error.
+    fn bad_result(&mut self, what: &str) -> Error {
+        if self.result_limit.is_some() {
+            return self.violation(what);
+        }
+        Error::Broken {
+            reason: format!("worker {}: {what}", self.pid),
+        }
+    }
+
     fn parse_frames(&mut self, sink: &mut Sink<'_>) {
         let mut pos = 0usize;
         while let Some(f) = Frame::parse(&self.conn.inbuf, pos) {
-            let h = f.header;
-            match h.kind {
-                wire::READY if !self.ready => {
-                    self.ready = true;
-                    *sink.ready += 1;
+            if let Some(limit) = self.result_limit {
+                if let Err(reason) = untrusted::check_header(&f.header, limit) {
+                    self.violation(reason);
                 }
-                wire::RETIRING => {
-                    // Its memory grew past the limit: it exits after this task.
-                    log::debug!(
-                        "procpool: worker {} grew by {} bytes, past max_memory_per_child; replacing it",
-                        self.pid,
-                        h.a
-                    );
-                    self.retiring = true;
-                }
-                wire::INIT_FAILED => {
-                    let b = f.body(&self.conn.inbuf);
-                    self.init_msg = Some(task::init_failure_message(h.status, b));
-                }
-                wire::SANDBOX_FAILED => {
-                    self.init_msg = Some(task::take_message(f.body(&self.conn.inbuf)));
-                    self.sandbox_failed = true;
-                }
-                wire::DONE => {
-                    // `done` may take the read buffer itself (a large
-                    // result): parsing goes on from wherever it leaves it.
-                    pos = self.done(f, sink);
-                    continue;
-                }
-                _ => {}
             }
-            pos = f.end;
+            if !self.violated {
+                pos = self.frame(f, sink);
+            }
+            if self.violated {
+                // Its buffer is gone, with the rest of what it sent.
+                return;
+            }
         }
         self.conn.consume(pos);
+    }
+
+    /// Handles one whole frame; returns where the next one starts.
+    fn frame(&mut self, f: Frame, sink: &mut Sink<'_>) -> usize {
+        let h = f.header;
+        match h.kind {
+            wire::READY if !self.ready => {
+                self.ready = true;
+                *sink.ready += 1;
+            }
+            wire::READY => self.broken("said it was ready twice"),
+            wire::RETIRING => {
+                // Its memory grew past the limit: it exits after this task.
+                log::debug!(
+                    "procpool: worker {} grew by {} bytes, past max_memory_per_child; replacing it",
+                    self.pid,
+                    h.a
+                );
+                self.retiring = true;
+            }
+            wire::INIT_FAILED => {
+                let b = f.body(&self.conn.inbuf);
+                self.init_msg = Some(task::init_failure_message(h.status, b));
+            }
+            wire::SANDBOX_FAILED => {
+                self.init_msg = Some(task::take_message(f.body(&self.conn.inbuf)));
+                self.sandbox_failed = true;
+            }
+            wire::DONE => {
+                // `done` may take the read buffer itself (a large
+                // result): parsing goes on from wherever it leaves it.
+                return self.done(f, sink);
+            }
+            _ => {}
+        }
+        f.end
     }
 
     /// A DONE frame: stores its outcome. Returns where the next frame
@@ -476,7 +567,7 @@ impl Worker {
         let st = h.status & !wire::SHARED_FDS;
         if h.a == wire::OUT_SAME_BLOCK || h.a == wire::OUT_NEW_BLOCK {
             let body = self.conn.inbuf[body_at..end].to_vec();
-            return (self.block_outcome(h.a, &body, cache), end);
+            return (self.block_outcome(h, &body, cache), end);
         }
         if st != status::OK {
             let body = &self.conn.inbuf[body_at..end];
@@ -525,41 +616,46 @@ impl Worker {
         }
     }
 
-    /// The outcome of a DONE frame whose output is in a block.
+    /// The outcome of a DONE frame whose output is in a block. A sandboxed
+    /// worker's claims (the length, the block's size) are checked against
+    /// the result limit before the block is mapped.
     fn block_outcome(
         &mut self,
-        tag: u64,
+        h: Header,
         body: &[u8],
         cache: &Arc<BlockCache>,
     ) -> Result<Payload, Error> {
-        let pid = self.pid;
-        let broken = |what: &str| Error::Broken {
-            reason: format!("worker {pid}: {what}"),
-        };
-        let len = body
-            .get(..8)
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize)
-            .ok_or_else(|| broken("a block length is missing"))?;
-        let mut block = if tag == wire::OUT_SAME_BLOCK {
-            self.input_block(cache.is_sandboxed()).map_err(broken)?
-        } else {
-            let fd = self
-                .conn
-                .in_fds
-                .pop_front()
-                .ok_or_else(|| broken("a result's block did not arrive"))?;
-            if cache.is_sandboxed() {
-                Block::from_sealed_fd(fd)
-            } else {
-                Block::from_fd(fd)
+        if let Some(limit) = self.result_limit {
+            if let Err(reason) = untrusted::check_done_body(&h, body, limit) {
+                return Err(self.violation(reason));
             }
-            .map_err(|e| Error::io("mapping a result's block", e))?
+        }
+        let Some(len) = body.get(..8) else {
+            return Err(self.bad_result("a block length is missing"));
+        };
+        let len = u64::from_le_bytes(len.try_into().unwrap()) as usize;
+        let mut block = if h.a == wire::OUT_SAME_BLOCK {
+            match self.input_block(cache.is_sandboxed()) {
+                Ok(b) => b,
+                Err(what) => return Err(self.bad_result(what)),
+            }
+        } else {
+            let Some(fd) = self.conn.in_fds.pop_front() else {
+                return Err(self.bad_result("a result's block did not arrive"));
+            };
+            match self.result_limit {
+                Some(limit) => match Block::from_sealed_fd(fd, untrusted::block_max(limit)) {
+                    Ok(b) => b,
+                    Err(e) => return Err(self.violation(format!("sent a result block: {e}"))),
+                },
+                None => Block::from_fd(fd).map_err(|e| Error::io("mapping a result's block", e))?,
+            }
         };
         block
             .refresh()
             .map_err(|e| Error::io("mapping a result's block", e))?;
         if block.capacity() < len {
-            return Err(broken("a result's block is shorter than the result"));
+            return Err(self.bad_result("a result's block is shorter than the result"));
         }
         Ok(Payload::Bytes(
             Buf::Block(Lent {

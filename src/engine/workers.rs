@@ -49,6 +49,13 @@ pub(crate) struct Worker {
     pub(crate) cpu_clock: Option<crate::sys::sandbox::CpuClock>,
     pub(crate) cpu_base: u64,
     pub(crate) cpu_next: Option<Instant>,
+    /// In a sandboxed pool, what it may hand back for one task
+    /// (`Config::result_limit`): everything it sends is checked as
+    /// untrusted (`proto/untrusted.rs`). `None` without a sandbox.
+    pub(crate) result_limit: Option<u64>,
+    /// It broke the protocol: it is being killed, and nothing more it sends
+    /// is read.
+    pub(crate) violated: bool,
 }
 
 impl Worker {
@@ -87,6 +94,8 @@ impl Worker {
                 .and_then(|_| crate::sys::sandbox::process_cpu_clock(pid)),
             cpu_base: 0,
             cpu_next: None,
+            result_limit: cfg.result_limit,
+            violated: false,
         }
     }
 

@@ -201,7 +201,13 @@ fn handle_io(
             w.flush();
         }
         if p.set.readable(i) {
-            w.read(&mut st.ready, &mut st.est, &shared.blocks, done);
+            w.read(
+                &mut st.ready,
+                &mut st.est,
+                &shared.blocks,
+                done,
+                READ_BUDGET,
+            );
         }
     }
     if st.ready != ready_before {
@@ -279,7 +285,7 @@ fn ended(shared: &Shared, st: &mut State, slot: usize, end: End, done: &mut Vec<
         return;
     };
     let mut w = st.workers.swap_remove(i);
-    w.read(&mut st.ready, &mut st.est, &shared.blocks, done);
+    w.read(&mut st.ready, &mut st.est, &shared.blocks, done, usize::MAX);
     events::worker_ended(shared, st, w, end, done);
 }
 
@@ -311,6 +317,14 @@ fn backend_lost(shared: &Shared, reason: String) {
 const HAND_OVER: usize = 1 << 20;
 /// How much one read asks for when no frame is partly read.
 const READ_CHUNK: usize = 256 << 10;
+/// How much the supervisor reads from one worker in one turn of its poll
+/// loop. A worker with more to send is still readable on the next turn
+/// (the poll is level-triggered), after the others have been served: one
+/// that floods its socket cannot keep the supervisor from the rest. One
+/// read takes about a socket buffer's worth (1 MiB), so a large result
+/// costs a poll per few MiB, next to copying them.
+const READ_BUDGET: usize = 4 << 20;
+
 /// What reading a worker's frames needs besides the worker.
 struct Sink<'a> {
     ready: &'a mut usize,
@@ -320,16 +334,18 @@ struct Sink<'a> {
 }
 
 impl Worker {
-    /// Reads everything it has sent and turns whole frames into outcomes
-    /// (into `done`); counts it in `ready` once it is, and learns the run
-    /// times it reports.
+    /// Reads what it has sent, up to `budget` bytes (all of it once it has
+    /// ended), and turns whole frames into outcomes (into `done`); counts
+    /// it in `ready` once it is, and learns the run times it reports.
+    /// Returns how many bytes it read.
     fn read(
         &mut self,
         ready: &mut usize,
         est: &mut Estimates,
         cache: &Arc<BlockCache>,
         done: &mut Vec<Completion>,
-    ) {
+        budget: usize,
+    ) -> usize {
         let before = (self.ready, self.in_flight.len());
         let mut sink = Sink {
             ready,
@@ -337,7 +353,7 @@ impl Worker {
             cache,
             done,
         };
-        self.read_frames(&mut sink);
+        let got = self.read_frames(&mut sink, budget);
         if let Some(clk) = self.cpu_clock {
             if (self.ready, self.in_flight.len()) != before {
                 // Read after the frames that said a task ended: the tasks
@@ -350,10 +366,15 @@ impl Worker {
                 self.cpu_next = None;
             }
         }
+        got
     }
 
-    fn read_frames(&mut self, sink: &mut Sink<'_>) {
-        while !self.violated {
+    /// Reads and parses until the socket has nothing more, or at least
+    /// `budget` bytes are read (the last read may take it past by what the
+    /// socket held); returns how many were.
+    fn read_frames(&mut self, sink: &mut Sink<'_>, budget: usize) -> usize {
+        let mut got = 0usize;
+        while got < budget && !self.violated {
             // A sandboxed worker's claim is checked before the buffer grows
             // for it.
             if let Err(reason) = self.check_partial() {
@@ -361,8 +382,12 @@ impl Worker {
                 break;
             }
             let need = wire::missing(&self.conn.inbuf);
+            let had = self.conn.inbuf.len();
+            // The read buffer is reserved for the whole frame at once (a
+            // frame is read in one buffer, grown once); one read takes what
+            // the socket holds, so a turn may end a read past the budget.
             match self.conn.fill(wire::read_size(need, READ_CHUNK)) {
-                Filled::Some => {}
+                Filled::Some => got += self.conn.inbuf.len().saturating_sub(had),
                 Filled::Nothing => break,
                 Filled::Eof => {
                     // It died (or closed its side); its exit report follows.
@@ -380,6 +405,7 @@ impl Worker {
             }
             self.parse_frames(sink);
         }
+        got
     }
 
     /// Reading its socket failed: its stream can no longer be trusted.
@@ -500,6 +526,11 @@ impl Worker {
                     h.a
                 );
                 self.retiring = true;
+            }
+            wire::INIT_FAILED | wire::SANDBOX_FAILED
+                if self.ready && self.result_limit.is_some() =>
+            {
+                self.violation("reported a failed start after it was ready");
             }
             wire::INIT_FAILED => {
                 let b = f.body(&self.conn.inbuf);
@@ -680,6 +711,121 @@ impl Worker {
                 Body::Heap(_) => unreachable!(),
             },
             _ => Err("a result named an input block that it had not"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::job::Config;
+
+    /// A pool's settings, sandboxed (with `result_limit`) or not.
+    fn config(result_limit: Option<u64>) -> Config {
+        Config {
+            processes: 1,
+            max_tasks_per_child: None,
+            timeout: None,
+            soft_timeout: None,
+            retries: 0,
+            has_init: false,
+            check_task: None,
+            backtraces: false,
+            max_memory_per_child: None,
+            sandbox: None,
+            result_limit,
+            inline_shared: false,
+            inline_bodies: false,
+            backend_keeps_timeouts: false,
+            spin: Duration::ZERO,
+        }
+    }
+
+    /// A worker as the supervisor sees it, and the other end of its
+    /// socket (the worker's, here this test's).
+    fn worker(result_limit: Option<u64>) -> (Worker, OwnedFd) {
+        let (ours, theirs) = sys::stream_pair().expect("socketpair");
+        let w = Worker::new(0, 1, None, ours, &config(result_limit));
+        (w, theirs)
+    }
+
+    /// One `read` of the worker's socket.
+    fn read_once(w: &mut Worker, budget: usize) -> usize {
+        let (mut ready, mut est) = (0, Estimates::default());
+        let cache = Arc::new(BlockCache::default());
+        w.read(&mut ready, &mut est, &cache, &mut Vec::new(), budget)
+    }
+
+    /// A worker that never stops sending frames the protocol allows
+    /// (RETIRING) is read a budget's worth at a time: the supervisor's turn
+    /// ends however fast it sends.
+    #[test]
+    fn a_turn_reads_one_worker_for_at_most_its_budget() {
+        for limit in [None, Some(1 << 20)] {
+            let (mut w, theirs) = worker(limit);
+            let flood = std::thread::spawn(move || {
+                let mut batch = Vec::new();
+                for _ in 0..10_000 {
+                    Header::new(wire::RETIRING, 1, 0, 0).push(&mut batch);
+                }
+                while sys::send_all(theirs.as_raw_fd(), &batch).is_ok() {}
+            });
+            let budget = 1 << 20;
+            let mut total = 0;
+            while total < 8 * budget {
+                let got = read_once(&mut w, budget);
+                assert!(got < budget + READ_CHUNK, "one turn read {got} bytes");
+                total += got;
+            }
+            assert!(w.retiring && !w.violated && w.kill.is_none());
+            drop(w);
+            flood.join().unwrap();
+        }
+    }
+
+    /// A sandboxed worker's claim past its limit is refused before the
+    /// read buffer grows for it, and kills the worker; without a sandbox
+    /// the same header is believed.
+    #[test]
+    fn a_claim_past_the_limit_kills_a_sandboxed_worker_before_any_allocation() {
+        let mut h = Header::new(wire::DONE, 1, 0, 0);
+        h.len = 64 << 20;
+        let mut bytes = Vec::new();
+        h.open(&mut bytes);
+        let (mut w, theirs) = worker(Some(1 << 20));
+        sys::send_all(theirs.as_raw_fd(), &bytes).unwrap();
+        read_once(&mut w, usize::MAX);
+        read_once(&mut w, usize::MAX);
+        assert!(w.violated && w.eof && w.conn.inbuf.capacity() == 0);
+        match &w.kill {
+            Some(KillReason::Error(Error::ProtocolViolation { reason, .. })) => {
+                assert!(reason.contains("claims 67108864 bytes"), "{reason}")
+            }
+            _ => panic!("the worker was not killed for a violation"),
+        }
+        let (mut w, theirs) = worker(None);
+        sys::send_all(theirs.as_raw_fd(), &bytes).unwrap();
+        sys::send_all(theirs.as_raw_fd(), &[0; 100]).unwrap();
+        read_once(&mut w, usize::MAX);
+        read_once(&mut w, usize::MAX);
+        assert!(!w.violated && w.kill.is_none());
+        assert!(w.conn.inbuf.capacity() >= 64 << 20);
+    }
+
+    /// fds on a frame that carries none are closed as soon as they arrive,
+    /// and kill a sandboxed worker; without a sandbox they are kept.
+    #[test]
+    fn stray_fds_are_closed_at_once_in_a_sandbox() {
+        let mut frame = Vec::new();
+        Header::new(wire::RETIRING, 1, 0, 0).push(&mut frame);
+        for (limit, kept) in [(Some(1 << 20), 0), (None, 200)] {
+            let (mut w, theirs) = worker(limit);
+            let (a, _b) = sys::stream_pair().unwrap();
+            let fds = vec![a.as_raw_fd(); 200];
+            sys::send_fds(theirs.as_raw_fd(), &frame, &fds).unwrap();
+            read_once(&mut w, usize::MAX);
+            assert_eq!(w.conn.in_fds.len(), kept);
+            assert_eq!(w.violated, limit.is_some());
         }
     }
 }

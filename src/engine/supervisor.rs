@@ -17,7 +17,7 @@ use crate::engine::watch;
 use crate::engine::workers::Worker;
 use crate::error::Error;
 use crate::proto::conn::Filled;
-use crate::proto::shared_buf::Supply;
+use crate::proto::shared_buf::{self, Supply};
 use crate::proto::shm::{Block, BlockCache, Body, Lent};
 use crate::proto::task::{self, status};
 use crate::proto::untrusted;
@@ -640,6 +640,12 @@ impl Worker {
                 Err(broken("a result's SharedBufs did not arrive".into()))
             }
             Ok(Payload::Bytes(b, _)) => match Supply::resolve(fds, lent) {
+                // A sandboxed worker copies its buffers inline: the value
+                // may make no more of them (each an fd here) than one task
+                // may carry.
+                Ok(s) if self.result_limit.is_some() => {
+                    Ok(Payload::Bytes(b, s.cap_inline(shared_buf::max_per_task())))
+                }
                 Ok(s) => Ok(Payload::Bytes(b, s)),
                 Err(reason) => Err(broken(reason)),
             },

@@ -1226,3 +1226,43 @@ fn a_worker_flooding_its_socket_cannot_stall_the_others() {
         assert!(flood.get().is_err());
     });
 }
+
+#[test]
+fn a_result_past_the_result_limit_is_refused_and_the_pool_goes_on() {
+    within_bound("the result limit test", || {
+        let limit = 4 << 20;
+        let pool = sandboxed(1, Sandbox::new().result_limit(limit));
+        // Within it, through the socket and in a block.
+        assert_eq!(pool.apply(big_result, 1000).unwrap().len(), 1000);
+        assert_eq!(pool.apply(big_result, 3 << 20).unwrap().len(), 3 << 20);
+        // Past it, in a block (its length is checked before it is mapped).
+        match pool.apply(big_result, 6 << 20) {
+            Err(Error::ProtocolViolation { reason, .. }) => {
+                assert!(reason.contains("result limit"), "{reason}")
+            }
+            other => panic!(
+                "expected a protocol violation, got {:?}",
+                other.map(|b| b.len())
+            ),
+        }
+        assert_eq!(pool.apply(double, 4).unwrap(), 8);
+        // Past it, through the socket (a file size cap keeps large results
+        // out of blocks): the frame's header is refused before its body is
+        // read.
+        let pool = sandboxed(
+            1,
+            Sandbox::new().result_limit(limit).file_size_limit(1 << 20),
+        );
+        assert_eq!(pool.apply(big_result, 3 << 20).unwrap().len(), 3 << 20);
+        let r = pool.apply(big_result, 6 << 20);
+        assert!(
+            matches!(r, Err(Error::ProtocolViolation { .. })),
+            "{:?}",
+            r.map(|b| b.len())
+        );
+        assert_eq!(pool.apply(double, 4).unwrap(), 8);
+        // Without a sandbox there is no such limit.
+        let pool = plain(1);
+        assert_eq!(pool.apply(big_result, 6 << 20).unwrap().len(), 6 << 20);
+    });
+}

@@ -453,6 +453,10 @@ impl Worker {
     /// nothing more from it (what it sent is dropped and its fds closed),
     /// and fails its task with the error returned.
     fn violation(&mut self, reason: impl Into<String>) -> Error {
+        if let (true, Some(KillReason::Error(e))) = (self.violated, &self.kill) {
+            // The first violation is what it is killed for.
+            return e.clone();
+        }
         let e = Error::ProtocolViolation {
             pid: self.pid,
             reason: reason.into(),
@@ -517,7 +521,9 @@ impl Worker {
                 self.ready = true;
                 *sink.ready += 1;
             }
-            wire::READY => self.broken("said it was ready twice"),
+            wire::READY if self.result_limit.is_some() => {
+                self.violation("said it was ready twice");
+            }
             wire::RETIRING => {
                 // Its memory grew past the limit: it exits after this task.
                 log::debug!(

@@ -932,10 +932,12 @@ fn clone3_and_process_vm_readv_are_out_of_a_sandbox() {
 fn parent_socket() -> i32 {
     (3..1024)
         .find(|&fd| {
-            // SAFETY: fstat into a zeroed stat on an integer fd: EBADF if
-            // it is not open.
+            // SAFETY: stat is plain data; all zero is a valid value.
             let mut st: libc::stat = unsafe { std::mem::zeroed() };
-            unsafe { libc::fstat(fd, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFSOCK }
+            // SAFETY: fstat on an integer fd (EBADF if it is not open)
+            // writes into a live stat.
+            let ok = unsafe { libc::fstat(fd, &mut st) } == 0;
+            ok && st.st_mode & libc::S_IFMT == libc::S_IFSOCK
         })
         .expect("the worker's socket")
 }

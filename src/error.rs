@@ -230,6 +230,25 @@ pub enum Error {
         /// The pid of the worker that ran it.
         pid: u32,
     },
+    /// A sandboxed worker sent what the pool's protocol does not allow: a
+    /// frame or a result larger than the sandbox's
+    /// [`result_limit`](crate::Sandbox::result_limit), file descriptors
+    /// where none may come, a malformed frame, or an answer to a task it
+    /// was not given. The pool believed none of it: it killed the worker
+    /// (and replaced it), and the task it ran fails with this error. Only
+    /// a sandboxed pool reports it (a task there is taken to be hostile);
+    /// without a sandbox such a worker breaks the pool's protocol as
+    /// [`Broken`](Error::Broken) says.
+    ///
+    /// [`Sandbox`]: crate::Sandbox
+    #[error("worker {pid} broke the pool's protocol and was killed: {reason}")]
+    #[non_exhaustive]
+    ProtocolViolation {
+        /// The pid of the worker that sent it.
+        pid: u32,
+        /// What it sent that the protocol does not allow.
+        reason: String,
+    },
     /// The pool's [`Sandbox`] cannot be had as asked: the kernel lacks a
     /// mechanism it needs (and the sandbox does not accept a weaker one),
     /// the start method cannot carry it, a listed path is missing, or a

@@ -35,6 +35,7 @@
 //! | memory | `RLIMIT_DATA` (private memory: heap, anonymous mappings, stacks; not the pool's shared blocks) | no cgroup needed; an allocation past it fails, Rust aborts, and a `SIGABRT` handler that sees `errno == ENOMEM` marks the worker's status word, so the parent can name the limit |
 //! | CPU per task | the parent reads the worker's CPU clock | `RLIMIT_CPU` counts the whole process and cannot be raised again |
 //! | open files | `RLIMIT_NOFILE`, set above what is open plus a reserve for the pool's blocks | |
+//! | what comes back | the parent checks every length a worker claims against the result limit before it allocates or maps, closes fds no frame carries, and kills a worker that breaks the protocol | a task can write anything on its worker's socket: a 4 GiB claim, or fds by the hundred |
 //! | file size | `RLIMIT_FSIZE` (`SIGXFSZ` names it); the worker never makes a block past it, and sends a result that big through its socket instead | `ftruncate` on a memfd past `RLIMIT_FSIZE` fails (and raises `SIGXFSZ`) |
 //! | no set-user-ID or set-group-ID file | seccomp admits `open`, `openat`, `creat`, `mkdir`, `mkdirat`, `mknod`, `mknodat` and `fchmod` only with a mode free of `S_ISUID` and `S_ISGID` (`mknod` only for FIFOs and regular files); `openat2`, whose mode lies in memory where a filter cannot read it, answers `ENOSYS` (glibc falls back to `openat`); `chmod` by path is denied | a task of a program run as root would otherwise leave a root-owned set-user-ID program of its own making on the host |
 //! | workers apart | status words a page per worker, each worker unmapping the others and closing their memfd; blocks never reused, sealed | Landlock's signal and ptrace scoping keeps a worker from signalling or tracing another |
@@ -68,7 +69,14 @@
 //!   writing the sandbox's tests); results and messages from workers now
 //!   decode with a limit (`codec::decode_untrusted`). A task cannot put off
 //!   its timeout by writing its start word (`engine/README.md`, "Who may
-//!   kill whom").
+//!   kill whom"). Nor can it spend the parent's memory or fds: every
+//!   length it claims is checked against [`Sandbox::result_limit`] before
+//!   the parent allocates or maps anything for it, fds that no frame of
+//!   the protocol carries are closed as they arrive, and whatever breaks
+//!   the protocol kills the worker and fails its task with
+//!   [`Error::ProtocolViolation`](crate::Error::ProtocolViolation)
+//!   (`proto/untrusted.rs`; `engine/README.md`, "What a sandboxed worker
+//!   is believed").
 
 pub(crate) use crate::limit::Limit;
 use crate::proto::status::{SharedWords, Status};
@@ -91,7 +99,12 @@ use std::time::Duration;
 /// (if asked) cannot go past a memory cap, a CPU-time cap per task, a cap on
 /// open files and on the size of files it writes. A task that goes past a
 /// cap fails with [`Error::LimitExceeded`], naming it, and its worker is
-/// replaced. The channel to the parent keeps working.
+/// replaced. The channel to the parent keeps working, and the parent
+/// believes nothing on it that the pool's protocol does not allow: what a
+/// worker hands back for one task is capped
+/// ([`result_limit`](Sandbox::result_limit)), and a worker that breaks
+/// the protocol is killed, its task failing with
+/// [`Error::ProtocolViolation`](crate::Error::ProtocolViolation).
 ///
 /// It needs [`StartMethod::ForkServer`] (the default) and Linux with
 /// seccomp, Landlock ABI 6 or later and network namespaces (user
@@ -156,6 +169,7 @@ pub(crate) struct Spec {
     open_files: Option<u64>,
     file_size: Option<u64>,
     tasks_per_worker: Option<u64>,
+    result: Option<u64>,
     allow_weaker: bool,
 }
 
@@ -258,6 +272,47 @@ impl Sandbox {
         self
     }
 
+    /// Caps what a worker may hand back to the parent for one task, in
+    /// bytes: its result frame on the socket, its result's shared-memory
+    /// block, and any buffers with them, all together. The default is the
+    /// [`memory_limit`](Sandbox::memory_limit) if one is set, else 1 GiB.
+    ///
+    /// A task in a sandbox is taken to be hostile: it can find its worker's
+    /// socket to the parent and write anything there. The parent checks
+    /// every length a worker claims against this cap before it allocates
+    /// or maps anything for it, so one worker can make the parent's memory
+    /// grow by at most about this much, whatever it sends. A worker that
+    /// claims more, or sends anything else the protocol does not allow, is
+    /// killed and replaced, and its task fails with
+    /// [`Error::ProtocolViolation`](crate::Error::ProtocolViolation). A
+    /// task whose honest result is larger than the cap fails the same way:
+    /// raise the cap for such results.
+    ///
+    /// ```
+    /// use procpool::{Error, Pool, Sandbox, StartMethod};
+    /// use serde_bytes::ByteBuf;
+    ///
+    /// fn make(n: usize) -> ByteBuf { ByteBuf::from(vec![1u8; n]) }
+    ///
+    /// let pool = Pool::builder()
+    ///     .processes(1)
+    ///     .start_method(StartMethod::ForkServer)
+    ///     .sandbox(Sandbox::new().result_limit(4 << 20))
+    ///     .build()?;
+    /// assert_eq!(pool.apply(make, 1 << 20)?.len(), 1 << 20);
+    /// assert!(matches!(
+    ///     pool.apply(make, 8 << 20),
+    ///     Err(Error::ProtocolViolation { .. })
+    /// ));
+    /// // The pool goes on with a new worker.
+    /// assert_eq!(pool.apply(make, 10)?.len(), 10);
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
+    pub fn result_limit(mut self, bytes: u64) -> Sandbox {
+        self.spec.result = Some(bytes);
+        self
+    }
+
     /// Accepts a weaker sandbox where the kernel lacks a mechanism (no
     /// seccomp, Landlock older than ABI 6 or absent, no network
     /// namespace): the pool applies what there is, and logs what is
@@ -275,6 +330,7 @@ impl Sandbox {
             || spec.open_files == Some(0)
             || spec.file_size == Some(0)
             || spec.tasks_per_worker == Some(0)
+            || spec.result == Some(0)
             || spec.cpu_per_task.is_some_and(|d| d.is_zero());
         if zero {
             return Err(crate::Error::Config(
@@ -311,11 +367,18 @@ pub(crate) struct Limits {
     /// The wall-clock limit of a task that has no timeout of its own (nor
     /// the pool's): ten times the CPU cap, else [`DEFAULT_WALL_CLOCK`].
     pub(crate) wall_clock: Duration,
+    /// What a worker may hand back for one task, in bytes
+    /// ([`Sandbox::result_limit`]).
+    pub(crate) result: u64,
 }
 
 /// The wall-clock limit of a sandboxed task when neither a timeout nor a
 /// CPU cap is set.
 pub(crate) const DEFAULT_WALL_CLOCK: Duration = Duration::from_secs(60);
+
+/// The cap on what a worker hands back for one task when neither
+/// [`Sandbox::result_limit`] nor [`Sandbox::memory_limit`] sets one.
+pub(crate) const DEFAULT_RESULT_LIMIT: u64 = 1 << 30;
 
 impl Spec {
     pub(crate) fn limits(&self) -> Limits {
@@ -328,6 +391,7 @@ impl Spec {
             wall_clock: self
                 .cpu_per_task
                 .map_or(DEFAULT_WALL_CLOCK, |c| c.saturating_mul(10)),
+            result: self.result.or(self.memory).unwrap_or(DEFAULT_RESULT_LIMIT),
         }
     }
 }

@@ -1143,17 +1143,6 @@ fn each_sandboxed_task_runs_in_a_process_of_its_own() {
     });
 }
 
-/// The fd of this process's socket (the first socket from fd 3 up).
-fn own_socket() -> i32 {
-    (3..1024)
-        .find(|&fd| {
-            // SAFETY (test): fstat into a zeroed stat of this frame.
-            let mut st: libc::stat = unsafe { std::mem::zeroed() };
-            unsafe { libc::fstat(fd, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFSOCK }
-        })
-        .expect("a socket")
-}
-
 /// A DONE frame (`src/proto/wire.rs`) for task `seq`: a success whose
 /// value is the u64 7 (one byte in the pool's encoding).
 fn forged_done(seq: u64) -> Vec<u8> {
@@ -1171,7 +1160,7 @@ fn forged_done(seq: u64) -> Vec<u8> {
 /// then becomes the worker's protocol loop, answering every task it is
 /// sent with 7, and never exits by itself.
 fn hijack(_: u64) -> u64 {
-    let fd = own_socket();
+    let fd = parent_socket();
     let write = |b: &[u8]| {
         // SAFETY (test): write of a live buffer on this process's socket.
         unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
@@ -1315,5 +1304,360 @@ fn a_leftover_spinning_thread_never_fails_a_later_task() {
         let pool = plain(1);
         assert_eq!(pool.apply(leave_a_spinner, ()).unwrap(), 2);
         assert!(pool.apply(threads_here, ()).unwrap() >= 2);
+    });
+}
+
+// ---- a hostile worker's claims and fds (the result limit) ----
+
+/// The worker's stream socket to the parent: the first socket among its
+/// fds from 3 up (found with fstat, as a hostile task would).
+fn parent_socket() -> i32 {
+    (3..1024)
+        .find(|&fd| {
+            // SAFETY: stat is plain data; all zero is a valid value.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: fstat on an integer fd (EBADF if it is not open)
+            // writes into a live stat.
+            let ok = unsafe { libc::fstat(fd, &mut st) } == 0;
+            ok && st.st_mode & libc::S_IFMT == libc::S_IFSOCK
+        })
+        .expect("the worker's socket")
+}
+
+/// A frame header of the pool's wire format (`src/proto/wire.rs`).
+fn header(len: u64, kind: u8, seq: u64) -> Vec<u8> {
+    let mut h = Vec::new();
+    h.extend_from_slice(&len.to_le_bytes());
+    h.push(kind);
+    h.push(0); // status: OK
+    h.extend_from_slice(&seq.to_le_bytes());
+    h.extend_from_slice(&[0u8; 16]); // a, b
+    h
+}
+
+fn write_all(fd: i32, mut b: &[u8]) -> bool {
+    while !b.is_empty() {
+        // SAFETY: write of a live buffer on an fd this process holds.
+        let n = unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
+        if n <= 0 {
+            return false;
+        }
+        b = &b[n as usize..];
+    }
+    true
+}
+
+/// Writes, on the worker's socket, the header of a result for its first
+/// task that claims 4 GiB, then streams zeros after it: `bytes` of them,
+/// then ends the worker (0: until the worker is killed).
+fn claim_4gib(bytes: u64) -> u64 {
+    let fd = parent_socket();
+    write_all(fd, &header(4 << 30, 3, 1));
+    let chunk = vec![0u8; 1 << 20];
+    let mut sent = 0u64;
+    while (bytes == 0 || sent < bytes) && write_all(fd, &chunk) {
+        sent += chunk.len() as u64;
+    }
+    std::process::exit(0)
+}
+
+/// This process's peak resident memory (`VmHWM`), in bytes.
+fn peak_rss() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = s.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb << 10
+}
+
+/// The fds this process holds (the entries of /proc/self/fd, less the one
+/// that reading it opens).
+fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count() - 1
+}
+
+/// Runs this test binary again with only the ignored helper test `name`,
+/// selected by `PROCPOOL_TEST_HELPER`, so that what it measures of its
+/// process (peak memory, fds) is its own; returns its output.
+fn run_ignored_helper(name: &str) -> String {
+    let exe = std::env::current_exe().expect("current_exe");
+    let run = common::run_program_with_deadline(
+        std::process::Command::new(exe)
+            .args([
+                name,
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("PROCPOOL_TEST_HELPER", name),
+        BOUND - Duration::from_secs(20),
+    );
+    assert!(
+        run.status.is_some_and(|s| s.success()) && run.stdout.contains("HELPER-DONE"),
+        "the helper {name} failed:\n{}\n{}",
+        run.stdout,
+        run.stderr
+    );
+    run.stdout
+}
+
+/// The number after `tag` on a line of a helper's output.
+fn reported(out: &str, tag: &str) -> u64 {
+    // libtest prints "test NAME ... " on the line of the first one.
+    out.lines()
+        .find_map(|l| l.split_once(tag).map(|(_, v)| v))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {tag} in:\n{out}"))
+}
+
+/// The result limit in the helpers.
+const RESULT_LIMIT: u64 = 32 << 20;
+/// What the unsandboxed control streams after its claim.
+const STREAMED: u64 = 256 << 20;
+
+#[test]
+#[ignore = "a helper: run by a_worker_claiming_4_gib_cannot_take_the_parents_memory"]
+fn helper_claim_4gib() {
+    if std::env::var("PROCPOOL_TEST_HELPER").as_deref() != Ok("helper_claim_4gib") {
+        return;
+    }
+    let pool = sandboxed(1, Sandbox::new().result_limit(RESULT_LIMIT));
+    assert_eq!(pool.apply(double, 1).unwrap(), 2);
+    println!("BEFORE= {}", peak_rss());
+    match pool.apply(claim_4gib, 0) {
+        Err(Error::ProtocolViolation { reason, .. }) => {
+            assert!(reason.contains("claims 4294967296 bytes"), "{reason}")
+        }
+        other => panic!("expected a protocol violation, got {other:?}"),
+    }
+    println!("SANDBOXED= {}", peak_rss());
+    // The pool goes on, with a new worker.
+    assert_eq!(pool.apply(double, 21).unwrap(), 42);
+    drop(pool);
+    // Without a sandbox the parent believes the claim, and holds what
+    // streams in (the worker then exits: the task is lost with it).
+    let pool = plain(1);
+    assert!(matches!(
+        pool.apply(claim_4gib, STREAMED),
+        Err(Error::WorkerLost { .. })
+    ));
+    println!("PLAIN= {}", peak_rss());
+    println!("HELPER-DONE");
+}
+
+#[test]
+fn a_worker_claiming_4_gib_cannot_take_the_parents_memory() {
+    within_bound("the 4 GiB claim test", || {
+        let out = run_ignored_helper("helper_claim_4gib");
+        let (before, sandboxed, plain) = (
+            reported(&out, "BEFORE="),
+            reported(&out, "SANDBOXED="),
+            reported(&out, "PLAIN="),
+        );
+        eprintln!(
+            "VmHWM: {before} before, {sandboxed} after the sandboxed claim, {plain} after the plain one"
+        );
+        // The sandboxed parent's peak grew by less than the limit, with a
+        // margin for the pool's own work.
+        assert!(
+            sandboxed <= before + RESULT_LIMIT + (16 << 20),
+            "the claim took the parent from {before} to {sandboxed} bytes"
+        );
+        // The control: without a sandbox the claim works.
+        assert!(
+            plain >= sandboxed + STREAMED / 2,
+            "the unsandboxed claim took only {plain} bytes"
+        );
+    });
+}
+
+/// Sends on the worker's socket `frames` frames that the parent ignores
+/// (of an unknown kind, without a body), each with 250 fds of /dev/null
+/// (`SCM_RIGHTS`), then sleeps (`then_sleep`: until the worker is killed)
+/// or returns how many fds it sent.
+fn flood_fds((frames, then_sleep): (usize, bool)) -> usize {
+    let sock = parent_socket();
+    let null = std::fs::File::open("/dev/null").expect("opening /dev/null");
+    let fds = [std::os::fd::AsRawFd::as_raw_fd(&null); 250];
+    let frame = header(0, 99, 0);
+    for _ in 0..frames {
+        send_with_fds(sock, &frame, &fds);
+    }
+    if then_sleep {
+        std::thread::sleep(Duration::from_secs(120));
+    }
+    frames * fds.len()
+}
+
+/// One `sendmsg` of `bytes` with `fds` attached.
+fn send_with_fds(sock: i32, bytes: &[u8], fds: &[i32]) {
+    let fd_bytes = std::mem::size_of_val(fds) as u32;
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
+    let mut cbuf = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: msghdr is plain data; all zero is an empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: cbuf holds CMSG_SPACE(fd_bytes) bytes: one header and the
+    // fds, which CMSG_FIRSTHDR and CMSG_DATA address within it; msg and
+    // what it points to live across sendmsg.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
+        std::ptr::copy_nonoverlapping(
+            fds.as_ptr().cast::<u8>(),
+            libc::CMSG_DATA(c),
+            fd_bytes as usize,
+        );
+        assert_eq!(
+            libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL),
+            bytes.len() as isize
+        );
+    }
+}
+
+#[test]
+#[ignore = "a helper: run by fds_a_worker_floods_the_parent_with_are_closed_at_once"]
+fn helper_flood_fds() {
+    if std::env::var("PROCPOOL_TEST_HELPER").as_deref() != Ok("helper_flood_fds") {
+        return;
+    }
+    let pool = sandboxed(1, Sandbox::new().read_only("/dev/null"));
+    // Each task's worker is killed after it and replaced: count once the
+    // replacement of the first task's worker is up and that worker gone.
+    let (first, _) = pool.apply(pid_and_runs, 1).unwrap();
+    let settled = |gone: u32| {
+        assert!(common::eventually(|| {
+            let now = pool.worker_pids();
+            now.len() == 1 && now[0] != gone
+        }));
+        pool.worker_pids()[0]
+    };
+    let flooder = settled(first);
+    let before = fd_count();
+    println!("BEFORE= {before}");
+    match pool.apply(flood_fds, (2, true)) {
+        Err(Error::ProtocolViolation { reason, .. }) => {
+            assert!(reason.contains("file descriptor"), "{reason}")
+        }
+        other => panic!("expected a protocol violation, got {other:?}"),
+    }
+    // Its replacement holds a socket as it did: once it is up, the parent
+    // holds what it held before.
+    settled(flooder);
+    assert!(
+        common::eventually(|| fd_count() == before),
+        "the parent holds {} fds, {before} before the flood",
+        fd_count()
+    );
+    assert_eq!(pool.apply(double, 21).unwrap(), 42);
+    println!("SANDBOXED= {}", fd_count());
+    drop(pool);
+    // Without a sandbox the parent keeps them while the worker lives.
+    let pool = plain(1);
+    assert_eq!(pool.apply(double, 1).unwrap(), 2);
+    let before = fd_count();
+    assert_eq!(pool.apply(flood_fds, (2, false)).unwrap(), 500);
+    println!("PLAIN= {}", fd_count() - before);
+    println!("HELPER-DONE");
+}
+
+#[test]
+fn fds_a_worker_floods_the_parent_with_are_closed_at_once() {
+    within_bound("the fd flood test", || {
+        let out = run_ignored_helper("helper_flood_fds");
+        assert_eq!(reported(&out, "SANDBOXED="), reported(&out, "BEFORE="));
+        // The control: without a sandbox they stay for the worker's life.
+        assert!(reported(&out, "PLAIN=") >= 500, "{out}");
+    });
+}
+
+/// Floods the worker's socket with frames the protocol allows (RETIRING:
+/// its memory grew), a MiB at a time, until the worker is killed; creates
+/// the file `started` once the first MiB is out.
+fn flood_frames(started: String) {
+    let sock = parent_socket();
+    let one = header(0, 7, 1);
+    let batch: Vec<u8> = one
+        .iter()
+        .copied()
+        .cycle()
+        .take(one.len() * 30_000)
+        .collect();
+    write_all(sock, &batch);
+    std::fs::write(started, b"").unwrap();
+    while write_all(sock, &batch) {}
+}
+
+#[test]
+fn a_worker_flooding_its_socket_cannot_stall_the_others() {
+    within_bound("the flood test", || {
+        let dir = TempDir::new("flood");
+        let pool = sandboxed(2, Sandbox::new().read_write(&dir.0));
+        // A timed task goes to an idle worker alone: the flood holds one
+        // worker, and the tasks below go to the other.
+        let t = Duration::from_secs(150);
+        let timed = procpool::TaskOptions::new().timeout(t);
+        let started = dir.join("started");
+        let flood = pool.apply_async_with(flood_frames, started.clone(), timed);
+        let flood = flood.unwrap();
+        assert!(common::eventually(
+            || std::path::Path::new(&started).exists()
+        ));
+        for i in 0..20u64 {
+            let timed = procpool::TaskOptions::new().timeout(t);
+            assert_eq!(pool.apply_with(double, i, timed).unwrap(), 2 * i);
+        }
+        pool.terminate();
+        assert!(flood.get().is_err());
+    });
+}
+
+#[test]
+fn a_result_past_the_result_limit_is_refused_and_the_pool_goes_on() {
+    within_bound("the result limit test", || {
+        let limit = 4 << 20;
+        let pool = sandboxed(1, Sandbox::new().result_limit(limit));
+        // Within it, through the socket and in a block.
+        assert_eq!(pool.apply(big_result, 1000).unwrap().len(), 1000);
+        assert_eq!(pool.apply(big_result, 3 << 20).unwrap().len(), 3 << 20);
+        // Past it, in a block (its length is checked before it is mapped).
+        match pool.apply(big_result, 6 << 20) {
+            Err(Error::ProtocolViolation { reason, .. }) => {
+                assert!(reason.contains("result limit"), "{reason}")
+            }
+            other => panic!(
+                "expected a protocol violation, got {:?}",
+                other.map(|b| b.len())
+            ),
+        }
+        assert_eq!(pool.apply(double, 4).unwrap(), 8);
+        // Past it, through the socket (a file size cap keeps large results
+        // out of blocks): the frame's header is refused before its body is
+        // read.
+        let pool = sandboxed(
+            1,
+            Sandbox::new().result_limit(limit).file_size_limit(1 << 20),
+        );
+        assert_eq!(pool.apply(big_result, 3 << 20).unwrap().len(), 3 << 20);
+        let r = pool.apply(big_result, 6 << 20);
+        assert!(
+            matches!(r, Err(Error::ProtocolViolation { .. })),
+            "{:?}",
+            r.map(|b| b.len())
+        );
+        assert_eq!(pool.apply(double, 4).unwrap(), 8);
+        // Without a sandbox there is no such limit.
+        let pool = plain(1);
+        assert_eq!(pool.apply(big_result, 6 << 20).unwrap().len(), 6 << 20);
     });
 }

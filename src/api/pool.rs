@@ -525,6 +525,7 @@ impl PoolBuilder {
                 .unwrap_or_else(crate::capture::env_wants_backtraces),
             max_memory_per_child: self.max_memory_per_child,
             sandbox: sandbox.as_ref().map(|s| s.limits()),
+            result_limit: sandbox.as_ref().map(|s| s.limits().result),
             // Over MPI, and into a sandbox, SharedBufs are copied: shared
             // memory ends at the machine, and a sandboxed worker must hold
             // no fd of the caller's memory (it could keep a duplicate and

@@ -36,6 +36,12 @@ pub(crate) struct Config {
     pub(crate) max_memory_per_child: Option<u64>,
     /// A sandboxed pool's caps.
     pub(crate) sandbox: Option<crate::sandbox::Limits>,
+    /// In a sandboxed pool, what a worker may hand back for one task, in
+    /// bytes (frames, blocks and buffers together; `Sandbox::result_limit`):
+    /// the supervisor believes no claim past it, and takes everything such
+    /// a worker sends as untrusted (`proto/untrusted.rs`). `None` without a
+    /// sandbox.
+    pub(crate) result_limit: Option<u64>,
     /// Whether `SharedBuf`s travel as copies (MPI ranks, beyond shared
     /// memory) rather than by reference.
     pub(crate) inline_shared: bool,

@@ -52,6 +52,13 @@ pub(crate) struct Worker {
     /// How many tasks it had been sent when a sandboxed worker was last
     /// found idle and looked at (for threads left over by its task).
     pub(crate) idle_checked: u64,
+    /// In a sandboxed pool, what it may hand back for one task
+    /// (`Config::result_limit`): everything it sends is checked as
+    /// untrusted (`proto/untrusted.rs`). `None` without a sandbox.
+    pub(crate) result_limit: Option<u64>,
+    /// It broke the protocol: it is being killed, and nothing more it sends
+    /// is read.
+    pub(crate) violated: bool,
 }
 
 impl Worker {
@@ -91,6 +98,8 @@ impl Worker {
             cpu_base: 0,
             cpu_next: None,
             idle_checked: 0,
+            result_limit: cfg.result_limit,
+            violated: false,
         }
     }
 

@@ -15,4 +15,5 @@ pub(crate) mod shared_buf;
 pub(crate) mod shm;
 pub(crate) mod status;
 pub(crate) mod task;
+pub(crate) mod untrusted;
 pub(crate) mod wire;

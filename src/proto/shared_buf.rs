@@ -378,6 +378,10 @@ thread_local! {
     static ENCODER: RefCell<Option<Encoder>> = const { RefCell::new(None) };
     /// Set while the pool decodes them on this thread.
     static DECODER: RefCell<Option<Supply>> = const { RefCell::new(None) };
+    /// How many more buffers an inline decode may make (`None`: no cap):
+    /// set while a sandboxed worker's result is decoded
+    /// ([`Supply::cap_inline`]).
+    static INLINE_LEFT: Cell<Option<usize>> = const { Cell::new(None) };
     /// Which of the two is *armed*: used by `SharedBuf`'s serde impls only
     /// while the pool itself encodes or decodes (not while a task runs
     /// between the two, with the frame's encoder and decoder installed).
@@ -389,6 +393,19 @@ const ARM_DECODER: u8 = 2;
 
 fn armed(which: u8) -> bool {
     ARMED.try_with(|a| a.get() & which != 0).unwrap_or(false)
+}
+
+/// Runs `f` with at most `cap` buffers to be made from inline bytes (then
+/// as before, even on a panic).
+fn with_inline_cap<T>(cap: Option<usize>, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<usize>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = INLINE_LEFT.try_with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(INLINE_LEFT.with(|c| c.replace(cap)));
+    f()
 }
 
 /// Runs `f` with exactly `which` armed (then as before, even on a panic).
@@ -489,6 +506,9 @@ pub(crate) struct Supply {
     /// Held only to be dropped (unmapped) by whoever decodes the value, not
     /// by the supervisor thread.
     _spare: Vec<Region>,
+    /// The most buffers the value may make from inline bytes (a sandboxed
+    /// worker's result: each is a memory file, an fd of this process).
+    inline_cap: Option<usize>,
 }
 
 enum Incoming {
@@ -502,6 +522,7 @@ impl Supply {
         Supply {
             items: fds.into_iter().map(|f| Some(Incoming::Fd(f))).collect(),
             _spare: Vec::new(),
+            inline_cap: None,
         }
     }
 
@@ -519,6 +540,7 @@ impl Supply {
             return Ok(Supply {
                 items: Vec::new(),
                 _spare: lent,
+                inline_cap: None,
             });
         }
         let mut items = Vec::with_capacity(fds.len());
@@ -536,17 +558,29 @@ impl Supply {
         Ok(Supply {
             items,
             _spare: lent,
+            inline_cap: None,
         })
     }
 
     /// Runs `f` (which decodes one value, or a chunk's items) with this
     /// supply as this thread's source of buffers, armed.
     pub(crate) fn decoding<T>(&mut self, f: impl FnOnce() -> T) -> T {
+        let cap = self.inline_cap;
+        let f = || with_inline_cap(cap, f);
         if self.items.is_empty() {
             // Nothing to take (most results): armed, nothing installed.
             return arm(ARM_DECODER, f);
         }
         self.with_decoder(|| arm(ARM_DECODER, f))
+    }
+
+    /// The value decoded with this supply may make at most `n` buffers from
+    /// inline bytes (a sandboxed worker's result, which copies its
+    /// buffers: an honest one sends at most `max_per_task`); past it, the
+    /// decode fails rather than give this process an fd per buffer.
+    pub(crate) fn cap_inline(mut self, n: usize) -> Supply {
+        self.inline_cap = Some(n);
+        self
     }
 
     /// Runs `f` with this supply installed (moved in, and back out
@@ -708,6 +742,15 @@ impl<'de> Visitor<'de> for InlineSeed {
     }
 
     fn visit_bytes<E: de::Error>(self, v: &[u8]) -> std::result::Result<SharedBuf, E> {
+        let left = INLINE_LEFT.try_with(Cell::get).ok().flatten();
+        if let Some(n) = left {
+            if n == 0 {
+                return Err(E::custom(
+                    "the result carries more SharedBufs than one task may",
+                ));
+            }
+            let _ = INLINE_LEFT.try_with(|c| c.set(Some(n - 1)));
+        }
         SharedBuf::from_slice(v).map_err(E::custom)
     }
 }
@@ -968,6 +1011,34 @@ mod tests {
         let back: SharedSlice<u32> = codec::decode(&out).unwrap().0;
         assert_eq!(back.to_vec(), vec![1, 2, 3]);
         assert_ne!(back.as_slice().as_ptr(), b.as_slice().as_ptr());
+    }
+
+    #[test]
+    fn a_capped_supply_makes_no_more_inline_buffers_than_its_cap() {
+        let bufs: Vec<SharedBuf> = (0..3)
+            .map(|_| SharedBuf::from_slice(b"ab").unwrap())
+            .collect();
+        let (mut regions, mut out) = (Vec::new(), Vec::new());
+        encoding(Mode::Inline, &mut regions, || {
+            codec::encode_into(&bufs, &mut out)
+        })
+        .unwrap();
+        let decode = |cap: usize| {
+            let mut s = Supply::default().cap_inline(cap);
+            s.decoding(|| codec::decode_untrusted::<Vec<SharedBuf>>(&out))
+        };
+        assert_eq!(decode(3).unwrap().0.len(), 3);
+        let e = decode(2).unwrap_err();
+        assert!(e.message().contains("more SharedBufs"), "{e}");
+        // Uncapped, as before.
+        assert_eq!(
+            Supply::default()
+                .decoding(|| codec::decode::<Vec<SharedBuf>>(&out))
+                .unwrap()
+                .0
+                .len(),
+            3
+        );
     }
 
     #[test]

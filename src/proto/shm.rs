@@ -97,14 +97,22 @@ impl Block {
     /// A block from a worker that may be hostile: it must be sealed against
     /// writes, growth and shrinking before this process maps it, or the
     /// worker could truncate it under the mapping (a SIGBUS here) or change
-    /// it while it is decoded.
-    pub(crate) fn from_sealed_fd(fd: OwnedFd) -> io::Result<Block> {
+    /// it while it is decoded. A file larger than `max` bytes is refused
+    /// before it is mapped (`untrusted::block_max`).
+    pub(crate) fn from_sealed_fd(fd: OwnedFd, max: u64) -> io::Result<Block> {
         let need = libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK;
         let seals = sys::seals(&fd)?;
         if seals & need != need {
             return Err(io::Error::other(
                 "a block from a sandboxed worker is not sealed",
             ));
+        }
+        // Sealed against growth: its size cannot change after this.
+        let len = sys::file_len(&fd)?;
+        if len as u64 > max {
+            return Err(io::Error::other(format!(
+                "a result block of {len} bytes is past the sandbox's result limit"
+            )));
         }
         Block::from_fd(fd)
     }

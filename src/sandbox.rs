@@ -61,6 +61,11 @@
 //!   and v2; an rlimit works everywhere, at the price of resting the verdict
 //!   on `errno` ([`Prepared::apply`]; that a backtrace overwrites it was
 //!   found with `examples/untrusted.rs`).
+//! - **No environment variable weakens a sandbox**: a test pretends a
+//!   mechanism is missing with the hidden builder method
+//!   `Sandbox::pretend_missing`, carried in the spec; it once read an
+//!   environment variable, in every build, so a user's environment could
+//!   weaken a sandbox built with `allow_weaker()`.
 //! - **A hostile worker and its parent**: everything a worker sends is
 //!   data. bincode allocates a buffer of the length it reads before it
 //!   reads the bytes, so a crafted frame made the parent abort (found while
@@ -155,6 +160,9 @@ pub(crate) struct Spec {
     open_files: Option<u64>,
     file_size: Option<u64>,
     allow_weaker: bool,
+    /// The mechanisms the server pretends are missing (for tests):
+    /// `seccomp`, `netns`, `landlock`.
+    pretend_missing: Vec<String>,
 }
 
 impl Sandbox {
@@ -234,6 +242,15 @@ impl Sandbox {
     /// [`Error::Sandbox`](crate::Error::Sandbox) naming what is missing.
     pub fn allow_weaker(mut self) -> Sandbox {
         self.spec.allow_weaker = true;
+        self
+    }
+
+    /// For tests of a kernel that lacks a mechanism: the server pretends
+    /// that `mechanism` (`seccomp`, `netns` or `landlock`) is missing.
+    /// Only a builder can ask for it; no environment variable can.
+    #[doc(hidden)]
+    pub fn pretend_missing(mut self, mechanism: &str) -> Sandbox {
+        self.spec.pretend_missing.push(mechanism.trim().to_string());
         self
     }
 
@@ -331,9 +348,9 @@ pub(crate) enum Readiness {
 /// the network namespace, the seccomp filters, the Landlock check.
 pub(crate) fn prepare(spec: Spec) -> Readiness {
     // For tests of a kernel that lacks a mechanism: the server pretends
-    // that the ones named (`seccomp`, `netns`, `landlock`) are missing.
-    let pretend = std::env::var(PRETEND_MISSING).unwrap_or_default();
-    let lacks = |what: &str| pretend.split(',').any(|p| p.trim() == what);
+    // that the ones named (`Sandbox::pretend_missing`) are missing.
+    let pretend = spec.pretend_missing.clone();
+    let lacks = |what: &str| pretend.iter().any(|p| p == what);
     let mut missing = Vec::new();
     let filters = if sys_sandbox::seccomp_available() && !lacks("seccomp") {
         match filters() {
@@ -377,10 +394,6 @@ pub(crate) fn prepare(spec: Spec) -> Readiness {
         ))
     }
 }
-
-/// The environment variable that makes a server pretend mechanisms are
-/// missing (for tests).
-const PRETEND_MISSING: &str = "PROCPOOL_SANDBOX_PRETEND_MISSING";
 
 /// A worker's sandbox once applied: what it checks after each task.
 pub(crate) struct Active {

@@ -4,7 +4,8 @@
 //!
 //! - **The parent** (`PoolBuilder::build`) checks the settings, makes the
 //!   listed paths absolute, and writes them into the exec'd server's
-//!   config memfd (`backend/local/start.rs`). A sandbox needs that exec'd
+//!   config memfd (`backend/local/start.rs`). It execs the server with an
+//!   environment of only the variables the sandbox names. A sandbox needs that exec'd
 //!   server: a fork of the caller would carry the caller's memory, and its
 //!   secrets, into every worker. While a task runs, the parent watches the
 //!   worker's CPU clock (a per-task CPU cap), gives each worker
@@ -37,6 +38,7 @@
 //! | open files | `RLIMIT_NOFILE`, set above what is open plus a reserve for the pool's blocks | |
 //! | file size | `RLIMIT_FSIZE` (`SIGXFSZ` names it); the worker never makes a block past it, and sends a result that big through its socket instead | `ftruncate` on a memfd past `RLIMIT_FSIZE` fails (and raises `SIGXFSZ`) |
 //! | workers apart | status words a page per worker, each worker unmapping the others and closing their memfd; blocks never reused, sealed | Landlock's signal and ptrace scoping keeps a worker from signalling or tracing another |
+//! | nothing of the host's environment | the parent execs the server with only the variables [`Sandbox::env`] and [`Sandbox::inherit_env`] name (and the crate's marker, fd numbers); the crate's own settings (`PROCPOOL_SPIN_US`) go in the config memfd | clearing `environ` in the server would not do: an exec's strings stay on its stack, in every worker it forks |
 //!
 //! What the table leaves out:
 //!
@@ -78,6 +80,7 @@ pub(crate) use crate::limit::Limit;
 use crate::proto::status::{SharedWords, Status};
 use crate::sys::sandbox as sys_sandbox;
 use serde::{Deserialize, Serialize};
+use std::ffi::{OsStr, OsString};
 use std::os::fd::RawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -103,6 +106,11 @@ use std::time::Duration;
 /// one is missing, unless [`allow_weaker`](Sandbox::allow_weaker) says a
 /// weaker sandbox will do. The sandbox applies after the initializer, which
 /// must leave the worker with one thread.
+///
+/// Nothing of the host's environment reaches a task unless named: a
+/// worker's environment holds only the variables that
+/// [`env`](Sandbox::env) and [`inherit_env`](Sandbox::inherit_env) name
+/// (none by default).
 ///
 /// What it does not protect against: kernel bugs (every mechanism here is
 /// the kernel's), side channels (timing, caches, the CPU), what the
@@ -163,6 +171,12 @@ pub(crate) struct Spec {
     /// The mechanisms the server pretends are missing (for tests):
     /// `seccomp`, `netns`, `landlock`.
     pretend_missing: Vec<String>,
+    /// The server's environment, in the order the builder named it:
+    /// `(key, Some(value))` sets one, `(key, None)` passes the parent's
+    /// value through. The parent applies it to the server's exec; it does
+    /// not travel in the config (the server's environment carries it).
+    #[serde(skip)]
+    env: Vec<(std::ffi::OsString, Option<std::ffi::OsString>)>,
 }
 
 impl Sandbox {
@@ -245,6 +259,60 @@ impl Sandbox {
         self
     }
 
+    /// Sets the environment variable `key` to `value` in the pool's
+    /// workers (and their fork server).
+    ///
+    /// A sandboxed worker's environment is empty but for what this and
+    /// [`inherit_env`](Sandbox::inherit_env) name: none of the parent's
+    /// variables (its tokens, its paths) reaches a task unless named here.
+    /// The server is exec'd with only these, so no byte of the parent's
+    /// environment is in a worker's memory. A program that needs a
+    /// variable to start (`LD_LIBRARY_PATH` for a library outside the
+    /// system's paths, say) must name it. The crate's own settings
+    /// (`PROCPOOL_SPIN_US`) reach the server another way.
+    ///
+    /// ```
+    /// use procpool::{Pool, Sandbox, StartMethod};
+    /// fn lang(_: ()) -> Option<String> { std::env::var("LANG").ok() }
+    /// fn home(_: ()) -> Option<String> { std::env::var("HOME").ok() }
+    /// let pool = Pool::builder()
+    ///     .processes(1)
+    ///     .start_method(StartMethod::ForkServer)
+    ///     .sandbox(Sandbox::new().env("LANG", "C.UTF-8"))
+    ///     .build()?;
+    /// assert_eq!(pool.apply(lang, ())?.as_deref(), Some("C.UTF-8"));
+    /// assert_eq!(pool.apply(home, ())?, None);
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Sandbox {
+        let value = value.as_ref().to_os_string();
+        self.spec
+            .env
+            .push((key.as_ref().to_os_string(), Some(value)));
+        self
+    }
+
+    /// Passes the parent's value of the environment variable `key` to the
+    /// pool's workers, if it is set when the pool is built (see
+    /// [`env`](Sandbox::env): nothing else of the parent's environment
+    /// reaches them).
+    ///
+    /// ```
+    /// use procpool::{Pool, Sandbox, StartMethod};
+    /// fn path_is_set(_: ()) -> bool { std::env::var_os("PATH").is_some() }
+    /// let pool = Pool::builder()
+    ///     .processes(1)
+    ///     .start_method(StartMethod::ForkServer)
+    ///     .sandbox(Sandbox::new().inherit_env("PATH"))
+    ///     .build()?;
+    /// assert_eq!(pool.apply(path_is_set, ())?, std::env::var_os("PATH").is_some());
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
+    pub fn inherit_env(mut self, key: impl AsRef<OsStr>) -> Sandbox {
+        self.spec.env.push((key.as_ref().to_os_string(), None));
+        self
+    }
+
     /// For tests of a kernel that lacks a mechanism: the server pretends
     /// that `mechanism` (`seccomp`, `netns` or `landlock`) is missing.
     /// Only a builder can ask for it; no environment variable can.
@@ -271,7 +339,33 @@ impl Sandbox {
                 reason: format!("the sandbox's path {} cannot be used: {e}", p.display()),
             })?;
         }
+        spec.env = resolve_env(std::mem::take(&mut spec.env));
         Ok(spec)
+    }
+}
+
+/// The server's environment as the builder named it: each inherited
+/// variable replaced by the parent's value now, or left out if unset; a
+/// key named twice keeps its last value.
+fn resolve_env(named: Vec<(OsString, Option<OsString>)>) -> Vec<(OsString, Option<OsString>)> {
+    let mut out: Vec<(OsString, Option<OsString>)> = Vec::new();
+    for (key, value) in named {
+        let Some(value) = value.or_else(|| std::env::var_os(&key)) else {
+            continue;
+        };
+        out.retain(|(k, _)| *k != key);
+        out.push((key, Some(value)));
+    }
+    out
+}
+
+impl Spec {
+    /// The variables of a sandboxed server's environment (after
+    /// [`Sandbox::resolve`]), besides the crate's own marker.
+    pub(crate) fn env(&self) -> impl Iterator<Item = (&OsStr, &OsStr)> {
+        self.env
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_os_str(), v.as_deref()?)))
     }
 }
 

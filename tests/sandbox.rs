@@ -745,6 +745,193 @@ fn run_helper_test(name: &str, configure: impl FnOnce(&mut Command)) -> common::
     common::run_program_with_deadline(&mut cmd, BOUND)
 }
 
+// ---- what the host's process holds: environment and stdio ----
+
+/// A fresh random token, as hex.
+fn random_token() -> String {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .expect("reading /dev/urandom");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The variable that holds the helper's secret.
+const SECRET_ENV: &str = "PROCPOOL_TEST_SECRET";
+
+fn read_secret(_: ()) -> Option<String> {
+    std::env::var(SECRET_ENV).ok()
+}
+
+/// What a scan of a process's memory found.
+#[derive(Debug, PartialEq, Eq)]
+enum Scan {
+    Found,
+    Absent,
+    /// The memory could not be read (not root, say): why.
+    NotPermitted(String),
+}
+
+/// Looks for `needle` in every readable region of process `pid`'s memory
+/// (`/proc/PID/maps`, then `/proc/PID/mem`). A region that cannot be read
+/// (`[vvar]`, say) is skipped; being refused the process is `NotPermitted`.
+fn scan_memory(pid: u32, needle: &[u8]) -> Scan {
+    let refused =
+        |e: &std::io::Error| matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM));
+    let maps = match std::fs::read_to_string(format!("/proc/{pid}/maps")) {
+        Ok(m) => m,
+        Err(e) if refused(&e) => return Scan::NotPermitted(format!("maps: {e}")),
+        Err(e) => panic!("reading the maps of {pid}: {e}"),
+    };
+    let mem = match std::fs::File::open(format!("/proc/{pid}/mem")) {
+        Ok(f) => f,
+        Err(e) if refused(&e) => return Scan::NotPermitted(format!("mem: {e}")),
+        Err(e) => panic!("opening the memory of {pid}: {e}"),
+    };
+    let mut read_any = false;
+    let mut buf = vec![0u8; 1 << 20];
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
+        let Some((lo, hi)) = range.split_once('-') else {
+            continue;
+        };
+        let (lo, hi) = (
+            u64::from_str_radix(lo, 16).unwrap(),
+            u64::from_str_radix(hi, 16).unwrap(),
+        );
+        if !perms.starts_with('r') {
+            continue;
+        }
+        match scan_region(&mem, lo, hi, needle, &mut buf) {
+            Ok(found) => {
+                read_any = true;
+                if found {
+                    return Scan::Found;
+                }
+            }
+            Err(e) if refused(&e) => return Scan::NotPermitted(format!("{line}: {e}")),
+            Err(_) => {}
+        }
+    }
+    assert!(read_any, "no region of {pid}'s memory could be read");
+    Scan::Absent
+}
+
+/// Whether `needle` is in `[lo, hi)` of the memory behind `mem`, read a
+/// chunk at a time (overlapping by the needle's length).
+fn scan_region(
+    mem: &std::fs::File,
+    lo: u64,
+    hi: u64,
+    needle: &[u8],
+    buf: &mut [u8],
+) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let mut at = lo;
+    while at < hi {
+        let want = ((hi - at) as usize).min(buf.len());
+        let n = mem.read_at(&mut buf[..want], at)?;
+        if n == 0 {
+            break;
+        }
+        if buf[..n].windows(needle.len()).any(|w| w == needle) {
+            return Ok(true);
+        }
+        if at + (n as u64) >= hi {
+            break;
+        }
+        at += (n.saturating_sub(needle.len()).max(1)) as u64;
+    }
+    Ok(false)
+}
+
+/// Helper (run by `the_parents_environment_never_reaches_a_sandboxed_task`):
+/// its environment holds a secret; a sandboxed task must not see it, nor
+/// may any byte of it be in a sandboxed worker's memory; an unsandboxed
+/// task sees it, and it is in that worker's memory.
+#[test]
+#[ignore = "a helper: run by the_parents_environment_never_reaches_a_sandboxed_task"]
+fn helper_secret_in_the_environment() {
+    let secret = std::env::var(SECRET_ENV).expect("the helper's secret");
+    let pool = sandboxed(1, Sandbox::new().env("PROCPOOL_TEST_NAMED", "named"));
+    assert_eq!(pool.apply(read_secret, ()).unwrap(), None);
+    let pid = pool.worker_pids()[0];
+    match scan_memory(pid, secret.as_bytes()) {
+        Scan::NotPermitted(why) => println!("SCAN-SKIPPED sandboxed: {why}"),
+        found => {
+            assert_eq!(found, Scan::Absent, "the secret is in the sandboxed worker");
+            println!("SCANNED sandboxed: absent");
+        }
+    }
+    // The control: without a sandbox, the task reads it, and the scan
+    // finds it in the worker (so the scan can find it).
+    let pool = plain(1);
+    assert_eq!(pool.apply(read_secret, ()).unwrap(), Some(secret.clone()));
+    let pid = pool.worker_pids()[0];
+    match scan_memory(pid, secret.as_bytes()) {
+        Scan::NotPermitted(why) => println!("SCAN-SKIPPED plain: {why}"),
+        found => {
+            assert_eq!(
+                found,
+                Scan::Found,
+                "the scan misses the plain worker's copy"
+            );
+            println!("SCANNED plain: found");
+        }
+    }
+    println!("HELPER-DONE");
+}
+
+#[test]
+fn the_parents_environment_never_reaches_a_sandboxed_task() {
+    within_bound("the secret test", || {
+        let secret = random_token();
+        let run = run_helper_test("helper_secret_in_the_environment", |cmd| {
+            cmd.env(SECRET_ENV, &secret);
+        });
+        assert!(
+            run.status.is_some_and(|s| s.success()) && run.stdout.contains("HELPER-DONE"),
+            "the helper failed:\n{}\n{}",
+            run.stdout,
+            run.stderr
+        );
+        for line in run.stdout.lines().filter(|l| l.contains("SCAN")) {
+            println!("{line}");
+        }
+    });
+}
+
+fn named_variable(key: String) -> Option<String> {
+    std::env::var(key).ok()
+}
+
+#[test]
+fn a_sandbox_sets_and_passes_only_the_variables_it_names() {
+    within_bound("the named variables test", || {
+        let path = std::env::var("PATH").ok();
+        let pool = sandboxed(
+            1,
+            Sandbox::new()
+                .env("PROCPOOL_TEST_NAMED", "one")
+                .env("PROCPOOL_TEST_NAMED", "two")
+                .inherit_env("PATH")
+                .inherit_env("PROCPOOL_TEST_SURELY_UNSET"),
+        );
+        let get = |k: &str| pool.apply(named_variable, k.to_string()).unwrap();
+        assert_eq!(get("PROCPOOL_TEST_NAMED").as_deref(), Some("two"));
+        assert_eq!(get("PATH"), path);
+        assert_eq!(get("PROCPOOL_TEST_SURELY_UNSET"), None);
+        assert_eq!(get("HOME"), None);
+        // The control: without a sandbox, the host's environment is there.
+        let pool = plain(1);
+        let home = std::env::var("HOME").ok();
+        assert_eq!(pool.apply(named_variable, "HOME".into()).unwrap(), home);
+    });
+}
+
 // ---- a hostile worker and its parent ----
 
 /// Writes, on the worker's socket (its one fd from 3 up), a result frame of

@@ -5,7 +5,8 @@
 //! - **The parent** (`PoolBuilder::build`) checks the settings, makes the
 //!   listed paths absolute, and writes them into the exec'd server's
 //!   config memfd (`backend/local/start.rs`). It execs the server with an
-//!   environment of only the variables the sandbox names. A sandbox needs that exec'd
+//!   environment of only the variables the sandbox names, stdin from
+//!   `/dev/null`, and stdout and stderr to pipes it reads. A sandbox needs that exec'd
 //!   server: a fork of the caller would carry the caller's memory, and its
 //!   secrets, into every worker. While a task runs, the parent watches the
 //!   worker's CPU clock (a per-task CPU cap), gives each worker
@@ -39,6 +40,7 @@
 //! | file size | `RLIMIT_FSIZE` (`SIGXFSZ` names it); the worker never makes a block past it, and sends a result that big through its socket instead | `ftruncate` on a memfd past `RLIMIT_FSIZE` fails (and raises `SIGXFSZ`) |
 //! | workers apart | status words a page per worker, each worker unmapping the others and closing their memfd; blocks never reused, sealed | Landlock's signal and ptrace scoping keeps a worker from signalling or tracing another |
 //! | nothing of the host's environment | the parent execs the server with only the variables [`Sandbox::env`] and [`Sandbox::inherit_env`] name (and the crate's marker, fd numbers); the crate's own settings (`PROCPOOL_SPIN_US`) go in the config memfd | clearing `environ` in the server would not do: an exec's strings stay on its stack, in every worker it forks |
+//! | nothing of the host's stdio | stdin is `/dev/null`; stdout and stderr are pipes whose read ends only the parent holds, copied by a thread of the parent to the program's own (`backend/local/output.rs`) | with the program's fd, a task could `ftruncate` and `pwrite` the program's log; with a pipe it can only add bytes |
 //!
 //! What the table leaves out:
 //!
@@ -107,10 +109,14 @@ use std::time::Duration;
 /// weaker sandbox will do. The sandbox applies after the initializer, which
 /// must leave the worker with one thread.
 ///
-/// Nothing of the host's environment reaches a task unless named: a
-/// worker's environment holds only the variables that
-/// [`env`](Sandbox::env) and [`inherit_env`](Sandbox::inherit_env) name
-/// (none by default).
+/// Nothing of the host process reaches a task unless named: a worker's
+/// environment holds only the variables that [`env`](Sandbox::env) and
+/// [`inherit_env`](Sandbox::inherit_env) name (none by default), its stdin
+/// is `/dev/null`, and its stdout and stderr are pipes that the parent
+/// reads and copies to the program's own (a task can print, but cannot
+/// truncate, rewrite or read back the program's log). A pool's output
+/// reaches the program's stdout a moment after the task wrote it; `join`
+/// waits (briefly) for the last of it.
 ///
 /// What it does not protect against: kernel bugs (every mechanism here is
 /// the kernel's), side channels (timing, caches, the CPU), what the
@@ -238,12 +244,10 @@ impl Sandbox {
     /// [`Limit::FileSize`]. A result larger than the cap still comes back
     /// (through the worker's socket rather than a shared-memory block).
     ///
-    /// The cap applies to every file the worker writes, its standard
-    /// output and error among them when those are regular files: a task
-    /// that prints to a log file already longer than the cap (or a worker
-    /// that prints Rust's "memory allocation failed" line there) dies of
-    /// it too. Point them at a pipe or a terminal, or set a cap above the
-    /// log's size.
+    /// The cap applies to every file the worker writes. Its standard
+    /// output and error are pipes to the parent (which copies what comes
+    /// to the program's own), never the program's log file, so a log
+    /// longer than the cap does not count.
     pub fn file_size_limit(mut self, bytes: u64) -> Sandbox {
         self.spec.file_size = Some(bytes);
         self

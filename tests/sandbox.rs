@@ -9,7 +9,7 @@ mod common;
 
 use procpool::{Error, Limit, Pool, Sandbox, StartMethod};
 use serde_bytes::ByteBuf;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
 use std::process::Command;
 use std::time::Duration;
 
@@ -929,6 +929,140 @@ fn a_sandbox_sets_and_passes_only_the_variables_it_names() {
         let pool = plain(1);
         let home = std::env::var("HOME").ok();
         assert_eq!(pool.apply(named_variable, "HOME".into()).unwrap(), home);
+    });
+}
+
+/// What a task did to its fd 1: `ftruncate(1, 0)`, then `pwrite(1,
+/// FORGED, 0)`; the errno of each, or 0.
+fn forge_stdout(_: ()) -> (i32, i32) {
+    let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(-1);
+    // SAFETY: ftruncate and pwrite on fd 1 with a valid buffer.
+    let t = unsafe { libc::ftruncate(1, 0) };
+    let t = if t == 0 { 0 } else { errno() };
+    // SAFETY: as above; FORGED is a static buffer of its length.
+    let w = unsafe { libc::pwrite(1, FORGED.as_ptr().cast(), FORGED.len(), 0) };
+    let w = if w >= 0 { 0 } else { errno() };
+    (t, w)
+}
+
+const FORGED: &[u8] = b"FORGED-BY-A-TASK\n";
+
+/// Helper (run by `a_task_cannot_erase_or_forge_the_parents_log`), in
+/// mode `sandboxed` or `plain`: its stdout is the test's log file; a task
+/// truncates and overwrites its fd 1.
+#[test]
+#[ignore = "a helper: run by a_task_cannot_erase_or_forge_the_parents_log"]
+fn helper_log_file() {
+    let mode = common::helper_mode().expect("a mode");
+    println!("HELPER-LINE");
+    let pool = match mode.as_str() {
+        "sandboxed" => sandboxed(1, Sandbox::new()),
+        _ => plain(1),
+    };
+    let (t, w) = pool.apply(forge_stdout, ()).unwrap();
+    eprintln!("{mode}: ftruncate errno {t}, pwrite errno {w}");
+    pool.close();
+    pool.join().unwrap();
+}
+
+/// Runs helper `helper_log_file` in `mode` with its stdout appended to the
+/// log at `path` (which holds the program's first line), within the
+/// bound; returns the log afterwards.
+fn log_after_helper(path: &std::path::Path, mode: &str, first: &str) -> String {
+    std::fs::write(path, format!("{first}\n")).expect("writing the log");
+    let mut log = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("opening the log");
+    log.seek(std::io::SeekFrom::End(0))
+        .expect("seeking the log");
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut child = Command::new(exe)
+        .args(["helper_log_file", "--exact", "--ignored", "--nocapture"])
+        .args(["--test-threads=1"])
+        .env(common::HELPER_ENV, mode)
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .spawn()
+        .expect("starting the helper");
+    let end = std::time::Instant::now() + BOUND;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("waiting for the helper") {
+            break st;
+        }
+        if std::time::Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the {mode} helper did not end in time");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "the {mode} helper failed: {status}");
+    String::from_utf8_lossy(&std::fs::read(path).expect("reading the log")).into_owned()
+}
+
+#[test]
+fn a_task_cannot_erase_or_forge_the_parents_log() {
+    within_bound("the log test", || {
+        let dir = TempDir::new("log");
+        let path = std::path::PathBuf::from(dir.join("log.txt"));
+        let first = format!("LOG-START {}", random_token());
+        let log = log_after_helper(&path, "sandboxed", &first);
+        assert!(log.starts_with(&first), "the log was erased:\n{log}");
+        assert!(log.contains("HELPER-LINE"), "{log}");
+        assert!(!log.contains("FORGED"), "the log was forged:\n{log}");
+        // The control: without a sandbox, the task erases and forges it.
+        let log = log_after_helper(&path, "plain", &first);
+        assert!(!log.contains(&first), "the control's log survived:\n{log}");
+        assert!(log.starts_with("FORGED"), "the control's log:\n{log}");
+    });
+}
+
+fn print_lines(token: String) {
+    println!("OUT-LINE {token}");
+    eprintln!("ERR-LINE {token}");
+    let c = std::ffi::CString::new(format!("C-LINE {token} without a newline")).unwrap();
+    // SAFETY: a "%s" format with one NUL-terminated string argument.
+    unsafe { libc::printf(c"%s".as_ptr(), c.as_ptr()) };
+}
+
+/// Helper (run by `what_a_sandboxed_task_prints_reaches_the_programs_stdio`),
+/// in mode `sandboxed` or `plain`: a task prints to stdout and stderr
+/// (and with C's `printf`, left in C's buffer until the worker exits).
+#[test]
+#[ignore = "a helper: run by what_a_sandboxed_task_prints_reaches_the_programs_stdio"]
+fn helper_prints() {
+    let mode = common::helper_mode().expect("a mode");
+    let token = std::env::var(SECRET_ENV).expect("the token");
+    let pool = match mode.as_str() {
+        "sandboxed" => sandboxed(1, Sandbox::new()),
+        _ => plain(1),
+    };
+    pool.apply(print_lines, token).unwrap();
+    pool.close();
+    pool.join().unwrap();
+    println!("\nHELPER-DONE");
+}
+
+#[test]
+fn what_a_sandboxed_task_prints_reaches_the_programs_stdio() {
+    within_bound("the print test", || {
+        for mode in ["sandboxed", "plain"] {
+            let token = random_token();
+            let run = run_helper_test("helper_prints", |cmd| {
+                cmd.env(common::HELPER_ENV, mode).env(SECRET_ENV, &token);
+            });
+            assert!(
+                run.status.is_some_and(|s| s.success()) && run.stdout.contains("HELPER-DONE"),
+                "the {mode} helper failed:\n{}\n{}",
+                run.stdout,
+                run.stderr
+            );
+            let has = |s: &str, what: &str| s.contains(&format!("{what} {token}"));
+            assert!(has(&run.stdout, "OUT-LINE"), "{mode}: {}", run.stdout);
+            assert!(has(&run.stderr, "ERR-LINE"), "{mode}: {}", run.stderr);
+            assert!(has(&run.stdout, "C-LINE"), "{mode}: {}", run.stdout);
+        }
     });
 }
 

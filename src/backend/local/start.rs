@@ -32,11 +32,14 @@
 //! waits for that HELLO with a deadline: a server that never comes up is an
 //! error, not a hang.
 //!
-//! A sandboxed pool's server is exec'd differently ([`exec_server`]): its environment holds only the variables its sandbox
+//! A sandboxed pool's server is exec'd differently in two ways
+//! ([`exec_server`]): its environment holds only the variables its sandbox
 //! names and the marker (an exec's strings stay on the new process's
 //! stack, so removing the host's variables after the exec would leave
 //! them in every worker's memory); the spin, which an unsandboxed server
-//! reads from `PROCPOOL_SPIN_US`, travels in its config instead.
+//! reads from `PROCPOOL_SPIN_US`, travels in its config instead. And its
+//! stdin is `/dev/null` and its stdout and stderr are pipes to the parent
+//! (`output.rs`), which its workers inherit.
 //!
 //! **Fork**: the server is a `fork()` of the caller, as in the first
 //! version: workers see the caller's memory as it was at build time, and a
@@ -48,6 +51,7 @@
 //! environment, working directory, initializer and limits after each fork
 //! and outlive pools; the simple choice is cheap enough.
 
+use crate::backend::local::output;
 use crate::backend::local::server::{self, Init, Msg, Spec};
 use crate::error::Error;
 use crate::proto::status::{PAGE_WORDS, STATUS_WORDS, SharedWords};
@@ -201,9 +205,10 @@ fn cannot_exec(reason: String) -> Error {
     }
 }
 
-/// Starts a fork server by exec; returns the parent's end of its socket
-/// and its pid, once it has said HELLO.
-pub(crate) fn exec_server(spec: &Spec) -> Result<(OwnedFd, libc::pid_t), Error> {
+/// Starts a fork server by exec; returns the parent's end of its socket,
+/// its pid, once it has said HELLO, and the pump of its output if it is
+/// sandboxed (`output.rs`).
+pub(crate) fn exec_server(spec: &Spec) -> Result<Started, Error> {
     can_exec()?;
     let (parent_end, server_end) =
         sys::seqpacket_pair().map_err(|e| Error::io("creating the fork server socket", e))?;
@@ -224,20 +229,43 @@ pub(crate) fn exec_server(spec: &Spec) -> Result<(OwnedFd, libc::pid_t), Error> 
         raw(2, config.as_raw_fd()),
     ];
     let mut cmd = server_command(spec, keep);
+    let streams = if spec.sandbox.is_some() {
+        // A sandboxed worker gets none of the host's stdio fds.
+        cmd.stdin(std::process::Stdio::null());
+        output::Streams::FORWARD
+    } else {
+        output::Streams::INHERIT
+    };
+    let mut stdio = streams
+        .prepare()
+        .map_err(|e| Error::io("making the pool's output pipes", e))?;
+    stdio.give_to(&mut cmd);
     let child = sys::spawn_keeping(&mut cmd, keep)
         .map_err(|e| cannot_exec(format!("could not exec /proc/self/exe: {e}")))?;
     // The Child handle neither waits nor kills when dropped; the pool reaps
-    // the server by pid.
+    // the server by pid. The command holds the pipes' write ends: drop it
+    // before the pump starts, or the pump would never see end-of-file.
     let pid = child.id() as libc::pid_t;
-    drop((child, server_end, config, moved));
+    drop((child, cmd, server_end, config, moved));
+    let pump = match stdio.start() {
+        Ok(p) => p,
+        Err(e) => {
+            sys::kill_and_reap(pid);
+            return Err(Error::io("starting the pool's output pump", e));
+        }
+    };
     match hello(&parent_end, pid) {
-        Ok(()) => Ok((parent_end, pid)),
+        Ok(()) => Ok((parent_end, pid, pump)),
         Err(e) => {
             sys::kill_and_reap(pid);
             Err(e)
         }
     }
 }
+
+/// What [`exec_server`] started: the parent's end of the server's socket,
+/// its pid, and the pump of its output, if forwarded.
+pub(crate) type Started = (OwnedFd, libc::pid_t, Option<output::OutputPump>);
 
 /// The command that execs the server, with its environment: the host's
 /// for an unsandboxed pool (less the MPI launcher's variables if asked),

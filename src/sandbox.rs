@@ -182,7 +182,20 @@ pub(crate) struct Spec {
     /// value through. The parent applies it to the server's exec; it does
     /// not travel in the config (the server's environment carries it).
     #[serde(skip)]
-    env: Vec<(std::ffi::OsString, Option<std::ffi::OsString>)>,
+    env: EnvVars,
+}
+
+/// The variables a sandbox names; their `Debug` shows the keys only, so
+/// that printing a `Sandbox` never prints a value (a token) it carries.
+#[derive(Clone, Default)]
+struct EnvVars(Vec<(OsString, Option<OsString>)>);
+
+impl std::fmt::Debug for EnvVars {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(k, _)| k))
+            .finish()
+    }
 }
 
 impl Sandbox {
@@ -292,6 +305,7 @@ impl Sandbox {
         let value = value.as_ref().to_os_string();
         self.spec
             .env
+            .0
             .push((key.as_ref().to_os_string(), Some(value)));
         self
     }
@@ -313,7 +327,7 @@ impl Sandbox {
     /// # Ok::<(), procpool::Error>(())
     /// ```
     pub fn inherit_env(mut self, key: impl AsRef<OsStr>) -> Sandbox {
-        self.spec.env.push((key.as_ref().to_os_string(), None));
+        self.spec.env.0.push((key.as_ref().to_os_string(), None));
         self
     }
 
@@ -343,7 +357,7 @@ impl Sandbox {
                 reason: format!("the sandbox's path {} cannot be used: {e}", p.display()),
             })?;
         }
-        spec.env = resolve_env(std::mem::take(&mut spec.env));
+        spec.env = EnvVars(resolve_env(std::mem::take(&mut spec.env.0)));
         Ok(spec)
     }
 }
@@ -368,6 +382,7 @@ impl Spec {
     /// [`Sandbox::resolve`]), besides the crate's own marker.
     pub(crate) fn env(&self) -> impl Iterator<Item = (&OsStr, &OsStr)> {
         self.env
+            .0
             .iter()
             .filter_map(|(k, v)| Some((k.as_os_str(), v.as_deref()?)))
     }
@@ -919,6 +934,22 @@ mod tests {
         let f = filters().unwrap();
         assert_eq!(f.len(), 2);
         assert!(!f[0].is_empty() && f[0].len() < f[1].len());
+    }
+
+    #[test]
+    fn named_variables_resolve_and_debug_shows_only_keys() {
+        let sb = Sandbox::new()
+            .env("A", "secret-one")
+            .env("A", "secret-two")
+            .inherit_env("PROCPOOL_UNIT_SURELY_UNSET");
+        let shown = format!("{sb:?}");
+        assert!(
+            shown.contains("\"A\"") && !shown.contains("secret"),
+            "{shown}"
+        );
+        let spec = sb.resolve().unwrap();
+        let env: Vec<_> = spec.env().collect();
+        assert_eq!(env, vec![(OsStr::new("A"), OsStr::new("secret-two"))]);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //!
 //! - **The parent** (`PoolBuilder::build`) checks the settings, makes the
 //!   listed paths absolute, and writes them into the exec'd server's
-//!   config memfd (`backend/local/start.rs`). A sandbox needs that exec'd
+//!   config memfd (`backend/local/start.rs`). It execs the server with an
+//!   environment of only the variables the sandbox names, stdin from
+//!   `/dev/null`, and stdout and stderr to pipes it reads. A sandbox needs that exec'd
 //!   server: a fork of the caller would carry the caller's memory, and its
 //!   secrets, into every worker. While a task runs, the parent watches the
 //!   worker's CPU clock (a per-task CPU cap), gives each worker
@@ -39,6 +41,8 @@
 //! | file size | `RLIMIT_FSIZE` (`SIGXFSZ` names it); the worker never makes a block past it, and sends a result that big through its socket instead | `ftruncate` on a memfd past `RLIMIT_FSIZE` fails (and raises `SIGXFSZ`) |
 //! | no set-user-ID or set-group-ID file | seccomp admits `open`, `openat`, `creat`, `mkdir`, `mkdirat`, `mknod`, `mknodat` and `fchmod` only with a mode free of `S_ISUID` and `S_ISGID` (`mknod` only for FIFOs and regular files); `openat2`, whose mode lies in memory where a filter cannot read it, answers `ENOSYS` (glibc falls back to `openat`); `chmod` by path is denied | a task of a program run as root would otherwise leave a root-owned set-user-ID program of its own making on the host |
 //! | workers apart | status words a page per worker, each worker unmapping the others and closing their memfd; blocks never reused, sealed | Landlock's signal and ptrace scoping keeps a worker from signalling or tracing another |
+//! | nothing of the host's environment | the parent execs the server with only the variables [`Sandbox::env`] and [`Sandbox::inherit_env`] name (and the crate's marker, fd numbers); the crate's own settings (`PROCPOOL_SPIN_US`) go in the config memfd | clearing `environ` in the server would not do: an exec's strings stay on its stack, in every worker it forks |
+//! | nothing of the host's stdio | stdin is `/dev/null`; stdout and stderr are pipes whose read ends only the parent holds, copied by a thread of the parent to the program's own (`backend/local/output.rs`) | with the program's fd, a task could `ftruncate` and `pwrite` the program's log; with a pipe it can only add bytes |
 //!
 //! What the table leaves out:
 //!
@@ -63,6 +67,11 @@
 //!   and v2; an rlimit works everywhere, at the price of resting the verdict
 //!   on `errno` ([`Prepared::apply`]; that a backtrace overwrites it was
 //!   found with `examples/untrusted.rs`).
+//! - **No environment variable weakens a sandbox**: a test pretends a
+//!   mechanism is missing with the hidden builder method
+//!   `Sandbox::pretend_missing`, carried in the spec; it once read an
+//!   environment variable, in every build, so a user's environment could
+//!   weaken a sandbox built with `allow_weaker()`.
 //! - **A hostile worker and its parent**: everything a worker sends is
 //!   data. bincode allocates a buffer of the length it reads before it
 //!   reads the bytes, so a crafted frame made the parent abort (found while
@@ -82,6 +91,7 @@ pub(crate) use crate::limit::Limit;
 use crate::proto::status::{SharedWords, Status};
 use crate::sys::sandbox as sys_sandbox;
 use serde::{Deserialize, Serialize};
+use std::ffi::{OsStr, OsString};
 use std::os::fd::RawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -112,6 +122,15 @@ use std::time::Duration;
 /// one is missing, unless [`allow_weaker`](Sandbox::allow_weaker) says a
 /// weaker sandbox will do. The sandbox applies after the initializer, which
 /// must leave the worker with one thread.
+///
+/// Nothing of the host process reaches a task unless named: a worker's
+/// environment holds only the variables that [`env`](Sandbox::env) and
+/// [`inherit_env`](Sandbox::inherit_env) name (none by default), its stdin
+/// is `/dev/null`, and its stdout and stderr are pipes that the parent
+/// reads and copies to the program's own (a task can print, but cannot
+/// truncate, rewrite or read back the program's log). A pool's output
+/// reaches the program's stdout a moment after the task wrote it; `join`
+/// waits (briefly) for the last of it.
 ///
 /// What it does not protect against: kernel bugs (every mechanism here is
 /// the kernel's), side channels (timing, caches, the CPU), what the
@@ -171,6 +190,28 @@ pub(crate) struct Spec {
     tasks_per_worker: Option<u64>,
     result: Option<u64>,
     allow_weaker: bool,
+    /// The mechanisms the server pretends are missing (for tests):
+    /// `seccomp`, `netns`, `landlock`.
+    pretend_missing: Vec<String>,
+    /// The server's environment, in the order the builder named it:
+    /// `(key, Some(value))` sets one, `(key, None)` passes the parent's
+    /// value through. The parent applies it to the server's exec; it does
+    /// not travel in the config (the server's environment carries it).
+    #[serde(skip)]
+    env: EnvVars,
+}
+
+/// The variables a sandbox names; their `Debug` shows the keys only, so
+/// that printing a `Sandbox` never prints a value (a token) it carries.
+#[derive(Clone, Default)]
+struct EnvVars(Vec<(OsString, Option<OsString>)>);
+
+impl std::fmt::Debug for EnvVars {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(k, _)| k))
+            .finish()
+    }
 }
 
 impl Sandbox {
@@ -232,12 +273,10 @@ impl Sandbox {
     /// [`Limit::FileSize`]. A result larger than the cap still comes back
     /// (through the worker's socket rather than a shared-memory block).
     ///
-    /// The cap applies to every file the worker writes, its standard
-    /// output and error among them when those are regular files: a task
-    /// that prints to a log file already longer than the cap (or a worker
-    /// that prints Rust's "memory allocation failed" line there) dies of
-    /// it too. Point them at a pipe or a terminal, or set a cap above the
-    /// log's size.
+    /// The cap applies to every file the worker writes. Its standard
+    /// output and error are pipes to the parent (which copies what comes
+    /// to the program's own), never the program's log file, so a log
+    /// longer than the cap does not count.
     pub fn file_size_limit(mut self, bytes: u64) -> Sandbox {
         self.spec.file_size = Some(bytes);
         self
@@ -323,6 +362,70 @@ impl Sandbox {
         self
     }
 
+    /// Sets the environment variable `key` to `value` in the pool's
+    /// workers (and their fork server).
+    ///
+    /// A sandboxed worker's environment is empty but for what this and
+    /// [`inherit_env`](Sandbox::inherit_env) name: none of the parent's
+    /// variables (its tokens, its paths) reaches a task unless named here.
+    /// The server is exec'd with only these, so no byte of the parent's
+    /// environment is in a worker's memory. A program that needs a
+    /// variable to start (`LD_LIBRARY_PATH` for a library outside the
+    /// system's paths, say) must name it. The crate's own settings
+    /// (`PROCPOOL_SPIN_US`) reach the server another way.
+    ///
+    /// ```
+    /// use procpool::{Pool, Sandbox, StartMethod};
+    /// fn lang(_: ()) -> Option<String> { std::env::var("LANG").ok() }
+    /// fn home(_: ()) -> Option<String> { std::env::var("HOME").ok() }
+    /// let pool = Pool::builder()
+    ///     .processes(1)
+    ///     .start_method(StartMethod::ForkServer)
+    ///     .sandbox(Sandbox::new().env("LANG", "C.UTF-8"))
+    ///     .build()?;
+    /// assert_eq!(pool.apply(lang, ())?.as_deref(), Some("C.UTF-8"));
+    /// assert_eq!(pool.apply(home, ())?, None);
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Sandbox {
+        let value = value.as_ref().to_os_string();
+        self.spec
+            .env
+            .0
+            .push((key.as_ref().to_os_string(), Some(value)));
+        self
+    }
+
+    /// Passes the parent's value of the environment variable `key` to the
+    /// pool's workers, if it is set when the pool is built (see
+    /// [`env`](Sandbox::env): nothing else of the parent's environment
+    /// reaches them).
+    ///
+    /// ```
+    /// use procpool::{Pool, Sandbox, StartMethod};
+    /// fn path_is_set(_: ()) -> bool { std::env::var_os("PATH").is_some() }
+    /// let pool = Pool::builder()
+    ///     .processes(1)
+    ///     .start_method(StartMethod::ForkServer)
+    ///     .sandbox(Sandbox::new().inherit_env("PATH"))
+    ///     .build()?;
+    /// assert_eq!(pool.apply(path_is_set, ())?, std::env::var_os("PATH").is_some());
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
+    pub fn inherit_env(mut self, key: impl AsRef<OsStr>) -> Sandbox {
+        self.spec.env.0.push((key.as_ref().to_os_string(), None));
+        self
+    }
+
+    /// For tests of a kernel that lacks a mechanism: the server pretends
+    /// that `mechanism` (`seccomp`, `netns` or `landlock`) is missing.
+    /// Only a builder can ask for it; no environment variable can.
+    #[doc(hidden)]
+    pub fn pretend_missing(mut self, mechanism: &str) -> Sandbox {
+        self.spec.pretend_missing.push(mechanism.trim().to_string());
+        self
+    }
+
     /// Checks the settings and resolves the paths, in the parent.
     pub(crate) fn resolve(self) -> Result<Spec, crate::Error> {
         let mut spec = self.spec;
@@ -342,7 +445,34 @@ impl Sandbox {
                 reason: format!("the sandbox's path {} cannot be used: {e}", p.display()),
             })?;
         }
+        spec.env = EnvVars(resolve_env(std::mem::take(&mut spec.env.0)));
         Ok(spec)
+    }
+}
+
+/// The server's environment as the builder named it: each inherited
+/// variable replaced by the parent's value now, or left out if unset; a
+/// key named twice keeps its last value.
+fn resolve_env(named: Vec<(OsString, Option<OsString>)>) -> Vec<(OsString, Option<OsString>)> {
+    let mut out: Vec<(OsString, Option<OsString>)> = Vec::new();
+    for (key, value) in named {
+        let Some(value) = value.or_else(|| std::env::var_os(&key)) else {
+            continue;
+        };
+        out.retain(|(k, _)| *k != key);
+        out.push((key, Some(value)));
+    }
+    out
+}
+
+impl Spec {
+    /// The variables of a sandboxed server's environment (after
+    /// [`Sandbox::resolve`]), besides the crate's own marker.
+    pub(crate) fn env(&self) -> impl Iterator<Item = (&OsStr, &OsStr)> {
+        self.env
+            .0
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_os_str(), v.as_deref()?)))
     }
 }
 
@@ -440,9 +570,9 @@ pub(crate) enum Readiness {
 /// the network namespace, the seccomp filters, the Landlock check.
 pub(crate) fn prepare(spec: Spec) -> Readiness {
     // For tests of a kernel that lacks a mechanism: the server pretends
-    // that the ones named (`seccomp`, `netns`, `landlock`) are missing.
-    let pretend = std::env::var(PRETEND_MISSING).unwrap_or_default();
-    let lacks = |what: &str| pretend.split(',').any(|p| p.trim() == what);
+    // that the ones named (`Sandbox::pretend_missing`) are missing.
+    let pretend = spec.pretend_missing.clone();
+    let lacks = |what: &str| pretend.iter().any(|p| p == what);
     let mut missing = Vec::new();
     let filters = if sys_sandbox::seccomp_available() && !lacks("seccomp") {
         match filters() {
@@ -486,10 +616,6 @@ pub(crate) fn prepare(spec: Spec) -> Readiness {
         ))
     }
 }
-
-/// The environment variable that makes a server pretend mechanisms are
-/// missing (for tests).
-const PRETEND_MISSING: &str = "PROCPOOL_SANDBOX_PRETEND_MISSING";
 
 /// A worker's sandbox once applied: what it checks after each task.
 pub(crate) struct Active {
@@ -969,6 +1095,22 @@ mod tests {
         let f = filters().unwrap();
         assert_eq!(f.len(), 2);
         assert!(!f[0].is_empty() && f[0].len() < f[1].len());
+    }
+
+    #[test]
+    fn named_variables_resolve_and_debug_shows_only_keys() {
+        let sb = Sandbox::new()
+            .env("A", "secret-one")
+            .env("A", "secret-two")
+            .inherit_env("PROCPOOL_UNIT_SURELY_UNSET");
+        let shown = format!("{sb:?}");
+        assert!(
+            shown.contains("\"A\"") && !shown.contains("secret"),
+            "{shown}"
+        );
+        let spec = sb.resolve().unwrap();
+        let env: Vec<_> = spec.env().collect();
+        assert_eq!(env, vec![(OsStr::new("A"), OsStr::new("secret-two"))]);
     }
 
     #[test]

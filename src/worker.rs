@@ -94,7 +94,7 @@ pub(crate) fn run(
         .as_ref()
         .map(|f| f as &dyn Fn() -> Result<Active, String>);
     let code = exit_code(serve(sock, status, init, apply));
-    flush_stdio();
+    flush_all_stdio();
     sys::exit_now(code)
 }
 
@@ -113,11 +113,19 @@ fn exit_code(served: Result<(), Stop>) -> i32 {
 /// memory: `print!` without a newline stays there, and a worker ends with
 /// `_exit`, which would lose it). Called after each task, before its result
 /// is sent, so that a task's output is written before its caller sees the
-/// result; and before the worker exits.
+/// result; and before the worker exits, when C's stdio buffers
+/// (`printf` in C code a task called) are written out too.
 fn flush_stdio() {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
+}
+
+/// [`flush_stdio`], and C's stdio buffers too: just before the worker
+/// `_exit`s, which would lose them.
+fn flush_all_stdio() {
+    flush_stdio();
+    sys::flush_c_stdio();
 }
 
 /// Why [`serve`] stopped early.

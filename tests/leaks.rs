@@ -55,7 +55,11 @@ fn threads() -> usize {
 
 /// One pool from build to end; `how` picks the end.
 fn lifecycle(i: u64) {
-    let pool = Pool::builder().processes(2).build().unwrap();
+    lifecycle_of(i, Pool::builder().processes(2).build().unwrap());
+}
+
+/// [`lifecycle`] of a pool already built.
+fn lifecycle_of(i: u64, pool: Pool) {
     assert_eq!(pool.apply(double, i).unwrap(), 2 * i);
     let workers = pool.worker_pids();
     let server = pool.server_pid();
@@ -106,6 +110,42 @@ fn no_fd_or_child_left_after_200_pools() {
     assert!(common::children().is_empty());
     // Threads are not fds, but a pool's threads must not pile up either (the
     // result-handler thread may end just after its pool, hence the wait).
+    assert!(
+        common::eventually(|| threads() <= nthreads),
+        "threads: {nthreads} before, {} after",
+        threads()
+    );
+}
+
+/// A sandboxed pool also holds the read ends of its output pipes, and a
+/// thread that copies them (`backend/local/output.rs`): both are gone once
+/// its processes are, however the pool ended.
+#[test]
+fn no_fd_or_thread_left_after_sandboxed_pools() {
+    if common::isolated("no_fd_or_thread_left_after_sandboxed_pools") {
+        return;
+    }
+    let sandboxed = || {
+        Pool::builder()
+            .processes(2)
+            .start_method(procpool::StartMethod::ForkServer)
+            .sandbox(procpool::Sandbox::new())
+            .build()
+            .unwrap()
+    };
+    lifecycle_of(0, sandboxed());
+    let fds = common::open_fds();
+    let nthreads = threads();
+    for i in 1..=30 {
+        lifecycle_of(i, sandboxed());
+    }
+    // After a drop, the pump may end a moment after the pool.
+    assert!(
+        common::eventually(|| common::open_fds() == fds),
+        "open fds: {fds} before, {} after: {:?}",
+        common::open_fds(),
+        fds_from_3("/proc/self/fd")
+    );
     assert!(
         common::eventually(|| threads() <= nthreads),
         "threads: {nthreads} before, {} after",

@@ -9,7 +9,8 @@ mod common;
 
 use procpool::{Error, Limit, Pool, Sandbox, StartMethod};
 use serde_bytes::ByteBuf;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, Write};
+use std::process::Command;
 use std::time::Duration;
 
 /// How long a test may take before it counts as hung.
@@ -832,50 +833,414 @@ fn threads_work_in_a_sandboxed_task() {
 
 // ---- a kernel that lacks a mechanism ----
 
-/// Runs in a helper process whose servers pretend Landlock is missing
-/// (`PROCPOOL_SANDBOX_PRETEND_MISSING`, read by the exec'd server).
 #[test]
-fn helper_without_landlock() {
-    if std::env::var("PROCPOOL_SANDBOX_PRETEND_MISSING").is_err() {
-        return;
-    }
-    let r = Pool::builder()
-        .processes(1)
-        .start_method(StartMethod::ForkServer)
-        .sandbox(Sandbox::new())
-        .build();
-    match r {
-        Err(Error::Sandbox { reason, .. }) => {
-            assert!(reason.contains("Landlock"), "{reason}");
-            assert!(reason.contains("allow_weaker"), "{reason}");
+fn a_missing_mechanism_fails_the_build_unless_a_weaker_sandbox_is_accepted() {
+    within_bound("a pretended missing mechanism", || {
+        // The server pretends Landlock is missing (`pretend_missing`,
+        // carried to it in the sandbox's spec).
+        let r = Pool::builder()
+            .processes(1)
+            .start_method(StartMethod::ForkServer)
+            .sandbox(Sandbox::new().pretend_missing("landlock"))
+            .build();
+        match r {
+            Err(Error::Sandbox { reason, .. }) => {
+                assert!(reason.contains("Landlock"), "{reason}");
+                assert!(reason.contains("allow_weaker"), "{reason}");
+            }
+            other => panic!("expected a sandbox error, got {other:?}"),
         }
-        other => panic!("expected a sandbox error, got {other:?}"),
-    }
-    // Accepted weaker: the rest still holds (no network, no program).
-    let pool = Pool::builder()
-        .processes(1)
-        .start_method(StartMethod::ForkServer)
-        .sandbox(Sandbox::new().allow_weaker())
-        .build()
-        .expect("a weaker sandbox, accepted");
+        // Accepted weaker: the rest still holds (no network, no program).
+        let pool = Pool::builder()
+            .processes(1)
+            .start_method(StartMethod::ForkServer)
+            .sandbox(Sandbox::new().pretend_missing("landlock").allow_weaker())
+            .build()
+            .expect("a weaker sandbox, accepted");
+        assert!(pool.apply(run_true, ()).unwrap().is_err());
+        assert!(pool.apply(udp_send, 9).unwrap().is_err());
+    });
+}
+
+/// Helper (run by `no_environment_variable_weakens_a_sandbox`): its
+/// environment says every mechanism is missing, the old test switch; a
+/// full sandbox, weaker not accepted, must still build and hold.
+#[test]
+#[ignore = "a helper: run by no_environment_variable_weakens_a_sandbox"]
+fn helper_pretend_by_environment() {
+    assert!(std::env::var_os(OLD_PRETEND_ENV).is_some());
+    let pool = sandboxed(1, Sandbox::new());
     assert!(pool.apply(run_true, ()).unwrap().is_err());
     assert!(pool.apply(udp_send, 9).unwrap().is_err());
     println!("HELPER-DONE");
 }
 
+/// The variable that once made a server pretend mechanisms were missing,
+/// read in every build: a user's environment could weaken a sandbox.
+const OLD_PRETEND_ENV: &str = "PROCPOOL_SANDBOX_PRETEND_MISSING";
+
 #[test]
-fn a_missing_mechanism_fails_the_build_unless_a_weaker_sandbox_is_accepted() {
-    let run = common::run_helper(
-        "helper_without_landlock",
-        &[("PROCPOOL_SANDBOX_PRETEND_MISSING", "landlock")],
-        BOUND,
-    );
-    assert!(
-        run.status.is_some_and(|s| s.success()) && run.stdout.contains("HELPER-DONE"),
-        "the helper failed:\n{}\n{}",
-        run.stdout,
-        run.stderr
-    );
+fn no_environment_variable_weakens_a_sandbox() {
+    within_bound("the pretend variable", || {
+        // Where this kernel lacks a mechanism, a full sandbox fails anyway:
+        // nothing to show.
+        if let Err(e) = Pool::builder()
+            .processes(1)
+            .start_method(StartMethod::ForkServer)
+            .sandbox(Sandbox::new())
+            .build()
+        {
+            println!("skipped: this system cannot have a full sandbox: {e}");
+            return;
+        }
+        let run = run_helper_test("helper_pretend_by_environment", |cmd| {
+            cmd.env(OLD_PRETEND_ENV, "landlock,seccomp,netns");
+        });
+        assert!(
+            run.status.is_some_and(|s| s.success()) && run.stdout.contains("HELPER-DONE"),
+            "the helper failed:\n{}\n{}",
+            run.stdout,
+            run.stderr
+        );
+    });
+}
+
+/// Runs helper test `name` of this binary (an ignored test) in a process of
+/// its own, `configure`d, with its stdout and stderr captured, within the
+/// file's bound.
+fn run_helper_test(name: &str, configure: impl FnOnce(&mut Command)) -> common::HelperRun {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        name,
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ]);
+    configure(&mut cmd);
+    common::run_program_with_deadline(&mut cmd, BOUND)
+}
+
+// ---- what the host's process holds: environment and stdio ----
+
+/// A fresh random token, as hex.
+fn random_token() -> String {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .expect("reading /dev/urandom");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The variable that holds the helper's secret.
+const SECRET_ENV: &str = "PROCPOOL_TEST_SECRET";
+
+fn read_secret(_: ()) -> Option<String> {
+    std::env::var(SECRET_ENV).ok()
+}
+
+/// What a scan of a process's memory found.
+#[derive(Debug, PartialEq, Eq)]
+enum Scan {
+    Found,
+    Absent,
+    /// The memory could not be read (not root, say): why.
+    NotPermitted(String),
+}
+
+/// Looks for `needle` in every readable region of process `pid`'s memory
+/// (`/proc/PID/maps`, then `/proc/PID/mem`). A region that cannot be read
+/// (`[vvar]`, say) is skipped; being refused the process is `NotPermitted`.
+fn scan_memory(pid: u32, needle: &[u8]) -> Scan {
+    let refused =
+        |e: &std::io::Error| matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM));
+    let maps = match std::fs::read_to_string(format!("/proc/{pid}/maps")) {
+        Ok(m) => m,
+        Err(e) if refused(&e) => return Scan::NotPermitted(format!("maps: {e}")),
+        Err(e) => panic!("reading the maps of {pid}: {e}"),
+    };
+    let mem = match std::fs::File::open(format!("/proc/{pid}/mem")) {
+        Ok(f) => f,
+        Err(e) if refused(&e) => return Scan::NotPermitted(format!("mem: {e}")),
+        Err(e) => panic!("opening the memory of {pid}: {e}"),
+    };
+    let mut read_any = false;
+    let mut buf = vec![0u8; 1 << 20];
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
+        let Some((lo, hi)) = range.split_once('-') else {
+            continue;
+        };
+        let (lo, hi) = (
+            u64::from_str_radix(lo, 16).unwrap(),
+            u64::from_str_radix(hi, 16).unwrap(),
+        );
+        if !perms.starts_with('r') {
+            continue;
+        }
+        match scan_region(&mem, lo, hi, needle, &mut buf) {
+            Ok(found) => {
+                read_any = true;
+                if found {
+                    return Scan::Found;
+                }
+            }
+            Err(e) if refused(&e) => return Scan::NotPermitted(format!("{line}: {e}")),
+            Err(_) => {}
+        }
+    }
+    assert!(read_any, "no region of {pid}'s memory could be read");
+    Scan::Absent
+}
+
+/// Whether `needle` is in `[lo, hi)` of the memory behind `mem`, read a
+/// chunk at a time (overlapping by the needle's length).
+fn scan_region(
+    mem: &std::fs::File,
+    lo: u64,
+    hi: u64,
+    needle: &[u8],
+    buf: &mut [u8],
+) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let mut at = lo;
+    while at < hi {
+        let want = ((hi - at) as usize).min(buf.len());
+        let n = mem.read_at(&mut buf[..want], at)?;
+        if n == 0 {
+            break;
+        }
+        if buf[..n].windows(needle.len()).any(|w| w == needle) {
+            return Ok(true);
+        }
+        if at + (n as u64) >= hi {
+            break;
+        }
+        at += (n.saturating_sub(needle.len()).max(1)) as u64;
+    }
+    Ok(false)
+}
+
+/// Helper (run by `the_parents_environment_never_reaches_a_sandboxed_task`):
+/// its environment holds a secret; a sandboxed task must not see it, nor
+/// may any byte of it be in a sandboxed worker's memory; an unsandboxed
+/// task sees it, and it is in that worker's memory.
+#[test]
+#[ignore = "a helper: run by the_parents_environment_never_reaches_a_sandboxed_task"]
+fn helper_secret_in_the_environment() {
+    let secret = std::env::var(SECRET_ENV).expect("the helper's secret");
+    let pool = sandboxed(1, Sandbox::new().env("PROCPOOL_TEST_NAMED", "named"));
+    assert_eq!(pool.apply(read_secret, ()).unwrap(), None);
+    let pid = pool.worker_pids()[0];
+    match scan_memory(pid, secret.as_bytes()) {
+        Scan::NotPermitted(why) => println!("SCAN-SKIPPED sandboxed: {why}"),
+        found => {
+            assert_eq!(found, Scan::Absent, "the secret is in the sandboxed worker");
+            println!("SCANNED sandboxed: absent");
+        }
+    }
+    // The control: without a sandbox, the task reads it, and the scan
+    // finds it in the worker (so the scan can find it).
+    let pool = plain(1);
+    assert_eq!(pool.apply(read_secret, ()).unwrap(), Some(secret.clone()));
+    let pid = pool.worker_pids()[0];
+    match scan_memory(pid, secret.as_bytes()) {
+        Scan::NotPermitted(why) => println!("SCAN-SKIPPED plain: {why}"),
+        found => {
+            assert_eq!(
+                found,
+                Scan::Found,
+                "the scan misses the plain worker's copy"
+            );
+            println!("SCANNED plain: found");
+        }
+    }
+    println!("HELPER-DONE");
+}
+
+#[test]
+fn the_parents_environment_never_reaches_a_sandboxed_task() {
+    within_bound("the secret test", || {
+        let secret = random_token();
+        let run = run_helper_test("helper_secret_in_the_environment", |cmd| {
+            cmd.env(SECRET_ENV, &secret);
+        });
+        assert!(
+            run.status.is_some_and(|s| s.success()) && run.stdout.contains("HELPER-DONE"),
+            "the helper failed:\n{}\n{}",
+            run.stdout,
+            run.stderr
+        );
+        for line in run.stdout.lines().filter(|l| l.contains("SCAN")) {
+            println!("{line}");
+        }
+    });
+}
+
+fn named_variable(key: String) -> Option<String> {
+    std::env::var(key).ok()
+}
+
+#[test]
+fn a_sandbox_sets_and_passes_only_the_variables_it_names() {
+    within_bound("the named variables test", || {
+        let path = std::env::var("PATH").ok();
+        let pool = sandboxed(
+            1,
+            Sandbox::new()
+                .env("PROCPOOL_TEST_NAMED", "one")
+                .env("PROCPOOL_TEST_NAMED", "two")
+                .inherit_env("PATH")
+                .inherit_env("PROCPOOL_TEST_SURELY_UNSET"),
+        );
+        let get = |k: &str| pool.apply(named_variable, k.to_string()).unwrap();
+        assert_eq!(get("PROCPOOL_TEST_NAMED").as_deref(), Some("two"));
+        assert_eq!(get("PATH"), path);
+        assert_eq!(get("PROCPOOL_TEST_SURELY_UNSET"), None);
+        assert_eq!(get("HOME"), None);
+        // The control: without a sandbox, the host's environment is there.
+        let pool = plain(1);
+        let home = std::env::var("HOME").ok();
+        assert_eq!(pool.apply(named_variable, "HOME".into()).unwrap(), home);
+    });
+}
+
+/// What a task did to its fd 1: `ftruncate(1, 0)`, then `pwrite(1,
+/// FORGED, 0)`; the errno of each, or 0.
+fn forge_stdout(_: ()) -> (i32, i32) {
+    let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(-1);
+    // SAFETY: ftruncate and pwrite on fd 1 with a valid buffer.
+    let t = unsafe { libc::ftruncate(1, 0) };
+    let t = if t == 0 { 0 } else { errno() };
+    // SAFETY: as above; FORGED is a static buffer of its length.
+    let w = unsafe { libc::pwrite(1, FORGED.as_ptr().cast(), FORGED.len(), 0) };
+    let w = if w >= 0 { 0 } else { errno() };
+    (t, w)
+}
+
+const FORGED: &[u8] = b"FORGED-BY-A-TASK\n";
+
+/// Helper (run by `a_task_cannot_erase_or_forge_the_parents_log`), in
+/// mode `sandboxed` or `plain`: its stdout is the test's log file; a task
+/// truncates and overwrites its fd 1.
+#[test]
+#[ignore = "a helper: run by a_task_cannot_erase_or_forge_the_parents_log"]
+fn helper_log_file() {
+    let mode = common::helper_mode().expect("a mode");
+    println!("HELPER-LINE");
+    let pool = match mode.as_str() {
+        "sandboxed" => sandboxed(1, Sandbox::new()),
+        _ => plain(1),
+    };
+    let (t, w) = pool.apply(forge_stdout, ()).unwrap();
+    eprintln!("{mode}: ftruncate errno {t}, pwrite errno {w}");
+    pool.close();
+    pool.join().unwrap();
+}
+
+/// Runs helper `helper_log_file` in `mode` with its stdout appended to the
+/// log at `path` (which holds the program's first line), within the
+/// bound; returns the log afterwards.
+fn log_after_helper(path: &std::path::Path, mode: &str, first: &str) -> String {
+    std::fs::write(path, format!("{first}\n")).expect("writing the log");
+    let mut log = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("opening the log");
+    log.seek(std::io::SeekFrom::End(0))
+        .expect("seeking the log");
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut child = Command::new(exe)
+        .args(["helper_log_file", "--exact", "--ignored", "--nocapture"])
+        .args(["--test-threads=1"])
+        .env(common::HELPER_ENV, mode)
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .spawn()
+        .expect("starting the helper");
+    let end = std::time::Instant::now() + BOUND;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("waiting for the helper") {
+            break st;
+        }
+        if std::time::Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the {mode} helper did not end in time");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "the {mode} helper failed: {status}");
+    String::from_utf8_lossy(&std::fs::read(path).expect("reading the log")).into_owned()
+}
+
+#[test]
+fn a_task_cannot_erase_or_forge_the_parents_log() {
+    within_bound("the log test", || {
+        let dir = TempDir::new("log");
+        let path = std::path::PathBuf::from(dir.join("log.txt"));
+        let first = format!("LOG-START {}", random_token());
+        let log = log_after_helper(&path, "sandboxed", &first);
+        assert!(log.starts_with(&first), "the log was erased:\n{log}");
+        assert!(log.contains("HELPER-LINE"), "{log}");
+        assert!(!log.contains("FORGED"), "the log was forged:\n{log}");
+        // The control: without a sandbox, the task erases and forges it.
+        let log = log_after_helper(&path, "plain", &first);
+        assert!(!log.contains(&first), "the control's log survived:\n{log}");
+        assert!(log.starts_with("FORGED"), "the control's log:\n{log}");
+    });
+}
+
+fn print_lines(token: String) {
+    println!("OUT-LINE {token}");
+    eprintln!("ERR-LINE {token}");
+    let c = std::ffi::CString::new(format!("C-LINE {token} without a newline")).unwrap();
+    // SAFETY: a "%s" format with one NUL-terminated string argument.
+    unsafe { libc::printf(c"%s".as_ptr(), c.as_ptr()) };
+}
+
+/// Helper (run by `what_a_sandboxed_task_prints_reaches_the_programs_stdio`),
+/// in mode `sandboxed` or `plain`: a task prints to stdout and stderr
+/// (and with C's `printf`, left in C's buffer until the worker exits).
+#[test]
+#[ignore = "a helper: run by what_a_sandboxed_task_prints_reaches_the_programs_stdio"]
+fn helper_prints() {
+    let mode = common::helper_mode().expect("a mode");
+    let token = std::env::var(SECRET_ENV).expect("the token");
+    let pool = match mode.as_str() {
+        "sandboxed" => sandboxed(1, Sandbox::new()),
+        _ => plain(1),
+    };
+    pool.apply(print_lines, token).unwrap();
+    pool.close();
+    pool.join().unwrap();
+    println!("\nHELPER-DONE");
+}
+
+#[test]
+fn what_a_sandboxed_task_prints_reaches_the_programs_stdio() {
+    within_bound("the print test", || {
+        for mode in ["sandboxed", "plain"] {
+            let token = random_token();
+            let run = run_helper_test("helper_prints", |cmd| {
+                cmd.env(common::HELPER_ENV, mode).env(SECRET_ENV, &token);
+            });
+            assert!(
+                run.status.is_some_and(|s| s.success()) && run.stdout.contains("HELPER-DONE"),
+                "the {mode} helper failed:\n{}\n{}",
+                run.stdout,
+                run.stderr
+            );
+            let has = |s: &str, what: &str| s.contains(&format!("{what} {token}"));
+            assert!(has(&run.stdout, "OUT-LINE"), "{mode}: {}", run.stdout);
+            assert!(has(&run.stderr, "ERR-LINE"), "{mode}: {}", run.stderr);
+            assert!(has(&run.stdout, "C-LINE"), "{mode}: {}", run.stdout);
+        }
+    });
 }
 
 // ---- a hostile worker and its parent ----

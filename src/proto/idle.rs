@@ -34,20 +34,38 @@ pub(crate) fn remote_spin_budget() -> Duration {
     *US.get_or_init(|| spin_or(250))
 }
 
-/// `PROCPOOL_SPIN_US` if set, else `default_us`; none on one CPU.
+/// `PROCPOOL_SPIN_US` if set (or the value a sandboxed server was given
+/// in its config, [`set_spin_override`]), else `default_us`; none on one
+/// CPU.
 fn spin_or(default_us: u64) -> Duration {
     if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
         return Duration::ZERO;
     }
-    let us = std::env::var(SPIN_ENV)
-        .ok()
-        .and_then(|v| v.parse().ok())
+    let us = SPIN_OVERRIDE
+        .get()
+        .copied()
+        .or_else(spin_from_env)
         .unwrap_or(default_us);
     Duration::from_micros(us)
 }
 
 /// The variable that sets the spin.
 pub(crate) const SPIN_ENV: &str = "PROCPOOL_SPIN_US";
+
+/// The spin a sandboxed server was given in its config, in place of
+/// [`SPIN_ENV`], which its empty environment lacks.
+static SPIN_OVERRIDE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// [`SPIN_ENV`] in this process's environment, if it is set to a number.
+pub(crate) fn spin_from_env() -> Option<u64> {
+    std::env::var(SPIN_ENV).ok().and_then(|v| v.parse().ok())
+}
+
+/// Sets the spin for this process, as [`SPIN_ENV`] would: in a sandboxed
+/// server, before it reads the spin or forks a worker.
+pub(crate) fn set_spin_override(us: u64) {
+    let _ = SPIN_OVERRIDE.set(us);
+}
 
 /// Spins (for at most [`spin_budget`]) until `ready()` holds; returns it.
 pub(crate) fn spin_until(ready: impl FnMut() -> bool) -> bool {

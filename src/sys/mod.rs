@@ -9,6 +9,7 @@ mod image;
 mod memory;
 #[cfg(feature = "mpi")]
 mod net;
+mod pipe;
 mod poll;
 mod process;
 pub(crate) mod sandbox;
@@ -23,6 +24,7 @@ pub(crate) use image::*;
 pub(crate) use memory::*;
 #[cfg(feature = "mpi")]
 pub(crate) use net::*;
+pub(crate) use pipe::*;
 pub(crate) use poll::*;
 pub(crate) use process::*;
 pub(crate) use signal::*;

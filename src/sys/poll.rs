@@ -29,6 +29,13 @@ pub(crate) fn wait_readable(fd: RawFd, timeout: std::time::Duration) -> io::Resu
     Ok(poll_in(fd, ms)? > 0)
 }
 
+/// Waits until `fd` takes a write (or hung up), at most `timeout`;
+/// returns whether it does.
+pub(crate) fn wait_writable(fd: RawFd, timeout: std::time::Duration) -> io::Result<bool> {
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    Ok(poll_one(fd, libc::POLLOUT, ms)? > 0)
+}
+
 /// Whether the peer of stream socket `fd` has shut its writing side, so
 /// that every byte it sent before is in this side's receive buffer (or the
 /// socket hung up, or failed). Reads nothing.

@@ -13,6 +13,7 @@
 //! here: the invariant the start methods keep, what a worker inherits, the
 //! terminal, signals and stdio, and why a stream socket per worker.
 
+pub(crate) mod output;
 pub(crate) mod server;
 pub(crate) mod start;
 
@@ -41,20 +42,27 @@ pub(crate) struct Local {
     /// The slot of each live worker, by pid (the server names workers by
     /// pid; the engine, by slot).
     slots: HashMap<u32, usize>,
+    /// The pump of the pool's output, where it goes through the parent
+    /// (a sandboxed pool: `output.rs`).
+    output: Option<output::OutputPump>,
 }
 
 /// Starts a fork server by `method`, with `spec` (the initializer, the
 /// shared words, the sandbox).
 pub(crate) fn start(method: StartMethod, spec: Spec) -> Result<Local, Error> {
-    let (fd, pid) = match method {
+    let (fd, pid, output) = match method {
         StartMethod::ForkServer => start::exec_server(&spec)?,
-        StartMethod::Fork => fork_server(spec)?,
+        StartMethod::Fork => {
+            let (fd, pid) = fork_server(spec)?;
+            (fd, pid, None)
+        }
     };
     let mut local = Local {
         fd: Some(fd),
         out: VecDeque::new(),
         pid,
         slots: HashMap::new(),
+        output,
     };
     if let Err(e) = sys::set_nonblocking(local.fd.as_ref().expect("just set")) {
         // Closing its socket makes the server exit; reap it.
@@ -225,6 +233,13 @@ impl Backend for Local {
             while sys::is_our_child(self.pid) && std::time::Instant::now() < until {
                 std::thread::sleep(std::time::Duration::from_micros(200));
             }
+        }
+        // The server reaped its workers before it exited: what they wrote
+        // is in the output pipes, and the pump copies it out within a
+        // moment (bounded: a copy of a write end left elsewhere must not
+        // hold up the join).
+        if let Some(pump) = self.output.take() {
+            pump.wait_drained(output::DRAIN_WAIT);
         }
         exit_reason(self.what(), status)
     }

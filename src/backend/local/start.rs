@@ -32,6 +32,15 @@
 //! waits for that HELLO with a deadline: a server that never comes up is an
 //! error, not a hang.
 //!
+//! A sandboxed pool's server is exec'd differently in two ways
+//! ([`exec_server`]): its environment holds only the variables its sandbox
+//! names and the marker (an exec's strings stay on the new process's
+//! stack, so removing the host's variables after the exec would leave
+//! them in every worker's memory); the spin, which an unsandboxed server
+//! reads from `PROCPOOL_SPIN_US`, travels in its config instead. And its
+//! stdin is `/dev/null` and its stdout and stderr are pipes to the parent
+//! (`output.rs`), which its workers inherit.
+//!
 //! **Fork**: the server is a `fork()` of the caller, as in the first
 //! version: workers see the caller's memory as it was at build time, and a
 //! lock another thread held at that instant stays held in them.
@@ -42,6 +51,7 @@
 //! environment, working directory, initializer and limits after each fork
 //! and outlive pools; the simple choice is cheap enough.
 
+use crate::backend::local::output;
 use crate::backend::local::server::{self, Init, Msg, Spec};
 use crate::error::Error;
 use crate::proto::status::{PAGE_WORDS, STATUS_WORDS, SharedWords};
@@ -195,9 +205,10 @@ fn cannot_exec(reason: String) -> Error {
     }
 }
 
-/// Starts a fork server by exec; returns the parent's end of its socket
-/// and its pid, once it has said HELLO.
-pub(crate) fn exec_server(spec: &Spec) -> Result<(OwnedFd, libc::pid_t), Error> {
+/// Starts a fork server by exec; returns the parent's end of its socket,
+/// its pid, once it has said HELLO, and the pump of its output if it is
+/// sandboxed (`output.rs`).
+pub(crate) fn exec_server(spec: &Spec) -> Result<Started, Error> {
     can_exec()?;
     let (parent_end, server_end) =
         sys::seqpacket_pair().map_err(|e| Error::io("creating the fork server socket", e))?;
@@ -217,6 +228,50 @@ pub(crate) fn exec_server(spec: &Spec) -> Result<(OwnedFd, libc::pid_t), Error> 
         raw(1, spec.words.raw_fd()),
         raw(2, config.as_raw_fd()),
     ];
+    let mut cmd = server_command(spec, keep);
+    let streams = if spec.sandbox.is_some() {
+        // A sandboxed worker gets none of the host's stdio fds.
+        cmd.stdin(std::process::Stdio::null());
+        output::Streams::FORWARD
+    } else {
+        output::Streams::INHERIT
+    };
+    let mut stdio = streams
+        .prepare()
+        .map_err(|e| Error::io("making the pool's output pipes", e))?;
+    stdio.give_to(&mut cmd);
+    let child = sys::spawn_keeping(&mut cmd, keep)
+        .map_err(|e| cannot_exec(format!("could not exec /proc/self/exe: {e}")))?;
+    // The Child handle neither waits nor kills when dropped; the pool reaps
+    // the server by pid. The command holds the pipes' write ends: drop it
+    // before the pump starts, or the pump would never see end-of-file.
+    let pid = child.id() as libc::pid_t;
+    drop((child, cmd, server_end, config, moved));
+    let pump = match stdio.start() {
+        Ok(p) => p,
+        Err(e) => {
+            sys::kill_and_reap(pid);
+            return Err(Error::io("starting the pool's output pump", e));
+        }
+    };
+    match hello(&parent_end, pid) {
+        Ok(()) => Ok((parent_end, pid, pump)),
+        Err(e) => {
+            sys::kill_and_reap(pid);
+            Err(e)
+        }
+    }
+}
+
+/// What [`exec_server`] started: the parent's end of the server's socket,
+/// its pid, and the pump of its output, if forwarded.
+pub(crate) type Started = (OwnedFd, libc::pid_t, Option<output::OutputPump>);
+
+/// The command that execs the server, with its environment: the host's
+/// for an unsandboxed pool (less the MPI launcher's variables if asked),
+/// only what the sandbox names for a sandboxed one; and the crate's
+/// marker, which names the fds in `keep`.
+fn server_command(spec: &Spec, keep: [RawFd; 3]) -> std::process::Command {
     let mut cmd = std::process::Command::new("/proc/self/exe");
     {
         use std::os::unix::process::CommandExt;
@@ -224,35 +279,47 @@ pub(crate) fn exec_server(spec: &Spec) -> Result<(OwnedFd, libc::pid_t), Error> 
             cmd.arg0(arg0);
         }
     }
-    if spec.without_mpi_env {
+    if let Some(sb) = &spec.sandbox {
+        // No byte of the host's environment in the server's memory (an
+        // exec's strings stay on its stack, so clearing `environ` after
+        // would not do): only what the sandbox names.
+        cmd.env_clear();
+        cmd.envs(sb.env());
+    } else if spec.without_mpi_env {
         for (key, _) in std::env::vars_os() {
             let k = key.to_string_lossy();
             if ["OMPI_", "PMIX_", "PMI_"].iter().any(|p| k.starts_with(p)) {
                 cmd.env_remove(&key);
             }
         }
-        // Its workers answer a rank that relays from another host: they
-        // spin as long as the rank does (`idle::remote_spin_budget`).
-        let spin = crate::proto::idle::remote_spin_budget().as_micros();
-        cmd.env(crate::proto::idle::SPIN_ENV, spin.to_string());
+    }
+    if spec.sandbox.is_none() {
+        if let Some(us) = spin_for_server(spec) {
+            cmd.env(crate::proto::idle::SPIN_ENV, us.to_string());
+        }
     }
     cmd.env(
         sys::SERVER_ENV,
         format!("{},{},{}", keep[0], keep[1], keep[2]),
     );
-    let child = sys::spawn_keeping(&mut cmd, keep)
-        .map_err(|e| cannot_exec(format!("could not exec /proc/self/exe: {e}")))?;
-    // The Child handle neither waits nor kills when dropped; the pool reaps
-    // the server by pid.
-    let pid = child.id() as libc::pid_t;
-    drop((child, server_end, config, moved));
-    match hello(&parent_end, pid) {
-        Ok(()) => Ok((parent_end, pid)),
-        Err(e) => {
-            sys::kill_and_reap(pid);
-            Err(e)
-        }
+    cmd
+}
+
+/// The spin the server must use when it is not the one its own
+/// environment gives: a server on an MPI rank answers a rank that relays
+/// from another host, so its workers spin as long as the rank does
+/// (`idle::remote_spin_budget`); a sandboxed server has no
+/// `PROCPOOL_SPIN_US` in its environment, so it gets the parent's (in its
+/// config).
+fn spin_for_server(spec: &Spec) -> Option<u64> {
+    if spec.without_mpi_env {
+        let spin = crate::proto::idle::remote_spin_budget().as_micros();
+        return Some(spin.min(u64::MAX as u128) as u64);
     }
+    if spec.sandbox.is_some() {
+        return crate::proto::idle::spin_from_env();
+    }
+    None
 }
 
 /// Whether an exec of `/proc/self/exe` would start a fork server: the
@@ -352,11 +419,14 @@ const HELLO_WEAKER: u64 = 1;
 /// and the server exits.
 const HELLO_FAILED: u64 = 2;
 
-const CONFIG_MAGIC: &[u8; 8] = b"PROCPL02";
+const CONFIG_MAGIC: &[u8; 8] = b"PROCPL03";
 
 /// The settings an exec'd server needs, in a memfd: a magic, the socket
-/// buffer size, the initializer (offsets and argument) if any, then the
-/// sandbox (a flag, a length and its bincode encoding) if any.
+/// buffer size, the initializer (offsets and argument) if any, the
+/// sandbox (a flag, a length and its bincode encoding) if any, then the
+/// spin in microseconds (a flag and the number) if the server must not
+/// take it from its environment (a sandboxed server, whose environment
+/// holds only what the sandbox names: [`spin_for_server`]).
 fn write_config(spec: &Spec) -> std::io::Result<OwnedFd> {
     let mut bytes = Vec::with_capacity(64);
     bytes.extend_from_slice(CONFIG_MAGIC);
@@ -381,15 +451,27 @@ fn write_config(spec: &Spec) -> std::io::Result<OwnedFd> {
             bytes.extend_from_slice(&enc);
         }
     }
+    match spec.sandbox.as_ref().and(spin_for_server(spec)) {
+        None => bytes.push(0),
+        Some(us) => {
+            bytes.push(1);
+            bytes.extend_from_slice(&us.to_le_bytes());
+        }
+    }
     let fd = sys::memfd()?;
     let mut f = std::fs::File::from(fd);
     f.write_all(&bytes)?;
     Ok(OwnedFd::from(f))
 }
 
-/// What [`write_config`] wrote: the socket buffer size, the initializer
-/// and the sandbox.
-type Config = (usize, Option<Init>, Option<crate::sandbox::Spec>);
+/// What [`write_config`] wrote: the socket buffer size, the initializer,
+/// the sandbox and the spin.
+type Config = (
+    usize,
+    Option<Init>,
+    Option<crate::sandbox::Spec>,
+    Option<u64>,
+);
 
 fn read_config(fd: OwnedFd) -> Option<Config> {
     let mut f = std::fs::File::from(fd);
@@ -418,20 +500,22 @@ fn read_config(fd: OwnedFd) -> Option<Config> {
             )
         }
     };
-    let sandbox = match *rest.get(at)? {
-        0 => None,
+    let (sandbox, at) = match *rest.get(at)? {
+        0 => (None, at + 1),
         _ => {
             let len = u64_at(rest, at + 1)? as usize;
             let from = at + 9;
-            let enc = rest.get(from..from.checked_add(len)?)?;
-            Some(
-                crate::proto::codec::decode::<crate::sandbox::Spec>(enc)
-                    .ok()?
-                    .0,
-            )
+            let end = from.checked_add(len)?;
+            let enc = rest.get(from..end)?;
+            let spec = crate::proto::codec::decode::<crate::sandbox::Spec>(enc).ok()?;
+            (Some(spec.0), end)
         }
     };
-    Some((sock_buf, init, sandbox))
+    let spin = match *rest.get(at)? {
+        0 => None,
+        _ => Some(u64_at(rest, at + 1)?),
+    };
+    Some((sock_buf, init, sandbox, spin))
 }
 
 /// The exec'd fork server, called by the crate's constructor before `main`
@@ -453,9 +537,12 @@ pub(crate) fn serve_exec(value: &str) -> ! {
     ) else {
         sys::exit_now(121)
     };
-    let Some((sock_buf, init, sandbox)) = read_config(config) else {
+    let Some((sock_buf, init, sandbox, spin)) = read_config(config) else {
         sys::exit_now(123)
     };
+    if let Some(us) = spin {
+        crate::proto::idle::set_spin_override(us);
+    }
     // A sandboxed pool gives each worker a page of status words.
     let stride = if sandbox.is_some() {
         PAGE_WORDS
@@ -525,7 +612,7 @@ mod tests {
             arg: (0..=255u8).collect(),
         };
         let s = spec(Some(init));
-        let (sock_buf, init, sandbox) = read_config(write_config(&s).unwrap()).unwrap();
+        let (sock_buf, init, sandbox, spin) = read_config(write_config(&s).unwrap()).unwrap();
         assert_eq!(sock_buf, 12345);
         let i = init.unwrap();
         assert_eq!(
@@ -537,8 +624,23 @@ mod tests {
         );
         assert_eq!(i.arg, (0..=255u8).collect::<Vec<_>>());
         assert!(sandbox.is_none());
-        let (_, init, _) = read_config(write_config(&spec(None)).unwrap()).unwrap();
+        assert!(spin.is_none());
+        let (_, init, _, _) = read_config(write_config(&spec(None)).unwrap()).unwrap();
         assert!(init.is_none());
+    }
+
+    #[test]
+    fn a_sandboxed_servers_config_carries_its_sandbox_and_spin() {
+        let mut s = spec(None);
+        s.sandbox = Some(crate::sandbox::Sandbox::new().resolve().unwrap());
+        let (_, _, sandbox, spin) = read_config(write_config(&s).unwrap()).unwrap();
+        assert!(sandbox.is_some());
+        // The parent's PROCPOOL_SPIN_US, which the server's environment
+        // lacks; none for an unsandboxed server, which reads its own.
+        assert_eq!(spin, crate::proto::idle::spin_from_env());
+        s.sandbox = None;
+        let (_, _, _, spin) = read_config(write_config(&s).unwrap()).unwrap();
+        assert_eq!(spin, None);
     }
 
     #[test]

@@ -361,6 +361,12 @@ impl Worker<'_> {
         let t0 = Instant::now();
         let mut done = Header::new(wire::DONE, h.seq, 0, 0).open(&mut self.out);
         let ran = self.execute(h, input, &done);
+        if self.active.is_some() {
+            // A sandboxed worker is killed after its task, never exits:
+            // what the task left in C's stdio buffers goes out now, before
+            // its result.
+            sys::flush_c_stdio();
+        }
         if self.over_open_files(&done, ran.status) {
             self.status
                 .died_of

@@ -40,6 +40,8 @@
 //! | what comes back | the parent checks every length a worker claims against the result limit before it allocates or maps, closes fds no frame carries, and kills a worker that breaks the protocol | a task can write anything on its worker's socket: a 4 GiB claim, or fds by the hundred |
 //! | file size | `RLIMIT_FSIZE` (`SIGXFSZ` names it); the worker never makes a block past it, and sends a result that big through its socket instead | `ftruncate` on a memfd past `RLIMIT_FSIZE` fails (and raises `SIGXFSZ`) |
 //! | no set-user-ID or set-group-ID file | seccomp admits `open`, `openat`, `creat`, `mkdir`, `mkdirat`, `mknod`, `mknodat` and `fchmod` only with a mode free of `S_ISUID` and `S_ISGID` (`mknod` only for FIFOs and regular files); `openat2`, whose mode lies in memory where a filter cannot read it, answers `ENOSYS` (glibc falls back to `openat`); `chmod` by path is denied | a task of a program run as root would otherwise leave a root-owned set-user-ID program of its own making on the host |
+//! | one task, one process | the parent kills a sandboxed worker (`KillReason::Retired`) once its last task's result is in, and starts its replacement at once; a map's items go alone by default; with `tasks_per_worker(n)` a worker takes one task at a time and is killed when it ends one with threads left over (`/proc/PID/status`, read by the parent) | the task owns its process: it can answer later tasks itself on the worker's socket, leave threads spinning, change globals; a worker asked to exit need not |
+//! | time | every task has a wall-clock limit (its timeout or the pool's, else ten times the CPU cap, else 60 s), counted by the parent from the task's start | a task that sleeps or stops itself uses no CPU |
 //! | workers apart | status words a page per worker, each worker unmapping the others and closing their memfd; blocks never reused, sealed | Landlock's signal and ptrace scoping keeps a worker from signalling or tracing another |
 //! | nothing of the host's environment | the parent execs the server with only the variables [`Sandbox::env`] and [`Sandbox::inherit_env`] name (and the crate's marker, fd numbers); the crate's own settings (`PROCPOOL_SPIN_US`) go in the config memfd | clearing `environ` in the server would not do: an exec's strings stay on its stack, in every worker it forks |
 //! | nothing of the host's stdio | stdin is `/dev/null`; stdout and stderr are pipes whose read ends only the parent holds, copied by a thread of the parent to the program's own (`backend/local/output.rs`) | with the program's fd, a task could `ftruncate` and `pwrite` the program's log; with a pipe it can only add bytes |
@@ -132,11 +134,22 @@ use std::time::Duration;
 /// reaches the program's stdout a moment after the task wrote it; `join`
 /// waits (briefly) for the last of it.
 ///
+/// The task is taken to own its process: it can take over the worker's
+/// protocol loop, leave threads behind, change any global. So each task
+/// runs in a process of its own, which the pool kills (SIGKILL) once the
+/// task's result is in, and never asks to exit; a map's items go alone
+/// unless a chunk size is set (a chunk is one task, and shares one
+/// process); [`tasks_per_worker`](Sandbox::tasks_per_worker) opts into
+/// reuse, as shared fate. Every task has a wall-clock limit: its own
+/// timeout or the pool's if set, else ten times the CPU cap, else 60
+/// seconds ([`Limit::WallClock`](crate::Limit::WallClock)).
+///
 /// What it does not protect against: kernel bugs (every mechanism here is
 /// the kernel's), side channels (timing, caches, the CPU), what the
 /// initializer did before the sandbox applied (a file or socket it opened
-/// stays usable by tasks), and a task spoiling its own worker's results
-/// (the tasks sent to that worker with it). The memory cap is
+/// stays usable by tasks), and a task spoiling its own result (or, with
+/// reuse or a chunk size, those of the tasks that share its process). The
+/// memory cap is
 /// `RLIMIT_DATA`, private memory only: shared memory a task maps (shared
 /// anonymous mappings, new `SharedBuf`s) does not count. Under a memory
 /// cap, a task that aborts right after a failed `ENOMEM` call is taken for
@@ -295,12 +308,13 @@ impl Sandbox {
     /// on another worker). A map's chunk is one task either way.
     ///
     /// ```
-    /// use procpool::{Pool, Sandbox};
+    /// use procpool::{Pool, Sandbox, StartMethod};
     ///
     /// fn double(x: u64) -> u64 { x * 2 }
     ///
     /// let pool = Pool::builder()
     ///     .processes(2)
+    ///     .start_method(StartMethod::ForkServer)
     ///     .sandbox(Sandbox::new().tasks_per_worker(100))
     ///     .build()?;
     /// assert_eq!(pool.map(double, 0..10u64)?, (0..10).map(|x| x * 2).collect::<Vec<_>>());

@@ -34,7 +34,7 @@
 //! | no network | a network namespace (server), seccomp denying `socket`, `socketpair`, `connect`, `bind`, `listen`, `accept`, `sendto` with an address; Landlock denying TCP and abstract UNIX sockets of other domains | each alone would do; together a kernel that lacks one is still covered. The worker's socket to the parent predates all three |
 //! | filesystem | Landlock (the `landlock` crate) | the only unprivileged way to restrict paths; the crate handles ABI versions |
 //! | no programs, no privileges | seccomp allow-list (the `seccompiler` crate, rust-vmm's, used by Firecracker), `no_new_privs`, capabilities dropped, Landlock without `Execute` | an allow-list denies what it does not name, new syscalls included; `clone` is allowed only with `CLONE_THREAD`, and `clone3` answers `ENOSYS` so glibc falls back to `clone`, whose flags a filter can read |
-//! | memory | `RLIMIT_DATA` (private memory: heap, anonymous mappings, stacks; not the pool's shared blocks) | no cgroup needed; an allocation past it fails, Rust aborts, and a `SIGABRT` handler that sees `errno == ENOMEM` marks the worker's status word, so the parent can name the limit |
+//! | memory | `RLIMIT_DATA` (private memory: heap, anonymous mappings, stacks; not the pool's shared blocks), and `RLIMIT_AS` above it by twice the result limit and 1 GiB for threads (shared memory a task maps, memfds, `SharedBuf`s) | no cgroup needed; an allocation past it fails, Rust aborts, and a `SIGABRT` handler that sees `errno == ENOMEM` marks the worker's status word, so the parent can name the limit |
 //! | CPU per task | the parent reads the worker's CPU clock | `RLIMIT_CPU` counts the whole process and cannot be raised again |
 //! | open files | `RLIMIT_NOFILE`, set above what is open plus a reserve for the pool's blocks | |
 //! | what comes back | the parent checks every length a worker claims against the result limit before it allocates or maps, closes fds no frame carries, and kills a worker that breaks the protocol | a task can write anything on its worker's socket: a 4 GiB claim, or fds by the hundred |
@@ -150,8 +150,8 @@ use std::time::Duration;
 /// stays usable by tasks), and a task spoiling its own result (or, with
 /// reuse or a chunk size, those of the tasks that share its process). The
 /// memory cap is
-/// `RLIMIT_DATA`, private memory only: shared memory a task maps (shared
-/// anonymous mappings, new `SharedBuf`s) does not count. Under a memory
+/// `RLIMIT_DATA` for private memory, and `RLIMIT_AS` above it for the
+/// address space as a whole (shared memory a task maps). Under a memory
 /// cap, a task that aborts right after a failed `ENOMEM` call is taken for
 /// one that went past the cap. A [`SharedBuf`](crate::SharedBuf) sent to a
 /// sandboxed worker is copied, never shared.
@@ -253,8 +253,14 @@ impl Sandbox {
     /// `RLIMIT_DATA`) at `bytes`, what the initializer allocated included.
     /// A task whose allocation fails past it gets
     /// [`Error::LimitExceeded`](crate::Error::LimitExceeded) with
-    /// [`Limit::Memory`]. The pool's shared blocks for large arguments and
-    /// results do not count.
+    /// [`Limit::Memory`]. Shared memory a task maps (shared anonymous
+    /// mappings, memfds, new `SharedBuf`s) counts against the worker's
+    /// address space (`RLIMIT_AS`), capped at what it maps when the
+    /// sandbox applies, plus `bytes`, plus twice the
+    /// [`result_limit`](Sandbox::result_limit) (for the pool's blocks),
+    /// plus 1 GiB for threads' stacks and allocator arenas: a map past it
+    /// fails with `ENOMEM`, and a task that aborts then gets the memory
+    /// limit too.
     pub fn memory_limit(mut self, bytes: u64) -> Sandbox {
         self.spec.memory = Some(bytes);
         self
@@ -558,6 +564,11 @@ impl Limits {
     }
 }
 
+/// Address space a sandboxed worker under a memory cap may map beyond
+/// the cap and the pool's blocks: for threads, whose stacks and malloc
+/// arenas (64 MiB each, mostly reserved, never touched) count in it.
+const THREAD_ROOM: u64 = 1 << 30;
+
 /// fds kept free above a task's open-files allowance, for the blocks the
 /// pool sends a worker.
 const FD_RESERVE: u64 = 32;
@@ -676,6 +687,15 @@ impl Prepared {
             sys_sandbox::set_env_single_threaded("RUST_BACKTRACE", "0");
             sys_sandbox::set_rlimit(libc::RLIMIT_DATA, bytes)
                 .map_err(|e| fail("RLIMIT_DATA", &e))?;
+            // Shared memory (shared anonymous mappings, memfds a task maps,
+            // new SharedBufs) is outside RLIMIT_DATA: the address space as
+            // a whole is capped above it, by what the worker maps now and
+            // room for the pool's blocks and for threads.
+            let now = crate::sys::address_space(std::process::id())
+                .ok_or_else(|| "reading the worker's address space".to_string())?;
+            let room = self.spec.limits().result.saturating_mul(2) + THREAD_ROOM;
+            let cap = now.saturating_add(bytes).saturating_add(room);
+            sys_sandbox::set_rlimit(libc::RLIMIT_AS, cap).map_err(|e| fail("RLIMIT_AS", &e))?;
             // SAFETY: the worker's own status page stays mapped until the
             // process ends (`SharedWords::keep_only` keeps it, and the
             // worker never unmaps it).

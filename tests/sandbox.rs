@@ -2032,3 +2032,72 @@ fn a_result_past_the_result_limit_is_refused_and_the_pool_goes_on() {
         assert_eq!(pool.apply(big_result, 6 << 20).unwrap().len(), 6 << 20);
     });
 }
+
+// ---- shared memory counts against the memory cap ----
+
+/// Maps `mib` MiB of shared anonymous memory and touches a page of every
+/// MiB of its first 64 MiB (`touch`: every page of them); aborts, as C
+/// code would, if the map fails. Returns the bytes mapped.
+fn map_shared((mib, touch): (u64, bool)) -> u64 {
+    let len = (mib << 20) as usize;
+    // SAFETY (test): an anonymous mapping; no memory of this process is
+    // touched but the new one.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        std::process::abort();
+    }
+    let step = if touch { 4096 } else { 1 << 20 };
+    for off in (0..len.min(64 << 20)).step_by(step) {
+        // SAFETY (test): within the mapping just made.
+        unsafe { *(p as *mut u8).add(off) = 1 };
+    }
+    // SAFETY (test): the mapping made above.
+    unsafe { libc::munmap(p, len) };
+    len as u64
+}
+
+fn threads_allocating(n: u64) -> u64 {
+    let hs: Vec<_> = (0..n)
+        .map(|i| {
+            std::thread::spawn(move || {
+                vec![i as u8; 1 << 20]
+                    .iter()
+                    .map(|&b| b as u64)
+                    .sum::<u64>()
+            })
+        })
+        .collect();
+    hs.into_iter().map(|h| h.join().unwrap()).sum()
+}
+
+#[test]
+fn shared_memory_past_the_memory_cap_fails_with_the_memory_limit() {
+    within_bound("the shared memory test", || {
+        let cap = 256 << 20;
+        let pool = sandboxed(1, Sandbox::new().memory_limit(cap));
+        match pool.apply(map_shared, (6 << 10, false)) {
+            Err(Error::LimitExceeded {
+                limit: Limit::Memory { bytes },
+                ..
+            }) => assert_eq!(bytes, cap),
+            other => panic!("expected the memory limit, got {other:?}"),
+        }
+        // Under the cap, threads that allocate still work.
+        let sum: u64 = (0..8u64).map(|i| i * (1 << 20)).sum();
+        assert_eq!(pool.apply(threads_allocating, 8).unwrap(), sum);
+        assert_eq!(pool.apply(map_shared, (64, true)).unwrap(), 64 << 20);
+
+        // Without a sandbox the mapping is made.
+        let pool = plain(1);
+        assert_eq!(pool.apply(map_shared, (6 << 10, false)).unwrap(), 6 << 30);
+    });
+}

@@ -224,10 +224,21 @@ pub(crate) fn fork_generation() -> u64 {
 /// How many threads process `pid` has (its `/proc/PID/status`), if it
 /// can be read.
 pub(crate) fn thread_count(pid: u32) -> Option<usize> {
+    status_number(pid, "Threads:").map(|n| n as usize)
+}
+
+/// The size of process `pid`'s address space in bytes (`VmSize` in its
+/// `/proc/PID/status`), if it can be read.
+pub(crate) fn address_space(pid: u32) -> Option<u64> {
+    status_number(pid, "VmSize:")?.checked_mul(1024)
+}
+
+/// The number after `key` in `/proc/PID/status` (its unit dropped).
+fn status_number(pid: u32, key: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|v| v.trim().parse().ok())
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 #[cfg(test)]

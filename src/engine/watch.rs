@@ -111,7 +111,10 @@ fn cpu_left(ns: u64, base: u64, item: u64, cap: Duration, items: u32) -> Option<
 /// a per-task CPU cap: the time in which the threads of a task, one per
 /// CPU, could together use up the cap (at least a millisecond).
 pub(crate) fn cpu_interval(cap: Duration) -> Duration {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    // Asked once: the answer reads the cgroup's files each time.
+    static CPUS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let cpus =
+        *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
     (cap / cpus).max(Duration::from_millis(1))
 }
 

@@ -82,16 +82,17 @@ pub(crate) fn try_reap_any() -> Option<(libc::pid_t, i32)> {
 /// that has exited but is not yet released by the kernel counts): its
 /// `/proc` entry names this process as its parent.
 pub(crate) fn is_our_child(pid: libc::pid_t) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
+    stat_number(pid as u32, 4) == Some(u64::from(std::process::id()))
+}
+
+/// Field `n` (numbered from 1, as in proc(5)) of `/proc/PID/stat`, a
+/// number from field 3 on.
+fn stat_number(pid: u32, n: usize) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // "pid (comm) state ppid ...": comm may hold spaces and parentheses,
     // so the fields are counted from the last ')'.
-    let ppid = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-        .and_then(|p| p.parse::<u32>().ok());
-    ppid == Some(std::process::id())
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
 }
 
 pub(crate) fn reap(pid: libc::pid_t) -> io::Result<i32> {
@@ -221,10 +222,11 @@ pub(crate) fn fork_generation() -> u64 {
     }
 }
 
-/// How many threads process `pid` has (its `/proc/PID/status`), if it
-/// can be read.
+/// How many threads process `pid` has (its `/proc/PID/stat`), if it can
+/// be read.
 pub(crate) fn thread_count(pid: u32) -> Option<usize> {
-    status_number(pid, "Threads:").map(|n| n as usize)
+    // `stat` (field 20, num_threads) costs the kernel less than `status`.
+    stat_number(pid, 20).map(|n| n as usize)
 }
 
 /// The size of process `pid`'s address space in bytes (`VmSize` in its
@@ -257,5 +259,24 @@ mod tests {
         child.wait().unwrap();
         assert!(!is_our_child(pid), "reaped: gone");
         assert!(!is_our_child(1), "init is nobody's child here");
+    }
+
+    #[test]
+    fn threads_and_address_space_are_read_from_proc() {
+        let me = std::process::id();
+        let before = thread_count(me).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            ready_tx.send(()).unwrap();
+            rx.recv().ok();
+        });
+        ready_rx.recv().unwrap();
+        assert!(thread_count(me).unwrap() > before.min(1));
+        assert!(thread_count(me).unwrap() >= 2);
+        tx.send(()).unwrap();
+        t.join().unwrap();
+        assert!(address_space(me).unwrap() > 1 << 20);
+        assert_eq!(thread_count(u32::MAX), None);
     }
 }

@@ -32,7 +32,7 @@
 //! | promise | mechanism | why |
 //! |---|---|---|
 //! | no network | a network namespace (server), seccomp denying `socket`, `socketpair`, `connect`, `bind`, `listen`, `accept`, `sendto` with an address; Landlock denying TCP and abstract UNIX sockets of other domains | each alone would do; together a kernel that lacks one is still covered. The worker's socket to the parent predates all three |
-//! | filesystem | Landlock (the `landlock` crate) | the only unprivileged way to restrict paths; the crate handles ABI versions |
+//! | filesystem | a private root per worker, made after its initializer: a mount namespace of its own whose `/` is a small read-only tmpfs holding only the listed paths (bind mounts, `nosuid`, `nodev`, read-only where listed so), its executable and `/dev/null`, `/dev/zero`, `/dev/urandom`, `/dev/random`; the host's tree detached (`sys::sandbox::enter_private_root`). Landlock (the `landlock` crate) as a second wall | Landlock governs opening, not looking: `stat`, `access`, `readlink` of any host path answered. In the private root nothing else exists, by any path, absolute or relative. Per worker, not per server, so that the initializer still sees the host (a model file it loads, say) |
 //! | no programs, no privileges | seccomp allow-list (the `seccompiler` crate, rust-vmm's, used by Firecracker), `no_new_privs`, capabilities dropped, Landlock without `Execute` | an allow-list denies what it does not name, new syscalls included; `clone` is allowed only with `CLONE_THREAD`, and `clone3` answers `ENOSYS` so glibc falls back to `clone`, whose flags a filter can read |
 //! | memory | `RLIMIT_DATA` (private memory: heap, anonymous mappings, stacks; not the pool's shared blocks), and `RLIMIT_AS` above it by twice the result limit and 1 GiB for threads (shared memory a task maps, memfds, `SharedBuf`s) | no cgroup needed; an allocation past it fails, Rust aborts, and a `SIGABRT` handler that sees `errno == ENOMEM` marks the worker's status word, so the parent can name the limit |
 //! | CPU per task | the parent reads the worker's CPU clock | `RLIMIT_CPU` counts the whole process and cannot be raised again |
@@ -105,8 +105,9 @@ use std::time::Duration;
 /// untrusted input. Give it to [`PoolBuilder::sandbox`].
 ///
 /// A sandboxed worker cannot reach any network address (loopback and
-/// abstract UNIX sockets included), cannot open a path but those listed
-/// (read-only or read-write), cannot start a program or gain privileges,
+/// abstract UNIX sockets included), cannot see a path but those listed
+/// (read-only or read-write: its root is a private one that holds only
+/// them, its executable and the harmless devices), cannot start a program or gain privileges,
 /// cannot reach another worker's memory or signal another process, and
 /// (if asked) cannot go past a memory cap, a CPU-time cap per task, a cap on
 /// open files and on the size of files it writes. A task that goes past a
@@ -119,7 +120,7 @@ use std::time::Duration;
 /// [`Error::ProtocolViolation`](crate::Error::ProtocolViolation).
 ///
 /// It needs [`StartMethod::ForkServer`] (the default) and Linux with
-/// seccomp, Landlock ABI 6 or later and network namespaces (user
+/// seccomp, Landlock ABI 6 or later, and network and mount namespaces (user
 /// namespaces when not root); `build()` fails with [`Error::Sandbox`] where
 /// one is missing, unless [`allow_weaker`](Sandbox::allow_weaker) says a
 /// weaker sandbox will do. The sandbox applies after the initializer, which
@@ -579,7 +580,17 @@ pub(crate) struct Prepared {
     filters: Vec<seccompiler::BpfProgram>,
     landlock: bool,
     exe: Option<PathBuf>,
+    /// Whether each worker moves into a private root (no test pretends
+    /// mount namespaces are missing).
+    private_root: bool,
+    /// The working directory, kept in the private root if a listed path
+    /// holds it.
+    cwd: Option<PathBuf>,
 }
+
+/// The devices a worker may use, in its private root and its Landlock
+/// rules.
+const DEVICES: [&str; 4] = ["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"];
 
 /// How the server's preparation went.
 pub(crate) enum Readiness {
@@ -629,7 +640,12 @@ pub(crate) fn prepare(spec: Spec) -> Readiness {
         filters,
         landlock: abi > 0,
         exe: std::env::current_exe().ok().filter(|p| p.exists()),
+        private_root: !lacks("mountns"),
+        cwd: std::env::current_dir().ok(),
     };
+    if !prepared.private_root {
+        missing.push("a mount namespace for a private root".to_string());
+    }
     if missing.is_empty() {
         Readiness::Full(prepared)
     } else if prepared.spec.allow_weaker {
@@ -715,6 +731,16 @@ impl Prepared {
             sys_sandbox::set_rlimit(libc::RLIMIT_NOFILE, allowance + FD_RESERVE)
                 .map_err(|e| fail("RLIMIT_NOFILE", &e))?;
         }
+        if self.private_root {
+            // Needs CAP_SYS_ADMIN (in the server's user namespace when not
+            // root): before the capabilities go.
+            let root = sys_sandbox::enter_private_root(&self.binds(), self.cwd.as_deref());
+            if let Err(e) = root.map_err(|e| fail("a private root", &e)) {
+                if !self.spec.allow_weaker {
+                    return Err(e);
+                }
+            }
+        }
         sys_sandbox::set_not_dumpable().map_err(|e| fail("PR_SET_DUMPABLE", &e))?;
         sys_sandbox::drop_capabilities().map_err(|e| fail("dropping capabilities", &e))?;
         if self.landlock {
@@ -727,6 +753,28 @@ impl Prepared {
             seccompiler::apply_filter(f).map_err(|e| fail("the seccomp filter", &e))?;
         }
         Ok(Active { reserve_fd })
+    }
+
+    /// What a worker's private root holds: the listed paths, its
+    /// executable (read-only, for symbols) and the harmless devices.
+    fn binds(&self) -> Vec<(PathBuf, sys_sandbox::BindAs)> {
+        use sys_sandbox::BindAs;
+        let mut binds: Vec<(PathBuf, BindAs)> = Vec::new();
+        binds.extend(
+            self.spec
+                .read_only
+                .iter()
+                .map(|p| (p.clone(), BindAs::ReadOnly)),
+        );
+        binds.extend(
+            self.spec
+                .read_write
+                .iter()
+                .map(|p| (p.clone(), BindAs::ReadWrite)),
+        );
+        binds.extend(self.exe.iter().map(|p| (p.clone(), BindAs::ReadOnly)));
+        binds.extend(DEVICES.iter().map(|d| (PathBuf::from(d), BindAs::Device)));
+        binds
     }
 
     /// Restricts this process with Landlock; returns whether every access
@@ -754,7 +802,7 @@ impl Prepared {
         // What a worker itself may need: its executable (symbols for a
         // backtrace) and the harmless devices.
         rules.extend(self.exe.iter().map(|p| (p.clone(), read)));
-        for dev in ["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"] {
+        for dev in DEVICES {
             rules.push((dev.into(), read | AccessFs::WriteFile));
         }
         // A path that cannot be opened is an error, never skipped: the task

@@ -2101,3 +2101,58 @@ fn shared_memory_past_the_memory_cap_fails_with_the_memory_limit() {
         assert_eq!(pool.apply(map_shared, (6 << 10, false)).unwrap(), 6 << 30);
     });
 }
+
+// ---- a private root: only the listed paths exist ----
+
+/// What `stat` answers for `path` (0, or the errno).
+fn stat_errno(path: String) -> i32 {
+    std::fs::symlink_metadata(&path).map_or_else(|e| e.raw_os_error().unwrap_or(-1), |_| 0)
+}
+
+/// `stat` of a path relative to the working directory that climbs out of
+/// it to the host's root.
+fn stat_upwards(depth: usize) -> i32 {
+    stat_errno(format!("{}etc/passwd", "../".repeat(depth)))
+}
+
+#[test]
+fn nothing_but_the_listed_paths_exists_for_a_task() {
+    within_bound("the private root test", || {
+        let dir = TempDir::new("root");
+        let secret = dir.join("secret.txt");
+        std::fs::write(&secret, "root only\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let pool = sandboxed(1, Sandbox::new().read_only(&secret));
+        for path in [
+            "/etc/shadow",
+            "/etc/passwd",
+            "/proc/1",
+            "/home",
+            "/usr/bin/env",
+        ] {
+            assert_eq!(
+                pool.apply(stat_errno, path.to_string()).unwrap(),
+                libc::ENOENT,
+                "{path} exists for a sandboxed task"
+            );
+        }
+        let depth = std::env::current_dir().unwrap().components().count() + 2;
+        assert_eq!(pool.apply(stat_upwards, depth).unwrap(), libc::ENOENT);
+        // The listed file (root's own, mode 0600) is there and readable.
+        assert_eq!(
+            pool.apply(read_file, secret.clone()).unwrap(),
+            Ok("root only\n".to_string())
+        );
+        // The devices a task may use are there too.
+        assert_eq!(pool.apply(stat_errno, "/dev/null".to_string()).unwrap(), 0);
+
+        // Without a sandbox the host's paths answer.
+        let pool = plain(1);
+        assert_eq!(
+            pool.apply(stat_errno, "/etc/passwd".to_string()).unwrap(),
+            0
+        );
+        assert_eq!(pool.apply(stat_upwards, depth).unwrap(), 0);
+    });
+}

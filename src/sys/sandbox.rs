@@ -5,6 +5,7 @@
 use super::cvt;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 /// The effective uid and gid of this process.
@@ -247,4 +248,181 @@ pub(crate) fn seal(fd: &OwnedFd) -> io::Result<()> {
 pub(crate) fn fd_is_open(fd: RawFd) -> bool {
     // SAFETY: fcntl(F_GETFD) on an integer: EBADF if it is not open.
     unsafe { libc::fcntl(fd, libc::F_GETFD) != -1 }
+}
+
+/// How a path is bound into a private root.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BindAs {
+    /// Read-only, no set-user-ID, no devices.
+    ReadOnly,
+    /// Writable, no set-user-ID, no devices.
+    ReadWrite,
+    /// A device node (`/dev/null`, say): writable, no set-user-ID.
+    Device,
+}
+
+/// Where the private root's tmpfs is mounted before it becomes `/`: the
+/// first of these that is a directory (in this process's own mount
+/// namespace, so the host's stays as it was).
+const ROOT_AT: [&str; 3] = ["/tmp", "/mnt", "/var/tmp"];
+
+/// Moves this process (single-threaded, with `CAP_SYS_ADMIN` in its user
+/// namespace) into a mount namespace of its own whose root is a small
+/// read-only tmpfs holding only `binds`, each at its own path (bind
+/// mounts, `nosuid`, `nodev` but for devices, read-only where asked); the
+/// working directory becomes `cwd` if it is inside one of them, else `/`.
+/// The host's tree is detached: nothing else can be reached by any path.
+pub(crate) fn enter_private_root(
+    binds: &[(std::path::PathBuf, BindAs)],
+    cwd: Option<&std::path::Path>,
+) -> io::Result<()> {
+    use std::path::Path;
+    let named = |what: &str, p: &Path, e: io::Error| {
+        io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
+    };
+    // SAFETY: unshare with an integer flag; it changes only this process.
+    cvt(unsafe { libc::unshare(libc::CLONE_NEWNS) })?;
+    // Nothing mounted from here on propagates back to the host.
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+    )?;
+    // Each source, opened in the new namespace (a bind's source must be a
+    // mount of the caller's own) while the host's tree is still reachable
+    // there.
+    let mut sources = Vec::with_capacity(binds.len());
+    for (path, how) in binds {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(path)
+            .map_err(|e| named("opening", path, e))?;
+        let dir = f
+            .metadata()
+            .map_err(|e| named("stat of", path, e))?
+            .is_dir();
+        sources.push((OwnedFd::from(f), path.as_path(), *how, dir));
+    }
+    // Shortest first: a path inside another is bound on top of it.
+    sources.sort_by_key(|s| s.1.as_os_str().len());
+    let root = ROOT_AT
+        .iter()
+        .map(Path::new)
+        .find(|p| p.is_dir())
+        .ok_or_else(|| io::Error::other("no directory to mount the private root on"))?;
+    let tmpfs_flags = libc::MS_NOSUID | libc::MS_NODEV;
+    mount(
+        Some("tmpfs"),
+        root,
+        Some("tmpfs"),
+        tmpfs_flags,
+        Some("size=64k,mode=0755"),
+    )?;
+    for (fd, path, how, dir) in &sources {
+        let at = root.join(path.strip_prefix("/").unwrap_or(path));
+        bind_at(fd, &at, *how, *dir).map_err(|e| named("binding", path, e))?;
+    }
+    let old = root.join(".host");
+    std::fs::create_dir(&old)?;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(io::Error::other)
+    };
+    let (new_c, old_c) = (c(root)?, c(&old)?);
+    // SAFETY: pivot_root with two NUL-terminated paths that live for the call.
+    cvt(unsafe { libc::syscall(libc::SYS_pivot_root, new_c.as_ptr(), old_c.as_ptr()) } as i32)?;
+    std::env::set_current_dir("/")?;
+    let host = c(Path::new("/.host"))?;
+    // SAFETY: umount2 of a NUL-terminated path that lives for the call.
+    cvt(unsafe { libc::umount2(host.as_ptr(), libc::MNT_DETACH) })?;
+    std::fs::remove_dir("/.host")?;
+    let ro = libc::MS_REMOUNT | libc::MS_RDONLY | tmpfs_flags;
+    mount(None, Path::new("/"), None, ro, None)?;
+    if let Some(cwd) = cwd.filter(|c| binds.iter().any(|(p, _)| c.starts_with(p))) {
+        std::env::set_current_dir(cwd)?;
+    }
+    Ok(())
+}
+
+/// Binds the file or directory behind `fd` at `at` (made first, as an
+/// empty directory or file in the private root), then remounts it with
+/// the flags `how` asks for, keeping those the source's mount already has
+/// (a user namespace may not drop them).
+fn bind_at(fd: &OwnedFd, at: &std::path::Path, how: BindAs, dir: bool) -> io::Result<()> {
+    use std::path::Path;
+    if !at.exists() {
+        if let Some(parent) = at.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        if dir {
+            std::fs::create_dir(at)?;
+        } else {
+            std::fs::File::create(at)?;
+        }
+    }
+    let src = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    mount(Some(&src), at, None, libc::MS_BIND | libc::MS_REC, None)?;
+    let mut flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | kept_flags(at)?;
+    match how {
+        BindAs::ReadOnly => flags |= libc::MS_RDONLY | libc::MS_NODEV,
+        BindAs::ReadWrite => flags |= libc::MS_NODEV,
+        BindAs::Device => {}
+    }
+    mount(None, at, None, flags, None).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("remounting {}: {e}", Path::new(at).display()),
+        )
+    })
+}
+
+/// The flags of the mount `at` is on that a remount must keep.
+fn kept_flags(at: &std::path::Path) -> io::Result<libc::c_ulong> {
+    let c = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    // SAFETY: statvfs is plain data; all zero is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a live statvfs for the call.
+    cvt(unsafe { libc::statvfs(c.as_ptr(), &mut st) })?;
+    let pairs = [
+        (libc::ST_RDONLY, libc::MS_RDONLY),
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ];
+    Ok(pairs
+        .iter()
+        .filter(|(st_flag, _)| st.f_flag & *st_flag != 0)
+        .fold(0, |acc, (_, ms)| acc | ms))
+}
+
+/// `mount(2)` with Rust strings.
+fn mount(
+    source: Option<&str>,
+    target: &std::path::Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
+    use std::ffi::CString;
+    let opt = |s: Option<&str>| s.map(CString::new).transpose().map_err(io::Error::other);
+    let (source, fstype, data) = (opt(source)?, opt(fstype)?, opt(data)?);
+    let target = CString::new(target.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: every pointer is NULL or a NUL-terminated string that lives
+    // for the call; mount changes only this process's mount namespace.
+    cvt(unsafe {
+        libc::mount(
+            ptr(&source),
+            target.as_ptr(),
+            ptr(&fstype),
+            flags,
+            ptr(&data).cast(),
+        )
+    })?;
+    Ok(())
 }

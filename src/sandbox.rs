@@ -202,6 +202,7 @@ pub(crate) struct Spec {
     open_files: Option<u64>,
     file_size: Option<u64>,
     tasks_per_worker: Option<u64>,
+    scratch: Option<u64>,
     result: Option<u64>,
     allow_weaker: bool,
     /// The mechanisms the server pretends are missing (for tests):
@@ -332,6 +333,37 @@ impl Sandbox {
         self
     }
 
+    /// Gives each worker a private, writable `/tmp` of at most `bytes` (a
+    /// tmpfs in its private root, so `std::env::temp_dir()` works in a
+    /// task), gone with the worker: what a task writes there never
+    /// reaches the host's disk, and past `bytes` a write fails with
+    /// `ENOSPC`. Paths listed under `/tmp` are still there, bound on top.
+    /// Its pages are memory of the host's, outside the worker's memory cap
+    /// (but bounded by `bytes`). Without it a sandboxed task has no `/tmp`.
+    ///
+    /// ```
+    /// use procpool::{Pool, Sandbox, StartMethod};
+    ///
+    /// fn scratch(n: usize) -> Result<usize, String> {
+    ///     let path = std::env::temp_dir().join("work");
+    ///     std::fs::write(&path, vec![0u8; n]).map_err(|e| e.to_string())?;
+    ///     Ok(std::fs::read(&path).map_err(|e| e.to_string())?.len())
+    /// }
+    ///
+    /// let pool = Pool::builder()
+    ///     .processes(1)
+    ///     .start_method(StartMethod::ForkServer)
+    ///     .sandbox(Sandbox::new().scratch_size(1 << 20))
+    ///     .build()?;
+    /// assert_eq!(pool.apply(scratch, 1000)?.ok(), Some(1000));
+    /// assert!(pool.apply(scratch, 2 << 20)?.is_err()); // past 1 MiB
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
+    pub fn scratch_size(mut self, bytes: u64) -> Sandbox {
+        self.spec.scratch = Some(bytes);
+        self
+    }
+
     /// Caps what a worker may hand back to the parent for one task, in
     /// bytes: its result frame on the socket, its result's shared-memory
     /// block, and any buffers with them, all together. The default is the
@@ -454,6 +486,7 @@ impl Sandbox {
             || spec.open_files == Some(0)
             || spec.file_size == Some(0)
             || spec.tasks_per_worker == Some(0)
+            || spec.scratch == Some(0)
             || spec.result == Some(0)
             || spec.cpu_per_task.is_some_and(|d| d.is_zero());
         if zero {
@@ -734,7 +767,11 @@ impl Prepared {
         if self.private_root {
             // Needs CAP_SYS_ADMIN (in the server's user namespace when not
             // root): before the capabilities go.
-            let root = sys_sandbox::enter_private_root(&self.binds(), self.cwd.as_deref());
+            let root = sys_sandbox::enter_private_root(
+                &self.binds(),
+                self.spec.scratch,
+                self.cwd.as_deref(),
+            );
             if let Err(e) = root.map_err(|e| fail("a private root", &e)) {
                 if !self.spec.allow_weaker {
                     return Err(e);
@@ -799,6 +836,11 @@ impl Prepared {
         let mut rules: Vec<(PathBuf, BitFlags<AccessFs>)> = Vec::new();
         rules.extend(self.spec.read_only.iter().map(|p| (p.clone(), read)));
         rules.extend(self.spec.read_write.iter().map(|p| (p.clone(), write)));
+        if self.spec.scratch.is_some() {
+            // The private root's scratch tmpfs (a path listed read-only
+            // under it stays so: its bind mount is read-only).
+            rules.push((PathBuf::from("/tmp"), write));
+        }
         // What a worker itself may need: its executable (symbols for a
         // backtrace) and the harmless devices.
         rules.extend(self.exe.iter().map(|p| (p.clone(), read)));

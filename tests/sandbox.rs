@@ -2156,3 +2156,50 @@ fn nothing_but_the_listed_paths_exists_for_a_task() {
         assert_eq!(pool.apply(stat_upwards, depth).unwrap(), 0);
     });
 }
+
+/// Writes `n` bytes to a file in the temp dir and reads them back; where
+/// the temp dir is.
+fn write_scratch(n: usize) -> Result<(String, usize), String> {
+    let dir = std::env::temp_dir();
+    let path = dir.join(format!("scratch-{}", std::process::id()));
+    std::fs::write(&path, vec![7u8; n]).map_err(|e| e.to_string())?;
+    let back = std::fs::read(&path).map_err(|e| e.to_string())?.len();
+    Ok((dir.display().to_string(), back))
+}
+
+#[test]
+fn a_scratch_directory_is_private_bounded_and_gone_with_its_worker() {
+    within_bound("the scratch test", || {
+        let listed = TempDir::new("scratch-listed");
+        let pool = sandboxed(
+            1,
+            Sandbox::new().scratch_size(1 << 20).read_write(&listed.0),
+        );
+        assert_eq!(
+            pool.apply(write_scratch, 1000).unwrap(),
+            Ok(("/tmp".to_string(), 1000))
+        );
+        // Past its size a write fails.
+        let r = pool.apply(write_scratch, 2 << 20).unwrap();
+        assert!(
+            r.as_ref().is_err_and(|e| e.contains("No space left")),
+            "{r:?}"
+        );
+        // A path listed under /tmp is still there, on top of it.
+        assert_eq!(
+            pool.apply(write_file, listed.join("through")).unwrap(),
+            Ok(())
+        );
+        assert!(listed.0.join("through").exists());
+        // Nothing of it reached the host's /tmp.
+        let on_host = std::fs::read_dir("/tmp")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("scratch-"))
+            .count();
+        assert_eq!(on_host, 0, "a task's scratch file reached the host's /tmp");
+        // Without a scratch size a sandboxed task has no /tmp.
+        let pool = sandboxed(1, Sandbox::new());
+        assert!(pool.apply(write_scratch, 10).unwrap().is_err());
+    });
+}

@@ -269,11 +269,13 @@ const ROOT_AT: [&str; 3] = ["/tmp", "/mnt", "/var/tmp"];
 /// Moves this process (single-threaded, with `CAP_SYS_ADMIN` in its user
 /// namespace) into a mount namespace of its own whose root is a small
 /// read-only tmpfs holding only `binds`, each at its own path (bind
-/// mounts, `nosuid`, `nodev` but for devices, read-only where asked); the
-/// working directory becomes `cwd` if it is inside one of them, else `/`.
+/// mounts, `nosuid`, `nodev` but for devices, read-only where asked), and
+/// a writable tmpfs of `scratch` bytes at `/tmp` if asked; the working
+/// directory becomes `cwd` if it is inside one of the binds, else `/`.
 /// The host's tree is detached: nothing else can be reached by any path.
 pub(crate) fn enter_private_root(
     binds: &[(std::path::PathBuf, BindAs)],
+    scratch: Option<u64>,
     cwd: Option<&std::path::Path>,
 ) -> io::Result<()> {
     use std::path::Path;
@@ -321,6 +323,13 @@ pub(crate) fn enter_private_root(
         tmpfs_flags,
         Some("size=64k,mode=0755"),
     )?;
+    if let Some(bytes) = scratch {
+        // First, so that paths listed under /tmp are bound on top of it.
+        let tmp = root.join("tmp");
+        std::fs::create_dir(&tmp)?;
+        let opts = format!("size={bytes},mode=1777");
+        mount(Some("tmpfs"), &tmp, Some("tmpfs"), tmpfs_flags, Some(&opts))?;
+    }
     for (fd, path, how, dir) in &sources {
         let at = root.join(path.strip_prefix("/").unwrap_or(path));
         bind_at(fd, &at, *how, *dir).map_err(|e| named("binding", path, e))?;

@@ -203,6 +203,7 @@ pub(crate) struct Spec {
     file_size: Option<u64>,
     tasks_per_worker: Option<u64>,
     scratch: Option<u64>,
+    max_threads: Option<u64>,
     result: Option<u64>,
     allow_weaker: bool,
     /// The mechanisms the server pretends are missing (for tests):
@@ -330,6 +331,41 @@ impl Sandbox {
     /// ```
     pub fn tasks_per_worker(mut self, n: u64) -> Sandbox {
         self.spec.tasks_per_worker = Some(n);
+        self
+    }
+
+    /// Caps the threads of each worker, its own included (default 64):
+    /// past it, starting a thread fails with `EAGAIN` (`std::thread::spawn`
+    /// panics; `Builder::spawn` returns the error). Each worker is in a user
+    /// namespace of its own, in which the kernel's `RLIMIT_NPROC` counts
+    /// its threads alone, so one worker's threads never count against
+    /// another's.
+    ///
+    /// ```
+    /// use procpool::{Pool, Sandbox, StartMethod};
+    ///
+    /// fn start(n: usize) -> usize {
+    ///     let hs: Vec<_> = (0..n)
+    ///         .map_while(|_| std::thread::Builder::new().spawn(|| {
+    ///             std::thread::sleep(std::time::Duration::from_millis(100))
+    ///         }).ok())
+    ///         .collect();
+    ///     let started = hs.len();
+    ///     hs.into_iter().for_each(|h| h.join().unwrap());
+    ///     started
+    /// }
+    ///
+    /// let pool = Pool::builder()
+    ///     .processes(1)
+    ///     .start_method(StartMethod::ForkServer)
+    ///     .sandbox(Sandbox::new().max_threads(8))
+    ///     .build()?;
+    /// assert_eq!(pool.apply(start, 4)?, 4);
+    /// assert_eq!(pool.apply(start, 100)?, 7); // 8 with the worker's own
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
+    pub fn max_threads(mut self, n: u64) -> Sandbox {
+        self.spec.max_threads = Some(n);
         self
     }
 
@@ -487,6 +523,7 @@ impl Sandbox {
             || spec.file_size == Some(0)
             || spec.tasks_per_worker == Some(0)
             || spec.scratch == Some(0)
+            || spec.max_threads == Some(0)
             || spec.result == Some(0)
             || spec.cpu_per_task.is_some_and(|d| d.is_zero());
         if zero {
@@ -603,6 +640,10 @@ impl Limits {
 /// arenas (64 MiB each, mostly reserved, never touched) count in it.
 const THREAD_ROOM: u64 = 1 << 30;
 
+/// A sandboxed worker's threads, its own included, when
+/// [`Sandbox::max_threads`] does not say.
+const DEFAULT_MAX_THREADS: u64 = 64;
+
 /// fds kept free above a task's open-files allowance, for the blocks the
 /// pool sends a worker.
 const FD_RESERVE: u64 = 32;
@@ -616,6 +657,13 @@ pub(crate) struct Prepared {
     /// Whether each worker moves into a private root (no test pretends
     /// mount namespaces are missing).
     private_root: bool,
+    /// Whether each worker moves into a user namespace of its own (no
+    /// test pretends user namespaces are missing).
+    own_users: bool,
+    /// Root's programs only: the user namespace whose maps the listed
+    /// paths' idmapped mounts show root's files through, as
+    /// [`SANDBOX_ID`](sys_sandbox::SANDBOX_ID)'s.
+    idmap: Option<std::os::fd::OwnedFd>,
     /// The working directory, kept in the private root if a listed path
     /// holds it.
     cwd: Option<PathBuf>,
@@ -674,10 +722,23 @@ pub(crate) fn prepare(spec: Spec) -> Readiness {
         landlock: abi > 0,
         exe: std::env::current_exe().ok().filter(|p| p.exists()),
         private_root: !lacks("mountns"),
+        own_users: !lacks("userns"),
+        idmap: None,
         cwd: std::env::current_dir().ok(),
     };
+    let mut prepared = prepared;
     if !prepared.private_root {
         missing.push("a mount namespace for a private root".to_string());
+    }
+    if !prepared.own_users {
+        missing.push("a user namespace per worker".to_string());
+    } else if sys_sandbox::is_root() && prepared.private_root {
+        match sys_sandbox::idmap_namespace(sys_sandbox::SANDBOX_ID) {
+            Ok(fd) => prepared.idmap = Some(fd),
+            Err(e) => {
+                return Readiness::Failed(format!("a user namespace for idmapped mounts: {e}"));
+            }
+        }
     }
     if missing.is_empty() {
         Readiness::Full(prepared)
@@ -764,20 +825,7 @@ impl Prepared {
             sys_sandbox::set_rlimit(libc::RLIMIT_NOFILE, allowance + FD_RESERVE)
                 .map_err(|e| fail("RLIMIT_NOFILE", &e))?;
         }
-        if self.private_root {
-            // Needs CAP_SYS_ADMIN (in the server's user namespace when not
-            // root): before the capabilities go.
-            let root = sys_sandbox::enter_private_root(
-                &self.binds(),
-                self.spec.scratch,
-                self.cwd.as_deref(),
-            );
-            if let Err(e) = root.map_err(|e| fail("a private root", &e)) {
-                if !self.spec.allow_weaker {
-                    return Err(e);
-                }
-            }
-        }
+        self.isolate()?;
         sys_sandbox::set_not_dumpable().map_err(|e| fail("PR_SET_DUMPABLE", &e))?;
         sys_sandbox::drop_capabilities().map_err(|e| fail("dropping capabilities", &e))?;
         if self.landlock {
@@ -790,6 +838,59 @@ impl Prepared {
             seccompiler::apply_filter(f).map_err(|e| fail("the seccomp filter", &e))?;
         }
         Ok(Active { reserve_fd })
+    }
+
+    /// The fd the server keeps for its workers (the idmap's user
+    /// namespace), if it has one.
+    pub(crate) fn own_fd(&self) -> Option<RawFd> {
+        self.idmap.as_ref().map(std::os::fd::AsRawFd::as_raw_fd)
+    }
+
+    /// Moves this worker into its private root, then gives it an identity
+    /// of its own: a root program's worker gives up root for
+    /// [`SANDBOX_ID`](sys_sandbox::SANDBOX_ID) (the listed paths seen
+    /// through idmapped mounts, so root's files there are its), and every
+    /// worker moves into a user namespace of its own, where its thread cap
+    /// (`RLIMIT_NPROC`) counts its threads alone. Needs the capabilities
+    /// (in the server's user namespace when not root): before they go.
+    fn isolate(&self) -> Result<(), String> {
+        let weaker = |e: String| {
+            if self.spec.allow_weaker {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        };
+        let proc_self = sys_sandbox::open_proc_self().map_err(|e| format!("/proc/self: {e}"));
+        if self.private_root {
+            let idmap = self.idmap.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+            let root = sys_sandbox::enter_private_root(
+                &self.binds(),
+                self.spec.scratch,
+                idmap,
+                self.cwd.as_deref(),
+            );
+            if let Some(fd) = idmap {
+                // The task has no use for it.
+                crate::sys::close_fd(fd);
+            }
+            root.map_err(|e| format!("a private root: {e}"))
+                .or_else(weaker)?;
+        }
+        if !self.own_users {
+            return Ok(());
+        }
+        let own = (|| {
+            if self.idmap.is_some() {
+                sys_sandbox::become_id(sys_sandbox::SANDBOX_ID)?;
+            }
+            sys_sandbox::own_user_namespace(&proc_self.map_err(std::io::Error::other)?)
+        })();
+        own.map_err(|e| format!("an identity of its own: {e}"))
+            .or_else(weaker)?;
+        let threads = self.spec.max_threads.unwrap_or(DEFAULT_MAX_THREADS);
+        sys_sandbox::set_rlimit(libc::RLIMIT_NPROC, threads)
+            .map_err(|e| format!("RLIMIT_NPROC: {e}"))
     }
 
     /// What a worker's private root holds: the listed paths, its

@@ -2203,3 +2203,91 @@ fn a_scratch_directory_is_private_bounded_and_gone_with_its_worker() {
         assert!(pool.apply(write_scratch, 10).unwrap().is_err());
     });
 }
+
+// ---- an identity of its own ----
+
+/// The uids (real, effective, saved, fs) of process `pid`, as the host
+/// sees them.
+fn host_uids(pid: u32) -> Vec<u32> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = s.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace()
+        .skip(1)
+        .map(|v| v.parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_sandboxed_worker_never_runs_as_root_and_its_files_stay_the_programs() {
+    within_bound("the identity test", || {
+        // SAFETY (test): geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let dir = TempDir::new("identity");
+        // A worker that takes two tasks, so that it is still there once
+        // its first is done.
+        let sandbox = Sandbox::new().read_write(&dir.0).tasks_per_worker(2);
+        let pool = sandboxed(1, sandbox);
+        assert_eq!(pool.apply(write_file, dir.join("made")).unwrap(), Ok(()));
+        let pid = pool.worker_pids()[0];
+        let uids = host_uids(pid);
+        if me == 0 {
+            assert!(
+                uids.iter().all(|&u| u != 0),
+                "a sandboxed worker runs as root: {uids:?}"
+            );
+        } else {
+            assert!(uids.iter().all(|&u| u == me), "{uids:?}");
+        }
+        // What it made in the read-write path is the program's user's.
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(dir.0.join("made")).unwrap().uid(), me);
+
+        // Without a sandbox the worker is the program's user.
+        let pool = plain(1);
+        assert_eq!(pool.apply(double, 1).unwrap(), 2);
+        assert_eq!(host_uids(pool.worker_pids()[0]), vec![me; 4]);
+    });
+}
+
+/// Starts up to `n` threads that live a moment; how many started, and
+/// whether starting one failed with EAGAIN.
+fn start_threads(n: usize) -> (usize, bool) {
+    let mut hs = Vec::new();
+    let mut eagain = false;
+    for _ in 0..n {
+        match std::thread::Builder::new()
+            .stack_size(64 << 10)
+            .spawn(|| std::thread::sleep(Duration::from_millis(300)))
+        {
+            Ok(h) => hs.push(h),
+            Err(e) => {
+                eagain = e.kind() == std::io::ErrorKind::WouldBlock;
+                break;
+            }
+        }
+    }
+    let started = hs.len();
+    hs.into_iter().for_each(|h| h.join().unwrap());
+    (started, eagain)
+}
+
+#[test]
+fn a_thread_bomb_fails_inside_its_task_and_not_in_the_other_workers() {
+    within_bound("the thread bomb test", || {
+        let pool = sandboxed(2, Sandbox::new());
+        // Two workers each start 60 threads at once: each counts its own.
+        let a = pool.apply_async(start_threads, 60).unwrap();
+        let b = pool.apply_async(start_threads, 60).unwrap();
+        assert_eq!(a.get().unwrap(), (60, false));
+        assert_eq!(b.get().unwrap(), (60, false));
+        // A bomb stops at the cap (64, the worker's own thread included).
+        assert_eq!(pool.apply(start_threads, 1000).unwrap(), (63, true));
+        // A lower cap.
+        let pool = sandboxed(1, Sandbox::new().max_threads(8));
+        assert_eq!(pool.apply(start_threads, 100).unwrap(), (7, true));
+
+        // Without a sandbox there is no such cap.
+        let pool = plain(1);
+        assert_eq!(pool.apply(start_threads, 200).unwrap(), (200, false));
+    });
+}

@@ -8,6 +8,11 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
+/// Whether this process runs as root (effective uid 0).
+pub(crate) fn is_root() -> bool {
+    ids().0 == 0
+}
+
 /// The effective uid and gid of this process.
 fn ids() -> (libc::uid_t, libc::gid_t) {
     // SAFETY: geteuid and getegid have no preconditions and cannot fail.
@@ -269,13 +274,15 @@ const ROOT_AT: [&str; 3] = ["/tmp", "/mnt", "/var/tmp"];
 /// Moves this process (single-threaded, with `CAP_SYS_ADMIN` in its user
 /// namespace) into a mount namespace of its own whose root is a small
 /// read-only tmpfs holding only `binds`, each at its own path (bind
-/// mounts, `nosuid`, `nodev` but for devices, read-only where asked), and
-/// a writable tmpfs of `scratch` bytes at `/tmp` if asked; the working
+/// mounts, `nosuid`, `nodev` but for devices, read-only where asked; seen
+/// through `idmap`'s maps where given and the filesystem allows), and a
+/// writable tmpfs of `scratch` bytes at `/tmp` if asked; the working
 /// directory becomes `cwd` if it is inside one of the binds, else `/`.
 /// The host's tree is detached: nothing else can be reached by any path.
 pub(crate) fn enter_private_root(
     binds: &[(std::path::PathBuf, BindAs)],
     scratch: Option<u64>,
+    idmap: Option<RawFd>,
     cwd: Option<&std::path::Path>,
 ) -> io::Result<()> {
     use std::path::Path;
@@ -292,24 +299,17 @@ pub(crate) fn enter_private_root(
         libc::MS_REC | libc::MS_PRIVATE,
         None,
     )?;
-    // Each source, opened in the new namespace (a bind's source must be a
-    // mount of the caller's own) while the host's tree is still reachable
-    // there.
-    let mut sources = Vec::with_capacity(binds.len());
+    // Each path's tree, cloned (detached) before anything is mounted here,
+    // so that no clone holds the new root; its flags set while detached.
+    let mut trees = Vec::with_capacity(binds.len());
     for (path, how) in binds {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_PATH)
-            .open(path)
-            .map_err(|e| named("opening", path, e))?;
-        let dir = f
-            .metadata()
-            .map_err(|e| named("stat of", path, e))?
-            .is_dir();
-        sources.push((OwnedFd::from(f), path.as_path(), *how, dir));
+        let tree = clone_tree(path).map_err(|e| named("cloning", path, e))?;
+        let dir = path.is_dir();
+        set_tree_flags(&tree, *how, dir, idmap).map_err(|e| named("binding", path, e))?;
+        trees.push((tree, path.as_path(), dir));
     }
     // Shortest first: a path inside another is bound on top of it.
-    sources.sort_by_key(|s| s.1.as_os_str().len());
+    trees.sort_by_key(|t| t.1.as_os_str().len());
     let root = ROOT_AT
         .iter()
         .map(Path::new)
@@ -330,20 +330,17 @@ pub(crate) fn enter_private_root(
         let opts = format!("size={bytes},mode=1777");
         mount(Some("tmpfs"), &tmp, Some("tmpfs"), tmpfs_flags, Some(&opts))?;
     }
-    for (fd, path, how, dir) in &sources {
+    for (tree, path, dir) in &trees {
         let at = root.join(path.strip_prefix("/").unwrap_or(path));
-        bind_at(fd, &at, *how, *dir).map_err(|e| named("binding", path, e))?;
+        attach(tree, &at, *dir).map_err(|e| named("binding", path, e))?;
     }
     let old = root.join(".host");
     std::fs::create_dir(&old)?;
-    let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(io::Error::other)
-    };
-    let (new_c, old_c) = (c(root)?, c(&old)?);
+    let (new_c, old_c) = (cstring(root)?, cstring(&old)?);
     // SAFETY: pivot_root with two NUL-terminated paths that live for the call.
     cvt(unsafe { libc::syscall(libc::SYS_pivot_root, new_c.as_ptr(), old_c.as_ptr()) } as i32)?;
     std::env::set_current_dir("/")?;
-    let host = c(Path::new("/.host"))?;
+    let host = cstring(Path::new("/.host"))?;
     // SAFETY: umount2 of a NUL-terminated path that lives for the call.
     cvt(unsafe { libc::umount2(host.as_ptr(), libc::MNT_DETACH) })?;
     std::fs::remove_dir("/.host")?;
@@ -355,12 +352,89 @@ pub(crate) fn enter_private_root(
     Ok(())
 }
 
-/// Binds the file or directory behind `fd` at `at` (made first, as an
-/// empty directory or file in the private root), then remounts it with
-/// the flags `how` asks for, keeping those the source's mount already has
-/// (a user namespace may not drop them).
-fn bind_at(fd: &OwnedFd, at: &std::path::Path, how: BindAs, dir: bool) -> io::Result<()> {
-    use std::path::Path;
+/// A path as a C string.
+fn cstring(p: &std::path::Path) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(io::Error::other)
+}
+
+/// A detached copy of the mount tree at `path` (`open_tree` with
+/// `OPEN_TREE_CLONE`), submounts included.
+fn clone_tree(path: &std::path::Path) -> io::Result<OwnedFd> {
+    let c = cstring(path)?;
+    let flags =
+        OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_RECURSIVE as libc::c_uint;
+    // SAFETY: open_tree with a NUL-terminated path that lives for the
+    // call; it returns a new fd or -1.
+    let tree = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c.as_ptr(), flags) };
+    if tree < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the fd was just returned to this process; nothing else owns it.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(tree as RawFd) })
+}
+
+/// Sets a detached tree's flags: `nosuid`; `nodev` and the idmap (where
+/// given and the filesystem allows one) but for devices; read-only if
+/// asked. Flags the tree has already stay (a user namespace may not drop
+/// them). Where the filesystem cannot be idmapped, the tree goes without,
+/// if its mode lets any user in as asked.
+fn set_tree_flags(tree: &OwnedFd, how: BindAs, dir: bool, idmap: Option<RawFd>) -> io::Result<()> {
+    let mut set = MOUNT_ATTR_NOSUID;
+    match how {
+        BindAs::ReadOnly => set |= MOUNT_ATTR_RDONLY | MOUNT_ATTR_NODEV,
+        BindAs::ReadWrite => set |= MOUNT_ATTR_NODEV,
+        BindAs::Device => return mount_setattr(tree, set, None),
+    }
+    let Some(userns) = idmap else {
+        return mount_setattr(tree, set, None);
+    };
+    match mount_setattr(tree, set | MOUNT_ATTR_IDMAP, Some(userns)) {
+        // A filesystem that cannot be idmapped (devtmpfs, say).
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            if !open_to_others(tree, how, dir)? {
+                return Err(io::Error::other(format!(
+                    "its filesystem cannot be idmapped ({e}), and its mode does not let \
+                     another user {} it",
+                    if how == BindAs::ReadOnly {
+                        "read"
+                    } else {
+                        "write"
+                    }
+                )));
+            }
+            mount_setattr(tree, set, None)
+        }
+        other => other,
+    }
+}
+
+/// `mount_setattr` on a whole detached tree: sets `set` (and the idmap of
+/// `userns`, with `MOUNT_ATTR_IDMAP`).
+fn mount_setattr(tree: &OwnedFd, set: u64, userns: Option<RawFd>) -> io::Result<()> {
+    let attr = MountAttr {
+        attr_set: set,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns.map_or(0, |fd| fd as u64),
+    };
+    // SAFETY: mount_setattr on an fd this process owns, an empty
+    // NUL-terminated path, and a live mount_attr of the size passed.
+    cvt(unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    } as i32)?;
+    Ok(())
+}
+
+/// Attaches a detached tree at `at`, made first (an empty directory or
+/// file) in the private root if it is not there.
+fn attach(tree: &OwnedFd, at: &std::path::Path, dir: bool) -> io::Result<()> {
     if !at.exists() {
         if let Some(parent) = at.parent() {
             std::fs::create_dir_all(parent)?;
@@ -371,42 +445,38 @@ fn bind_at(fd: &OwnedFd, at: &std::path::Path, how: BindAs, dir: bool) -> io::Re
             std::fs::File::create(at)?;
         }
     }
-    let src = format!("/proc/self/fd/{}", fd.as_raw_fd());
-    mount(Some(&src), at, None, libc::MS_BIND | libc::MS_REC, None)?;
-    let mut flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | kept_flags(at)?;
-    match how {
-        BindAs::ReadOnly => flags |= libc::MS_RDONLY | libc::MS_NODEV,
-        BindAs::ReadWrite => flags |= libc::MS_NODEV,
-        BindAs::Device => {}
-    }
-    mount(None, at, None, flags, None).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("remounting {}: {e}", Path::new(at).display()),
+    let c = cstring(at)?;
+    // SAFETY: move_mount of a detached tree (an fd this process owns) to a
+    // NUL-terminated path; both live for the call.
+    cvt(unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
         )
-    })
+    } as i32)?;
+    Ok(())
 }
 
-/// The flags of the mount `at` is on that a remount must keep.
-fn kept_flags(at: &std::path::Path) -> io::Result<libc::c_ulong> {
-    let c = std::ffi::CString::new(at.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
-    // SAFETY: statvfs is plain data; all zero is a valid value.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a NUL-terminated path and a live statvfs for the call.
-    cvt(unsafe { libc::statvfs(c.as_ptr(), &mut st) })?;
-    let pairs = [
-        (libc::ST_RDONLY, libc::MS_RDONLY),
-        (libc::ST_NOSUID, libc::MS_NOSUID),
-        (libc::ST_NODEV, libc::MS_NODEV),
-        (libc::ST_NOEXEC, libc::MS_NOEXEC),
-        (libc::ST_NOATIME, libc::MS_NOATIME),
-        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
-        (libc::ST_RELATIME, libc::MS_RELATIME),
-    ];
-    Ok(pairs
-        .iter()
-        .filter(|(st_flag, _)| st.f_flag & *st_flag != 0)
-        .fold(0, |acc, (_, ms)| acc | ms))
+/// Whether the mode of the file behind `fd` lets a user other than its
+/// owner and group use it as `how` asks (read, or write too; and search a
+/// directory).
+fn open_to_others(fd: &OwnedFd, how: BindAs, dir: bool) -> io::Result<bool> {
+    // SAFETY: stat is plain data; all zero is a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on an fd this process holds, into a live stat.
+    cvt(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    let mut need = libc::S_IROTH;
+    if how == BindAs::ReadWrite {
+        need |= libc::S_IWOTH;
+    }
+    if dir {
+        need |= libc::S_IXOTH;
+    }
+    Ok(st.st_mode & need == need)
 }
 
 /// `mount(2)` with Rust strings.
@@ -434,4 +504,132 @@ fn mount(
         )
     })?;
     Ok(())
+}
+
+/// The uid and gid a sandboxed worker of a program run as root takes on
+/// the host: one no account uses, so that nothing on the host is its.
+pub(crate) const SANDBOX_ID: u32 = 2_147_480_000;
+
+/// A user namespace, as an fd, whose id maps say how a mount idmapped
+/// with it shows a filesystem's ids: root's as `id` (uid and gid), `id`'s
+/// as nobody, every other as itself. Made by a short-lived child (a user
+/// namespace needs a process in it while its maps are written); needs
+/// `CAP_SETUID` and `CAP_SETGID` (root).
+pub(crate) fn idmap_namespace(id: u32) -> io::Result<OwnedFd> {
+    let (ready_r, ready_w) = super::pipe()?;
+    let (hold_r, hold_w) = super::pipe()?;
+    match super::fork()? {
+        super::Forked::Child => {
+            drop((ready_r, hold_w));
+            // SAFETY: unshare, write and read on fds this child holds, with
+            // a live one-byte buffer; the child ends with _exit and takes
+            // no lock (the server is single-threaded).
+            unsafe {
+                let ok = libc::unshare(libc::CLONE_NEWUSER) == 0;
+                let b = [u8::from(ok)];
+                libc::write(ready_w.as_raw_fd(), b.as_ptr().cast(), 1);
+                let mut x = [0u8; 1];
+                libc::read(hold_r.as_raw_fd(), x.as_mut_ptr().cast(), 1);
+            }
+            super::exit_now(0)
+        }
+        super::Forked::Parent(pid) => {
+            drop((ready_w, hold_r));
+            let mut b = [0u8; 1];
+            let read = std::io::Read::read(&mut std::fs::File::from(ready_r), &mut b);
+            let made = (|| {
+                if read? != 1 || b[0] != 1 {
+                    return Err(io::Error::other(
+                        "the child could not make a user namespace",
+                    ));
+                }
+                let rest = u32::MAX - 1 - id;
+                let map = format!("0 {id} 1\n1 1 {}\n{} {} {rest}\n", id - 1, id + 1, id + 1);
+                std::fs::write(format!("/proc/{pid}/uid_map"), &map)?;
+                std::fs::write(format!("/proc/{pid}/gid_map"), &map)?;
+                let ns = std::fs::File::open(format!("/proc/{pid}/ns/user"))?;
+                Ok(OwnedFd::from(ns))
+            })();
+            drop(hold_w);
+            let _ = super::reap(pid);
+            made
+        }
+    }
+}
+
+/// The new mount API's flags and its attribute struct (linux/mount.h).
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Takes the uid and gid `id` (with no supplementary groups): a root
+/// process gives up root, and every capability with it. Leaves the process
+/// dumpable (a change of ids makes it not), so that it may still write its
+/// own user namespace's maps ([`own_user_namespace`]).
+pub(crate) fn become_id(id: u32) -> io::Result<()> {
+    // SAFETY: setgroups with an empty list; setresgid and setresuid with
+    // integers; prctl with integers. They change only this process.
+    unsafe {
+        cvt(libc::setgroups(0, std::ptr::null()))?;
+        cvt(libc::setresgid(id, id, id))?;
+        cvt(libc::setresuid(id, id, id))?;
+        cvt(libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0))?;
+    }
+    Ok(())
+}
+
+/// Moves this (single-threaded) process into a user namespace of its own,
+/// keeping its uid and gid (mapped to themselves), so that the kernel
+/// counts its threads apart from every other process's (`RLIMIT_NPROC`
+/// counts per user namespace and uid). `proc_self` is this process's
+/// `/proc` directory, opened before it lost `/proc`.
+pub(crate) fn own_user_namespace(proc_self: &OwnedFd) -> io::Result<()> {
+    let (uid, gid) = ids();
+    // SAFETY: unshare with an integer flag; it changes only this process.
+    cvt(unsafe { libc::unshare(libc::CLONE_NEWUSER) })?;
+    write_at(proc_self, c"setgroups", b"deny")?;
+    write_at(proc_self, c"uid_map", format!("{uid} {uid} 1").as_bytes())?;
+    write_at(proc_self, c"gid_map", format!("{gid} {gid} 1").as_bytes())?;
+    Ok(())
+}
+
+/// Writes `bytes` in one `write` to the file `name` under `dir`.
+fn write_at(dir: &OwnedFd, name: &std::ffi::CStr, bytes: &[u8]) -> io::Result<()> {
+    // SAFETY: openat with a live dir fd and a NUL-terminated name.
+    let fd = cvt(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: fd was just opened by this process and is owned here alone.
+    let f = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: write of a live buffer to an fd this process owns.
+    let n = unsafe { libc::write(f.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// This process's `/proc` directory, to be written after `/proc` is gone
+/// from its root ([`own_user_namespace`]).
+pub(crate) fn open_proc_self() -> io::Result<OwnedFd> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open("/proc/self")?;
+    Ok(OwnedFd::from(f))
 }

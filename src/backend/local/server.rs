@@ -98,7 +98,10 @@ pub(crate) struct Spec {
 /// (`README.md` beside this file, "The terminal, signals and stdio").
 pub(crate) fn run(sock: OwnedFd, spec: &Spec) -> ! {
     let fd = sock.as_raw_fd();
-    let sigfd = set_up(fd);
+    // The sandbox's own fds (made while the server prepared it) stay.
+    let mut keep = vec![fd];
+    keep.extend(spec.prepared.as_ref().and_then(|p| p.own_fd()));
+    let sigfd = set_up(&keep);
     let mut server = Server {
         fd,
         sigfd: sigfd.as_raw_fd(),
@@ -117,14 +120,16 @@ pub(crate) fn run(sock: OwnedFd, spec: &Spec) -> ! {
     }
 }
 
-/// Sets this process up as the server (see [`run`]); returns the signalfd
+/// Sets this process up as the server (see [`run`]), keeping the fds in
+/// `keep` (its socket to the parent first); returns the signalfd
 /// that reports its workers' exits. Exits if it cannot have one.
-fn set_up(fd: RawFd) -> OwnedFd {
+fn set_up(keep: &[RawFd]) -> OwnedFd {
+    let fd = keep[0];
     sys::block_all_signals();
     sys::own_process_group();
     sys::default_dispositions();
     worker::mark_worker_process();
-    sys::neuter_fds_except(&[fd]);
+    sys::neuter_fds_except(keep);
     if fd != 0 {
         sys::stdin_from_dev_null();
     }

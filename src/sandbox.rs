@@ -20,10 +20,12 @@
 //!   sandbox accepts a weaker one ([`Sandbox::allow_weaker`]).
 //! - **Each worker**, after its initializer and before its first task
 //!   ([`Prepared::apply`]): checks it has one thread (Landlock and seccomp
-//!   bind only the calling thread), sets its rlimits, drops its
-//!   capabilities, restricts itself with Landlock (filesystem, TCP, abstract
-//!   UNIX sockets, signals), then installs the seccomp filters (which also
-//!   set `no_new_privs`). None of it can be undone: rlimits are set hard,
+//!   bind only the calling thread), sets its rlimits, moves into its
+//!   private root, takes an identity of its own (a non-root uid, a user
+//!   namespace of its own, its thread cap), drops its capabilities,
+//!   restricts itself with Landlock (filesystem, TCP, abstract UNIX
+//!   sockets, signals), then installs the seccomp filters (which also set
+//!   `no_new_privs`). None of it can be undone: rlimits are set hard,
 //!   and the filters deny `setrlimit`, `capset`, `prctl` but for thread
 //!   names, and every way to start a program.
 //!
@@ -41,6 +43,8 @@
 //! | file size | `RLIMIT_FSIZE` (`SIGXFSZ` names it); the worker never makes a block past it, and sends a result that big through its socket instead | `ftruncate` on a memfd past `RLIMIT_FSIZE` fails (and raises `SIGXFSZ`) |
 //! | no set-user-ID or set-group-ID file | seccomp admits `open`, `openat`, `creat`, `mkdir`, `mkdirat`, `mknod`, `mknodat` and `fchmod` only with a mode free of `S_ISUID` and `S_ISGID` (`mknod` only for FIFOs and regular files); `openat2`, whose mode lies in memory where a filter cannot read it, answers `ENOSYS` (glibc falls back to `openat`); `chmod` by path is denied | a task of a program run as root would otherwise leave a root-owned set-user-ID program of its own making on the host |
 //! | one task, one process | the parent kills a sandboxed worker (`KillReason::Retired`) once its last task's result is in, and starts its replacement at once; a map's items go alone by default; with `tasks_per_worker(n)` a worker takes one task at a time and is killed when it ends one with threads left over (`/proc/PID/status`, read by the parent) | the task owns its process: it can answer later tasks itself on the worker's socket, leave threads spinning, change globals; a worker asked to exit need not |
+//! | not root | a root program's worker takes an unused uid and gid ([`SANDBOX_ID`](sys_sandbox::SANDBOX_ID), after its private root is made); the listed paths are bound through idmapped mounts whose user namespace (made once per pool by the server) shows root's files as that uid's, so they work as before and what a task makes there is root's on disk. A path on a filesystem that cannot be idmapped is bound plainly if its mode lets others in as asked, else `build()` fails naming it. A non-root program's worker keeps its uid, the only one it may map | a task of a root program could otherwise use root's ownership of the host's files (`chmod` of its own, say) and count as root for the kernel's limits |
+//! | threads | every worker moves into a user namespace of its own (its uid mapped to itself), in which `RLIMIT_NPROC` ([`Sandbox::max_threads`], default 64) counts its threads alone (ucounts are per user namespace and uid since Linux 5.14) | `RLIMIT_NPROC` counts per user; root's is never enforced, and one cap shared by all workers would let one starve the others |
 //! | time | every task has a wall-clock limit (its timeout or the pool's, else ten times the CPU cap, else 60 s), counted by the parent from the task's start | a task that sleeps or stops itself uses no CPU |
 //! | workers apart | status words a page per worker, each worker unmapping the others and closing their memfd; blocks never reused, sealed | Landlock's signal and ptrace scoping keeps a worker from signalling or tracing another |
 //! | nothing of the host's environment | the parent execs the server with only the variables [`Sandbox::env`] and [`Sandbox::inherit_env`] name (and the crate's marker, fd numbers); the crate's own settings (`PROCPOOL_SPIN_US`) go in the config memfd | clearing `environ` in the server would not do: an exec's strings stay on its stack, in every worker it forks |

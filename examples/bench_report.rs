@@ -244,6 +244,18 @@ fn bare_parallel(work: &[u64], n: usize) -> BoxResult<()> {
     Ok(())
 }
 
+/// `k` synchronous applies back to back: microseconds per apply (median
+/// of 3).
+fn sync_apply_us(p: &Pool, k: u64) -> BoxResult<f64> {
+    let t = med(3, || {
+        for i in 0..k {
+            black_box(p.apply(inc, i)?);
+        }
+        Ok(())
+    })?;
+    Ok(t / k as f64 * 1e6)
+}
+
 /// The sandboxed pool's rows, in a pinned configuration: 2 workers,
 /// every cap set, no initializer, whatever WORKERS says.
 fn sandbox_rows(want: &dyn Fn(&str) -> bool, out: &mut Vec<(&'static str, f64)>) -> BoxResult<()> {
@@ -285,14 +297,7 @@ fn sandbox_rows(want: &dyn Fn(&str) -> bool, out: &mut Vec<(&'static str, f64)>)
         out.push(("apply_spare_sandbox_us", median(xs) * 1e6));
     }
     if want("apply_sync_sandbox_us_per_task") {
-        const K: u64 = 1_000;
-        let t = med(3, || {
-            for i in 0..K {
-                black_box(p.apply(inc, i)?);
-            }
-            Ok(())
-        })?;
-        out.push(("apply_sync_sandbox_us_per_task", t / K as f64 * 1e6));
+        out.push(("apply_sync_sandbox_us_per_task", sync_apply_us(&p, 1_000)?));
     }
     if want("apply_async_sandbox_tasks_per_s") {
         const K: u64 = 2_000;
@@ -319,14 +324,10 @@ fn sandbox_rows(want: &dyn Fn(&str) -> bool, out: &mut Vec<(&'static str, f64)>)
     drop(p);
     if want("apply_sync_sandbox_reuse_us_per_task") {
         let p = sandboxed(sandbox().tasks_per_worker(u64::MAX))?;
-        const K: u64 = 10_000;
-        let t = med(3, || {
-            for i in 0..K {
-                black_box(p.apply(inc, i)?);
-            }
-            Ok(())
-        })?;
-        out.push(("apply_sync_sandbox_reuse_us_per_task", t / K as f64 * 1e6));
+        out.push((
+            "apply_sync_sandbox_reuse_us_per_task",
+            sync_apply_us(&p, 10_000)?,
+        ));
     }
     Ok(())
 }
@@ -373,14 +374,7 @@ fn main() -> BoxResult<()> {
         let p = Pool::builder().processes(n).build()?;
 
         if want("apply_sync_us_per_task") {
-            const K: u64 = 10_000;
-            let t = med(3, || {
-                for i in 0..K {
-                    black_box(p.apply(inc, i)?);
-                }
-                Ok(())
-            })?;
-            out.push(("apply_sync_us_per_task", t / K as f64 * 1e6));
+            out.push(("apply_sync_us_per_task", sync_apply_us(&p, 10_000)?));
         }
 
         if want("apply_async_tasks_per_s") {

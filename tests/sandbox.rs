@@ -259,20 +259,27 @@ fn an_allowed_file_can_be_read_and_no_other() {
     });
 }
 
+/// What a libc call that returned `r` answered: 0, or its errno.
+fn answer(r: i32) -> i32 {
+    if r < 0 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    } else {
+        0
+    }
+}
+
+/// `dir/name` as a C string.
+fn in_dir(dir: &str, name: &str) -> std::ffi::CString {
+    std::ffi::CString::new(format!("{dir}/{name}")).unwrap()
+}
+
 /// Tries every way a task could leave a set-user-ID or set-group-ID file
 /// in `dir`: an `open` with the bits in its mode (umask cleared), an
 /// `fchmod` adding them, a `mkdir` with them. Returns what each call
 /// answered (0, or the errno).
 fn plant_set_id(dir: String) -> Vec<i32> {
-    use std::ffi::CString;
-    let errno = |r: i32| {
-        if r < 0 {
-            std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
-        } else {
-            0
-        }
-    };
-    let c = |name: &str| CString::new(format!("{dir}/{name}")).unwrap();
+    let errno = answer;
+    let c = |name: &str| in_dir(&dir, name);
     let mut out = Vec::new();
     // SAFETY (test): plain libc calls on paths this function made, and fds
     // it opened and closes.
@@ -350,15 +357,8 @@ fn no_set_user_id_file_can_be_made() {
 /// A symlink, a file made by `creat` and a FIFO in `dir`; what each call
 /// answered (0, or the errno).
 fn make_links_and_fifos(dir: String) -> Vec<i32> {
-    use std::ffi::CString;
-    let errno = |r: i32| {
-        if r < 0 {
-            std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
-        } else {
-            0
-        }
-    };
-    let c = |name: &str| CString::new(format!("{dir}/{name}")).unwrap();
+    let errno = answer;
+    let c = |name: &str| in_dir(&dir, name);
     let mut out = vec![];
     std::fs::write(format!("{dir}/target"), b"t").unwrap();
     // SAFETY (test): plain libc calls on paths this function made.

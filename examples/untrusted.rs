@@ -4,7 +4,9 @@
 //! The "parser" stands for a library with a history of CVEs: some inputs
 //! make it crash, loop forever, balloon, or try to phone home, read your
 //! secrets, write outside its directory, start a shell, plant a
-//! set-user-ID file, poison its process for later inputs or stop itself.
+//! set-user-ID file, poison its process for later inputs, stop itself,
+//! start a thousand threads, snoop on the program's environment and the
+//! host's files, or erase the program's log.
 //! In a sandboxed
 //! pool each of those fails alone, with an error that says why, and the
 //! other files are parsed as usual.
@@ -14,6 +16,9 @@
 use procpool::{Error, Pool, Sandbox, StartMethod};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+/// A secret of the program's, in its environment.
+const SECRET: &str = "UNTRUSTED_DEMO_TOKEN";
 
 /// Set by an input that poisons the process it is parsed in.
 static POISONED: AtomicBool = AtomicBool::new(false);
@@ -98,6 +103,37 @@ fn parse(path: String) -> Summary {
                 // SAFETY: a signal to this process itself.
                 unsafe { libc::kill(libc::getpid(), libc::SIGSTOP) };
             }
+            // Starts threads until it cannot.
+            "THREADS" => {
+                let hs: Vec<_> = (0..1000)
+                    .map_while(|_| {
+                        std::thread::Builder::new()
+                            .stack_size(64 << 10)
+                            .spawn(|| std::thread::sleep(Duration::from_millis(100)))
+                            .ok()
+                    })
+                    .collect();
+                tried.push(format!("start 1000 threads: {} started", hs.len()));
+                hs.into_iter().for_each(|h| drop(h.join()));
+            }
+            // Looks for the program's secrets and the host's files.
+            "SNOOP" => {
+                let token =
+                    std::env::var(SECRET).map_or("not there".into(), |_| "it worked!".to_string());
+                tried.push(format!("read the program's {SECRET}: {token}"));
+                let r = std::fs::metadata("/etc/passwd").map(drop);
+                tried.push(format!("stat /etc/passwd: {}", outcome(r)));
+            }
+            // Erases the program's log.
+            "ERASE LOG" => {
+                // SAFETY: ftruncate on fd 1 with an integer length.
+                let r = if unsafe { libc::ftruncate(1, 0) } == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                };
+                tried.push(format!("truncate the program's stdout: {}", outcome(r)));
+            }
             "SHELL" => {
                 let r = std::process::Command::new("/bin/sh")
                     .arg("-c")
@@ -123,6 +159,9 @@ fn outcome(r: std::io::Result<()>) -> String {
 }
 
 fn main() -> Result<(), Error> {
+    // SAFETY: main has started no thread yet, so nothing reads the
+    // environment while it changes.
+    unsafe { std::env::set_var(SECRET, "s3cr3t") };
     // The untrusted inputs, made here for the demonstration.
     let dir = std::env::temp_dir().join(format!("procpool-untrusted-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("making the input directory");
@@ -137,6 +176,8 @@ fn main() -> Result<(), Error> {
         ("setuid.txt", "SETUID\nz=3\n"),
         ("poison.txt", "POISON\nw=4\n"),
         ("stop.txt", "STOP\n"),
+        ("bomb.txt", "THREADS\n"),
+        ("snoop.txt", "SNOOP\nERASE LOG\n"),
     ];
     let out = dir.join("out");
     std::fs::create_dir_all(&out).expect("making the output directory");

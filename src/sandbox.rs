@@ -317,8 +317,10 @@ impl Sandbox {
     /// answer to the next task on its socket) for the tasks after it on
     /// that worker. The pool sends such a worker one task at a time, and
     /// kills it before its next task when it ends a task with more
-    /// threads than it started with (the next task is not blamed: it runs
-    /// on another worker). A map's chunk is one task either way.
+    /// threads than it started with, or uses CPU while idle (the next task
+    /// is not blamed: it runs on another worker); a task the worker never
+    /// starts runs again elsewhere once its limit has passed. A map's
+    /// chunk is one task either way.
     ///
     /// ```
     /// use procpool::{Pool, Sandbox, StartMethod};

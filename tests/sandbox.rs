@@ -2291,3 +2291,95 @@ fn a_thread_bomb_fails_inside_its_task_and_not_in_the_other_workers() {
         assert_eq!(pool.apply(start_threads, 200).unwrap(), (200, false));
     });
 }
+
+/// Answers its own task (the worker's `seq`-th) with a forged 7, then
+/// spins in the worker's one thread for ever, as a task that took over its
+/// worker's loop would while it waits.
+fn forge_then_spin(seq: u64) -> u64 {
+    let fd = parent_socket();
+    let frame = forged_done(seq);
+    // SAFETY (test): write of a live buffer on this process's socket.
+    unsafe { libc::write(fd, frame.as_ptr().cast(), frame.len()) };
+    loop {
+        std::hint::spin_loop()
+    }
+}
+
+/// The CPU time of process `pid` so far, in clock ticks (utime + stime
+/// from its /proc/PID/stat).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+}
+
+#[test]
+fn a_reused_worker_busy_while_idle_is_killed_before_its_next_task() {
+    within_bound("the busy-while-idle test", || {
+        // A timeout of an hour: were the next task sent to the spinning
+        // worker, which never starts it, it would wait that long (and the
+        // test fail by its bound).
+        let pool = Pool::builder()
+            .processes(1)
+            .start_method(StartMethod::ForkServer)
+            .timeout(Duration::from_secs(3600))
+            .sandbox(Sandbox::new().tasks_per_worker(1000))
+            .build()
+            .unwrap();
+        assert_eq!(pool.apply(double, 1).unwrap(), 2);
+        let pid = pool.worker_pids()[0];
+        assert_eq!(
+            pool.apply(forge_then_spin, 2).unwrap(),
+            7,
+            "its forged answer"
+        );
+        // Once it has spun a few ticks past its answer, the next task goes
+        // to a new worker, which answers it truly.
+        let start = cpu_ticks(pid);
+        assert!(common::eventually(|| cpu_ticks(pid) >= start + 3));
+        for i in 0..5u64 {
+            assert_eq!(pool.apply(double, i).unwrap(), 2 * i);
+        }
+        assert!(
+            !pool.worker_pids().contains(&pid),
+            "the spinning worker was kept"
+        );
+    });
+}
+
+/// Answers its own task (seq 2: its worker's second) with a forged 7,
+/// then waits on the worker's socket for ever without answering or
+/// marking a start: a task that took over its worker's loop.
+fn forge_then_block(_: u64) -> u64 {
+    let fd = parent_socket();
+    let frame = forged_done(2);
+    // SAFETY (test): write of a live buffer on this process's socket.
+    unsafe { libc::write(fd, frame.as_ptr().cast(), frame.len()) };
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn a_task_sent_to_a_taken_over_worker_runs_again_elsewhere() {
+    within_bound("the unstarted task test", || {
+        let sandbox = Sandbox::new()
+            .tasks_per_worker(1000)
+            .cpu_time_per_task(Duration::from_millis(100));
+        let pool = sandboxed(1, sandbox);
+        assert_eq!(pool.apply(double, 1).unwrap(), 2);
+        assert_eq!(
+            pool.apply(forge_then_block, 0).unwrap(),
+            7,
+            "its forged answer"
+        );
+        // The next task goes to that worker, which never starts it: after
+        // its wall-clock limit (1 s) the worker is killed and the task runs
+        // on a new worker.
+        assert_eq!(pool.apply(double, 21).unwrap(), 42);
+    });
+}

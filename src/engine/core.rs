@@ -468,6 +468,7 @@ impl State {
             Some(_) => cfg.processes,
             None => usize::MAX,
         };
+        let reused_sandbox = cfg.sandbox.as_ref().is_some_and(|l| l.tasks_per_worker > 1);
         for k in 0..self.order.len() {
             if self.queue.is_empty() {
                 break;
@@ -477,6 +478,13 @@ impl State {
             let w = &mut self.workers[i];
             if !plan::takes_tasks(&load, from_caller) || (load.held == 0 && running >= limit) {
                 pending |= w.conn.has_pending();
+                continue;
+            }
+            if reused_sandbox && load.held == 0 && w.busy_while_idle() {
+                // Killed before its next task, which runs elsewhere.
+                w.retiring = true;
+                w.set_kill(KillReason::Retired, 0);
+                pending = true;
                 continue;
             }
             if load.held == 0 {

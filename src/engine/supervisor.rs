@@ -247,7 +247,7 @@ fn after_io(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) -> Opti
     if let Some(limits) = &shared.cfg.sandbox {
         retire_sandboxed(st, limits);
     }
-    watch::check_clocks(st, &*shared.progress);
+    watch::check_clocks(st, &*shared.progress, shared.cfg.sandbox.is_some());
     if let Some(cap) = shared.cfg.sandbox.as_ref().and_then(|l| l.cpu_per_task) {
         watch::check_cpu(st, &*shared.progress, cap);
     }
@@ -282,6 +282,9 @@ fn after_io(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) -> Opti
         return Some(Ending::Finished(st.backend.take()));
     }
     st.dispatch(&shared.cfg, false);
+    // Dispatch may have marked a worker for a kill (a reused sandboxed
+    // worker found busy while idle).
+    st.send_kills();
     None
 }
 

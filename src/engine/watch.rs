@@ -14,8 +14,12 @@ use std::time::{Duration, Instant};
 pub(crate) const RECHECK: Duration = Duration::from_millis(1);
 
 /// Timeouts and pending cancels. A timeout counts from the moment the
-/// worker started the task (as its backend reports it).
-pub(crate) fn check_clocks(st: &mut State, p: &dyn Progress) {
+/// worker started the task (as its backend reports it). In a sandboxed
+/// pool (`sandboxed`), a task its worker has not started by the time its
+/// whole limit has passed since it was sent is not waited for any longer:
+/// the worker is killed (something of an earlier task runs it, which never
+/// marks a start), and the task, never started, runs again elsewhere.
+pub(crate) fn check_clocks(st: &mut State, p: &dyn Progress, sandboxed: bool) {
     let now = Instant::now();
     let now_ns = sys::monotonic_ns();
     for w in st.workers.iter_mut() {
@@ -39,6 +43,15 @@ pub(crate) fn check_clocks(st: &mut State, p: &dyn Progress) {
             continue;
         };
         if p.started(w.slot) < seq {
+            if sandboxed {
+                // The deadline set when it was sent has passed.
+                log::warn!(
+                    "procpool: worker {} did not start task {id} within {timeout:?}; killing it",
+                    w.pid
+                );
+                w.set_kill(KillReason::Retired, 0);
+                continue;
+            }
             // Not started yet: look again soon.
             w.deadline = Some(now + RECHECK);
             continue;

@@ -61,6 +61,11 @@ pub(crate) struct Worker {
     pub(crate) violated: bool,
 }
 
+/// CPU time (ns) an idle worker may use between its result and its next
+/// task: far above its spin (`proto::idle`, at most a few hundred
+/// microseconds) and the write of its result.
+const IDLE_CPU_NS: u64 = 5_000_000;
+
 impl Worker {
     /// A worker that just started, with its settings queued first.
     pub(crate) fn new(
@@ -90,10 +95,11 @@ impl Worker {
             init_msg: None,
             sandbox_failed: false,
             held_ns: 0,
+            // Every sandboxed worker's: the per-task CPU cap reads it, and
+            // so does the check of a reused worker's idle time.
             cpu_clock: cfg
                 .sandbox
                 .as_ref()
-                .and_then(|l| l.cpu_per_task)
                 .and_then(|_| crate::sys::sandbox::process_cpu_clock(pid)),
             cpu_base: 0,
             cpu_next: None,
@@ -122,6 +128,20 @@ impl Worker {
     /// its replacement does not compete with that task for the CPU).
     pub(crate) fn counts(&self) -> bool {
         !self.eof && self.kill.is_none()
+    }
+
+    /// Whether a sandboxed worker that ran tasks used more CPU since its
+    /// last result came than an idle worker can (its spin before it sleeps,
+    /// and a margin): something of a task's still runs there, in its one
+    /// thread (a task that took over the worker's loop, say).
+    pub(crate) fn busy_while_idle(&self) -> bool {
+        let Some(clk) = self.cpu_clock else {
+            return false;
+        };
+        let Some(ns) = crate::sys::sandbox::clock_ns(clk) else {
+            return false;
+        };
+        self.sent > 0 && ns.saturating_sub(self.cpu_base) > IDLE_CPU_NS
     }
 
     /// Marks it for a kill (the supervisor asks the backend). A kill for a

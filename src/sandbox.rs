@@ -317,10 +317,11 @@ impl Sandbox {
     /// answer to the next task on its socket) for the tasks after it on
     /// that worker. The pool sends such a worker one task at a time, and
     /// kills it before its next task when it ends a task with more
-    /// threads than it started with, or uses CPU while idle (the next task
-    /// is not blamed: it runs on another worker); a task the worker never
-    /// starts runs again elsewhere once its limit has passed. A map's
-    /// chunk is one task either way.
+    /// threads than it started with, uses CPU while idle, or shuts its side
+    /// of its socket (the next task is not blamed: it runs on another
+    /// worker). A task sent to a worker an earlier task took over in some
+    /// other way fails with its limit. A map's chunk is one task either
+    /// way.
     ///
     /// ```
     /// use procpool::{Pool, Sandbox, StartMethod};
@@ -541,6 +542,13 @@ impl Sandbox {
             *p = std::fs::canonicalize(&*p).map_err(|e| crate::Error::Sandbox {
                 reason: format!("the sandbox's path {} cannot be used: {e}", p.display()),
             })?;
+            if p.parent().is_none() {
+                // The whole host would be the task's, and its private root
+                // the host's own.
+                return Err(crate::Error::Sandbox {
+                    reason: "the sandbox cannot list /: name the paths a task needs".into(),
+                });
+            }
         }
         spec.env = EnvVars(resolve_env(std::mem::take(&mut spec.env.0)));
         Ok(spec)
@@ -877,7 +885,9 @@ impl Prepared {
                 self.cwd.as_deref(),
             );
             if let Some(fd) = idmap {
-                // The task has no use for it.
+                // The task has no use for it. `self.idmap` still names it,
+                // but this worker's copy of `Prepared` is never dropped (a
+                // worker ends with `_exit`), so this is the one close.
                 crate::sys::close_fd(fd);
             }
             root.map_err(|e| format!("a private root: {e}"))

@@ -2365,7 +2365,7 @@ fn forge_then_block(_: u64) -> u64 {
 }
 
 #[test]
-fn a_task_sent_to_a_taken_over_worker_runs_again_elsewhere() {
+fn a_task_sent_to_a_taken_over_worker_fails_with_its_limit_and_the_pool_goes_on() {
     within_bound("the unstarted task test", || {
         let sandbox = Sandbox::new()
             .tasks_per_worker(1000)
@@ -2377,9 +2377,140 @@ fn a_task_sent_to_a_taken_over_worker_runs_again_elsewhere() {
             7,
             "its forged answer"
         );
-        // The next task goes to that worker, which never starts it: after
-        // its wall-clock limit (1 s) the worker is killed and the task runs
-        // on a new worker.
-        assert_eq!(pool.apply(double, 21).unwrap(), 42);
+        // The next task goes to that worker (reuse is shared fate), which
+        // never runs it: its clock started when it was sent, so it fails
+        // with its wall-clock limit (1 s), and the pool goes on.
+        assert!(matches!(
+            pool.apply(double, 21),
+            Err(Error::LimitExceeded {
+                limit: Limit::WallClock { .. },
+                ..
+            })
+        ));
+        assert_eq!(pool.apply(double, 4).unwrap(), 8);
     });
+}
+
+/// Writes 0 into every word of its worker's status page that it can
+/// find (the pool's memfd mappings, through /proc/self/maps): the
+/// `started` word among them says no task ever started.
+fn rewind_start_words() {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    for line in maps.lines().filter(|l| l.contains("memfd:procpool")) {
+        let mut fields = line.split_whitespace();
+        let (lo, hi) = fields.next().unwrap().split_once('-').unwrap();
+        if !fields.next().is_some_and(|p| p.starts_with("rw")) {
+            continue;
+        }
+        let lo = usize::from_str_radix(lo, 16).unwrap();
+        let hi = usize::from_str_radix(hi, 16).unwrap();
+        for at in (lo..hi.min(lo + 64)).step_by(8) {
+            // SAFETY (test): within a live, writable, 8-aligned shared
+            // mapping of this process.
+            unsafe {
+                (*(at as *const std::sync::atomic::AtomicU64))
+                    .store(0, std::sync::atomic::Ordering::SeqCst)
+            };
+        }
+    }
+}
+
+fn rewind_then_sleep(_: ()) {
+    rewind_start_words();
+    std::thread::sleep(Duration::from_secs(3600));
+}
+
+/// Counts its run in `dir`, rewinds its start words, then kills its own
+/// process.
+fn rewind_then_die(dir: String) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(format!("{dir}/runs"))
+        .unwrap();
+    f.write_all(b"x").unwrap();
+    rewind_start_words();
+    // SAFETY (test): a signal to this process itself.
+    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+}
+
+#[test]
+fn a_task_that_rewinds_its_start_word_is_still_timed_and_never_run_again() {
+    within_bound("the rewound start test", || {
+        // /proc listed only so that the test's task finds its status page
+        // the easy way; a hostile task owns the process and finds it anyway.
+        let dir = TempDir::new("rewind");
+        let sandbox = Sandbox::new()
+            .read_only("/proc")
+            .read_write(&dir.0)
+            .cpu_time_per_task(Duration::from_millis(100));
+        let pool = sandboxed(1, sandbox);
+        // Its clock started when it was sent: the wall-clock limit (1 s)
+        // ends it, whatever its words say.
+        assert!(matches!(
+            pool.apply(rewind_then_sleep, ()),
+            Err(Error::LimitExceeded {
+                limit: Limit::WallClock { .. },
+                ..
+            })
+        ));
+        // A task that dies after rewinding fails once, as any lost task,
+        // and is not run again (no retries).
+        let d = dir.join("");
+        let d = d.trim_end_matches('/').to_string();
+        assert!(matches!(
+            pool.apply(rewind_then_die, d.clone()),
+            Err(Error::WorkerLost { .. })
+        ));
+        assert_eq!(std::fs::read(format!("{d}/runs")).unwrap().len(), 1);
+        assert_eq!(pool.apply(double, 3).unwrap(), 6);
+    });
+}
+
+/// Answers its own task (seq 1) with a forged 7, shuts its side of the
+/// socket, and stays.
+fn forge_then_shut(_: u64) -> u64 {
+    let fd = parent_socket();
+    write_all(fd, &forged_done(1));
+    // SAFETY (test): shutdown of this process's socket.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    std::thread::sleep(Duration::from_secs(3600));
+    0
+}
+
+#[test]
+fn a_worker_that_shuts_its_socket_is_killed_not_kept() {
+    within_bound("the shut socket test", || {
+        let pool = sandboxed(1, Sandbox::new().tasks_per_worker(100));
+        // Each leaves its worker at end-of-file; were such workers kept,
+        // two would hold both slots of the pool and the next task would
+        // wait for ever. Each is killed once its end-of-file is seen.
+        for _ in 0..3 {
+            assert!(common::eventually(|| pool.worker_pids().len() == 1));
+            let pid = pool.worker_pids()[0];
+            assert_eq!(pool.apply(forge_then_shut, 0).unwrap(), 7);
+            assert!(
+                common::eventually(|| !pool.worker_pids().contains(&pid)),
+                "a worker at end-of-file was kept"
+            );
+        }
+        assert_eq!(pool.apply(double, 3).unwrap(), 6);
+        pool.close();
+        pool.join().unwrap();
+    });
+}
+
+#[test]
+fn the_root_cannot_be_listed() {
+    let r = Pool::builder()
+        .processes(1)
+        .start_method(StartMethod::ForkServer)
+        .sandbox(Sandbox::new().read_only("/"))
+        .build();
+    assert!(
+        matches!(&r, Err(Error::Sandbox { reason, .. }) if reason.contains("cannot list /")),
+        "{:?}",
+        r.err()
+    );
 }

@@ -387,6 +387,7 @@ impl State {
             || !self.phase.wants_workers(self.queue.is_empty())
             || self.broken.is_some()
             || self.starts.retry_at.is_some()
+            || self.starts.gave_up()
         {
             return;
         }
@@ -544,6 +545,11 @@ impl Worker {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.sent += 1;
+        if cfg.sandbox.is_some() {
+            // A sandboxed task's clock starts as it is sent (it goes alone,
+            // to an idle worker): its start word is the task's to rewrite.
+            self.seen_start = (seq, sys::monotonic_ns());
+        }
         if let Some(soft) = job.soft_timeout {
             // Its soft limit, in the frame just before it.
             let ns = crate::deadline::nanos(soft);

@@ -140,7 +140,13 @@ pub(crate) fn worker_ended(
     end: End,
     done: &mut Vec<Completion>,
 ) {
-    let started = shared.progress.started(w.slot);
+    let mut started = shared.progress.started(w.slot);
+    if shared.cfg.sandbox.is_some() {
+        // A sandboxed task owns its start word: whatever it says, the tasks
+        // its worker held (one at a time) count as started, so that a task
+        // cannot have itself run again, and again, by rewinding it.
+        started = started.max(w.in_flight.iter().map(|f| f.seq).max().unwrap_or(0));
+    }
     // A sandboxed worker that died of one of its limits.
     let limit = match (shared.cfg.sandbox.as_ref(), end.status()) {
         (Some(l), Some(status)) => l.cause(shared.progress.died_of(w.slot), status),

@@ -108,6 +108,12 @@ impl Starts {
         Retry::Later
     }
 
+    /// Whether the failures in a row used the retries up (until a start
+    /// succeeds): only a worker's end tries again then.
+    pub(crate) fn gave_up(&self) -> bool {
+        self.failures > START_RETRIES
+    }
+
     /// Whether the retry is due at `now` (it is then no longer pending).
     pub(crate) fn take_due(&mut self, now: Instant) -> bool {
         if self.retry_at.is_some_and(|t| t <= now) {

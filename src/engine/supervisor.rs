@@ -300,7 +300,9 @@ fn retire_sandboxed(st: &mut State, limits: &crate::sandbox::Limits) {
         let answered = w.sent;
         let leftover =
             || limits.tasks_per_worker > 1 && crate::sys::thread_count(w.pid).is_none_or(|n| n > 1);
-        if w.retiring || (answered > w.idle_checked && leftover()) {
+        // A worker that shut its side of the socket (after forging its own
+        // answer, say) is not waited for either.
+        if w.retiring || w.eof || (answered > w.idle_checked && leftover()) {
             w.retiring = true;
             w.set_kill(KillReason::Retired, 0);
         }

@@ -14,11 +14,10 @@ use std::time::{Duration, Instant};
 pub(crate) const RECHECK: Duration = Duration::from_millis(1);
 
 /// Timeouts and pending cancels. A timeout counts from the moment the
-/// worker started the task (as its backend reports it). In a sandboxed
-/// pool (`sandboxed`), a task its worker has not started by the time its
-/// whole limit has passed since it was sent is not waited for any longer:
-/// the worker is killed (something of an earlier task runs it, which never
-/// marks a start), and the task, never started, runs again elsewhere.
+/// worker started the task (as its backend reports it); in a sandboxed
+/// pool (`sandboxed`), from the moment it was sent, since a sandboxed task
+/// owns the words that say when it started (it could rewind them, and
+/// never be timed).
 pub(crate) fn check_clocks(st: &mut State, p: &dyn Progress, sandboxed: bool) {
     let now = Instant::now();
     let now_ns = sys::monotonic_ns();
@@ -42,24 +41,21 @@ pub(crate) fn check_clocks(st: &mut State, p: &dyn Progress, sandboxed: bool) {
             w.deadline = None;
             continue;
         };
-        if p.started(w.slot) < seq {
-            if sandboxed {
-                // The deadline set when it was sent has passed.
-                log::warn!(
-                    "procpool: worker {} did not start task {id} within {timeout:?}; killing it",
-                    w.pid
-                );
-                w.set_kill(KillReason::Retired, 0);
+        // A sandboxed task's clock started when it was sent (`push_task`):
+        // its start words are the task's own to rewrite.
+        let start = if sandboxed {
+            w.seen_start.1
+        } else {
+            if p.started(w.slot) < seq {
+                // Not started yet: look again soon.
+                w.deadline = Some(now + RECHECK);
                 continue;
             }
-            // Not started yet: look again soon.
-            w.deadline = Some(now + RECHECK);
-            continue;
-        }
-        if w.seen_start.0 != seq {
-            w.seen_start = (seq, now_ns);
-        }
-        let start = p.started_at_ns(w.slot).min(w.seen_start.1);
+            if w.seen_start.0 != seq {
+                w.seen_start = (seq, now_ns);
+            }
+            p.started_at_ns(w.slot).min(w.seen_start.1)
+        };
         let ran = Duration::from_nanos(now_ns.saturating_sub(start));
         if ran < timeout {
             w.deadline = Some(now + (timeout - ran));

@@ -344,7 +344,8 @@ pub(crate) fn enter_private_root(
     // SAFETY: umount2 of a NUL-terminated path that lives for the call.
     cvt(unsafe { libc::umount2(host.as_ptr(), libc::MNT_DETACH) })?;
     std::fs::remove_dir("/.host")?;
-    let ro = libc::MS_REMOUNT | libc::MS_RDONLY | tmpfs_flags;
+    // This mount only (MS_BIND), never its filesystem's superblock.
+    let ro = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | tmpfs_flags;
     mount(None, Path::new("/"), None, ro, None)?;
     if let Some(cwd) = cwd.filter(|c| binds.iter().any(|(p, _)| c.starts_with(p))) {
         std::env::set_current_dir(cwd)?;

@@ -33,6 +33,12 @@ pub enum Limit {
         /// The cap.
         bytes: u64,
     },
+    /// The cap on what a worker writes to its stdout and stderr together
+    /// (see [`Sandbox::output_limit`](crate::Sandbox::output_limit)).
+    Output {
+        /// The cap.
+        bytes: u64,
+    },
     /// The wall-clock limit every sandboxed task has when neither it nor
     /// the pool sets a timeout: ten times the CPU-time cap, or 60 seconds
     /// without one. A chunk of a map may take it once per item. A timeout
@@ -51,6 +57,7 @@ impl std::fmt::Display for Limit {
             Limit::CpuTime { per_task } => write!(f, "CPU-time limit ({per_task:?} per task)"),
             Limit::OpenFiles { max } => write!(f, "open-files limit ({max})"),
             Limit::FileSize { bytes } => write!(f, "file-size limit ({bytes} bytes)"),
+            Limit::Output { bytes } => write!(f, "output limit ({bytes} bytes)"),
             Limit::WallClock { per_task } => {
                 write!(f, "wall-clock limit ({per_task:?} per task)")
             }

@@ -48,6 +48,7 @@
 //! | time | every task has a wall-clock limit (its timeout or the pool's, else ten times the CPU cap, else 60 s), counted by the parent from the task's start | a task that sleeps or stops itself uses no CPU |
 //! | workers apart | status words a page per worker, each worker unmapping the others and closing their memfd; blocks never reused, sealed | Landlock's signal and ptrace scoping keeps a worker from signalling or tracing another |
 //! | nothing of the host's environment | the parent execs the server with only the variables [`Sandbox::env`] and [`Sandbox::inherit_env`] name (and the crate's marker, fd numbers); the crate's own settings (`PROCPOOL_SPIN_US`) go in the config memfd | clearing `environ` in the server would not do: an exec's strings stay on its stack, in every worker it forks |
+//! | output volume | each worker writes to pipes of its own, which the server reads and copies to its stdout and stderr (the pool's pipes to the parent), counting what each wrote; past [`Sandbox::output_limit`] it marks the worker's `died_of` word, kills it and discards the rest (`backend/local/relay.rs`) | the server is the one process that can tell whose bytes are whose without trusting the worker, and that never waits on one (its writes do not block) |
 //! | nothing of the host's stdio | stdin is `/dev/null`; stdout and stderr are pipes whose read ends only the parent holds, copied by a thread of the parent to the program's own (`backend/local/output.rs`) | with the program's fd, a task could `ftruncate` and `pwrite` the program's log; with a pipe it can only add bytes |
 //!
 //! What the table leaves out:
@@ -208,6 +209,7 @@ pub(crate) struct Spec {
     tasks_per_worker: Option<u64>,
     scratch: Option<u64>,
     max_threads: Option<u64>,
+    output: Option<u64>,
     result: Option<u64>,
     allow_weaker: bool,
     /// The mechanisms the server pretends are missing (for tests):
@@ -338,6 +340,36 @@ impl Sandbox {
     /// ```
     pub fn tasks_per_worker(mut self, n: u64) -> Sandbox {
         self.spec.tasks_per_worker = Some(n);
+        self
+    }
+
+    /// Caps what each worker writes to its stdout and stderr together, in
+    /// bytes (default 64 MiB). Each worker writes to pipes of its own,
+    /// which the fork server reads and copies to the program's stdout and
+    /// stderr; past the cap it discards the rest, kills the worker, and
+    /// the task fails with [`Limit::Output`]. A worker runs one task unless
+    /// [`tasks_per_worker`](Sandbox::tasks_per_worker) says otherwise: the
+    /// cap is then its tasks' together.
+    ///
+    /// ```
+    /// use procpool::{Error, Limit, Pool, Sandbox, StartMethod};
+    ///
+    /// fn chatty(n: usize) { eprint!("{}", ".".repeat(n)) }
+    ///
+    /// let pool = Pool::builder()
+    ///     .processes(1)
+    ///     .start_method(StartMethod::ForkServer)
+    ///     .sandbox(Sandbox::new().output_limit(1 << 16))
+    ///     .build()?;
+    /// pool.apply(chatty, 10)?;
+    /// assert!(matches!(
+    ///     pool.apply(chatty, 1 << 20),
+    ///     Err(Error::LimitExceeded { limit: Limit::Output { .. }, .. })
+    /// ));
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
+    pub fn output_limit(mut self, bytes: u64) -> Sandbox {
+        self.spec.output = Some(bytes);
         self
     }
 
@@ -531,6 +563,7 @@ impl Sandbox {
             || spec.tasks_per_worker == Some(0)
             || spec.scratch == Some(0)
             || spec.max_threads == Some(0)
+            || spec.output == Some(0)
             || spec.result == Some(0)
             || spec.cpu_per_task.is_some_and(|d| d.is_zero());
         if zero {
@@ -588,6 +621,9 @@ pub(crate) mod cause {
     pub(crate) const MEMORY: u64 = 1;
     /// Its task went past the open-files cap.
     pub(crate) const OPEN_FILES: u64 = 2;
+    /// It wrote more than the output cap (the fork server marks it, and
+    /// kills it).
+    pub(crate) const OUTPUT: u64 = 3;
 }
 
 /// The caps, as the parent needs them.
@@ -605,7 +641,14 @@ pub(crate) struct Limits {
     /// What a worker may hand back for one task, in bytes
     /// ([`Sandbox::result_limit`]).
     pub(crate) result: u64,
+    /// What a worker may write to its stdout and stderr, in bytes
+    /// ([`Sandbox::output_limit`]).
+    pub(crate) output: u64,
 }
+
+/// The output cap of a sandboxed worker when [`Sandbox::output_limit`]
+/// does not set one.
+pub(crate) const DEFAULT_OUTPUT_LIMIT: u64 = 64 << 20;
 
 /// The wall-clock limit of a sandboxed task when neither a timeout nor a
 /// CPU cap is set.
@@ -627,6 +670,7 @@ impl Spec {
                 .cpu_per_task
                 .map_or(DEFAULT_WALL_CLOCK, |c| c.saturating_mul(10)),
             result: self.result.or(self.memory).unwrap_or(DEFAULT_RESULT_LIMIT),
+            output: self.output.unwrap_or(DEFAULT_OUTPUT_LIMIT),
         }
     }
 }
@@ -644,6 +688,7 @@ impl Limits {
                 self.memory.map(|bytes| Limit::Memory { bytes })
             }
             (cause::OPEN_FILES, _) => self.open_files.map(|max| Limit::OpenFiles { max }),
+            (cause::OUTPUT, _) => Some(Limit::Output { bytes: self.output }),
             _ => None,
         }
     }

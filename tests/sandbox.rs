@@ -2515,3 +2515,64 @@ fn the_root_cannot_be_listed() {
         r.err()
     );
 }
+
+// ---- output volume ----
+
+/// Writes `n` bytes of '.' to stderr (and a line to stdout); a write
+/// that fails stops it.
+fn chatter(n: usize) -> usize {
+    use std::io::Write;
+    println!("CHATTER-START");
+    let chunk = vec![b'.'; 4096];
+    let mut sent = 0;
+    while sent < n {
+        let k = chunk.len().min(n - sent);
+        if std::io::stderr().write_all(&chunk[..k]).is_err() {
+            break;
+        }
+        sent += k;
+    }
+    sent
+}
+
+/// Helper (run by `past_the_output_cap_the_task_fails_with_the_limit`): a
+/// task within a 64 KiB cap, one far past it, and one after.
+#[test]
+#[ignore = "a helper: run by past_the_output_cap_the_task_fails_with_the_limit"]
+fn helper_output_cap() {
+    let pool = sandboxed(1, Sandbox::new().output_limit(64 << 10));
+    assert_eq!(pool.apply(chatter, 10_000).unwrap(), 10_000);
+    match pool.apply(chatter, 1 << 30) {
+        Err(Error::LimitExceeded {
+            limit: Limit::Output { bytes },
+            ..
+        }) => assert_eq!(bytes, 64 << 10),
+        other => panic!("expected the output limit, got {other:?}"),
+    }
+    assert_eq!(pool.apply(double, 2).unwrap(), 4, "the pool went on");
+    pool.close();
+    pool.join().unwrap();
+    println!("\nHELPER-DONE");
+}
+
+#[test]
+fn past_the_output_cap_the_task_fails_with_the_limit() {
+    within_bound("the output cap test", || {
+        let run = run_helper_test("helper_output_cap", |_| {});
+        assert!(
+            run.status.is_some_and(|s| s.success()) && run.stdout.contains("HELPER-DONE"),
+            "the helper failed:\n{}\n{}",
+            run.stdout.chars().take(2000).collect::<String>(),
+            run.stderr.chars().rev().take(2000).collect::<String>()
+        );
+        // What the tasks wrote reached the program's stdio: all of the
+        // first task's, and of the second's no more than the cap and one
+        // read past it.
+        assert_eq!(run.stdout.matches("CHATTER-START").count(), 2);
+        let dots = run.stderr.matches('.').count();
+        assert!(
+            (10_000..=10_000 + (64 << 10) + (64 << 10)).contains(&dots),
+            "{dots} dots"
+        );
+    });
+}

@@ -8,10 +8,17 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// Puts an fd in non-blocking mode.
 pub(crate) fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
-    // SAFETY: fcntl on an open fd with integer arguments.
-    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    set_nonblocking_raw(fd.as_raw_fd())
+}
+
+/// [`set_nonblocking`] for an fd this process holds by number (its own
+/// stdout, say).
+pub(crate) fn set_nonblocking_raw(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl with integer arguments; on an fd that is not open it
+    // fails with EBADF.
+    let flags = cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
     // SAFETY: as above.
-    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
     Ok(())
 }
 
@@ -150,6 +157,18 @@ pub(crate) fn stdin_from_dev_null() {
             libc::close(null);
         }
     }
+}
+
+/// Makes `out` and `err` this process's stdout and stderr (fds 1 and 2,
+/// not close-on-exec); the caller then drops its own copies.
+pub(crate) fn redirect_stdio(out: &OwnedFd, err: &OwnedFd) -> io::Result<()> {
+    // SAFETY: dup2 of fds this process holds onto fds 1 and 2, which this
+    // process owns as its stdout and stderr.
+    unsafe {
+        super::cvt(libc::dup2(out.as_raw_fd(), 1))?;
+        super::cvt(libc::dup2(err.as_raw_fd(), 2))?;
+    }
+    Ok(())
 }
 
 /// Takes ownership of an fd that this process inherited through exec by

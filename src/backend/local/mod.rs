@@ -14,6 +14,7 @@
 //! terminal, signals and stdio, and why a stream socket per worker.
 
 pub(crate) mod output;
+mod relay;
 pub(crate) mod server;
 pub(crate) mod start;
 

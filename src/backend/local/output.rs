@@ -14,10 +14,11 @@
 //!   than write to it (`ftruncate` and `pwrite` a log file, `fcntl` its
 //!   flags, read it back); with the pipe it can only add bytes.
 //!
-//! The server gets its stdio when it is exec'd ([`Streams::prepare`]), and
-//! each worker it forks inherits them; so one pipe per stream serves the
-//! whole pool, and its write ends close when the server and every worker
-//! have gone: that end-of-file is how the pump ends. The pump is one
+//! The server gets its stdio when it is exec'd ([`Streams::prepare`]); a
+//! sandboxed server gives each worker pipes of its own and relays them to
+//! its stdio, counting what each wrote (`relay.rs`), so one pipe per
+//! stream from the server serves the whole pool, and its write ends close
+//! when the server has gone: that end-of-file is how the pump ends. The pump is one
 //! thread of the parent per pool (named `procpool-output`), polling both
 //! read ends (non-blocking, close-on-exec); it holds nothing of the pool
 //! but those fds, so it keeps no pool alive, and dropping the pool never

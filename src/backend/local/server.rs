@@ -23,6 +23,7 @@
 //! End-of-file from the parent (it closed the socket, or died) makes the
 //! server SIGKILL every worker, reap them all, and exit.
 
+use super::relay::{Pipes, Relays};
 use crate::sys;
 use crate::worker;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -102,19 +103,28 @@ pub(crate) fn run(sock: OwnedFd, spec: &Spec) -> ! {
     let mut keep = vec![fd];
     keep.extend(spec.prepared.as_ref().and_then(|p| p.own_fd()));
     let sigfd = set_up(&keep);
+    // A sandboxed pool's workers write to pipes of their own, relayed here.
+    let relays = match (&spec.prepared, &spec.sandbox) {
+        (Some(_), Some(sb)) => Some(Relays::new(sb.limits().output)),
+        _ => None,
+    };
     let mut server = Server {
         fd,
         sigfd: sigfd.as_raw_fd(),
         me: std::process::id() as libc::pid_t,
         spec,
         live: Vec::with_capacity(64),
+        relays,
     };
     loop {
-        let (from_parent, exited) = server.wait();
-        if exited {
+        let (set, relayed) = server.wait();
+        if let (Some(r), Some(first)) = (server.relays.as_mut(), relayed) {
+            r.pump(&set, first, &spec.words, &server.live);
+        }
+        if set.ready(1) {
             server.report_exits();
         }
-        if from_parent {
+        if set.ready(0) {
             server.serve_message();
         }
     }
@@ -168,19 +178,23 @@ struct Server<'a> {
     spec: &'a Spec,
     /// The workers forked and not reaped yet: the only pids it may signal.
     live: Vec<libc::pid_t>,
+    /// A sandboxed pool's workers' output.
+    relays: Option<Relays>,
 }
 
 impl Server<'_> {
-    /// Waits for a message from the parent or a worker's exit; returns
-    /// which came: (a message, an exit).
-    fn wait(&self) -> (bool, bool) {
+    /// Waits for a message from the parent (index 0 of the set it
+    /// returns), a worker's exit (index 1), or a worker's output (from the
+    /// index it returns too, if output is relayed).
+    fn wait(&self) -> (sys::PollSet, Option<usize>) {
         let mut set = sys::PollSet::default();
-        let msg = set.push(self.fd, true, false);
-        let exit = set.push(self.sigfd, true, false);
+        set.push(self.fd, true, false);
+        set.push(self.sigfd, true, false);
+        let relayed = self.relays.as_ref().map(|r| r.poll_on(&mut set));
         if set.poll(-1).is_err() {
             shut_down(&self.live);
         }
-        (set.ready(msg), set.ready(exit))
+        (set, relayed)
     }
 
     /// Sends `m` (with `fds`) to the parent; if it is gone, shuts down.
@@ -220,9 +234,20 @@ impl Server<'_> {
     /// Forks a worker for `slot` and sends the parent its socket (or why
     /// it could not).
     fn spawn(&mut self, slot: u32) {
-        match spawn(slot, self.fd, self.sigfd, self.me, self.spec) {
+        let pipes = match self.relays.as_ref().map(|_| Relays::pipes()).transpose() {
+            Ok(p) => p,
+            Err(e) => return self.send(Msg::new(SPAWN_FAILED, slot, errno(&e), 0), &[]),
+        };
+        let others = self.relays.as_ref().map_or(Vec::new(), Relays::fds);
+        let stdio = pipes.as_ref();
+        match spawn(
+            slot, self.fd, self.sigfd, self.me, self.spec, stdio, &others,
+        ) {
             Ok((pid, parent_end)) => {
                 self.live.push(pid);
+                if let (Some(r), Some(p)) = (self.relays.as_mut(), pipes) {
+                    r.add(pid, slot as usize, p);
+                }
                 let reply = Msg::new(SPAWNED, slot, pid as u64, 0);
                 self.send(reply, &[parent_end.as_raw_fd()]);
             }
@@ -252,6 +277,8 @@ fn spawn(
     sigfd: i32,
     me: libc::pid_t,
     spec: &Spec,
+    stdio: Option<&Pipes>,
+    others: &[RawFd],
 ) -> std::io::Result<(libc::pid_t, OwnedFd)> {
     let (parent_end, worker_end) = sys::stream_pair()?;
     sys::set_socket_buffers(&parent_end, spec.sock_buf);
@@ -264,6 +291,16 @@ fn spawn(
             sys::close_fd(server_fd);
             sys::close_fd(sigfd);
             drop(parent_end);
+            if let Some(p) = stdio {
+                // Its own pipes, which the server relays (`relay.rs`); no
+                // other end of any worker's pipes stays open here.
+                if sys::redirect_stdio(&p.child[0], &p.child[1]).is_err() {
+                    sys::exit_now(1);
+                }
+                for fd in p.all_fds().chain(others.iter().copied()) {
+                    sys::close_fd(fd);
+                }
+            }
             sys::reset_signals();
             if sys::die_with_parent() != me {
                 sys::exit_now(1);

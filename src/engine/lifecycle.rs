@@ -194,8 +194,12 @@ mod tests {
         for w in delays.windows(2) {
             assert_eq!(w[1], w[0] * 2);
         }
+        assert!(!s.gave_up());
         assert_eq!(s.failed(t0), Retry::GiveUp);
+        // Given up: no replacement is asked for until a worker ends.
+        assert!(s.gave_up() && s.retry_at.is_none());
         s.succeeded();
         assert_eq!(s.failures, 0);
+        assert!(!s.gave_up());
     }
 }

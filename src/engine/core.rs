@@ -460,14 +460,13 @@ impl State {
         // A sandboxed pool may hold more workers than its size for a
         // moment (replacements start before the kill is reported): no more
         // than its size run tasks at once.
-        let mut running = self
-            .workers
-            .iter()
-            .filter(|w| !w.in_flight.is_empty())
-            .count();
-        let limit = match cfg.sandbox {
-            Some(_) => cfg.processes,
-            None => usize::MAX,
+        let (mut running, limit) = match cfg.sandbox {
+            Some(_) => {
+                let busy = self.workers.iter().filter(|w| !w.in_flight.is_empty());
+                (busy.count(), cfg.processes)
+            }
+            // Never more workers than its size: nothing to count.
+            None => (0, usize::MAX),
         };
         let reused_sandbox = cfg.sandbox.as_ref().is_some_and(|l| l.tasks_per_worker > 1);
         for k in 0..self.order.len() {
@@ -483,8 +482,7 @@ impl State {
             }
             if reused_sandbox && load.held == 0 && w.busy_while_idle() {
                 // Killed before its next task, which runs elsewhere.
-                w.retiring = true;
-                w.set_kill(KillReason::Retired, 0);
+                w.retire_now();
                 pending = true;
                 continue;
             }

@@ -303,8 +303,7 @@ fn retire_sandboxed(st: &mut State, limits: &crate::sandbox::Limits) {
         // A worker that shut its side of the socket (after forging its own
         // answer, say) is not waited for either.
         if w.retiring || w.eof || (answered > w.idle_checked && leftover()) {
-            w.retiring = true;
-            w.set_kill(KillReason::Retired, 0);
+            w.retire_now();
         }
         w.idle_checked = answered;
     }

@@ -144,6 +144,13 @@ impl Worker {
         self.sent > 0 && ns.saturating_sub(self.cpu_base) > IDLE_CPU_NS
     }
 
+    /// Retires a sandboxed worker by a kill: it takes no more tasks, and is
+    /// never waited for (`KillReason::Retired`).
+    pub(crate) fn retire_now(&mut self) {
+        self.retiring = true;
+        self.set_kill(KillReason::Retired, 0);
+    }
+
     /// Marks it for a kill (the supervisor asks the backend). A kill for a
     /// reason other than a cancel is unconditional and replaces a
     /// cancel's, which the backend may refuse.

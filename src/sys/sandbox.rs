@@ -491,7 +491,7 @@ fn mount(
     use std::ffi::CString;
     let opt = |s: Option<&str>| s.map(CString::new).transpose().map_err(io::Error::other);
     let (source, fstype, data) = (opt(source)?, opt(fstype)?, opt(data)?);
-    let target = CString::new(target.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let target = cstring(target)?;
     let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
     // SAFETY: every pointer is NULL or a NUL-terminated string that lives
     // for the call; mount changes only this process's mount namespace.

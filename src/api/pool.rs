@@ -11,6 +11,7 @@ use crate::engine::completion::{Group, Hook, Outcome, Payload, Signal, Slot, com
 use crate::engine::core::{Launch, Shared};
 use crate::engine::job::{Config, JobSpec};
 use crate::engine::lifecycle::Phase;
+use crate::engine::size::SlotTable;
 use crate::engine::supervisor;
 use crate::error::{Error, Result};
 use crate::proto::codec;
@@ -546,24 +547,7 @@ impl PoolBuilder {
                 init,
             )?);
         }
-        let slots = processes * 2;
-        let words = local::words(slots, sandbox.is_some())?;
-        let spec = Spec {
-            init,
-            words: words.clone(),
-            sock_buf: 1 << 20,
-            sandbox,
-            prepared: None,
-            without_mpi_env: false,
-        };
-        crate::worker::install_panic_hook();
-        let backend = local::start(method, spec)?;
-        Pool::start(Launch {
-            cfg,
-            backend: Box::new(backend),
-            progress: words,
-            slots,
-        })
+        start_local(method, cfg, init, sandbox)
     }
 
     /// The number of workers, after the settings' checks.
@@ -600,6 +584,36 @@ impl PoolBuilder {
             Some(s) => Ok(Some(s.resolve()?)),
         }
     }
+}
+
+/// Starts a pool whose workers are processes on this machine.
+fn start_local(
+    method: StartMethod,
+    cfg: Config,
+    init: Option<Init>,
+    sandbox: Option<crate::sandbox::Spec>,
+) -> Result<Pool> {
+    // Room for every slot the pool may use if it grows (`Pool::resize`):
+    // status words it never uses are never touched.
+    let capacity = local::slot_capacity(cfg.processes);
+    let words = local::words(capacity, sandbox.is_some())?;
+    let spec = Spec {
+        init,
+        words: words.clone(),
+        sock_buf: 1 << 20,
+        sandbox,
+        prepared: None,
+        without_mpi_env: false,
+    };
+    crate::worker::install_panic_hook();
+    let backend = local::start(method, spec)?;
+    let table = SlotTable::new(cfg.processes, Some(capacity));
+    Pool::start(Launch {
+        cfg,
+        backend: Box::new(backend),
+        progress: words,
+        table,
+    })
 }
 
 /// A pool of worker processes.
@@ -645,7 +659,7 @@ pub struct Pool {
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool")
-            .field("processes", &self.shared.cfg.processes)
+            .field("processes", &self.shared.size())
             .field("phase", &self.shared.phase())
             .finish()
     }
@@ -757,9 +771,42 @@ impl Pool {
         PoolBuilder::default()
     }
 
-    /// The number of worker processes the pool keeps.
+    /// The number of worker processes the pool keeps (as built, or as
+    /// [`resize`](Self::resize) last set it).
     pub fn processes(&self) -> usize {
-        self.shared.cfg.processes
+        self.shared.size()
+    }
+
+    /// Grows or shrinks the pool to `n` workers, while it runs.
+    ///
+    /// Growing starts the new workers at once (the call does not wait for
+    /// them; queued tasks go to them as they are ready). Shrinking retires
+    /// the workers the pool no longer needs, idle ones first: an idle
+    /// worker at once, a busy one once the tasks it holds are done, so no
+    /// task is lost or run twice (a sandboxed worker is killed then, never
+    /// waited for). [`processes`](Self::processes) says `n` from now on;
+    /// [`worker_pids`](Self::worker_pids) follows as workers start and
+    /// exit.
+    ///
+    /// A pool grows to at most `max(2 × its first size, 1024)` workers.
+    /// Errors: `n` is 0 or beyond that bound ([`Error::Config`]); the pool
+    /// is closed, terminated or broken (the error a submission would get);
+    /// the pool's workers are MPI ranks, fixed at launch ([`Error::Config`]).
+    ///
+    /// ```
+    /// fn pid(_: ()) -> u32 { std::process::id() }
+    ///
+    /// let pool = procpool::Pool::builder().processes(1).build()?;
+    /// pool.resize(3)?;
+    /// assert_eq!(pool.processes(), 3);
+    /// let pids = pool.map(pid, vec![(); 30])?;
+    /// assert!(pids.iter().all(|p| *p != std::process::id()));
+    /// pool.resize(1)?;
+    /// assert_eq!(pool.processes(), 1);
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
+    pub fn resize(&self, n: usize) -> Result<()> {
+        self.shared.resize(n)
     }
 
     /// The pids of the live workers.

@@ -12,6 +12,7 @@ use crate::engine::job::{Completion, Config, InFlight, Job, JobSpec, KillReason}
 use crate::engine::lifecycle::{Phase, Starts};
 use crate::engine::plan::{self, Batch, Candidate, Estimates, Load};
 use crate::engine::seam::{Backend, Progress};
+use crate::engine::size::{self, Member, SlotTable};
 use crate::engine::workers::Worker;
 use crate::error::Error;
 use crate::proto::shm::{BlockCache, Body};
@@ -32,6 +33,10 @@ pub(crate) struct State {
     /// replacement is already in `worker_pids`).
     pub(crate) spawning: Vec<(usize, Vec<Completion>)>,
     pub(crate) free_slots: Vec<usize>,
+    /// How many workers the pool keeps (its `processes`; `resize` changes
+    /// it) and its slot table (`engine/size.rs`).
+    pub(crate) size: usize,
+    pub(crate) table: SlotTable,
     pub(crate) est: Estimates,
     pub(crate) broken: Option<Error>,
     /// Workers with an initializer that died before they were ready, since
@@ -66,14 +71,13 @@ pub(crate) struct Shared {
 }
 
 /// What the engine runs on: its settings, the backend, what the backend
-/// reports of its workers' progress, and how many worker slots there are
-/// (twice the pool's size: a replacement may start before the worker it
-/// replaces is gone).
+/// reports of its workers' progress, and how many worker slots it has
+/// room for (`SlotTable`).
 pub(crate) struct Launch {
     pub(crate) cfg: Config,
     pub(crate) backend: Box<dyn Backend>,
     pub(crate) progress: Arc<dyn Progress>,
-    pub(crate) slots: usize,
+    pub(crate) table: SlotTable,
 }
 
 impl Shared {
@@ -82,7 +86,7 @@ impl Shared {
             cfg,
             backend,
             progress,
-            slots,
+            table,
         } = launch;
         let wake = match sys::eventfd() {
             Ok(fd) => fd,
@@ -98,7 +102,9 @@ impl Shared {
                 queue: VecDeque::new(),
                 workers: Vec::new(),
                 spawning: Vec::new(),
-                free_slots: (0..slots).rev().collect(),
+                free_slots: (0..table.in_use).rev().collect(),
+                size: cfg.processes,
+                table,
                 est: Estimates::default(),
                 broken: None,
                 unready_deaths: 0,
@@ -274,6 +280,52 @@ impl Shared {
         self.wake();
     }
 
+    /// Grows or shrinks the pool to `n` workers.
+    pub(crate) fn resize(&self, n: usize) -> Result<(), Error> {
+        if n == 0 {
+            return Err(Error::Config("processes must be at least 1"));
+        }
+        let mut done = Vec::new();
+        {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            if let Some(e) = st.refusal() {
+                return Err(e);
+            }
+            match st.table.max_workers() {
+                None => {
+                    return Err(Error::Config(
+                        "resize is not available over MPI: a pool's ranks, and the workers \
+                         each rank hosts, are fixed when it is launched",
+                    ));
+                }
+                Some(max) if n > max => {
+                    return Err(Error::Config(
+                        "resize: more workers than the pool made room for (see Pool::resize)",
+                    ));
+                }
+                Some(_) => {}
+            }
+            st.size = n;
+            st.table.grow(n, &mut st.free_slots);
+            st.trim(self.cfg.sandbox.is_some());
+            if st.broken.is_none() && st.starts.retry_at.is_none() {
+                st.make_up_workers(&self.cfg, &mut done);
+            }
+            st.send_kills();
+            // The queue may now go to the new workers, or wait for them.
+            st.dispatch(&self.cfg, true);
+        }
+        self.wake();
+        self.run_completions(done);
+        Ok(())
+    }
+
+    /// How many workers the pool keeps.
+    pub(crate) fn size(&self) -> usize {
+        self.lock().size
+    }
+
     /// Marks the pool terminated and resolves every outstanding task with
     /// `Terminated`; the supervisor thread then kills and reaps the processes.
     pub(crate) fn terminate(&self) {
@@ -377,7 +429,60 @@ impl State {
             Some(_) => self.workers.iter().filter(|w| w.counts()).count(),
             None => self.workers.len(),
         };
-        have + self.spawning.len() < cfg.processes
+        have + self.spawning.len() < self.size
+    }
+
+    /// Workers that count towards the pool's size, started or starting.
+    fn active(&self) -> usize {
+        let started = self
+            .workers
+            .iter()
+            .filter(|w| !w.retiring && w.counts())
+            .count();
+        started + self.spawning.len()
+    }
+
+    /// Retires the workers beyond the pool's size, idle ones first.
+    pub(crate) fn trim(&mut self, sandboxed: bool) {
+        let excess = self.active().saturating_sub(self.size);
+        if excess == 0 {
+            return;
+        }
+        let members: Vec<Member> = self
+            .workers
+            .iter()
+            .map(|w| Member {
+                active: !w.retiring && w.counts(),
+                held: w.in_flight.len(),
+            })
+            .collect();
+        for i in size::retirees(&members, excess) {
+            let w = &mut self.workers[i];
+            if sandboxed && w.in_flight.is_empty() {
+                w.retire_now();
+            } else {
+                // It takes no more tasks; an unsandboxed one exits once
+                // its tasks are done (its side of the socket is shut), a
+                // sandboxed one is killed then (`retire_sandboxed`).
+                w.retiring = true;
+                w.flush();
+            }
+        }
+    }
+
+    /// Asks for workers up to the pool's size (after failed starts, or a
+    /// resize).
+    pub(crate) fn make_up_workers(&mut self, cfg: &Config, done: &mut Vec<Completion>) {
+        while self.short_of_workers(cfg)
+            && !self.free_slots.is_empty()
+            && self.backend.as_ref().is_some_and(|b| b.is_open())
+        {
+            let back = self.request_spawn(Vec::new());
+            if !back.is_empty() {
+                done.extend(back);
+                break;
+            }
+        }
     }
 
     /// In a sandboxed pool: starts the workers the pool is short of, if it
@@ -463,7 +568,7 @@ impl State {
         let (mut running, limit) = match cfg.sandbox {
             Some(_) => {
                 let busy = self.workers.iter().filter(|w| !w.in_flight.is_empty());
-                (busy.count(), cfg.processes)
+                (busy.count(), self.size)
             }
             // Never more workers than its size: nothing to count.
             None => (0, usize::MAX),

@@ -28,6 +28,8 @@ pub(crate) fn on_event(shared: &Shared, st: &mut State, e: Event, done: &mut Vec
             log::debug!("procpool: worker {pid} started");
             st.workers
                 .push(Worker::new(slot, pid, rank, conn, &shared.cfg));
+            // Started for a pool that has shrunk since: retired at once.
+            st.trim(shared.cfg.sandbox.is_some());
         }
         Event::StartFailed { slot, cause } => {
             if let Some(i) = st.spawning.iter().position(|s| s.0 == slot) {
@@ -104,20 +106,6 @@ fn start_failed(shared: &Shared, st: &mut State, cause: String, done: &mut Vec<C
         });
         fail_if_no_workers(st, done);
         shared.cv.notify_all();
-    }
-}
-
-/// Asks for workers up to the pool's size (after failed starts).
-pub(crate) fn make_up_workers(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) {
-    while st.short_of_workers(&shared.cfg)
-        && !st.free_slots.is_empty()
-        && st.backend.as_ref().is_some_and(|b| b.is_open())
-    {
-        let back = st.request_spawn(Vec::new());
-        if !back.is_empty() {
-            done.extend(back);
-            break;
-        }
     }
 }
 
@@ -235,7 +223,7 @@ fn replace(
         let back = st.request_spawn(lost);
         done.extend(back);
         // Also make up for starts that failed earlier.
-        make_up_workers(shared, st, done);
+        st.make_up_workers(&shared.cfg, done);
     } else {
         done.extend(lost);
         fail_if_no_workers(st, done);

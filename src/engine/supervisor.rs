@@ -242,7 +242,7 @@ fn after_io(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) -> Opti
         && st.phase.wants_workers(st.queue.is_empty())
         && st.broken.is_none()
     {
-        events::make_up_workers(shared, st, done);
+        st.make_up_workers(&shared.cfg, done);
     }
     if let Some(limits) = &shared.cfg.sandbox {
         retire_sandboxed(st, limits);

@@ -295,6 +295,14 @@ impl Progress for SharedWords {
     }
 }
 
+/// How many slots a local pool of `processes` workers makes room for: as
+/// many as a pool of `max(2 × processes, 1024)` workers uses (the status
+/// words of a slot never used are never touched: 48 bytes each, or a page
+/// each in a sandboxed pool, of a sparse memfd).
+pub(crate) fn slot_capacity(processes: usize) -> usize {
+    crate::engine::size::slots_for((2 * processes).max(1024))
+}
+
 /// The words of a pool of `slots` workers (a page each when sandboxed:
 /// all of the words a sandboxed worker keeps mapped).
 pub(crate) fn words(slots: usize, sandboxed: bool) -> Result<Arc<SharedWords>, Error> {

@@ -74,6 +74,7 @@ use crate::backend::local::{self, Local};
 use crate::engine::core::Launch;
 use crate::engine::job::Config;
 use crate::engine::seam::{Backend, Event};
+use crate::engine::size::SlotTable;
 use crate::error::Error;
 use crate::proto::status::SharedWords;
 use crate::sys;
@@ -166,13 +167,13 @@ pub(crate) fn start(
     // go with them.
     cfg.inline_bodies = true;
     cfg.spin = crate::proto::idle::remote_spin_budget();
-    let slots = cfg.processes * 2;
-    let (backend, handed) = connect(thread, seam_tx, slots)?;
+    let table = SlotTable::new(cfg.processes, None);
+    let (backend, handed) = connect(thread, seam_tx, table.in_use)?;
     Ok(Launch {
         cfg,
         backend: Box::new(backend),
         progress: handed,
-        slots,
+        table,
     })
 }
 

@@ -6,7 +6,9 @@
 //! secrets, write outside its directory, start a shell, plant a
 //! set-user-ID file, poison its process for later inputs, stop itself,
 //! start a thousand threads, snoop on the program's environment and the
-//! host's files, or erase the program's log.
+//! host's files, erase the program's log, take over its worker's socket
+//! to forge the answers to later inputs, claim a 4 GiB result, or flood
+//! the program with file descriptors.
 //! In a sandboxed
 //! pool each of those fails alone, with an error that says why, and the
 //! other files are parsed as usual.
@@ -134,6 +136,35 @@ fn parse(path: String) -> Summary {
                 };
                 tried.push(format!("truncate the program's stdout: {}", outcome(r)));
             }
+            // Takes over its worker's socket to the program and answers
+            // the tasks it expects that worker to get next.
+            "HIJACK" => {
+                let forged = (1..=100).all(|seq| write_all(parent_socket(), &header(0, 3, seq)));
+                tried.push(format!(
+                    "forge the answers to 100 later tasks: sent {forged}"
+                ));
+            }
+            // Claims a 4 GiB result, then streams zeros after the claim, to
+            // make the program allocate gigabytes.
+            "CLAIM" => {
+                let fd = parent_socket();
+                let mut ok = write_all(fd, &header(4 << 30, 3, 1));
+                let zeros = vec![0u8; 1 << 20];
+                for _ in 0..256 {
+                    ok = ok && write_all(fd, &zeros);
+                }
+                tried.push(format!("make the program hold a 4 GiB result: sent {ok}"));
+            }
+            // Sends the program thousands of file descriptors, to use up
+            // its fd table.
+            "FD FLOOD" => {
+                let null = std::fs::File::open("/dev/null").expect("/dev/null");
+                let fds = [std::os::fd::AsRawFd::as_raw_fd(&null); 250];
+                let sent = (0..40)
+                    .filter(|_| send_with_fds(parent_socket(), &header(0, 99, 0), &fds))
+                    .count();
+                tried.push(format!("send the program {} fds", sent * fds.len()));
+            }
             "SHELL" => {
                 let r = std::process::Command::new("/bin/sh")
                     .arg("-c")
@@ -149,6 +180,94 @@ fn parse(path: String) -> Summary {
         fields: text.lines().filter(|l| l.contains('=')).count(),
         tried,
     }
+}
+
+/// The worker's socket to the program: the first socket among its fds,
+/// found as a hostile input would (with `fstat`).
+fn parent_socket() -> i32 {
+    (3..1024)
+        .find(|&fd| {
+            // SAFETY: stat is plain data, for which all zero is a value.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: fstat of an integer fd (EBADF if it is not open)
+            // writes into a live stat.
+            let ok = unsafe { libc::fstat(fd, &mut st) } == 0;
+            ok && st.st_mode & libc::S_IFMT == libc::S_IFSOCK
+        })
+        .unwrap_or(-1)
+}
+
+/// A frame header of the pool's wire format (as a hostile input could
+/// learn it from the crate's source): length, kind, status, task, two words.
+fn header(len: u64, kind: u8, seq: u64) -> Vec<u8> {
+    let mut h = len.to_le_bytes().to_vec();
+    h.extend_from_slice(&[kind, 0]);
+    h.extend_from_slice(&seq.to_le_bytes());
+    h.extend_from_slice(&[0u8; 16]);
+    h
+}
+
+/// Writes all of `b` to `fd`; false if it could not.
+fn write_all(fd: i32, mut b: &[u8]) -> bool {
+    while !b.is_empty() {
+        // SAFETY: a write of a live buffer to an integer fd.
+        let n = unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
+        if n <= 0 {
+            return false;
+        }
+        b = &b[n as usize..];
+    }
+    true
+}
+
+/// One `sendmsg` of `bytes` on `sock` with `fds` attached; false if it
+/// failed.
+fn send_with_fds(sock: i32, bytes: &[u8], fds: &[i32]) -> bool {
+    let fd_bytes = std::mem::size_of_val(fds) as u32;
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
+    let mut cbuf = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: msghdr is plain data, for which all zero is an empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: cbuf holds CMSG_SPACE(fd_bytes) bytes, one header and the
+    // fds, which CMSG_FIRSTHDR and CMSG_DATA address inside it; msg and
+    // what it points to live across sendmsg.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
+        std::ptr::copy_nonoverlapping(
+            fds.as_ptr().cast::<u8>(),
+            libc::CMSG_DATA(c),
+            fd_bytes as usize,
+        );
+        libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) == bytes.len() as isize
+    }
+}
+
+/// A line of this program's `/proc/self/status` (`VmHWM`), in MiB.
+fn status_mib(key: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib: u64 = s
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0);
+    kib >> 10
+}
+
+/// How many fds this program holds.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
 
 fn outcome(r: std::io::Result<()>) -> String {
@@ -178,6 +297,9 @@ fn main() -> Result<(), Error> {
         ("stop.txt", "STOP\n"),
         ("bomb.txt", "THREADS\n"),
         ("snoop.txt", "SNOOP\nERASE LOG\n"),
+        ("hijack.txt", "HIJACK\n"),
+        ("claim.txt", "CLAIM\n"),
+        ("fd-flood.txt", "FD FLOOD\n"),
     ];
     let out = dir.join("out");
     std::fs::create_dir_all(&out).expect("making the output directory");
@@ -199,6 +321,7 @@ fn main() -> Result<(), Error> {
         )
         .build()?;
 
+    let fds_before = open_fds();
     let mut files: Vec<String> = std::fs::read_dir(&dir)
         .expect("listing the inputs")
         .map(|e| e.expect("an entry").path())
@@ -244,6 +367,11 @@ fn main() -> Result<(), Error> {
         })
         .count();
     println!("set-user-ID or set-group-ID files left on the host: {planted}");
+    println!(
+        "this program's peak memory: {} MiB; its fds: {fds_before} before the inputs, {} after",
+        status_mib("VmHWM:"),
+        open_fds()
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -136,6 +136,18 @@ pub(crate) fn own_process_group() {
     }
 }
 
+/// Sets the calling thread's name (`comm`, which `ps -o comm`, `top`,
+/// `pgrep` and crash logs show of a process whose only thread it is), cut
+/// to the kernel's 15 bytes.
+pub(crate) fn set_thread_name(name: &str) {
+    let mut buf = [0u8; 16];
+    let n = name.len().min(15);
+    buf[..n].copy_from_slice(&name.as_bytes()[..n]);
+    // SAFETY: buf is a live array of 16 bytes whose last is NUL;
+    // PR_SET_NAME reads at most 16 bytes from it.
+    unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr() as libc::c_ulong, 0, 0, 0) };
+}
+
 /// Asks the kernel to SIGKILL this process when its parent (the fork
 /// server, which has one thread) exits; returns the parent pid to check
 /// against, since the parent may already have gone.

@@ -130,6 +130,38 @@ pub(crate) fn run(sock: OwnedFd, spec: &Spec) -> ! {
     }
 }
 
+/// The program's name, as the pool's processes carry it: the last part of
+/// its argv[0] (which an exec'd server keeps), else of its executable's
+/// path. Set once, by the server.
+static PROGRAM: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn program_name() -> String {
+    let last = |p: std::path::PathBuf| Some(p.file_name()?.to_string_lossy().into_owned());
+    std::env::args_os()
+        .next()
+        .and_then(|a| last(a.into()))
+        .or_else(|| last(std::env::current_exe().ok()?))
+        .unwrap_or_else(|| "procpool".into())
+}
+
+/// The name (`comm`) of one of the pool's processes: the program's name,
+/// cut so that `suffix` (`:srv`, `:w3`) fits in the kernel's 15 bytes.
+/// The suffix keeps `pgrep -x` and `killall` of the program's name from
+/// matching the pool's processes.
+pub(crate) fn process_name(program: &str, suffix: &str) -> String {
+    let mut cut = program.len().min(15usize.saturating_sub(suffix.len()));
+    while !program.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{suffix}", &program[..cut])
+}
+
+/// Names the calling process (its one thread) `<program><suffix>`.
+fn take_name(suffix: &str) {
+    let program = PROGRAM.get_or_init(program_name);
+    sys::set_thread_name(&process_name(program, suffix));
+}
+
 /// Sets this process up as the server (see [`run`]), keeping the fds in
 /// `keep` (its socket to the parent first); returns the signalfd
 /// that reports its workers' exits. Exits if it cannot have one.
@@ -139,6 +171,7 @@ fn set_up(keep: &[RawFd]) -> OwnedFd {
     sys::own_process_group();
     sys::default_dispositions();
     worker::mark_worker_process();
+    take_name(":srv");
     sys::neuter_fds_except(keep);
     if fd != 0 {
         sys::stdin_from_dev_null();
@@ -284,7 +317,15 @@ fn spawn(
     sys::set_socket_buffers(&parent_end, spec.sock_buf);
     sys::set_socket_buffers(&worker_end, spec.sock_buf);
     spec.words.status(slot as usize).reset();
-    match sys::fork()? {
+    // The worker has its name from its first instant (its pid reaches the
+    // parent before it could set one itself); the server takes its own
+    // back at once.
+    take_name(&format!(":w{slot}"));
+    let forked = sys::fork();
+    if !matches!(forked, Ok(sys::Forked::Child)) {
+        take_name(":srv");
+    }
+    match forked? {
         sys::Forked::Child => {
             // Of the server's own fds, keep only this worker's end (the
             // host's inherited fds already point at /dev/null).
@@ -365,6 +406,17 @@ fn shut_down(live: &[libc::pid_t]) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_name_keeps_its_suffix_within_15_bytes() {
+        assert_eq!(process_name("myprog", ":srv"), "myprog:srv");
+        assert_eq!(
+            process_name("averyveryverylongname", ":w12"),
+            "averyveryve:w12"
+        );
+        assert_eq!(process_name("ééééééééé", ":w1"), "éééééé:w1");
+        assert!(process_name("ééééééééé", ":w10").len() <= 15);
+    }
 
     #[test]
     fn a_message_travels_as_24_bytes() {

@@ -33,6 +33,8 @@ mod proto;
 #[cfg(target_os = "linux")]
 mod sandbox;
 #[cfg(target_os = "linux")]
+mod stats;
+#[cfg(target_os = "linux")]
 mod sys;
 #[cfg(target_os = "linux")]
 mod traceback;
@@ -64,5 +66,7 @@ pub use limit::Limit;
 pub use proto::shared_buf::{SharedBuf, SharedSlice};
 #[cfg(target_os = "linux")]
 pub use sandbox::Sandbox;
+#[cfg(target_os = "linux")]
+pub use stats::{Failed, Stats, WorkersEnded};
 #[cfg(target_os = "linux")]
 pub use traceback::{BacktraceFrame, PanicLocation, RemoteBacktrace};

@@ -809,6 +809,14 @@ impl Pool {
         self.shared.resize(n)
     }
 
+    /// What the pool has done since it was built (tasks by outcome,
+    /// retries, workers started and ended by cause, busy time per slot),
+    /// and what it holds now: see [`Stats`](crate::Stats) for each
+    /// counter's unit.
+    pub fn stats(&self) -> crate::Stats {
+        self.shared.stats()
+    }
+
     /// The pids of the live workers.
     ///
     /// ```
@@ -887,7 +895,7 @@ impl Pool {
                 retries: opts.retries,
                 shared,
                 retry_shared: opts.retry_shared,
-                items: 1,
+                items: 0,
             },
         )])?;
         Ok(AsyncResult {

@@ -13,6 +13,7 @@ use crate::engine::lifecycle::{Phase, Starts};
 use crate::engine::plan::{self, Batch, Candidate, Estimates, Load};
 use crate::engine::seam::{Backend, Progress};
 use crate::engine::size::{self, Member, SlotTable};
+use crate::engine::stats::{Counters, Held};
 use crate::engine::workers::Worker;
 use crate::error::Error;
 use crate::proto::shm::{BlockCache, Body};
@@ -37,6 +38,8 @@ pub(crate) struct State {
     /// it) and its slot table (`engine/size.rs`).
     pub(crate) size: usize,
     pub(crate) table: SlotTable,
+    /// What the pool counts under this lock (`stats.rs`).
+    pub(crate) tally: Held,
     pub(crate) est: Estimates,
     pub(crate) broken: Option<Error>,
     /// Workers with an initializer that died before they were ready, since
@@ -68,6 +71,7 @@ pub(crate) struct Shared {
     next_id: AtomicU64,
     pub(crate) handler: Handler,
     pub(crate) cfg: Config,
+    pub(crate) counters: Counters,
 }
 
 /// What the engine runs on: its settings, the backend, what the backend
@@ -105,6 +109,7 @@ impl Shared {
                 free_slots: (0..table.in_use).rev().collect(),
                 size: cfg.processes,
                 table,
+                tally: Held::default(),
                 est: Estimates::default(),
                 broken: None,
                 unready_deaths: 0,
@@ -130,6 +135,7 @@ impl Shared {
             next_id: AtomicU64::new(1),
             handler: Handler::new(),
             cfg,
+            counters: Counters::default(),
         }))
     }
 
@@ -144,6 +150,7 @@ impl Shared {
 
     pub(crate) fn run_completions(&self, done: Vec<Completion>) {
         for (slot, hook, outcome) in done {
+            self.counters.ended(&outcome);
             complete(slot, hook, outcome, &self.handler);
         }
     }
@@ -203,6 +210,7 @@ impl Shared {
             return Err(e);
         }
         for (slot, s) in jobs {
+            self.counters.submitted(s.items);
             let (timeout, wall_limit) = self.cfg.timeout_of(s.timeout, s.items);
             st.queue.push_back(Job {
                 id: slot.id,
@@ -324,6 +332,24 @@ impl Shared {
     /// How many workers the pool keeps.
     pub(crate) fn size(&self) -> usize {
         self.lock().size
+    }
+
+    /// What the pool has done, and holds now.
+    pub(crate) fn stats(&self) -> crate::stats::Stats {
+        let st = self.lock();
+        let mut s = self.counters.snapshot(&st.tally);
+        s.queued = st.queue.len();
+        let mut busy = st.tally.busy_ns.clone();
+        busy.resize(busy.len().max(st.table.in_use), 0);
+        for w in &st.workers {
+            s.in_flight += w.in_flight.len();
+            busy[w.slot] += w.busy_ns;
+        }
+        s.busy = busy
+            .into_iter()
+            .map(std::time::Duration::from_nanos)
+            .collect();
+        s
     }
 
     /// Marks the pool terminated and resolves every outstanding task with

@@ -8,6 +8,7 @@ use crate::engine::job::{Completion, KillReason};
 use crate::engine::ledger::{self, Ended, Unready};
 use crate::engine::lifecycle::Retry;
 use crate::engine::seam::{End, Event};
+use crate::engine::stats::EndFacts;
 use crate::engine::workers::Worker;
 use crate::error::Error;
 use std::time::Instant;
@@ -25,6 +26,7 @@ pub(crate) fn on_event(shared: &Shared, st: &mut State, e: Event, done: &mut Vec
                 done.append(&mut st.spawning.swap_remove(i).1);
             }
             st.starts.succeeded();
+            st.tally.workers_started += 1;
             log::debug!("procpool: worker {pid} started");
             st.workers
                 .push(Worker::new(slot, pid, rank, conn, &shared.cfg));
@@ -159,6 +161,13 @@ pub(crate) fn worker_ended(
         limit,
     };
     let verdict = ledger::settle(held, &facts);
+    st.tally.retried += verdict.retried;
+    let why = EndFacts {
+        kill: w.kill.as_ref(),
+        limit: limit.is_some(),
+        retiring: w.retiring,
+    };
+    st.tally.worker_ended(why, w.slot, w.busy_ns);
     for job in verdict.requeue.into_iter().rev() {
         st.queue.push_front(job);
     }

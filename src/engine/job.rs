@@ -122,8 +122,9 @@ pub(crate) struct JobSpec {
     pub(crate) retries: Option<u32>,
     pub(crate) shared: Vec<Region>,
     pub(crate) retry_shared: bool,
-    /// How many items it carries (a map chunk's; 1 for `apply`): under a
-    /// per-task CPU cap it may use the cap once per item.
+    /// How many items it carries: a map chunk's, or 0 for `apply` (which
+    /// counts as one item: under a per-task CPU cap a task may use the cap
+    /// once per item).
     pub(crate) items: u32,
 }
 

@@ -33,6 +33,8 @@ pub(crate) struct Verdict {
     pub(crate) requeue: Vec<Job>,
     /// Tasks that fail, with their error.
     pub(crate) failed: Vec<(Job, Error)>,
+    /// How many of the requeued tasks had started: each spends a retry.
+    pub(crate) retried: u64,
 }
 
 /// Whether any task it held and had started is lost with it (cancelled
@@ -57,7 +59,10 @@ pub(crate) fn settle(held: impl IntoIterator<Item = InFlight>, e: &Ended<'_>) ->
         let mut job = f.job;
         match started_task_error(&mut job, e) {
             Some(err) => v.failed.push((job, err)),
-            None => v.requeue.push(job),
+            None => {
+                v.retried += 1;
+                v.requeue.push(job);
+            }
         }
     }
     v

@@ -10,6 +10,7 @@ pub(crate) mod lifecycle;
 pub(crate) mod plan;
 pub(crate) mod seam;
 pub(crate) mod size;
+pub(crate) mod stats;
 pub(crate) mod supervisor;
 pub(crate) mod watch;
 pub(crate) mod workers;

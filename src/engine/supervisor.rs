@@ -611,6 +611,7 @@ impl Worker {
         self.held_ns = self.held_ns.saturating_sub(f.charge);
         // The worker reports each task's run time in `b`.
         sink.est.learn(f.job.f, h.b);
+        self.busy_ns = self.busy_ns.saturating_add(h.b);
         if !f.job.cancelled {
             sink.done.push((f.job.slot, f.job.hook, outcome));
         }

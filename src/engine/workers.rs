@@ -59,6 +59,8 @@ pub(crate) struct Worker {
     /// It broke the protocol: it is being killed, and nothing more it sends
     /// is read.
     pub(crate) violated: bool,
+    /// The run time (ns) of the tasks it answered, as it reported them.
+    pub(crate) busy_ns: u64,
 }
 
 /// CPU time (ns) an idle worker may use between its result and its next
@@ -106,6 +108,7 @@ impl Worker {
             idle_checked: 0,
             result_limit: cfg.result_limit,
             violated: false,
+            busy_ns: 0,
         }
     }
 

@@ -487,6 +487,16 @@ impl PoolBuilder {
     /// in a session of its own: a terminal's Ctrl-C reaches this
     /// program only (see the crate documentation, "Ctrl-C and other signals").
     pub fn build(mut self) -> Result<Pool> {
+        if crate::sandbox::applied_here() {
+            // Its filters would refuse the first socket or fork with EPERM,
+            // which would not say why.
+            return Err(Error::ServerStart {
+                reason: "this process is a sandboxed worker, and its sandbox forbids starting \
+                         processes: a task in a sandboxed pool cannot build a pool of its own \
+                         (build it in an unsandboxed pool, or outside the pool)"
+                    .into(),
+            });
+        }
         let processes = self.checked_processes()?;
         let init = self.init.take().transpose()?;
         let method = match self.start_method {

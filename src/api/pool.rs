@@ -487,16 +487,7 @@ impl PoolBuilder {
     /// in a session of its own: a terminal's Ctrl-C reaches this
     /// program only (see the crate documentation, "Ctrl-C and other signals").
     pub fn build(mut self) -> Result<Pool> {
-        if crate::sandbox::applied_here() {
-            // Its filters would refuse the first socket or fork with EPERM,
-            // which would not say why.
-            return Err(Error::ServerStart {
-                reason: "this process is a sandboxed worker, and its sandbox forbids starting \
-                         processes: a task in a sandboxed pool cannot build a pool of its own \
-                         (build it in an unsandboxed pool, or outside the pool)"
-                    .into(),
-            });
-        }
+        refuse_in_a_sandbox()?;
         let processes = self.checked_processes()?;
         let init = self.init.take().transpose()?;
         let method = match self.start_method {
@@ -612,10 +603,25 @@ impl PoolBuilder {
     }
 }
 
+/// In a sandboxed worker (a task there building a pool), an error that
+/// says why no pool can start: its filters would refuse the first socket
+/// or fork with an `EPERM` that does not.
+fn refuse_in_a_sandbox() -> Result<()> {
+    if !crate::sandbox::applied_here() {
+        return Ok(());
+    }
+    Err(Error::ServerStart {
+        reason: "this process is a sandboxed worker, and its sandbox forbids starting processes: \
+                 a task in a sandboxed pool cannot build a pool of its own (build it in an \
+                 unsandboxed pool, or outside the pool)"
+            .into(),
+    })
+}
+
 /// A pool of worker processes.
 ///
 /// Tasks are plain functions `fn(A) -> R` whose argument and result travel
-/// serialized. A task that panics fails alone; a worker that dies fails
+/// serialized, or [`Task`](crate::Task)s, which carry state of their own. A task that panics fails alone; a worker that dies fails
 /// only the task it held and is replaced. Dropping the pool terminates it:
 /// workers are killed and reaped, outstanding results resolve with
 /// [`Error::Terminated`]. `Pool` is `Send + Sync`: share it between threads
@@ -638,9 +644,11 @@ impl PoolBuilder {
 /// ```
 ///
 /// A capturing closure cannot be a task, since what it captures could not
-/// travel:
+/// travel (error E0308: closures can only be coerced to `fn` types if they
+/// do not capture any variables); put what it captures in a
+/// [`Task`](crate::Task) instead ([`apply_task`](Self::apply_task)):
 ///
-/// ```compile_fail
+/// ```compile_fail,E0308
 /// let pool = procpool::Pool::new().unwrap();
 /// let k = 3;
 /// pool.apply(move |x: i32| x + k, 1);
@@ -705,12 +713,14 @@ fn arg_encoded(
     Ok(())
 }
 
-/// Encodes the items of one chunk, with the `SharedBuf`s they moved out.
+/// Encodes the items of one chunk after `prefix` (a task's state, or
+/// nothing), with the `SharedBuf`s they moved out.
 fn encode_chunk<'i, A: Serialize + 'i>(
+    prefix: &[u8],
     items: impl IntoIterator<Item = &'i A>,
     mode: Mode,
 ) -> Result<(Vec<u8>, Vec<Region>)> {
-    let mut p = Vec::new();
+    let mut p = prefix.to_vec();
     let mut shared = Vec::new();
     let encoded = shared_buf::encoding(mode, &mut shared, || {
         for a in items {
@@ -829,8 +839,19 @@ impl Pool {
         arg: A,
         opts: TaskOptions<R>,
     ) -> Result<AsyncResult<R>> {
+        self.submit_one(TaskFn::single(f), &arg, opts)
+    }
+
+    /// Queues one task: `tf` run on `input` (an argument, or a
+    /// [`Task`](crate::Task) with its argument).
+    pub(crate) fn submit_one<P: Serialize, R: Data>(
+        &self,
+        tf: TaskFn,
+        input: &P,
+        opts: TaskOptions<R>,
+    ) -> Result<AsyncResult<R>> {
         let cache = (!self.shared.cfg.inline_bodies).then_some(&*self.shared.blocks);
-        let (payload, shared) = encode_arg(&arg, cache, self.shared_mode())?;
+        let (payload, shared) = encode_arg(input, cache, self.shared_mode())?;
         let hook = match (opts.on_success, opts.on_error) {
             (None, None) => Hook::None,
             (ok, err) => Hook::Handler(Box::new(move |o: Outcome| {
@@ -842,7 +863,7 @@ impl Pool {
         self.shared.submit(vec![(
             slot.clone(),
             JobSpec {
-                f: TaskFn::single(f),
+                f: tf,
                 payload,
                 hook,
                 timeout: opts.timeout,
@@ -898,6 +919,18 @@ impl Pool {
         items: impl IntoIterator<Item = A>,
         opts: MapOptions<R>,
     ) -> Result<MapResult<R>> {
+        self.map_chunks(TaskFn::chunk(f), &[], items, opts)
+    }
+
+    /// Queues a map of `tf` over `items`, each chunk's input led by
+    /// `prefix` (a [`Task`](crate::Task)'s state, or nothing).
+    pub(crate) fn map_chunks<A: Data, R: Data>(
+        &self,
+        tf: TaskFn,
+        prefix: &[u8],
+        items: impl IntoIterator<Item = A>,
+        opts: MapOptions<R>,
+    ) -> Result<MapResult<R>> {
         self.shared.check_running()?;
         let items: Vec<A> = items.into_iter().collect();
         let total = items.len();
@@ -909,7 +942,6 @@ impl Pool {
                 Some(_) => 1,
                 None => total.div_ceil(4 * self.processes()).max(1),
             });
-        let tf = TaskFn::chunk(f);
         let nchunks = total.div_ceil(chunksize);
         let first = self.shared.reserve_ids(nchunks as u64);
         let done = Slot::new(0);
@@ -944,7 +976,7 @@ impl Pool {
         let mode = self.shared_mode();
         for (chunk, slot) in items.chunks(chunksize).zip(result.chunks.iter()) {
             let hook = Hook::Group(result.group.clone(), chunk.len());
-            let (p, shared) = match encode_chunk(chunk, mode) {
+            let (p, shared) = match encode_chunk(prefix, chunk, mode) {
                 Ok(x) => x,
                 Err(e) => {
                     complete(slot.clone(), hook, Err(e), &self.shared.handler);
@@ -973,7 +1005,8 @@ impl Pool {
 
     fn feeder<'a, A: Data, R: Data>(
         &self,
-        f: fn(A) -> R,
+        tf: TaskFn,
+        prefix: Result<Vec<u8>>,
         items: impl IntoIterator<Item = A, IntoIter: 'a>,
         opts: &MapOptions<R>,
     ) -> (Box<dyn Feeder + 'a>, usize) {
@@ -984,7 +1017,8 @@ impl Pool {
         (
             Box::new(ChunkFeeder {
                 it: items.into_iter(),
-                f: TaskFn::chunk(f),
+                f: tf,
+                prefix,
                 chunksize,
                 shared: self.shared.clone(),
                 timeout: opts.timeout,
@@ -1017,7 +1051,20 @@ impl Pool {
         items: impl IntoIterator<Item = A, IntoIter: 'a>,
         opts: MapOptions<R>,
     ) -> Imap<'a, R> {
-        let (feeder, max_in_flight) = self.feeder(f, items, &opts);
+        self.imap_chunks(TaskFn::chunk(f), Ok(Vec::new()), items, opts)
+    }
+
+    /// An `imap` of `tf` over `items`, each chunk's input led by `prefix`
+    /// (a [`Task`](crate::Task)'s state, or nothing; if it could not be
+    /// encoded, every chunk fails with that error).
+    pub(crate) fn imap_chunks<'a, A: Data, R: Data>(
+        &self,
+        tf: TaskFn,
+        prefix: Result<Vec<u8>>,
+        items: impl IntoIterator<Item = A, IntoIter: 'a>,
+        opts: MapOptions<R>,
+    ) -> Imap<'a, R> {
+        let (feeder, max_in_flight) = self.feeder(tf, prefix, items, &opts);
         Imap {
             feeder,
             window: VecDeque::new(),
@@ -1044,7 +1091,18 @@ impl Pool {
         items: impl IntoIterator<Item = A, IntoIter: 'a>,
         opts: MapOptions<R>,
     ) -> ImapUnordered<'a, R> {
-        let (feeder, max_in_flight) = self.feeder(f, items, &opts);
+        self.imap_unordered_chunks(TaskFn::chunk(f), Ok(Vec::new()), items, opts)
+    }
+
+    /// An `imap_unordered` of `tf` over `items`, as [`imap_chunks`](Self::imap_chunks).
+    pub(crate) fn imap_unordered_chunks<'a, A: Data, R: Data>(
+        &self,
+        tf: TaskFn,
+        prefix: Result<Vec<u8>>,
+        items: impl IntoIterator<Item = A, IntoIter: 'a>,
+        opts: MapOptions<R>,
+    ) -> ImapUnordered<'a, R> {
+        let (feeder, max_in_flight) = self.feeder(tf, prefix, items, &opts);
         let (tx, rx) = crossbeam_channel::unbounded();
         ImapUnordered {
             feeder,
@@ -1166,6 +1224,9 @@ fn run_callbacks<R: Send + 'static>(
 struct ChunkFeeder<I> {
     it: I,
     f: TaskFn,
+    /// What leads each chunk's input (a task's state, or nothing), or the
+    /// error that fails every chunk.
+    prefix: Result<Vec<u8>>,
     chunksize: usize,
     shared: Arc<Shared>,
     timeout: Option<Duration>,
@@ -1185,10 +1246,10 @@ where
     I::Item: Serialize,
 {
     fn next_chunk(&mut self, hook: &mut dyn FnMut(usize) -> Hook) -> Option<Pending> {
-        let mut payload = Vec::new();
+        let mut payload = self.prefix.as_ref().map_or(Vec::new(), |p| p.clone());
         let mut shared = Vec::new();
         let mut n = 0;
-        let mut err = None;
+        let mut err = self.prefix.as_ref().err().cloned();
         shared_buf::encoding(self.mode, &mut shared, || {
             while n < self.chunksize && !self.ended {
                 // The input's panic is kept, and resumed in the consumer in

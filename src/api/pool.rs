@@ -44,6 +44,30 @@ macro_rules! setters {
 
 /// A value that can travel to a worker and back: anything serde can
 /// serialize and deserialize into an owned value.
+///
+/// Arguments, map items and results must be **owned**: they are bytes in
+/// another process, and a worker's value cannot borrow from the caller's
+/// memory. So `String`, not `&str`; `Vec<u8>`, not `&[u8]`:
+///
+/// ```
+/// fn shout(s: String) -> String { s.to_uppercase() }
+/// let pool = procpool::Pool::builder().processes(1).build()?;
+/// let words = ["a", "b"].map(String::from);          // owned items
+/// assert_eq!(pool.map(shout, words)?, vec!["A", "B"]);
+/// # Ok::<(), procpool::Error>(())
+/// ```
+///
+/// Borrowed items do not compile. The compiler says "implementation of
+/// `Deserialize` is not general enough" (`&str` implements `Deserialize`
+/// only for one lifetime, the bytes it borrows from, where an owned value
+/// is `for<'de> Deserialize<'de>`); that error has no code:
+///
+/// ```compile_fail
+/// fn len(s: &str) -> usize { s.len() }
+/// let pool = procpool::Pool::builder().processes(1).build()?;
+/// let n = pool.map(len, vec!["a", "b"]); // error: `Deserialize` is not general enough
+/// # Ok::<(), procpool::Error>(())
+/// ```
 pub trait Data: Serialize + DeserializeOwned + Send + 'static {}
 impl<T: Serialize + DeserializeOwned + Send + 'static> Data for T {}
 

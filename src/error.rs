@@ -149,7 +149,8 @@ pub enum Error {
     #[error("could not encode the {what}: {source}")]
     #[non_exhaustive]
     Encode {
-        /// What was being encoded: "argument" or "result".
+        /// What was being encoded: "argument", "result", or "task" (a
+        /// [`Task`](crate::Task)'s state, for the map family).
         what: &'static str,
         /// The underlying error.
         #[source]
@@ -191,8 +192,9 @@ pub enum Error {
         source: Arc<std::io::Error>,
     },
     /// The fork server could not be started (for example, the program's
-    /// executable cannot be exec'd for [`StartMethod::ForkServer`]); the
-    /// reason says what to do instead.
+    /// executable cannot be exec'd for [`StartMethod::ForkServer`], or a
+    /// task in a sandboxed worker, which may start no process, built a
+    /// pool); the reason says what to do instead.
     ///
     /// [`StartMethod::ForkServer`]: crate::StartMethod::ForkServer
     #[error("could not start the fork server: {reason}")]

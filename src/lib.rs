@@ -65,6 +65,8 @@ pub use limit::Limit;
 #[cfg(target_os = "linux")]
 pub use proto::shared_buf::{SharedBuf, SharedSlice};
 #[cfg(target_os = "linux")]
+pub use proto::task::Task;
+#[cfg(target_os = "linux")]
 pub use sandbox::Sandbox;
 #[cfg(target_os = "linux")]
 pub use stats::{Failed, Stats, WorkersEnded};

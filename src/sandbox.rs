@@ -811,6 +811,16 @@ pub(crate) fn prepare(spec: Spec) -> Readiness {
     }
 }
 
+/// Set in a worker once its sandbox is being applied: its filters deny
+/// every way to start a process.
+static APPLIED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process is a sandboxed worker: a task in it can start no
+/// process, so no pool of its own (`PoolBuilder::build` says so).
+pub(crate) fn applied_here() -> bool {
+    APPLIED.load(Ordering::SeqCst)
+}
+
 /// A worker's sandbox once applied: what it checks after each task.
 pub(crate) struct Active {
     /// The first fd of the reserve above the task's open-files allowance.
@@ -893,6 +903,9 @@ impl Prepared {
                 return Err("Landlock could not be fully enforced".into());
             }
         }
+        // Before the filters: from here on this process is one that may
+        // start no other (a task that builds a pool is told why).
+        APPLIED.store(true, Ordering::SeqCst);
         for f in &self.filters {
             seccompiler::apply_filter(f).map_err(|e| fail("the seccomp filter", &e))?;
         }

@@ -428,7 +428,7 @@ impl Worker<'_> {
                     func: h.b,
                 };
                 // SAFETY: task frames come only from this worker's parent,
-                // which encodes TaskFn::single/chunk values of this same
+                // which encodes TaskFn values (of a fn or of a Task) of this same
                 // binary (a fork of it, or, for MPI, an exec of the same
                 // executable, checked by hash at start-up).
                 let st = unsafe { f.call(&mut io) };

@@ -45,6 +45,30 @@ macro_rules! setters {
 
 /// A value that can travel to a worker and back: anything serde can
 /// serialize and deserialize into an owned value.
+///
+/// Arguments, map items and results must be **owned**: they are bytes in
+/// another process, and a worker's value cannot borrow from the caller's
+/// memory. So `String`, not `&str`; `Vec<u8>`, not `&[u8]`:
+///
+/// ```
+/// fn shout(s: String) -> String { s.to_uppercase() }
+/// let pool = procpool::Pool::builder().processes(1).build()?;
+/// let words = ["a", "b"].map(String::from);          // owned items
+/// assert_eq!(pool.map(shout, words)?, vec!["A", "B"]);
+/// # Ok::<(), procpool::Error>(())
+/// ```
+///
+/// Borrowed items do not compile. The compiler says "implementation of
+/// `Deserialize` is not general enough" (`&str` implements `Deserialize`
+/// only for one lifetime, the bytes it borrows from, where an owned value
+/// is `for<'de> Deserialize<'de>`); that error has no code:
+///
+/// ```compile_fail
+/// fn len(s: &str) -> usize { s.len() }
+/// let pool = procpool::Pool::builder().processes(1).build()?;
+/// let n = pool.map(len, vec!["a", "b"]); // error: `Deserialize` is not general enough
+/// # Ok::<(), procpool::Error>(())
+/// ```
 pub trait Data: Serialize + DeserializeOwned + Send + 'static {}
 impl<T: Serialize + DeserializeOwned + Send + 'static> Data for T {}
 
@@ -488,6 +512,7 @@ impl PoolBuilder {
     /// in a session of its own: a terminal's Ctrl-C reaches this
     /// program only (see the crate documentation, "Ctrl-C and other signals").
     pub fn build(mut self) -> Result<Pool> {
+        refuse_in_a_sandbox()?;
         let processes = self.checked_processes()?;
         let init = self.init.take().transpose()?;
         let method = match self.start_method {
@@ -616,10 +641,25 @@ fn start_local(
     })
 }
 
+/// In a sandboxed worker (a task there building a pool), an error that
+/// says why no pool can start: its filters would refuse the first socket
+/// or fork with an `EPERM` that does not.
+fn refuse_in_a_sandbox() -> Result<()> {
+    if !crate::sandbox::applied_here() {
+        return Ok(());
+    }
+    Err(Error::ServerStart {
+        reason: "this process is a sandboxed worker, and its sandbox forbids starting processes: \
+                 a task in a sandboxed pool cannot build a pool of its own (build it in an \
+                 unsandboxed pool, or outside the pool)"
+            .into(),
+    })
+}
+
 /// A pool of worker processes.
 ///
 /// Tasks are plain functions `fn(A) -> R` whose argument and result travel
-/// serialized. A task that panics fails alone; a worker that dies fails
+/// serialized, or [`Task`](crate::Task)s, which carry state of their own. A task that panics fails alone; a worker that dies fails
 /// only the task it held and is replaced. Dropping the pool terminates it:
 /// workers are killed and reaped, outstanding results resolve with
 /// [`Error::Terminated`]. `Pool` is `Send + Sync`: share it between threads
@@ -642,9 +682,11 @@ fn start_local(
 /// ```
 ///
 /// A capturing closure cannot be a task, since what it captures could not
-/// travel:
+/// travel (error E0308: closures can only be coerced to `fn` types if they
+/// do not capture any variables); put what it captures in a
+/// [`Task`](crate::Task) instead ([`apply_task`](Self::apply_task)):
 ///
-/// ```compile_fail
+/// ```compile_fail,E0308
 /// let pool = procpool::Pool::new().unwrap();
 /// let k = 3;
 /// pool.apply(move |x: i32| x + k, 1);
@@ -709,12 +751,14 @@ fn arg_encoded(
     Ok(())
 }
 
-/// Encodes the items of one chunk, with the `SharedBuf`s they moved out.
+/// Encodes the items of one chunk after `prefix` (a task's state, or
+/// nothing), with the `SharedBuf`s they moved out.
 fn encode_chunk<'i, A: Serialize + 'i>(
+    prefix: &[u8],
     items: impl IntoIterator<Item = &'i A>,
     mode: Mode,
 ) -> Result<(Vec<u8>, Vec<Region>)> {
-    let mut p = Vec::new();
+    let mut p = prefix.to_vec();
     let mut shared = Vec::new();
     let encoded = shared_buf::encoding(mode, &mut shared, || {
         for a in items {
@@ -874,8 +918,19 @@ impl Pool {
         arg: A,
         opts: TaskOptions<R>,
     ) -> Result<AsyncResult<R>> {
+        self.submit_one(TaskFn::single(f), &arg, opts)
+    }
+
+    /// Queues one task: `tf` run on `input` (an argument, or a
+    /// [`Task`](crate::Task) with its argument).
+    pub(crate) fn submit_one<P: Serialize, R: Data>(
+        &self,
+        tf: TaskFn,
+        input: &P,
+        opts: TaskOptions<R>,
+    ) -> Result<AsyncResult<R>> {
         let cache = (!self.shared.cfg.inline_bodies).then_some(&*self.shared.blocks);
-        let (payload, shared) = encode_arg(&arg, cache, self.shared_mode())?;
+        let (payload, shared) = encode_arg(input, cache, self.shared_mode())?;
         let hook = match (opts.on_success, opts.on_error) {
             (None, None) => Hook::None,
             (ok, err) => Hook::Handler(Box::new(move |o: Outcome| {
@@ -887,7 +942,7 @@ impl Pool {
         self.shared.submit(vec![(
             slot.clone(),
             JobSpec {
-                f: TaskFn::single(f),
+                f: tf,
                 payload,
                 hook,
                 timeout: opts.timeout,
@@ -943,6 +998,18 @@ impl Pool {
         items: impl IntoIterator<Item = A>,
         opts: MapOptions<R>,
     ) -> Result<MapResult<R>> {
+        self.map_chunks(TaskFn::chunk(f), &[], items, opts)
+    }
+
+    /// Queues a map of `tf` over `items`, each chunk's input led by
+    /// `prefix` (a [`Task`](crate::Task)'s state, or nothing).
+    pub(crate) fn map_chunks<A: Data, R: Data>(
+        &self,
+        tf: TaskFn,
+        prefix: &[u8],
+        items: impl IntoIterator<Item = A>,
+        opts: MapOptions<R>,
+    ) -> Result<MapResult<R>> {
         self.shared.check_running()?;
         let items: Vec<A> = items.into_iter().collect();
         let total = items.len();
@@ -954,7 +1021,6 @@ impl Pool {
                 Some(_) => 1,
                 None => total.div_ceil(4 * self.processes()).max(1),
             });
-        let tf = TaskFn::chunk(f);
         let nchunks = total.div_ceil(chunksize);
         let first = self.shared.reserve_ids(nchunks as u64);
         let done = Slot::new(0);
@@ -989,7 +1055,7 @@ impl Pool {
         let mode = self.shared_mode();
         for (chunk, slot) in items.chunks(chunksize).zip(result.chunks.iter()) {
             let hook = Hook::Group(result.group.clone(), chunk.len());
-            let (p, shared) = match encode_chunk(chunk, mode) {
+            let (p, shared) = match encode_chunk(prefix, chunk, mode) {
                 Ok(x) => x,
                 Err(e) => {
                     complete(slot.clone(), hook, Err(e), &self.shared.handler);
@@ -1018,7 +1084,8 @@ impl Pool {
 
     fn feeder<'a, A: Data, R: Data>(
         &self,
-        f: fn(A) -> R,
+        tf: TaskFn,
+        prefix: Result<Vec<u8>>,
         items: impl IntoIterator<Item = A, IntoIter: 'a>,
         opts: &MapOptions<R>,
     ) -> (Box<dyn Feeder + 'a>, usize) {
@@ -1029,7 +1096,8 @@ impl Pool {
         (
             Box::new(ChunkFeeder {
                 it: items.into_iter(),
-                f: TaskFn::chunk(f),
+                f: tf,
+                prefix,
                 chunksize,
                 shared: self.shared.clone(),
                 timeout: opts.timeout,
@@ -1062,7 +1130,20 @@ impl Pool {
         items: impl IntoIterator<Item = A, IntoIter: 'a>,
         opts: MapOptions<R>,
     ) -> Imap<'a, R> {
-        let (feeder, max_in_flight) = self.feeder(f, items, &opts);
+        self.imap_chunks(TaskFn::chunk(f), Ok(Vec::new()), items, opts)
+    }
+
+    /// An `imap` of `tf` over `items`, each chunk's input led by `prefix`
+    /// (a [`Task`](crate::Task)'s state, or nothing; if it could not be
+    /// encoded, every chunk fails with that error).
+    pub(crate) fn imap_chunks<'a, A: Data, R: Data>(
+        &self,
+        tf: TaskFn,
+        prefix: Result<Vec<u8>>,
+        items: impl IntoIterator<Item = A, IntoIter: 'a>,
+        opts: MapOptions<R>,
+    ) -> Imap<'a, R> {
+        let (feeder, max_in_flight) = self.feeder(tf, prefix, items, &opts);
         Imap {
             feeder,
             window: VecDeque::new(),
@@ -1089,7 +1170,18 @@ impl Pool {
         items: impl IntoIterator<Item = A, IntoIter: 'a>,
         opts: MapOptions<R>,
     ) -> ImapUnordered<'a, R> {
-        let (feeder, max_in_flight) = self.feeder(f, items, &opts);
+        self.imap_unordered_chunks(TaskFn::chunk(f), Ok(Vec::new()), items, opts)
+    }
+
+    /// An `imap_unordered` of `tf` over `items`, as [`imap_chunks`](Self::imap_chunks).
+    pub(crate) fn imap_unordered_chunks<'a, A: Data, R: Data>(
+        &self,
+        tf: TaskFn,
+        prefix: Result<Vec<u8>>,
+        items: impl IntoIterator<Item = A, IntoIter: 'a>,
+        opts: MapOptions<R>,
+    ) -> ImapUnordered<'a, R> {
+        let (feeder, max_in_flight) = self.feeder(tf, prefix, items, &opts);
         let (tx, rx) = crossbeam_channel::unbounded();
         ImapUnordered {
             feeder,
@@ -1211,6 +1303,9 @@ fn run_callbacks<R: Send + 'static>(
 struct ChunkFeeder<I> {
     it: I,
     f: TaskFn,
+    /// What leads each chunk's input (a task's state, or nothing), or the
+    /// error that fails every chunk.
+    prefix: Result<Vec<u8>>,
     chunksize: usize,
     shared: Arc<Shared>,
     timeout: Option<Duration>,
@@ -1230,10 +1325,10 @@ where
     I::Item: Serialize,
 {
     fn next_chunk(&mut self, hook: &mut dyn FnMut(usize) -> Hook) -> Option<Pending> {
-        let mut payload = Vec::new();
+        let mut payload = self.prefix.as_ref().map_or(Vec::new(), |p| p.clone());
         let mut shared = Vec::new();
         let mut n = 0;
-        let mut err = None;
+        let mut err = self.prefix.as_ref().err().cloned();
         shared_buf::encoding(self.mode, &mut shared, || {
             while n < self.chunksize && !self.ended {
                 // The input's panic is kept, and resumed in the consumer in

@@ -13,6 +13,13 @@
 //! (`backend::local::start::check_task`, a range check against the
 //! object's `PT_LOAD` segments, computed once). DESIGN.md took any plain
 //! `fn` to be a task; under `StartMethod::Fork` any still is.
+//!
+//! A [`Task`] (a value with state of its own) travels as one offset, of a
+//! trampoline monomorphised for its type: `func` holds the same offset,
+//! and nothing calls it (the trampoline calls `T::run` itself). Its state
+//! travels as bytes: for one task, with the argument as one value, the
+//! tuple `(task, arg)`; for a chunk, as a first item before the chunk's
+//! items (encoded once per map, decoded once per chunk).
 
 use crate::proto::codec;
 use crate::proto::shared_buf::{self, Mode, Region, Supply};
@@ -21,6 +28,93 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+
+/// A task that carries state of its own: the values a closure would
+/// capture, in a type that serde can send. Its state travels to the
+/// worker with the argument, and [`run`](Task::run) is called there.
+///
+/// A plain `fn(A) -> R` is a task that captures nothing ([`Pool::apply`]
+/// and the rest); a `Task` is for what a closure would capture, which
+/// cannot travel (a closure's environment is neither code nor serde
+/// data). Give it to [`Pool::apply_task`], [`Pool::apply_task_async`],
+/// [`Pool::map_task`], [`Pool::imap_task`] and their `_with` forms.
+///
+/// Its state is encoded with the argument for each `apply_task`, and once
+/// per call for the map family (its bytes are copied into every chunk and
+/// decoded once per chunk in the worker, which then calls `run` for each
+/// item of the chunk). A [`SharedBuf`](crate::SharedBuf) belongs in the
+/// argument, not in the state: in the map family a state that holds one
+/// fails with [`Error::Encode`](crate::Error::Encode).
+///
+/// ```
+/// use procpool::{Pool, Task};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Scale { unit: String, factors: Vec<f64> }
+///
+/// impl Task for Scale {
+///     type Arg = usize;
+///     type Output = String;
+///     fn run(&self, i: usize) -> String {
+///         format!("{} {}", self.factors[i] * 2.0, self.unit)
+///     }
+/// }
+///
+/// let pool = Pool::builder().processes(2).build()?;
+/// let task = Scale { unit: "kg".into(), factors: vec![0.5, 1.5] };
+/// assert_eq!(pool.apply_task(&task, 1)?, "3 kg");
+/// assert_eq!(pool.map_task(&task, [0, 1])?, vec!["1 kg", "3 kg"]);
+/// # Ok::<(), procpool::Error>(())
+/// ```
+///
+/// State that cannot be serialized cannot travel, and does not compile
+/// (error E0277: the trait bound `File: Serialize` is not satisfied):
+///
+/// ```compile_fail,E0277
+/// use procpool::Task;
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Append { log: std::fs::File }   // a file handle is not data
+///
+/// impl Task for Append {
+///     type Arg = String;
+///     type Output = ();
+///     fn run(&self, _line: String) {}
+/// }
+/// ```
+///
+/// Nor does a closure, capturing or not, stand for a `Task` (error E0277,
+/// "is not a procpool Task"):
+///
+/// ```compile_fail,E0277
+/// let pool = procpool::Pool::builder().processes(1).build()?;
+/// let k = 3;
+/// let r = pool.apply_task(&move |x: i32| x + k, 1);
+/// # Ok::<(), procpool::Error>(())
+/// ```
+///
+/// [`Pool::apply`]: crate::Pool::apply
+/// [`Pool::apply_task`]: crate::Pool::apply_task
+/// [`Pool::apply_task_async`]: crate::Pool::apply_task_async
+/// [`Pool::map_task`]: crate::Pool::map_task
+/// [`Pool::imap_task`]: crate::Pool::imap_task
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a procpool Task",
+    label = "not a Task",
+    note = "a Task is a type of your own that derives Serialize and Deserialize and \
+            implements procpool::Task; put what a closure would capture in its fields"
+)]
+pub trait Task: Serialize + DeserializeOwned + Send + 'static {
+    /// What each call takes (owned and serializable, as [`Data`](crate::Data)).
+    type Arg: Serialize + DeserializeOwned + Send + 'static;
+    /// What each call returns (owned and serializable, as [`Data`](crate::Data)).
+    type Output: Serialize + DeserializeOwned + Send + 'static;
+    /// Runs the task on one argument, in a worker, with the state that
+    /// travelled with it.
+    fn run(&self, arg: Self::Arg) -> Self::Output;
+}
 
 /// The outcome of one task (or one item of a chunk), as a status byte.
 pub(crate) mod status {
@@ -140,15 +234,29 @@ impl TaskFn {
         TaskFn::of(run_chunk::<A, R>, f as usize)
     }
 
+    /// A [`Task`] that maps one `T::Arg` to one `T::Output`; its input is
+    /// the pair `(task, arg)`.
+    pub(crate) fn of_task<T: Task>() -> Self {
+        let tramp = run_task_single::<T> as Trampoline as usize;
+        TaskFn::of(run_task_single::<T>, tramp)
+    }
+
+    /// A [`Task`] over a chunk: its input is the task (framed as by
+    /// `push_item`), then the items.
+    pub(crate) fn task_chunk<T: Task>() -> Self {
+        let tramp = run_task_chunk::<T> as Trampoline as usize;
+        TaskFn::of(run_task_chunk::<T>, tramp)
+    }
+
     /// Runs the task in this process (a worker).
     ///
     /// # Safety
-    /// `self` must have been made by [`TaskFn::single`] or [`TaskFn::chunk`]
+    /// `self` must have been made by one of `TaskFn`'s constructors
     /// in a process running this same binary (a fork of this process's
     /// image, or an exec of the same executable): the offsets are turned
     /// back into code addresses and called.
     pub(crate) unsafe fn call(self, io: &mut Io<'_>) -> u8 {
-        // SAFETY: by the caller's promise, `tramp` was made by `single`/`chunk`
+        // SAFETY: by the caller's promise, `tramp` was made by a constructor
         // from a value of type `Trampoline` in this same binary; the anchor
         // and the trampoline move together under address randomisation, so
         // base + offset is the trampoline's address here.
@@ -205,7 +313,9 @@ pub(crate) fn take_message(bytes: &[u8]) -> String {
         .unwrap_or_else(|e| format!("(an undecodable message: {e})"))
 }
 
-fn run_one<A, R>(f: fn(A) -> R, io: &mut Io<'_>) -> u8
+/// Runs one task (or item): `f` calls the task's code through a
+/// `__procpool_begin_task` marker (see `traceback.rs`).
+fn run_one<A, R>(f: impl FnOnce(A) -> R, io: &mut Io<'_>) -> u8
 where
     A: DeserializeOwned,
     R: Serialize,
@@ -225,7 +335,7 @@ where
             Err(e) => return (status::DECODE, e.to_string()),
         };
         crate::deadline::item_starting();
-        let r = crate::traceback::__procpool_begin_task(f, a);
+        let r = f(a);
         if !io.spill {
             // Items of a chunk: straight into the frame, no block.
             let out = &mut *io.out;
@@ -301,7 +411,10 @@ where
     A: DeserializeOwned,
     R: Serialize,
 {
-    with_shared(io, |io| run_one(func_of::<A, R>(func), io))
+    let f = func_of::<A, R>(func);
+    with_shared(io, |io| {
+        run_one(|a| crate::traceback::__procpool_begin_task(f, a), io)
+    })
 }
 
 /// Appends one item to a chunk's input: a 4-byte length, then the encoding.
@@ -342,15 +455,79 @@ where
     let f = func_of::<A, R>(func);
     // Buffers are numbered within the whole frame: one encoder and decoder
     // for every item.
-    with_shared(io, |io| run_items(f, io))
+    with_shared(io, |io| {
+        let input = io.input;
+        run_items(|a| crate::traceback::__procpool_begin_task(f, a), input, io)
+    })
 }
 
-fn run_items<A, R>(f: fn(A) -> R, io: &mut Io<'_>) -> u8
+/// As `traceback::__procpool_begin_task` (whose name a backtrace ends
+/// at), for a [`Task`]'s `run`.
+#[inline(never)]
+fn __procpool_begin_task_run<T: Task>(task: &T, a: T::Arg) -> T::Output {
+    let r = task.run(a);
+    std::hint::black_box(());
+    r
+}
+
+fn run_task_single<T: Task>(_func: usize, io: &mut Io<'_>) -> u8 {
+    with_shared(io, |io| {
+        run_one(|(t, a): (T, T::Arg)| __procpool_begin_task_run(&t, a), io)
+    })
+}
+
+fn run_task_chunk<T: Task>(_func: usize, io: &mut Io<'_>) -> u8 {
+    with_shared(io, |io| {
+        let input = io.input;
+        let (task, rest) = match split_task::<T>(input) {
+            Ok(x) => x,
+            Err((st, msg)) => return fail_items(items(split_first(input).1), st, &msg, io),
+        };
+        run_items(|a| __procpool_begin_task_run(&task, a), rest, io)
+    })
+}
+
+/// A chunk's input without its first item, and that item.
+fn split_first(input: &[u8]) -> (&[u8], &[u8]) {
+    match items(input).next() {
+        Some(first) => (first, &input[4 + first.len()..]),
+        None => (&[], &[]),
+    }
+}
+
+/// Decodes the task that leads a chunk's input (its panic caught); the
+/// task and the items after it, or the status and message every item
+/// gets instead.
+fn split_task<T: Task>(input: &[u8]) -> Result<(T, &[u8]), (u8, String)> {
+    if input.len() < 4 {
+        return Err((status::DECODE, "a chunk without its task".into()));
+    }
+    let (first, rest) = split_first(input);
+    match catch_unwind(AssertUnwindSafe(|| codec::decode::<T>(first))) {
+        Ok(Ok((t, _))) => Ok((t, rest)),
+        Ok(Err(e)) => Err((status::DECODE, format!("the task's state: {e}"))),
+        Err(p) => Err((status::PANIC, panic_message(&*p))),
+    }
+}
+
+/// Writes the same failure for every item of a chunk.
+fn fail_items<'a>(items: impl Iterator<Item = &'a [u8]>, st: u8, msg: &str, io: &mut Io<'_>) -> u8 {
+    for _ in items {
+        let at = io.out.len();
+        io.out.extend_from_slice(&[0; 5]);
+        put_message(io.out, msg);
+        let n = (io.out.len() - at - 5) as u32;
+        io.out[at] = st;
+        io.out[at + 1..at + 5].copy_from_slice(&n.to_le_bytes());
+    }
+    status::OK
+}
+
+fn run_items<A, R>(f: impl Fn(A) -> R, input: &[u8], io: &mut Io<'_>) -> u8
 where
     A: DeserializeOwned,
     R: Serialize,
 {
-    let input = io.input;
     // One Io for every item (built once: a chunk may hold many tiny items).
     // Items are small and go in the frame: no block for them.
     let mut item_io = Io {
@@ -366,7 +543,7 @@ where
         let at = item_io.out.len();
         item_io.out.extend_from_slice(&[0; 5]);
         item_io.input = item;
-        let st = run_one(f, &mut item_io);
+        let st = run_one(&f, &mut item_io);
         let out = &mut *item_io.out;
         let n = (out.len() - at - 5) as u32;
         out[at] = st;
@@ -564,6 +741,79 @@ mod tests {
         assert_eq!(got[2].as_ref().unwrap(), &3);
         let (_, out) = run(TaskFn::chunk(double), &input);
         assert!(chunk_all_ok(&out));
+    }
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Scale {
+        by: u64,
+        unit: String,
+    }
+
+    impl Task for Scale {
+        type Arg = u64;
+        type Output = String;
+        fn run(&self, x: u64) -> String {
+            assert!(x < 10, "too big: {x}");
+            format!("{} {}", x * self.by, self.unit)
+        }
+    }
+
+    #[test]
+    fn a_task_runs_with_the_state_that_came_with_its_argument() {
+        let t = Scale {
+            by: 3,
+            unit: "m".into(),
+        };
+        let (st, out) = run(TaskFn::of_task::<Scale>(), &encoded(&(&t, &7u64)));
+        assert_eq!(decode_outcome::<String>(st, &out).unwrap(), "21 m");
+        let (st, _) = run(TaskFn::of_task::<Scale>(), &encoded(&(&t, &70u64)));
+        assert_eq!(st, status::PANIC);
+    }
+
+    #[test]
+    fn a_task_chunk_decodes_its_state_once_for_every_item() {
+        let t = Scale {
+            by: 2,
+            unit: "s".into(),
+        };
+        let mut input = Vec::new();
+        push_item(&mut input, &t).unwrap();
+        for x in [1u64, 11, 4] {
+            push_item(&mut input, &x).unwrap();
+        }
+        let (st, out) = run(TaskFn::task_chunk::<Scale>(), &input);
+        assert_eq!(st, status::OK);
+        let got: Vec<Result<String, crate::Error>> = decode_chunk(&out).collect();
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0].as_ref().unwrap(), "2 s");
+        assert!(matches!(got[1], Err(crate::Error::TaskPanicked { .. })));
+        assert_eq!(got[2].as_ref().unwrap(), "8 s");
+    }
+
+    #[test]
+    fn a_task_state_that_does_not_decode_fails_every_item_of_its_chunk() {
+        let mut input = Vec::new();
+        push_item(&mut input, &7u8).unwrap(); // not a Scale
+        for x in [1u64, 2] {
+            push_item(&mut input, &x).unwrap();
+        }
+        let (st, out) = run(TaskFn::task_chunk::<Scale>(), &input);
+        assert_eq!(st, status::OK);
+        let got: Vec<Result<String, crate::Error>> = decode_chunk(&out).collect();
+        assert_eq!(got.len(), 2);
+        for r in got {
+            match r {
+                Err(crate::Error::Decode { what, source }) => {
+                    assert_eq!(what, "argument");
+                    assert!(source.to_string().contains("the task's state"), "{source}");
+                }
+                other => panic!("not a decode error: {other:?}"),
+            }
+        }
+        // A chunk cut before its task: nothing to run.
+        let (st, out) = run(TaskFn::task_chunk::<Scale>(), &[1, 0]);
+        assert_eq!(st, status::OK);
+        assert_eq!(decode_chunk::<String>(&out).count(), 0);
     }
 
     #[test]

@@ -120,8 +120,10 @@ impl StartMethod {
     }
 }
 
-/// Set by the constructor in every process that it did not turn into a
-/// server: proof that the constructor is linked in and runs in this image.
+/// Set by the constructor in every process it runs in, a server included
+/// (and so in every worker a server forks, where a task may build a pool
+/// of its own): proof that the constructor is linked in and runs in this
+/// image.
 static CONSTRUCTOR_RAN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The crate's one constructor, run by the C runtime before `main` (glibc
@@ -145,9 +147,11 @@ extern "C" fn on_load(
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
 ) {
+    // Before the server check: a server's workers are processes of this
+    // image too, and a task may exec a server of its own from one.
+    CONSTRUCTOR_RAN.store(true, std::sync::atomic::Ordering::SeqCst);
     // One environment check, with no allocation, in every process.
     let Some(value) = sys::server_marker(envp) else {
-        CONSTRUCTOR_RAN.store(true, std::sync::atomic::Ordering::SeqCst);
         return;
     };
     // The constructors after this one would run after we return; we never

@@ -7,3 +7,4 @@ pub(crate) mod global;
 pub(crate) mod join;
 pub(crate) mod pool;
 pub(crate) mod result;
+pub(crate) mod wait;

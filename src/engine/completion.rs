@@ -509,3 +509,59 @@ pub(crate) fn complete(slot: Arc<Slot>, hook: Hook, outcome: Outcome, handler: &
         Hook::Handler(f) => handler.run(Box::new(move || slot.set(guarded(|| f(outcome))))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bound on a wait that should end at once, so that a bug fails the
+    /// test rather than hanging it.
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
+    #[test]
+    fn a_hub_hears_each_watched_slot_once_in_completion_order() {
+        let hub = Hub::new();
+        let (a, b, c) = (Slot::new(1), Slot::new(2), Slot::new(3));
+        c.set(Ok(Payload::Unit));
+        a.watch(&hub, 0);
+        b.watch(&hub, 1);
+        // Already finished: signalled at once.
+        c.watch(&hub, 2);
+        assert_eq!(hub.pop_until(Some(Instant::now())), Some(2));
+        assert_eq!(hub.pop_until(Some(Instant::now())), None);
+        b.set(Ok(Payload::Unit));
+        a.set(Ok(Payload::Unit));
+        b.set(Ok(Payload::Unit)); // a second outcome is ignored
+        assert_eq!(hub.pop_until(Some(soon())), Some(1));
+        assert_eq!(hub.pop_until(Some(soon())), Some(0));
+        assert_eq!(hub.pop_until(Some(Instant::now())), None);
+    }
+
+    #[test]
+    fn an_unwatched_slot_signals_nothing() {
+        let (hub, other) = (Hub::new(), Hub::new());
+        let s = Slot::new(1);
+        s.watch(&hub, 0);
+        s.watch(&other, 7);
+        s.unwatch(&hub);
+        s.set(Ok(Payload::Unit));
+        assert_eq!(hub.pop_until(Some(Instant::now())), None);
+        assert_eq!(other.pop_until(Some(Instant::now())), Some(7));
+    }
+
+    #[test]
+    fn a_blocked_thread_wakes_when_any_slot_completes() {
+        let hub = Hub::new();
+        let slots: Vec<_> = (0..4).map(Slot::new).collect();
+        for (i, s) in slots.iter().enumerate() {
+            s.watch(&hub, i);
+        }
+        let h = hub.clone();
+        let waiter = std::thread::spawn(move || h.pop_until(Some(soon())));
+        slots[2].set(Err(Error::Cancelled));
+        assert_eq!(waiter.join().unwrap(), Some(2));
+        assert_eq!(slots[2].successful(), Some(false));
+    }
+}

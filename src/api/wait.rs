@@ -29,12 +29,20 @@ use std::time::{Duration, Instant};
 /// use std::time::Duration;
 /// fn nap(ms: u64) -> u64 { std::thread::sleep(Duration::from_millis(ms)); ms }
 ///
-/// let pool = procpool::Pool::builder().processes(2).build()?;
-/// let results = vec![pool.apply_async(nap, 500)?, pool.apply_async(nap, 1)?];
-/// let order: Vec<(usize, u64)> = procpool::as_completed(results)
-///     .map(|(i, r)| r.map(|ms| (i, ms)))
-///     .collect::<Result<_, _>>()?;
-/// assert_eq!(order, [(1, 1), (0, 500)]);
+/// let pool = procpool::Pool::builder().processes(3).build()?;
+/// let results = vec![
+///     pool.apply_async(nap, 60_000)?,
+///     pool.apply_async(nap, 1)?,
+///     pool.apply_async(nap, 2)?,
+/// ];
+/// let mut done = procpool::as_completed(results);
+/// let mut quick: Vec<(usize, u64)> = Vec::new();
+/// for (i, r) in done.by_ref().take(2) {
+///     quick.push((i, r?));
+/// }
+/// quick.sort();
+/// assert_eq!(quick, [(1, 1), (2, 2)]);   // the slow one, submitted first, is still out
+/// assert_eq!(done.len(), 1);
 /// # Ok::<(), procpool::Error>(())
 /// ```
 pub fn as_completed<R: DeserializeOwned + 'static>(

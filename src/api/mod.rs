@@ -2,8 +2,10 @@
 //! result types, the global pool and `join_async`. Nothing below `api`
 //! imports it.
 
+pub(crate) mod feed;
 pub(crate) mod global;
 pub(crate) mod join;
 pub(crate) mod pool;
 pub(crate) mod result;
 pub(crate) mod task;
+pub(crate) mod wait;

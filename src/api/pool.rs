@@ -1,13 +1,12 @@
 //! [`Pool`] and [`PoolBuilder`]: the public API.
 
+use crate::api::feed::ChunkFeeder;
 use crate::api::join::{JoinFuture, SetOnDrop};
-use crate::api::result::{
-    AsyncResult, Feeder, Imap, ImapUnordered, MapResult, Pending, assemble, decode_payload,
-};
+use crate::api::result::{AsyncResult, Imap, ImapUnordered, MapResult, assemble, decode_payload};
 use crate::backend::local;
 use crate::backend::local::server::{Init, Spec};
 use crate::backend::local::start::StartMethod;
-use crate::engine::completion::{Group, Hook, Outcome, Payload, Signal, Slot, complete};
+use crate::engine::completion::{Group, Hook, Hub, Outcome, Payload, Signal, Slot, complete};
 use crate::engine::core::{Launch, Shared};
 use crate::engine::job::{Config, JobSpec};
 use crate::engine::lifecycle::Phase;
@@ -1082,19 +1081,19 @@ impl Pool {
         Ok(result)
     }
 
-    fn feeder<'a, A: Data, R: Data>(
+    fn feeder<A: Data, R: Data, I: IntoIterator<Item = A>>(
         &self,
         tf: TaskFn,
         prefix: Result<Vec<u8>>,
-        items: impl IntoIterator<Item = A, IntoIter: 'a>,
+        items: I,
         opts: &MapOptions<R>,
-    ) -> (Box<dyn Feeder + 'a>, usize) {
+    ) -> (ChunkFeeder<I::IntoIter>, usize) {
         let chunksize = opts.chunksize.unwrap_or(1);
         let in_flight = opts
             .in_flight
             .unwrap_or_else(|| (4 * self.processes()).max(4096usize.div_ceil(chunksize)));
         (
-            Box::new(ChunkFeeder {
+            ChunkFeeder {
                 it: items.into_iter(),
                 f: tf,
                 prefix,
@@ -1107,7 +1106,7 @@ impl Pool {
                 panicked: None,
                 retry_shared: opts.retry_shared,
                 mode: self.shared_mode(),
-            }),
+            },
             in_flight,
         )
     }
@@ -1115,34 +1114,37 @@ impl Pool {
     /// A lazy iterator of `f(item)` for every item, in input order (chunk
     /// size 1). It pulls input only as results are consumed and keeps a
     /// bounded number of tasks in flight, so an endless input is fine.
-    pub fn imap<'a, A: Data, R: Data>(
+    ///
+    /// It is also an async [`Stream`](futures_core::Stream) of the same
+    /// items (see [`Imap`]).
+    pub fn imap<A: Data, R: Data, I: IntoIterator<Item = A>>(
         &self,
         f: fn(A) -> R,
-        items: impl IntoIterator<Item = A, IntoIter: 'a>,
-    ) -> Imap<'a, R> {
+        items: I,
+    ) -> Imap<R, I::IntoIter> {
         self.imap_with(f, items, MapOptions::default())
     }
 
     /// [`imap`](Self::imap) with options (chunk size, in-flight bound, ...).
-    pub fn imap_with<'a, A: Data, R: Data>(
+    pub fn imap_with<A: Data, R: Data, I: IntoIterator<Item = A>>(
         &self,
         f: fn(A) -> R,
-        items: impl IntoIterator<Item = A, IntoIter: 'a>,
+        items: I,
         opts: MapOptions<R>,
-    ) -> Imap<'a, R> {
+    ) -> Imap<R, I::IntoIter> {
         self.imap_chunks(TaskFn::chunk(f), Ok(Vec::new()), items, opts)
     }
 
     /// An `imap` of `tf` over `items`, each chunk's input led by `prefix`
     /// (a [`Task`](crate::Task)'s state, or nothing; if it could not be
     /// encoded, every chunk fails with that error).
-    pub(crate) fn imap_chunks<'a, A: Data, R: Data>(
+    pub(crate) fn imap_chunks<A: Data, R: Data, I: IntoIterator<Item = A>>(
         &self,
         tf: TaskFn,
         prefix: Result<Vec<u8>>,
-        items: impl IntoIterator<Item = A, IntoIter: 'a>,
+        items: I,
         opts: MapOptions<R>,
-    ) -> Imap<'a, R> {
+    ) -> Imap<R, I::IntoIter> {
         let (feeder, max_in_flight) = self.feeder(tf, prefix, items, &opts);
         Imap {
             feeder,
@@ -1154,35 +1156,35 @@ impl Pool {
         }
     }
 
-    /// Like [`imap`](Self::imap), but yields results in the order they finish.
-    pub fn imap_unordered<'a, A: Data, R: Data>(
+    /// Like [`imap`](Self::imap), but yields results in the order they
+    /// finish. Also an async [`Stream`](futures_core::Stream).
+    pub fn imap_unordered<A: Data, R: Data, I: IntoIterator<Item = A>>(
         &self,
         f: fn(A) -> R,
-        items: impl IntoIterator<Item = A, IntoIter: 'a>,
-    ) -> ImapUnordered<'a, R> {
+        items: I,
+    ) -> ImapUnordered<R, I::IntoIter> {
         self.imap_unordered_with(f, items, MapOptions::default())
     }
 
     /// [`imap_unordered`](Self::imap_unordered) with options.
-    pub fn imap_unordered_with<'a, A: Data, R: Data>(
+    pub fn imap_unordered_with<A: Data, R: Data, I: IntoIterator<Item = A>>(
         &self,
         f: fn(A) -> R,
-        items: impl IntoIterator<Item = A, IntoIter: 'a>,
+        items: I,
         opts: MapOptions<R>,
-    ) -> ImapUnordered<'a, R> {
+    ) -> ImapUnordered<R, I::IntoIter> {
         self.imap_unordered_chunks(TaskFn::chunk(f), Ok(Vec::new()), items, opts)
     }
 
     /// An `imap_unordered` of `tf` over `items`, as [`imap_chunks`](Self::imap_chunks).
-    pub(crate) fn imap_unordered_chunks<'a, A: Data, R: Data>(
+    pub(crate) fn imap_unordered_chunks<A: Data, R: Data, I: IntoIterator<Item = A>>(
         &self,
         tf: TaskFn,
         prefix: Result<Vec<u8>>,
-        items: impl IntoIterator<Item = A, IntoIter: 'a>,
+        items: I,
         opts: MapOptions<R>,
-    ) -> ImapUnordered<'a, R> {
+    ) -> ImapUnordered<R, I::IntoIter> {
         let (feeder, max_in_flight) = self.feeder(tf, prefix, items, &opts);
-        let (tx, rx) = crossbeam_channel::unbounded();
         ImapUnordered {
             feeder,
             input_panic: None,
@@ -1191,8 +1193,7 @@ impl Pool {
             max_in_flight,
             exhausted: false,
             next_index: 0,
-            tx,
-            rx,
+            hub: Hub::new(),
             pool: Arc::downgrade(&self.shared),
         }
     }
@@ -1297,87 +1298,5 @@ fn run_callbacks<R: Send + 'static>(
             message: task::panic_message(&*p),
         }),
         Ok(()) => r.map(|v| Payload::Value(Box::new(v))),
-    }
-}
-
-struct ChunkFeeder<I> {
-    it: I,
-    f: TaskFn,
-    /// What leads each chunk's input (a task's state, or nothing), or the
-    /// error that fails every chunk.
-    prefix: Result<Vec<u8>>,
-    chunksize: usize,
-    shared: Arc<Shared>,
-    timeout: Option<Duration>,
-    soft_timeout: Option<Duration>,
-    retries: Option<u32>,
-    /// The input is done (exhausted, or it panicked): it is not pulled again.
-    ended: bool,
-    /// The input's panic, to hand over after the chunk pulled before it.
-    panicked: Option<Box<dyn std::any::Any + Send>>,
-    retry_shared: bool,
-    mode: Mode,
-}
-
-impl<I> Feeder for ChunkFeeder<I>
-where
-    I: Iterator,
-    I::Item: Serialize,
-{
-    fn next_chunk(&mut self, hook: &mut dyn FnMut(usize) -> Hook) -> Option<Pending> {
-        let mut payload = self.prefix.as_ref().map_or(Vec::new(), |p| p.clone());
-        let mut shared = Vec::new();
-        let mut n = 0;
-        let mut err = self.prefix.as_ref().err().cloned();
-        shared_buf::encoding(self.mode, &mut shared, || {
-            while n < self.chunksize && !self.ended {
-                // The input's panic is kept, and resumed in the consumer in
-                // its place, after the items before it (see Imap).
-                let a = match catch_unwind(AssertUnwindSafe(|| self.it.next())) {
-                    Ok(Some(a)) => a,
-                    Ok(None) => {
-                        self.ended = true;
-                        break;
-                    }
-                    Err(p) => {
-                        self.ended = true;
-                        self.panicked = Some(p);
-                        break;
-                    }
-                };
-                if let Err(e) = task::push_item(&mut payload, &a) {
-                    err.get_or_insert(Error::Encode {
-                        what: "argument",
-                        source: e,
-                    });
-                }
-                n += 1;
-            }
-        });
-        if n == 0 {
-            return self.panicked.take().map(Pending::InputPanicked);
-        }
-        if err.is_none() && !shared.is_empty() && shared.len() > shared_buf::max_per_task() {
-            err = Some(shared_buf::too_many(shared.len()));
-        }
-        if let Some(e) = err {
-            return Some(Pending::Failed(e, n));
-        }
-        let slot = self.shared.new_slot();
-        let spec = JobSpec {
-            f: self.f,
-            payload: Body::Heap(payload),
-            hook: hook(n),
-            timeout: self.timeout,
-            soft_timeout: self.soft_timeout,
-            retries: self.retries,
-            shared,
-            retry_shared: self.retry_shared,
-            items: n as u32,
-        };
-        match self.shared.submit(vec![(slot.clone(), spec)]) {
-            Ok(()) => Some(Pending::Chunk(slot, n)),
-            Err(e) => Some(Pending::Failed(e, n)),
-        }
     }
 }

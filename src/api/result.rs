@@ -1,11 +1,12 @@
 //! What a caller holds while a task runs: [`AsyncResult`], [`MapResult`] and
 //! the `imap` iterators, and the slot each of them waits on.
 
-use crate::engine::completion::{Group, Hook, Outcome, Payload, Slot};
+use crate::api::feed::{ChunkFeeder, Pending};
+use crate::engine::completion::{Group, Hook, Hub, Outcome, Payload, Slot};
 use crate::engine::core::Shared;
 use crate::error::{Error, Result};
 use crate::proto::task;
-use crossbeam_channel::{Receiver, Sender};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
@@ -269,15 +270,6 @@ impl<R> std::fmt::Debug for MapResult<R> {
     }
 }
 
-/// A chunk that an imap iterator has submitted (or failed to), or the
-/// panic of its input iterator, in its place.
-pub(crate) enum Pending {
-    Chunk(Arc<Slot>, usize),
-    Failed(Error, usize),
-    /// The input iterator panicked here; nothing was pulled after it.
-    InputPanicked(Box<dyn Any + Send>),
-}
-
 /// What [`Imap::next_timeout`] or [`ImapUnordered::next_timeout`] found.
 #[derive(Debug)]
 #[must_use]
@@ -300,12 +292,6 @@ impl<T> Next<T> {
     }
 }
 
-/// Pulls input for an imap iterator, one chunk at a time.
-pub(crate) trait Feeder {
-    /// Submits the next chunk; None when the input is exhausted.
-    fn next_chunk(&mut self, hook: &mut dyn FnMut(usize) -> Hook) -> Option<Pending>;
-}
-
 /// Turns a chunk that is in into its items. The input's panic resumes
 /// here, in the consumer, in its place.
 fn unpack<R: DeserializeOwned>(p: Pending, into: &mut VecDeque<Result<R>>) {
@@ -324,43 +310,102 @@ fn unpack<R: DeserializeOwned>(p: Pending, into: &mut VecDeque<Result<R>>) {
     }
 }
 
+/// How a step of an imap iterator waits for a chunk: blocking the thread
+/// (until a deadline, or for ever), or, for a stream, registering the
+/// task's waker and returning at once.
+enum Wait<'c, 'w> {
+    Block(Option<Instant>),
+    Poll(&'c mut Context<'w>),
+}
+
+/// What a step came to.
+enum Step {
+    /// Progress: items may be ready; step again if not.
+    More,
+    /// Every item has been yielded.
+    Done,
+    /// The deadline passed first (blocking).
+    TimedOut,
+    /// Nothing is in yet; the waker is registered (polling).
+    Pending,
+}
+
 /// What the two imap iterators share: items ready to yield, and a step
-/// that makes more ready (pulling input, waiting for a chunk).
-trait Stream<R> {
+/// that makes more ready (pulling input, then waiting for a chunk as told).
+trait ChunkWindow<R> {
     fn ready(&mut self) -> &mut VecDeque<Result<R>>;
-    /// One step towards the next item; `Some` to stop (done, or timed out).
-    fn step(&mut self, deadline: Option<Instant>) -> Option<Next<Result<R>>>;
+    /// One step towards the next item.
+    fn step(&mut self, wait: Wait<'_, '_>) -> Step;
 }
 
 /// The next item of `s`, waiting until `deadline` (forever if None).
-fn advance<R>(s: &mut impl Stream<R>, deadline: Option<Instant>) -> Next<Result<R>> {
+fn advance<R>(s: &mut impl ChunkWindow<R>, deadline: Option<Instant>) -> Next<Result<R>> {
     loop {
         if let Some(x) = s.ready().pop_front() {
             return Next::Item(x);
         }
-        if let Some(stop) = s.step(deadline) {
-            return stop;
+        match s.step(Wait::Block(deadline)) {
+            Step::More => {}
+            Step::Done => return Next::Done,
+            Step::TimedOut | Step::Pending => return Next::TimedOut,
         }
     }
 }
 
-/// `Iterator` for an imap iterator: `next` waits as long as it takes.
+/// The next item of `s` as a stream's `poll_next`: never blocks on a
+/// worker.
+fn poll_advance<R>(s: &mut impl ChunkWindow<R>, cx: &mut Context<'_>) -> Poll<Option<Result<R>>> {
+    loop {
+        if let Some(x) = s.ready().pop_front() {
+            return Poll::Ready(Some(x));
+        }
+        match s.step(Wait::Poll(cx)) {
+            Step::More => {}
+            Step::Done => return Poll::Ready(None),
+            Step::TimedOut | Step::Pending => return Poll::Pending,
+        }
+    }
+}
+
+/// `Iterator` and `Stream` for an imap iterator: `next` waits as long as
+/// it takes; `poll_next` registers the task's waker instead.
 macro_rules! imap_iterator {
     ($t:ident) => {
-        impl<R: DeserializeOwned> Iterator for $t<'_, R> {
+        impl<R: DeserializeOwned, I> Iterator for $t<R, I>
+        where
+            I: Iterator,
+            I::Item: Serialize,
+        {
             type Item = Result<R>;
 
             fn next(&mut self) -> Option<Result<R>> {
                 advance(self, None).item()
             }
         }
+
+        impl<R: DeserializeOwned, I> futures_core::Stream for $t<R, I>
+        where
+            I: Iterator,
+            I::Item: Serialize,
+        {
+            type Item = Result<R>;
+
+            fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<R>>> {
+                poll_advance(self.get_mut(), cx)
+            }
+        }
+
+        // Nothing in it is pinned structurally: the stream is only ever
+        // used through `&mut`, whatever its input iterator.
+        impl<R, I> Unpin for $t<R, I> {}
     };
 }
 
 /// The iterator of [`Pool::imap`](crate::Pool::imap): each item's
 /// `Result`, in input order. It pulls its input lazily and keeps a bounded
 /// number of chunks in flight, so an endless input runs in bounded memory.
-/// Dropping it cancels the chunks still in flight.
+/// Dropping it cancels the chunks still in flight. `I` is the type of the
+/// input iterator.
 ///
 /// If the input iterator panics, the items before it are still yielded,
 /// and then the panic resumes in the consumer, from the `next` call that
@@ -369,9 +414,43 @@ macro_rules! imap_iterator {
 ///
 /// [`next_timeout`](Self::next_timeout) waits for the next item with a
 /// bound, as CPython's `IMapIterator.next(timeout)`.
+///
+/// # As an async stream
+///
+/// It is also a [`futures_core::Stream`] of the same items, for async
+/// code: `poll_next` never blocks its thread on a worker (the pool wakes
+/// the task when the next chunk is in). The input iterator is still pulled
+/// on the thread that polls, a chunk at a time as the window empties, so
+/// an input that blocks (a file, a channel) blocks the runtime's thread
+/// meanwhile. With a `Send + 'static` input (a range, a `Vec`'s
+/// `IntoIter`) the stream is `Send + 'static` and can be spawned. Dropping
+/// it cancels what is in flight, as dropping the iterator does; an input
+/// panic resumes in `poll_next`.
+///
+/// ```
+/// use futures_core::Stream;
+/// use procpool::MapOptions;
+/// use std::pin::Pin;
+///
+/// fn square(x: u64) -> u64 { x * x }
+///
+/// let pool = procpool::Pool::builder().processes(2).build()?;
+/// let mut squares = pool.imap_with(square, 0..1000u64, MapOptions::new().chunksize(100));
+/// let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+/// let sum = rt.block_on(async {
+///     let mut sum = 0;
+///     // A `next` of one's own; `futures::StreamExt::next` does the same.
+///     while let Some(x) = std::future::poll_fn(|cx| Pin::new(&mut squares).poll_next(cx)).await {
+///         sum += x?;
+///     }
+///     Ok::<u64, procpool::Error>(sum)
+/// })?;
+/// assert_eq!(sum, (0..1000u64).map(|x| x * x).sum());
+/// # Ok::<(), procpool::Error>(())
+/// ```
 #[must_use = "iterators are lazy: nothing runs until it is iterated"]
-pub struct Imap<'a, R> {
-    pub(crate) feeder: Box<dyn Feeder + 'a>,
+pub struct Imap<R, I> {
+    pub(crate) feeder: ChunkFeeder<I>,
     pub(crate) window: VecDeque<Pending>,
     pub(crate) ready: VecDeque<Result<R>>,
     pub(crate) max_in_flight: usize,
@@ -379,7 +458,11 @@ pub struct Imap<'a, R> {
     pub(crate) pool: Weak<Shared>,
 }
 
-impl<R: DeserializeOwned> Imap<'_, R> {
+impl<R: DeserializeOwned, I> Imap<R, I>
+where
+    I: Iterator,
+    I::Item: Serialize,
+{
     /// The next item, waiting at most `timeout` for it: [`Next::Item`],
     /// [`Next::TimedOut`] if it has not come by then (the iterator goes
     /// on: ask again), or [`Next::Done`] once every item has been yielded.
@@ -405,30 +488,44 @@ impl<R: DeserializeOwned> Imap<'_, R> {
     }
 }
 
-impl<R: DeserializeOwned> Stream<R> for Imap<'_, R> {
+impl<R: DeserializeOwned, I> ChunkWindow<R> for Imap<R, I>
+where
+    I: Iterator,
+    I::Item: Serialize,
+{
     fn ready(&mut self) -> &mut VecDeque<Result<R>> {
         &mut self.ready
     }
 
     /// Tops the window up from the input, then waits for its oldest chunk.
-    fn step(&mut self, deadline: Option<Instant>) -> Option<Next<Result<R>>> {
+    fn step(&mut self, wait: Wait<'_, '_>) -> Step {
         while !self.exhausted && self.window.len() < self.max_in_flight {
-            match self.feeder.next_chunk(&mut |_| Hook::None) {
+            match self.feeder.next_chunk(|_| Hook::None) {
                 Some(p) => self.window.push_back(p),
                 None => self.exhausted = true,
             }
         }
         let Some(front) = self.window.front() else {
-            return Some(Next::Done);
+            return Step::Done;
         };
-        if let (Pending::Chunk(slot, _), Some(end)) = (front, deadline) {
-            if !slot.wait_deadline(end) {
-                return Some(Next::TimedOut);
+        if let Pending::Chunk(slot, _) = front {
+            match wait {
+                Wait::Block(None) => {}
+                Wait::Block(Some(end)) => {
+                    if !slot.wait_deadline(end) {
+                        return Step::TimedOut;
+                    }
+                }
+                Wait::Poll(cx) => {
+                    if slot.poll_ready(cx).is_pending() {
+                        return Step::Pending;
+                    }
+                }
             }
         }
         let front = self.window.pop_front().expect("front exists");
         unpack(front, &mut self.ready);
-        None
+        Step::More
     }
 }
 
@@ -444,7 +541,7 @@ fn cancel_pending(pool: &Weak<Shared>, pending: impl Iterator<Item = u64>) {
     }
 }
 
-impl<R> Drop for Imap<'_, R> {
+impl<R, I> Drop for Imap<R, I> {
     fn drop(&mut self) {
         cancel_pending(
             &self.pool,
@@ -458,14 +555,15 @@ impl<R> Drop for Imap<'_, R> {
 
 /// The iterator of [`Pool::imap_unordered`](crate::Pool::imap_unordered):
 /// each item's `Result`, in the order the chunks finish. Lazy and bounded
-/// like [`Imap`].
+/// like [`Imap`], and like it an async [`futures_core::Stream`] too (see
+/// [`Imap`]'s "As an async stream").
 ///
 /// If the input iterator panics, the panic resumes in the consumer once
 /// every item pulled before it has been yielded; nothing after it is
 /// pulled, and no worker is stopped.
 #[must_use = "iterators are lazy: nothing runs until it is iterated"]
-pub struct ImapUnordered<'a, R> {
-    pub(crate) feeder: Box<dyn Feeder + 'a>,
+pub struct ImapUnordered<R, I> {
+    pub(crate) feeder: ChunkFeeder<I>,
     /// The input's panic, resumed once everything before it is yielded.
     pub(crate) input_panic: Option<Box<dyn Any + Send>>,
     pub(crate) in_flight: HashMap<usize, Pending>,
@@ -473,12 +571,16 @@ pub struct ImapUnordered<'a, R> {
     pub(crate) max_in_flight: usize,
     pub(crate) exhausted: bool,
     pub(crate) next_index: usize,
-    pub(crate) tx: Sender<usize>,
-    pub(crate) rx: Receiver<usize>,
+    /// Signalled with a chunk's index in `in_flight` when it finishes.
+    pub(crate) hub: Arc<Hub>,
     pub(crate) pool: Weak<Shared>,
 }
 
-impl<R: DeserializeOwned> ImapUnordered<'_, R> {
+impl<R: DeserializeOwned, I> ImapUnordered<R, I>
+where
+    I: Iterator,
+    I::Item: Serialize,
+{
     /// The next item to finish, waiting at most `timeout` for it (see
     /// [`Imap::next_timeout`]).
     ///
@@ -499,20 +601,13 @@ impl<R: DeserializeOwned> ImapUnordered<'_, R> {
     pub fn next_timeout(&mut self, timeout: Duration) -> Next<Result<R>> {
         advance(self, Instant::now().checked_add(timeout))
     }
-}
 
-impl<R: DeserializeOwned> Stream<R> for ImapUnordered<'_, R> {
-    fn ready(&mut self) -> &mut VecDeque<Result<R>> {
-        &mut self.ready
-    }
-
-    /// Tops the chunks in flight up from the input, then waits for the
-    /// next one to finish.
-    fn step(&mut self, deadline: Option<Instant>) -> Option<Next<Result<R>>> {
+    /// Tops the chunks in flight up from the input.
+    fn top_up(&mut self) {
         while !self.exhausted && self.in_flight.len() < self.max_in_flight {
             let i = self.next_index;
-            let tx = self.tx.clone();
-            match self.feeder.next_chunk(&mut |_| Hook::Notify(tx.clone(), i)) {
+            let hub = self.hub.clone();
+            match self.feeder.next_chunk(|_| Hook::Notify(hub, i)) {
                 Some(Pending::Failed(e, n)) => {
                     self.ready.extend(std::iter::repeat_n(e, n).map(Err));
                 }
@@ -527,37 +622,51 @@ impl<R: DeserializeOwned> Stream<R> for ImapUnordered<'_, R> {
                 None => self.exhausted = true,
             }
         }
+    }
+}
+
+impl<R: DeserializeOwned, I> ChunkWindow<R> for ImapUnordered<R, I>
+where
+    I: Iterator,
+    I::Item: Serialize,
+{
+    fn ready(&mut self) -> &mut VecDeque<Result<R>> {
+        &mut self.ready
+    }
+
+    /// Tops the chunks in flight up from the input, then waits for the
+    /// next one to finish.
+    fn step(&mut self, wait: Wait<'_, '_>) -> Step {
+        self.top_up();
         if !self.ready.is_empty() {
-            return None;
+            return Step::More;
         }
         if self.in_flight.is_empty() {
             if let Some(p) = self.input_panic.take() {
                 std::panic::resume_unwind(p);
             }
-            return Some(Next::Done);
+            return Step::Done;
         }
-        let got = match deadline {
-            None => self.rx.recv().ok(),
-            Some(end) => match self.rx.recv_deadline(end) {
-                Ok(i) => Some(i),
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => return Some(Next::TimedOut),
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => None,
+        let i = match wait {
+            Wait::Block(end) => match self.hub.pop_until(end) {
+                Some(i) => i,
+                None => return Step::TimedOut,
             },
-        };
-        // The iterator holds a sender itself: the channel cannot close.
-        let Some(i) = got else {
-            return Some(Next::Done);
+            Wait::Poll(cx) => match self.hub.poll_pop(cx) {
+                Poll::Ready(i) => i,
+                Poll::Pending => return Step::Pending,
+            },
         };
         if let Some(p) = self.in_flight.remove(&i) {
             unpack(p, &mut self.ready);
         }
-        None
+        Step::More
     }
 }
 
 imap_iterator!(ImapUnordered);
 
-impl<R> Drop for ImapUnordered<'_, R> {
+impl<R, I> Drop for ImapUnordered<R, I> {
     fn drop(&mut self) {
         cancel_pending(
             &self.pool,
@@ -569,7 +678,7 @@ impl<R> Drop for ImapUnordered<'_, R> {
     }
 }
 
-impl<R> std::fmt::Debug for Imap<'_, R> {
+impl<R, I> std::fmt::Debug for Imap<R, I> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Imap")
             .field("in_flight", &self.window.len())
@@ -577,7 +686,7 @@ impl<R> std::fmt::Debug for Imap<'_, R> {
     }
 }
 
-impl<R> std::fmt::Debug for ImapUnordered<'_, R> {
+impl<R, I> std::fmt::Debug for ImapUnordered<R, I> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ImapUnordered")
             .field("in_flight", &self.in_flight.len())

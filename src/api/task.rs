@@ -162,42 +162,42 @@ impl Pool {
     /// A lazy iterator of `task.run(item)` for every item, in input
     /// order: as [`imap`](Self::imap). The task's state is encoded once;
     /// if it cannot be, every item is that [`Error::Encode`].
-    pub fn imap_task<'a, T: Task>(
+    pub fn imap_task<T: Task, I: IntoIterator<Item = T::Arg>>(
         &self,
         task: &T,
-        items: impl IntoIterator<Item = T::Arg, IntoIter: 'a>,
-    ) -> Imap<'a, T::Output> {
+        items: I,
+    ) -> Imap<T::Output, I::IntoIter> {
         self.imap_task_with(task, items, MapOptions::default())
     }
 
     /// [`imap_task`](Self::imap_task) with options (chunk size, in-flight
     /// bound, ...).
-    pub fn imap_task_with<'a, T: Task>(
+    pub fn imap_task_with<T: Task, I: IntoIterator<Item = T::Arg>>(
         &self,
         task: &T,
-        items: impl IntoIterator<Item = T::Arg, IntoIter: 'a>,
+        items: I,
         opts: MapOptions<T::Output>,
-    ) -> Imap<'a, T::Output> {
+    ) -> Imap<T::Output, I::IntoIter> {
         self.imap_chunks(TaskFn::task_chunk::<T>(), state_of(task), items, opts)
     }
 
     /// Like [`imap_task`](Self::imap_task), but yields results in the
     /// order they finish.
-    pub fn imap_unordered_task<'a, T: Task>(
+    pub fn imap_unordered_task<T: Task, I: IntoIterator<Item = T::Arg>>(
         &self,
         task: &T,
-        items: impl IntoIterator<Item = T::Arg, IntoIter: 'a>,
-    ) -> ImapUnordered<'a, T::Output> {
+        items: I,
+    ) -> ImapUnordered<T::Output, I::IntoIter> {
         self.imap_unordered_task_with(task, items, MapOptions::default())
     }
 
     /// [`imap_unordered_task`](Self::imap_unordered_task) with options.
-    pub fn imap_unordered_task_with<'a, T: Task>(
+    pub fn imap_unordered_task_with<T: Task, I: IntoIterator<Item = T::Arg>>(
         &self,
         task: &T,
-        items: impl IntoIterator<Item = T::Arg, IntoIter: 'a>,
+        items: I,
         opts: MapOptions<T::Output>,
-    ) -> ImapUnordered<'a, T::Output> {
+    ) -> ImapUnordered<T::Output, I::IntoIter> {
         let state = state_of(task);
         self.imap_unordered_chunks(TaskFn::task_chunk::<T>(), state, items, opts)
     }

@@ -1,14 +1,16 @@
 //! Completion: where a task's outcome lands ([`Slot`]), what runs when it
 //! does ([`Hook`]: nothing, a callback on the result-handler thread, an
-//! `imap_unordered` notice, a map chunk's count), and the result-handler
-//! thread itself ([`Handler`]). The public result types in `api::result`
-//! wait on these.
+//! `imap_unordered` notice, a map chunk's count), the notifier that many
+//! slots can signal ([`Hub`]), and the result-handler thread itself
+//! ([`Handler`]). The public result types in `api::result` and
+//! `api::wait` wait on these.
 
 use crate::error::{Error, Result};
 use crate::proto::shared_buf::Supply;
 use crate::proto::task;
 use crossbeam_channel::Sender;
 use std::any::Any;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
@@ -49,8 +51,8 @@ pub(crate) enum Hook {
     None,
     /// Run on the result-handler thread; its return value is stored.
     Handler(Box<dyn FnOnce(Outcome) -> Outcome + Send>),
-    /// Send this index on the channel once stored (imap_unordered).
-    Notify(Sender<usize>, usize),
+    /// Signal this token on the hub once stored (imap_unordered).
+    Notify(Arc<Hub>, usize),
     /// One chunk (of this many items) of a map.
     Group(Arc<Group>, usize),
 }
@@ -68,6 +70,9 @@ struct SlotState {
     /// Whether a thread waits on the condvar (notifying costs a syscall).
     waiting: bool,
     waker: Option<Waker>,
+    /// Hubs to signal, each with its token, when the outcome is stored
+    /// (`as_completed`, `wait`).
+    watchers: Vec<(Arc<Hub>, usize)>,
 }
 
 impl Slot {
@@ -79,6 +84,7 @@ impl Slot {
                 taken: false,
                 waiting: false,
                 waker: None,
+                watchers: Vec::new(),
             }),
             cv: Condvar::new(),
         })
@@ -88,15 +94,16 @@ impl Slot {
         self.m.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stores the outcome (the first one wins) and wakes every waiter.
+    /// Stores the outcome (the first one wins) and wakes every waiter: a
+    /// thread on the condvar, a future's waker, the hubs that watch it.
     pub(crate) fn set(&self, o: Outcome) {
-        let (waker, waiting) = {
+        let (waker, waiting, watchers) = {
             let mut s = self.lock();
             if s.outcome.is_some() || s.taken {
                 return;
             }
             s.outcome = Some(o);
-            (s.waker.take(), s.waiting)
+            (s.waker.take(), s.waiting, std::mem::take(&mut s.watchers))
         };
         if waiting {
             self.cv.notify_all();
@@ -104,6 +111,27 @@ impl Slot {
         if let Some(w) = waker {
             w.wake();
         }
+        for (hub, token) in watchers {
+            hub.signal(token);
+        }
+    }
+
+    /// Has `hub` signalled with `token` once the outcome is in: at once if
+    /// it is in already. Each call signals once.
+    pub(crate) fn watch(&self, hub: &Arc<Hub>, token: usize) {
+        {
+            let mut s = self.lock();
+            if s.outcome.is_none() && !s.taken {
+                s.watchers.push((hub.clone(), token));
+                return;
+            }
+        }
+        hub.signal(token);
+    }
+
+    /// Forgets every watch of `hub` on this slot (its waiter gave up).
+    pub(crate) fn unwatch(&self, hub: &Arc<Hub>) {
+        self.lock().watchers.retain(|(h, _)| !Arc::ptr_eq(h, hub));
     }
 
     pub(crate) fn is_ready(&self) -> bool {
@@ -178,6 +206,20 @@ impl Slot {
         }))
     }
 
+    /// Ready once the outcome is in (without taking it); else registers the
+    /// task's waker.
+    pub(crate) fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut s = self.lock();
+        if s.outcome.is_some() || s.taken {
+            return Poll::Ready(());
+        }
+        match &s.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => s.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
     pub(crate) fn poll_take(&self, cx: &mut Context<'_>) -> Poll<Outcome> {
         let mut s = self.lock();
         if let Some(o) = s.outcome.take() {
@@ -188,6 +230,96 @@ impl Slot {
             return Poll::Ready(Err(Error::Broken {
                 reason: "the result was already taken".into(),
             }));
+        }
+        match &s.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => s.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+/// A notifier that many slots signal: each completion queues its token,
+/// and one consumer takes the tokens in completion order, blocking its
+/// thread or registering its task's waker. One thread can so wait for
+/// whichever of N results finishes first, without polling them.
+pub(crate) struct Hub {
+    m: Mutex<HubState>,
+    cv: Condvar,
+}
+
+struct HubState {
+    tokens: VecDeque<usize>,
+    /// How many threads wait on the condvar (notifying costs a syscall).
+    waiting: usize,
+    waker: Option<Waker>,
+}
+
+impl Hub {
+    pub(crate) fn new() -> Arc<Hub> {
+        Arc::new(Hub {
+            m: Mutex::new(HubState {
+                tokens: VecDeque::new(),
+                waiting: 0,
+                waker: None,
+            }),
+            cv: Condvar::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
+        self.m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `token` and wakes the consumer.
+    pub(crate) fn signal(&self, token: usize) {
+        let (waker, waiting) = {
+            let mut s = self.lock();
+            s.tokens.push_back(token);
+            (s.waker.take(), s.waiting > 0)
+        };
+        if waiting {
+            self.cv.notify_all();
+        }
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// The next token, waiting until `end` (for ever if None); None if
+    /// `end` passed first.
+    pub(crate) fn pop_until(&self, end: Option<Instant>) -> Option<usize> {
+        let mut s = self.lock();
+        loop {
+            if let Some(t) = s.tokens.pop_front() {
+                return Some(t);
+            }
+            let left = match end {
+                None => None,
+                Some(end) => Some(
+                    end.checked_duration_since(Instant::now())
+                        .filter(|d| !d.is_zero())?,
+                ),
+            };
+            s.waiting += 1;
+            s = match left {
+                None => self.cv.wait(s).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    self.cv
+                        .wait_timeout(s, d)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+            s.waiting -= 1;
+        }
+    }
+
+    /// The next token, or Pending with the task's waker registered.
+    pub(crate) fn poll_pop(&self, cx: &mut Context<'_>) -> Poll<usize> {
+        let mut s = self.lock();
+        if let Some(t) = s.tokens.pop_front() {
+            return Poll::Ready(t);
         }
         match &s.waker {
             Some(w) if w.will_wake(cx.waker()) => {}
@@ -366,14 +498,70 @@ pub(crate) fn guarded(f: impl FnOnce() -> Outcome) -> Outcome {
 pub(crate) fn complete(slot: Arc<Slot>, hook: Hook, outcome: Outcome, handler: &Handler) {
     match hook {
         Hook::None => slot.set(outcome),
-        Hook::Notify(tx, i) => {
+        Hook::Notify(hub, i) => {
             slot.set(outcome);
-            let _ = tx.send(i);
+            hub.signal(i);
         }
         Hook::Group(g, n) => {
             slot.set(outcome);
             g.chunk_done(n, handler);
         }
         Hook::Handler(f) => handler.run(Box::new(move || slot.set(guarded(|| f(outcome))))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bound on a wait that should end at once, so that a bug fails the
+    /// test rather than hanging it.
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
+    #[test]
+    fn a_hub_hears_each_watched_slot_once_in_completion_order() {
+        let hub = Hub::new();
+        let (a, b, c) = (Slot::new(1), Slot::new(2), Slot::new(3));
+        c.set(Ok(Payload::Unit));
+        a.watch(&hub, 0);
+        b.watch(&hub, 1);
+        // Already finished: signalled at once.
+        c.watch(&hub, 2);
+        assert_eq!(hub.pop_until(Some(Instant::now())), Some(2));
+        assert_eq!(hub.pop_until(Some(Instant::now())), None);
+        b.set(Ok(Payload::Unit));
+        a.set(Ok(Payload::Unit));
+        b.set(Ok(Payload::Unit)); // a second outcome is ignored
+        assert_eq!(hub.pop_until(Some(soon())), Some(1));
+        assert_eq!(hub.pop_until(Some(soon())), Some(0));
+        assert_eq!(hub.pop_until(Some(Instant::now())), None);
+    }
+
+    #[test]
+    fn an_unwatched_slot_signals_nothing() {
+        let (hub, other) = (Hub::new(), Hub::new());
+        let s = Slot::new(1);
+        s.watch(&hub, 0);
+        s.watch(&other, 7);
+        s.unwatch(&hub);
+        s.set(Ok(Payload::Unit));
+        assert_eq!(hub.pop_until(Some(Instant::now())), None);
+        assert_eq!(other.pop_until(Some(Instant::now())), Some(7));
+    }
+
+    #[test]
+    fn a_blocked_thread_wakes_when_any_slot_completes() {
+        let hub = Hub::new();
+        let slots: Vec<_> = (0..4).map(Slot::new).collect();
+        for (i, s) in slots.iter().enumerate() {
+            s.watch(&hub, i);
+        }
+        let h = hub.clone();
+        let waiter = std::thread::spawn(move || h.pop_until(Some(soon())));
+        slots[2].set(Err(Error::Cancelled));
+        assert_eq!(waiter.join().unwrap(), Some(2));
+        assert_eq!(slots[2].successful(), Some(false));
     }
 }

@@ -341,7 +341,10 @@ impl Worker<'_> {
     ) -> Result<Next, Stop> {
         let h = &frame.header;
         match h.kind {
-            wire::CONFIG => self.memory = configure(h),
+            wire::CONFIG => {
+                crate::proto::logs::install(self.fd, crate::proto::logs::level_in(h.a));
+                self.memory = configure(h);
+            }
             wire::SOFT_LIMIT => self.soft = Some((h.seq, h.a)),
             wire::TASK => return self.run_task(h, Input::take(frame, buf, fds)),
             wire::ADOPT => {
@@ -387,6 +390,7 @@ impl Worker<'_> {
         crate::deadline::begin_task(start_ns, soft_limit_for(self.soft.take(), seq));
         self.status.start_ns.store(start_ns, Ordering::SeqCst);
         self.status.started.store(seq, Ordering::SeqCst);
+        crate::proto::logs::set_task(seq);
     }
 
     /// Runs the task of header `h` on `input`; its output (or why it
@@ -595,12 +599,15 @@ impl Worker<'_> {
         if self.out.is_empty() {
             return Ok(());
         }
+        // Whole frames only: a task's threads may log meanwhile.
+        let lock = crate::proto::logs::send_lock();
         let sent = if fds.is_empty() {
             sys::send_all(self.fd, &self.out)
         } else {
             let (before, frame) = self.out.split_at(at);
             sys::send_all(self.fd, before).and_then(|()| send_frame(self.fd, frame, fds))
         };
+        drop(lock);
         sent.map_err(|_| Stop::Gone)?;
         self.out.clear();
         if self.out.capacity() > KEEP_CAPACITY {

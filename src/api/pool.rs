@@ -279,6 +279,7 @@ pub struct PoolBuilder {
     retries: u32,
     start_method: Option<StartMethod>,
     backtraces: Option<bool>,
+    forward_logs: Option<log::LevelFilter>,
     sandbox: Option<crate::sandbox::Sandbox>,
     #[cfg(feature = "mpi")]
     mpi: bool,
@@ -410,6 +411,51 @@ impl PoolBuilder {
         /// # Ok::<(), procpool::Error>(())
         /// ```
         fn backtraces(on: bool) { backtraces = Some(on) }
+
+        /// Sends the workers' log records (the [`log`] crate's, from any
+        /// thread of a task) to this program's logger, up to `level`.
+        ///
+        /// Each worker installs, after the initializer, a logger that
+        /// writes each record to its socket, if no logger is set in it yet
+        /// (`log` allows one per process: an initializer that installs its
+        /// own keeps it). This process then logs each record with its
+        /// level and target, on a thread of its own (`procpool-logs`), the
+        /// message led by `[worker PID, task N]` (N counts that worker's
+        /// tasks from 1). A logger slower than the workers drops records
+        /// rather than stall the pool, and says how many.
+        ///
+        /// - Under [`StartMethod::ForkServer`] (the default) a worker has no
+        ///   logger of its own, so every record is forwarded.
+        /// - Under [`StartMethod::Fork`] a worker holds a copy of this
+        ///   process's logger if one was set before `build()`: that copy
+        ///   handles its records, in the worker (where it writes is where
+        ///   the copy writes, such as the inherited stderr), and nothing is
+        ///   forwarded.
+        /// - Over MPI, the records of every rank's workers come to rank 0's
+        ///   logger, the same way.
+        /// - `tracing` users: records reach a `tracing` subscriber in this
+        ///   process through `tracing-log`'s `LogTracer`; a task's own
+        ///   `tracing::` events become `log` records (and are forwarded)
+        ///   only with `tracing`'s `log` feature, and when no `tracing`
+        ///   subscriber is set in the worker.
+        /// - A sandboxed worker's records are capped (16 KiB each) like
+        ///   everything it sends; a malformed one breaks the protocol.
+        ///
+        /// ```
+        /// fn work(x: u32) -> u32 {
+        ///     log::info!("working on {x}");
+        ///     x + 1
+        /// }
+        /// let pool = procpool::Pool::builder()
+        ///     .processes(1)
+        ///     .forward_logs(log::LevelFilter::Info)
+        ///     .build()?;
+        /// // With a logger installed here (env_logger, say), this prints
+        /// // "[worker 1234, task 1] working on 1" under the target of `work`.
+        /// assert_eq!(pool.apply(work, 1)?, 2);
+        /// # Ok::<(), procpool::Error>(())
+        /// ```
+        fn forward_logs(level: log::LevelFilter) { forward_logs = Some(level) }
 
         /// Runs every worker in a [`Sandbox`](crate::Sandbox), applied after
         /// its initializer and before its first task: no network, no path but
@@ -549,6 +595,7 @@ impl PoolBuilder {
                 .backtraces
                 .unwrap_or_else(crate::capture::env_wants_backtraces),
             max_memory_per_child: self.max_memory_per_child,
+            forward_logs: self.forward_logs.unwrap_or(log::LevelFilter::Off),
             sandbox: sandbox.as_ref().map(|s| s.limits()),
             result_limit: sandbox.as_ref().map(|s| s.limits().result),
             // Over MPI, and into a sandbox, SharedBufs are copied: shared

@@ -31,6 +31,9 @@ pub(crate) struct Config {
     pub(crate) check_task: Option<fn(TaskFn) -> Result<(), Error>>,
     /// Whether workers record a backtrace when a task panics.
     pub(crate) backtraces: bool,
+    /// The level up to which workers send their log records to this
+    /// process's logger (`proto::logs`).
+    pub(crate) forward_logs: log::LevelFilter,
     /// A worker whose private memory grew by more than this is replaced
     /// after its task.
     pub(crate) max_memory_per_child: Option<u64>,
@@ -77,6 +80,7 @@ impl Config {
         if self.backtraces {
             flags |= wire::CONFIG_BACKTRACES;
         }
+        flags |= crate::proto::logs::config_flags(self.forward_logs);
         let memory = self.max_memory_per_child.unwrap_or(0);
         let mut out = Vec::new();
         if flags != 0 || memory != 0 {

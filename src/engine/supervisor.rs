@@ -577,6 +577,14 @@ impl Worker {
                 self.init_msg = Some(task::take_message(f.body(&self.conn.inbuf)));
                 self.sandbox_failed = true;
             }
+            wire::LOG => {
+                let body = f.body(&self.conn.inbuf);
+                if let Err(why) = crate::proto::logs::forward(&h, body, self.pid) {
+                    if self.result_limit.is_some() {
+                        self.violation(why);
+                    }
+                }
+            }
             wire::DONE => {
                 // `done` may take the read buffer itself (a large
                 // result): parsing goes on from wherever it leaves it.
@@ -775,6 +783,7 @@ mod tests {
             has_init: false,
             check_task: None,
             backtraces: false,
+            forward_logs: log::LevelFilter::Off,
             max_memory_per_child: None,
             sandbox: None,
             result_limit,

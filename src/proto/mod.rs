@@ -10,6 +10,7 @@
 pub(crate) mod codec;
 pub(crate) mod conn;
 pub(crate) mod idle;
+pub(crate) mod logs;
 pub(crate) mod report;
 pub(crate) mod shared_buf;
 pub(crate) mod shm;

@@ -33,6 +33,8 @@ use crate::proto::wire::{self, HDR, Header};
 pub(crate) fn check_header(h: &Header, limit: u64) -> Result<(), String> {
     match h.kind {
         wire::READY | wire::INIT_FAILED | wire::SANDBOX_FAILED | wire::RETIRING | wire::DONE => {}
+        wire::LOG if h.len <= crate::proto::logs::MAX_BODY as u64 => return Ok(()),
+        wire::LOG => return Err(format!("sent a log record of {} bytes", h.len)),
         k => return Err(format!("sent a frame of unknown kind {k}")),
     }
     if h.len > limit {

@@ -60,6 +60,9 @@ pub(crate) const SANDBOX_FAILED: u8 = 8;
 /// after the worker's death too) on that stream. (9 was a TIMEOUT frame,
 /// which the MPI backend no longer sends.)
 pub(crate) const ADOPT: u8 = 10;
+/// Worker to parent: a log record of task `seq` (`a`: its level; the body:
+/// `proto::logs`).
+pub(crate) const LOG: u8 = 11;
 
 /// TASK flag (in `status`): the body is the 8-byte length of the input,
 /// which is in the block whose fd came with the frame.

@@ -107,10 +107,10 @@ fn a_queued_task_never_runs(pool: &procpool::Pool, dir: &MarkerDir) -> Result<()
         done = now;
     }
     let victim = queued.iter().position(|q| !q.ready());
-    if let Some(v) = victim {
-        if !queued[v].cancel() {
-            return Err(format!("cancel() of queued task {v} returned false"));
-        }
+    if let Some(v) = victim
+        && !queued[v].cancel()
+    {
+        return Err(format!("cancel() of queued task {v} returned false"));
     }
     for b in blockers {
         b.get().map_err(|e| format!("a pause failed: {e}"))?;

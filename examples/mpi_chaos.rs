@@ -74,15 +74,15 @@ struct Job {
 
 /// The task: a chosen one SIGKILLs its own worker on its first attempt.
 fn chaos(job: Job) -> u64 {
-    if let Some(path) = &job.marker {
-        if ranks::mark(path) {
-            // SAFETY: kill on our own pid; SIGKILL cannot be caught.
-            unsafe {
-                libc::kill(libc::getpid(), libc::SIGKILL);
-            }
-            std::thread::sleep(Duration::from_secs(10));
-            return 0; // not reached: the kill landed
+    if let Some(path) = &job.marker
+        && ranks::mark(path)
+    {
+        // SAFETY: kill on our own pid; SIGKILL cannot be caught.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
         }
+        std::thread::sleep(Duration::from_secs(10));
+        return 0; // not reached: the kill landed
     }
     value(job.i)
 }
@@ -236,13 +236,13 @@ fn run() -> Result<(), String> {
             Ok(v) if v == value(job.i) => {}
             other => bad.push(format!("task {}: {other:?}", job.i)),
         }
-        if let Some(path) = &job.marker {
-            if read_marker(path).is_none() {
-                bad.push(format!(
-                    "task {} was chosen but did not die first (no marker)",
-                    job.i
-                ));
-            }
+        if let Some(path) = &job.marker
+            && read_marker(path).is_none()
+        {
+            bad.push(format!(
+                "task {} was chosen but did not die first (no marker)",
+                job.i
+            ));
         }
     }
     report("phase 2 (retries(1))", &bad)?;

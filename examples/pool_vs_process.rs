@@ -57,11 +57,11 @@ fn with_processes() -> std::io::Result<(Vec<u64>, Duration)> {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    if let [_, flag, x] = args.as_slice() {
-        if flag == "--one" {
-            one(x);
-            return Ok(());
-        }
+    if let [_, flag, x] = args.as_slice()
+        && flag == "--one"
+    {
+        one(x);
+        return Ok(());
     }
 
     let (a, pool_time) = with_pool()?;

@@ -42,10 +42,10 @@ pub(crate) fn record_item_cpu_in(word: &'static AtomicU64) {
 /// In the worker, as a task or an item of a chunk starts: its CPU time
 /// then, for the parent's per-task CPU cap (a chunk's items are tasks).
 pub(crate) fn item_starting() {
-    if let Some(w) = ITEM_CPU.get() {
-        if let Some(ns) = crate::sys::sandbox::clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID) {
-            w.store(ns, Ordering::SeqCst);
-        }
+    if let Some(w) = ITEM_CPU.get()
+        && let Some(ns) = crate::sys::sandbox::clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID)
+    {
+        w.store(ns, Ordering::SeqCst);
     }
 }
 

@@ -1,5 +1,6 @@
 #![doc = include_str!("tutorial.md")]
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 // procpool is built on Linux interfaces (memfd, eventfd, signalfd,
 // PR_SET_PDEATHSIG, /proc). On any other target the build stops here with

@@ -193,6 +193,7 @@ use std::time::Duration;
 /// # Ok::<(), procpool::Error>(())
 /// ```
 #[derive(Clone, Debug, Default)]
+#[must_use = "a Sandbox applies only once given to PoolBuilder::sandbox"]
 pub struct Sandbox {
     spec: Spec,
 }

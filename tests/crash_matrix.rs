@@ -113,10 +113,10 @@ struct Res {
 
 impl Serialize for Res {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        if let Some(spec) = &self.spec {
-            if spec.phase == Phase::Encoding {
-                fail(spec);
-            }
+        if let Some(spec) = &self.spec
+            && spec.phase == Phase::Encoding
+        {
+            fail(spec);
         }
         s.serialize_u64(self.value)
     }

@@ -37,10 +37,10 @@ fn join_all<F: Future + Unpin>(mut futs: Vec<F>) -> (Vec<F::Output>, usize) {
     let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
     loop {
         for (i, f) in futs.iter_mut().enumerate() {
-            if out[i].is_none() {
-                if let Poll::Ready(v) = Pin::new(f).poll(&mut cx) {
-                    out[i] = Some(v);
-                }
+            if out[i].is_none()
+                && let Poll::Ready(v) = Pin::new(f).poll(&mut cx)
+            {
+                out[i] = Some(v);
             }
         }
         if out.iter().all(Option::is_some) {

@@ -304,11 +304,11 @@ fn memfd_bytes() -> (usize, u64) {
         let Ok(target) = std::fs::read_link(e.path()) else {
             continue;
         };
-        if target.to_string_lossy().starts_with("/memfd:procpool") {
-            if let Ok(m) = std::fs::metadata(e.path()) {
-                count += 1;
-                bytes += m.len();
-            }
+        if target.to_string_lossy().starts_with("/memfd:procpool")
+            && let Ok(m) = std::fs::metadata(e.path())
+        {
+            count += 1;
+            bytes += m.len();
         }
     }
     (count, bytes)

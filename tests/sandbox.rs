@@ -281,7 +281,7 @@ fn plant_set_id(dir: String) -> Vec<i32> {
     let errno = answer;
     let c = |name: &str| in_dir(&dir, name);
     let mut out = Vec::new();
-    // SAFETY (test): plain libc calls on paths this function made, and fds
+    // SAFETY: (test) plain libc calls on paths this function made, and fds
     // it opened and closes.
     unsafe {
         libc::umask(0);
@@ -361,7 +361,7 @@ fn make_links_and_fifos(dir: String) -> Vec<i32> {
     let c = |name: &str| in_dir(&dir, name);
     let mut out = vec![];
     std::fs::write(format!("{dir}/target"), b"t").unwrap();
-    // SAFETY (test): plain libc calls on paths this function made.
+    // SAFETY: (test) plain libc calls on paths this function made.
     unsafe {
         out.push(errno(libc::symlink(
             c("target").as_ptr(),
@@ -403,7 +403,7 @@ fn openat2_answer(path: String) -> i64 {
     let c = std::ffi::CString::new(path).unwrap();
     // struct open_how { u64 flags; u64 mode; u64 resolve; }
     let how: [u64; 3] = [(libc::O_CREAT | libc::O_WRONLY) as u64, 0o4755, 0];
-    // SAFETY (test): openat2 reads `how` (24 bytes, alive for the call).
+    // SAFETY: (test) openat2 reads `how` (24 bytes, alive for the call).
     let r = unsafe {
         libc::syscall(
             libc::SYS_openat2,
@@ -416,7 +416,7 @@ fn openat2_answer(path: String) -> i64 {
     if r < 0 {
         -(std::io::Error::last_os_error().raw_os_error().unwrap_or(1) as i64)
     } else {
-        // SAFETY (test): r is an fd this call opened.
+        // SAFETY: (test) r is an fd this call opened.
         unsafe { libc::close(r as i32) };
         0
     }
@@ -1532,14 +1532,14 @@ fn forged_done(seq: u64) -> Vec<u8> {
 fn hijack(_: u64) -> u64 {
     let fd = parent_socket();
     let write = |b: &[u8]| {
-        // SAFETY (test): write of a live buffer on this process's socket.
+        // SAFETY: (test) write of a live buffer on this process's socket.
         unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
     };
     write(&forged_done(1));
     let mut inbuf: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        // SAFETY (test): read into a live buffer of this frame.
+        // SAFETY: (test) read into a live buffer of this frame.
         let n = unsafe { libc::read(fd, chunk.as_mut_ptr().cast(), chunk.len()) };
         if n <= 0 {
             // The parent shut its side: stay anyway.
@@ -1602,7 +1602,7 @@ fn a_hijacked_worker_answers_no_later_task_and_join_returns() {
 }
 
 fn stop_myself(_: ()) -> u32 {
-    // SAFETY (test): a signal to this process itself.
+    // SAFETY: (test) a signal to this process itself.
     unsafe { libc::kill(libc::getpid(), libc::SIGSTOP) };
     1
 }
@@ -2040,7 +2040,7 @@ fn a_result_past_the_result_limit_is_refused_and_the_pool_goes_on() {
 /// code would, if the map fails. Returns the bytes mapped.
 fn map_shared((mib, touch): (u64, bool)) -> u64 {
     let len = (mib << 20) as usize;
-    // SAFETY (test): an anonymous mapping; no memory of this process is
+    // SAFETY: (test) an anonymous mapping; no memory of this process is
     // touched but the new one.
     let p = unsafe {
         libc::mmap(
@@ -2057,10 +2057,10 @@ fn map_shared((mib, touch): (u64, bool)) -> u64 {
     }
     let step = if touch { 4096 } else { 1 << 20 };
     for off in (0..len.min(64 << 20)).step_by(step) {
-        // SAFETY (test): within the mapping just made.
+        // SAFETY: (test) within the mapping just made.
         unsafe { *(p as *mut u8).add(off) = 1 };
     }
-    // SAFETY (test): the mapping made above.
+    // SAFETY: (test) the mapping made above.
     unsafe { libc::munmap(p, len) };
     len as u64
 }
@@ -2220,7 +2220,7 @@ fn host_uids(pid: u32) -> Vec<u32> {
 #[test]
 fn a_sandboxed_worker_never_runs_as_root_and_its_files_stay_the_programs() {
     within_bound("the identity test", || {
-        // SAFETY (test): geteuid has no preconditions.
+        // SAFETY: (test) geteuid has no preconditions.
         let me = unsafe { libc::geteuid() };
         let dir = TempDir::new("identity");
         // A worker that takes two tasks, so that it is still there once
@@ -2298,7 +2298,7 @@ fn a_thread_bomb_fails_inside_its_task_and_not_in_the_other_workers() {
 fn forge_then_spin(seq: u64) -> u64 {
     let fd = parent_socket();
     let frame = forged_done(seq);
-    // SAFETY (test): write of a live buffer on this process's socket.
+    // SAFETY: (test) write of a live buffer on this process's socket.
     unsafe { libc::write(fd, frame.as_ptr().cast(), frame.len()) };
     loop {
         std::hint::spin_loop()
@@ -2358,7 +2358,7 @@ fn a_reused_worker_busy_while_idle_is_killed_before_its_next_task() {
 fn forge_then_block(_: u64) -> u64 {
     let fd = parent_socket();
     let frame = forged_done(2);
-    // SAFETY (test): write of a live buffer on this process's socket.
+    // SAFETY: (test) write of a live buffer on this process's socket.
     unsafe { libc::write(fd, frame.as_ptr().cast(), frame.len()) };
     loop {
         std::thread::sleep(Duration::from_secs(1));
@@ -2406,7 +2406,7 @@ fn rewind_start_words() {
         let lo = usize::from_str_radix(lo, 16).unwrap();
         let hi = usize::from_str_radix(hi, 16).unwrap();
         for at in (lo..hi.min(lo + 64)).step_by(8) {
-            // SAFETY (test): within a live, writable, 8-aligned shared
+            // SAFETY: (test) within a live, writable, 8-aligned shared
             // mapping of this process.
             unsafe {
                 (*(at as *const std::sync::atomic::AtomicU64))
@@ -2432,7 +2432,7 @@ fn rewind_then_die(dir: String) {
         .unwrap();
     f.write_all(b"x").unwrap();
     rewind_start_words();
-    // SAFETY (test): a signal to this process itself.
+    // SAFETY: (test) a signal to this process itself.
     unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
 }
 
@@ -2474,7 +2474,7 @@ fn a_task_that_rewinds_its_start_word_is_still_timed_and_never_run_again() {
 fn forge_then_shut(_: u64) -> u64 {
     let fd = parent_socket();
     write_all(fd, &forged_done(1));
-    // SAFETY (test): shutdown of this process's socket.
+    // SAFETY: (test) shutdown of this process's socket.
     unsafe { libc::shutdown(fd, libc::SHUT_WR) };
     std::thread::sleep(Duration::from_secs(3600));
     0

@@ -527,10 +527,8 @@ fn a_killed_fork_server_breaks_the_pool_for_every_later_call() {
     let workers = pool.worker_pids();
     // SAFETY: a signal to the pool's own server, a pid from its API and a
     // child of this process that has not been reaped (the pool reaps it).
-    assert_eq!(
-        unsafe { libc::kill(server as libc::pid_t, libc::SIGKILL) },
-        0
-    );
+    let killed = unsafe { libc::kill(server as libc::pid_t, libc::SIGKILL) };
+    assert_eq!(killed, 0);
     assert!(
         running.wait_timeout(common::HELPER_BOUND),
         "the task in flight never resolved"

@@ -92,6 +92,7 @@ type OnError = Box<dyn FnOnce(&Error) + Send>;
 /// assert_eq!(rx.recv().unwrap(), 81);
 /// # Ok::<(), procpool::Error>(())
 /// ```
+#[must_use = "options apply only once given to an _with method"]
 pub struct TaskOptions<R> {
     timeout: Option<Duration>,
     soft_timeout: Option<Duration>,
@@ -179,6 +180,7 @@ impl<R> std::fmt::Debug for TaskOptions<R> {
 /// assert_eq!(v, (1..11).collect::<Vec<_>>());
 /// # Ok::<(), procpool::Error>(())
 /// ```
+#[must_use = "options apply only once given to an _with method"]
 pub struct MapOptions<R> {
     chunksize: Option<usize>,
     timeout: Option<Duration>,
@@ -269,6 +271,7 @@ impl<R> std::fmt::Debug for MapOptions<R> {
 /// # Ok::<(), procpool::Error>(())
 /// ```
 #[derive(Debug, Default, Clone)]
+#[must_use = "a builder does nothing until build() is called"]
 pub struct PoolBuilder {
     processes: Option<usize>,
     init: Option<std::result::Result<Init, Error>>,
@@ -281,9 +284,13 @@ pub struct PoolBuilder {
     backtraces: Option<bool>,
     forward_logs: Option<log::LevelFilter>,
     sandbox: Option<crate::sandbox::Sandbox>,
-    #[cfg(feature = "mpi")]
+    // Also in docs.rs's build, which shows the MPI methods without the
+    // feature (it has no MPI library to build it with).
+    #[cfg(any(feature = "mpi", docsrs))]
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
     mpi: bool,
-    #[cfg(feature = "mpi")]
+    #[cfg(any(feature = "mpi", docsrs))]
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
     workers_per_rank: Option<usize>,
 }
 
@@ -529,7 +536,8 @@ impl PoolBuilder {
     /// assert_eq!(pool.map(square, 1..=4)?, vec![1, 4, 9, 16]);
     /// # Ok::<(), procpool::Error>(())
     /// ```
-    #[cfg(feature = "mpi")]
+    #[cfg(any(feature = "mpi", docsrs))]
+    #[cfg_attr(docsrs, doc(cfg(feature = "mpi")))]
     pub fn mpi(mut self) -> Self {
         self.mpi = true;
         self
@@ -540,7 +548,8 @@ impl PoolBuilder {
     /// The default is the number of CPUs in the rank's affinity mask (as
     /// `mpirun` or `srun` bound it). [`processes`](Self::processes) is then
     /// the total across the ranks, at most the sum of what they host.
-    #[cfg(feature = "mpi")]
+    #[cfg(any(feature = "mpi", docsrs))]
+    #[cfg_attr(docsrs, doc(cfg(feature = "mpi")))]
     pub fn workers_per_rank(mut self, n: usize) -> Self {
         self.workers_per_rank = Some(n);
         self

@@ -44,12 +44,13 @@ pub(crate) fn on_event(shared: &Shared, st: &mut State, e: Event, done: &mut Vec
         Event::KillRefused { slot, task } => {
             // The cancelled task had finished before the kill: the worker
             // goes on.
-            if let Some(w) = st.workers.iter_mut().find(|w| w.slot == slot) {
-                if matches!(w.kill, Some(KillReason::Cancel)) && w.kill_seq == task {
-                    w.kill = None;
-                    w.kill_sent = false;
-                    w.kill_seq = 0;
-                }
+            if let Some(w) = st.workers.iter_mut().find(|w| w.slot == slot)
+                && matches!(w.kill, Some(KillReason::Cancel))
+                && w.kill_seq == task
+            {
+                w.kill = None;
+                w.kill_sent = false;
+                w.kill_seq = 0;
             }
         }
         Event::TimedOut { slot, task } => {
@@ -112,11 +113,12 @@ fn start_failed(shared: &Shared, st: &mut State, cause: String, done: &mut Vec<C
 }
 
 fn fail_if_no_workers(st: &mut State, done: &mut Vec<Completion>) {
-    if let Some(e) = st.broken.clone() {
-        if st.workers.is_empty() && st.spawning.is_empty() {
-            for j in st.queue.drain(..) {
-                done.push((j.slot, j.hook, Err(e.clone())));
-            }
+    if let Some(e) = st.broken.clone()
+        && st.workers.is_empty()
+        && st.spawning.is_empty()
+    {
+        for j in st.queue.drain(..) {
+            done.push((j.slot, j.hook, Err(e.clone())));
         }
     }
 }

@@ -214,14 +214,14 @@ fn handle_io(
         st.unready_deaths = 0;
         shared.cv.notify_all();
     }
-    if let Some(i) = p.backend {
-        if let Some(b) = st.backend.as_mut() {
-            if p.set.writable(i) {
-                b.flush();
-            }
-            if p.set.ready(i) {
-                b.events(events);
-            }
+    if let Some(i) = p.backend
+        && let Some(b) = st.backend.as_mut()
+    {
+        if p.set.writable(i) {
+            b.flush();
+        }
+        if p.set.ready(i) {
+            b.events(events);
         }
     }
     for e in events.drain(..) {
@@ -528,10 +528,10 @@ impl Worker {
     fn parse_frames(&mut self, sink: &mut Sink<'_>) {
         let mut pos = 0usize;
         while let Some(f) = Frame::parse(&self.conn.inbuf, pos) {
-            if let Some(limit) = self.result_limit {
-                if let Err(reason) = untrusted::check_header(&f.header, limit) {
-                    self.violation(reason);
-                }
+            if let Some(limit) = self.result_limit
+                && let Err(reason) = untrusted::check_header(&f.header, limit)
+            {
+                self.violation(reason);
             }
             if !self.violated {
                 pos = self.frame(f, sink);
@@ -579,10 +579,10 @@ impl Worker {
             }
             wire::LOG => {
                 let body = f.body(&self.conn.inbuf);
-                if let Err(why) = crate::proto::logs::forward(&h, body, self.pid) {
-                    if self.result_limit.is_some() {
-                        self.violation(why);
-                    }
+                if let Err(why) = crate::proto::logs::forward(&h, body, self.pid)
+                    && self.result_limit.is_some()
+                {
+                    self.violation(why);
                 }
             }
             wire::DONE => {
@@ -708,10 +708,10 @@ impl Worker {
         body: &[u8],
         cache: &Arc<BlockCache>,
     ) -> Result<Payload, Error> {
-        if let Some(limit) = self.result_limit {
-            if let Err(reason) = untrusted::check_done_body(&h, body, limit) {
-                return Err(self.violation(reason));
-            }
+        if let Some(limit) = self.result_limit
+            && let Err(reason) = untrusted::check_done_body(&h, body, limit)
+        {
+            return Err(self.violation(reason));
         }
         let Some(len) = body.get(..8) else {
             return Err(self.bad_result("a block length is missing"));

@@ -822,7 +822,7 @@ impl<T: bytemuck::Pod> SharedSlice<T> {
     /// is not a multiple of the element's size.
     pub fn from_buf(buf: SharedBuf) -> std::result::Result<SharedSlice<T>, SharedBuf> {
         let () = Self::CHECK;
-        if buf.len() % size_of::<T>() != 0 {
+        if !buf.len().is_multiple_of(size_of::<T>()) {
             return Err(buf);
         }
         Ok(SharedSlice {

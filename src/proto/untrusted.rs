@@ -264,10 +264,10 @@ mod tests {
                 let _ = f.payload(&buf);
                 if check_header(&h, LIMIT).is_ok() {
                     assert!(h.len <= LIMIT);
-                    if h.kind == wire::DONE {
-                        if let Ok(Some(n)) = check_done_body(&h, f.body(&buf), LIMIT) {
-                            assert!(n + h.len <= LIMIT);
-                        }
+                    if h.kind == wire::DONE
+                        && let Ok(Some(n)) = check_done_body(&h, f.body(&buf), LIMIT)
+                    {
+                        assert!(n + h.len <= LIMIT);
                     }
                 }
                 pos = f.end;

@@ -94,6 +94,7 @@ use std::time::Duration;
 /// # Ok::<(), procpool::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum StartMethod {
     /// The server is a fresh exec of the program's own executable: safe in
     /// any program, whatever its other threads hold.
@@ -297,10 +298,10 @@ fn server_command(spec: &Spec, keep: [RawFd; 3]) -> std::process::Command {
             }
         }
     }
-    if spec.sandbox.is_none() {
-        if let Some(us) = spin_for_server(spec) {
-            cmd.env(crate::proto::idle::SPIN_ENV, us.to_string());
-        }
+    if spec.sandbox.is_none()
+        && let Some(us) = spin_for_server(spec)
+    {
+        cmd.env(crate::proto::idle::SPIN_ENV, us.to_string());
     }
     cmd.env(
         sys::SERVER_ENV,

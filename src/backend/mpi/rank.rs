@@ -505,10 +505,8 @@ impl<'c> WorkerRank<'c> {
                 current == 0 || current < started || st.finished.load(Ordering::SeqCst) >= current;
             // Those it has reached are running or done: a kill covers them.
             h.skips.retain(|&t| t > started);
-            if past {
-                if let Some(next) = h.skips.pop_first() {
-                    st.skip.store(next, Ordering::SeqCst);
-                }
+            if past && let Some(next) = h.skips.pop_first() {
+                st.skip.store(next, Ordering::SeqCst);
             }
         }
     }

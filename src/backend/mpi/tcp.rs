@@ -70,7 +70,7 @@ impl Dial {
         let token = b.get(..TOKEN)?.try_into().ok()?;
         let port = u16::from_le_bytes(b.get(TOKEN..TOKEN + 2)?.try_into().ok()?);
         let rest = &b[TOKEN + 2..];
-        if rest.is_empty() || rest.len() % 4 != 0 {
+        if rest.is_empty() || !rest.len().is_multiple_of(4) {
             return None;
         }
         let addrs = rest

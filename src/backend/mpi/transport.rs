@@ -198,10 +198,10 @@ pub(super) fn stop_ranks(comm: &SimpleCommunicator, inbox: &mut Inbox) {
     let mut idle = Backoff::new(MAX_IDLE);
     loop {
         while let Some((from, msg)) = inbox.pop_front() {
-            if msg.first() == Some(&M_STOP_ACK) {
-                if let Some(a) = acked.get_mut(from) {
-                    *a = true;
-                }
+            if msg.first() == Some(&M_STOP_ACK)
+                && let Some(a) = acked.get_mut(from)
+            {
+                *a = true;
             }
         }
         if acked.iter().all(|&a| a) {

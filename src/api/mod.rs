@@ -2,6 +2,7 @@
 //! result types, the global pool and `join_async`. Nothing below `api`
 //! imports it.
 
+pub(crate) mod feeder;
 pub(crate) mod global;
 pub(crate) mod join;
 pub(crate) mod pool;

@@ -1,8 +1,9 @@
 //! [`Pool`] and [`PoolBuilder`]: the public API.
 
+use crate::api::feeder::{self, Auto, ChunkFeeder, Sizing};
 use crate::api::join::{JoinFuture, SetOnDrop};
 use crate::api::result::{
-    AsyncResult, Feeder, Imap, ImapUnordered, MapResult, Pending, assemble, decode_payload,
+    AsyncResult, Bound, Feeder, Imap, ImapUnordered, MapResult, Ready, assemble, decode_payload,
 };
 use crate::backend::local;
 use crate::backend::local::server::{Init, Spec};
@@ -536,6 +537,7 @@ impl PoolBuilder {
             // The MPI backend sets it: its ranks keep their own clocks.
             backend_keeps_timeouts: false,
             spin: crate::proto::idle::spin_budget(),
+            item_progress: true,
         };
         #[cfg(feature = "mpi")]
         if mpi {
@@ -841,6 +843,7 @@ impl Pool {
                 shared,
                 retry_shared: opts.retry_shared,
                 items: 1,
+                split: false,
             },
         )])?;
         Ok(AsyncResult {
@@ -951,6 +954,7 @@ impl Pool {
                 shared,
                 retry_shared: opts.retry_shared,
                 items: chunk.len() as u32,
+                split: false,
             };
             if let Err(e) = self.shared.submit(vec![(slot.clone(), spec)]) {
                 // Closed or terminated: nothing of this map may run.
@@ -961,32 +965,64 @@ impl Pool {
         Ok(result)
     }
 
+    /// Whether an imap without a chunk size sizes its chunks itself: not
+    /// with a timeout, a soft timeout or retries (they apply per chunk, so
+    /// each item keeps its own), nor in a sandboxed pool (a chunk shares
+    /// one process, and its fate), nor where the backend cannot say which
+    /// item of a chunk a dead worker ran (MPI ranks).
+    fn sizes_chunks<R>(&self, opts: &MapOptions<R>) -> bool {
+        let cfg = &self.shared.cfg;
+        opts.chunksize.is_none()
+            && cfg.item_progress
+            && cfg.sandbox.is_none()
+            && opts.timeout.or(cfg.timeout).is_none()
+            && opts.soft_timeout.or(cfg.soft_timeout).is_none()
+            && opts.retries.unwrap_or(cfg.retries) == 0
+    }
+
+    /// An imap's feeder, and how much it may have in flight.
     fn feeder<'a, A: Data, R: Data>(
         &self,
         f: fn(A) -> R,
         items: impl IntoIterator<Item = A, IntoIter: 'a>,
         opts: &MapOptions<R>,
-    ) -> (Box<dyn Feeder + 'a>, usize) {
+    ) -> (Box<dyn Feeder + 'a>, Bound) {
+        let auto = self.sizes_chunks(opts);
         let chunksize = opts.chunksize.unwrap_or(1);
-        let in_flight = opts
-            .in_flight
-            .unwrap_or_else(|| (4 * self.processes()).max(4096usize.div_ceil(chunksize)));
-        (
-            Box::new(ChunkFeeder {
-                it: items.into_iter(),
-                f: TaskFn::chunk(f),
-                chunksize,
-                shared: self.shared.clone(),
-                timeout: opts.timeout,
-                soft_timeout: opts.soft_timeout,
-                retries: opts.retries,
-                ended: false,
-                panicked: None,
-                retry_shared: opts.retry_shared,
-                mode: self.shared_mode(),
-            }),
-            in_flight,
-        )
+        let (sizing, bound) = match (auto, opts.in_flight) {
+            // The caller's bound counts items, as it did with chunks of 1.
+            (true, Some(k)) => (Sizing::Auto(Auto::default()), Bound::new(k, k, usize::MAX)),
+            (true, None) => (
+                Sizing::Auto(Auto::default()),
+                Bound::new(
+                    (4 * self.processes()).max(4096),
+                    feeder::ITEMS_IN_FLIGHT,
+                    feeder::BYTES_IN_FLIGHT,
+                ),
+            ),
+            (false, k) => {
+                let chunks =
+                    k.unwrap_or_else(|| (4 * self.processes()).max(4096usize.div_ceil(chunksize)));
+                (
+                    Sizing::Fixed(chunksize),
+                    Bound::new(chunks, usize::MAX, usize::MAX),
+                )
+            }
+        };
+        let feeder = ChunkFeeder {
+            it: items.into_iter(),
+            f: TaskFn::chunk(f),
+            sizing,
+            shared: self.shared.clone(),
+            timeout: opts.timeout,
+            soft_timeout: opts.soft_timeout,
+            retries: opts.retries,
+            retry_shared: opts.retry_shared,
+            mode: self.shared_mode(),
+            ended: false,
+            panicked: None,
+        };
+        (Box::new(feeder), bound)
     }
 
     /// A lazy iterator of `f(item)` for every item, in input order (chunk
@@ -1007,12 +1043,13 @@ impl Pool {
         items: impl IntoIterator<Item = A, IntoIter: 'a>,
         opts: MapOptions<R>,
     ) -> Imap<'a, R> {
-        let (feeder, max_in_flight) = self.feeder(f, items, &opts);
+        let (feeder, bound) = self.feeder(f, items, &opts);
         Imap {
             feeder,
             window: VecDeque::new(),
-            ready: VecDeque::new(),
-            max_in_flight,
+            ready: Ready::default(),
+            bound,
+            waited: false,
             exhausted: false,
             pool: Arc::downgrade(&self.shared),
         }
@@ -1034,14 +1071,15 @@ impl Pool {
         items: impl IntoIterator<Item = A, IntoIter: 'a>,
         opts: MapOptions<R>,
     ) -> ImapUnordered<'a, R> {
-        let (feeder, max_in_flight) = self.feeder(f, items, &opts);
+        let (feeder, bound) = self.feeder(f, items, &opts);
         let (tx, rx) = crossbeam_channel::unbounded();
         ImapUnordered {
             feeder,
             input_panic: None,
             in_flight: HashMap::new(),
-            ready: VecDeque::new(),
-            max_in_flight,
+            ready: Ready::default(),
+            bound,
+            waited: false,
             exhausted: false,
             next_index: 0,
             tx,
@@ -1150,84 +1188,5 @@ fn run_callbacks<R: Send + 'static>(
             message: task::panic_message(&*p),
         }),
         Ok(()) => r.map(|v| Payload::Value(Box::new(v))),
-    }
-}
-
-struct ChunkFeeder<I> {
-    it: I,
-    f: TaskFn,
-    chunksize: usize,
-    shared: Arc<Shared>,
-    timeout: Option<Duration>,
-    soft_timeout: Option<Duration>,
-    retries: Option<u32>,
-    /// The input is done (exhausted, or it panicked): it is not pulled again.
-    ended: bool,
-    /// The input's panic, to hand over after the chunk pulled before it.
-    panicked: Option<Box<dyn std::any::Any + Send>>,
-    retry_shared: bool,
-    mode: Mode,
-}
-
-impl<I> Feeder for ChunkFeeder<I>
-where
-    I: Iterator,
-    I::Item: Serialize,
-{
-    fn next_chunk(&mut self, hook: &mut dyn FnMut(usize) -> Hook) -> Option<Pending> {
-        let mut payload = Vec::new();
-        let mut shared = Vec::new();
-        let mut n = 0;
-        let mut err = None;
-        shared_buf::encoding(self.mode, &mut shared, || {
-            while n < self.chunksize && !self.ended {
-                // The input's panic is kept, and resumed in the consumer in
-                // its place, after the items before it (see Imap).
-                let a = match catch_unwind(AssertUnwindSafe(|| self.it.next())) {
-                    Ok(Some(a)) => a,
-                    Ok(None) => {
-                        self.ended = true;
-                        break;
-                    }
-                    Err(p) => {
-                        self.ended = true;
-                        self.panicked = Some(p);
-                        break;
-                    }
-                };
-                if let Err(e) = task::push_item(&mut payload, &a) {
-                    err.get_or_insert(Error::Encode {
-                        what: "argument",
-                        source: e,
-                    });
-                }
-                n += 1;
-            }
-        });
-        if n == 0 {
-            return self.panicked.take().map(Pending::InputPanicked);
-        }
-        if err.is_none() && !shared.is_empty() && shared.len() > shared_buf::max_per_task() {
-            err = Some(shared_buf::too_many(shared.len()));
-        }
-        if let Some(e) = err {
-            return Some(Pending::Failed(e, n));
-        }
-        let slot = self.shared.new_slot();
-        let spec = JobSpec {
-            f: self.f,
-            payload: Body::Heap(payload),
-            hook: hook(n),
-            timeout: self.timeout,
-            soft_timeout: self.soft_timeout,
-            retries: self.retries,
-            shared,
-            retry_shared: self.retry_shared,
-            items: n as u32,
-        };
-        match self.shared.submit(vec![(slot.clone(), spec)]) {
-            Ok(()) => Some(Pending::Chunk(slot, n)),
-            Err(e) => Some(Pending::Failed(e, n)),
-        }
     }
 }

@@ -1,9 +1,10 @@
 //! What a caller holds while a task runs: [`AsyncResult`], [`MapResult`] and
 //! the `imap` iterators, and the slot each of them waits on.
 
-use crate::engine::completion::{Group, Hook, Outcome, Payload, Slot};
+use crate::engine::completion::{Buf, Group, Hook, Outcome, Payload, Slot};
 use crate::engine::core::Shared;
 use crate::error::{Error, Result};
+use crate::proto::shared_buf::Supply;
 use crate::proto::task;
 use crossbeam_channel::{Receiver, Sender};
 use serde::de::DeserializeOwned;
@@ -25,10 +26,43 @@ pub(crate) fn decode_payload<R: DeserializeOwned + 'static>(o: Outcome) -> Resul
         Payload::Value(v) => v.downcast::<R>().map(|b| *b).map_err(|_| Error::Broken {
             reason: "a stored value had an unexpected type".into(),
         }),
-        Payload::Unit => Err(Error::Broken {
+        Payload::Unit | Payload::Items(..) => Err(Error::Broken {
             reason: "a result had no value".into(),
         }),
     }
+}
+
+/// The items of a chunk's output `b`, in order, with the items `lost`
+/// (of a split chunk: see `Job::split`) put back in their places.
+fn chunk_items<R: DeserializeOwned>(
+    b: &[u8],
+    lost: Vec<(u32, Error)>,
+) -> impl Iterator<Item = Result<R>> {
+    let mut ran = task::decode_chunk::<R>(b);
+    let mut lost = lost.into_iter().peekable();
+    let mut at = 0u32;
+    std::iter::from_fn(move || {
+        let next = match lost.next_if(|(p, _)| *p == at) {
+            Some((_, e)) => Some(Err(e)),
+            None => ran.next().or_else(|| lost.next().map(|(_, e)| Err(e))),
+        };
+        at += 1;
+        next
+    })
+}
+
+/// A chunk's items, whether it was split or not (see [`chunk_items`]).
+fn decode_items<R: DeserializeOwned>(p: Payload, into: &mut impl Extend<Result<R>>) -> bool {
+    match p {
+        Payload::Bytes(b, mut shared) => {
+            shared.decoding(|| into.extend(task::decode_chunk::<R>(b.bytes())))
+        }
+        Payload::Items(b, mut shared, lost) => {
+            shared.decoding(|| into.extend(chunk_items::<R>(b.bytes(), lost)))
+        }
+        _ => return false,
+    }
+    true
 }
 
 /// The result of [`Pool::apply_async`](crate::Pool::apply_async): a task
@@ -137,34 +171,48 @@ pub struct MapResult<R> {
 }
 
 pub(crate) fn assemble<R: DeserializeOwned>(chunks: &[Arc<Slot>], total: usize) -> Result<Vec<R>> {
-    let mut out = Vec::with_capacity(total);
-    let mut first: Option<Error> = None;
+    let mut out = Assembled {
+        values: Vec::with_capacity(total),
+        first: None,
+    };
     for c in chunks {
         match c.take() {
-            Ok(Payload::Bytes(b, mut shared)) => shared.decoding(|| {
-                for item in task::decode_chunk::<R>(b.bytes()) {
-                    match item {
-                        Ok(v) if first.is_none() => out.push(v),
-                        Ok(_) => {}
-                        Err(e) => {
-                            first.get_or_insert(e);
-                        }
-                    }
+            Ok(p) => {
+                if !decode_items::<R>(p, &mut out) {
+                    out.first.get_or_insert(Error::Broken {
+                        reason: "a chunk had no value".into(),
+                    });
                 }
-            }),
-            Ok(_) => {
-                first.get_or_insert(Error::Broken {
-                    reason: "a chunk had no value".into(),
-                });
             }
             Err(e) => {
-                first.get_or_insert(e);
+                out.first.get_or_insert(e);
             }
         }
     }
-    match first {
+    match out.first {
         Some(e) => Err(e),
-        None => Ok(out),
+        None => Ok(out.values),
+    }
+}
+
+/// A map's values as its chunks are decoded, until the first error in
+/// input order.
+struct Assembled<R> {
+    values: Vec<R>,
+    first: Option<Error>,
+}
+
+impl<R> Extend<Result<R>> for Assembled<R> {
+    fn extend<I: IntoIterator<Item = Result<R>>>(&mut self, items: I) {
+        for item in items {
+            match item {
+                Ok(v) if self.first.is_none() => self.values.push(v),
+                Ok(_) => {}
+                Err(e) => {
+                    self.first.get_or_insert(e);
+                }
+            }
+        }
     }
 }
 
@@ -272,7 +320,8 @@ impl<R> std::fmt::Debug for MapResult<R> {
 /// A chunk that an imap iterator has submitted (or failed to), or the
 /// panic of its input iterator, in its place.
 pub(crate) enum Pending {
-    Chunk(Arc<Slot>, usize),
+    /// Its slot, its items and the bytes of its input.
+    Chunk(Arc<Slot>, usize, usize),
     Failed(Error, usize),
     /// The input iterator panicked here; nothing was pulled after it.
     InputPanicked(Box<dyn Any + Send>),
@@ -300,42 +349,237 @@ impl<T> Next<T> {
     }
 }
 
+impl Pending {
+    /// How many items it stands for, and the bytes of their input.
+    fn load(&self) -> (usize, usize) {
+        match self {
+            Pending::Chunk(_, n, bytes) => (*n, *bytes),
+            Pending::Failed(_, n) => (*n, 0),
+            Pending::InputPanicked(_) => (0, 0),
+        }
+    }
+
+    /// Whether its items can be yielded now.
+    fn is_ready(&self) -> bool {
+        match self {
+            Pending::Chunk(slot, ..) => slot.is_ready(),
+            Pending::Failed(..) | Pending::InputPanicked(_) => true,
+        }
+    }
+}
+
+/// How much an imap iterator may have in flight (chunks, their items and
+/// the bytes of their input), and how much it has.
+#[derive(Debug)]
+pub(crate) struct Bound {
+    chunks: usize,
+    items: usize,
+    bytes: usize,
+    /// What it has: items and bytes (its chunks are counted where they are
+    /// held).
+    held: (usize, usize),
+}
+
+impl Bound {
+    pub(crate) fn new(chunks: usize, items: usize, bytes: usize) -> Bound {
+        Bound {
+            chunks,
+            items,
+            bytes,
+            held: (0, 0),
+        }
+    }
+
+    /// Whether one more chunk may go, with `chunks` in flight.
+    fn has_room(&self, chunks: usize) -> bool {
+        chunks < self.chunks && self.held.0 < self.items && self.held.1 < self.bytes
+    }
+
+    /// How many more items may go.
+    fn room(&self) -> usize {
+        self.items - self.held.0
+    }
+
+    fn add(&mut self, p: &Pending) {
+        let (n, b) = p.load();
+        self.held = (self.held.0 + n, self.held.1 + b);
+    }
+
+    fn remove(&mut self, p: &Pending) {
+        let (n, b) = p.load();
+        self.held = (self.held.0 - n, self.held.1 - b);
+    }
+}
+
 /// Pulls input for an imap iterator, one chunk at a time.
 pub(crate) trait Feeder {
-    /// Submits the next chunk; None when the input is exhausted.
-    fn next_chunk(&mut self, hook: &mut dyn FnMut(usize) -> Hook) -> Option<Pending>;
+    /// Submits the next chunk, of at most `room` items where the feeder
+    /// sizes its chunks itself; None when the input is exhausted.
+    fn next_chunk(&mut self, hook: &mut dyn FnMut(usize) -> Hook, room: usize) -> Option<Pending>;
+
+    /// How long the consumer may wait for a result (of a chunk of `items`
+    /// items) before it pulls more input: `Some` only while the input is
+    /// slow, so that a result expected soon is not held up by the next
+    /// pull.
+    fn patience(&self, items: usize) -> Option<Duration>;
 }
 
 /// Turns a chunk that is in into its items. The input's panic resumes
 /// here, in the consumer, in its place.
-fn unpack<R: DeserializeOwned>(p: Pending, into: &mut VecDeque<Result<R>>) {
+fn unpack<R: DeserializeOwned>(p: Pending, into: &mut Ready<R>) {
     match p {
         Pending::InputPanicked(payload) => std::panic::resume_unwind(payload),
-        Pending::Failed(e, n) => into.extend(std::iter::repeat_n(e, n).map(Err)),
-        Pending::Chunk(slot, n) => match slot.take() {
-            Ok(Payload::Bytes(b, mut shared)) => {
-                shared.decoding(|| into.extend(task::decode_chunk::<R>(b.bytes())))
-            }
-            Ok(_) => into.push_back(Err(Error::Broken {
-                reason: "a chunk had no value".into(),
-            })),
-            Err(e) => into.extend(std::iter::repeat_n(e, n).map(Err)),
+        Pending::Failed(e, n) => into.failed(e, n),
+        Pending::Chunk(slot, n, _) => match slot.take() {
+            Ok(p) => into.chunk(p),
+            Err(e) => into.failed(e, n),
         },
+    }
+}
+
+/// The items an imap iterator has ready to yield, in order: those already
+/// decoded, then the rest of one chunk, decoded [`BATCH`] items at a time
+/// as they are asked for. (Decoding a whole chunk of thousands of tiny
+/// items ahead of the consumer cost more than the decoding: the values
+/// were out of the cache by the time they were read. Decoding each alone
+/// cost a setup of the decoder per item.)
+pub(crate) struct Ready<R> {
+    items: VecDeque<Result<R>>,
+    chunk: Option<Cursor>,
+}
+
+impl<R> Default for Ready<R> {
+    fn default() -> Self {
+        Ready {
+            items: VecDeque::new(),
+            chunk: None,
+        }
+    }
+}
+
+/// How many items of a chunk are decoded at a time.
+const BATCH: usize = 64;
+
+/// The rest of a chunk's output.
+struct Cursor {
+    buf: Buf,
+    supply: Supply,
+    /// Where its next item starts in `buf`.
+    at: usize,
+    /// The place of its next item in the chunk as it was submitted.
+    place: u32,
+    /// Of a split chunk: its items that failed with their workers, by
+    /// place (see `Job::split`).
+    lost: VecDeque<(u32, Error)>,
+}
+
+impl Cursor {
+    /// Decodes up to `max` more of its items into `into`; whether it has
+    /// more.
+    fn decode<R: DeserializeOwned>(&mut self, into: &mut VecDeque<Result<R>>, max: usize) -> bool {
+        let Cursor {
+            buf,
+            supply,
+            at,
+            place,
+            lost,
+        } = self;
+        let bytes = buf.bytes();
+        supply.decoding(|| {
+            for _ in 0..max {
+                let item = if lost.front().is_some_and(|(p, _)| p == place) {
+                    lost.pop_front().map(|(_, e)| Err(e))
+                } else if let Some((st, body, next)) = task::chunk_item(bytes, *at) {
+                    *at = next;
+                    Some(task::decode_outcome(st, body))
+                } else {
+                    lost.pop_front().map(|(_, e)| Err(e))
+                };
+                let Some(item) = item else {
+                    return false;
+                };
+                *place += 1;
+                into.push_back(item);
+            }
+            true
+        })
+    }
+}
+
+impl<R: DeserializeOwned> Ready<R> {
+    /// The next item, if one is ready.
+    fn pop(&mut self) -> Option<Result<R>> {
+        if self.items.is_empty() {
+            if let Some(c) = &mut self.chunk {
+                if !c.decode(&mut self.items, BATCH) {
+                    self.chunk = None;
+                }
+            }
+        }
+        self.items.pop_front()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.chunk.is_none() && self.items.is_empty()
+    }
+
+    /// Decodes the rest of the chunk, so that what comes next goes behind
+    /// it.
+    fn flush(&mut self) {
+        if let Some(mut c) = self.chunk.take() {
+            c.decode(&mut self.items, usize::MAX);
+        }
+    }
+
+    /// `n` items that failed with `e`.
+    fn failed(&mut self, e: Error, n: usize) {
+        self.flush();
+        self.items.extend(std::iter::repeat_n(e, n).map(Err));
+    }
+
+    /// A chunk's output, after what is ready already.
+    fn chunk(&mut self, p: Payload) {
+        let (buf, supply, lost) = match p {
+            Payload::Bytes(b, s) => (b, s, Vec::new()),
+            Payload::Items(b, s, lost) => (b, s, lost),
+            _ => {
+                return self.items.push_back(Err(Error::Broken {
+                    reason: "a chunk had no value".into(),
+                }));
+            }
+        };
+        let mut c = Cursor {
+            buf,
+            supply,
+            at: 0,
+            place: 0,
+            lost: lost.into(),
+        };
+        if self.is_empty() {
+            self.chunk = Some(c);
+        } else {
+            // Behind other items: decoded now, in its place.
+            self.flush();
+            c.decode(&mut self.items, usize::MAX);
+        }
     }
 }
 
 /// What the two imap iterators share: items ready to yield, and a step
 /// that makes more ready (pulling input, waiting for a chunk).
 trait Stream<R> {
-    fn ready(&mut self) -> &mut VecDeque<Result<R>>;
+    fn ready(&mut self) -> &mut Ready<R>;
     /// One step towards the next item; `Some` to stop (done, or timed out).
     fn step(&mut self, deadline: Option<Instant>) -> Option<Next<Result<R>>>;
 }
 
 /// The next item of `s`, waiting until `deadline` (forever if None).
-fn advance<R>(s: &mut impl Stream<R>, deadline: Option<Instant>) -> Next<Result<R>> {
+fn advance<R: DeserializeOwned>(
+    s: &mut impl Stream<R>,
+    deadline: Option<Instant>,
+) -> Next<Result<R>> {
     loop {
-        if let Some(x) = s.ready().pop_front() {
+        if let Some(x) = s.ready().pop() {
             return Next::Item(x);
         }
         if let Some(stop) = s.step(deadline) {
@@ -373,8 +617,11 @@ macro_rules! imap_iterator {
 pub struct Imap<'a, R> {
     pub(crate) feeder: Box<dyn Feeder + 'a>,
     pub(crate) window: VecDeque<Pending>,
-    pub(crate) ready: VecDeque<Result<R>>,
-    pub(crate) max_in_flight: usize,
+    pub(crate) ready: Ready<R>,
+    /// What it may have in flight, and has.
+    pub(crate) bound: Bound,
+    /// Whether it waited for the front (a slow input) since it last pulled.
+    pub(crate) waited: bool,
     pub(crate) exhausted: bool,
     pub(crate) pool: Weak<Shared>,
 }
@@ -406,29 +653,62 @@ impl<R: DeserializeOwned> Imap<'_, R> {
 }
 
 impl<R: DeserializeOwned> Stream<R> for Imap<'_, R> {
-    fn ready(&mut self) -> &mut VecDeque<Result<R>> {
+    fn ready(&mut self) -> &mut Ready<R> {
         &mut self.ready
     }
 
-    /// Tops the window up from the input, then waits for its oldest chunk.
+    /// Tops the window up from the input (until its oldest chunk is in),
+    /// then waits for its oldest chunk.
     fn step(&mut self, deadline: Option<Instant>) -> Option<Next<Result<R>>> {
-        while !self.exhausted && self.window.len() < self.max_in_flight {
-            match self.feeder.next_chunk(&mut |_| Hook::None) {
-                Some(p) => self.window.push_back(p),
+        while !self.exhausted && self.bound.has_room(self.window.len()) {
+            if let Some(front) = self.window.front() {
+                if front.is_ready() || self.waited_for_front(deadline) {
+                    break;
+                }
+            }
+            match self
+                .feeder
+                .next_chunk(&mut |_| Hook::None, self.bound.room())
+            {
+                Some(p) => {
+                    self.bound.add(&p);
+                    self.window.push_back(p);
+                    self.waited = false;
+                }
                 None => self.exhausted = true,
             }
         }
         let Some(front) = self.window.front() else {
             return Some(Next::Done);
         };
-        if let (Pending::Chunk(slot, _), Some(end)) = (front, deadline) {
+        if let (Pending::Chunk(slot, ..), Some(end)) = (front, deadline) {
             if !slot.wait_deadline(end) {
                 return Some(Next::TimedOut);
             }
         }
         let front = self.window.pop_front().expect("front exists");
+        self.bound.remove(&front);
         unpack(front, &mut self.ready);
         None
+    }
+}
+
+impl<R> Imap<'_, R> {
+    /// From a slow input, waits a little for the oldest chunk (once per
+    /// pull) before pulling more; whether it came.
+    fn waited_for_front(&mut self, deadline: Option<Instant>) -> bool {
+        let Some(Pending::Chunk(slot, n, _)) = self.window.front() else {
+            return false;
+        };
+        if self.waited {
+            return false;
+        }
+        let Some(wait) = self.feeder.patience(*n) else {
+            return false;
+        };
+        self.waited = true;
+        let until = Instant::now() + wait;
+        slot.wait_deadline(deadline.map_or(until, |d| d.min(until)))
     }
 }
 
@@ -449,7 +729,7 @@ impl<R> Drop for Imap<'_, R> {
         cancel_pending(
             &self.pool,
             self.window.iter().filter_map(|p| match p {
-                Pending::Chunk(s, _) if !s.is_ready() => Some(s.id),
+                Pending::Chunk(s, ..) if !s.is_ready() => Some(s.id),
                 _ => None,
             }),
         );
@@ -469,8 +749,11 @@ pub struct ImapUnordered<'a, R> {
     /// The input's panic, resumed once everything before it is yielded.
     pub(crate) input_panic: Option<Box<dyn Any + Send>>,
     pub(crate) in_flight: HashMap<usize, Pending>,
-    pub(crate) ready: VecDeque<Result<R>>,
-    pub(crate) max_in_flight: usize,
+    pub(crate) ready: Ready<R>,
+    /// What it may have in flight, and has.
+    pub(crate) bound: Bound,
+    /// Whether it waited for a result (a slow input) since it last pulled.
+    pub(crate) waited: bool,
     pub(crate) exhausted: bool,
     pub(crate) next_index: usize,
     pub(crate) tx: Sender<usize>,
@@ -502,27 +785,38 @@ impl<R: DeserializeOwned> ImapUnordered<'_, R> {
 }
 
 impl<R: DeserializeOwned> Stream<R> for ImapUnordered<'_, R> {
-    fn ready(&mut self) -> &mut VecDeque<Result<R>> {
+    fn ready(&mut self) -> &mut Ready<R> {
         &mut self.ready
     }
 
-    /// Tops the chunks in flight up from the input, then waits for the
-    /// next one to finish.
+    /// Tops the chunks in flight up from the input (until a result is
+    /// in), then waits for the next one to finish.
     fn step(&mut self, deadline: Option<Instant>) -> Option<Next<Result<R>>> {
-        while !self.exhausted && self.in_flight.len() < self.max_in_flight {
+        while !self.exhausted
+            && self.bound.has_room(self.in_flight.len())
+            && self.ready.is_empty()
+            && self.rx.is_empty()
+        {
+            if self.waited_for_one(deadline) {
+                break;
+            }
             let i = self.next_index;
             let tx = self.tx.clone();
-            match self.feeder.next_chunk(&mut |_| Hook::Notify(tx.clone(), i)) {
-                Some(Pending::Failed(e, n)) => {
-                    self.ready.extend(std::iter::repeat_n(e, n).map(Err));
-                }
+            let room = self.bound.room();
+            match self
+                .feeder
+                .next_chunk(&mut |_| Hook::Notify(tx.clone(), i), room)
+            {
+                Some(Pending::Failed(e, n)) => self.ready.failed(e, n),
                 Some(Pending::InputPanicked(p)) => {
                     self.input_panic = Some(p);
                     self.exhausted = true;
                 }
                 Some(p) => {
+                    self.bound.add(&p);
                     self.in_flight.insert(i, p);
                     self.next_index += 1;
+                    self.waited = false;
                 }
                 None => self.exhausted = true,
             }
@@ -548,10 +842,41 @@ impl<R: DeserializeOwned> Stream<R> for ImapUnordered<'_, R> {
         let Some(i) = got else {
             return Some(Next::Done);
         };
+        self.take(i);
+        None
+    }
+}
+
+impl<R: DeserializeOwned> ImapUnordered<'_, R> {
+    /// Chunk `i` is in: its items are ready.
+    fn take(&mut self, i: usize) {
         if let Some(p) = self.in_flight.remove(&i) {
+            self.bound.remove(&p);
             unpack(p, &mut self.ready);
         }
-        None
+    }
+
+    /// From a slow input, waits a little for a result (once per pull)
+    /// before pulling more; whether one came.
+    fn waited_for_one(&mut self, deadline: Option<Instant>) -> bool {
+        if self.waited || self.in_flight.is_empty() {
+            return false;
+        }
+        let Some(wait) = self.feeder.patience(1) else {
+            return false;
+        };
+        self.waited = true;
+        let until = Instant::now() + wait;
+        match self
+            .rx
+            .recv_deadline(deadline.map_or(until, |d| d.min(until)))
+        {
+            Ok(i) => {
+                self.take(i);
+                true
+            }
+            Err(_) => false,
+        }
     }
 }
 
@@ -562,7 +887,7 @@ impl<R> Drop for ImapUnordered<'_, R> {
         cancel_pending(
             &self.pool,
             self.in_flight.values().filter_map(|p| match p {
-                Pending::Chunk(s, _) if !s.is_ready() => Some(s.id),
+                Pending::Chunk(s, ..) if !s.is_ready() => Some(s.id),
                 _ => None,
             }),
         );

@@ -57,6 +57,11 @@ pub(crate) struct Config {
     /// How long the supervisor polls without sleeping once it runs out of
     /// work (`proto::idle`): longer for workers on other hosts.
     pub(crate) spin: std::time::Duration,
+    /// Whether the backend sees which item of a chunk a dead worker ran
+    /// (`Progress::item`): then an `imap` may size its chunks itself, a
+    /// crash failing only the item that ran. The local backend does; the
+    /// MPI backend does not.
+    pub(crate) item_progress: bool,
 }
 
 impl Config {
@@ -110,6 +115,13 @@ pub(crate) struct Job {
     /// Its timeout is the sandbox's wall-clock limit (it had none of its
     /// own): past it, it fails with `LimitExceeded`, not `Timeout`.
     pub(crate) wall_limit: bool,
+    /// A chunk the pool sized itself (an `imap` without a chunk size): if
+    /// its worker dies, only the item that ran fails; the others run again.
+    pub(crate) split: bool,
+    /// The items of a split chunk that failed already, by their place in
+    /// the chunk as it was submitted (ascending), with their errors: they
+    /// are no longer in its payload, and join its result in their places.
+    pub(crate) lost: Vec<(u32, Error)>,
 }
 
 /// What a caller hands to `submit`.
@@ -125,6 +137,8 @@ pub(crate) struct JobSpec {
     /// How many items it carries (a map chunk's; 1 for `apply`): under a
     /// per-task CPU cap it may use the cap once per item.
     pub(crate) items: u32,
+    /// See [`Job::split`].
+    pub(crate) split: bool,
 }
 
 /// A job sent to a worker, under the number the worker knows it by.

@@ -1,0 +1,335 @@
+//! How an `imap` pulls its input into chunks ([`ChunkFeeder`]).
+//!
+//! With a chunk size (`MapOptions::chunksize`) every chunk but the last
+//! holds that many items, as in CPython. Without one the pool sizes each
+//! chunk itself ([`Auto`]): it starts with one item and, as it learns how
+//! long an item takes to run (the engine's estimate per task function,
+//! from the run times workers report) and to pull from the input (timed
+//! here), lets chunks grow, at most doubling from one to the next, towards
+//! about [`CHUNK_NS`] of work each: tiny items go thousands to a chunk,
+//! slow ones alone. A chunk also stops filling once pulling it has taken
+//! longer than that, so that a slow input's items are not held back to
+//! fill a chunk. Such a chunk is split if its worker dies (`Job::split`):
+//! only the item that ran fails.
+//!
+//! Within an auto-sized chunk each item keeps its own fate: one that
+//! cannot be encoded fails alone (the chunk is sent without it), and one
+//! that holds `SharedBuf`s travels alone (they are numbered within their
+//! frame, and a split chunk's frame is rebuilt without the lost item).
+
+use crate::api::result::{Feeder, Pending};
+use crate::engine::completion::Hook;
+use crate::engine::core::Shared;
+use crate::engine::job::JobSpec;
+use crate::error::Error;
+use crate::proto::shared_buf::{self, Mode, Region};
+use crate::proto::shm::Body;
+use crate::proto::task::{self, TaskFn};
+use serde::Serialize;
+use std::any::Any;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// About how much work (run and pull time, estimated) an auto-sized chunk
+/// holds: a chunk's own cost in the pool (a few microseconds) is then a
+/// few percent of it.
+pub(crate) const CHUNK_NS: u64 = 1_000_000;
+/// The most items in an auto-sized chunk.
+pub(crate) const MAX_ITEMS: usize = 1 << 15;
+/// An auto-sized chunk takes no item once its input is this large.
+pub(crate) const MAX_BYTES: usize = 256 << 10;
+/// By default, the most items of auto-sized chunks in flight at once ...
+pub(crate) const ITEMS_IN_FLIGHT: usize = 4 * MAX_ITEMS;
+/// ... and the most bytes of their input.
+pub(crate) const BYTES_IN_FLIGHT: usize = 16 << 20;
+/// An input whose last chunk took at least this long to pull is slow: the
+/// consumer may wait a little for a result before it pulls again (see
+/// [`Feeder::patience`]).
+const SLOW_PULL_NS: u64 = 1_000_000;
+
+/// How a feeder sizes its chunks.
+pub(crate) enum Sizing {
+    /// The caller's chunk size.
+    Fixed(usize),
+    /// The pool's.
+    Auto(Auto),
+}
+
+/// What the pool knows to size the next chunk.
+#[derive(Default)]
+pub(crate) struct Auto {
+    /// The size of the last chunk: the next is at most twice that.
+    last: usize,
+    /// The estimated run time of one item, when the last chunk was made.
+    run_ns: Option<u64>,
+    /// How long pulling (and encoding) one item took: a moving average.
+    pull_ns: Option<u64>,
+    /// How long pulling the last chunk took.
+    last_pull_ns: u64,
+    /// An item held over for a chunk of its own.
+    carried: Option<Carried>,
+}
+
+/// An item pulled into a chunk where it could not stay.
+enum Carried {
+    /// It could not be encoded: it fails alone.
+    Failed(Error),
+    /// It holds `SharedBuf`s: its encoding and its buffers, sent alone.
+    Alone(Vec<u8>, Vec<Region>),
+}
+
+impl Auto {
+    /// How many items the next chunk may hold, with `room` more items
+    /// allowed in flight.
+    pub(crate) fn target(&self, room: usize) -> usize {
+        let by_time = match self.run_ns {
+            // Nothing learnt yet: items go alone.
+            None => 1,
+            Some(run) => {
+                let per = run.saturating_add(self.pull_ns.unwrap_or(0)).max(1);
+                usize::try_from(CHUNK_NS / per).unwrap_or(MAX_ITEMS)
+            }
+        };
+        by_time
+            .min(self.last.saturating_mul(2))
+            .min(room)
+            .clamp(1, MAX_ITEMS)
+    }
+
+    /// Whether a chunk of `n` items whose pulls took `pulled` so far is to
+    /// be sent now: pulling took longer than its items' work, and than
+    /// [`CHUNK_NS`].
+    pub(crate) fn pulled_enough(&self, n: usize, pulled: Duration) -> bool {
+        let work = self.run_ns.unwrap_or(0).saturating_mul(n as u64);
+        pulled.as_nanos() > u128::from(work.max(CHUNK_NS))
+    }
+
+    /// A chunk of `n` items took `pulled` to pull and encode.
+    pub(crate) fn pulled(&mut self, n: usize, pulled: Duration) {
+        let total = u64::try_from(pulled.as_nanos()).unwrap_or(u64::MAX);
+        let each = total / n.max(1) as u64;
+        self.pull_ns = Some(match self.pull_ns {
+            Some(p) => p.saturating_mul(3).saturating_add(each) / 4,
+            None => each,
+        });
+        self.last_pull_ns = total;
+        self.last = n;
+    }
+
+    /// How long to wait for a result of `items` items before pulling the
+    /// next chunk: only from a slow input, and only when the result is
+    /// expected sooner than a quarter of a pull (or nothing is known yet).
+    pub(crate) fn patience(&self, items: usize) -> Option<Duration> {
+        if self.last_pull_ns < SLOW_PULL_NS {
+            return None;
+        }
+        let wait = self.last_pull_ns / 4;
+        match self.run_ns {
+            Some(run) if run.saturating_mul(items as u64) > wait => None,
+            _ => Some(Duration::from_nanos(wait)),
+        }
+    }
+}
+
+/// Pulls an imap's input, encodes it into chunks and submits them.
+pub(crate) struct ChunkFeeder<I> {
+    pub(crate) it: I,
+    pub(crate) f: TaskFn,
+    pub(crate) sizing: Sizing,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) soft_timeout: Option<Duration>,
+    pub(crate) retries: Option<u32>,
+    pub(crate) retry_shared: bool,
+    pub(crate) mode: Mode,
+    /// The input is done (exhausted, or it panicked): it is not pulled again.
+    pub(crate) ended: bool,
+    /// The input's panic, to hand over after the chunk pulled before it.
+    pub(crate) panicked: Option<Box<dyn Any + Send>>,
+}
+
+/// A chunk being filled (its `SharedBuf`s go to the encoder's list).
+#[derive(Default)]
+struct Filling {
+    payload: Vec<u8>,
+    n: usize,
+    /// An item that could not be encoded (with a chunk size: the chunk
+    /// fails as a whole).
+    err: Option<Error>,
+}
+
+impl<I> ChunkFeeder<I>
+where
+    I: Iterator,
+    I::Item: Serialize,
+{
+    /// The next item of the input; `None` once it is done (its panic is
+    /// kept, and resumed in the consumer in its place, after the items
+    /// before it: see `Imap`).
+    fn pull(&mut self) -> Option<I::Item> {
+        if self.ended {
+            return None;
+        }
+        match catch_unwind(AssertUnwindSafe(|| self.it.next())) {
+            Ok(Some(a)) => Some(a),
+            Ok(None) => {
+                self.ended = true;
+                None
+            }
+            Err(p) => {
+                self.ended = true;
+                self.panicked = Some(p);
+                None
+            }
+        }
+    }
+
+    /// Fills a chunk of `size` items (fewer at the input's end).
+    fn fill_fixed(&mut self, size: usize, c: &mut Filling) {
+        while c.n < size {
+            let Some(a) = self.pull() else { break };
+            if let Err(e) = task::push_item(&mut c.payload, &a) {
+                c.err.get_or_insert(Error::Encode {
+                    what: "argument",
+                    source: e,
+                });
+            }
+            c.n += 1;
+        }
+    }
+
+    /// Fills an auto-sized chunk of at most `size` items; an item that
+    /// cannot stay in it is carried over.
+    fn fill_auto(&mut self, size: usize, c: &mut Filling) {
+        let t0 = Instant::now();
+        while c.n < size {
+            let Some(a) = self.pull() else { break };
+            let (at, mark) = (c.payload.len(), shared_buf::encoded_len());
+            if let Err(source) = task::push_item(&mut c.payload, &a) {
+                shared_buf::truncate_encoded(mark);
+                self.carry(Carried::Failed(Error::Encode {
+                    what: "argument",
+                    source,
+                }));
+                break;
+            }
+            c.n += 1;
+            if shared_buf::encoded_len() > mark {
+                // It holds SharedBufs: it goes alone (a chunk's buffers are
+                // then all its own, numbered from 0).
+                if c.n > 1 {
+                    let bytes = c.payload.split_off(at);
+                    self.carry(Carried::Alone(bytes, shared_buf::split_encoded(mark)));
+                    c.n -= 1;
+                }
+                break;
+            }
+            if c.payload.len() >= MAX_BYTES {
+                break;
+            }
+            // The clock costs about as much as pulling a tiny item: read
+            // it for each of a chunk's first items, then every 16th.
+            if (c.n <= 8 || c.n % 16 == 0) && self.auto().pulled_enough(c.n, t0.elapsed()) {
+                break;
+            }
+        }
+        let n = c.n;
+        if n > 0 {
+            self.auto().pulled(n, t0.elapsed());
+        }
+    }
+
+    fn auto(&mut self) -> &mut Auto {
+        match &mut self.sizing {
+            Sizing::Auto(a) => a,
+            Sizing::Fixed(_) => unreachable!("only auto-sized chunks are timed"),
+        }
+    }
+
+    fn carry(&mut self, c: Carried) {
+        self.auto().carried = Some(c);
+    }
+
+    /// Submits a chunk of `n` items (`split`: auto-sized).
+    fn submit(
+        &self,
+        payload: Vec<u8>,
+        shared: Vec<Region>,
+        n: usize,
+        split: bool,
+        hook: &mut dyn FnMut(usize) -> Hook,
+    ) -> Pending {
+        let slot = self.shared.new_slot();
+        let bytes = payload.len();
+        let spec = JobSpec {
+            f: self.f,
+            payload: Body::Heap(payload),
+            hook: hook(n),
+            timeout: self.timeout,
+            soft_timeout: self.soft_timeout,
+            retries: self.retries,
+            shared,
+            retry_shared: self.retry_shared,
+            items: n as u32,
+            split,
+        };
+        match self.shared.submit(vec![(slot.clone(), spec)]) {
+            Ok(()) => Pending::Chunk(slot, n, bytes),
+            Err(e) => Pending::Failed(e, n),
+        }
+    }
+}
+
+impl<I> Feeder for ChunkFeeder<I>
+where
+    I: Iterator,
+    I::Item: Serialize,
+{
+    fn next_chunk(&mut self, hook: &mut dyn FnMut(usize) -> Hook, room: usize) -> Option<Pending> {
+        let size = match &mut self.sizing {
+            Sizing::Fixed(size) => Ok(*size),
+            Sizing::Auto(a) => match a.carried.take() {
+                Some(Carried::Failed(e)) => return Some(Pending::Failed(e, 1)),
+                Some(Carried::Alone(payload, shared)) => {
+                    return Some(self.submit(payload, shared, 1, true, hook));
+                }
+                None => {
+                    a.run_ns = self.shared.item_estimate(self.f);
+                    Err(a.target(room))
+                }
+            },
+        };
+        let mut c = Filling::default();
+        let mut shared = Vec::new();
+        shared_buf::encoding(self.mode, &mut shared, || match size {
+            Ok(fixed) => self.fill_fixed(fixed, &mut c),
+            Err(auto) => self.fill_auto(auto, &mut c),
+        });
+        if c.n == 0 {
+            // Nothing pulled: an item that failed alone, or the input's end.
+            if let Sizing::Auto(Auto {
+                carried: Some(Carried::Failed(_)),
+                ..
+            }) = &self.sizing
+            {
+                return self.next_chunk(hook, room);
+            }
+            return self.panicked.take().map(Pending::InputPanicked);
+        }
+        if c.err.is_none() && !shared.is_empty() && shared.len() > shared_buf::max_per_task() {
+            c.err = Some(shared_buf::too_many(shared.len()));
+        }
+        if let Some(e) = c.err.take() {
+            return Some(Pending::Failed(e, c.n));
+        }
+        Some(self.submit(c.payload, shared, c.n, size.is_err(), hook))
+    }
+
+    fn patience(&self, items: usize) -> Option<Duration> {
+        match &self.sizing {
+            Sizing::Auto(a) => a.patience(items),
+            Sizing::Fixed(_) => None,
+        }
+    }
+}

@@ -333,3 +333,94 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn learnt(run_ns: u64, pull_ns: u64, last: usize) -> Auto {
+        Auto {
+            last,
+            run_ns: Some(run_ns),
+            pull_ns: Some(pull_ns),
+            ..Auto::default()
+        }
+    }
+
+    #[test]
+    fn chunks_start_alone_and_grow_at_most_doubling() {
+        // Nothing learnt: alone, whatever came before.
+        assert_eq!(Auto::default().target(usize::MAX), 1);
+        assert_eq!(
+            Auto {
+                last: 100,
+                ..Auto::default()
+            }
+            .target(usize::MAX),
+            1
+        );
+        // Tiny items: doubling from the last chunk, up to MAX_ITEMS.
+        let mut a = learnt(10, 10, 0);
+        let mut sizes = Vec::new();
+        for _ in 0..20 {
+            let n = a.target(usize::MAX);
+            sizes.push(n);
+            a.last = n;
+        }
+        assert_eq!(&sizes[..5], [1, 2, 4, 8, 16]);
+        assert_eq!(*sizes.last().unwrap(), MAX_ITEMS);
+        // Never more than the room in flight.
+        assert_eq!(learnt(10, 10, 1000).target(7), 7);
+    }
+
+    #[test]
+    fn chunks_hold_about_chunk_ns_of_run_and_pull_time() {
+        let per = CHUNK_NS / 100;
+        assert_eq!(learnt(per / 2, per / 2, 1 << 20).target(usize::MAX), 100);
+        // A slow item goes alone; so does one from a slow input.
+        assert_eq!(learnt(CHUNK_NS, 0, 1 << 20).target(usize::MAX), 1);
+        assert_eq!(learnt(1, 10 * CHUNK_NS, 1 << 20).target(usize::MAX), 1);
+    }
+
+    #[test]
+    fn a_chunk_stops_filling_when_pulling_takes_longer_than_its_work() {
+        let a = learnt(1_000, 0, 0);
+        let ns = Duration::from_nanos;
+        assert!(!a.pulled_enough(10, ns(CHUNK_NS)));
+        assert!(a.pulled_enough(10, ns(CHUNK_NS + 1)));
+        // More work than CHUNK_NS: pulling may take that long.
+        assert!(!a.pulled_enough(10_000, ns(5 * CHUNK_NS)));
+        assert!(a.pulled_enough(10_000, ns(10 * CHUNK_NS + 1)));
+        // Nothing learnt: CHUNK_NS.
+        assert!(Auto::default().pulled_enough(1, ns(CHUNK_NS + 1)));
+    }
+
+    #[test]
+    fn pull_times_are_averaged_per_item() {
+        let mut a = Auto::default();
+        a.pulled(4, Duration::from_nanos(400));
+        assert_eq!((a.pull_ns, a.last, a.last_pull_ns), (Some(100), 4, 400));
+        a.pulled(1, Duration::from_nanos(500));
+        assert_eq!(a.pull_ns, Some(200));
+    }
+
+    #[test]
+    fn the_consumer_waits_only_for_a_slow_input_and_a_quick_result() {
+        let slow = SLOW_PULL_NS * 4;
+        let mut a = Auto {
+            last_pull_ns: slow,
+            ..Auto::default()
+        };
+        // Nothing learnt of the task: a quarter of a pull.
+        assert_eq!(a.patience(1), Some(Duration::from_nanos(slow / 4)));
+        // A result expected sooner than that: wait for it.
+        a.run_ns = Some(1_000);
+        assert_eq!(a.patience(3), Some(Duration::from_nanos(slow / 4)));
+        // One expected later, or a quick input: pull on.
+        a.run_ns = Some(slow);
+        assert_eq!(a.patience(1), None);
+        a.run_ns = Some(1_000);
+        a.last_pull_ns = SLOW_PULL_NS - 1;
+        assert_eq!(a.patience(1), None);
+    }
+}

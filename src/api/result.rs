@@ -909,3 +909,86 @@ impl<R> std::fmt::Debug for ImapUnordered<'_, R> {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::codec;
+
+    /// A chunk's output holding these values, each a success.
+    fn output(values: impl IntoIterator<Item = u64>) -> Buf {
+        let mut vec = Vec::new();
+        for v in values {
+            let mut body = Vec::new();
+            codec::encode_into(&v, &mut body).unwrap();
+            vec.push(task::status::OK);
+            vec.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            vec.extend_from_slice(&body);
+        }
+        Buf::Heap { vec, start: 0 }
+    }
+
+    fn drain(r: &mut Ready<u64>) -> Vec<std::result::Result<u64, String>> {
+        std::iter::from_fn(|| r.pop())
+            .map(|x| x.map_err(|e| format!("{e:?}")))
+            .collect()
+    }
+
+    #[test]
+    fn a_split_chunks_lost_items_come_back_in_their_places() {
+        let mut r = Ready::<u64>::default();
+        let lost = vec![
+            (0, Error::Cancelled),
+            (2, Error::Terminated),
+            (5, Error::Closed),
+        ];
+        r.chunk(Payload::Items(output([1, 3, 4]), Supply::default(), lost));
+        let got = drain(&mut r);
+        let want: Vec<std::result::Result<u64, String>> = vec![
+            Err("Cancelled".into()),
+            Ok(1),
+            Err("Terminated".into()),
+            Ok(3),
+            Ok(4),
+            Err("Closed".into()),
+        ];
+        assert_eq!(got, want);
+        assert!(r.is_empty());
+        // The same through a map's assembly: the first error in input order.
+        let slot = Slot::new(1);
+        let lost = vec![(1, Error::Cancelled)];
+        slot.set(Ok(Payload::Items(output([7, 8]), Supply::default(), lost)));
+        assert!(!slot.all_items_ok());
+        assert!(matches!(assemble::<u64>(&[slot], 3), Err(Error::Cancelled)));
+    }
+
+    #[test]
+    fn a_chunk_is_decoded_in_batches_and_what_comes_after_it_stays_after() {
+        let n = 3 * BATCH as u64;
+        let mut r = Ready::<u64>::default();
+        r.chunk(Payload::Bytes(output(0..n), Supply::default()));
+        assert_eq!(r.pop().unwrap().unwrap(), 0);
+        // Only a batch is decoded ahead of the consumer.
+        assert_eq!(r.items.len(), BATCH - 1);
+        // Items that fail meanwhile go behind the rest of the chunk, and
+        // so does another chunk.
+        r.failed(Error::Cancelled, 2);
+        r.chunk(Payload::Bytes(output([100]), Supply::default()));
+        let got = drain(&mut r);
+        assert_eq!(got.len() as u64, n - 1 + 3);
+        assert!(
+            got[..(n - 1) as usize]
+                .iter()
+                .zip(1..)
+                .all(|(x, i)| x == &Ok(i))
+        );
+        assert_eq!(
+            got[(n - 1) as usize..],
+            [
+                Err("Cancelled".to_string()),
+                Err("Cancelled".to_string()),
+                Ok(100)
+            ]
+        );
+    }
+}

@@ -229,8 +229,8 @@ where
                 break;
             }
             // The clock costs about as much as pulling a tiny item: read
-            // it for each of a chunk's first items, then every 16th.
-            if (c.n <= 8 || c.n % 16 == 0) && self.auto().pulled_enough(c.n, t0.elapsed()) {
+            // it for each of a chunk's first items, then every 64th.
+            if (c.n <= 8 || c.n % 64 == 0) && self.auto().pulled_enough(c.n, t0.elapsed()) {
                 break;
             }
         }

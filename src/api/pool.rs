@@ -183,14 +183,21 @@ impl<R> Default for MapOptions<R> {
 }
 
 impl<R> MapOptions<R> {
-    /// The defaults: CPython's chunk sizes, the pool's timeout and retries.
+    /// The defaults: CPython's chunk size for `map`, chunks the pool sizes
+    /// itself for `imap` (see [`Pool::imap`]), the pool's timeout and
+    /// retries.
     pub fn new() -> Self {
         Self::default()
     }
 
     setters! {
-        /// Items per task. `map` defaults to ceil(n / (4 × workers)) as in
-        /// CPython; `imap` and `imap_unordered` to 1. Zero counts as 1.
+        /// Items per task, as in CPython: every chunk but the last holds
+        /// exactly `n` items. Zero counts as 1. Without it, `map` uses
+        /// ceil(n / (4 × workers)) as CPython does, and `imap` and
+        /// `imap_unordered` size each chunk themselves, from what the pool
+        /// learns of the task's run time and of the input's (see
+        /// [`Pool::imap`]); `chunksize(1)` gives CPython's `imap`, one item
+        /// per task.
         fn chunksize(n: usize) { chunksize = Some(n.max(1)) }
 
         /// A timeout for each chunk (see [`TaskOptions::timeout`]).
@@ -208,7 +215,9 @@ impl<R> MapOptions<R> {
         fn retries_with_shared(n: u32) { retries = Some(n), retry_shared = true }
 
         /// For `imap`: at most this many chunks in flight (default: enough to
-        /// keep every worker busy, at least 4 per worker).
+        /// keep every worker busy, at least 4 per worker). Where `imap`
+        /// sizes its chunks itself (no [`chunksize`](Self::chunksize)), at
+        /// most this many items, as with chunks of one item.
         fn in_flight(chunks: usize) { in_flight = Some(chunks.max(1)) }
 
         /// For `map_async_with`: called with every value, in input order.
@@ -1025,9 +1034,42 @@ impl Pool {
         (Box::new(feeder), bound)
     }
 
-    /// A lazy iterator of `f(item)` for every item, in input order (chunk
-    /// size 1). It pulls input only as results are consumed and keeps a
-    /// bounded number of tasks in flight, so an endless input is fine.
+    /// A lazy iterator of `f(item)` for every item, in input order. It
+    /// pulls input only as results are consumed and keeps a bounded number
+    /// of items in flight, so an endless input is fine.
+    ///
+    /// The pool sizes the chunks (where CPython's `imap` sends one item per
+    /// task): the first items go alone; then, as the pool learns how long
+    /// one item takes to run (in the workers) and to pull from the input
+    /// (here), chunks grow, at most doubling each time, towards about a
+    /// millisecond of work each. Tiny items go thousands to a chunk, so an
+    /// `imap` of them keeps pace with [`map`](Self::map), and slow ones
+    /// alone. A chunk is sent as soon as pulling it takes longer than that,
+    /// so the items of a slow input are not held back to fill one; and
+    /// while the input is slow, a result expected soon is yielded before
+    /// the next item is pulled.
+    ///
+    /// Each item keeps its own fate. A panic fails only its item; so does
+    /// an item that cannot be encoded; so does a crash of its worker (an
+    /// abort, a segfault, a kill): that item fails with
+    /// [`Error::WorkerLost`], the items after it in its chunk run on another
+    /// worker, and those before it, whose results died with the worker, run
+    /// again. For work that must not run twice, give a chunk size:
+    /// [`MapOptions::chunksize`] keeps CPython's meaning exactly (`1` is
+    /// CPython's `imap`). Items stay alone anyway with a timeout, a soft
+    /// timeout or retries (which apply per task), in a sandboxed pool, and
+    /// over MPI.
+    ///
+    /// ```
+    /// fn square(x: u64) -> u64 { x * x }
+    /// let pool = procpool::Pool::builder().processes(2).build()?;
+    /// let mut sum = 0;
+    /// for r in pool.imap(square, 0..100_000) {
+    ///     sum += r?;
+    /// }
+    /// assert_eq!(sum, (0..100_000u64).map(square).sum::<u64>());
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
     pub fn imap<'a, A: Data, R: Data>(
         &self,
         f: fn(A) -> R,
@@ -1055,7 +1097,19 @@ impl Pool {
         }
     }
 
-    /// Like [`imap`](Self::imap), but yields results in the order they finish.
+    /// Like [`imap`](Self::imap), but yields results in the order they
+    /// finish (of chunks: the items of one chunk come in input order).
+    /// Without a chunk size, the pool sizes the chunks as `imap` does.
+    ///
+    /// ```
+    /// use std::collections::HashSet;
+    /// fn square(x: u64) -> u64 { x * x }
+    /// let pool = procpool::Pool::builder().processes(2).build()?;
+    /// let got: HashSet<u64> = pool.imap_unordered(square, 0..10_000).collect::<Result<_, _>>()?;
+    /// assert_eq!(got.len(), 10_000);
+    /// assert!(got.contains(&(9_999 * 9_999)));
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
     pub fn imap_unordered<'a, A: Data, R: Data>(
         &self,
         f: fn(A) -> R,

@@ -18,8 +18,8 @@ pub(crate) const PAGE_WORDS: usize = 4096 / 8;
 /// What a worker says of itself, in memory its parent reads: the sequence
 /// number of the task it started last, when it started it (CLOCK_MONOTONIC
 /// nanoseconds, the clock of `Instant`), the sequence number of the last
-/// task whose result it has written, and (written by the parent) a task to
-/// skip. A task is running while
+/// task whose result it has written, which item of a chunk it runs, and
+/// (written by the parent) a task to skip. A task is running while
 /// `started == seq && finished < seq`.
 #[derive(Clone, Copy)]
 pub(crate) struct Status<'a> {

@@ -40,7 +40,7 @@ pub(crate) const MAX_ITEMS: usize = 1 << 15;
 /// An auto-sized chunk takes no item once its input is this large.
 pub(crate) const MAX_BYTES: usize = 256 << 10;
 /// By default, the most items of auto-sized chunks in flight at once ...
-pub(crate) const ITEMS_IN_FLIGHT: usize = 4 * MAX_ITEMS;
+pub(crate) const ITEMS_IN_FLIGHT: usize = 8 * MAX_ITEMS;
 /// ... and the most bytes of their input.
 pub(crate) const BYTES_IN_FLIGHT: usize = 16 << 20;
 /// An input whose last chunk took at least this long to pull is slow: the

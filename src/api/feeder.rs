@@ -43,10 +43,11 @@ pub(crate) const MAX_BYTES: usize = 256 << 10;
 pub(crate) const ITEMS_IN_FLIGHT: usize = 8 * MAX_ITEMS;
 /// ... and the most bytes of their input.
 pub(crate) const BYTES_IN_FLIGHT: usize = 16 << 20;
-/// An input whose last chunk took at least this long to pull is slow: the
-/// consumer may wait a little for a result before it pulls again (see
-/// [`Feeder::patience`]).
-const SLOW_PULL_NS: u64 = 1_000_000;
+/// An input whose last chunk took at least this long to pull (more than a
+/// chunk's pull budget, [`CHUNK_NS`], allows) is slow: the consumer yields
+/// a result that is in, or waits a little for one, before it pulls again
+/// (see `Feeder::slow` and `Feeder::patience`).
+const SLOW_PULL_NS: u64 = 2 * CHUNK_NS;
 
 /// How a feeder sizes its chunks.
 pub(crate) enum Sizing {
@@ -117,11 +118,17 @@ impl Auto {
         self.last = n;
     }
 
+    /// Whether the input is slow: its last chunk took [`SLOW_PULL_NS`] or
+    /// more to pull.
+    pub(crate) fn slow(&self) -> bool {
+        self.last_pull_ns >= SLOW_PULL_NS
+    }
+
     /// How long to wait for a result of `items` items before pulling the
     /// next chunk: only from a slow input, and only when the result is
     /// expected sooner than a quarter of a pull (or nothing is known yet).
     pub(crate) fn patience(&self, items: usize) -> Option<Duration> {
-        if self.last_pull_ns < SLOW_PULL_NS {
+        if !self.slow() {
             return None;
         }
         let wait = self.last_pull_ns / 4;
@@ -324,6 +331,10 @@ where
             return Some(Pending::Failed(e, c.n));
         }
         Some(self.submit(c.payload, shared, c.n, size.is_err(), hook))
+    }
+
+    fn slow(&self) -> bool {
+        matches!(&self.sizing, Sizing::Auto(a) if a.slow())
     }
 
     fn patience(&self, items: usize) -> Option<Duration> {

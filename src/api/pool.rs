@@ -998,24 +998,30 @@ impl Pool {
     ) -> (Box<dyn Feeder + 'a>, Bound) {
         let auto = self.sizes_chunks(opts);
         let chunksize = opts.chunksize.unwrap_or(1);
+        // Auto-sized chunks: two per worker in flight keep the workers
+        // busy while a result that is in is yielded.
+        let keep = 2 * self.processes();
         let (sizing, bound) = match (auto, opts.in_flight) {
             // The caller's bound counts items, as it did with chunks of 1.
-            (true, Some(k)) => (Sizing::Auto(Auto::default()), Bound::new(k, k, usize::MAX)),
+            (true, Some(k)) => (
+                Sizing::Auto(Auto::default()),
+                Bound::new(k, k, usize::MAX, keep),
+            ),
             (true, None) => (
                 Sizing::Auto(Auto::default()),
                 Bound::new(
                     (4 * self.processes()).max(4096),
                     feeder::ITEMS_IN_FLIGHT,
                     feeder::BYTES_IN_FLIGHT,
+                    keep,
                 ),
             ),
+            // A chunk size: the window is topped up first, as it was.
             (false, k) => {
                 let chunks =
                     k.unwrap_or_else(|| (4 * self.processes()).max(4096usize.div_ceil(chunksize)));
-                (
-                    Sizing::Fixed(chunksize),
-                    Bound::new(chunks, usize::MAX, usize::MAX),
-                )
+                let bound = Bound::new(chunks, usize::MAX, usize::MAX, usize::MAX);
+                (Sizing::Fixed(chunksize), bound)
             }
         };
         let feeder = ChunkFeeder {

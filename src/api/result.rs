@@ -375,19 +375,30 @@ pub(crate) struct Bound {
     chunks: usize,
     items: usize,
     bytes: usize,
+    /// With this many chunks in flight, a result that is in is yielded
+    /// before more input is pulled (`usize::MAX`: the window is always
+    /// topped up first).
+    keep: usize,
     /// What it has: items and bytes (its chunks are counted where they are
     /// held).
     held: (usize, usize),
 }
 
 impl Bound {
-    pub(crate) fn new(chunks: usize, items: usize, bytes: usize) -> Bound {
+    pub(crate) fn new(chunks: usize, items: usize, bytes: usize, keep: usize) -> Bound {
         Bound {
             chunks,
             items,
             bytes,
+            keep,
             held: (0, 0),
         }
+    }
+
+    /// Whether `chunks` in flight keep the workers busy enough that a
+    /// result which is in goes first.
+    fn enough(&self, chunks: usize) -> bool {
+        chunks >= self.keep
     }
 
     /// Whether one more chunk may go, with `chunks` in flight.
@@ -416,6 +427,11 @@ pub(crate) trait Feeder {
     /// Submits the next chunk, of at most `room` items where the feeder
     /// sizes its chunks itself; None when the input is exhausted.
     fn next_chunk(&mut self, hook: &mut dyn FnMut(usize) -> Hook, room: usize) -> Option<Pending>;
+
+    /// Whether the input is slow (its last chunk took a millisecond or
+    /// more to pull): the consumer then yields a result that is in before
+    /// it pulls again, rather than keep its window full.
+    fn slow(&self) -> bool;
 
     /// How long the consumer may wait for a result (of a chunk of `items`
     /// items) before it pulls more input: `Some` only while the input is
@@ -657,12 +673,15 @@ impl<R: DeserializeOwned> Stream<R> for Imap<'_, R> {
         &mut self.ready
     }
 
-    /// Tops the window up from the input (until its oldest chunk is in),
-    /// then waits for its oldest chunk.
+    /// Tops the window up from the input, then waits for its oldest chunk.
+    /// Once that chunk is in and the window holds enough to keep the
+    /// workers busy (or the input is slow), it stops topping up: the
+    /// chunk's items are yielded first.
     fn step(&mut self, deadline: Option<Instant>) -> Option<Next<Result<R>>> {
         while !self.exhausted && self.bound.has_room(self.window.len()) {
             if let Some(front) = self.window.front() {
-                if front.is_ready() || self.waited_for_front(deadline) {
+                let enough = self.feeder.slow() || self.bound.enough(self.window.len());
+                if enough && (front.is_ready() || self.waited_for_front(deadline)) {
                     break;
                 }
             }
@@ -789,15 +808,16 @@ impl<R: DeserializeOwned> Stream<R> for ImapUnordered<'_, R> {
         &mut self.ready
     }
 
-    /// Tops the chunks in flight up from the input (until a result is
-    /// in), then waits for the next one to finish.
+    /// Tops the chunks in flight up from the input, then waits for the
+    /// next one to finish. Once a result is in and enough is in flight to
+    /// keep the workers busy (or the input is slow), it stops topping up:
+    /// the result is yielded first.
     fn step(&mut self, deadline: Option<Instant>) -> Option<Next<Result<R>>> {
-        while !self.exhausted
-            && self.bound.has_room(self.in_flight.len())
-            && self.ready.is_empty()
-            && self.rx.is_empty()
-        {
-            if self.waited_for_one(deadline) {
+        while !self.exhausted && self.bound.has_room(self.in_flight.len()) {
+            let enough = self.feeder.slow() || self.bound.enough(self.in_flight.len());
+            if enough
+                && (!self.ready.is_empty() || !self.rx.is_empty() || self.waited_for_one(deadline))
+            {
                 break;
             }
             let i = self.next_index;

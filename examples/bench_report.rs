@@ -17,6 +17,20 @@
 //!   apply_async_tasks_per_s   100,000 apply_async(inc, i), then get each
 //!   map_1M_items_per_s        map(inc, 0..1_000_000), default chunk size
 //!   imap_unordered_1M_chunk1000_items_per_s   chunk size 1000
+//!
+//! and figures that pool_bench.py lacks (compare.py ignores them):
+//!   imap_1M_default_items_per_s   imap(inc, 0..1_000_000) with no chunk
+//!                             size: chunks the pool sizes itself
+//!   imap_unordered_1M_default_items_per_s   the same, imap_unordered
+//!   imap_mixed_1000_default_over_chunk1   1,000 items of which every
+//!                             tenth sleeps 10 ms: the time with no chunk
+//!                             size over the time with chunk size 1
+//!                             (medians of 3, run alternately)
+//!   imap_slow_input_first_result_ms   an input that takes 10 ms to yield
+//!                             each item: from imap() to its first result
+//!                             (median of 5)
+//!
+//! and from pool_bench.py again:
 //!   echo_64MiB_GBps           apply(echo, 64 MiB ByteBuf): 2 x 64 MiB / time
 //!   echo_64MiB_shared_GBps    one 64 MiB SharedBuf, made and sent once
 //!                             before the clock, then sent again and again
@@ -71,6 +85,14 @@ type BoxResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn inc(x: u64) -> u64 {
     x + 1
+}
+
+/// Every tenth item sleeps 10 ms; the others are instant.
+fn tenth_sleeps(x: u64) -> u64 {
+    if x % 10 == 9 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    x
 }
 
 fn echo(b: ByteBuf) -> ByteBuf {
@@ -332,6 +354,71 @@ fn sandbox_rows(want: &dyn Fn(&str) -> bool, out: &mut Vec<(&'static str, f64)>)
     Ok(())
 }
 
+/// The imap rows without a chunk size (see the module docs).
+fn imap_default_rows(
+    p: &Pool,
+    want: &dyn Fn(&str) -> bool,
+    out: &mut Vec<(&'static str, f64)>,
+) -> BoxResult<()> {
+    const M: u64 = 1_000_000;
+    if want("imap_1M_default_items_per_s") {
+        let t = med(3, || {
+            let mut last = 0;
+            for r in p.imap(inc, 0..M) {
+                last = black_box(r?);
+            }
+            assert_eq!(last, M);
+            Ok(())
+        })?;
+        out.push(("imap_1M_default_items_per_s", M as f64 / t));
+    }
+    if want("imap_unordered_1M_default_items_per_s") {
+        let t = med(3, || {
+            let mut count = 0u64;
+            for r in p.imap_unordered(inc, 0..M) {
+                black_box(r?);
+                count += 1;
+            }
+            assert_eq!(count, M);
+            Ok(())
+        })?;
+        out.push(("imap_unordered_1M_default_items_per_s", M as f64 / t));
+    }
+    if want("imap_mixed_1000_default_over_chunk1") {
+        let run = |opts: MapOptions<u64>| -> BoxResult<f64> {
+            let t = Instant::now();
+            let mut count = 0;
+            for r in p.imap_with(tenth_sleeps, 0..1000u64, opts) {
+                black_box(r?);
+                count += 1;
+            }
+            assert_eq!(count, 1000);
+            Ok(t.elapsed().as_secs_f64())
+        };
+        let (mut auto, mut one) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            auto.push(run(MapOptions::new())?);
+            one.push(run(MapOptions::new().chunksize(1))?);
+        }
+        out.push((
+            "imap_mixed_1000_default_over_chunk1",
+            median(auto) / median(one),
+        ));
+    }
+    if want("imap_slow_input_first_result_ms") {
+        let mut xs = Vec::new();
+        for _ in 0..5 {
+            let slow = (0..50u64).inspect(|_| std::thread::sleep(Duration::from_millis(10)));
+            let t = Instant::now();
+            let mut it = p.imap(inc, slow);
+            black_box(it.next().ok_or("no first result")??);
+            xs.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        out.push(("imap_slow_input_first_result_ms", median(xs)));
+    }
+    Ok(())
+}
+
 fn main() -> BoxResult<()> {
     let n: usize = match std::env::var("WORKERS") {
         Ok(v) => v.trim().parse()?,
@@ -413,6 +500,8 @@ fn main() -> BoxResult<()> {
             })?;
             out.push(("imap_unordered_1M_chunk1000_items_per_s", M as f64 / t));
         }
+
+        imap_default_rows(&p, &want, &mut out)?;
 
         if want("echo_64MiB_GBps") {
             let payload = ByteBuf::from(vec![b'x'; 64 << 20]);

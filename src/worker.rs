@@ -299,6 +299,7 @@ impl Worker<'_> {
             out: &mut self.out,
             spilled: None,
             shared: SharedIo::default(),
+            item: None,
         };
         // SAFETY: the initializer was made by PoolBuilder::initializer
         // (TaskFn::single) in the process this one was forked from, or in
@@ -389,6 +390,8 @@ impl Worker<'_> {
         let start_ns = sys::monotonic_ns();
         crate::deadline::begin_task(start_ns, soft_limit_for(self.soft.take(), seq));
         self.status.start_ns.store(start_ns, Ordering::SeqCst);
+        // No item of this task has started yet (stored before `started`).
+        self.status.item.store(0, Ordering::SeqCst);
         self.status.started.store(seq, Ordering::SeqCst);
         crate::proto::logs::set_task(seq);
     }
@@ -416,6 +419,7 @@ impl Worker<'_> {
                 supply: Supply::from_fds(input.shared),
                 out: Vec::new(),
             },
+            item: Some(self.status.item),
         };
         let mut st = match checked {
             Err((st, msg)) => {

@@ -1,8 +1,10 @@
 //! [`Pool`] and [`PoolBuilder`]: the public API.
 
-use crate::api::feed::ChunkFeeder;
+use crate::api::feed::{self, Auto, Bound, ChunkFeeder, Sizing};
 use crate::api::join::{JoinFuture, SetOnDrop};
-use crate::api::result::{AsyncResult, Imap, ImapUnordered, MapResult, assemble, decode_payload};
+use crate::api::result::{
+    AsyncResult, Imap, ImapUnordered, MapResult, Ready, assemble, decode_payload,
+};
 use crate::backend::local;
 use crate::backend::local::server::{Init, Spec};
 use crate::backend::local::start::StartMethod;
@@ -208,14 +210,21 @@ impl<R> Default for MapOptions<R> {
 }
 
 impl<R> MapOptions<R> {
-    /// The defaults: CPython's chunk sizes, the pool's timeout and retries.
+    /// The defaults: CPython's chunk size for `map`, chunks the pool sizes
+    /// itself for `imap` (see [`Pool::imap`]), the pool's timeout and
+    /// retries.
     pub fn new() -> Self {
         Self::default()
     }
 
     setters! {
-        /// Items per task. `map` defaults to ceil(n / (4 × workers)) as in
-        /// CPython; `imap` and `imap_unordered` to 1. Zero counts as 1.
+        /// Items per task, as in CPython: every chunk but the last holds
+        /// exactly `n` items. Zero counts as 1. Without it, `map` uses
+        /// ceil(n / (4 × workers)) as CPython does, and `imap` and
+        /// `imap_unordered` size each chunk themselves, from what the pool
+        /// learns of the task's run time and of the input's (see
+        /// [`Pool::imap`]); `chunksize(1)` gives CPython's `imap`, one item
+        /// per task.
         fn chunksize(n: usize) { chunksize = Some(n.max(1)) }
 
         /// A timeout for each chunk (see [`TaskOptions::timeout`]).
@@ -233,7 +242,9 @@ impl<R> MapOptions<R> {
         fn retries_with_shared(n: u32) { retries = Some(n), retry_shared = true }
 
         /// For `imap`: at most this many chunks in flight (default: enough to
-        /// keep every worker busy, at least 4 per worker).
+        /// keep every worker busy, at least 4 per worker). Where `imap`
+        /// sizes its chunks itself (no [`chunksize`](Self::chunksize)), at
+        /// most this many items, as with chunks of one item.
         fn in_flight(chunks: usize) { in_flight = Some(chunks.max(1)) }
 
         /// For `map_async_with`: called with every value, in input order.
@@ -617,6 +628,7 @@ impl PoolBuilder {
             // The MPI backend sets it: its ranks keep their own clocks.
             backend_keeps_timeouts: false,
             spin: crate::proto::idle::spin_budget(),
+            item_progress: true,
         };
         #[cfg(feature = "mpi")]
         if mpi {
@@ -1006,6 +1018,7 @@ impl Pool {
                 shared,
                 retry_shared: opts.retry_shared,
                 items: 0,
+                split: None,
             },
         )])?;
         Ok(AsyncResult {
@@ -1127,6 +1140,7 @@ impl Pool {
                 shared,
                 retry_shared: opts.retry_shared,
                 items: chunk.len() as u32,
+                split: None,
             };
             if let Err(e) = self.shared.submit(vec![(slot.clone(), spec)]) {
                 // Closed or terminated: nothing of this map may run.
@@ -1137,39 +1151,110 @@ impl Pool {
         Ok(result)
     }
 
+    /// Whether an imap without a chunk size sizes its chunks itself: not
+    /// with a timeout, a soft timeout or retries (they apply per chunk, so
+    /// each item keeps its own), nor in a sandboxed pool (a chunk shares
+    /// one process, and its fate), nor where the backend cannot say which
+    /// item of a chunk a dead worker ran (MPI ranks).
+    fn sizes_chunks<R>(&self, opts: &MapOptions<R>) -> bool {
+        let cfg = &self.shared.cfg;
+        opts.chunksize.is_none()
+            && cfg.item_progress
+            && cfg.sandbox.is_none()
+            && opts.timeout.or(cfg.timeout).is_none()
+            && opts.soft_timeout.or(cfg.soft_timeout).is_none()
+            && opts.retries.unwrap_or(cfg.retries) == 0
+    }
+
+    /// An imap's feeder, and how much it may have in flight.
     fn feeder<A: Data, R: Data, I: IntoIterator<Item = A>>(
         &self,
         tf: TaskFn,
         prefix: Result<Vec<u8>>,
         items: I,
         opts: &MapOptions<R>,
-    ) -> (ChunkFeeder<I::IntoIter>, usize) {
+    ) -> (ChunkFeeder<I::IntoIter>, Bound) {
+        let auto = self.sizes_chunks(opts);
         let chunksize = opts.chunksize.unwrap_or(1);
-        let in_flight = opts
-            .in_flight
-            .unwrap_or_else(|| (4 * self.processes()).max(4096usize.div_ceil(chunksize)));
-        (
-            ChunkFeeder {
-                it: items.into_iter(),
-                f: tf,
-                prefix,
-                chunksize,
-                shared: self.shared.clone(),
-                timeout: opts.timeout,
-                soft_timeout: opts.soft_timeout,
-                retries: opts.retries,
-                ended: false,
-                panicked: None,
-                retry_shared: opts.retry_shared,
-                mode: self.shared_mode(),
-            },
-            in_flight,
-        )
+        // Auto-sized chunks: two per worker in flight keep the workers
+        // busy while a result that is in is yielded.
+        let keep = 2 * self.processes();
+        let (sizing, bound) = match (auto, opts.in_flight) {
+            // The caller's bound counts items, as it did with chunks of 1.
+            (true, Some(k)) => (
+                Sizing::Auto(Auto::default()),
+                Bound::new(k, k, usize::MAX, keep),
+            ),
+            (true, None) => (
+                Sizing::Auto(Auto::default()),
+                Bound::new(
+                    (4 * self.processes()).max(4096),
+                    feed::ITEMS_IN_FLIGHT,
+                    feed::BYTES_IN_FLIGHT,
+                    keep,
+                ),
+            ),
+            // A chunk size: the window is topped up first, as it was.
+            (false, k) => {
+                let chunks =
+                    k.unwrap_or_else(|| (4 * self.processes()).max(4096usize.div_ceil(chunksize)));
+                let bound = Bound::new(chunks, usize::MAX, usize::MAX, usize::MAX);
+                (Sizing::Fixed(chunksize), bound)
+            }
+        };
+        let feeder = ChunkFeeder {
+            it: items.into_iter(),
+            f: tf,
+            prefix,
+            sizing,
+            shared: self.shared.clone(),
+            timeout: opts.timeout,
+            soft_timeout: opts.soft_timeout,
+            retries: opts.retries,
+            retry_shared: opts.retry_shared,
+            mode: self.shared_mode(),
+            ended: false,
+            panicked: None,
+        };
+        (feeder, bound)
     }
 
-    /// A lazy iterator of `f(item)` for every item, in input order (chunk
-    /// size 1). It pulls input only as results are consumed and keeps a
-    /// bounded number of tasks in flight, so an endless input is fine.
+    /// A lazy iterator of `f(item)` for every item, in input order. It
+    /// pulls input only as results are consumed and keeps a bounded number
+    /// of items in flight, so an endless input is fine.
+    ///
+    /// The pool sizes the chunks (where CPython's `imap` sends one item per
+    /// task): the first items go alone; then, as the pool learns how long
+    /// one item takes to run (in the workers) and to pull from the input
+    /// (here), chunks grow, at most doubling each time, towards about a
+    /// millisecond of work each. Tiny items go thousands to a chunk, so an
+    /// `imap` of them keeps pace with [`map`](Self::map), and slow ones
+    /// alone. A chunk is sent as soon as pulling it takes longer than that,
+    /// so the items of a slow input are not held back to fill one; and
+    /// while the input is slow, a result expected soon is yielded before
+    /// the next item is pulled.
+    ///
+    /// Each item keeps its own fate. A panic fails only its item; so does
+    /// an item that cannot be encoded; so does a crash of its worker (an
+    /// abort, a segfault, a kill): that item fails with
+    /// [`Error::WorkerLost`], the items after it in its chunk run on another
+    /// worker, and those before it, whose results died with the worker, run
+    /// again. For work that must not run twice, give a chunk size:
+    /// [`MapOptions::chunksize`] keeps CPython's meaning exactly (`1` is
+    /// CPython's `imap`). Items stay alone anyway with a timeout, a soft
+    /// timeout or retries (which apply per task), in a sandboxed pool, and
+    /// over MPI.
+    ///
+    /// ```
+    /// fn square(x: u64) -> u64 { x * x }
+    /// let pool = procpool::Pool::builder().processes(2).build()?;
+    /// let mut sum = 0;
+    /// for r in pool.imap(square, 0..100_000) {
+    ///     sum += r?;
+    /// }
+    /// assert_eq!(sum, (0..100_000u64).map(square).sum::<u64>());
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
     ///
     /// It is also an async [`Stream`](futures_core::Stream) of the same
     /// items (see [`Imap`]).
@@ -1201,19 +1286,32 @@ impl Pool {
         items: I,
         opts: MapOptions<R>,
     ) -> Imap<R, I::IntoIter> {
-        let (feeder, max_in_flight) = self.feeder(tf, prefix, items, &opts);
+        let (feeder, bound) = self.feeder(tf, prefix, items, &opts);
         Imap {
             feeder,
             window: VecDeque::new(),
-            ready: VecDeque::new(),
-            max_in_flight,
+            ready: Ready::default(),
+            bound,
+            waited: false,
             exhausted: false,
             pool: Arc::downgrade(&self.shared),
         }
     }
 
     /// Like [`imap`](Self::imap), but yields results in the order they
-    /// finish. Also an async [`Stream`](futures_core::Stream).
+    /// finish (of chunks: the items of one chunk come in input order).
+    /// Without a chunk size, the pool sizes the chunks as `imap` does.
+    /// Also an async [`Stream`](futures_core::Stream).
+    ///
+    /// ```
+    /// use std::collections::HashSet;
+    /// fn square(x: u64) -> u64 { x * x }
+    /// let pool = procpool::Pool::builder().processes(2).build()?;
+    /// let got: HashSet<u64> = pool.imap_unordered(square, 0..10_000).collect::<Result<_, _>>()?;
+    /// assert_eq!(got.len(), 10_000);
+    /// assert!(got.contains(&(9_999 * 9_999)));
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
     pub fn imap_unordered<A: Data, R: Data, I: IntoIterator<Item = A>>(
         &self,
         f: fn(A) -> R,
@@ -1240,13 +1338,14 @@ impl Pool {
         items: I,
         opts: MapOptions<R>,
     ) -> ImapUnordered<R, I::IntoIter> {
-        let (feeder, max_in_flight) = self.feeder(tf, prefix, items, &opts);
+        let (feeder, bound) = self.feeder(tf, prefix, items, &opts);
         ImapUnordered {
             feeder,
             input_panic: None,
             in_flight: HashMap::new(),
-            ready: VecDeque::new(),
-            max_in_flight,
+            ready: Ready::default(),
+            bound,
+            waited: false,
             exhausted: false,
             next_index: 0,
             hub: Hub::new(),

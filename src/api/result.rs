@@ -1,10 +1,11 @@
 //! What a caller holds while a task runs: [`AsyncResult`], [`MapResult`] and
 //! the `imap` iterators, and the slot each of them waits on.
 
-use crate::api::feed::{ChunkFeeder, Pending};
-use crate::engine::completion::{Group, Hook, Hub, Outcome, Payload, Slot};
+use crate::api::feed::{Bound, ChunkFeeder, Pending};
+use crate::engine::completion::{Buf, Group, Hook, Hub, Outcome, Payload, Slot};
 use crate::engine::core::Shared;
 use crate::error::{Error, Result};
+use crate::proto::shared_buf::Supply;
 use crate::proto::task;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -26,10 +27,43 @@ pub(crate) fn decode_payload<R: DeserializeOwned + 'static>(o: Outcome) -> Resul
         Payload::Value(v) => v.downcast::<R>().map(|b| *b).map_err(|_| Error::Broken {
             reason: "a stored value had an unexpected type".into(),
         }),
-        Payload::Unit => Err(Error::Broken {
+        Payload::Unit | Payload::Items(..) => Err(Error::Broken {
             reason: "a result had no value".into(),
         }),
     }
+}
+
+/// The items of a chunk's output `b`, in order, with the items `lost`
+/// (of a split chunk: see `Job::split`) put back in their places.
+fn chunk_items<R: DeserializeOwned>(
+    b: &[u8],
+    lost: Vec<(u32, Error)>,
+) -> impl Iterator<Item = Result<R>> {
+    let mut ran = task::decode_chunk::<R>(b);
+    let mut lost = lost.into_iter().peekable();
+    let mut at = 0u32;
+    std::iter::from_fn(move || {
+        let next = match lost.next_if(|(p, _)| *p == at) {
+            Some((_, e)) => Some(Err(e)),
+            None => ran.next().or_else(|| lost.next().map(|(_, e)| Err(e))),
+        };
+        at += 1;
+        next
+    })
+}
+
+/// A chunk's items, whether it was split or not (see [`chunk_items`]).
+fn decode_items<R: DeserializeOwned>(p: Payload, into: &mut impl Extend<Result<R>>) -> bool {
+    match p {
+        Payload::Bytes(b, mut shared) => {
+            shared.decoding(|| into.extend(task::decode_chunk::<R>(b.bytes())))
+        }
+        Payload::Items(b, mut shared, lost) => {
+            shared.decoding(|| into.extend(chunk_items::<R>(b.bytes(), lost)))
+        }
+        _ => return false,
+    }
+    true
 }
 
 /// The result of [`Pool::apply_async`](crate::Pool::apply_async): a task
@@ -138,34 +172,48 @@ pub struct MapResult<R> {
 }
 
 pub(crate) fn assemble<R: DeserializeOwned>(chunks: &[Arc<Slot>], total: usize) -> Result<Vec<R>> {
-    let mut out = Vec::with_capacity(total);
-    let mut first: Option<Error> = None;
+    let mut out = Assembled {
+        values: Vec::with_capacity(total),
+        first: None,
+    };
     for c in chunks {
         match c.take() {
-            Ok(Payload::Bytes(b, mut shared)) => shared.decoding(|| {
-                for item in task::decode_chunk::<R>(b.bytes()) {
-                    match item {
-                        Ok(v) if first.is_none() => out.push(v),
-                        Ok(_) => {}
-                        Err(e) => {
-                            first.get_or_insert(e);
-                        }
-                    }
+            Ok(p) => {
+                if !decode_items::<R>(p, &mut out) {
+                    out.first.get_or_insert(Error::Broken {
+                        reason: "a chunk had no value".into(),
+                    });
                 }
-            }),
-            Ok(_) => {
-                first.get_or_insert(Error::Broken {
-                    reason: "a chunk had no value".into(),
-                });
             }
             Err(e) => {
-                first.get_or_insert(e);
+                out.first.get_or_insert(e);
             }
         }
     }
-    match first {
+    match out.first {
         Some(e) => Err(e),
-        None => Ok(out),
+        None => Ok(out.values),
+    }
+}
+
+/// A map's values as its chunks are decoded, until the first error in
+/// input order.
+struct Assembled<R> {
+    values: Vec<R>,
+    first: Option<Error>,
+}
+
+impl<R> Extend<Result<R>> for Assembled<R> {
+    fn extend<I: IntoIterator<Item = Result<R>>>(&mut self, items: I) {
+        for item in items {
+            match item {
+                Ok(v) if self.first.is_none() => self.values.push(v),
+                Ok(_) => {}
+                Err(e) => {
+                    self.first.get_or_insert(e);
+                }
+            }
+        }
     }
 }
 
@@ -294,19 +342,141 @@ impl<T> Next<T> {
 
 /// Turns a chunk that is in into its items. The input's panic resumes
 /// here, in the consumer, in its place.
-fn unpack<R: DeserializeOwned>(p: Pending, into: &mut VecDeque<Result<R>>) {
+fn unpack<R: DeserializeOwned>(p: Pending, into: &mut Ready<R>) {
     match p {
         Pending::InputPanicked(payload) => std::panic::resume_unwind(payload),
-        Pending::Failed(e, n) => into.extend(std::iter::repeat_n(e, n).map(Err)),
-        Pending::Chunk(slot, n) => match slot.take() {
-            Ok(Payload::Bytes(b, mut shared)) => {
-                shared.decoding(|| into.extend(task::decode_chunk::<R>(b.bytes())))
-            }
-            Ok(_) => into.push_back(Err(Error::Broken {
-                reason: "a chunk had no value".into(),
-            })),
-            Err(e) => into.extend(std::iter::repeat_n(e, n).map(Err)),
+        Pending::Failed(e, n) => into.failed(e, n),
+        Pending::Chunk(slot, n, _) => match slot.take() {
+            Ok(p) => into.chunk(p),
+            Err(e) => into.failed(e, n),
         },
+    }
+}
+
+/// The items an imap iterator has ready to yield, in order: those already
+/// decoded, then the rest of one chunk, decoded [`BATCH`] items at a time
+/// as they are asked for. (Decoding a whole chunk of thousands of tiny
+/// items ahead of the consumer cost more than the decoding: the values
+/// were out of the cache by the time they were read. Decoding each alone
+/// cost a setup of the decoder per item.)
+pub(crate) struct Ready<R> {
+    items: VecDeque<Result<R>>,
+    chunk: Option<Cursor>,
+}
+
+impl<R> Default for Ready<R> {
+    fn default() -> Self {
+        Ready {
+            items: VecDeque::new(),
+            chunk: None,
+        }
+    }
+}
+
+/// How many items of a chunk are decoded at a time.
+const BATCH: usize = 64;
+
+/// The rest of a chunk's output.
+struct Cursor {
+    buf: Buf,
+    supply: Supply,
+    /// Where its next item starts in `buf`.
+    at: usize,
+    /// The place of its next item in the chunk as it was submitted.
+    place: u32,
+    /// Of a split chunk: its items that failed with their workers, by
+    /// place (see `Job::split`).
+    lost: VecDeque<(u32, Error)>,
+}
+
+impl Cursor {
+    /// Decodes up to `max` more of its items into `into`; whether it has
+    /// more.
+    fn decode<R: DeserializeOwned>(&mut self, into: &mut VecDeque<Result<R>>, max: usize) -> bool {
+        let Cursor {
+            buf,
+            supply,
+            at,
+            place,
+            lost,
+        } = self;
+        let bytes = buf.bytes();
+        supply.decoding(|| {
+            for _ in 0..max {
+                let item = if lost.front().is_some_and(|(p, _)| p == place) {
+                    lost.pop_front().map(|(_, e)| Err(e))
+                } else if let Some((st, body, next)) = task::chunk_item(bytes, *at) {
+                    *at = next;
+                    Some(task::decode_outcome(st, body))
+                } else {
+                    lost.pop_front().map(|(_, e)| Err(e))
+                };
+                let Some(item) = item else {
+                    return false;
+                };
+                *place += 1;
+                into.push_back(item);
+            }
+            true
+        })
+    }
+}
+
+impl<R: DeserializeOwned> Ready<R> {
+    /// The next item, if one is ready.
+    fn pop(&mut self) -> Option<Result<R>> {
+        if self.items.is_empty()
+            && let Some(c) = &mut self.chunk
+            && !c.decode(&mut self.items, BATCH)
+        {
+            self.chunk = None;
+        }
+        self.items.pop_front()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.chunk.is_none() && self.items.is_empty()
+    }
+
+    /// Decodes the rest of the chunk, so that what comes next goes behind
+    /// it.
+    fn flush(&mut self) {
+        if let Some(mut c) = self.chunk.take() {
+            c.decode(&mut self.items, usize::MAX);
+        }
+    }
+
+    /// `n` items that failed with `e`.
+    fn failed(&mut self, e: Error, n: usize) {
+        self.flush();
+        self.items.extend(std::iter::repeat_n(e, n).map(Err));
+    }
+
+    /// A chunk's output, after what is ready already.
+    fn chunk(&mut self, p: Payload) {
+        let (buf, supply, lost) = match p {
+            Payload::Bytes(b, s) => (b, s, Vec::new()),
+            Payload::Items(b, s, lost) => (b, s, lost),
+            _ => {
+                return self.items.push_back(Err(Error::Broken {
+                    reason: "a chunk had no value".into(),
+                }));
+            }
+        };
+        let mut c = Cursor {
+            buf,
+            supply,
+            at: 0,
+            place: 0,
+            lost: lost.into(),
+        };
+        if self.is_empty() {
+            self.chunk = Some(c);
+        } else {
+            // Behind other items: decoded now, in its place.
+            self.flush();
+            c.decode(&mut self.items, usize::MAX);
+        }
     }
 }
 
@@ -333,15 +503,18 @@ enum Step {
 /// What the two imap iterators share: items ready to yield, and a step
 /// that makes more ready (pulling input, then waiting for a chunk as told).
 trait ChunkWindow<R> {
-    fn ready(&mut self) -> &mut VecDeque<Result<R>>;
+    fn ready(&mut self) -> &mut Ready<R>;
     /// One step towards the next item.
     fn step(&mut self, wait: Wait<'_, '_>) -> Step;
 }
 
 /// The next item of `s`, waiting until `deadline` (forever if None).
-fn advance<R>(s: &mut impl ChunkWindow<R>, deadline: Option<Instant>) -> Next<Result<R>> {
+fn advance<R: DeserializeOwned>(
+    s: &mut impl ChunkWindow<R>,
+    deadline: Option<Instant>,
+) -> Next<Result<R>> {
     loop {
-        if let Some(x) = s.ready().pop_front() {
+        if let Some(x) = s.ready().pop() {
             return Next::Item(x);
         }
         match s.step(Wait::Block(deadline)) {
@@ -354,9 +527,12 @@ fn advance<R>(s: &mut impl ChunkWindow<R>, deadline: Option<Instant>) -> Next<Re
 
 /// The next item of `s` as a stream's `poll_next`: never blocks on a
 /// worker.
-fn poll_advance<R>(s: &mut impl ChunkWindow<R>, cx: &mut Context<'_>) -> Poll<Option<Result<R>>> {
+fn poll_advance<R: DeserializeOwned>(
+    s: &mut impl ChunkWindow<R>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<R>>> {
     loop {
-        if let Some(x) = s.ready().pop_front() {
+        if let Some(x) = s.ready().pop() {
             return Poll::Ready(Some(x));
         }
         match s.step(Wait::Poll(cx)) {
@@ -452,8 +628,11 @@ macro_rules! imap_iterator {
 pub struct Imap<R, I> {
     pub(crate) feeder: ChunkFeeder<I>,
     pub(crate) window: VecDeque<Pending>,
-    pub(crate) ready: VecDeque<Result<R>>,
-    pub(crate) max_in_flight: usize,
+    pub(crate) ready: Ready<R>,
+    /// What it may have in flight, and has.
+    pub(crate) bound: Bound,
+    /// Whether it waited for the front (a slow input) since it last pulled.
+    pub(crate) waited: bool,
     pub(crate) exhausted: bool,
     pub(crate) pool: Weak<Shared>,
 }
@@ -493,22 +672,35 @@ where
     I: Iterator,
     I::Item: Serialize,
 {
-    fn ready(&mut self) -> &mut VecDeque<Result<R>> {
+    fn ready(&mut self) -> &mut Ready<R> {
         &mut self.ready
     }
 
     /// Tops the window up from the input, then waits for its oldest chunk.
+    /// Once that chunk is in and the window holds enough to keep the
+    /// workers busy (or the input is slow), it stops topping up: the
+    /// chunk's items are yielded first.
     fn step(&mut self, wait: Wait<'_, '_>) -> Step {
-        while !self.exhausted && self.window.len() < self.max_in_flight {
-            match self.feeder.next_chunk(|_| Hook::None) {
-                Some(p) => self.window.push_back(p),
+        while !self.exhausted && self.bound.has_room(self.window.len()) {
+            if let Some(front) = self.window.front() {
+                let enough = self.feeder.slow() || self.bound.enough(self.window.len());
+                if enough && (front.is_ready() || self.waited_for_front(&wait)) {
+                    break;
+                }
+            }
+            match self.feeder.next_chunk(|_| Hook::None, self.bound.room()) {
+                Some(p) => {
+                    self.bound.add(&p);
+                    self.window.push_back(p);
+                    self.waited = false;
+                }
                 None => self.exhausted = true,
             }
         }
         let Some(front) = self.window.front() else {
             return Step::Done;
         };
-        if let Pending::Chunk(slot, _) = front {
+        if let Pending::Chunk(slot, ..) = front {
             match wait {
                 Wait::Block(None) => {}
                 Wait::Block(Some(end)) => {
@@ -524,8 +716,36 @@ where
             }
         }
         let front = self.window.pop_front().expect("front exists");
+        self.bound.remove(&front);
         unpack(front, &mut self.ready);
         Step::More
+    }
+}
+
+impl<R, I> Imap<R, I>
+where
+    I: Iterator,
+    I::Item: Serialize,
+{
+    /// From a slow input, waits a little for the oldest chunk (once per
+    /// pull) before pulling more; whether it came. Only where the caller
+    /// blocks: a stream's poll never waits.
+    fn waited_for_front(&mut self, wait: &Wait<'_, '_>) -> bool {
+        let Wait::Block(deadline) = *wait else {
+            return false;
+        };
+        let Some(Pending::Chunk(slot, n, _)) = self.window.front() else {
+            return false;
+        };
+        if self.waited {
+            return false;
+        }
+        let Some(patience) = self.feeder.patience(*n) else {
+            return false;
+        };
+        self.waited = true;
+        let until = Instant::now() + patience;
+        slot.wait_deadline(deadline.map_or(until, |d| d.min(until)))
     }
 }
 
@@ -546,7 +766,7 @@ impl<R, I> Drop for Imap<R, I> {
         cancel_pending(
             &self.pool,
             self.window.iter().filter_map(|p| match p {
-                Pending::Chunk(s, _) if !s.is_ready() => Some(s.id),
+                Pending::Chunk(s, ..) if !s.is_ready() => Some(s.id),
                 _ => None,
             }),
         );
@@ -567,8 +787,11 @@ pub struct ImapUnordered<R, I> {
     /// The input's panic, resumed once everything before it is yielded.
     pub(crate) input_panic: Option<Box<dyn Any + Send>>,
     pub(crate) in_flight: HashMap<usize, Pending>,
-    pub(crate) ready: VecDeque<Result<R>>,
-    pub(crate) max_in_flight: usize,
+    pub(crate) ready: Ready<R>,
+    /// What it may have in flight, and has.
+    pub(crate) bound: Bound,
+    /// Whether it waited for a result (a slow input) since it last pulled.
+    pub(crate) waited: bool,
     pub(crate) exhausted: bool,
     pub(crate) next_index: usize,
     /// Signalled with a chunk's index in `in_flight` when it finishes.
@@ -602,25 +825,78 @@ where
         advance(self, Instant::now().checked_add(timeout))
     }
 
-    /// Tops the chunks in flight up from the input.
-    fn top_up(&mut self) {
-        while !self.exhausted && self.in_flight.len() < self.max_in_flight {
+    /// Tops the chunks in flight up from the input. Once a result is in
+    /// and enough is in flight to keep the workers busy (or the input is
+    /// slow), it stops: the result is yielded first.
+    fn top_up(&mut self, wait: &Wait<'_, '_>) {
+        while !self.exhausted && self.bound.has_room(self.in_flight.len()) {
+            let enough = self.feeder.slow() || self.bound.enough(self.in_flight.len());
+            if enough && (!self.ready.is_empty() || self.one_is_in() || self.waited_for_one(wait)) {
+                break;
+            }
             let i = self.next_index;
             let hub = self.hub.clone();
-            match self.feeder.next_chunk(|_| Hook::Notify(hub, i)) {
-                Some(Pending::Failed(e, n)) => {
-                    self.ready.extend(std::iter::repeat_n(e, n).map(Err));
-                }
+            let room = self.bound.room();
+            match self.feeder.next_chunk(|_| Hook::Notify(hub, i), room) {
+                Some(Pending::Failed(e, n)) => self.ready.failed(e, n),
                 Some(Pending::InputPanicked(p)) => {
                     self.input_panic = Some(p);
                     self.exhausted = true;
                 }
                 Some(p) => {
+                    self.bound.add(&p);
                     self.in_flight.insert(i, p);
                     self.next_index += 1;
+                    self.waited = false;
                 }
                 None => self.exhausted = true,
             }
+        }
+    }
+
+    /// Chunk `i` is in: its items are ready.
+    fn take(&mut self, i: usize) {
+        if let Some(p) = self.in_flight.remove(&i) {
+            self.bound.remove(&p);
+            unpack(p, &mut self.ready);
+        }
+    }
+
+    /// Whether a chunk is in (its items are then ready), without waiting.
+    fn one_is_in(&mut self) -> bool {
+        match self.hub.try_pop() {
+            Some(i) => {
+                self.take(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// From a slow input, waits a little for a result (once per pull)
+    /// before pulling more; whether one came. Only where the caller
+    /// blocks: a stream's poll never waits.
+    fn waited_for_one(&mut self, wait: &Wait<'_, '_>) -> bool {
+        let Wait::Block(deadline) = *wait else {
+            return false;
+        };
+        if self.waited || self.in_flight.is_empty() {
+            return false;
+        }
+        let Some(patience) = self.feeder.patience(1) else {
+            return false;
+        };
+        self.waited = true;
+        let until = Instant::now() + patience;
+        match self
+            .hub
+            .pop_until(Some(deadline.map_or(until, |d| d.min(until))))
+        {
+            Some(i) => {
+                self.take(i);
+                true
+            }
+            None => false,
         }
     }
 }
@@ -630,14 +906,14 @@ where
     I: Iterator,
     I::Item: Serialize,
 {
-    fn ready(&mut self) -> &mut VecDeque<Result<R>> {
+    fn ready(&mut self) -> &mut Ready<R> {
         &mut self.ready
     }
 
     /// Tops the chunks in flight up from the input, then waits for the
     /// next one to finish.
     fn step(&mut self, wait: Wait<'_, '_>) -> Step {
-        self.top_up();
+        self.top_up(&wait);
         if !self.ready.is_empty() {
             return Step::More;
         }
@@ -657,9 +933,7 @@ where
                 Poll::Pending => return Step::Pending,
             },
         };
-        if let Some(p) = self.in_flight.remove(&i) {
-            unpack(p, &mut self.ready);
-        }
+        self.take(i);
         Step::More
     }
 }
@@ -671,7 +945,7 @@ impl<R, I> Drop for ImapUnordered<R, I> {
         cancel_pending(
             &self.pool,
             self.in_flight.values().filter_map(|p| match p {
-                Pending::Chunk(s, _) if !s.is_ready() => Some(s.id),
+                Pending::Chunk(s, ..) if !s.is_ready() => Some(s.id),
                 _ => None,
             }),
         );
@@ -691,5 +965,88 @@ impl<R, I> std::fmt::Debug for ImapUnordered<R, I> {
         f.debug_struct("ImapUnordered")
             .field("in_flight", &self.in_flight.len())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::codec;
+
+    /// A chunk's output holding these values, each a success.
+    fn output(values: impl IntoIterator<Item = u64>) -> Buf {
+        let mut vec = Vec::new();
+        for v in values {
+            let mut body = Vec::new();
+            codec::encode_into(&v, &mut body).unwrap();
+            vec.push(task::status::OK);
+            vec.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            vec.extend_from_slice(&body);
+        }
+        Buf::Heap { vec, start: 0 }
+    }
+
+    fn drain(r: &mut Ready<u64>) -> Vec<std::result::Result<u64, String>> {
+        std::iter::from_fn(|| r.pop())
+            .map(|x| x.map_err(|e| format!("{e:?}")))
+            .collect()
+    }
+
+    #[test]
+    fn a_split_chunks_lost_items_come_back_in_their_places() {
+        let mut r = Ready::<u64>::default();
+        let lost = vec![
+            (0, Error::Cancelled),
+            (2, Error::Terminated),
+            (5, Error::Closed),
+        ];
+        r.chunk(Payload::Items(output([1, 3, 4]), Supply::default(), lost));
+        let got = drain(&mut r);
+        let want: Vec<std::result::Result<u64, String>> = vec![
+            Err("Cancelled".into()),
+            Ok(1),
+            Err("Terminated".into()),
+            Ok(3),
+            Ok(4),
+            Err("Closed".into()),
+        ];
+        assert_eq!(got, want);
+        assert!(r.is_empty());
+        // The same through a map's assembly: the first error in input order.
+        let slot = Slot::new(1);
+        let lost = vec![(1, Error::Cancelled)];
+        slot.set(Ok(Payload::Items(output([7, 8]), Supply::default(), lost)));
+        assert!(!slot.all_items_ok());
+        assert!(matches!(assemble::<u64>(&[slot], 3), Err(Error::Cancelled)));
+    }
+
+    #[test]
+    fn a_chunk_is_decoded_in_batches_and_what_comes_after_it_stays_after() {
+        let n = 3 * BATCH as u64;
+        let mut r = Ready::<u64>::default();
+        r.chunk(Payload::Bytes(output(0..n), Supply::default()));
+        assert_eq!(r.pop().unwrap().unwrap(), 0);
+        // Only a batch is decoded ahead of the consumer.
+        assert_eq!(r.items.len(), BATCH - 1);
+        // Items that fail meanwhile go behind the rest of the chunk, and
+        // so does another chunk.
+        r.failed(Error::Cancelled, 2);
+        r.chunk(Payload::Bytes(output([100]), Supply::default()));
+        let got = drain(&mut r);
+        assert_eq!(got.len() as u64, n - 1 + 3);
+        assert!(
+            got[..(n - 1) as usize]
+                .iter()
+                .zip(1..)
+                .all(|(x, i)| x == &Ok(i))
+        );
+        assert_eq!(
+            got[(n - 1) as usize..],
+            [
+                Err("Cancelled".to_string()),
+                Err("Cancelled".to_string()),
+                Ok(100)
+            ]
+        );
     }
 }

@@ -38,6 +38,10 @@ pub(crate) enum Payload {
     /// The encoded output, decoded by whoever takes it, and the
     /// `SharedBuf`s that came with it.
     Bytes(Buf, Supply),
+    /// A split chunk's output (see `Job::split`): the items that ran, as
+    /// in `Bytes`, and the items that failed with their workers, by their
+    /// places in the chunk (ascending), to be put back there.
+    Items(Buf, Supply, Vec<(u32, Error)>),
     /// A value already decoded (by the result-handler thread, for callbacks).
     Value(Box<dyn Any + Send>),
     /// Nothing: the value lives elsewhere (a map's chunks).
@@ -45,6 +49,29 @@ pub(crate) enum Payload {
 }
 
 pub(crate) type Outcome = Result<Payload>;
+
+/// A split chunk's outcome: the result of the items that ran last, with
+/// `lost`, the items that failed before, to join it in their places. A
+/// failure of the whole chunk (cancelled, terminated) stays one.
+pub(crate) fn with_lost(o: Outcome, lost: Vec<(u32, Error)>) -> Outcome {
+    if lost.is_empty() {
+        return o;
+    }
+    match o {
+        Ok(Payload::Bytes(b, s)) => Ok(Payload::Items(b, s, lost)),
+        other => other,
+    }
+}
+
+/// The outcome of a split chunk none of whose items is left to run: each
+/// failed with its worker.
+pub(crate) fn all_lost(lost: Vec<(u32, Error)>) -> Outcome {
+    let none = Buf::Heap {
+        vec: Vec::new(),
+        start: 0,
+    };
+    with_lost(Ok(Payload::Bytes(none, Supply::default())), lost)
+}
 
 /// What to do when a task finishes, besides storing its outcome.
 pub(crate) enum Hook {
@@ -150,6 +177,7 @@ impl Slot {
         let s = self.lock();
         match &s.outcome {
             Some(Ok(Payload::Bytes(b, _))) => task::chunk_all_ok(b.bytes()),
+            Some(Ok(Payload::Items(..))) => false,
             Some(Ok(_)) => true,
             Some(Err(_)) => false,
             None => s.taken,
@@ -313,6 +341,11 @@ impl Hub {
             };
             s.waiting -= 1;
         }
+    }
+
+    /// The next token, if one is queued: never waits.
+    pub(crate) fn try_pop(&self) -> Option<usize> {
+        self.lock().tokens.pop_front()
     }
 
     /// The next token, or Pending with the task's waker registered.
@@ -535,7 +568,8 @@ mod tests {
         a.set(Ok(Payload::Unit));
         b.set(Ok(Payload::Unit)); // a second outcome is ignored
         assert_eq!(hub.pop_until(Some(soon())), Some(1));
-        assert_eq!(hub.pop_until(Some(soon())), Some(0));
+        assert_eq!(hub.try_pop(), Some(0));
+        assert_eq!(hub.try_pop(), None);
         assert_eq!(hub.pop_until(Some(Instant::now())), None);
     }
 

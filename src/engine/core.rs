@@ -177,6 +177,11 @@ impl Shared {
         }
     }
 
+    /// The estimated run time of one item of `f` (see `plan::Estimates`).
+    pub(crate) fn item_estimate(&self, f: crate::proto::task::TaskFn) -> Option<u64> {
+        self.lock().est.per_item(f)
+    }
+
     /// A fresh slot for a task (its id is the job's).
     pub(crate) fn new_slot(&self) -> Arc<Slot> {
         Slot::new(self.reserve_ids(1))
@@ -226,6 +231,8 @@ impl Shared {
                 retry_shared: s.retry_shared,
                 items: s.items.max(1),
                 wall_limit,
+                split: s.split,
+                lost: Vec::new(),
             });
         }
         let pending = st.dispatch(&self.cfg, true);
@@ -623,7 +630,7 @@ impl State {
             let mut batch = Batch::new(&load, self.queue.len(), live);
             while let Some(front) = self.queue.front() {
                 let c = Candidate {
-                    estimate: self.est.get(front.f),
+                    estimate: self.est.get(front.f, front.items),
                     timed: front.timeout.is_some(),
                     has_shared: !front.shared.is_empty(),
                 };

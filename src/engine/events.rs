@@ -3,6 +3,7 @@
 //! ended (the ledger's verdict on its tasks, the initializer's blame, its
 //! replacement).
 
+use crate::engine::completion::all_lost;
 use crate::engine::core::{Shared, State};
 use crate::engine::job::{Completion, KillReason};
 use crate::engine::ledger::{self, Ended, Unready};
@@ -159,6 +160,10 @@ pub(crate) fn worker_ended(
         rank: w.rank,
         end,
         started,
+        item: match shared.cfg.item_progress {
+            true => shared.progress.item(w.slot),
+            false => 0,
+        },
         kill: w.kill.as_ref(),
         limit,
     };
@@ -177,6 +182,12 @@ pub(crate) fn worker_ended(
         .failed
         .into_iter()
         .map(|(j, e)| (j.slot, j.hook, Err(e)))
+        .chain(
+            verdict
+                .finished
+                .into_iter()
+                .map(|j| (j.slot, j.hook, all_lost(j.lost))),
+        )
         .collect();
     st.free_slots.push(w.slot);
     if !w.ready {

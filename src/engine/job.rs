@@ -60,6 +60,11 @@ pub(crate) struct Config {
     /// How long the supervisor polls without sleeping once it runs out of
     /// work (`proto::idle`): longer for workers on other hosts.
     pub(crate) spin: std::time::Duration,
+    /// Whether the backend sees which item of a chunk a dead worker ran
+    /// (`Progress::item`): then an `imap` may size its chunks itself, a
+    /// crash failing only the item that ran. The local backend does; the
+    /// MPI backend does not.
+    pub(crate) item_progress: bool,
 }
 
 impl Config {
@@ -114,6 +119,15 @@ pub(crate) struct Job {
     /// Its timeout is the sandbox's wall-clock limit (it had none of its
     /// own): past it, it fails with `LimitExceeded`, not `Timeout`.
     pub(crate) wall_limit: bool,
+    /// `Some(lead)`: a chunk the pool sized itself (an `imap` without a
+    /// chunk size), whose input starts with `lead` bytes that are not its
+    /// items (a [`Task`](crate::Task)'s state; 0 for a plain `fn`). If its
+    /// worker dies, only the item that ran fails; the others run again.
+    pub(crate) split: Option<usize>,
+    /// The items of a split chunk that failed already, by their place in
+    /// the chunk as it was submitted (ascending), with their errors: they
+    /// are no longer in its payload, and join its result in their places.
+    pub(crate) lost: Vec<(u32, Error)>,
 }
 
 /// What a caller hands to `submit`.
@@ -130,6 +144,8 @@ pub(crate) struct JobSpec {
     /// counts as one item: under a per-task CPU cap a task may use the cap
     /// once per item).
     pub(crate) items: u32,
+    /// See [`Job::split`].
+    pub(crate) split: Option<usize>,
 }
 
 /// A job sent to a worker, under the number the worker knows it by.

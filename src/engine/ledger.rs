@@ -1,5 +1,6 @@
 //! What becomes of a worker's tasks when it ends, as a pure rule: each task
-//! it held is queued again, retried, or failed, and with which error. And
+//! it held is queued again, retried, or failed, and with which error (of a
+//! chunk the pool sized itself, only the item that ran fails). And
 //! whether a worker that died before it was ready puts the blame on the
 //! initializer. No I/O: the supervisor gathers the facts (how it ended,
 //! which task it had started, why the pool killed it) and applies the
@@ -8,6 +9,8 @@
 use crate::engine::job::{InFlight, Job, KillReason};
 use crate::engine::seam::End;
 use crate::error::Error;
+use crate::proto::shm::Body;
+use crate::proto::task;
 use crate::sandbox::Limit;
 
 /// The facts about a worker that ended.
@@ -18,6 +21,8 @@ pub(crate) struct Ended<'a> {
     pub(crate) end: End,
     /// The last task it started (its sequence number; 0: none).
     pub(crate) started: u64,
+    /// Which item of that task it ran (1 + its place; 0: none yet).
+    pub(crate) item: u64,
     /// Why the pool killed it, if it did.
     pub(crate) kill: Option<&'a KillReason>,
     /// The sandbox limit it died of, if it did.
@@ -35,6 +40,9 @@ pub(crate) struct Verdict {
     pub(crate) failed: Vec<(Job, Error)>,
     /// How many of the requeued tasks had started: each spends a retry.
     pub(crate) retried: u64,
+    /// Split chunks whose every item has now failed, each with its own
+    /// error (in `Job::lost`).
+    pub(crate) finished: Vec<Job>,
 }
 
 /// Whether any task it held and had started is lost with it (cancelled
@@ -45,7 +53,8 @@ pub(crate) fn lost_any(held: &[InFlight], started: u64) -> bool {
 
 /// Decides the fate of each task a worker held when it ended. Tasks after
 /// the one it started never started: they run elsewhere. Cancelled tasks
-/// are dropped (their callers have `Cancelled`).
+/// are dropped (their callers have `Cancelled`). Of a split chunk that
+/// died with its worker, only the item that ran fails (see [`split`]).
 pub(crate) fn settle(held: impl IntoIterator<Item = InFlight>, e: &Ended<'_>) -> Verdict {
     let mut v = Verdict::default();
     for f in held {
@@ -58,6 +67,11 @@ pub(crate) fn settle(held: impl IntoIterator<Item = InFlight>, e: &Ended<'_>) ->
         }
         let mut job = f.job;
         match started_task_error(&mut job, e) {
+            Some(err @ (Error::WorkerLost { .. } | Error::WorkerLostShared { .. }))
+                if job.split.is_some() && f.seq == e.started =>
+            {
+                split(job, e.item, err, &mut v)
+            }
             Some(err) => v.failed.push((job, err)),
             None => {
                 v.retried += 1;
@@ -66,6 +80,49 @@ pub(crate) fn settle(held: impl IntoIterator<Item = InFlight>, e: &Ended<'_>) ->
         }
     }
     v
+}
+
+/// A split chunk whose worker died while it ran item `item` (1 + its
+/// place; 0: before its first item, which then counts as the one that
+/// ran): that item leaves the chunk and fails with `err`; the rest run
+/// again (those before it ran already, but their results died with the
+/// worker; those after it never started). A chunk with no item left is
+/// finished. Each loss takes an item out, so a chunk that keeps killing
+/// its workers still ends.
+fn split(mut job: Job, item: u64, err: Error, v: &mut Verdict) {
+    let last = job.items.saturating_sub(1);
+    let ran = u32::try_from(item.saturating_sub(1)).map_or(last, |i| i.min(last));
+    let (Body::Heap(input), Some(lead)) = (&mut job.payload, job.split) else {
+        v.failed.push((job, err));
+        return;
+    };
+    if !task::remove_item(input, lead, ran as usize) {
+        v.failed.push((job, err));
+        return;
+    }
+    let at = submitted_place(&job.lost, ran);
+    let i = job.lost.partition_point(|(p, _)| *p < at);
+    job.lost.insert(i, (at, err));
+    job.items -= 1;
+    if job.items == 0 {
+        v.finished.push(job);
+    } else {
+        v.requeue.push(job);
+    }
+}
+
+/// The place, in a split chunk as it was submitted, of the item at `i`
+/// among those it has left (`lost`: the places of those it has not,
+/// ascending).
+fn submitted_place(lost: &[(u32, Error)], i: u32) -> u32 {
+    let mut at = i;
+    for (p, _) in lost {
+        if *p > at {
+            break;
+        }
+        at += 1;
+    }
+    at
 }
 
 /// The error for a task the worker had started, or `None` if it runs again
@@ -164,6 +221,8 @@ mod tests {
             retry_shared: false,
             items: 1,
             wall_limit: false,
+            split: None,
+            lost: Vec::new(),
         }
     }
 
@@ -188,6 +247,7 @@ mod tests {
             rank: None,
             end: killed(9),
             started,
+            item: 0,
             kill,
             limit: None,
         }
@@ -210,6 +270,107 @@ mod tests {
             e,
             Error::WorkerLost { pid: 42, status, .. } if status.signal() == Some(9)
         )));
+    }
+
+    /// A split chunk of `n` items (0, 1, ...).
+    fn chunk(id: u64, n: u64) -> Job {
+        let mut input = Vec::new();
+        for x in 0..n {
+            task::push_item(&mut input, &x).unwrap();
+        }
+        Job {
+            payload: Body::Heap(input),
+            items: n as u32,
+            split: Some(0),
+            ..job(id, 0)
+        }
+    }
+
+    /// The items left in a split chunk's input, after its `lead` bytes.
+    fn left(j: &Job, lead: usize) -> Vec<u64> {
+        let Body::Heap(input) = &j.payload else {
+            panic!("a chunk's input is on the heap")
+        };
+        let mut rest = &input[lead..];
+        let mut out = Vec::new();
+        while rest.len() >= 4 {
+            let n = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+            out.push(
+                crate::proto::codec::decode::<u64>(&rest[4..4 + n])
+                    .unwrap()
+                    .0,
+            );
+            rest = &rest[4 + n..];
+        }
+        out
+    }
+
+    fn places(j: &Job) -> Vec<u32> {
+        j.lost.iter().map(|(p, _)| *p).collect()
+    }
+
+    #[test]
+    fn a_split_chunk_loses_only_the_item_that_ran() {
+        // The worker died in item 2 (of 0..5) of the chunk it started; the
+        // chunk behind it never started.
+        let mut e = ended(1, None);
+        e.item = 3;
+        let v = settle(held(vec![chunk(1, 5), chunk(2, 3)]), &e);
+        assert!(v.failed.is_empty() && v.finished.is_empty());
+        assert_eq!(ids(&v.requeue), vec![1, 2]);
+        let first = &v.requeue[0];
+        assert_eq!(places(first), vec![2]);
+        assert!(matches!(first.lost[0].1, Error::WorkerLost { pid: 42, .. }));
+        assert_eq!(first.items, 4);
+        assert!(v.requeue[1].lost.is_empty() && v.requeue[1].items == 3);
+        // Its next worker dies in its item 2 of what is left (0, 1, 3, 4):
+        // the item submitted at 3.
+        let mut again = v.requeue.into_iter().next().unwrap();
+        again.lost.clear();
+        again.lost.push((2, Error::Cancelled));
+        let v = settle(held(vec![again]), &e);
+        assert_eq!(places(&v.requeue[0]), vec![2, 3]);
+        assert_eq!(v.requeue[0].items, 3);
+        // Died before its first item: the first counts as the one that ran.
+        e.item = 0;
+        let v = settle(held(vec![chunk(1, 2)]), &e);
+        assert_eq!(places(&v.requeue[0]), vec![0]);
+        // The last item of a chunk: the chunk is finished.
+        e.item = 1;
+        let v = settle(held(vec![chunk(1, 1)]), &e);
+        assert!(v.requeue.is_empty() && v.failed.is_empty());
+        assert_eq!(places(&v.finished[0]), vec![0]);
+        // A kill for the pool's own reason fails the whole chunk.
+        let kill = KillReason::Error(Error::Broken {
+            reason: "bad".into(),
+        });
+        let v = settle(held(vec![chunk(1, 4)]), &ended(1, Some(&kill)));
+        assert_eq!(v.failed.len(), 1);
+    }
+
+    #[test]
+    fn a_split_chunk_led_by_a_tasks_state_keeps_the_state() {
+        // A task's chunk: its state (here the u64 99) leads its items, and
+        // the worker counts items after it.
+        let mut input = Vec::new();
+        task::push_item(&mut input, &99u64).unwrap();
+        let lead = input.len();
+        for x in 0..4u64 {
+            task::push_item(&mut input, &x).unwrap();
+        }
+        let j = Job {
+            payload: Body::Heap(input),
+            items: 4,
+            split: Some(lead),
+            ..job(1, 0)
+        };
+        let mut e = ended(1, None);
+        e.item = 2;
+        let v = settle(held(vec![j]), &e);
+        let again = &v.requeue[0];
+        assert_eq!(places(again), vec![1]);
+        assert_eq!(left(again, lead), vec![0, 2, 3]);
+        assert_eq!(left(again, 0)[0], 99, "the state still leads");
     }
 
     #[test]

@@ -29,18 +29,28 @@ pub(crate) const SHORT_TASK_NS: u64 = 200_000;
 /// About how much short work a worker may hold.
 pub(crate) const PIPELINE_NS: u64 = 2_000_000;
 
-/// How long each task function takes: a moving average of the run times
-/// that workers report.
+/// How long each task function takes per item (a chunk of a map carries
+/// many; any other task one): a moving average of the run times that
+/// workers report.
 #[derive(Default)]
 pub(crate) struct Estimates(HashMap<TaskFn, u64>);
 
 impl Estimates {
-    pub(crate) fn get(&self, f: TaskFn) -> Option<u64> {
+    /// The time one item of `f` takes.
+    pub(crate) fn per_item(&self, f: TaskFn) -> Option<u64> {
         self.0.get(&f).copied()
     }
 
-    /// A task of `f` ran for `ns`: the average moves a quarter of the way.
-    pub(crate) fn learn(&mut self, f: TaskFn, ns: u64) {
+    /// The time a task of `f` with `items` items takes.
+    pub(crate) fn get(&self, f: TaskFn, items: u32) -> Option<u64> {
+        self.per_item(f)
+            .map(|e| e.saturating_mul(u64::from(items.max(1))))
+    }
+
+    /// A task of `f` with `items` items ran for `ns`: the average per item
+    /// moves a quarter of the way.
+    pub(crate) fn learn(&mut self, f: TaskFn, ns: u64, items: u32) {
+        let ns = ns / u64::from(items.max(1));
         self.0
             .entry(f)
             .and_modify(|e| *e = e.saturating_mul(3).saturating_add(ns) / 4)
@@ -266,10 +276,15 @@ mod tests {
     fn estimates_move_a_quarter_of_the_way() {
         let f = TaskFn { tramp: 1, func: 2 };
         let mut e = Estimates::default();
-        assert_eq!(e.get(f), None);
-        e.learn(f, 400);
-        assert_eq!(e.get(f), Some(400));
-        e.learn(f, 0);
-        assert_eq!(e.get(f), Some(300));
+        assert_eq!(e.get(f, 1), None);
+        e.learn(f, 400, 1);
+        assert_eq!(e.get(f, 1), Some(400));
+        e.learn(f, 0, 1);
+        assert_eq!(e.get(f, 1), Some(300));
+        // Per item: a chunk of 100 that took 100 x 300 ns leaves it there,
+        // and a task of 10 items is estimated at 10 of them.
+        e.learn(f, 30_000, 100);
+        assert_eq!(e.per_item(f), Some(300));
+        assert_eq!(e.get(f, 10), Some(3_000));
     }
 }

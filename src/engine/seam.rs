@@ -91,6 +91,12 @@ pub(crate) trait Progress: Send + Sync {
     fn set_skip(&self, slot: usize, seq: u64);
     /// Its CPU clock at the start of the item it runs (sandboxed workers).
     fn item_cpu(&self, slot: usize) -> u64;
+    /// Which item of the task it started last it ran (1 + the item's place
+    /// in its chunk; 0: none yet), read once it has ended. Only where
+    /// `Config::item_progress` says the backend sees it.
+    fn item(&self, _slot: usize) -> u64 {
+        0
+    }
     /// The limit it said it died of, if any (sandboxed workers).
     fn died_of(&self, slot: usize) -> u64;
 }

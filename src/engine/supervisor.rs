@@ -6,7 +6,7 @@
 //! timeouts, pending cancels and the sandbox's CPU cap; replaces workers;
 //! and winds the pool down.
 
-use crate::engine::completion::{Buf, Payload};
+use crate::engine::completion::{Buf, Payload, with_lost};
 use crate::engine::core::{Shared, State};
 use crate::engine::events;
 use crate::engine::job::{Completion, Job, KillReason};
@@ -618,9 +618,11 @@ impl Worker {
         let outcome = self.with_shared(outcome, shared_fds, shared_missing, &mut f.job);
         self.held_ns = self.held_ns.saturating_sub(f.charge);
         // The worker reports each task's run time in `b`.
-        sink.est.learn(f.job.f, h.b);
+        sink.est.learn(f.job.f, h.b, f.job.items);
         self.busy_ns = self.busy_ns.saturating_add(h.b);
         if !f.job.cancelled {
+            // A split chunk's lost items join its result in their places.
+            let outcome = with_lost(outcome, std::mem::take(&mut f.job.lost));
             sink.done.push((f.job.slot, f.job.hook, outcome));
         }
         if let Body::Shm(b, _) = f.job.payload {
@@ -791,6 +793,7 @@ mod tests {
             inline_bodies: false,
             backend_keeps_timeouts: false,
             spin: Duration::ZERO,
+            item_progress: true,
         }
     }
 

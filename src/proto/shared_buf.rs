@@ -486,15 +486,21 @@ pub(crate) fn encoded_len() -> usize {
 /// Drops the buffers the installed encoder took after `mark` (an item
 /// whose result failed part-way).
 pub(crate) fn truncate_encoded(mark: usize) {
-    let dropped = ENCODER
+    drop(split_encoded(mark));
+}
+
+/// Takes back the buffers the installed encoder took after `mark` (an
+/// item that moves to a frame of its own).
+pub(crate) fn split_encoded(mark: usize) -> Vec<Region> {
+    ENCODER
         .try_with(|e| {
             e.borrow_mut()
                 .as_mut()
                 .map(|e| e.regions.split_off(mark.min(e.regions.len())))
         })
         .ok()
-        .flatten();
-    drop(dropped);
+        .flatten()
+        .unwrap_or_default()
 }
 
 /// What comes with one received frame: for each buffer it names, in

@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::AtomicU64;
 
 /// How many words each worker slot has in [`SharedWords`].
-pub(crate) const STATUS_WORDS: usize = 6;
+pub(crate) const STATUS_WORDS: usize = 7;
 
 /// Words per slot when each worker's words have a page of their own (a
 /// sandboxed pool: a worker unmaps every page but its own).
@@ -18,8 +18,8 @@ pub(crate) const PAGE_WORDS: usize = 4096 / 8;
 /// What a worker says of itself, in memory its parent reads: the sequence
 /// number of the task it started last, when it started it (CLOCK_MONOTONIC
 /// nanoseconds, the clock of `Instant`), the sequence number of the last
-/// task whose result it has written, and (written by the parent) a task to
-/// skip. A task is running while
+/// task whose result it has written, which item of a chunk it runs, and
+/// (written by the parent) a task to skip. A task is running while
 /// `started == seq && finished < seq`.
 #[derive(Clone, Copy)]
 pub(crate) struct Status<'a> {
@@ -35,6 +35,11 @@ pub(crate) struct Status<'a> {
     /// Written by a sandboxed worker as each task (each item of a chunk)
     /// starts: its own CPU time then, the base of the per-task CPU cap.
     pub(crate) item_cpu: &'a AtomicU64,
+    /// Which item of the started task runs: 0 as the task starts, then
+    /// 1 + the item's place in its chunk as each item of a chunk starts.
+    /// Read once the worker has ended, to fail only that item of an
+    /// auto-sized `imap` chunk.
+    pub(crate) item: &'a AtomicU64,
 }
 
 impl Status<'_> {
@@ -47,6 +52,7 @@ impl Status<'_> {
         self.skip.store(0, SeqCst);
         self.died_of.store(0, SeqCst);
         self.item_cpu.store(0, SeqCst);
+        self.item.store(0, SeqCst);
     }
 
     /// Whether task `seq` is running now.
@@ -150,6 +156,7 @@ impl SharedWords {
             skip: self.word(at + 3),
             died_of: self.word(at + 4),
             item_cpu: self.word(at + 5),
+            item: self.word(at + 6),
         }
     }
 
@@ -171,8 +178,11 @@ mod tests {
         let other = SharedWords::from_fd(words.fd().try_clone().unwrap(), STATUS_WORDS).unwrap();
         words.status(1).started.store(7, SeqCst);
         words.status(1).item_cpu.store(9, SeqCst);
+        words.status(1).item.store(4, SeqCst);
         assert_eq!(other.status(1).started.load(SeqCst), 7);
         assert_eq!(other.status(1).item_cpu.load(SeqCst), 9);
+        assert_eq!(other.status(1).item.load(SeqCst), 4);
+        assert_eq!(other.status(0).item.load(SeqCst), 0);
         assert_eq!(other.status(0).started.load(SeqCst), 0);
         other.status(1).reset();
         assert_eq!(words.status(1).started.load(SeqCst), 0);

@@ -28,6 +28,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A task that carries state of its own: the values a closure would
 /// capture, in a type that serde can send. Its state travels to the
@@ -152,6 +153,9 @@ pub(crate) struct Io<'a> {
     /// The `SharedBuf`s that came with the frame, and those the output
     /// sends back.
     pub(crate) shared: SharedIo,
+    /// Where a chunk says which of its items runs (the worker's `item`
+    /// status word: 1 + the item's place), if anywhere.
+    pub(crate) item: Option<&'a AtomicU64>,
 }
 
 /// A frame's `SharedBuf`s in a worker: the files that came with it (which
@@ -447,6 +451,23 @@ fn items(mut input: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
+/// Takes item `i` out of a chunk's input (made by [`push_item`]), its
+/// items counted from byte `lead` (past a [`Task`]'s state, which leads a
+/// task's chunk); returns whether it was there.
+pub(crate) fn remove_item(input: &mut Vec<u8>, lead: usize, i: usize) -> bool {
+    let mut at = lead;
+    let mut found = None;
+    for (k, item) in items(input.get(lead..).unwrap_or_default()).enumerate() {
+        let end = at + 4 + item.len();
+        if k == i {
+            found = Some(at..end);
+            break;
+        }
+        at = end;
+    }
+    found.map(|r| input.drain(r)).is_some()
+}
+
 fn run_chunk<A, R>(func: usize, io: &mut Io<'_>) -> u8
 where
     A: DeserializeOwned,
@@ -538,8 +559,14 @@ where
         out: &mut *io.out,
         spilled: None,
         shared: SharedIo::default(),
+        item: None,
     };
-    for item in items(input) {
+    for (i, item) in items(input).enumerate() {
+        if let Some(w) = io.item {
+            // Read only once this worker has ended (its parent reaped it):
+            // no ordering with anything else is needed.
+            w.store(i as u64 + 1, Ordering::Relaxed);
+        }
         let at = item_io.out.len();
         item_io.out.extend_from_slice(&[0; 5]);
         item_io.input = item;
@@ -555,19 +582,23 @@ where
 /// Decodes the items of a chunk's output, in order: each is the task's value
 /// or its own error.
 pub(crate) fn decode_chunk<R: DeserializeOwned>(
-    mut bytes: &[u8],
+    bytes: &[u8],
 ) -> impl Iterator<Item = Result<R, crate::Error>> {
+    let mut at = 0;
     std::iter::from_fn(move || {
-        if bytes.len() < 5 {
-            return None;
-        }
-        let st = bytes[0];
-        let n = u32::from_le_bytes(bytes[1..5].try_into().unwrap()) as usize;
-        let n = n.min(bytes.len() - 5);
-        let body = &bytes[5..5 + n];
-        bytes = &bytes[5 + n..];
+        let (st, body, next) = chunk_item(bytes, at)?;
+        at = next;
         Some(decode_outcome(st, body))
     })
+}
+
+/// The item of a chunk's output that starts at `at`: its status, its body,
+/// and where the next one starts.
+pub(crate) fn chunk_item(bytes: &[u8], at: usize) -> Option<(u8, &[u8], usize)> {
+    let rest = bytes.get(at..).filter(|r| r.len() >= 5)?;
+    let n = u32::from_le_bytes(rest[1..5].try_into().unwrap()) as usize;
+    let n = n.min(rest.len() - 5);
+    Some((rest[0], &rest[5..5 + n], at + 5 + n))
 }
 
 /// Whether every item of a chunk's output succeeded.
@@ -684,6 +715,7 @@ mod tests {
             out: &mut out,
             spilled: None,
             shared: SharedIo::default(),
+            item: None,
         };
         // SAFETY: made by TaskFn::single/chunk in this very process.
         let st = unsafe { f.call(&mut io) };
@@ -814,6 +846,75 @@ mod tests {
         let (st, out) = run(TaskFn::task_chunk::<Scale>(), &[1, 0]);
         assert_eq!(st, status::OK);
         assert_eq!(decode_chunk::<String>(&out).count(), 0);
+    }
+
+    #[test]
+    fn a_chunk_says_which_item_runs_and_an_item_can_be_taken_out() {
+        let mut input = Vec::new();
+        for x in [1u64, 2, 3] {
+            push_item(&mut input, &x).unwrap();
+        }
+        let word = AtomicU64::new(0);
+        let mut out = Vec::new();
+        let mut io = Io {
+            input: &input,
+            block: None,
+            reuse: false,
+            spill: false,
+            out: &mut out,
+            spilled: None,
+            shared: SharedIo::default(),
+            item: Some(&word),
+        };
+        // SAFETY: made by TaskFn::chunk in this very process.
+        let st = unsafe { TaskFn::chunk(double).call(&mut io) };
+        assert_eq!(st, status::OK);
+        // The last item to start was the third.
+        assert_eq!(word.load(Ordering::SeqCst), 3);
+        assert!(remove_item(&mut input, 0, 1));
+        assert!(!remove_item(&mut input, 0, 2));
+        let left: Vec<u64> = items(&input)
+            .map(|b| codec::decode::<u64>(b).unwrap().0)
+            .collect();
+        assert_eq!(left, [1, 3]);
+    }
+
+    #[test]
+    fn a_task_chunk_counts_its_items_after_its_state() {
+        let t = Scale {
+            by: 3,
+            unit: "m".into(),
+        };
+        let mut input = Vec::new();
+        push_item(&mut input, &t).unwrap();
+        let lead = input.len();
+        for x in [1u64, 2, 3, 4] {
+            push_item(&mut input, &x).unwrap();
+        }
+        let word = AtomicU64::new(0);
+        let mut out = Vec::new();
+        let mut io = Io {
+            input: &input,
+            block: None,
+            reuse: false,
+            spill: false,
+            out: &mut out,
+            spilled: None,
+            shared: SharedIo::default(),
+            item: Some(&word),
+        };
+        // SAFETY: made by TaskFn::task_chunk in this very process.
+        let st = unsafe { TaskFn::task_chunk::<Scale>().call(&mut io) };
+        assert_eq!(st, status::OK);
+        // Four items after the state: the word says the fourth, not the fifth.
+        assert_eq!(word.load(Ordering::SeqCst), 4);
+        // Item 0 is the first after the state; the state stays in front.
+        assert!(remove_item(&mut input, lead, 0));
+        assert!(!remove_item(&mut input, lead, 3));
+        let (st, out) = run(TaskFn::task_chunk::<Scale>(), &input);
+        assert_eq!(st, status::OK);
+        let got: Vec<String> = decode_chunk(&out).map(|r| r.unwrap()).collect();
+        assert_eq!(got, ["6 m", "9 m", "12 m"]);
     }
 
     #[test]

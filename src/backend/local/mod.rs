@@ -290,6 +290,9 @@ impl Progress for SharedWords {
     fn item_cpu(&self, slot: usize) -> u64 {
         self.status(slot).item_cpu.load(Ordering::SeqCst)
     }
+    fn item(&self, slot: usize) -> u64 {
+        self.status(slot).item.load(Ordering::SeqCst)
+    }
     fn died_of(&self, slot: usize) -> u64 {
         self.status(slot).died_of.load(Ordering::SeqCst)
     }

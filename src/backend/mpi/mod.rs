@@ -167,6 +167,9 @@ pub(crate) fn start(
     // go with them.
     cfg.inline_bodies = true;
     cfg.spin = crate::proto::idle::remote_spin_budget();
+    // A rank reports the task its dead worker started, not the item: an
+    // imap keeps one item per chunk unless told otherwise.
+    cfg.item_progress = false;
     let table = SlotTable::new(cfg.processes, None);
     let (backend, handed) = connect(thread, seam_tx, table.in_use)?;
     Ok(Launch {

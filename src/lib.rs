@@ -48,6 +48,8 @@ pub use api::pool::{Data, MapOptions, Pool, PoolBuilder, TaskOptions};
 #[cfg(target_os = "linux")]
 pub use api::result::{AsyncResult, Imap, ImapUnordered, MapResult, Next};
 #[cfg(target_os = "linux")]
+pub use backend::local::output::Output;
+#[cfg(target_os = "linux")]
 pub use backend::local::start::StartMethod;
 /// The `bytemuck` crate, whose [`bytemuck::Pod`] is the bound on a
 /// [`SharedSlice`]'s elements (to derive `Pod` for your own `#[repr(C)]`

@@ -152,11 +152,13 @@ fn run(shared: &Shared) {
         if set.ready(0) {
             sys::drain(shared.wake.as_raw_fd());
         }
+        let mut read_any = false;
         let (out, done) = {
             let mut r = lock(shared);
             for (j, &(i, k)) in who.iter().enumerate() {
                 if set.ready(j + 1) {
                     r.read(i, k);
+                    read_any = true;
                 }
             }
             r.send_kills();
@@ -171,8 +173,18 @@ fn run(shared: &Shared) {
         if done {
             return;
         }
+        if read_any {
+            // Output comes in bursts, often a few bytes a write (`{:>12}`
+            // in a `println!` is a write per byte of padding): a moment's
+            // pause lets the rest of a burst gather, to be read in one go
+            // rather than a wake-up per write.
+            std::thread::sleep(COALESCE);
+        }
     }
 }
+
+/// How long the pump pauses after a read before it looks again.
+const COALESCE: Duration = Duration::from_micros(50);
 
 /// Writes whole lines to the program's stdout and stderr, and logs the
 /// records.

@@ -428,6 +428,15 @@ impl std::fmt::Write for Bytes<'_> {
 /// out in pieces of [`LINE_MAX`] while it is longer.
 fn lines(partial: &mut Vec<u8>, bytes: &[u8], mut sink: Sink<'_>) {
     let mut rest = bytes;
+    if sink.mode == Output::Lines && !sink.untrusted {
+        // Whole lines pass as they are: up to the last newline at once.
+        if let Some(last) = rest.iter().rposition(|&b| b == b'\n') {
+            let to = &mut sink.out.bytes[sink.k];
+            to.append(partial);
+            to.extend_from_slice(&rest[..=last]);
+            rest = &rest[last + 1..];
+        }
+    }
     while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
         if partial.is_empty() {
             sink.line(&rest[..nl]);

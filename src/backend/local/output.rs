@@ -32,6 +32,18 @@
 //! the output cap marks its `died_of` word and has the server kill it, and
 //! a worker's lines are untrusted: their control characters are escaped.
 //!
+//! Why the parent reads the pipes rather than the server, as the server
+//! once relayed a sandboxed pool's: a crash report must be read with the
+//! result or the end it goes with. A relay in another process would hold
+//! a worker's last bytes somewhere between its pipe and the parent when
+//! the result arrives, and the task would be settled before them. Reading
+//! each worker's own pipe also tells whose line is whose without a
+//! header on it (the pid of a `[worker PID] ` prefix or a log record).
+//!
+//! Over MPI a rank's server always gives its workers the rank's own
+//! stdout and stderr (`Streams::INHERIT`), which the launcher forwards:
+//! the builder accepts no other `Output` with `mpi()`.
+//!
 //! The pump holds nothing of the pool but the pipes, a copy of the
 //! server's socket (for those kills; given up when the pool closes the
 //! server, so that the server still sees end-of-file), the status words

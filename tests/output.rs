@@ -425,6 +425,51 @@ fn a_timeout_reports_what_the_task_wrote() {
     });
 }
 
+/// Starts a child that keeps the worker's stderr open (`sleep 600`),
+/// writes its pid to `path`, says so, and aborts.
+fn leave_a_child_then_abort(path: String) {
+    let child = Command::new("sleep")
+        .arg("600")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("starting sleep");
+    std::fs::write(format!("{path}.tmp"), child.id().to_string()).unwrap();
+    std::fs::rename(format!("{path}.tmp"), &path).unwrap();
+    write_line(true, "leaving a child behind");
+    std::process::abort();
+}
+
+/// Kills the process whose pid a task left in the file, when dropped.
+struct KillLeftChild(common::TempPath);
+
+impl Drop for KillLeftChild {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.read_pid() {
+            // SAFETY: a signal to the `sleep` this test's task started.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+}
+
+#[test]
+fn a_child_holding_the_workers_stderr_holds_up_neither_the_report_nor_join() {
+    let left = KillLeftChild(common::TempPath::new("output-child"));
+    let path = left.0.string();
+    // The child holds the pipe for 600 s: waiting for its end-of-file
+    // would pass this bound.
+    common::within("the held pipe test", Duration::from_secs(120), move || {
+        let pool = quiet(1);
+        let e = pool.apply(leave_a_child_then_abort, path).unwrap_err();
+        assert!(matches!(e, Error::WorkerLost { .. }), "{e:?}");
+        assert_eq!(e.last_words(), Some("leaving a child behind"), "{e:?}");
+        assert_eq!(pool.apply(double, 21).unwrap(), 42);
+        pool.close();
+        pool.join().unwrap();
+    });
+    assert!(left.0.read_pid().is_some(), "the task left no child");
+}
+
 fn spin_after_words(words: String) {
     write_line(true, &words);
     let mut x = 0u64;

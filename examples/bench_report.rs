@@ -70,6 +70,15 @@
 //!                             blocks: none is reused)
 //!   apply_sync_sandbox_reuse_us_per_task   10,000 applies back to back
 //!                             with Sandbox::tasks_per_worker(u64::MAX)
+//!   output_apply_{inherit,lines}_us_per_task   10,000 sequential apply of
+//!                             a task that writes one line (40 bytes) to
+//!                             stderr, in a pool whose stderr is
+//!                             Output::Inherit, then Output::Lines (the
+//!                             line through the pool), alternately (median
+//!                             of 3 each); the program's stderr points at
+//!                             /dev/null meanwhile
+//!   output_map_100k_{inherit,lines}_items_per_s   map over 100,000 items,
+//!                             one such line each, the same way
 //!   imap_10M_peak_rss_mb      the caller's peak RSS (VmHWM, MiB) while a
 //!                             fresh pool runs imap_unordered over 10 M items
 //!                             (chunk 1000); the peak is reset first through
@@ -97,6 +106,16 @@ fn tenth_sleeps(x: u64) -> u64 {
 
 fn echo(b: ByteBuf) -> ByteBuf {
     b
+}
+
+/// `inc`, with a line of 40 bytes to stderr, in one write (as a logger
+/// writes a record it has formatted: `eprintln!` itself may write a piece
+/// at a time, a byte at a time for padding).
+fn inc_say(x: u64) -> u64 {
+    use std::io::Write;
+    let line = format!("item {x:>12} done, all is well here\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    x + 1
 }
 
 fn echo_vec(b: Vec<u8>) -> Vec<u8> {
@@ -419,6 +438,90 @@ fn imap_default_rows(
     Ok(())
 }
 
+/// The program's stderr pointed at `/dev/null` until dropped (the output
+/// rows' workers write there, through the pool or not).
+struct StderrToNull(libc::c_int);
+
+impl StderrToNull {
+    fn new() -> BoxResult<StderrToNull> {
+        // SAFETY: dup of fd 2, open of a static NUL-terminated path, and
+        // dup2 of that fd onto 2: plain fd calls on fds this process owns.
+        unsafe {
+            let saved = libc::dup(2);
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
+            if saved < 0 || null < 0 || libc::dup2(null, 2) < 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            libc::close(null);
+            Ok(StderrToNull(saved))
+        }
+    }
+}
+
+impl Drop for StderrToNull {
+    fn drop(&mut self) {
+        // SAFETY: puts back the fd saved by `new`, which this owns.
+        unsafe {
+            libc::dup2(self.0, 2);
+            libc::close(self.0);
+        }
+    }
+}
+
+/// The output rows: `apply` latency and `map` throughput of a task that
+/// writes a line to stderr, the line straight to the program's stderr
+/// (Inherit) or through the pool (Lines), measured alternately.
+fn output_rows(
+    n: usize,
+    want: &dyn Fn(&str) -> bool,
+    out: &mut Vec<(&'static str, f64)>,
+) -> BoxResult<()> {
+    let (apply, map) = (
+        want("output_apply_inherit_us_per_task") || want("output_apply_lines_us_per_task"),
+        want("output_map_100k_inherit_items_per_s") || want("output_map_100k_lines_items_per_s"),
+    );
+    if !apply && !map {
+        return Ok(());
+    }
+    let quiet = StderrToNull::new()?;
+    let pools = [procpool::Output::Inherit, procpool::Output::Lines]
+        .map(|o| Pool::builder().processes(n).stderr(o).build());
+    let [inherit, lines] = pools;
+    let pools = [inherit?, lines?];
+    const K: u64 = 10_000;
+    const M: u64 = 100_000;
+    let (mut applies, mut maps) = ([vec![], vec![]], [vec![], vec![]]);
+    for _ in 0..3 {
+        for (i, p) in pools.iter().enumerate() {
+            if apply {
+                let t = Instant::now();
+                for x in 0..K {
+                    black_box(p.apply(inc_say, x)?);
+                }
+                applies[i].push(t.elapsed().as_secs_f64() / K as f64 * 1e6);
+            }
+            if map {
+                let t = Instant::now();
+                assert_eq!(p.map(inc_say, 0..M)?.len(), M as usize);
+                maps[i].push(M as f64 / t.elapsed().as_secs_f64());
+            }
+        }
+    }
+    drop(pools);
+    drop(quiet);
+    let [ai, al] = applies;
+    let [mi, ml] = maps;
+    if apply {
+        out.push(("output_apply_inherit_us_per_task", median(ai)));
+        out.push(("output_apply_lines_us_per_task", median(al)));
+    }
+    if map {
+        out.push(("output_map_100k_inherit_items_per_s", median(mi)));
+        out.push(("output_map_100k_lines_items_per_s", median(ml)));
+    }
+    Ok(())
+}
+
 fn main() -> BoxResult<()> {
     let n: usize = match std::env::var("WORKERS") {
         Ok(v) => v.trim().parse()?,
@@ -599,6 +702,8 @@ fn main() -> BoxResult<()> {
         }
         // As pool_bench.py's `with` block: the pool ends here.
     }
+
+    output_rows(n, &want, &mut out)?;
 
     if want("spawn_per_task_100_s") {
         out.push(("spawn_per_task_100_s", med(5, || spawn_per_task(100))?));

@@ -71,7 +71,7 @@ pub enum Error {
     ///    1: demo::check
     ///              at src/main.rs:4:5
     /// ```
-    #[error("the task panicked{}: {message}{}", crate::traceback::at(.location), crate::traceback::shown(.backtrace))]
+    #[error("the task panicked{}: {message}{}{}", crate::traceback::at(.location), crate::traceback::shown(.backtrace), shown(.last_words))]
     #[non_exhaustive]
     TaskPanicked {
         /// The panic's message. A payload of another type than a string
@@ -85,10 +85,12 @@ pub enum Error {
         /// [`PoolBuilder::backtraces`](crate::PoolBuilder::backtraces) or
         /// with `RUST_BACKTRACE` set.
         backtrace: Option<RemoteBacktrace>,
+        /// The worker's crash report: see [`Error::last_words`].
+        last_words: Option<Arc<str>>,
     },
     /// The worker running the task died (a signal, `abort`, a segfault,
     /// `exit` inside the task, the out-of-memory killer). It has been replaced.
-    #[error("worker {pid}{} was lost while running the task ({status})", on_rank(*rank))]
+    #[error("worker {pid}{} was lost while running the task ({status}){}", on_rank(*rank), shown(.last_words))]
     #[non_exhaustive]
     WorkerLost {
         /// The pid of the worker that died (on its rank's host, over MPI).
@@ -97,6 +99,8 @@ pub enum Error {
         status: ExitStatus,
         /// The MPI rank it ran on (`None` in a local pool).
         rank: Option<usize>,
+        /// The worker's crash report: see [`Error::last_words`].
+        last_words: Option<Arc<str>>,
     },
     /// The worker running a task whose argument held [`SharedBuf`]s died
     /// part-way (as [`WorkerLost`](Error::WorkerLost)). The buffers were
@@ -110,7 +114,8 @@ pub enum Error {
         "worker {pid} was lost while running a task that held {buffers} SharedBuf(s) ({status}); \
          the buffers were released with the task, which was not run again since the worker may \
          have half written them (TaskOptions::retries_with_shared allows a retry that sees them \
-         as it left them)"
+         as it left them){}",
+        shown(.last_words)
     )]
     #[non_exhaustive]
     WorkerLostShared {
@@ -120,9 +125,11 @@ pub enum Error {
         status: ExitStatus,
         /// How many buffers the task held.
         buffers: usize,
+        /// The worker's crash report: see [`Error::last_words`].
+        last_words: Option<Arc<str>>,
     },
     /// The task ran longer than its timeout; its worker was killed and replaced.
-    #[error("the task timed out after {timeout:?}; worker {pid}{} was killed", on_rank(*rank))]
+    #[error("the task timed out after {timeout:?}; worker {pid}{} was killed{}", on_rank(*rank), shown(.last_words))]
     #[non_exhaustive]
     Timeout {
         /// The timeout that was exceeded.
@@ -132,6 +139,8 @@ pub enum Error {
         pid: u32,
         /// The MPI rank it ran on (`None` in a local pool).
         rank: Option<usize>,
+        /// The worker's crash report: see [`Error::last_words`].
+        last_words: Option<Arc<str>>,
     },
     /// The task was cancelled before it finished.
     #[error("the task was cancelled")]
@@ -224,13 +233,15 @@ pub enum Error {
     /// was killed (or ended itself) and has been replaced.
     ///
     /// [`Sandbox`]: crate::Sandbox
-    #[error("the task went past the sandbox's {limit}; worker {pid} was replaced")]
+    #[error("the task went past the sandbox's {limit}; worker {pid} was replaced{}", shown(.last_words))]
     #[non_exhaustive]
     LimitExceeded {
         /// The limit it went past.
         limit: crate::limit::Limit,
         /// The pid of the worker that ran it.
         pid: u32,
+        /// The worker's crash report: see [`Error::last_words`].
+        last_words: Option<Arc<str>>,
     },
     /// A sandboxed worker sent what the pool's protocol does not allow: a
     /// frame or a result larger than the sandbox's
@@ -266,6 +277,95 @@ pub enum Error {
 }
 
 impl Error {
+    /// The worker's crash report: the last bytes (at most 4 KiB) it wrote
+    /// to its stderr before the failure, for [`WorkerLost`],
+    /// [`WorkerLostShared`], [`TaskPanicked`], [`Timeout`] and
+    /// [`LimitExceeded`]. `Display` shows them after the cause.
+    ///
+    /// There are some only where the workers' stderr goes through the
+    /// pool ([`PoolBuilder::stderr`] with anything but
+    /// [`Output::Inherit`], the default of an unsandboxed pool), and the
+    /// worker wrote something. They are the worker's last words, not the
+    /// task's: a worker that runs several tasks (a chunk of `map`, or
+    /// tasks sent while it ran) may have written some of them for an
+    /// earlier task, and a task's child that still holds the worker's
+    /// stderr may have added to them. What a sandboxed worker wrote is
+    /// shown with its control characters escaped (`\x1b`).
+    ///
+    /// [`WorkerLost`]: Error::WorkerLost
+    /// [`WorkerLostShared`]: Error::WorkerLostShared
+    /// [`TaskPanicked`]: Error::TaskPanicked
+    /// [`Timeout`]: Error::Timeout
+    /// [`LimitExceeded`]: Error::LimitExceeded
+    /// [`PoolBuilder::stderr`]: crate::PoolBuilder::stderr
+    /// [`Output::Inherit`]: crate::Output::Inherit
+    ///
+    /// ```
+    /// use procpool::{Error, Output, Pool};
+    /// fn check(x: i32) -> i32 {
+    ///     if x <= 0 {
+    ///         eprintln!("assertion failed: x > 0 (x = {x})");
+    ///         std::process::abort();
+    ///     }
+    ///     x
+    /// }
+    /// let pool = Pool::builder().processes(1).stderr(Output::Null).build()?;
+    /// let e = pool.apply(check, -1).unwrap_err();
+    /// assert!(matches!(e, Error::WorkerLost { .. }));
+    /// assert!(e.last_words().unwrap().contains("assertion failed: x > 0"));
+    /// # Ok::<(), procpool::Error>(())
+    /// ```
+    pub fn last_words(&self) -> Option<&str> {
+        match self {
+            Error::WorkerLost { last_words, .. }
+            | Error::WorkerLostShared { last_words, .. }
+            | Error::TaskPanicked { last_words, .. }
+            | Error::Timeout { last_words, .. }
+            | Error::LimitExceeded { last_words, .. } => last_words.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Gives this error `words` as its crash report, if it is of a kind
+    /// that carries one and has none yet.
+    pub(crate) fn add_last_words(&mut self, words: Option<&Arc<str>>) {
+        if let (
+            Error::WorkerLost { last_words, .. }
+            | Error::WorkerLostShared { last_words, .. }
+            | Error::TaskPanicked { last_words, .. }
+            | Error::Timeout { last_words, .. }
+            | Error::LimitExceeded { last_words, .. },
+            Some(w),
+        ) = (self, words)
+        {
+            last_words.get_or_insert_with(|| w.clone());
+        }
+    }
+
+    /// Whether this is an error that a crash report belongs to and that
+    /// has none yet.
+    pub(crate) fn wants_last_words(&self) -> bool {
+        matches!(
+            self,
+            Error::WorkerLost {
+                last_words: None,
+                ..
+            } | Error::WorkerLostShared {
+                last_words: None,
+                ..
+            } | Error::TaskPanicked {
+                last_words: None,
+                ..
+            } | Error::Timeout {
+                last_words: None,
+                ..
+            } | Error::LimitExceeded {
+                last_words: None,
+                ..
+            }
+        )
+    }
+
     pub(crate) fn io(context: &'static str, source: std::io::Error) -> Self {
         Error::Io {
             context,
@@ -276,6 +376,20 @@ impl Error {
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The crash report after the cause, as `Display` shows it: each line
+/// indented under a heading.
+fn shown(last_words: &Option<Arc<str>>) -> String {
+    let Some(words) = last_words.as_deref() else {
+        return String::new();
+    };
+    let mut s = String::from("\n\nthe worker's last words (stderr):");
+    for line in words.lines() {
+        s.push_str("\n    ");
+        s.push_str(line);
+    }
+    s
+}
 
 /// " on MPI rank N" for a worker that ran on a rank; "" for a local one.
 fn on_rank(rank: Option<usize>) -> String {

@@ -53,6 +53,8 @@ pub use api::result::{AsyncResult, Imap, ImapUnordered, MapResult, Next};
 #[cfg(target_os = "linux")]
 pub use api::wait::{AsCompleted, Done, WaitFor, as_completed, wait};
 #[cfg(target_os = "linux")]
+pub use backend::local::output::Output;
+#[cfg(target_os = "linux")]
 pub use backend::local::start::StartMethod;
 /// The `bytemuck` crate, whose [`bytemuck::Pod`] is the bound on a
 /// [`SharedSlice`]'s elements (to derive `Pod` for your own `#[repr(C)]`

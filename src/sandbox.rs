@@ -48,7 +48,7 @@
 //! | time | every task has a wall-clock limit (its timeout or the pool's, else ten times the CPU cap, else 60 s), counted by the parent from the task's start | a task that sleeps or stops itself uses no CPU |
 //! | workers apart | status words a page per worker, each worker unmapping the others and closing their memfd; blocks never reused, sealed | Landlock's signal and ptrace scoping keeps a worker from signalling or tracing another |
 //! | nothing of the host's environment | the parent execs the server with only the variables [`Sandbox::env`] and [`Sandbox::inherit_env`] name (and the crate's marker, fd numbers); the crate's own settings (`PROCPOOL_SPIN_US`) go in the config memfd | clearing `environ` in the server would not do: an exec's strings stay on its stack, in every worker it forks |
-//! | output volume | each worker writes to pipes of its own, which the server reads and copies to its stdout and stderr (the pool's pipes to the parent), counting what each wrote; past [`Sandbox::output_limit`] it marks the worker's `died_of` word, kills it and discards the rest (`backend/local/relay.rs`) | the server is the one process that can tell whose bytes are whose without trusting the worker, and that never waits on one (its writes do not block) |
+//! | output volume | each worker writes to pipes of its own, which the server makes at its fork and hands to the parent, whose output thread reads them, passes whole lines on (control characters escaped) and counts what each wrote; past [`Sandbox::output_limit`] it marks the worker's `died_of` word, has the server kill it and discards the rest (`backend/local/relay.rs`) | a pipe per worker tells whose bytes are whose without trusting the worker; the reader is a thread of the parent that never waits on one worker (its reads do not block) |
 //! | nothing of the host's stdio | stdin is `/dev/null`; stdout and stderr are pipes whose read ends only the parent holds, copied by a thread of the parent to the program's own (`backend/local/output.rs`) | with the program's fd, a task could `ftruncate` and `pwrite` the program's log; with a pipe it can only add bytes |
 //!
 //! What the table leaves out:
@@ -346,9 +346,11 @@ impl Sandbox {
 
     /// Caps what each worker writes to its stdout and stderr together, in
     /// bytes (default 64 MiB). Each worker writes to pipes of its own,
-    /// which the fork server reads and copies to the program's stdout and
-    /// stderr; past the cap it discards the rest, kills the worker, and
-    /// the task fails with [`Limit::Output`]. A worker runs one task unless
+    /// which the pool reads and passes on as
+    /// [`PoolBuilder::stdout`](crate::PoolBuilder::stdout) and
+    /// [`stderr`](crate::PoolBuilder::stderr) say (by default whole lines
+    /// to the program's stdout and stderr); past the cap it discards the
+    /// rest, kills the worker, and the task fails with [`Limit::Output`]. A worker runs one task unless
     /// [`tasks_per_worker`](Sandbox::tasks_per_worker) says otherwise: the
     /// cap is then its tasks' together.
     ///

@@ -121,6 +121,18 @@ fn flush_stdio() {
     let _ = std::io::stderr().flush();
 }
 
+/// Whether this worker flushes C's stdio buffers after each task, not only
+/// before it exits ([`flush_c_stdio_after_each_task`]).
+static FLUSH_C_STDIO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes this worker flush C's stdio buffers after each task: its stdout
+/// is a pipe of the pool's, which C buffers whole (not by line, as it does
+/// a terminal), so a task's `printf` would otherwise wait for the worker's
+/// exit. Called in the new worker, before [`run`].
+pub(crate) fn flush_c_stdio_after_each_task() {
+    FLUSH_C_STDIO.store(true, Ordering::Relaxed);
+}
+
 /// [`flush_stdio`], and C's stdio buffers too: just before the worker
 /// `_exit`s, which would lose them.
 fn flush_all_stdio() {
@@ -365,10 +377,11 @@ impl Worker<'_> {
         let t0 = Instant::now();
         let mut done = Header::new(wire::DONE, h.seq, 0, 0).open(&mut self.out);
         let ran = self.execute(h, input, &done);
-        if self.active.is_some() {
-            // A sandboxed worker is killed after its task, never exits:
-            // what the task left in C's stdio buffers goes out now, before
-            // its result.
+        if self.active.is_some() || FLUSH_C_STDIO.load(Ordering::Relaxed) {
+            // A sandboxed worker is killed after its task, never exits; a
+            // worker whose stdout is a pipe of the pool's has C's stdout
+            // buffered whole: what the task left in C's stdio buffers goes
+            // out now, before its result.
             sys::flush_c_stdio();
         }
         if self.over_open_files(&done, ran.status) {

@@ -6,6 +6,7 @@ use crate::api::result::{
     AsyncResult, Imap, ImapUnordered, MapResult, Ready, assemble, decode_payload,
 };
 use crate::backend::local;
+use crate::backend::local::output::{Output, Streams};
 use crate::backend::local::server::{Init, Spec};
 use crate::backend::local::start::StartMethod;
 use crate::engine::completion::{Group, Hook, Hub, Outcome, Payload, Signal, Slot, complete};
@@ -295,6 +296,8 @@ pub struct PoolBuilder {
     backtraces: Option<bool>,
     forward_logs: Option<log::LevelFilter>,
     sandbox: Option<crate::sandbox::Sandbox>,
+    stdout: Option<Output>,
+    stderr: Option<Output>,
     // Also in docs.rs's build, which shows the MPI methods without the
     // feature (it has no MPI library to build it with).
     #[cfg(any(feature = "mpi", docsrs))]
@@ -499,6 +502,43 @@ impl PoolBuilder {
         /// # Ok::<(), procpool::Error>(())
         /// ```
         fn sandbox(sandbox: crate::sandbox::Sandbox) { sandbox = Some(sandbox) }
+
+        /// Where the workers' stdout goes (see [`Output`]): the program's
+        /// own, shared ([`Output::Inherit`], the default without a
+        /// sandbox), nowhere, or through the pool in whole lines (to the
+        /// program's stdout, prefixed or not, or to the log). A sandboxed
+        /// pool's default is [`Output::Lines`], and it refuses `Inherit`.
+        ///
+        /// ```
+        /// use procpool::{Output, Pool};
+        /// fn report(x: u32) -> u32 { println!("item {x} done"); x }
+        /// // "[worker 1234] item 1 done": whole lines, never two workers'
+        /// // mixed.
+        /// let pool = Pool::builder().stdout(Output::PrefixedLines).build()?;
+        /// assert_eq!(pool.map(report, 1..=3)?, vec![1, 2, 3]);
+        /// # Ok::<(), procpool::Error>(())
+        /// ```
+        fn stdout(output: Output) { stdout = Some(output) }
+
+        /// Where the workers' stderr goes (see [`Output`] and
+        /// [`stdout`](Self::stdout)). Through the pool (any choice but
+        /// [`Output::Inherit`], [`Output::Null`] included), each worker's
+        /// last bytes of stderr come back with the error of a task it
+        /// failed: its crash report ([`Error::last_words`]).
+        ///
+        /// ```
+        /// use procpool::{Error, Output, Pool};
+        /// fn die(_: ()) {
+        ///     eprintln!("out of patience");
+        ///     std::process::abort();
+        /// }
+        /// let pool = Pool::builder().processes(1).stderr(Output::Null).build()?;
+        /// let e = pool.apply(die, ()).unwrap_err();
+        /// assert!(matches!(e, Error::WorkerLost { .. }));
+        /// assert_eq!(e.last_words(), Some("out of patience"));
+        /// # Ok::<(), procpool::Error>(())
+        /// ```
+        fn stderr(output: Output) { stderr = Some(output) }
     }
 
     /// Runs the workers on MPI ranks, possibly on other machines (cargo
@@ -596,6 +636,7 @@ impl PoolBuilder {
             check(init.f)?;
         }
         let sandbox = self.resolve_sandbox(method, mpi)?;
+        let output = self.resolve_output(sandbox.as_ref(), mpi)?;
         let cfg = Config {
             processes,
             // A sandboxed worker runs as many tasks as its sandbox allows
@@ -639,7 +680,7 @@ impl PoolBuilder {
                 init,
             )?);
         }
-        start_local(method, cfg, init, sandbox)
+        start_local(method, cfg, init, sandbox, output)
     }
 
     /// The number of workers, after the settings' checks.
@@ -657,6 +698,39 @@ impl PoolBuilder {
             Some(n) => Ok(n),
             None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
         }
+    }
+
+    /// Where the workers' output goes: as asked, or by default the
+    /// program's own (a sandboxed pool's: whole lines through the pool).
+    /// A sandboxed pool refuses `Inherit`, and MPI anything else.
+    fn resolve_output(&self, sandbox: Option<&crate::sandbox::Spec>, mpi: bool) -> Result<Streams> {
+        let asked = [self.stdout, self.stderr];
+        if mpi && asked.iter().flatten().any(|&o| o != Output::Inherit) {
+            return Err(Error::Config(
+                "over MPI, a pool's workers write to their rank's stdout and stderr, which the \
+                 launcher forwards: only Output::Inherit is accepted",
+            ));
+        }
+        let Some(sb) = sandbox else {
+            return Ok(Streams {
+                stdout: self.stdout.unwrap_or(Output::Inherit),
+                stderr: self.stderr.unwrap_or(Output::Inherit),
+                cap: None,
+            });
+        };
+        if asked.contains(&Some(Output::Inherit)) {
+            return Err(Error::Sandbox {
+                reason: "a sandboxed worker cannot share the program's stdout or stderr \
+                         (Output::Inherit): it could truncate, rewrite or read what the fd \
+                         is open on; use Output::Lines (the default), PrefixedLines, Log or Null"
+                    .into(),
+            });
+        }
+        Ok(Streams {
+            stdout: self.stdout.unwrap_or(Output::Lines),
+            stderr: self.stderr.unwrap_or(Output::Lines),
+            cap: Some(sb.limits().output),
+        })
     }
 
     /// The sandbox, resolved (its paths checked), if one was asked for.
@@ -684,6 +758,7 @@ fn start_local(
     cfg: Config,
     init: Option<Init>,
     sandbox: Option<crate::sandbox::Spec>,
+    output: Streams,
 ) -> Result<Pool> {
     // Room for every slot the pool may use if it grows (`Pool::resize`):
     // status words it never uses are never touched.
@@ -696,6 +771,7 @@ fn start_local(
         sandbox,
         prepared: None,
         without_mpi_env: false,
+        output,
     };
     crate::worker::install_panic_hook();
     let backend = local::start(method, spec)?;

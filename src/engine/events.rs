@@ -125,12 +125,14 @@ fn fail_if_no_workers(st: &mut State, done: &mut Vec<Completion>) {
 }
 
 /// A worker ended (and its last output was read): its tasks are settled
-/// (the ledger), the initializer perhaps blamed, and it is replaced.
+/// (the ledger), with its crash report if there is one, the initializer
+/// perhaps blamed, and it is replaced.
 pub(crate) fn worker_ended(
     shared: &Shared,
     st: &mut State,
     mut w: Worker,
     end: End,
+    last_words: Option<std::sync::Arc<str>>,
     done: &mut Vec<Completion>,
 ) {
     let mut started = shared.progress.started(w.slot);
@@ -181,7 +183,10 @@ pub(crate) fn worker_ended(
     let lost: Vec<Completion> = verdict
         .failed
         .into_iter()
-        .map(|(j, e)| (j.slot, j.hook, Err(e)))
+        .map(|(j, mut e)| {
+            e.add_last_words(last_words.as_ref());
+            (j.slot, j.hook, Err(e))
+        })
         .chain(
             verdict
                 .finished

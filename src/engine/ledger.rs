@@ -135,16 +135,25 @@ fn started_task_error(job: &mut Job, e: &Ended<'_>) -> Option<Error> {
                 timeout: *timeout,
                 pid,
                 rank: e.rank,
+                last_words: None,
             });
         }
         Some(KillReason::Limit { id, limit }) if *id == job.id => {
-            return Some(Error::LimitExceeded { limit: *limit, pid });
+            return Some(Error::LimitExceeded {
+                limit: *limit,
+                pid,
+                last_words: None,
+            });
         }
         Some(KillReason::Error(err)) => return Some(err.clone()),
         _ => {}
     }
     if let Some(limit) = e.limit {
-        return Some(Error::LimitExceeded { limit, pid });
+        return Some(Error::LimitExceeded {
+            limit,
+            pid,
+            last_words: None,
+        });
     }
     // A task that started runs again only if it may (its input was kept
     // for that: KEEP_INPUT), and, if it holds SharedBufs, only if the
@@ -165,12 +174,14 @@ fn started_task_error(job: &mut Job, e: &Ended<'_>) -> Option<Error> {
             pid,
             status,
             buffers: job.shared.len(),
+            last_words: None,
         });
     }
     Some(Error::WorkerLost {
         pid,
         status,
         rank: e.rank,
+        last_words: None,
     })
 }
 

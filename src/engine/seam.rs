@@ -125,6 +125,14 @@ pub(crate) trait Backend: Send {
     fn flush(&mut self);
     /// Appends what it has to report (without waiting).
     fn events(&mut self, out: &mut Vec<Event>);
+    /// The crash report of the worker in `slot` (the last bytes it wrote
+    /// to its stderr), when its stderr goes through the pool: after what
+    /// its pipe holds now was read (never waiting for more). Asked for a
+    /// live worker after it reported a panic, and for an ended one right
+    /// after its `Ended`.
+    fn last_words(&mut self, _slot: usize) -> Option<std::sync::Arc<str>> {
+        None
+    }
     /// Whether it can still start workers.
     fn is_open(&self) -> bool;
     /// Stops it: it ends its workers and itself.

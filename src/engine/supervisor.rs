@@ -201,6 +201,7 @@ fn handle_io(
             w.flush();
         }
         if p.set.readable(i) {
+            let before = done.len();
             w.read(
                 &mut st.ready,
                 &mut st.est,
@@ -208,6 +209,7 @@ fn handle_io(
                 done,
                 READ_BUDGET,
             );
+            with_last_words(st.backend.as_mut(), slot, &mut done[before..]);
         }
     }
     if st.ready != ready_before {
@@ -316,8 +318,33 @@ fn ended(shared: &Shared, st: &mut State, slot: usize, end: End, done: &mut Vec<
         return;
     };
     let mut w = st.workers.swap_remove(i);
+    let before = done.len();
     w.read(&mut st.ready, &mut st.est, &shared.blocks, done, usize::MAX);
-    events::worker_ended(shared, st, w, end, done);
+    // Its crash report, read once its end was reported: for its last
+    // panics and for the tasks its end fails.
+    let words = st.backend.as_mut().and_then(|b| b.last_words(slot));
+    for c in &mut done[before..] {
+        if let Err(e) = &mut c.2 {
+            e.add_last_words(words.as_ref());
+        }
+    }
+    events::worker_ended(shared, st, w, end, words, done);
+}
+
+/// Gives the worker's crash report to the outcomes just read from it
+/// that fail in a way it belongs to (a panic), asking the backend for it
+/// only if there is one.
+fn with_last_words(backend: Option<&mut Box<dyn Backend>>, slot: usize, done: &mut [Completion]) {
+    let wants = |c: &Completion| matches!(&c.2, Err(e) if e.wants_last_words());
+    if !done.iter().any(wants) {
+        return;
+    }
+    let words = backend.and_then(|b| b.last_words(slot));
+    for c in done.iter_mut() {
+        if let Err(e) = &mut c.2 {
+            e.add_last_words(words.as_ref());
+        }
+    }
 }
 
 /// The backend ended on its own (its server killed from outside, say): the

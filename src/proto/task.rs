@@ -641,6 +641,7 @@ pub(crate) fn outcome_error(st: u8, body: &[u8]) -> crate::Error {
         message,
         location,
         backtrace,
+        last_words: None,
     }
 }
 
@@ -669,6 +670,7 @@ pub(crate) fn status_error(st: u8, message: String) -> crate::Error {
             message,
             location: None,
             backtrace: None,
+            last_words: None,
         },
         status::ENCODE => crate::Error::Encode {
             what: "result",

@@ -159,14 +159,15 @@ pub(crate) fn stdin_from_dev_null() {
     }
 }
 
-/// Makes `out` and `err` this process's stdout and stderr (fds 1 and 2,
-/// not close-on-exec); the caller then drops its own copies.
-pub(crate) fn redirect_stdio(out: &OwnedFd, err: &OwnedFd) -> io::Result<()> {
-    // SAFETY: dup2 of fds this process holds onto fds 1 and 2, which this
-    // process owns as its stdout and stderr.
-    unsafe {
-        super::cvt(libc::dup2(out.as_raw_fd(), 1))?;
-        super::cvt(libc::dup2(err.as_raw_fd(), 2))?;
+/// Makes `out` and `err`, where given, this process's stdout and stderr
+/// (fds 1 and 2, not close-on-exec); the caller then drops its own copies.
+pub(crate) fn redirect_stdio(out: Option<&OwnedFd>, err: Option<&OwnedFd>) -> io::Result<()> {
+    for (fd, to) in [(out, 1), (err, 2)] {
+        if let Some(fd) = fd {
+            // SAFETY: dup2 of an fd this process holds onto fd 1 or 2,
+            // which this process owns as its stdout or stderr.
+            super::cvt(unsafe { libc::dup2(fd.as_raw_fd(), to) })?;
+        }
     }
     Ok(())
 }

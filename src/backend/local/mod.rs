@@ -14,6 +14,7 @@
 //! terminal, signals and stdio, and why a stream socket per worker.
 
 pub(crate) mod output;
+mod pump;
 mod relay;
 pub(crate) mod server;
 pub(crate) mod start;
@@ -43,35 +44,59 @@ pub(crate) struct Local {
     /// The slot of each live worker, by pid (the server names workers by
     /// pid; the engine, by slot).
     slots: HashMap<u32, usize>,
-    /// The pump of the pool's output, where it goes through the parent
-    /// (a sandboxed pool: `output.rs`).
-    output: Option<output::OutputPump>,
+    /// Which of the workers' streams (stdout, stderr) come through the
+    /// pool: a `SPAWNED` brings their pipes after the worker's socket.
+    piped: [bool; 2],
+    /// The pump of the workers' output, where it goes through the pool
+    /// (`output.rs`).
+    output: Option<pump::Pump>,
+    /// The crash report of each worker whose end was reported, by slot,
+    /// until the engine takes it (`last_words`).
+    ended_words: HashMap<usize, Arc<str>>,
 }
 
 /// Starts a fork server by `method`, with `spec` (the initializer, the
-/// shared words, the sandbox).
+/// shared words, the sandbox, where output goes).
 pub(crate) fn start(method: StartMethod, spec: Spec) -> Result<Local, Error> {
-    let (fd, pid, output) = match method {
+    let (streams, words) = (spec.output, spec.words.clone());
+    let (fd, pid) = match method {
         StartMethod::ForkServer => start::exec_server(&spec)?,
-        StartMethod::Fork => {
-            let (fd, pid) = fork_server(spec)?;
-            (fd, pid, None)
-        }
+        StartMethod::Fork => fork_server(spec)?,
     };
     let mut local = Local {
         fd: Some(fd),
         out: VecDeque::new(),
         pid,
         slots: HashMap::new(),
-        output,
+        piped: streams.piped(),
+        output: None,
+        ended_words: HashMap::new(),
     };
-    if let Err(e) = sys::set_nonblocking(local.fd.as_ref().expect("just set")) {
-        // Closing its socket makes the server exit; reap it.
-        local.close();
-        let _ = sys::reap(pid);
-        return Err(Error::io("configuring the fork server socket", e));
+    let fd = local.fd.as_ref().expect("just set");
+    let ready = sys::set_nonblocking(fd)
+        .map_err(|e| Error::io("configuring the fork server socket", e))
+        .and_then(|()| {
+            if !local.piped.contains(&true) {
+                return Ok(None);
+            }
+            let copy = sys::dup_above_stdio(fd)
+                .map_err(|e| Error::io("copying the fork server socket", e))?;
+            pump::Pump::start(streams, words, copy)
+                .map(Some)
+                .map_err(|e| Error::io("starting the pool's output thread", e))
+        });
+    match ready {
+        Ok(pump) => {
+            local.output = pump;
+            Ok(local)
+        }
+        Err(e) => {
+            // Closing its socket makes the server exit; reap it.
+            local.close();
+            let _ = sys::reap(pid);
+            Err(e)
+        }
     }
-    Ok(local)
 }
 
 impl Local {
@@ -86,7 +111,7 @@ impl Local {
         let slot = m.slot as usize;
         let pid = m.a as u32;
         Some(match m.kind {
-            server::SPAWNED => match fds.pop() {
+            server::SPAWNED => match self.take_spawned(slot, pid, &mut fds) {
                 Some(conn) => {
                     self.slots.insert(pid, slot);
                     Event::Started {
@@ -96,9 +121,9 @@ impl Local {
                         conn,
                     }
                 }
-                // Its socket did not arrive: this process is out of fds
-                // (the kernel closed it instead), and that worker reads
-                // end-of-file and exits.
+                // Its socket or a pipe did not arrive: this process is out
+                // of fds (the kernel closed them instead), and that worker
+                // reads end-of-file (what came is dropped) and exits.
                 None => Event::StartFailed {
                     slot,
                     cause: format!(
@@ -115,12 +140,37 @@ impl Local {
                 slot: *self.slots.get(&pid)?,
                 task: m.b,
             },
-            server::EXITED => Event::Ended {
-                slot: self.slots.remove(&pid)?,
-                end: End::Exited(ExitStatus::from_raw(m.b as u32 as i32)),
-            },
+            server::EXITED => {
+                let slot = self.slots.remove(&pid)?;
+                // The server reaped it: all it wrote is in its pipes.
+                if let Some(words) = self.output.as_ref().and_then(|o| o.ended(slot, pid)) {
+                    self.ended_words.insert(slot, words);
+                }
+                Event::Ended {
+                    slot,
+                    end: End::Exited(ExitStatus::from_raw(m.b as u32 as i32)),
+                }
+            }
             _ => return None,
         })
+    }
+
+    /// The fds of a `SPAWNED` for the worker `pid` in `slot`: its socket
+    /// (returned), then the read ends of its piped streams (given to the
+    /// pump). `None` if any is missing.
+    fn take_spawned(&mut self, slot: usize, pid: u32, fds: &mut Vec<OwnedFd>) -> Option<OwnedFd> {
+        let want = 1 + self.piped.iter().filter(|&&p| p).count();
+        if fds.len() != want {
+            return None;
+        }
+        let mut fds = std::mem::take(fds).into_iter();
+        let conn = fds.next()?;
+        let pipes = self.piped.map(|p| if p { fds.next() } else { None });
+        self.ended_words.remove(&slot);
+        if let Some(o) = &self.output {
+            o.add(slot, pid, pipes);
+        }
+        Some(conn)
     }
 }
 
@@ -209,12 +259,25 @@ impl Backend for Local {
         }
     }
 
+    fn last_words(&mut self, slot: usize) -> Option<Arc<str>> {
+        if let Some(words) = self.ended_words.remove(&slot) {
+            return Some(words);
+        }
+        // A live worker's (after a panic): its pipe holds what it wrote
+        // before it sent the result.
+        self.output.as_ref()?.last_words(slot)
+    }
+
     fn is_open(&self) -> bool {
         self.fd.is_some()
     }
 
     fn close(&mut self) {
-        // Closing its socket makes the server kill its workers and exit.
+        // Closing its socket makes the server kill its workers and exit:
+        // the output pump's copy of it goes first.
+        if let Some(o) = &self.output {
+            o.forget_server();
+        }
         self.fd = None;
         self.out.clear();
     }
@@ -236,11 +299,11 @@ impl Backend for Local {
             }
         }
         // The server reaped its workers before it exited: what they wrote
-        // is in the output pipes, and the pump copies it out within a
-        // moment (bounded: a copy of a write end left elsewhere must not
-        // hold up the join).
+        // is in their pipes, and the pump passes it on within a moment
+        // (bounded: a write end that a task's child kept must not hold up
+        // the join).
         if let Some(pump) = self.output.take() {
-            pump.wait_drained(output::DRAIN_WAIT);
+            pump.finish(pump::DRAIN_WAIT);
         }
         exit_reason(self.what(), status)
     }

@@ -15,7 +15,9 @@
 //! parent → server: `SPAWN slot`, `KILL slot pid seq` (seq 0: whatever the
 //! worker runs; else only while the worker's shared word says it runs task
 //! `seq`, so a cancel never kills the task after the one it was for);
-//! server → parent: `SPAWNED slot pid` (+ the worker's socket),
+//! server → parent: `SPAWNED slot pid` (+ the worker's socket, then the
+//! read ends of its stdout and stderr pipes where the pool pipes them:
+//! `output.rs`),
 //! `SPAWN_FAILED slot errno` (slot `u32::MAX`: the server could not set
 //! itself up, and exits), `EXITED pid status`, `KILL_REFUSED pid`, and
 //! first of all, from a server started by exec, `HELLO 0 pid ready`
@@ -23,7 +25,7 @@
 //! End-of-file from the parent (it closed the socket, or died) makes the
 //! server SIGKILL every worker, reap them all, and exit.
 
-use super::relay::{Pipes, Relays};
+use super::output::{Streams, WorkerPipes};
 use crate::sys;
 use crate::worker;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -90,6 +92,9 @@ pub(crate) struct Spec {
     /// out of an exec'd server's environment: a server on an MPI rank must
     /// not look like a rank to the MPI library that a task may load.
     pub(crate) without_mpi_env: bool,
+    /// Where the workers' stdout and stderr go: the server gives each
+    /// worker pipes of its own for the streams that go through the pool.
+    pub(crate) output: Streams,
 }
 
 /// The server's main loop; runs in the forked child and never returns.
@@ -103,24 +108,15 @@ pub(crate) fn run(sock: OwnedFd, spec: &Spec) -> ! {
     let mut keep = vec![fd];
     keep.extend(spec.prepared.as_ref().and_then(|p| p.own_fd()));
     let sigfd = set_up(&keep);
-    // A sandboxed pool's workers write to pipes of their own, relayed here.
-    let relays = match (&spec.prepared, &spec.sandbox) {
-        (Some(_), Some(sb)) => Some(Relays::new(sb.limits().output)),
-        _ => None,
-    };
     let mut server = Server {
         fd,
         sigfd: sigfd.as_raw_fd(),
         me: std::process::id() as libc::pid_t,
         spec,
         live: Vec::with_capacity(64),
-        relays,
     };
     loop {
-        let (set, relayed) = server.wait();
-        if let (Some(r), Some(first)) = (server.relays.as_mut(), relayed) {
-            r.pump(&set, first, &spec.words, &server.live);
-        }
+        let set = server.wait();
         if set.ready(1) {
             server.report_exits();
         }
@@ -211,23 +207,19 @@ struct Server<'a> {
     spec: &'a Spec,
     /// The workers forked and not reaped yet: the only pids it may signal.
     live: Vec<libc::pid_t>,
-    /// A sandboxed pool's workers' output.
-    relays: Option<Relays>,
 }
 
 impl Server<'_> {
     /// Waits for a message from the parent (index 0 of the set it
-    /// returns), a worker's exit (index 1), or a worker's output (from the
-    /// index it returns too, if output is relayed).
-    fn wait(&self) -> (sys::PollSet, Option<usize>) {
+    /// returns) or a worker's exit (index 1).
+    fn wait(&self) -> sys::PollSet {
         let mut set = sys::PollSet::default();
         set.push(self.fd, true, false);
         set.push(self.sigfd, true, false);
-        let relayed = self.relays.as_ref().map(|r| r.poll_on(&mut set));
         if set.poll(-1).is_err() {
             shut_down(&self.live);
         }
-        (set, relayed)
+        set
     }
 
     /// Sends `m` (with `fds`) to the parent; if it is gone, shuts down.
@@ -264,25 +256,21 @@ impl Server<'_> {
         }
     }
 
-    /// Forks a worker for `slot` and sends the parent its socket (or why
-    /// it could not).
+    /// Forks a worker for `slot` and sends the parent its socket and the
+    /// read ends of its output pipes (or why it could not). The server
+    /// keeps no end of any worker's pipes.
     fn spawn(&mut self, slot: u32) {
-        let pipes = match self.relays.as_ref().map(|_| Relays::pipes()).transpose() {
+        let pipes = match WorkerPipes::new(self.spec.output.piped()) {
             Ok(p) => p,
             Err(e) => return self.send(Msg::new(SPAWN_FAILED, slot, errno(&e), 0), &[]),
         };
-        let others = self.relays.as_ref().map_or(Vec::new(), Relays::fds);
-        let stdio = pipes.as_ref();
-        match spawn(
-            slot, self.fd, self.sigfd, self.me, self.spec, stdio, &others,
-        ) {
+        match spawn(slot, self.fd, self.sigfd, self.me, self.spec, &pipes) {
             Ok((pid, parent_end)) => {
                 self.live.push(pid);
-                if let (Some(r), Some(p)) = (self.relays.as_mut(), pipes) {
-                    r.add(pid, slot as usize, p);
-                }
+                let mut fds = vec![parent_end.as_raw_fd()];
+                fds.extend(pipes.read_fds());
                 let reply = Msg::new(SPAWNED, slot, pid as u64, 0);
-                self.send(reply, &[parent_end.as_raw_fd()]);
+                self.send(reply, &fds);
             }
             Err(e) => self.send(Msg::new(SPAWN_FAILED, slot, errno(&e), 0), &[]),
         }
@@ -310,8 +298,7 @@ fn spawn(
     sigfd: i32,
     me: libc::pid_t,
     spec: &Spec,
-    stdio: Option<&Pipes>,
-    others: &[RawFd],
+    stdio: &WorkerPipes,
 ) -> std::io::Result<(libc::pid_t, OwnedFd)> {
     let (parent_end, worker_end) = sys::stream_pair()?;
     sys::set_socket_buffers(&parent_end, spec.sock_buf);
@@ -332,15 +319,15 @@ fn spawn(
             sys::close_fd(server_fd);
             sys::close_fd(sigfd);
             drop(parent_end);
-            if let Some(p) = stdio {
-                // Its own pipes, which the server relays (`relay.rs`); no
-                // other end of any worker's pipes stays open here.
-                if sys::redirect_stdio(&p.child[0], &p.child[1]).is_err() {
-                    sys::exit_now(1);
-                }
-                for fd in p.all_fds().chain(others.iter().copied()) {
-                    sys::close_fd(fd);
-                }
+            // Its own pipes for the streams that go through the pool
+            // (`output.rs`); no other fd of them stays open here.
+            if stdio.install().is_err() {
+                sys::exit_now(1);
+            }
+            if spec.output.piped()[0] {
+                // Its stdout is a pipe, which C's stdio buffers whole:
+                // what a task's C code printed goes out after each task.
+                worker::flush_c_stdio_after_each_task();
             }
             sys::reset_signals();
             if sys::die_with_parent() != me {

@@ -38,8 +38,9 @@
 //! stack, so removing the host's variables after the exec would leave
 //! them in every worker's memory); the spin, which an unsandboxed server
 //! reads from `PROCPOOL_SPIN_US`, travels in its config instead. And its
-//! stdin is `/dev/null` and its stdout and stderr are pipes to the parent
-//! (`output.rs`), which its workers inherit.
+//! stdin is `/dev/null`. Any server's stdout and stderr are the program's
+//! where the pool's workers inherit them, else `/dev/null`: its workers
+//! then get pipes of their own (`output.rs`), and it writes nothing itself.
 //!
 //! **Fork**: the server is a `fork()` of the caller, as in the first
 //! version: workers see the caller's memory as it was at build time, and a
@@ -210,10 +211,9 @@ fn cannot_exec(reason: String) -> Error {
     }
 }
 
-/// Starts a fork server by exec; returns the parent's end of its socket,
-/// its pid, once it has said HELLO, and the pump of its output if it is
-/// sandboxed (`output.rs`).
-pub(crate) fn exec_server(spec: &Spec) -> Result<Started, Error> {
+/// Starts a fork server by exec; returns the parent's end of its socket
+/// and its pid, once it has said HELLO.
+pub(crate) fn exec_server(spec: &Spec) -> Result<(OwnedFd, libc::pid_t), Error> {
     can_exec()?;
     let (parent_end, server_end) =
         sys::seqpacket_pair().map_err(|e| Error::io("creating the fork server socket", e))?;
@@ -234,43 +234,28 @@ pub(crate) fn exec_server(spec: &Spec) -> Result<Started, Error> {
         raw(2, config.as_raw_fd()),
     ];
     let mut cmd = server_command(spec, keep);
-    let streams = if spec.sandbox.is_some() {
-        // A sandboxed worker gets none of the host's stdio fds.
+    if spec.sandbox.is_some() {
+        // A sandboxed worker gets none of the host's stdio fds (its
+        // stdout and stderr are pipes of its own: the builder refuses
+        // `Output::Inherit` for it).
         cmd.stdin(std::process::Stdio::null());
-        output::Streams::FORWARD
-    } else {
-        output::Streams::INHERIT
-    };
-    let mut stdio = streams
-        .prepare()
-        .map_err(|e| Error::io("making the pool's output pipes", e))?;
-    stdio.give_to(&mut cmd);
+    }
+    let [stdout, stderr] = spec.output.server_stdio();
+    cmd.stdout(stdout).stderr(stderr);
     let child = sys::spawn_keeping(&mut cmd, keep)
         .map_err(|e| cannot_exec(format!("could not exec /proc/self/exe: {e}")))?;
     // The Child handle neither waits nor kills when dropped; the pool reaps
-    // the server by pid. The command holds the pipes' write ends: drop it
-    // before the pump starts, or the pump would never see end-of-file.
+    // the server by pid.
     let pid = child.id() as libc::pid_t;
     drop((child, cmd, server_end, config, moved));
-    let pump = match stdio.start() {
-        Ok(p) => p,
-        Err(e) => {
-            sys::kill_and_reap(pid);
-            return Err(Error::io("starting the pool's output pump", e));
-        }
-    };
     match hello(&parent_end, pid) {
-        Ok(()) => Ok((parent_end, pid, pump)),
+        Ok(()) => Ok((parent_end, pid)),
         Err(e) => {
             sys::kill_and_reap(pid);
             Err(e)
         }
     }
 }
-
-/// What [`exec_server`] started: the parent's end of the server's socket,
-/// its pid, and the pump of its output, if forwarded.
-pub(crate) type Started = (OwnedFd, libc::pid_t, Option<output::OutputPump>);
 
 /// The command that execs the server, with its environment: the host's
 /// for an unsandboxed pool (less the MPI launcher's variables if asked),
@@ -424,10 +409,11 @@ const HELLO_WEAKER: u64 = 1;
 /// and the server exits.
 const HELLO_FAILED: u64 = 2;
 
-const CONFIG_MAGIC: &[u8; 8] = b"PROCPL03";
+const CONFIG_MAGIC: &[u8; 8] = b"PROCPL04";
 
 /// The settings an exec'd server needs, in a memfd: a magic, the socket
-/// buffer size, the initializer (offsets and argument) if any, the
+/// buffer size, which output streams are piped (a byte,
+/// `Streams::bits`), the initializer (offsets and argument) if any, the
 /// sandbox (a flag, a length and its bincode encoding) if any, then the
 /// spin in microseconds (a flag and the number) if the server must not
 /// take it from its environment (a sandboxed server, whose environment
@@ -436,6 +422,7 @@ fn write_config(spec: &Spec) -> std::io::Result<OwnedFd> {
     let mut bytes = Vec::with_capacity(64);
     bytes.extend_from_slice(CONFIG_MAGIC);
     bytes.extend_from_slice(&(spec.sock_buf as u64).to_le_bytes());
+    bytes.push(spec.output.bits());
     match &spec.init {
         None => bytes.push(0),
         Some(init) => {
@@ -469,10 +456,10 @@ fn write_config(spec: &Spec) -> std::io::Result<OwnedFd> {
     Ok(OwnedFd::from(f))
 }
 
-/// What [`write_config`] wrote: the socket buffer size, the initializer,
-/// the sandbox and the spin.
+/// What [`write_config`] wrote: the socket buffer size and output
+/// streams, the initializer, the sandbox and the spin.
 type Config = (
-    usize,
+    (usize, output::Streams),
     Option<Init>,
     Option<crate::sandbox::Spec>,
     Option<u64>,
@@ -488,14 +475,16 @@ fn read_config(fd: OwnedFd) -> Option<Config> {
         Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
     };
     let sock_buf = u64_at(rest, 0)? as usize;
-    let (init, at) = match *rest.get(8)? {
-        0 => (None, 9),
+    let streams = output::Streams::from_bits(*rest.get(8)?);
+    let rest = &rest[9..];
+    let (init, at) = match *rest.first()? {
+        0 => (None, 1),
         _ => {
-            let tramp = u64_at(rest, 9)?;
-            let func = u64_at(rest, 17)?;
-            let len = u64_at(rest, 25)? as usize;
-            let end = 33usize.checked_add(len)?;
-            let arg = rest.get(33..end)?.to_vec();
+            let tramp = u64_at(rest, 1)?;
+            let func = u64_at(rest, 9)?;
+            let len = u64_at(rest, 17)? as usize;
+            let end = 25usize.checked_add(len)?;
+            let arg = rest.get(25..end)?.to_vec();
             (
                 Some(Init {
                     f: TaskFn { tramp, func },
@@ -520,7 +509,7 @@ fn read_config(fd: OwnedFd) -> Option<Config> {
         0 => None,
         _ => Some(u64_at(rest, at + 1)?),
     };
-    Some((sock_buf, init, sandbox, spin))
+    Some(((sock_buf, streams), init, sandbox, spin))
 }
 
 /// The exec'd fork server, called by the crate's constructor before `main`
@@ -542,7 +531,7 @@ pub(crate) fn serve_exec(value: &str) -> ! {
     ) else {
         sys::exit_now(121)
     };
-    let Some((sock_buf, init, sandbox, spin)) = read_config(config) else {
+    let Some(((sock_buf, output), init, sandbox, spin)) = read_config(config) else {
         sys::exit_now(123)
     };
     if let Some(us) = spin {
@@ -588,6 +577,7 @@ pub(crate) fn serve_exec(value: &str) -> ! {
         sandbox,
         prepared,
         without_mpi_env: false,
+        output,
     };
     server::run(sock, &spec)
 }
@@ -604,6 +594,7 @@ mod tests {
             sandbox: None,
             prepared: None,
             without_mpi_env: false,
+            output: output::Streams::INHERIT,
         }
     }
 
@@ -616,9 +607,13 @@ mod tests {
             },
             arg: (0..=255u8).collect(),
         };
-        let s = spec(Some(init));
-        let (sock_buf, init, sandbox, spin) = read_config(write_config(&s).unwrap()).unwrap();
+        let mut s = spec(Some(init));
+        s.output.stderr = output::Output::Log;
+        let ((sock_buf, streams), init, sandbox, spin) =
+            read_config(write_config(&s).unwrap()).unwrap();
         assert_eq!(sock_buf, 12345);
+        // The server learns only which streams it pipes.
+        assert_eq!(streams.piped(), [false, true]);
         let i = init.unwrap();
         assert_eq!(
             i.f,

@@ -490,6 +490,9 @@ fn host(per_rank: Option<usize>, init: Option<Init>) -> Option<Host> {
             sandbox: None,
             prepared: None,
             without_mpi_env: true,
+            // A rank's workers write to the rank's stdout and stderr, which
+            // the launcher forwards (the builder accepts no other output).
+            output: local::output::Streams::INHERIT,
         };
         let server = local::start(StartMethod::ForkServer, spec)?;
         Ok(Host { server, words, cap })

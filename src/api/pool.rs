@@ -1024,9 +1024,12 @@ impl Pool {
         }
     }
 
-    /// The pid of the pool's fork server: the parent of every worker, and
-    /// the pool's one child process. It exits (and is reaped) when the pool
-    /// is joined, terminated or dropped.
+    /// The pid of the process that starts this pool's workers. For a local
+    /// pool, the fork server: the parent of every worker, and the pool's one
+    /// child process, which exits (and is reaped) when the pool is joined,
+    /// terminated or dropped. Over MPI (`PoolBuilder::mpi`), this process's
+    /// own pid (rank 0's): each worker rank has a fork server of its own, on
+    /// its own host.
     pub fn server_pid(&self) -> u32 {
         self.shared.server_pid()
     }

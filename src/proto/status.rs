@@ -29,8 +29,8 @@ pub(crate) struct Status<'a> {
     /// Written by the parent: a task the worker must skip (cancelled before
     /// it started).
     pub(crate) skip: &'a AtomicU64,
-    /// Written by a sandboxed worker as it dies of one of its limits (see
-    /// `sandbox::Cause`); 0 otherwise.
+    /// Written by a sandboxed worker as it dies of one of its limits (one
+    /// of the codes in `sandbox::cause`); 0 otherwise.
     pub(crate) died_of: &'a AtomicU64,
     /// Written by a sandboxed worker as each task (each item of a chunk)
     /// starts: its own CPU time then, the base of the per-task CPU cap.

@@ -11,8 +11,8 @@
 //! where a task runs in another image (`StartMethod::ForkServer`, MPI), a
 //! function outside that object is refused at submission
 //! (`backend::local::start::check_task`, a range check against the
-//! object's `PT_LOAD` segments, computed once). DESIGN.md took any plain
-//! `fn` to be a task; under `StartMethod::Fork` any still is.
+//! object's `PT_LOAD` segments, computed once). Under `StartMethod::Fork`
+//! any plain `fn` still is a task.
 //!
 //! A [`Task`] (a value with state of its own) travels as one offset, of a
 //! trampoline monomorphised for its type: `func` holds the same offset,

@@ -17,10 +17,11 @@ pub(crate) enum Forked {
 
 /// `fork(2)`. The child must keep to async-signal-safe work until it has
 /// made sure that no lock it needs was held by another thread of the parent
-/// (see DESIGN.md); in this crate it only ever runs the fork server or a worker.
+/// (`ARCHITECTURE.md`, invariant 2); in this crate it only ever runs the fork
+/// server or a worker.
 pub(crate) fn fork() -> io::Result<Forked> {
     // SAFETY: fork has no memory-safety preconditions; the callers keep the
-    // child's work to the fork server and the worker loop (DESIGN.md).
+    // child's work to the fork server and the worker loop (ARCHITECTURE.md).
     let pid = unsafe { libc::fork() };
     match pid {
         -1 => Err(io::Error::last_os_error()),

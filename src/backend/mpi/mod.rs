@@ -48,7 +48,7 @@
 //! only its worker (`WorkerLost` names the rank), a timeout or a cancel
 //! kills the worker on its rank, and the rank goes on. What it cannot keep:
 //! a rank that dies as a whole ends the MPI job (the launcher stops every
-//! rank). The project README's "Scaling past one machine" has the table.
+//! rank). `docs/mpi.md`, "What holds where", has the table.
 //!
 //! Tasks travel as code offsets from an anchor (see `proto/task.rs`). These
 //! are the same in every rank of one binary, which the hash check makes

@@ -1,7 +1,7 @@
-//! The figures of `shared/bench/pool_bench.py` (CPython's `multiprocessing.Pool`)
-//! for procpool: the same workloads, sizes, repetition counts and medians,
-//! printed as the same `name: value` lines so that `compare.py` can put the
-//! two side by side.
+//! The figures of `benches/python/pool_bench.py` (CPython's
+//! `multiprocessing.Pool`) for procpool: the same workloads, sizes,
+//! repetition counts and medians, printed as the same `name: value` lines so
+//! that `benches/compare.py` can put the two side by side.
 //!
 //!     cargo run --release --example bench_report
 //!

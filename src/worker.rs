@@ -20,7 +20,7 @@ use crate::proto::shared_buf::{self, Mode, Region, Supply};
 use crate::proto::shm::Block;
 use crate::proto::status::Status;
 use crate::proto::task::{self, Init, Io, SharedIo, TaskFn, status};
-use crate::proto::wire::{self, Frame, Header};
+use crate::proto::wire::{self, Frame, Header, ResultAt};
 use crate::sandbox::{Active, Prepared};
 use crate::sys;
 use std::borrow::Cow;
@@ -248,13 +248,22 @@ enum Next {
     Retire,
 }
 
+/// Whether a task's input is in a block, and whether its fd came.
+enum InBlock {
+    /// The input is the frame's body.
+    No,
+    /// The input is in the block of this fd.
+    Fd(OwnedFd),
+    /// The input is in a block whose fd did not arrive.
+    Missing,
+}
+
 /// A TASK frame's input: its body, and the fds that came for it.
 struct Input<'b> {
     /// The body, after the count of `SharedBuf` fds if one leads it.
     body: &'b [u8],
-    /// The input block's fd, if the input is in a block (`Some(None)`: the
-    /// fd did not arrive).
-    block_fd: Option<Option<OwnedFd>>,
+    /// The input block's fd, if the input is in a block.
+    block: InBlock,
     /// The fds of the task's `SharedBuf`s.
     shared: Vec<OwnedFd>,
     /// Fewer `SharedBuf` fds came than the frame counts.
@@ -273,12 +282,15 @@ impl<'b> Input<'b> {
             Some(n) => (n, frame.payload(buf)),
             None => (0, &[][..]),
         };
-        let block_fd = (frame.header.status & wire::IN_BLOCK != 0).then(|| fds.pop_front());
+        let block = match frame.header.status & wire::IN_BLOCK != 0 {
+            false => InBlock::No,
+            true => fds.pop_front().map_or(InBlock::Missing, InBlock::Fd),
+        };
         let shared: Vec<OwnedFd> = fds.drain(..nshared.min(fds.len())).collect();
         let shared_missing = shared.len() < nshared;
         Input {
             body,
-            block_fd,
+            block,
             shared,
             shared_missing,
         }
@@ -302,7 +314,7 @@ struct Ran {
 impl Worker<'_> {
     /// Runs the initializer; if it fails, tells the parent why.
     fn run_init(&mut self, init: &Init) -> Result<(), Stop> {
-        let failed = Header::new(wire::INIT_FAILED, 0, 0, 0).open(&mut self.out);
+        let failed = Header::new(wire::INIT_FAILED, 0).open(&mut self.out);
         let mut io = Io {
             input: &init.arg,
             block: None,
@@ -333,15 +345,15 @@ impl Worker<'_> {
         apply: &dyn Fn() -> Result<Active, String>,
     ) -> Result<Active, Stop> {
         apply().map_err(|msg| {
-            Header::new(wire::SANDBOX_FAILED, 0, 0, 0).push_message(&mut self.out, 0, &msg);
+            Header::new(wire::SANDBOX_FAILED, 0).push_message(&mut self.out, 0, &msg);
             let _ = sys::send_all(self.fd, &self.out);
             Stop::InitFailed
         })
     }
 
-    /// Tells the parent that this worker serves tasks (`a`: its pid).
+    /// Tells the parent that this worker serves tasks (and its pid).
     fn say_ready(&mut self) -> Result<(), Stop> {
-        Header::new(wire::READY, 0, std::process::id() as u64, 0).push(&mut self.out);
+        Header::ready(std::process::id()).push(&mut self.out);
         self.flush()
     }
 
@@ -355,10 +367,13 @@ impl Worker<'_> {
         let h = &frame.header;
         match h.kind {
             wire::CONFIG => {
-                crate::proto::logs::install(self.fd, crate::proto::logs::level_in(h.a));
+                crate::proto::logs::install(
+                    self.fd,
+                    crate::proto::logs::level_in(h.config_flags()),
+                );
                 self.memory = configure(h);
             }
-            wire::SOFT_LIMIT => self.soft = Some((h.seq, h.a)),
+            wire::SOFT_LIMIT => self.soft = Some((h.seq, h.soft_limit_ns())),
             wire::TASK => return self.run_task(h, Input::take(frame, buf, fds)),
             wire::ADOPT => {
                 // Tasks come by the new stream from now on.
@@ -375,7 +390,7 @@ impl Worker<'_> {
     fn run_task(&mut self, h: &Header, input: Input<'_>) -> Result<Next, Stop> {
         self.start(h.seq);
         let t0 = Instant::now();
-        let mut done = Header::new(wire::DONE, h.seq, 0, 0).open(&mut self.out);
+        let mut done = Header::done(h.seq).open(&mut self.out);
         let ran = self.execute(h, input, &done);
         if self.active.is_some() || FLUSH_C_STDIO.load(Ordering::Relaxed) {
             // A sandboxed worker is killed after its task, never exits; a
@@ -390,8 +405,9 @@ impl Worker<'_> {
                 .store(crate::sandbox::cause::OPEN_FILES, Ordering::SeqCst);
             return Err(Stop::Limit);
         }
-        // The run time, for the parent's dispatch (header field `b`).
-        done.header.b = (Instant::now() - t0).as_nanos().min(u64::MAX as u128) as u64;
+        // The run time, for the parent's dispatch.
+        let ns = (Instant::now() - t0).as_nanos().min(u64::MAX as u128) as u64;
+        done.header.set_run_time_ns(ns);
         self.send_result(done, ran)?;
         self.status.finished.store(h.seq, Ordering::SeqCst);
         self.retire_if_grown(h.seq)
@@ -445,8 +461,8 @@ impl Worker<'_> {
                     io.block = block;
                 }
                 let f = TaskFn {
-                    tramp: h.a,
-                    func: h.b,
+                    tramp: h.tramp(),
+                    func: h.func(),
                 };
                 // SAFETY: task frames come only from this worker's parent,
                 // which encodes TaskFn values (of a fn or of a Task) of this same
@@ -491,12 +507,14 @@ impl Worker<'_> {
         if input.shared_missing {
             return Err((status::DECODE, "a task's SharedBufs did not arrive".into()));
         }
-        match input.block_fd.take() {
-            None => Ok(None),
-            Some(fd) => in_block(input.body, fd)
-                .map(Some)
-                .map_err(|msg| (status::DECODE, msg.into())),
-        }
+        let fd = match std::mem::replace(&mut input.block, InBlock::No) {
+            InBlock::No => return Ok(None),
+            InBlock::Fd(fd) => Some(fd),
+            InBlock::Missing => None,
+        };
+        in_block(input.body, fd)
+            .map(Some)
+            .map_err(|msg| (status::DECODE, msg.into()))
     }
 
     /// Whether the task that just ran went past the sandbox's cap on open
@@ -526,12 +544,12 @@ impl Worker<'_> {
             // the frame.
             done.clear_body(&mut self.out);
             self.out.extend_from_slice(&(*len as u64).to_le_bytes());
-            done.header.a = if *same {
-                wire::OUT_SAME_BLOCK
+            done.header.set_result_at(if *same {
+                ResultAt::InputBlock
             } else {
                 fds.push(block.raw_fd());
-                wire::OUT_NEW_BLOCK
-            };
+                ResultAt::NewBlock
+            });
         }
         // The SharedBufs' fds come after the block's.
         fds.extend(ran.shared.iter().map(Region::raw_fd));
@@ -549,7 +567,7 @@ impl Worker<'_> {
         let Some(grown) = self.memory.as_ref().and_then(MemoryLimit::exceeded) else {
             return Ok(Next::Serve);
         };
-        Header::new(wire::RETIRING, seq, grown, 0).push(&mut self.out);
+        Header::retiring(seq, grown).push(&mut self.out);
         self.flush()?;
         Ok(Next::Retire)
     }
@@ -601,7 +619,7 @@ impl Worker<'_> {
             "a task of {} bytes is larger than the worker can hold",
             h.len
         );
-        Header::new(wire::DONE, h.seq, 0, 0).push_message(&mut self.out, status::DECODE, &msg);
+        Header::done(h.seq).push_message(&mut self.out, status::DECODE, &msg);
         self.flush()
     }
 
@@ -642,8 +660,8 @@ fn soft_limit_for(soft: Option<(u64, u64)>, seq: u64) -> Option<u64> {
 
 /// Applies the parent's CONFIG frame; returns the memory limit it sets.
 fn configure(h: &Header) -> Option<MemoryLimit> {
-    crate::capture::capture_frames(h.a & wire::CONFIG_BACKTRACES != 0);
-    MemoryLimit::new(h.b)
+    crate::capture::capture_frames(h.config_flags() & wire::CONFIG_BACKTRACES != 0);
+    MemoryLimit::new(h.memory_limit())
 }
 
 /// `max_memory_per_child`: how much this worker's private memory may grow
@@ -716,7 +734,7 @@ fn send_frame(fd: i32, frame: &[u8], fds: &[i32]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::wire::{DONE, READY, Reader, TASK};
+    use crate::proto::wire::{DONE, READY, Reader};
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -772,13 +790,13 @@ mod tests {
                 reader: Reader::default(),
             };
             let (ready, _) = s.frame();
-            assert_eq!((ready.kind, ready.a), (READY, std::process::id() as u64));
+            assert_eq!((ready.kind, ready.ready_pid()), (READY, std::process::id()));
             s
         }
 
         /// Sends task `seq` of `f` with `flags` and `body`.
         fn task(&self, f: TaskFn, seq: u64, flags: u8, body: &[u8]) {
-            let mut h = Header::new(TASK, seq, f.tramp, f.func);
+            let mut h = Header::task(seq, f.tramp, f.func);
             h.status = flags;
             self.send(h, body);
         }
@@ -829,7 +847,10 @@ mod tests {
         let mut s = Served::start();
         s.task(TaskFn::single(double), 1, 0, &encoded(&21u64));
         let (h, body) = s.frame();
-        assert_eq!((h.kind, h.seq, h.status, h.a), (DONE, 1, status::OK, 0));
+        assert_eq!(
+            (h.kind, h.seq, h.status, h.result_at()),
+            (DONE, 1, status::OK, ResultAt::Inline)
+        );
         assert_eq!(task::decode_outcome::<u64>(h.status, &body).unwrap(), 42);
         let st = s.words.status(0);
         assert_eq!(st.started.load(Ordering::SeqCst), 1);
@@ -843,12 +864,12 @@ mod tests {
         let mut s = Served::start();
         let (engine, adopted) = sys::stream_pair().unwrap();
         let mut out = Vec::new();
-        Header::new(wire::ADOPT, 0, 0, 0).push(&mut out);
+        Header::new(wire::ADOPT, 0).push(&mut out);
         sys::send_fds(s.sock.as_raw_fd(), &out, &[adopted.as_raw_fd()]).unwrap();
         drop(adopted);
         let mut task = Vec::new();
         let f = TaskFn::single(double);
-        let frame = Header::new(TASK, 1, f.tramp, f.func).open(&mut task);
+        let frame = Header::task(1, f.tramp, f.func).open(&mut task);
         task.extend_from_slice(&encoded(&21u64));
         frame.close(&mut task, 0);
         sys::send_all(engine.as_raw_fd(), &task).unwrap();
@@ -903,8 +924,8 @@ mod tests {
         s.task(TaskFn::single(shared), 2, 0, &encoded(&5u64));
         let (h, body) = s.frame();
         assert_eq!(
-            (h.seq, h.status, h.a, body.len()),
-            (1, 0, wire::OUT_NEW_BLOCK, 8)
+            (h.seq, h.status, h.result_at(), body.len()),
+            (1, 0, ResultAt::NewBlock, 8)
         );
         let len = u64::from_le_bytes(body[..8].try_into().unwrap()) as usize;
         let block = Block::from_fd(s.fds.pop_front().expect("the block's fd")).unwrap();
@@ -922,10 +943,10 @@ mod tests {
         let mut s = Served::start();
         let f = TaskFn::single(soft_left);
         let unit = encoded(&());
-        s.send(Header::new(wire::SOFT_LIMIT, 1, 60_000_000_000, 0), &[]);
+        s.send(Header::soft_limit(1, 60_000_000_000), &[]);
         s.task(f, 1, 0, &unit);
         // A limit sent for task 3 does not apply to task 2.
-        s.send(Header::new(wire::SOFT_LIMIT, 3, 60_000_000_000, 0), &[]);
+        s.send(Header::soft_limit(3, 60_000_000_000), &[]);
         s.task(f, 2, 0, &unit);
         for (seq, limited) in [(1, true), (2, false)] {
             let (h, body) = s.frame();
@@ -971,7 +992,7 @@ mod tests {
 
     /// A frame with `status` and `body`, as the worker's reader sees it.
     fn parsed(status: u8, body: &[u8]) -> (Frame, Vec<u8>) {
-        let mut h = Header::new(TASK, 1, 0, 0);
+        let mut h = Header::task(1, 0, 0);
         h.status = status;
         let mut buf = Vec::new();
         let f = h.open(&mut buf);
@@ -989,7 +1010,10 @@ mod tests {
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let input = Input::take(&frame, &buf, &mut fds);
         assert_eq!(input.body, &8u64.to_le_bytes());
-        let block = input.block_fd.flatten().map(|f| f.as_raw_fd());
+        let block = match &input.block {
+            InBlock::Fd(f) => Some(f.as_raw_fd()),
+            _ => None,
+        };
         assert_eq!(block, Some(raw[0]));
         let shared: Vec<RawFd> = input.shared.iter().map(|f| f.as_raw_fd()).collect();
         assert_eq!(shared, raw[1..3]);
@@ -1003,7 +1027,7 @@ mod tests {
         let (frame, buf) = parsed(wire::IN_BLOCK | wire::SHARED_FDS, &3u32.to_le_bytes());
         let mut fds: VecDeque<OwnedFd> = (0..2).map(|_| dev_null()).collect();
         let input = Input::take(&frame, &buf, &mut fds);
-        assert!(matches!(input.block_fd, Some(Some(_))));
+        assert!(matches!(input.block, InBlock::Fd(_)));
         assert_eq!(input.shared.len(), 1);
         assert!(input.shared_missing);
         assert!(fds.is_empty());
@@ -1012,7 +1036,7 @@ mod tests {
             let (frame, buf) = parsed(status, body);
             let mut fds: VecDeque<OwnedFd> = (0..2).map(|_| dev_null()).collect();
             let input = Input::take(&frame, &buf, &mut fds);
-            assert!(input.block_fd.is_none() && input.shared.is_empty());
+            assert!(matches!(input.block, InBlock::No) && input.shared.is_empty());
             assert_eq!(input.body.len(), if status == 0 { 3 } else { 0 });
             assert_eq!(fds.len(), 2);
         }

@@ -89,7 +89,7 @@ impl Config {
         let memory = self.max_memory_per_child.unwrap_or(0);
         let mut out = Vec::new();
         if flags != 0 || memory != 0 {
-            Header::new(wire::CONFIG, 0, flags, memory).push(&mut out);
+            Header::config(flags, memory).push(&mut out);
         }
         out
     }

@@ -359,7 +359,7 @@ fn hello(sock: &OwnedFd, pid: libc::pid_t) -> Result<(), Error> {
     };
     let msg = next_datagram(sock, pid)?;
     match Msg::from_bytes(&msg) {
-        Some(m) if m.kind == server::HELLO && m.a == pid as u64 => match m.b {
+        Some(Msg::Hello { pid: p, sandbox }) if p as libc::pid_t == pid => match sandbox {
             HELLO_OK => Ok(()),
             b @ (HELLO_WEAKER | HELLO_FAILED) => {
                 // The sandbox's report follows.
@@ -555,11 +555,9 @@ pub(crate) fn serve_exec(value: &str) -> ! {
         Some(crate::sandbox::Readiness::Weaker(p, what)) => (Some(p), HELLO_WEAKER, Some(what)),
         Some(crate::sandbox::Readiness::Failed(why)) => (None, HELLO_FAILED, Some(why)),
     };
-    let hi = Msg {
-        kind: server::HELLO,
-        slot: 0,
-        a: std::process::id() as u64,
-        b: hello,
+    let hi = Msg::Hello {
+        pid: std::process::id(),
+        sandbox: hello,
     };
     if sys::send_with_fds(sock.as_raw_fd(), &hi.to_bytes(), &[]).is_err() {
         sys::exit_now(124)

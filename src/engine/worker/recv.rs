@@ -12,7 +12,7 @@ use crate::proto::shared_buf::{self, Supply};
 use crate::proto::shm::{Block, BlockCache, Body, Lent};
 use crate::proto::task::{self, status};
 use crate::proto::untrusted;
-use crate::proto::wire::{self, Frame, Header};
+use crate::proto::wire::{self, Frame, Header, ResultAt};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
@@ -231,7 +231,7 @@ impl Worker {
                 log::debug!(
                     "procpool: worker {} grew by {} bytes, past max_memory_per_child; replacing it",
                     self.pid,
-                    h.a
+                    h.growth()
                 );
                 self.retiring = true;
             }
@@ -288,9 +288,9 @@ impl Worker {
         let mut f = self.in_flight.pop_front().expect("front exists");
         let outcome = self.with_shared(outcome, shared_fds, shared_missing, &mut f.job);
         self.held_ns = self.held_ns.saturating_sub(f.charge);
-        // The worker reports each task's run time in `b`.
-        sink.est.learn(f.job.f, h.b, f.job.items);
-        self.busy_ns = self.busy_ns.saturating_add(h.b);
+        // The worker reports each task's run time.
+        sink.est.learn(f.job.f, h.run_time_ns(), f.job.items);
+        self.busy_ns = self.busy_ns.saturating_add(h.run_time_ns());
         if !f.job.cancelled {
             // A split chunk's lost items join its result in their places.
             let outcome = with_lost(outcome, std::mem::take(&mut f.job.lost));
@@ -315,7 +315,7 @@ impl Worker {
         cache: &Arc<BlockCache>,
     ) -> (Result<Payload, Error>, usize) {
         let st = h.status & !wire::SHARED_FDS;
-        if h.a == wire::OUT_SAME_BLOCK || h.a == wire::OUT_NEW_BLOCK {
+        if matches!(h.result_at(), ResultAt::InputBlock | ResultAt::NewBlock) {
             let body = self.conn.inbuf[body_at..end].to_vec();
             return (self.block_outcome(h, &body, cache), end);
         }
@@ -390,7 +390,7 @@ impl Worker {
             return Err(self.bad_result("a block length is missing"));
         };
         let len = u64::from_le_bytes(len.try_into().unwrap()) as usize;
-        let mut block = if h.a == wire::OUT_SAME_BLOCK {
+        let mut block = if h.result_at() == ResultAt::InputBlock {
             match self.input_block(cache.is_sandboxed()) {
                 Ok(b) => b,
                 Err(what) => return Err(self.bad_result(what)),
@@ -496,7 +496,7 @@ mod tests {
             let flood = std::thread::spawn(move || {
                 let mut batch = Vec::new();
                 for _ in 0..10_000 {
-                    Header::new(wire::RETIRING, 1, 0, 0).push(&mut batch);
+                    Header::retiring(1, 0).push(&mut batch);
                 }
                 while sys::send_all(theirs.as_raw_fd(), &batch).is_ok() {}
             });
@@ -518,7 +518,7 @@ mod tests {
     /// the same header is believed.
     #[test]
     fn a_claim_past_the_limit_kills_a_sandboxed_worker_before_any_allocation() {
-        let mut h = Header::new(wire::DONE, 1, 0, 0);
+        let mut h = Header::done(1);
         h.len = 64 << 20;
         let mut bytes = Vec::new();
         h.open(&mut bytes);
@@ -547,7 +547,7 @@ mod tests {
     #[test]
     fn stray_fds_are_closed_at_once_in_a_sandbox() {
         let mut frame = Vec::new();
-        Header::new(wire::RETIRING, 1, 0, 0).push(&mut frame);
+        Header::retiring(1, 0).push(&mut frame);
         for (limit, kept) in [(Some(1 << 20), 0), (None, 200)] {
             let (mut w, theirs) = worker(limit);
             let (a, _b) = sys::stream_pair().unwrap();

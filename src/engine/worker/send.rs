@@ -37,7 +37,7 @@ impl Worker {
         if let Some(soft) = job.soft_timeout {
             // Its soft limit, in the frame just before it.
             let ns = crate::deadline::nanos(soft);
-            Header::new(wire::SOFT_LIMIT, seq, ns, 0).push(self.conn.out());
+            Header::soft_limit(seq, ns).push(self.conn.out());
         }
         self.push_task_frame(seq, &job, cfg.inline_shared);
         self.held_ns += charge;
@@ -46,7 +46,7 @@ impl Worker {
     }
 
     fn push_task_frame(&mut self, seq: u64, job: &Job, inline_shared: bool) -> usize {
-        let mut h = Header::new(wire::TASK, seq, job.f.tramp, job.f.func);
+        let mut h = Header::task(seq, job.f.tramp, job.f.func);
         if inline_shared {
             h.status |= wire::INLINE_SHARED;
         }

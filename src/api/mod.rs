@@ -2,6 +2,7 @@
 //! result types, the global pool and `join_async`. Nothing below `api`
 //! imports it.
 
+pub(crate) mod encode;
 pub(crate) mod feed;
 pub(crate) mod global;
 pub(crate) mod join;

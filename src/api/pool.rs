@@ -1,5 +1,6 @@
 //! [`Pool`] and [`PoolBuilder`]: the public API.
 
+use crate::api::encode::{encode_arg, encode_chunk};
 use crate::api::feed::{self, Auto, Bound, ChunkFeeder, Sizing};
 use crate::api::join::{JoinFuture, SetOnDrop};
 use crate::api::result::{
@@ -11,14 +12,13 @@ use crate::backend::local::server::{Init, Spec};
 use crate::backend::local::start::StartMethod;
 use crate::engine::completion::{Group, Hook, Hub, Outcome, Payload, Signal, Slot, complete};
 use crate::engine::core::{Launch, Shared};
-use crate::engine::job::{Config, JobSpec};
+use crate::engine::job::{Config, JobOptions};
 use crate::engine::lifecycle::Phase;
 use crate::engine::size::SlotTable;
 use crate::engine::supervisor;
 use crate::error::{Error, Result};
 use crate::proto::codec;
-use crate::proto::shared_buf::{self, Mode, Region};
-use crate::proto::shm::{BlockCache, Body, Spill, Target};
+use crate::proto::shared_buf::Mode;
 use crate::proto::task::{self, TaskFn};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -124,6 +124,16 @@ impl<R> TaskOptions<R> {
         Self::default()
     }
 
+    /// What goes with the task's job.
+    fn job_options(&self) -> JobOptions {
+        JobOptions {
+            timeout: self.timeout,
+            soft_timeout: self.soft_timeout,
+            retries: self.retries,
+            retry_shared: self.retry_shared,
+        }
+    }
+
     setters! {
         /// Kill the worker and fail the task with [`Error::Timeout`] if it runs
         /// longer than this (overrides the pool's default).
@@ -216,6 +226,16 @@ impl<R> MapOptions<R> {
     /// retries.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// What goes with each chunk's job.
+    fn job_options(&self) -> JobOptions {
+        JobOptions {
+            timeout: self.timeout,
+            soft_timeout: self.soft_timeout,
+            retries: self.retries,
+            retry_shared: self.retry_shared,
+        }
     }
 
     setters! {
@@ -850,77 +870,6 @@ impl std::fmt::Debug for Pool {
     }
 }
 
-/// Encodes an argument: in a buffer, or in a shared-memory block from
-/// `cache` once it grows large (never without a cache); with the
-/// `SharedBuf`s it moved out of the argument.
-fn encode_arg<A: Serialize>(
-    arg: &A,
-    cache: Option<&BlockCache>,
-    mode: Mode,
-) -> Result<(Body, Vec<Region>)> {
-    let mut v = Vec::new();
-    let mut shared = Vec::new();
-    let Some(cache) = cache else {
-        let encoded = shared_buf::encoding(mode, &mut shared, || codec::encode_to(arg, &mut v));
-        arg_encoded(encoded, &shared)?;
-        return Ok((Body::Heap(v), shared));
-    };
-    let mut w = Spill::new(&mut v, Target::Cache(cache));
-    let encoded = shared_buf::encoding(mode, &mut shared, || codec::encode_to(arg, &mut w));
-    if let Err(e) = arg_encoded(encoded, &shared) {
-        w.discard();
-        return Err(e);
-    }
-    match w.finish() {
-        Ok((Some((b, n)), _)) => Ok((Body::Shm(b, n), shared)),
-        Ok((None, _)) => Ok((Body::Heap(v), shared)),
-        Err(e) => Err(Error::io("making a shared-memory block", e)),
-    }
-}
-
-/// Whether an argument's encoding went well: no codec error, and no more
-/// `SharedBuf`s than a task may carry.
-fn arg_encoded(
-    encoded: std::result::Result<(), crate::CodecError>,
-    shared: &[Region],
-) -> Result<()> {
-    encoded.map_err(|source| Error::Encode {
-        what: "argument",
-        source,
-    })?;
-    if shared.len() > shared_buf::max_per_task() {
-        return Err(shared_buf::too_many(shared.len()));
-    }
-    Ok(())
-}
-
-/// Encodes the items of one chunk after `prefix` (a task's state, or
-/// nothing), with the `SharedBuf`s they moved out.
-fn encode_chunk<'i, A: Serialize + 'i>(
-    prefix: &[u8],
-    items: impl IntoIterator<Item = &'i A>,
-    mode: Mode,
-) -> Result<(Vec<u8>, Vec<Region>)> {
-    let mut p = prefix.to_vec();
-    let mut shared = Vec::new();
-    let encoded = shared_buf::encoding(mode, &mut shared, || {
-        for a in items {
-            task::push_item(&mut p, a)?;
-        }
-        Ok(())
-    });
-    if let Err(source) = encoded {
-        return Err(Error::Encode {
-            what: "argument",
-            source,
-        });
-    }
-    if !shared.is_empty() && shared.len() > shared_buf::max_per_task() {
-        return Err(shared_buf::too_many(shared.len()));
-    }
-    Ok((p, shared))
-}
-
 impl Pool {
     /// Starts the supervisor thread over a backend, asks for the workers
     /// and waits until they are ready.
@@ -1073,7 +1022,8 @@ impl Pool {
         opts: TaskOptions<R>,
     ) -> Result<AsyncResult<R>> {
         let cache = (!self.shared.cfg.inline_bodies).then_some(&*self.shared.blocks);
-        let (payload, shared) = encode_arg(input, cache, self.shared_mode())?;
+        let input = encode_arg(input, cache, self.shared_mode())?;
+        let job_opts = opts.job_options();
         let hook = match (opts.on_success, opts.on_error) {
             (None, None) => Hook::None,
             (ok, err) => Hook::Handler(Box::new(move |o: Outcome| {
@@ -1082,21 +1032,8 @@ impl Pool {
             })),
         };
         let slot = self.shared.new_slot();
-        self.shared.submit(vec![(
-            slot.clone(),
-            JobSpec {
-                f: tf,
-                payload,
-                hook,
-                timeout: opts.timeout,
-                soft_timeout: opts.soft_timeout,
-                retries: opts.retries,
-                shared,
-                retry_shared: opts.retry_shared,
-                items: 0,
-                split: None,
-            },
-        )])?;
+        let job = input.job(tf, hook, 0, None, job_opts);
+        self.shared.submit(slot.clone(), job)?;
         Ok(AsyncResult {
             slot,
             pool: Arc::downgrade(&self.shared),
@@ -1170,6 +1107,7 @@ impl Pool {
         let done = Slot::new(0);
         let group = Group::new(nchunks, done.clone());
         let chunks: Vec<Arc<Slot>> = (0..nchunks).map(|i| Slot::new(first + i as u64)).collect();
+        let job_opts = opts.job_options();
         let callbacks = opts.on_success.is_some() || opts.on_error.is_some();
         if callbacks {
             let (ok, err) = (opts.on_success, opts.on_error);
@@ -1199,26 +1137,15 @@ impl Pool {
         let mode = self.shared_mode();
         for (chunk, slot) in items.chunks(chunksize).zip(result.chunks.iter()) {
             let hook = Hook::Group(result.group.clone(), chunk.len());
-            let (p, shared) = match encode_chunk(prefix, chunk, mode) {
+            let input = match encode_chunk(prefix, chunk, mode) {
                 Ok(x) => x,
                 Err(e) => {
                     complete(slot.clone(), hook, Err(e), &self.shared.handler);
                     continue;
                 }
             };
-            let spec = JobSpec {
-                f: tf,
-                payload: Body::Heap(p),
-                hook,
-                timeout: opts.timeout,
-                soft_timeout: opts.soft_timeout,
-                retries: opts.retries,
-                shared,
-                retry_shared: opts.retry_shared,
-                items: chunk.len() as u32,
-                split: None,
-            };
-            if let Err(e) = self.shared.submit(vec![(slot.clone(), spec)]) {
+            let job = input.job(tf, hook, chunk.len(), None, job_opts);
+            if let Err(e) = self.shared.submit(slot.clone(), job) {
                 // Closed or terminated: nothing of this map may run.
                 result.cancel();
                 return Err(e);
@@ -1284,10 +1211,7 @@ impl Pool {
             prefix,
             sizing,
             shared: self.shared.clone(),
-            timeout: opts.timeout,
-            soft_timeout: opts.soft_timeout,
-            retries: opts.retries,
-            retry_shared: opts.retry_shared,
+            opts: opts.job_options(),
             mode: self.shared_mode(),
             ended: false,
             panicked: None,

@@ -191,49 +191,44 @@ impl Shared {
         self.next_id.fetch_add(n, Ordering::Relaxed)
     }
 
-    /// Queues jobs (all or none) and dispatches what idle workers can take.
-    pub(crate) fn submit(&self, jobs: Vec<(Arc<Slot>, JobSpec)>) -> Result<(), Error> {
+    /// Queues a job, its outcome to go to `slot`, and dispatches what idle
+    /// workers can take.
+    pub(crate) fn submit(&self, slot: Arc<Slot>, s: JobSpec) -> Result<(), Error> {
         if let Some(check) = self.cfg.check_task {
-            for (_, s) in &jobs {
-                check(s.f)?;
-            }
+            check(s.f)?;
         }
-        let mut jobs = jobs;
+        let mut s = s;
         if self.blocks.is_sandboxed() {
             // A sandboxed worker gets its input sealed: it can neither change
             // it (for a retry on another worker) nor truncate it.
-            for (_, s) in jobs.iter_mut() {
-                if let Body::Shm(b, _) = &mut s.payload {
-                    b.seal()
-                        .map_err(|e| Error::io("sealing a shared-memory block", e))?;
-                }
+            if let Body::Shm(b, _) = &mut s.payload {
+                b.seal()
+                    .map_err(|e| Error::io("sealing a shared-memory block", e))?;
             }
         }
         let mut st = self.lock();
         if let Some(e) = st.refusal() {
             return Err(e);
         }
-        for (slot, s) in jobs {
-            self.counters.submitted(s.items);
-            let (timeout, wall_limit) = self.cfg.timeout_of(s.timeout, s.items);
-            st.queue.push_back(Job {
-                id: slot.id,
-                f: s.f,
-                payload: s.payload,
-                slot,
-                hook: s.hook,
-                timeout,
-                soft_timeout: s.soft_timeout.or(self.cfg.soft_timeout),
-                retries: s.retries.unwrap_or(self.cfg.retries),
-                cancelled: false,
-                shared: s.shared,
-                retry_shared: s.retry_shared,
-                items: s.items.max(1),
-                wall_limit,
-                split: s.split,
-                lost: Vec::new(),
-            });
-        }
+        self.counters.submitted(s.items);
+        let (timeout, wall_limit) = self.cfg.timeout_of(s.opts.timeout, s.items);
+        st.queue.push_back(Job {
+            id: slot.id,
+            f: s.f,
+            payload: s.payload,
+            slot,
+            hook: s.hook,
+            timeout,
+            soft_timeout: s.opts.soft_timeout.or(self.cfg.soft_timeout),
+            retries: s.opts.retries.unwrap_or(self.cfg.retries),
+            cancelled: false,
+            shared: s.shared,
+            retry_shared: s.opts.retry_shared,
+            items: s.items.max(1),
+            wall_limit,
+            split: s.split,
+            lost: Vec::new(),
+        });
         let pending = st.dispatch(&self.cfg, true);
         drop(st);
         if pending {

@@ -19,7 +19,7 @@ use crate::proto::codec;
 use crate::proto::shared_buf::{self, Mode, Region, Supply};
 use crate::proto::shm::Block;
 use crate::proto::status::Status;
-use crate::proto::task::{self, Init, Io, SharedIo, TaskFn, status};
+use crate::proto::task::{self, Init, Io, SharedIo, TaskFn, code};
 use crate::proto::wire::{self, Frame, Header, ResultAt};
 use crate::sandbox::{Active, Prepared};
 use crate::sys;
@@ -38,17 +38,18 @@ const KEEP_CAPACITY: usize = 4 << 20;
 const OUT_CAPACITY: usize = 64 << 10;
 
 /// Set in the fork server, and so in every worker it forks.
-static IN_WORKER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static POOL_CHILD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Marks this process as the fork server (and its future workers).
-pub(crate) fn mark_worker_process() {
-    IN_WORKER.store(true, Ordering::SeqCst);
+/// Marks this process as the pool's child: the fork server, and so every
+/// worker it will fork.
+pub(crate) fn mark_pool_child() {
+    POOL_CHILD.store(true, Ordering::SeqCst);
 }
 
 /// Whether this process is a worker (or the fork server), or this thread
 /// serves a worker's tasks (an MPI rank's worker thread).
 pub(crate) fn in_worker() -> bool {
-    IN_WORKER.load(Ordering::Relaxed) || crate::capture::serving()
+    POOL_CHILD.load(Ordering::Relaxed) || crate::capture::serving()
 }
 
 /// Installs, once per process, a panic hook that is silent in workers and
@@ -74,7 +75,7 @@ pub(crate) fn install_panic_hook() {
             if crate::capture::serving() {
                 crate::capture::record(info);
             }
-            if !IN_WORKER.load(Ordering::Relaxed) {
+            if !POOL_CHILD.load(Ordering::Relaxed) {
                 previous(info);
             }
         }));
@@ -85,15 +86,15 @@ pub(crate) fn install_panic_hook() {
 /// if any, applies after the initializer.
 pub(crate) fn run(
     sock: OwnedFd,
-    status: Status<'static>,
+    words: Status<'static>,
     init: Option<&Init>,
     sandbox: Option<&Prepared>,
 ) -> ! {
-    let apply = sandbox.map(|p| move || p.apply(status));
+    let apply = sandbox.map(|p| move || p.apply(words));
     let apply = apply
         .as_ref()
         .map(|f| f as &dyn Fn() -> Result<Active, String>);
-    let code = exit_code(serve(sock, status, init, apply));
+    let code = exit_code(serve(sock, words, init, apply));
     flush_all_stdio();
     sys::exit_now(code)
 }
@@ -159,14 +160,14 @@ pub(crate) enum Stop {
 /// initializer has run.
 pub(crate) fn serve(
     sock: OwnedFd,
-    status: Status<'_>,
+    words: Status<'_>,
     init: Option<&Init>,
     sandbox: Option<&dyn Fn() -> Result<Active, String>>,
 ) -> Result<(), Stop> {
     crate::capture::serve_on_this_thread();
-    let mut w = Worker {
+    let mut w = Loop {
         fd: sock.as_raw_fd(),
-        status,
+        words,
         active: None,
         out: Vec::with_capacity(OUT_CAPACITY),
         soft: None,
@@ -188,7 +189,7 @@ pub(crate) fn serve(
     };
     loop {
         while let Some(frame) = inbox.reader.next(&inbox.buf) {
-            if w.handle(&frame, &inbox.buf, &mut inbox.fds)? == Next::Retire {
+            if w.handle(&frame, &inbox.buf, &mut inbox.fds)? == Step::Retire {
                 return Ok(());
             }
         }
@@ -199,11 +200,11 @@ pub(crate) fn serve(
 }
 
 /// The worker loop's state between frames.
-struct Worker<'s> {
+struct Loop<'s> {
     /// The socket to the parent (blocking).
     fd: RawFd,
     /// The words this worker shares with the parent.
-    status: Status<'s>,
+    words: Status<'s>,
     /// The sandbox, once applied.
     active: Option<Active>,
     /// Frames to the parent not written yet.
@@ -241,7 +242,7 @@ impl Inbox {
 
 /// What the worker does after a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Next {
+enum Step {
     /// Goes on to the next frame.
     Serve,
     /// Exits (its memory grew past its limit).
@@ -311,7 +312,7 @@ struct Ran {
     shared: Vec<Region>,
 }
 
-impl Worker<'_> {
+impl Loop<'_> {
     /// Runs the initializer; if it fails, tells the parent why.
     fn run_init(&mut self, init: &Init) -> Result<(), Stop> {
         let failed = Header::new(wire::INIT_FAILED, 0).open(&mut self.out);
@@ -330,7 +331,7 @@ impl Worker<'_> {
         // this same executable on an MPI rank.
         let st = unsafe { init.f.call(&mut io) };
         flush_stdio();
-        if st == status::OK {
+        if st == code::OK {
             self.out.clear();
             return Ok(());
         }
@@ -363,7 +364,7 @@ impl Worker<'_> {
         frame: &Frame,
         buf: &[u8],
         fds: &mut VecDeque<OwnedFd>,
-    ) -> Result<Next, Stop> {
+    ) -> Result<Step, Stop> {
         let h = &frame.header;
         match h.kind {
             wire::CONFIG => {
@@ -383,11 +384,11 @@ impl Worker<'_> {
             }
             _ => {}
         }
-        Ok(Next::Serve)
+        Ok(Step::Serve)
     }
 
     /// Runs the task of header `h` and writes its result.
-    fn run_task(&mut self, h: &Header, input: Input<'_>) -> Result<Next, Stop> {
+    fn run_task(&mut self, h: &Header, input: Input<'_>) -> Result<Step, Stop> {
         self.start(h.seq);
         let t0 = Instant::now();
         let mut done = Header::done(h.seq).open(&mut self.out);
@@ -400,7 +401,7 @@ impl Worker<'_> {
             sys::flush_c_stdio();
         }
         if self.over_open_files(&done, ran.status) {
-            self.status
+            self.words
                 .died_of
                 .store(crate::sandbox::cause::OPEN_FILES, Ordering::SeqCst);
             return Err(Stop::Limit);
@@ -409,7 +410,7 @@ impl Worker<'_> {
         let ns = (Instant::now() - t0).as_nanos().min(u64::MAX as u128) as u64;
         done.header.set_run_time_ns(ns);
         self.send_result(done, ran)?;
-        self.status.finished.store(h.seq, Ordering::SeqCst);
+        self.words.finished.store(h.seq, Ordering::SeqCst);
         self.retire_if_grown(h.seq)
     }
 
@@ -418,10 +419,10 @@ impl Worker<'_> {
     fn start(&mut self, seq: u64) {
         let start_ns = sys::monotonic_ns();
         crate::deadline::begin_task(start_ns, soft_limit_for(self.soft.take(), seq));
-        self.status.start_ns.store(start_ns, Ordering::SeqCst);
+        self.words.start_ns.store(start_ns, Ordering::SeqCst);
         // No item of this task has started yet (stored before `started`).
-        self.status.item.store(0, Ordering::SeqCst);
-        self.status.started.store(seq, Ordering::SeqCst);
+        self.words.item.store(0, Ordering::SeqCst);
+        self.words.started.store(seq, Ordering::SeqCst);
         crate::proto::logs::set_task(seq);
     }
 
@@ -448,7 +449,7 @@ impl Worker<'_> {
                 supply: Supply::from_fds(input.shared),
                 out: Vec::new(),
             },
-            item: Some(self.status.item),
+            item: Some(self.words.item),
         };
         let mut st = match checked {
             Err((st, msg)) => {
@@ -481,7 +482,7 @@ impl Worker<'_> {
             io.spilled = None;
             done.clear_body(io.out);
             let _ = codec::encode_into(&shared_buf::too_many_message(n, "result"), io.out);
-            st = status::ENCODE;
+            st = code::ENCODE;
         }
         Ran {
             status: st,
@@ -501,11 +502,11 @@ impl Worker<'_> {
         // before it reads `started`, this process the other way round: one
         // of the two sees the other's write, so a task is either skipped
         // here or killed there once it runs.)
-        if self.status.skip.load(Ordering::SeqCst) == seq {
-            return Err((status::CANCELLED, "cancelled".into()));
+        if self.words.skip.load(Ordering::SeqCst) == seq {
+            return Err((code::CANCELLED, "cancelled".into()));
         }
         if input.shared_missing {
-            return Err((status::DECODE, "a task's SharedBufs did not arrive".into()));
+            return Err((code::DECODE, "a task's SharedBufs did not arrive".into()));
         }
         let fd = match std::mem::replace(&mut input.block, InBlock::No) {
             InBlock::No => return Ok(None),
@@ -514,7 +515,7 @@ impl Worker<'_> {
         };
         in_block(input.body, fd)
             .map(Some)
-            .map_err(|msg| (status::DECODE, msg.into()))
+            .map_err(|msg| (code::DECODE, msg.into()))
     }
 
     /// Whether the task that just ran went past the sandbox's cap on open
@@ -523,7 +524,7 @@ impl Worker<'_> {
         let Some(active) = &self.active else {
             return false;
         };
-        let panicked = (st == status::PANIC).then(|| task::take_message(done.body(&self.out)));
+        let panicked = (st == code::PANIC).then(|| task::take_message(done.body(&self.out)));
         active.over_open_files(panicked.as_deref())
     }
 
@@ -534,7 +535,7 @@ impl Worker<'_> {
         let mut fds: Vec<RawFd> = Vec::new();
         if let Some((block, len, same)) = &mut ran.spilled {
             // Only a task that succeeded leaves its output in a block.
-            debug_assert_eq!(ran.status, status::OK);
+            debug_assert_eq!(ran.status, code::OK);
             if self.active.is_some() {
                 // Sealed before the parent maps it, so that no task can
                 // change or truncate it under the parent.
@@ -563,13 +564,13 @@ impl Worker<'_> {
     /// After task `seq`'s result is out: if this worker's memory grew past
     /// its limit, says why it exits and retires. The tasks after it were
     /// not started and run elsewhere.
-    fn retire_if_grown(&mut self, seq: u64) -> Result<Next, Stop> {
+    fn retire_if_grown(&mut self, seq: u64) -> Result<Step, Stop> {
         let Some(grown) = self.memory.as_ref().and_then(MemoryLimit::exceeded) else {
-            return Ok(Next::Serve);
+            return Ok(Step::Serve);
         };
         Header::retiring(seq, grown).push(&mut self.out);
         self.flush()?;
-        Ok(Next::Retire)
+        Ok(Step::Retire)
     }
 
     /// Waits for the parent's next bytes, once the frames handled are
@@ -619,7 +620,7 @@ impl Worker<'_> {
             "a task of {} bytes is larger than the worker can hold",
             h.len
         );
-        Header::done(h.seq).push_message(&mut self.out, status::DECODE, &msg);
+        Header::done(h.seq).push_message(&mut self.out, code::DECODE, &msg);
         self.flush()
     }
 
@@ -849,7 +850,7 @@ mod tests {
         let (h, body) = s.frame();
         assert_eq!(
             (h.kind, h.seq, h.status, h.result_at()),
-            (DONE, 1, status::OK, ResultAt::Inline)
+            (DONE, 1, code::OK, ResultAt::Inline)
         );
         assert_eq!(task::decode_outcome::<u64>(h.status, &body).unwrap(), 42);
         let st = s.words.status(0);
@@ -874,7 +875,7 @@ mod tests {
         frame.close(&mut task, 0);
         sys::send_all(engine.as_raw_fd(), &task).unwrap();
         let (h, body) = s.frame();
-        assert_eq!((h.kind, h.seq, h.status), (DONE, 1, status::OK));
+        assert_eq!((h.kind, h.seq, h.status), (DONE, 1, code::OK));
         assert_eq!(task::decode_outcome::<u64>(h.status, &body).unwrap(), 42);
         // The adopted stream's end is the worker's end.
         drop(engine);
@@ -903,16 +904,16 @@ mod tests {
                 (h.status, task::take_message(&body))
             })
             .collect();
-        assert_eq!(answers[0], (status::CANCELLED, "cancelled".into()));
+        assert_eq!(answers[0], (code::CANCELLED, "cancelled".into()));
         assert_eq!(
             answers[1],
-            (status::DECODE, "a task's block did not arrive".into())
+            (code::DECODE, "a task's block did not arrive".into())
         );
         assert_eq!(
             answers[2],
-            (status::DECODE, "a task's SharedBufs did not arrive".into())
+            (code::DECODE, "a task's SharedBufs did not arrive".into())
         );
-        assert_eq!(answers[3].0, status::DECODE);
+        assert_eq!(answers[3].0, code::DECODE);
         assert_eq!(s.close(), Ok(()));
     }
 

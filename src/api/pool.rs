@@ -8,7 +8,7 @@ use crate::api::result::{
 };
 use crate::backend::local;
 use crate::backend::local::output::{Output, Streams};
-use crate::backend::local::server::{Init, Spec};
+use crate::backend::local::server::{Init, Setup};
 use crate::backend::local::start::StartMethod;
 use crate::engine::completion::{Group, Hook, Hub, Outcome, Payload, Signal, Slot, complete};
 use crate::engine::core::{Launch, Shared};
@@ -784,7 +784,7 @@ fn start_local(
     // status words it never uses are never touched.
     let capacity = local::slot_capacity(cfg.processes);
     let words = local::words(capacity, sandbox.is_some())?;
-    let spec = Spec {
+    let setup = Setup {
         init,
         words: words.clone(),
         sock_buf: 1 << 20,
@@ -794,7 +794,7 @@ fn start_local(
         output,
     };
     crate::worker::install_panic_hook();
-    let backend = local::start(method, spec)?;
+    let backend = local::start(method, setup)?;
     let table = SlotTable::new(cfg.processes, Some(capacity));
     Pool::start(Launch {
         cfg,
@@ -856,7 +856,8 @@ fn refuse_in_a_sandbox() -> Result<()> {
 /// ```
 pub struct Pool {
     shared: Arc<Shared>,
-    io: Mutex<Option<JoinHandle<()>>>,
+    /// The supervisor thread, until it is joined.
+    supervisor: Mutex<Option<JoinHandle<()>>>,
     /// Set when the supervisor thread ends (for `join_async`).
     exited: Arc<Signal>,
 }
@@ -878,7 +879,7 @@ impl Pool {
         let s2 = shared.clone();
         let exited = Signal::new();
         let on_exit = SetOnDrop(exited.clone());
-        let io = std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("procpool-supervisor".into())
             .spawn(move || {
                 let _on_exit = on_exit;
@@ -890,7 +891,7 @@ impl Pool {
             })?;
         let pool = Pool {
             shared,
-            io: Mutex::new(Some(io)),
+            supervisor: Mutex::new(Some(thread)),
             exited,
         };
         pool.shared.start_workers()?;
@@ -1416,7 +1417,11 @@ impl Pool {
     }
 
     fn join_supervisor(&self) {
-        let h = self.io.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let h = self
+            .supervisor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(h) = h {
             let _ = h.join();
         }

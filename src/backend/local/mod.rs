@@ -23,7 +23,7 @@ use crate::engine::seam::{Backend, End, Event, Progress};
 use crate::error::Error;
 use crate::proto::status::{STATUS_WORDS, SharedWords};
 use crate::sys;
-use server::{Msg, Spec};
+use server::{Msg, Setup};
 use start::StartMethod;
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
@@ -55,13 +55,13 @@ pub(crate) struct Local {
     ended_words: HashMap<usize, Arc<str>>,
 }
 
-/// Starts a fork server by `method`, with `spec` (the initializer, the
+/// Starts a fork server by `method`, with `setup` (the initializer, the
 /// shared words, the sandbox, where output goes).
-pub(crate) fn start(method: StartMethod, spec: Spec) -> Result<Local, Error> {
-    let (streams, words) = (spec.output, spec.words.clone());
+pub(crate) fn start(method: StartMethod, setup: Setup) -> Result<Local, Error> {
+    let (streams, words) = (setup.output, setup.words.clone());
     let (fd, pid) = match method {
-        StartMethod::ForkServer => start::exec_server(&spec)?,
-        StartMethod::Fork => fork_server(spec)?,
+        StartMethod::ForkServer => start::exec_server(&setup)?,
+        StartMethod::Fork => fork_server(setup)?,
     };
     let mut local = Local {
         fd: Some(fd),
@@ -390,7 +390,7 @@ pub(crate) fn words(slots: usize, sandboxed: bool) -> Result<Arc<SharedWords>, E
 }
 
 /// Starts the fork server as a fork of the caller ([`StartMethod::Fork`]).
-fn fork_server(spec: Spec) -> Result<(OwnedFd, libc::pid_t), Error> {
+fn fork_server(setup: Setup) -> Result<(OwnedFd, libc::pid_t), Error> {
     let (parent_end, server_end) =
         sys::seqpacket_pair().map_err(|e| Error::io("creating the fork server socket", e))?;
     // Hold the stdio locks across the fork: no other thread is then in
@@ -416,7 +416,7 @@ fn fork_server(spec: Spec) -> Result<(OwnedFd, libc::pid_t), Error> {
     let server_pid = match forked? {
         sys::Forked::Child => {
             drop(parent_end);
-            server::run(server_end, &spec)
+            server::run(server_end, &setup)
         }
         sys::Forked::Parent(pid) => pid,
     };

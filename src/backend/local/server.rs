@@ -122,7 +122,7 @@ pub(crate) use crate::proto::task::Init;
 
 /// What the server needs to start workers; it is in the server's memory from
 /// the fork on.
-pub(crate) struct Spec {
+pub(crate) struct Setup {
     pub(crate) init: Option<Init>,
     pub(crate) words: std::sync::Arc<crate::proto::status::SharedWords>,
     pub(crate) sock_buf: usize,
@@ -144,17 +144,17 @@ pub(crate) struct Spec {
 /// First it leaves the terminal's foreground job and sets its signals and
 /// stdin, for itself and every worker it will fork, whatever started it
 /// (`README.md` beside this file, "The terminal, signals and stdio").
-pub(crate) fn run(sock: OwnedFd, spec: &Spec) -> ! {
+pub(crate) fn run(sock: OwnedFd, setup: &Setup) -> ! {
     let fd = sock.as_raw_fd();
     // The sandbox's own fds (made while the server prepared it) stay.
     let mut keep = vec![fd];
-    keep.extend(spec.prepared.as_ref().and_then(|p| p.own_fd()));
+    keep.extend(setup.prepared.as_ref().and_then(|p| p.own_fd()));
     let sigfd = set_up(&keep);
     let mut server = Server {
         fd,
         sigfd: sigfd.as_raw_fd(),
         me: std::process::id() as libc::pid_t,
-        spec,
+        setup,
         live: Vec::with_capacity(64),
     };
     loop {
@@ -208,7 +208,7 @@ fn set_up(keep: &[RawFd]) -> OwnedFd {
     sys::block_all_signals();
     sys::own_process_group();
     sys::default_dispositions();
-    worker::mark_worker_process();
+    worker::mark_pool_child();
     take_name(":srv");
     sys::neuter_fds_except(keep);
     if fd != 0 {
@@ -249,7 +249,7 @@ struct Server<'a> {
     sigfd: RawFd,
     /// This process's pid (each worker checks that it is still its parent).
     me: libc::pid_t,
-    spec: &'a Spec,
+    setup: &'a Setup,
     /// The workers forked and not reaped yet: the only pids it may signal.
     live: Vec<libc::pid_t>,
 }
@@ -306,11 +306,11 @@ impl Server<'_> {
     /// read ends of its output pipes (or why it could not). The server
     /// keeps no end of any worker's pipes.
     fn spawn(&mut self, slot: u32) {
-        let pipes = match WorkerPipes::new(self.spec.output.piped()) {
+        let pipes = match WorkerPipes::new(self.setup.output.piped()) {
             Ok(p) => p,
             Err(e) => return self.spawn_failed(slot, &e),
         };
-        match spawn(slot, self.fd, self.sigfd, self.me, self.spec, &pipes) {
+        match spawn(slot, self.fd, self.sigfd, self.me, self.setup, &pipes) {
             Ok((pid, parent_end)) => {
                 self.live.push(pid);
                 let mut fds = vec![parent_end.as_raw_fd()];
@@ -338,7 +338,7 @@ impl Server<'_> {
         if !self.live.contains(&target) {
             return;
         }
-        if task == 0 || still_running(target, self.spec.words.status(slot as usize), task) {
+        if task == 0 || still_running(target, self.setup.words.status(slot as usize), task) {
             sys::kill(target, libc::SIGKILL);
         } else {
             self.send(Msg::KillRefused { slot, pid, task }, &[]);
@@ -352,13 +352,13 @@ fn spawn(
     server_fd: i32,
     sigfd: i32,
     me: libc::pid_t,
-    spec: &Spec,
+    setup: &Setup,
     stdio: &WorkerPipes,
 ) -> std::io::Result<(libc::pid_t, OwnedFd)> {
     let (parent_end, worker_end) = sys::stream_pair()?;
-    sys::set_socket_buffers(&parent_end, spec.sock_buf);
-    sys::set_socket_buffers(&worker_end, spec.sock_buf);
-    spec.words.status(slot as usize).reset();
+    sys::set_socket_buffers(&parent_end, setup.sock_buf);
+    sys::set_socket_buffers(&worker_end, setup.sock_buf);
+    setup.words.status(slot as usize).reset();
     // The worker has its name from its first instant (its pid reaches the
     // parent before it could set one itself); the server takes its own
     // back at once.
@@ -379,7 +379,7 @@ fn spawn(
             if stdio.install().is_err() {
                 sys::exit_now(1);
             }
-            if spec.output.piped()[0] {
+            if setup.output.piped()[0] {
                 // Its stdout is a pipe, which C's stdio buffers whole:
                 // what a task's C code printed goes out after each task.
                 worker::flush_c_stdio_after_each_task();
@@ -391,14 +391,14 @@ fn spawn(
             // This process never returns from here: its words live as
             // long as it does.
             let words: &'static crate::proto::status::SharedWords =
-                Box::leak(Box::new(spec.words.clone()));
-            let status = if spec.prepared.is_some() {
+                Box::leak(Box::new(setup.words.clone()));
+            let status = if setup.prepared.is_some() {
                 // Only this worker's own page stays mapped.
                 crate::sandbox::isolate_words(words, slot as usize)
             } else {
                 words.status(slot as usize)
             };
-            if spec.prepared.is_some() {
+            if setup.prepared.is_some() {
                 // Each task (each item of a chunk) records where its CPU
                 // time starts, for the per-task CPU cap.
                 crate::deadline::record_item_cpu_in(status.item_cpu);
@@ -406,8 +406,8 @@ fn spawn(
             worker::run(
                 worker_end,
                 status,
-                spec.init.as_ref(),
-                spec.prepared.as_ref(),
+                setup.init.as_ref(),
+                setup.prepared.as_ref(),
             )
         }
         sys::Forked::Parent(pid) => Ok((pid, parent_end)),

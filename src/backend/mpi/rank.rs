@@ -19,7 +19,7 @@ use crate::backend::local::Local;
 use crate::engine::seam::{Backend, End, Event};
 use crate::proto::conn::{Conn, Flushed};
 use crate::proto::status::SharedWords;
-use crate::proto::task::status;
+use crate::proto::task::code;
 use crate::proto::wire::{self, Frame, Header, ResultAt};
 use crate::sys::{self, PollSet};
 use mpi::topology::{Communicator, SimpleCommunicator};
@@ -603,7 +603,7 @@ fn inline_result(h: Header, body: &[u8], fds: &mut VecDeque<OwnedFd>, msg: &mut 
         Err(e) => {
             nh.push_message(
                 msg,
-                status::ENCODE,
+                code::ENCODE,
                 &format!("a result could not be read: {e}"),
             );
         }

@@ -10,7 +10,7 @@ use crate::error::Error;
 use crate::proto::conn::Filled;
 use crate::proto::shared_buf::{self, Supply};
 use crate::proto::shm::{Block, BlockCache, Body, Lent};
-use crate::proto::task::{self, status};
+use crate::proto::task::{self, code};
 use crate::proto::untrusted;
 use crate::proto::wire::{self, Frame, Header, ResultAt};
 use std::os::fd::OwnedFd;
@@ -319,7 +319,7 @@ impl Worker {
             let body = self.conn.inbuf[body_at..end].to_vec();
             return (self.block_outcome(h, &body, cache), end);
         }
-        if st != status::OK {
+        if st != code::OK {
             let body = &self.conn.inbuf[body_at..end];
             return (Err(task::outcome_error(st, body)), end);
         }

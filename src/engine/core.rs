@@ -148,9 +148,9 @@ impl Shared {
     }
 
     pub(crate) fn run_completions(&self, done: Vec<Completion>) {
-        for (slot, hook, outcome) in done {
-            self.counters.ended(&outcome);
-            complete(slot, hook, outcome, &self.handler);
+        for c in done {
+            self.counters.ended(&c.outcome);
+            complete(c.slot, c.hook, c.outcome, &self.handler);
         }
     }
 
@@ -247,7 +247,7 @@ impl Shared {
             let mut kept = VecDeque::with_capacity(st.queue.len());
             for j in st.queue.drain(..) {
                 if ids.contains(&j.id) {
-                    done.push((j.slot, j.hook, Err(Error::Cancelled)));
+                    done.push(Completion::new(j.slot, j.hook, Err(Error::Cancelled)));
                 } else {
                     kept.push_back(j);
                 }
@@ -528,12 +528,12 @@ impl State {
     /// Fails every task the pool has, queued or held, with `e`.
     pub(crate) fn fail_all(&mut self, e: Error, done: &mut Vec<Completion>) {
         for j in self.queue.drain(..) {
-            done.push((j.slot, j.hook, Err(e.clone())));
+            done.push(Completion::new(j.slot, j.hook, Err(e.clone())));
         }
         for w in self.workers.iter_mut() {
             for f in w.take_all() {
                 if !f.job.cancelled {
-                    done.push((f.job.slot, f.job.hook, Err(e.clone())));
+                    done.push(Completion::new(f.job.slot, f.job.hook, Err(e.clone())));
                 }
             }
         }

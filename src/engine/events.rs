@@ -112,7 +112,7 @@ fn fail_if_no_workers(st: &mut State, done: &mut Vec<Completion>) {
         && st.spawning.is_empty()
     {
         for j in st.queue.drain(..) {
-            done.push((j.slot, j.hook, Err(e.clone())));
+            done.push(Completion::new(j.slot, j.hook, Err(e.clone())));
         }
     }
 }
@@ -130,7 +130,7 @@ fn ended(shared: &Shared, st: &mut State, slot: usize, end: End, done: &mut Vec<
     // panics and for the tasks its end fails.
     let words = st.backend.as_mut().and_then(|b| b.last_words(slot));
     for c in &mut done[before..] {
-        if let Err(e) = &mut c.2 {
+        if let Err(e) = &mut c.outcome {
             e.add_last_words(words.as_ref());
         }
     }
@@ -198,13 +198,13 @@ fn worker_ended(
         .into_iter()
         .map(|(j, mut e)| {
             e.add_last_words(last_words.as_ref());
-            (j.slot, j.hook, Err(e))
+            Completion::new(j.slot, j.hook, Err(e))
         })
         .chain(
             verdict
                 .finished
                 .into_iter()
-                .map(|j| (j.slot, j.hook, all_lost(j.lost))),
+                .map(|j| Completion::new(j.slot, j.hook, all_lost(j.lost))),
         )
         .collect();
     st.free_slots.push(w.slot());

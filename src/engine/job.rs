@@ -13,7 +13,21 @@ use std::time::Duration;
 
 /// A finished task's outcome, with where it goes, to be stored once the
 /// state lock is released.
-pub(crate) type Completion = (Arc<Slot>, Hook, Outcome);
+pub(crate) struct Completion {
+    pub(crate) slot: Arc<Slot>,
+    pub(crate) hook: Hook,
+    pub(crate) outcome: Outcome,
+}
+
+impl Completion {
+    pub(crate) fn new(slot: Arc<Slot>, hook: Hook, outcome: Outcome) -> Completion {
+        Completion {
+            slot,
+            hook,
+            outcome,
+        }
+    }
+}
 
 /// The pool's settings, fixed at build time.
 #[derive(Clone, Debug)]

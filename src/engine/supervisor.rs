@@ -304,13 +304,13 @@ fn retire_sandboxed(st: &mut State, limits: &crate::sandbox::Limits) {
 /// that fail in a way it belongs to (a panic), asking the backend for it
 /// only if there is one.
 fn with_last_words(backend: Option<&mut Box<dyn Backend>>, slot: usize, done: &mut [Completion]) {
-    let wants = |c: &Completion| matches!(&c.2, Err(e) if e.wants_last_words());
+    let wants = |c: &Completion| matches!(&c.outcome, Err(e) if e.wants_last_words());
     if !done.iter().any(wants) {
         return;
     }
     let words = backend.and_then(|b| b.last_words(slot));
     for c in done.iter_mut() {
-        if let Err(e) = &mut c.2 {
+        if let Err(e) = &mut c.outcome {
             e.add_last_words(words.as_ref());
         }
     }

@@ -16,7 +16,7 @@ use crate::engine::plan::Load;
 use crate::engine::seam::Progress;
 use crate::error::Error;
 use crate::proto::conn::{Conn, Flushed};
-use crate::sys::sandbox::{CpuClock, clock_ns, process_cpu_clock};
+use crate::sys::{CpuClock, clock_ns, process_cpu_clock};
 use std::collections::{HashSet, VecDeque};
 use std::os::fd::{OwnedFd, RawFd};
 use std::time::Instant;
@@ -438,7 +438,11 @@ impl Worker {
             }
             f.job.cancelled = true;
             let hook = std::mem::replace(&mut f.job.hook, Hook::None);
-            done.push((f.job.slot.clone(), hook, Err(Error::Cancelled)));
+            done.push(Completion::new(
+                f.job.slot.clone(),
+                hook,
+                Err(Error::Cancelled),
+            ));
             let started = p.started(self.slot);
             if started < f.seq && p.skip(self.slot) <= started {
                 p.set_skip(self.slot, f.seq);

@@ -294,7 +294,8 @@ impl Worker {
         if !f.job.cancelled {
             // A split chunk's lost items join its result in their places.
             let outcome = with_lost(outcome, std::mem::take(&mut f.job.lost));
-            sink.done.push((f.job.slot, f.job.hook, outcome));
+            sink.done
+                .push(Completion::new(f.job.slot, f.job.hook, outcome));
         }
         if let Body::Shm(b, _) = f.job.payload {
             sink.cache.put(b);

@@ -34,7 +34,7 @@
 //! | promise | mechanism | why |
 //! |---|---|---|
 //! | no network | a network namespace (server), seccomp denying `socket`, `socketpair`, `connect`, `bind`, `listen`, `accept`, `sendto` with an address; Landlock denying TCP and abstract UNIX sockets of other domains | each alone would do; together a kernel that lacks one is still covered. The worker's socket to the parent predates all three |
-//! | filesystem | a private root per worker, made after its initializer: a mount namespace of its own whose `/` is a small read-only tmpfs holding only the listed paths (bind mounts, `nosuid`, `nodev`, read-only where listed so), its executable and `/dev/null`, `/dev/zero`, `/dev/urandom`, `/dev/random`; the host's tree detached (`sys::sandbox::enter_private_root`). Landlock (the `landlock` crate) as a second wall | Landlock governs opening, not looking: `stat`, `access`, `readlink` of any host path answered. In the private root nothing else exists, by any path, absolute or relative. Per worker, not per server, so that the initializer still sees the host (a model file it loads, say) |
+//! | filesystem | a private root per worker, made after its initializer: a mount namespace of its own whose `/` is a small read-only tmpfs holding only the listed paths (bind mounts, `nosuid`, `nodev`, read-only where listed so), its executable and `/dev/null`, `/dev/zero`, `/dev/urandom`, `/dev/random`; the host's tree detached (`sys::confine::enter_private_root`). Landlock (the `landlock` crate) as a second wall | Landlock governs opening, not looking: `stat`, `access`, `readlink` of any host path answered. In the private root nothing else exists, by any path, absolute or relative. Per worker, not per server, so that the initializer still sees the host (a model file it loads, say) |
 //! | no programs, no privileges | seccomp allow-list (the `seccompiler` crate, rust-vmm's, used by Firecracker), `no_new_privs`, capabilities dropped, Landlock without `Execute` | an allow-list denies what it does not name, new syscalls included; `clone` is allowed only with `CLONE_THREAD`, and `clone3` answers `ENOSYS` so glibc falls back to `clone`, whose flags a filter can read |
 //! | memory | `RLIMIT_DATA` (private memory: heap, anonymous mappings, stacks; not the pool's shared blocks), and `RLIMIT_AS` above it by twice the result limit and 1 GiB for threads (shared memory a task maps, memfds, `SharedBuf`s) | no cgroup needed; an allocation past it fails, Rust aborts, and a `SIGABRT` handler that sees `errno == ENOMEM` marks the worker's status word, so the parent can name the limit |
 //! | CPU per task | the parent reads the worker's CPU clock | `RLIMIT_CPU` counts the whole process and cannot be raised again |
@@ -43,7 +43,7 @@
 //! | file size | `RLIMIT_FSIZE` (`SIGXFSZ` names it); the worker never makes a block past it, and sends a result that big through its socket instead | `ftruncate` on a memfd past `RLIMIT_FSIZE` fails (and raises `SIGXFSZ`) |
 //! | no set-user-ID or set-group-ID file | seccomp admits `open`, `openat`, `creat`, `mkdir`, `mkdirat`, `mknod`, `mknodat` and `fchmod` only with a mode free of `S_ISUID` and `S_ISGID` (`mknod` only for FIFOs and regular files); `openat2`, whose mode lies in memory where a filter cannot read it, answers `ENOSYS` (glibc falls back to `openat`); `chmod` by path is denied | a task of a program run as root would otherwise leave a root-owned set-user-ID program of its own making on the host |
 //! | one task, one process | the parent kills a sandboxed worker (`KillReason::Retired`) once its last task's result is in, and starts its replacement at once; a map's items go alone by default; with `tasks_per_worker(n)` a worker takes one task at a time and is killed when it ends one with threads left over (`/proc/PID/status`, read by the parent) | the task owns its process: it can answer later tasks itself on the worker's socket, leave threads spinning, change globals; a worker asked to exit need not |
-//! | not root | a root program's worker takes an unused uid and gid ([`SANDBOX_ID`](sys_sandbox::SANDBOX_ID), after its private root is made); the listed paths are bound through idmapped mounts whose user namespace (made once per pool by the server) shows root's files as that uid's, so they work as before and what a task makes there is root's on disk. A path on a filesystem that cannot be idmapped is bound plainly if its mode lets others in as asked, else `build()` fails naming it. A non-root program's worker keeps its uid, the only one it may map | a task of a root program could otherwise use root's ownership of the host's files (`chmod` of its own, say) and count as root for the kernel's limits |
+//! | not root | a root program's worker takes an unused uid and gid ([`SANDBOX_ID`](confine::SANDBOX_ID), after its private root is made); the listed paths are bound through idmapped mounts whose user namespace (made once per pool by the server) shows root's files as that uid's, so they work as before and what a task makes there is root's on disk. A path on a filesystem that cannot be idmapped is bound plainly if its mode lets others in as asked, else `build()` fails naming it. A non-root program's worker keeps its uid, the only one it may map | a task of a root program could otherwise use root's ownership of the host's files (`chmod` of its own, say) and count as root for the kernel's limits |
 //! | threads | every worker moves into a user namespace of its own (its uid mapped to itself), in which `RLIMIT_NPROC` ([`Sandbox::max_threads`], default 64) counts its threads alone (ucounts are per user namespace and uid since Linux 5.14) | `RLIMIT_NPROC` counts per user; root's is never enforced, and one cap shared by all workers would let one starve the others |
 //! | time | every task has a wall-clock limit (its timeout or the pool's, else ten times the CPU cap, else 60 s), counted by the parent from the task's start | a task that sleeps or stops itself uses no CPU |
 //! | workers apart | status words a page per worker, each worker unmapping the others and closing their memfd; blocks never reused, sealed | Landlock's signal and ptrace scoping keeps a worker from signalling or tracing another |
@@ -96,7 +96,7 @@
 
 pub(crate) use crate::limit::Limit;
 use crate::proto::status::{SharedWords, Status};
-use crate::sys::sandbox as sys_sandbox;
+use crate::sys::confine;
 use serde::{Deserialize, Serialize};
 use std::ffi::{OsStr, OsString};
 use std::os::fd::RawFd;
@@ -724,7 +724,7 @@ pub(crate) struct Prepared {
     own_users: bool,
     /// Root's programs only: the user namespace whose maps the listed
     /// paths' idmapped mounts show root's files through, as
-    /// [`SANDBOX_ID`](sys_sandbox::SANDBOX_ID)'s.
+    /// [`SANDBOX_ID`](confine::SANDBOX_ID)'s.
     idmap: Option<std::os::fd::OwnedFd>,
     /// The working directory, kept in the private root if a listed path
     /// holds it.
@@ -753,7 +753,7 @@ pub(crate) fn prepare(spec: Spec) -> Readiness {
     let pretend = spec.pretend_missing.clone();
     let lacks = |what: &str| pretend.iter().any(|p| p == what);
     let mut missing = Vec::new();
-    let filters = if sys_sandbox::seccomp_available() && !lacks("seccomp") {
+    let filters = if confine::seccomp_available() && !lacks("seccomp") {
         match filters() {
             Ok(f) => f,
             Err(e) => return Readiness::Failed(format!("the seccomp filter: {e}")),
@@ -765,7 +765,7 @@ pub(crate) fn prepare(spec: Spec) -> Readiness {
     let netns = if lacks("netns") {
         Err(std::io::Error::from_raw_os_error(libc::EPERM))
     } else {
-        sys_sandbox::unshare_network()
+        confine::unshare_network()
     };
     if let Err(e) = netns {
         missing.push(format!("a network namespace ({e})"));
@@ -773,7 +773,7 @@ pub(crate) fn prepare(spec: Spec) -> Readiness {
     let abi = if lacks("landlock") {
         0
     } else {
-        sys_sandbox::landlock_abi()
+        confine::landlock_abi()
     };
     if abi < 6 {
         missing.push(format!("Landlock ABI 6 (this kernel has {abi})"));
@@ -794,8 +794,8 @@ pub(crate) fn prepare(spec: Spec) -> Readiness {
     }
     if !prepared.own_users {
         missing.push("a user namespace per worker".to_string());
-    } else if sys_sandbox::is_root() && prepared.private_root {
-        match sys_sandbox::idmap_namespace(sys_sandbox::SANDBOX_ID) {
+    } else if confine::is_root() && prepared.private_root {
+        match confine::idmap_namespace(confine::SANDBOX_ID) {
             Ok(fd) => prepared.idmap = Some(fd),
             Err(e) => {
                 return Readiness::Failed(format!("a user namespace for idmapped mounts: {e}"));
@@ -843,7 +843,7 @@ impl Active {
                 || m.contains(&format!("code: {}", libc::EMFILE))
                 || m.contains("Too many open files")
         };
-        sys_sandbox::fd_is_open(fd) || panic_message.is_some_and(emfile)
+        confine::fd_is_open(fd) || panic_message.is_some_and(emfile)
     }
 }
 
@@ -861,14 +861,13 @@ impl Prepared {
             ));
         }
         let fail = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
-        sys_sandbox::set_rlimit(libc::RLIMIT_CORE, 0).map_err(|e| fail("RLIMIT_CORE", &e))?;
+        confine::set_rlimit(libc::RLIMIT_CORE, 0).map_err(|e| fail("RLIMIT_CORE", &e))?;
         if let Some(bytes) = self.spec.memory {
             // Rust's allocation-failure path prints a backtrace first when
             // RUST_BACKTRACE asks for one, and the files it opens for that
             // overwrite the ENOMEM that names the limit (see `cause`).
-            sys_sandbox::set_env_single_threaded("RUST_BACKTRACE", "0");
-            sys_sandbox::set_rlimit(libc::RLIMIT_DATA, bytes)
-                .map_err(|e| fail("RLIMIT_DATA", &e))?;
+            confine::set_env_single_threaded("RUST_BACKTRACE", "0");
+            confine::set_rlimit(libc::RLIMIT_DATA, bytes).map_err(|e| fail("RLIMIT_DATA", &e))?;
             // Shared memory (shared anonymous mappings, memfds a task maps,
             // new SharedBufs) is outside RLIMIT_DATA: the address space as
             // a whole is capped above it, by what the worker maps now and
@@ -877,29 +876,28 @@ impl Prepared {
                 .ok_or_else(|| "reading the worker's address space".to_string())?;
             let room = self.spec.limits().result.saturating_mul(2) + THREAD_ROOM;
             let cap = now.saturating_add(bytes).saturating_add(room);
-            sys_sandbox::set_rlimit(libc::RLIMIT_AS, cap).map_err(|e| fail("RLIMIT_AS", &e))?;
+            confine::set_rlimit(libc::RLIMIT_AS, cap).map_err(|e| fail("RLIMIT_AS", &e))?;
             // SAFETY: the worker's own status page stays mapped until the
             // process ends (`SharedWords::keep_only` keeps it, and the
             // worker never unmaps it).
-            unsafe { sys_sandbox::mark_abort_after_enomem(status.died_of, cause::MEMORY) };
+            unsafe { confine::mark_abort_after_enomem(status.died_of, cause::MEMORY) };
         }
         if let Some(bytes) = self.spec.file_size {
             crate::proto::shm::limit_block_size(bytes);
-            sys_sandbox::default_signal(libc::SIGXFSZ);
-            sys_sandbox::set_rlimit(libc::RLIMIT_FSIZE, bytes)
-                .map_err(|e| fail("RLIMIT_FSIZE", &e))?;
+            confine::default_signal(libc::SIGXFSZ);
+            confine::set_rlimit(libc::RLIMIT_FSIZE, bytes).map_err(|e| fail("RLIMIT_FSIZE", &e))?;
         }
         let mut reserve_fd = None;
         if let Some(n) = self.spec.open_files {
             let top = highest_fd().map_err(|e| fail("listing the worker's fds", &e))?;
             let allowance = top as u64 + 1 + n;
             reserve_fd = Some(allowance.min(i32::MAX as u64) as RawFd);
-            sys_sandbox::set_rlimit(libc::RLIMIT_NOFILE, allowance + FD_RESERVE)
+            confine::set_rlimit(libc::RLIMIT_NOFILE, allowance + FD_RESERVE)
                 .map_err(|e| fail("RLIMIT_NOFILE", &e))?;
         }
         self.isolate()?;
-        sys_sandbox::set_not_dumpable().map_err(|e| fail("PR_SET_DUMPABLE", &e))?;
-        sys_sandbox::drop_capabilities().map_err(|e| fail("dropping capabilities", &e))?;
+        confine::set_not_dumpable().map_err(|e| fail("PR_SET_DUMPABLE", &e))?;
+        confine::drop_capabilities().map_err(|e| fail("dropping capabilities", &e))?;
         if self.landlock {
             let full = self.landlock().map_err(|e| fail("Landlock", &e))?;
             if !full && !self.spec.allow_weaker {
@@ -923,7 +921,7 @@ impl Prepared {
 
     /// Moves this worker into its private root, then gives it an identity
     /// of its own: a root program's worker gives up root for
-    /// [`SANDBOX_ID`](sys_sandbox::SANDBOX_ID) (the listed paths seen
+    /// [`SANDBOX_ID`](confine::SANDBOX_ID) (the listed paths seen
     /// through idmapped mounts, so root's files there are its), and every
     /// worker moves into a user namespace of its own, where its thread cap
     /// (`RLIMIT_NPROC`) counts its threads alone. Needs the capabilities
@@ -936,10 +934,10 @@ impl Prepared {
                 Err(e)
             }
         };
-        let proc_self = sys_sandbox::open_proc_self().map_err(|e| format!("/proc/self: {e}"));
+        let proc_self = confine::open_proc_self().map_err(|e| format!("/proc/self: {e}"));
         if self.private_root {
             let idmap = self.idmap.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
-            let root = sys_sandbox::enter_private_root(
+            let root = confine::enter_private_root(
                 &self.binds(),
                 self.spec.scratch,
                 idmap,
@@ -959,21 +957,20 @@ impl Prepared {
         }
         let own = (|| {
             if self.idmap.is_some() {
-                sys_sandbox::become_id(sys_sandbox::SANDBOX_ID)?;
+                confine::become_id(confine::SANDBOX_ID)?;
             }
-            sys_sandbox::own_user_namespace(&proc_self.map_err(std::io::Error::other)?)
+            confine::own_user_namespace(&proc_self.map_err(std::io::Error::other)?)
         })();
         own.map_err(|e| format!("an identity of its own: {e}"))
             .or_else(weaker)?;
         let threads = self.spec.max_threads.unwrap_or(DEFAULT_MAX_THREADS);
-        sys_sandbox::set_rlimit(libc::RLIMIT_NPROC, threads)
-            .map_err(|e| format!("RLIMIT_NPROC: {e}"))
+        confine::set_rlimit(libc::RLIMIT_NPROC, threads).map_err(|e| format!("RLIMIT_NPROC: {e}"))
     }
 
     /// What a worker's private root holds: the listed paths, its
     /// executable (read-only, for symbols) and the harmless devices.
-    fn binds(&self) -> Vec<(PathBuf, sys_sandbox::BindAs)> {
-        use sys_sandbox::BindAs;
+    fn binds(&self) -> Vec<(PathBuf, confine::BindAs)> {
+        use confine::BindAs;
         let mut binds: Vec<(PathBuf, BindAs)> = Vec::new();
         binds.extend(
             self.spec

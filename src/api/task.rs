@@ -3,7 +3,8 @@
 //! results; only what travels differs, as `proto/task.rs` says).
 
 use crate::api::encode::encode_state;
-use crate::api::pool::{MapOptions, Pool, TaskOptions};
+use crate::api::options::{MapOptions, TaskOptions};
+use crate::api::pool::Pool;
 use crate::api::result::{AsyncResult, Imap, ImapUnordered, MapResult};
 use crate::error::Result;
 use crate::proto::task::{Task, TaskFn};

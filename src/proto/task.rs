@@ -187,6 +187,14 @@ pub(crate) struct Init {
     pub(crate) arg: Vec<u8>,
 }
 
+impl std::fmt::Debug for Init {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Init")
+            .field("arg_bytes", &self.arg.len())
+            .finish()
+    }
+}
+
 /// A task function as it travels: offsets of the trampoline and of the
 /// function from the anchor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

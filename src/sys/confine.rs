@@ -1,4 +1,4 @@
-//! The raw libc calls that confine a sandboxed worker (`src/sandbox.rs`):
+//! The raw libc calls that confine a sandboxed worker (`src/sandbox/`):
 //! namespaces, resource limits, capabilities, seals; kept apart from the
 //! pool's own in the other files of `sys`. Each function is a safe
 //! wrapper; each `unsafe` block says why it holds.

@@ -524,7 +524,7 @@ fn start_local(
         output,
     };
     crate::worker::install_panic_hook();
-    let backend = local::start(method, setup)?;
+    let backend = local::start_server(method, setup)?;
     let table = SlotTable::new(cfg.processes, Some(capacity));
     Pool::start(Launch {
         cfg,

@@ -57,7 +57,7 @@ pub(crate) struct Local {
 
 /// Starts a fork server by `method`, with `setup` (the initializer, the
 /// shared words, the sandbox, where output goes).
-pub(crate) fn start(method: StartMethod, setup: Setup) -> Result<Local, Error> {
+pub(crate) fn start_server(method: StartMethod, setup: Setup) -> Result<Local, Error> {
     let (streams, words) = (setup.output, setup.words.clone());
     let (fd, pid) = match method {
         StartMethod::ForkServer => start::exec_server(&setup)?,

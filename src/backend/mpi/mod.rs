@@ -494,7 +494,7 @@ fn host(per_rank: Option<usize>, init: Option<Init>) -> Option<Host> {
             // the launcher forwards (the builder accepts no other output).
             output: local::output::Streams::INHERIT,
         };
-        let server = local::start(StartMethod::ForkServer, setup)?;
+        let server = local::start_server(StartMethod::ForkServer, setup)?;
         Ok(Host { server, words, cap })
     });
     match started {

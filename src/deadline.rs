@@ -43,7 +43,7 @@ pub(crate) fn record_item_cpu_in(word: &'static AtomicU64) {
 /// then, for the parent's per-task CPU cap (a chunk's items are tasks).
 pub(crate) fn item_starting() {
     if let Some(w) = ITEM_CPU.get()
-        && let Some(ns) = crate::sys::sandbox::clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID)
+        && let Some(ns) = crate::sys::clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID)
     {
         w.store(ns, Ordering::SeqCst);
     }

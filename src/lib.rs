@@ -43,11 +43,15 @@ mod traceback;
 mod worker;
 
 #[cfg(target_os = "linux")]
+pub use api::builder::PoolBuilder;
+#[cfg(target_os = "linux")]
 pub use api::global::{configure_global, global};
 #[cfg(target_os = "linux")]
 pub use api::join::JoinFuture;
 #[cfg(target_os = "linux")]
-pub use api::pool::{Data, MapOptions, Pool, PoolBuilder, TaskOptions};
+pub use api::options::{Data, MapOptions, TaskOptions};
+#[cfg(target_os = "linux")]
+pub use api::pool::Pool;
 #[cfg(target_os = "linux")]
 pub use api::result::{AsyncResult, Imap, ImapUnordered, MapResult, Next};
 #[cfg(target_os = "linux")]

@@ -19,8 +19,8 @@ use crate::proto::codec;
 use crate::proto::shared_buf::{self, Mode, Region, Supply};
 use crate::proto::shm::Block;
 use crate::proto::status::Status;
-use crate::proto::task::{self, Init, Io, SharedIo, TaskFn, status};
-use crate::proto::wire::{self, Frame, Header};
+use crate::proto::task::{self, Init, Io, SharedIo, TaskFn, code};
+use crate::proto::wire::{self, Frame, Header, ResultAt};
 use crate::sandbox::{Active, Prepared};
 use crate::sys;
 use std::borrow::Cow;
@@ -38,17 +38,18 @@ const KEEP_CAPACITY: usize = 4 << 20;
 const OUT_CAPACITY: usize = 64 << 10;
 
 /// Set in the fork server, and so in every worker it forks.
-static IN_WORKER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static POOL_CHILD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Marks this process as the fork server (and its future workers).
-pub(crate) fn mark_worker_process() {
-    IN_WORKER.store(true, Ordering::SeqCst);
+/// Marks this process as the pool's child: the fork server, and so every
+/// worker it will fork.
+pub(crate) fn mark_pool_child() {
+    POOL_CHILD.store(true, Ordering::SeqCst);
 }
 
 /// Whether this process is a worker (or the fork server), or this thread
 /// serves a worker's tasks (an MPI rank's worker thread).
 pub(crate) fn in_worker() -> bool {
-    IN_WORKER.load(Ordering::Relaxed) || crate::capture::serving()
+    POOL_CHILD.load(Ordering::Relaxed) || crate::capture::serving()
 }
 
 /// Installs, once per process, a panic hook that is silent in workers and
@@ -74,7 +75,7 @@ pub(crate) fn install_panic_hook() {
             if crate::capture::serving() {
                 crate::capture::record(info);
             }
-            if !IN_WORKER.load(Ordering::Relaxed) {
+            if !POOL_CHILD.load(Ordering::Relaxed) {
                 previous(info);
             }
         }));
@@ -85,15 +86,15 @@ pub(crate) fn install_panic_hook() {
 /// if any, applies after the initializer.
 pub(crate) fn run(
     sock: OwnedFd,
-    status: Status<'static>,
+    words: Status<'static>,
     init: Option<&Init>,
     sandbox: Option<&Prepared>,
 ) -> ! {
-    let apply = sandbox.map(|p| move || p.apply(status));
+    let apply = sandbox.map(|p| move || p.apply(words));
     let apply = apply
         .as_ref()
         .map(|f| f as &dyn Fn() -> Result<Active, String>);
-    let code = exit_code(serve(sock, status, init, apply));
+    let code = exit_code(serve(sock, words, init, apply));
     flush_all_stdio();
     sys::exit_now(code)
 }
@@ -159,14 +160,14 @@ pub(crate) enum Stop {
 /// initializer has run.
 pub(crate) fn serve(
     sock: OwnedFd,
-    status: Status<'_>,
+    words: Status<'_>,
     init: Option<&Init>,
     sandbox: Option<&dyn Fn() -> Result<Active, String>>,
 ) -> Result<(), Stop> {
     crate::capture::serve_on_this_thread();
-    let mut w = Worker {
+    let mut w = Loop {
         fd: sock.as_raw_fd(),
-        status,
+        words,
         active: None,
         out: Vec::with_capacity(OUT_CAPACITY),
         soft: None,
@@ -188,7 +189,7 @@ pub(crate) fn serve(
     };
     loop {
         while let Some(frame) = inbox.reader.next(&inbox.buf) {
-            if w.handle(&frame, &inbox.buf, &mut inbox.fds)? == Next::Retire {
+            if w.handle(&frame, &inbox.buf, &mut inbox.fds)? == Step::Retire {
                 return Ok(());
             }
         }
@@ -199,11 +200,11 @@ pub(crate) fn serve(
 }
 
 /// The worker loop's state between frames.
-struct Worker<'s> {
+struct Loop<'s> {
     /// The socket to the parent (blocking).
     fd: RawFd,
     /// The words this worker shares with the parent.
-    status: Status<'s>,
+    words: Status<'s>,
     /// The sandbox, once applied.
     active: Option<Active>,
     /// Frames to the parent not written yet.
@@ -241,20 +242,29 @@ impl Inbox {
 
 /// What the worker does after a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Next {
+enum Step {
     /// Goes on to the next frame.
     Serve,
     /// Exits (its memory grew past its limit).
     Retire,
 }
 
+/// Whether a task's input is in a block, and whether its fd came.
+enum InBlock {
+    /// The input is the frame's body.
+    No,
+    /// The input is in the block of this fd.
+    Fd(OwnedFd),
+    /// The input is in a block whose fd did not arrive.
+    Missing,
+}
+
 /// A TASK frame's input: its body, and the fds that came for it.
 struct Input<'b> {
     /// The body, after the count of `SharedBuf` fds if one leads it.
     body: &'b [u8],
-    /// The input block's fd, if the input is in a block (`Some(None)`: the
-    /// fd did not arrive).
-    block_fd: Option<Option<OwnedFd>>,
+    /// The input block's fd, if the input is in a block.
+    block: InBlock,
     /// The fds of the task's `SharedBuf`s.
     shared: Vec<OwnedFd>,
     /// Fewer `SharedBuf` fds came than the frame counts.
@@ -273,12 +283,15 @@ impl<'b> Input<'b> {
             Some(n) => (n, frame.payload(buf)),
             None => (0, &[][..]),
         };
-        let block_fd = (frame.header.status & wire::IN_BLOCK != 0).then(|| fds.pop_front());
+        let block = match frame.header.status & wire::IN_BLOCK != 0 {
+            false => InBlock::No,
+            true => fds.pop_front().map_or(InBlock::Missing, InBlock::Fd),
+        };
         let shared: Vec<OwnedFd> = fds.drain(..nshared.min(fds.len())).collect();
         let shared_missing = shared.len() < nshared;
         Input {
             body,
-            block_fd,
+            block,
             shared,
             shared_missing,
         }
@@ -299,10 +312,10 @@ struct Ran {
     shared: Vec<Region>,
 }
 
-impl Worker<'_> {
+impl Loop<'_> {
     /// Runs the initializer; if it fails, tells the parent why.
     fn run_init(&mut self, init: &Init) -> Result<(), Stop> {
-        let failed = Header::new(wire::INIT_FAILED, 0, 0, 0).open(&mut self.out);
+        let failed = Header::new(wire::INIT_FAILED, 0).open(&mut self.out);
         let mut io = Io {
             input: &init.arg,
             block: None,
@@ -318,7 +331,7 @@ impl Worker<'_> {
         // this same executable on an MPI rank.
         let st = unsafe { init.f.call(&mut io) };
         flush_stdio();
-        if st == status::OK {
+        if st == code::OK {
             self.out.clear();
             return Ok(());
         }
@@ -333,15 +346,15 @@ impl Worker<'_> {
         apply: &dyn Fn() -> Result<Active, String>,
     ) -> Result<Active, Stop> {
         apply().map_err(|msg| {
-            Header::new(wire::SANDBOX_FAILED, 0, 0, 0).push_message(&mut self.out, 0, &msg);
+            Header::new(wire::SANDBOX_FAILED, 0).push_message(&mut self.out, 0, &msg);
             let _ = sys::send_all(self.fd, &self.out);
             Stop::InitFailed
         })
     }
 
-    /// Tells the parent that this worker serves tasks (`a`: its pid).
+    /// Tells the parent that this worker serves tasks (and its pid).
     fn say_ready(&mut self) -> Result<(), Stop> {
-        Header::new(wire::READY, 0, std::process::id() as u64, 0).push(&mut self.out);
+        Header::ready(std::process::id()).push(&mut self.out);
         self.flush()
     }
 
@@ -351,14 +364,17 @@ impl Worker<'_> {
         frame: &Frame,
         buf: &[u8],
         fds: &mut VecDeque<OwnedFd>,
-    ) -> Result<Next, Stop> {
+    ) -> Result<Step, Stop> {
         let h = &frame.header;
         match h.kind {
             wire::CONFIG => {
-                crate::proto::logs::install(self.fd, crate::proto::logs::level_in(h.a));
+                crate::proto::logs::install(
+                    self.fd,
+                    crate::proto::logs::level_in(h.config_flags()),
+                );
                 self.memory = configure(h);
             }
-            wire::SOFT_LIMIT => self.soft = Some((h.seq, h.a)),
+            wire::SOFT_LIMIT => self.soft = Some((h.seq, h.soft_limit_ns())),
             wire::TASK => return self.run_task(h, Input::take(frame, buf, fds)),
             wire::ADOPT => {
                 // Tasks come by the new stream from now on.
@@ -368,14 +384,14 @@ impl Worker<'_> {
             }
             _ => {}
         }
-        Ok(Next::Serve)
+        Ok(Step::Serve)
     }
 
     /// Runs the task of header `h` and writes its result.
-    fn run_task(&mut self, h: &Header, input: Input<'_>) -> Result<Next, Stop> {
+    fn run_task(&mut self, h: &Header, input: Input<'_>) -> Result<Step, Stop> {
         self.start(h.seq);
         let t0 = Instant::now();
-        let mut done = Header::new(wire::DONE, h.seq, 0, 0).open(&mut self.out);
+        let mut done = Header::done(h.seq).open(&mut self.out);
         let ran = self.execute(h, input, &done);
         if self.active.is_some() || FLUSH_C_STDIO.load(Ordering::Relaxed) {
             // A sandboxed worker is killed after its task, never exits; a
@@ -385,15 +401,16 @@ impl Worker<'_> {
             sys::flush_c_stdio();
         }
         if self.over_open_files(&done, ran.status) {
-            self.status
+            self.words
                 .died_of
                 .store(crate::sandbox::cause::OPEN_FILES, Ordering::SeqCst);
             return Err(Stop::Limit);
         }
-        // The run time, for the parent's dispatch (header field `b`).
-        done.header.b = (Instant::now() - t0).as_nanos().min(u64::MAX as u128) as u64;
+        // The run time, for the parent's dispatch.
+        let ns = (Instant::now() - t0).as_nanos().min(u64::MAX as u128) as u64;
+        done.header.set_run_time_ns(ns);
         self.send_result(done, ran)?;
-        self.status.finished.store(h.seq, Ordering::SeqCst);
+        self.words.finished.store(h.seq, Ordering::SeqCst);
         self.retire_if_grown(h.seq)
     }
 
@@ -402,10 +419,10 @@ impl Worker<'_> {
     fn start(&mut self, seq: u64) {
         let start_ns = sys::monotonic_ns();
         crate::deadline::begin_task(start_ns, soft_limit_for(self.soft.take(), seq));
-        self.status.start_ns.store(start_ns, Ordering::SeqCst);
+        self.words.start_ns.store(start_ns, Ordering::SeqCst);
         // No item of this task has started yet (stored before `started`).
-        self.status.item.store(0, Ordering::SeqCst);
-        self.status.started.store(seq, Ordering::SeqCst);
+        self.words.item.store(0, Ordering::SeqCst);
+        self.words.started.store(seq, Ordering::SeqCst);
         crate::proto::logs::set_task(seq);
     }
 
@@ -432,7 +449,7 @@ impl Worker<'_> {
                 supply: Supply::from_fds(input.shared),
                 out: Vec::new(),
             },
-            item: Some(self.status.item),
+            item: Some(self.words.item),
         };
         let mut st = match checked {
             Err((st, msg)) => {
@@ -445,8 +462,8 @@ impl Worker<'_> {
                     io.block = block;
                 }
                 let f = TaskFn {
-                    tramp: h.a,
-                    func: h.b,
+                    tramp: h.tramp(),
+                    func: h.func(),
                 };
                 // SAFETY: task frames come only from this worker's parent,
                 // which encodes TaskFn values (of a fn or of a Task) of this same
@@ -465,7 +482,7 @@ impl Worker<'_> {
             io.spilled = None;
             done.clear_body(io.out);
             let _ = codec::encode_into(&shared_buf::too_many_message(n, "result"), io.out);
-            st = status::ENCODE;
+            st = code::ENCODE;
         }
         Ran {
             status: st,
@@ -485,18 +502,20 @@ impl Worker<'_> {
         // before it reads `started`, this process the other way round: one
         // of the two sees the other's write, so a task is either skipped
         // here or killed there once it runs.)
-        if self.status.skip.load(Ordering::SeqCst) == seq {
-            return Err((status::CANCELLED, "cancelled".into()));
+        if self.words.skip.load(Ordering::SeqCst) == seq {
+            return Err((code::CANCELLED, "cancelled".into()));
         }
         if input.shared_missing {
-            return Err((status::DECODE, "a task's SharedBufs did not arrive".into()));
+            return Err((code::DECODE, "a task's SharedBufs did not arrive".into()));
         }
-        match input.block_fd.take() {
-            None => Ok(None),
-            Some(fd) => in_block(input.body, fd)
-                .map(Some)
-                .map_err(|msg| (status::DECODE, msg.into())),
-        }
+        let fd = match std::mem::replace(&mut input.block, InBlock::No) {
+            InBlock::No => return Ok(None),
+            InBlock::Fd(fd) => Some(fd),
+            InBlock::Missing => None,
+        };
+        in_block(input.body, fd)
+            .map(Some)
+            .map_err(|msg| (code::DECODE, msg.into()))
     }
 
     /// Whether the task that just ran went past the sandbox's cap on open
@@ -505,7 +524,7 @@ impl Worker<'_> {
         let Some(active) = &self.active else {
             return false;
         };
-        let panicked = (st == status::PANIC).then(|| task::take_message(done.body(&self.out)));
+        let panicked = (st == code::PANIC).then(|| task::take_message(done.body(&self.out)));
         active.over_open_files(panicked.as_deref())
     }
 
@@ -516,7 +535,7 @@ impl Worker<'_> {
         let mut fds: Vec<RawFd> = Vec::new();
         if let Some((block, len, same)) = &mut ran.spilled {
             // Only a task that succeeded leaves its output in a block.
-            debug_assert_eq!(ran.status, status::OK);
+            debug_assert_eq!(ran.status, code::OK);
             if self.active.is_some() {
                 // Sealed before the parent maps it, so that no task can
                 // change or truncate it under the parent.
@@ -526,12 +545,12 @@ impl Worker<'_> {
             // the frame.
             done.clear_body(&mut self.out);
             self.out.extend_from_slice(&(*len as u64).to_le_bytes());
-            done.header.a = if *same {
-                wire::OUT_SAME_BLOCK
+            done.header.set_result_at(if *same {
+                ResultAt::InputBlock
             } else {
                 fds.push(block.raw_fd());
-                wire::OUT_NEW_BLOCK
-            };
+                ResultAt::NewBlock
+            });
         }
         // The SharedBufs' fds come after the block's.
         fds.extend(ran.shared.iter().map(Region::raw_fd));
@@ -545,13 +564,13 @@ impl Worker<'_> {
     /// After task `seq`'s result is out: if this worker's memory grew past
     /// its limit, says why it exits and retires. The tasks after it were
     /// not started and run elsewhere.
-    fn retire_if_grown(&mut self, seq: u64) -> Result<Next, Stop> {
+    fn retire_if_grown(&mut self, seq: u64) -> Result<Step, Stop> {
         let Some(grown) = self.memory.as_ref().and_then(MemoryLimit::exceeded) else {
-            return Ok(Next::Serve);
+            return Ok(Step::Serve);
         };
-        Header::new(wire::RETIRING, seq, grown, 0).push(&mut self.out);
+        Header::retiring(seq, grown).push(&mut self.out);
         self.flush()?;
-        Ok(Next::Retire)
+        Ok(Step::Retire)
     }
 
     /// Waits for the parent's next bytes, once the frames handled are
@@ -601,7 +620,7 @@ impl Worker<'_> {
             "a task of {} bytes is larger than the worker can hold",
             h.len
         );
-        Header::new(wire::DONE, h.seq, 0, 0).push_message(&mut self.out, status::DECODE, &msg);
+        Header::done(h.seq).push_message(&mut self.out, code::DECODE, &msg);
         self.flush()
     }
 
@@ -642,8 +661,8 @@ fn soft_limit_for(soft: Option<(u64, u64)>, seq: u64) -> Option<u64> {
 
 /// Applies the parent's CONFIG frame; returns the memory limit it sets.
 fn configure(h: &Header) -> Option<MemoryLimit> {
-    crate::capture::capture_frames(h.a & wire::CONFIG_BACKTRACES != 0);
-    MemoryLimit::new(h.b)
+    crate::capture::capture_frames(h.config_flags() & wire::CONFIG_BACKTRACES != 0);
+    MemoryLimit::new(h.memory_limit())
 }
 
 /// `max_memory_per_child`: how much this worker's private memory may grow
@@ -716,7 +735,7 @@ fn send_frame(fd: i32, frame: &[u8], fds: &[i32]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::wire::{DONE, READY, Reader, TASK};
+    use crate::proto::wire::{DONE, READY, Reader};
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -772,13 +791,13 @@ mod tests {
                 reader: Reader::default(),
             };
             let (ready, _) = s.frame();
-            assert_eq!((ready.kind, ready.a), (READY, std::process::id() as u64));
+            assert_eq!((ready.kind, ready.ready_pid()), (READY, std::process::id()));
             s
         }
 
         /// Sends task `seq` of `f` with `flags` and `body`.
         fn task(&self, f: TaskFn, seq: u64, flags: u8, body: &[u8]) {
-            let mut h = Header::new(TASK, seq, f.tramp, f.func);
+            let mut h = Header::task(seq, f.tramp, f.func);
             h.status = flags;
             self.send(h, body);
         }
@@ -829,7 +848,10 @@ mod tests {
         let mut s = Served::start();
         s.task(TaskFn::single(double), 1, 0, &encoded(&21u64));
         let (h, body) = s.frame();
-        assert_eq!((h.kind, h.seq, h.status, h.a), (DONE, 1, status::OK, 0));
+        assert_eq!(
+            (h.kind, h.seq, h.status, h.result_at()),
+            (DONE, 1, code::OK, ResultAt::Inline)
+        );
         assert_eq!(task::decode_outcome::<u64>(h.status, &body).unwrap(), 42);
         let st = s.words.status(0);
         assert_eq!(st.started.load(Ordering::SeqCst), 1);
@@ -843,17 +865,17 @@ mod tests {
         let mut s = Served::start();
         let (engine, adopted) = sys::stream_pair().unwrap();
         let mut out = Vec::new();
-        Header::new(wire::ADOPT, 0, 0, 0).push(&mut out);
+        Header::new(wire::ADOPT, 0).push(&mut out);
         sys::send_fds(s.sock.as_raw_fd(), &out, &[adopted.as_raw_fd()]).unwrap();
         drop(adopted);
         let mut task = Vec::new();
         let f = TaskFn::single(double);
-        let frame = Header::new(TASK, 1, f.tramp, f.func).open(&mut task);
+        let frame = Header::task(1, f.tramp, f.func).open(&mut task);
         task.extend_from_slice(&encoded(&21u64));
         frame.close(&mut task, 0);
         sys::send_all(engine.as_raw_fd(), &task).unwrap();
         let (h, body) = s.frame();
-        assert_eq!((h.kind, h.seq, h.status), (DONE, 1, status::OK));
+        assert_eq!((h.kind, h.seq, h.status), (DONE, 1, code::OK));
         assert_eq!(task::decode_outcome::<u64>(h.status, &body).unwrap(), 42);
         // The adopted stream's end is the worker's end.
         drop(engine);
@@ -882,16 +904,16 @@ mod tests {
                 (h.status, task::take_message(&body))
             })
             .collect();
-        assert_eq!(answers[0], (status::CANCELLED, "cancelled".into()));
+        assert_eq!(answers[0], (code::CANCELLED, "cancelled".into()));
         assert_eq!(
             answers[1],
-            (status::DECODE, "a task's block did not arrive".into())
+            (code::DECODE, "a task's block did not arrive".into())
         );
         assert_eq!(
             answers[2],
-            (status::DECODE, "a task's SharedBufs did not arrive".into())
+            (code::DECODE, "a task's SharedBufs did not arrive".into())
         );
-        assert_eq!(answers[3].0, status::DECODE);
+        assert_eq!(answers[3].0, code::DECODE);
         assert_eq!(s.close(), Ok(()));
     }
 
@@ -903,8 +925,8 @@ mod tests {
         s.task(TaskFn::single(shared), 2, 0, &encoded(&5u64));
         let (h, body) = s.frame();
         assert_eq!(
-            (h.seq, h.status, h.a, body.len()),
-            (1, 0, wire::OUT_NEW_BLOCK, 8)
+            (h.seq, h.status, h.result_at(), body.len()),
+            (1, 0, ResultAt::NewBlock, 8)
         );
         let len = u64::from_le_bytes(body[..8].try_into().unwrap()) as usize;
         let block = Block::from_fd(s.fds.pop_front().expect("the block's fd")).unwrap();
@@ -922,10 +944,10 @@ mod tests {
         let mut s = Served::start();
         let f = TaskFn::single(soft_left);
         let unit = encoded(&());
-        s.send(Header::new(wire::SOFT_LIMIT, 1, 60_000_000_000, 0), &[]);
+        s.send(Header::soft_limit(1, 60_000_000_000), &[]);
         s.task(f, 1, 0, &unit);
         // A limit sent for task 3 does not apply to task 2.
-        s.send(Header::new(wire::SOFT_LIMIT, 3, 60_000_000_000, 0), &[]);
+        s.send(Header::soft_limit(3, 60_000_000_000), &[]);
         s.task(f, 2, 0, &unit);
         for (seq, limited) in [(1, true), (2, false)] {
             let (h, body) = s.frame();
@@ -971,7 +993,7 @@ mod tests {
 
     /// A frame with `status` and `body`, as the worker's reader sees it.
     fn parsed(status: u8, body: &[u8]) -> (Frame, Vec<u8>) {
-        let mut h = Header::new(TASK, 1, 0, 0);
+        let mut h = Header::task(1, 0, 0);
         h.status = status;
         let mut buf = Vec::new();
         let f = h.open(&mut buf);
@@ -989,7 +1011,10 @@ mod tests {
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let input = Input::take(&frame, &buf, &mut fds);
         assert_eq!(input.body, &8u64.to_le_bytes());
-        let block = input.block_fd.flatten().map(|f| f.as_raw_fd());
+        let block = match &input.block {
+            InBlock::Fd(f) => Some(f.as_raw_fd()),
+            _ => None,
+        };
         assert_eq!(block, Some(raw[0]));
         let shared: Vec<RawFd> = input.shared.iter().map(|f| f.as_raw_fd()).collect();
         assert_eq!(shared, raw[1..3]);
@@ -1003,7 +1028,7 @@ mod tests {
         let (frame, buf) = parsed(wire::IN_BLOCK | wire::SHARED_FDS, &3u32.to_le_bytes());
         let mut fds: VecDeque<OwnedFd> = (0..2).map(|_| dev_null()).collect();
         let input = Input::take(&frame, &buf, &mut fds);
-        assert!(matches!(input.block_fd, Some(Some(_))));
+        assert!(matches!(input.block, InBlock::Fd(_)));
         assert_eq!(input.shared.len(), 1);
         assert!(input.shared_missing);
         assert!(fds.is_empty());
@@ -1012,7 +1037,7 @@ mod tests {
             let (frame, buf) = parsed(status, body);
             let mut fds: VecDeque<OwnedFd> = (0..2).map(|_| dev_null()).collect();
             let input = Input::take(&frame, &buf, &mut fds);
-            assert!(input.block_fd.is_none() && input.shared.is_empty());
+            assert!(matches!(input.block, InBlock::No) && input.shared.is_empty());
             assert_eq!(input.body.len(), if status == 0 { 3 } else { 0 });
             assert_eq!(fds.len(), 2);
         }

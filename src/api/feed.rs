@@ -23,9 +23,10 @@
 //! Every chunk's input starts with the feeder's prefix (a
 //! [`Task`](crate::Task)'s state, or nothing), then its items.
 
+use crate::api::encode::{Encoded, check_shared, encode_error};
 use crate::engine::completion::{Hook, Slot};
 use crate::engine::core::Shared;
-use crate::engine::job::JobSpec;
+use crate::engine::job::JobOptions;
 use crate::error::Error;
 use crate::proto::shared_buf::{self, Mode, Region};
 use crate::proto::shm::Body;
@@ -240,10 +241,8 @@ pub(crate) struct ChunkFeeder<I> {
     pub(crate) prefix: Result<Vec<u8>, Error>,
     pub(crate) sizing: Sizing,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) timeout: Option<Duration>,
-    pub(crate) soft_timeout: Option<Duration>,
-    pub(crate) retries: Option<u32>,
-    pub(crate) retry_shared: bool,
+    /// What goes with each chunk's job.
+    pub(crate) opts: JobOptions,
     pub(crate) mode: Mode,
     /// The input is done (exhausted, or it panicked): it is not pulled again.
     pub(crate) ended: bool,
@@ -308,10 +307,7 @@ where
         while c.n < size {
             let Some(a) = self.pull() else { break };
             if let Err(e) = task::push_item(&mut c.payload, &a) {
-                c.err.get_or_insert(Error::Encode {
-                    what: "argument",
-                    source: e,
-                });
+                c.err.get_or_insert(encode_error(e));
             }
             c.n += 1;
         }
@@ -326,10 +322,7 @@ where
             let (at, mark) = (c.payload.len(), shared_buf::encoded_len());
             if let Err(source) = task::push_item(&mut c.payload, &a) {
                 shared_buf::truncate_encoded(mark);
-                self.carry(Carried::Failed(Error::Encode {
-                    what: "argument",
-                    source,
-                }));
+                self.carry(Carried::Failed(encode_error(source)));
                 break;
             }
             c.n += 1;
@@ -404,19 +397,12 @@ where
         }
         let slot = self.shared.new_slot();
         let bytes = c.payload.len() - c.lead;
-        let spec = JobSpec {
-            f: self.f,
+        let input = Encoded {
             payload: Body::Heap(c.payload),
-            hook: hook(c.n),
-            timeout: self.timeout,
-            soft_timeout: self.soft_timeout,
-            retries: self.retries,
             shared,
-            retry_shared: self.retry_shared,
-            items: c.n as u32,
-            split: split.then_some(c.lead),
         };
-        match self.shared.submit(vec![(slot.clone(), spec)]) {
+        let job = input.job(self.f, hook(c.n), c.n, split.then_some(c.lead), self.opts);
+        match self.shared.submit(slot.clone(), job) {
             Ok(()) => Pending::Chunk(slot, c.n, bytes),
             Err(e) => Pending::Failed(e, c.n),
         }
@@ -453,8 +439,8 @@ where
             }
             return self.panicked.take().map(Pending::InputPanicked);
         }
-        if c.err.is_none() && !shared.is_empty() && shared.len() > shared_buf::max_per_task() {
-            c.err = Some(shared_buf::too_many(shared.len()));
+        if c.err.is_none() {
+            c.err = check_shared(&shared).err();
         }
         Some(self.submit(c, shared, size.is_err(), hook))
     }

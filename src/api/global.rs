@@ -1,7 +1,8 @@
 //! A process-wide pool for library code, built on first use: as loky's
 //! `get_reusable_executor` and rayon's global thread pool.
 
-use crate::api::pool::{Pool, PoolBuilder};
+use crate::api::builder::PoolBuilder;
+use crate::api::pool::Pool;
 use crate::error::{Error, Result};
 use std::sync::{Mutex, OnceLock};
 

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 pub(crate) fn decode_payload<R: DeserializeOwned + 'static>(o: Outcome) -> Result<R> {
     match o? {
         Payload::Bytes(b, mut shared) => {
-            shared.decoding(|| task::decode_outcome(task::status::OK, b.bytes()))
+            shared.decoding(|| task::decode_outcome(task::code::OK, b.bytes()))
         }
         Payload::Value(v) => v.downcast::<R>().map(|b| *b).map_err(|_| Error::Broken {
             reason: "a stored value had an unexpected type".into(),
@@ -979,7 +979,7 @@ mod tests {
         for v in values {
             let mut body = Vec::new();
             codec::encode_into(&v, &mut body).unwrap();
-            vec.push(task::status::OK);
+            vec.push(task::code::OK);
             vec.extend_from_slice(&(body.len() as u32).to_le_bytes());
             vec.extend_from_slice(&body);
         }

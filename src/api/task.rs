@@ -2,20 +2,12 @@
 //! counterparts of the `fn` methods in `pool.rs` (same queues, options and
 //! results; only what travels differs, as `proto/task.rs` says).
 
-use crate::api::pool::{MapOptions, Pool, TaskOptions};
+use crate::api::encode::encode_state;
+use crate::api::options::{MapOptions, TaskOptions};
+use crate::api::pool::Pool;
 use crate::api::result::{AsyncResult, Imap, ImapUnordered, MapResult};
-use crate::error::{Error, Result};
-use crate::proto::task::{self, Task, TaskFn};
-
-/// A task's state as the first item of every chunk of a map.
-fn state_of<T: Task>(t: &T) -> Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    task::push_item(&mut bytes, t).map_err(|source| Error::Encode {
-        what: "task",
-        source,
-    })?;
-    Ok(bytes)
-}
+use crate::error::Result;
+use crate::proto::task::{Task, TaskFn};
 
 impl Pool {
     /// Runs `task.run(arg)` in a worker and waits for its value: as
@@ -56,7 +48,7 @@ impl Pool {
 
     /// Queues `task.run(arg)` and returns at once: as
     /// [`apply_async`](Self::apply_async). The task's state is encoded
-    /// now, with the argument; [`Error::Encode`] if either cannot be.
+    /// now, with the argument; [`Error::Encode`](crate::Error::Encode) if either cannot be.
     ///
     /// ```
     /// use procpool::{Pool, Task};
@@ -155,13 +147,13 @@ impl Pool {
         items: impl IntoIterator<Item = T::Arg>,
         opts: MapOptions<T::Output>,
     ) -> Result<MapResult<T::Output>> {
-        let state = state_of(task)?;
+        let state = encode_state(task)?;
         self.map_chunks(TaskFn::task_chunk::<T>(), &state, items, opts)
     }
 
     /// A lazy iterator of `task.run(item)` for every item, in input
     /// order: as [`imap`](Self::imap). The task's state is encoded once;
-    /// if it cannot be, every item is that [`Error::Encode`].
+    /// if it cannot be, every item is that [`Error::Encode`](crate::Error::Encode).
     pub fn imap_task<T: Task, I: IntoIterator<Item = T::Arg>>(
         &self,
         task: &T,
@@ -178,7 +170,7 @@ impl Pool {
         items: I,
         opts: MapOptions<T::Output>,
     ) -> Imap<T::Output, I::IntoIter> {
-        self.imap_chunks(TaskFn::task_chunk::<T>(), state_of(task), items, opts)
+        self.imap_chunks(TaskFn::task_chunk::<T>(), encode_state(task), items, opts)
     }
 
     /// Like [`imap_task`](Self::imap_task), but yields results in the
@@ -198,7 +190,7 @@ impl Pool {
         items: I,
         opts: MapOptions<T::Output>,
     ) -> ImapUnordered<T::Output, I::IntoIter> {
-        let state = state_of(task);
+        let state = encode_state(task);
         self.imap_unordered_chunks(TaskFn::task_chunk::<T>(), state, items, opts)
     }
 }

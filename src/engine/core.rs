@@ -7,17 +7,16 @@
 //! out. The supervisor thread (`supervisor.rs`) does the rest. Outcomes
 //! are stored in their slots after the lock is released.
 
-use crate::engine::completion::{Handler, Hook, Slot, complete};
-use crate::engine::job::{Completion, Config, InFlight, Job, JobSpec, KillReason};
+use crate::engine::completion::{Handler, Slot, complete};
+use crate::engine::job::{Completion, Config, Job, JobSpec};
 use crate::engine::lifecycle::{Phase, Starts};
 use crate::engine::plan::{self, Batch, Candidate, Estimates, Load};
 use crate::engine::seam::{Backend, Progress};
 use crate::engine::size::{self, Member, SlotTable};
 use crate::engine::stats::{Counters, Held};
-use crate::engine::workers::Worker;
+use crate::engine::worker::{Worker, frame_bytes};
 use crate::error::Error;
 use crate::proto::shm::{BlockCache, Body};
-use crate::proto::wire::{self, HDR, Header};
 use crate::sys;
 use std::collections::{HashSet, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -149,9 +148,9 @@ impl Shared {
     }
 
     pub(crate) fn run_completions(&self, done: Vec<Completion>) {
-        for (slot, hook, outcome) in done {
-            self.counters.ended(&outcome);
-            complete(slot, hook, outcome, &self.handler);
+        for c in done {
+            self.counters.ended(&c.outcome);
+            complete(c.slot, c.hook, c.outcome, &self.handler);
         }
     }
 
@@ -192,49 +191,44 @@ impl Shared {
         self.next_id.fetch_add(n, Ordering::Relaxed)
     }
 
-    /// Queues jobs (all or none) and dispatches what idle workers can take.
-    pub(crate) fn submit(&self, jobs: Vec<(Arc<Slot>, JobSpec)>) -> Result<(), Error> {
+    /// Queues a job, its outcome to go to `slot`, and dispatches what idle
+    /// workers can take.
+    pub(crate) fn submit(&self, slot: Arc<Slot>, s: JobSpec) -> Result<(), Error> {
         if let Some(check) = self.cfg.check_task {
-            for (_, s) in &jobs {
-                check(s.f)?;
-            }
+            check(s.f)?;
         }
-        let mut jobs = jobs;
+        let mut s = s;
         if self.blocks.is_sandboxed() {
             // A sandboxed worker gets its input sealed: it can neither change
             // it (for a retry on another worker) nor truncate it.
-            for (_, s) in jobs.iter_mut() {
-                if let Body::Shm(b, _) = &mut s.payload {
-                    b.seal()
-                        .map_err(|e| Error::io("sealing a shared-memory block", e))?;
-                }
+            if let Body::Shm(b, _) = &mut s.payload {
+                b.seal()
+                    .map_err(|e| Error::io("sealing a shared-memory block", e))?;
             }
         }
         let mut st = self.lock();
         if let Some(e) = st.refusal() {
             return Err(e);
         }
-        for (slot, s) in jobs {
-            self.counters.submitted(s.items);
-            let (timeout, wall_limit) = self.cfg.timeout_of(s.timeout, s.items);
-            st.queue.push_back(Job {
-                id: slot.id,
-                f: s.f,
-                payload: s.payload,
-                slot,
-                hook: s.hook,
-                timeout,
-                soft_timeout: s.soft_timeout.or(self.cfg.soft_timeout),
-                retries: s.retries.unwrap_or(self.cfg.retries),
-                cancelled: false,
-                shared: s.shared,
-                retry_shared: s.retry_shared,
-                items: s.items.max(1),
-                wall_limit,
-                split: s.split,
-                lost: Vec::new(),
-            });
-        }
+        self.counters.submitted(s.items);
+        let (timeout, wall_limit) = self.cfg.timeout_of(s.opts.timeout, s.items);
+        st.queue.push_back(Job {
+            id: slot.id,
+            f: s.f,
+            payload: s.payload,
+            slot,
+            hook: s.hook,
+            timeout,
+            soft_timeout: s.opts.soft_timeout.or(self.cfg.soft_timeout),
+            retries: s.opts.retries.unwrap_or(self.cfg.retries),
+            cancelled: false,
+            shared: s.shared,
+            retry_shared: s.opts.retry_shared,
+            items: s.items.max(1),
+            wall_limit,
+            split: s.split,
+            lost: Vec::new(),
+        });
         let pending = st.dispatch(&self.cfg, true);
         drop(st);
         if pending {
@@ -253,17 +247,17 @@ impl Shared {
             let mut kept = VecDeque::with_capacity(st.queue.len());
             for j in st.queue.drain(..) {
                 if ids.contains(&j.id) {
-                    done.push((j.slot, j.hook, Err(Error::Cancelled)));
+                    done.push(Completion::new(j.slot, j.hook, Err(Error::Cancelled)));
                 } else {
                     kept.push_back(j);
                 }
             }
             st.queue = kept;
             for w in st.workers.iter_mut() {
-                cancel_held(w, &ids, &*self.progress, &mut done);
+                w.cancel(&ids, &*self.progress, &mut done);
             }
             st.send_kills();
-            let watching = st.workers.iter().any(|w| !w.cancels.is_empty());
+            let watching = st.workers.iter().any(|w| w.has_cancels());
             if st
                 .backend
                 .as_ref()
@@ -285,7 +279,7 @@ impl Shared {
     }
 
     pub(crate) fn worker_pids(&self) -> Vec<u32> {
-        self.lock().workers.iter().map(|w| w.pid).collect()
+        self.lock().workers.iter().map(|w| w.pid()).collect()
     }
 
     pub(crate) fn close(&self) {
@@ -349,8 +343,8 @@ impl Shared {
         let mut busy = st.tally.busy_ns.clone();
         busy.resize(busy.len().max(st.table.in_use), 0);
         for w in &st.workers {
-            s.in_flight += w.in_flight.len();
-            busy[w.slot] += w.busy_ns;
+            s.in_flight += w.in_flight().len();
+            busy[w.slot()] += w.busy_ns();
         }
         s.busy = busy
             .into_iter()
@@ -413,40 +407,6 @@ impl Shared {
     }
 }
 
-/// Cancels the tasks among `ids` that worker `w` holds.
-///
-/// Not started yet: the worker is told to skip it, through the one `skip`
-/// word if it is free (the worker stores `started` then reads `skip`; the
-/// parent stores `skip` then reads `started`: if it reads an earlier task,
-/// the worker will see the skip). Else the supervisor watches for its
-/// start. Running now: its worker is killed (the backend checks, with the
-/// worker stopped, that it still runs this task). Finished: its result is
-/// dropped when it arrives.
-fn cancel_held(w: &mut Worker, ids: &HashSet<u64>, p: &dyn Progress, done: &mut Vec<Completion>) {
-    let mut run = None;
-    for f in w.in_flight.iter_mut() {
-        if f.job.cancelled || !ids.contains(&f.job.id) {
-            continue;
-        }
-        f.job.cancelled = true;
-        let hook = std::mem::replace(&mut f.job.hook, Hook::None);
-        done.push((f.job.slot.clone(), hook, Err(Error::Cancelled)));
-        let started = p.started(w.slot);
-        if started < f.seq && p.skip(w.slot) <= started {
-            p.set_skip(w.slot, f.seq);
-        } else if started < f.seq {
-            w.cancels.push(f.seq);
-            continue;
-        }
-        if p.running(w.slot, f.seq) {
-            run = Some(f.seq);
-        }
-    }
-    if let (Some(seq), None) = (run, &w.kill) {
-        w.set_kill(KillReason::Cancel, seq);
-    }
-}
-
 impl State {
     /// Why a submission is refused now, if it is (see `Phase::refusal`).
     pub(crate) fn refusal(&self) -> Option<Error> {
@@ -470,7 +430,7 @@ impl State {
         let started = self
             .workers
             .iter()
-            .filter(|w| !w.retiring && w.counts())
+            .filter(|w| !w.retiring() && w.counts())
             .count();
         started + self.spawning.len()
     }
@@ -485,20 +445,19 @@ impl State {
             .workers
             .iter()
             .map(|w| Member {
-                active: !w.retiring && w.counts(),
-                held: w.in_flight.len(),
+                active: !w.retiring() && w.counts(),
+                held: w.in_flight().len(),
             })
             .collect();
         for i in size::retirees(&members, excess) {
             let w = &mut self.workers[i];
-            if sandboxed && w.in_flight.is_empty() {
+            if sandboxed && w.in_flight().is_empty() {
                 w.retire_now();
             } else {
                 // It takes no more tasks; an unsandboxed one exits once
                 // its tasks are done (its side of the socket is shut), a
                 // sandboxed one is killed then (`retire_sandboxed`).
-                w.retiring = true;
-                w.flush();
+                w.retire();
             }
         }
     }
@@ -560,9 +519,8 @@ impl State {
             return;
         };
         for w in self.workers.iter_mut() {
-            if w.kill.is_some() && !w.kill_sent {
-                w.kill_sent = true;
-                backend.kill(w.slot, w.pid, w.kill_seq);
+            if let Some(seq) = w.kill_to_send() {
+                backend.kill(w.slot(), w.pid(), seq);
             }
         }
     }
@@ -570,12 +528,12 @@ impl State {
     /// Fails every task the pool has, queued or held, with `e`.
     pub(crate) fn fail_all(&mut self, e: Error, done: &mut Vec<Completion>) {
         for j in self.queue.drain(..) {
-            done.push((j.slot, j.hook, Err(e.clone())));
+            done.push(Completion::new(j.slot, j.hook, Err(e.clone())));
         }
         for w in self.workers.iter_mut() {
             for f in w.take_all() {
                 if !f.job.cancelled {
-                    done.push((f.job.slot, f.job.hook, Err(e.clone())));
+                    done.push(Completion::new(f.job.slot, f.job.hook, Err(e.clone())));
                 }
             }
         }
@@ -589,7 +547,7 @@ impl State {
     /// socket to become writable, or a new deadline must be watched.
     pub(crate) fn dispatch(&mut self, cfg: &Config, from_caller: bool) -> bool {
         let mut pending = false;
-        let live = self.workers.iter().filter(|w| w.ready).count().max(1);
+        let live = self.workers.iter().filter(|w| w.ready()).count().max(1);
         let now = Instant::now();
         self.loads.clear();
         let max = cfg.max_tasks_per_child;
@@ -600,7 +558,7 @@ impl State {
         // than its size run tasks at once.
         let (mut running, limit) = match cfg.sandbox {
             Some(_) => {
-                let busy = self.workers.iter().filter(|w| !w.in_flight.is_empty());
+                let busy = self.workers.iter().filter(|w| !w.in_flight().is_empty());
                 (busy.count(), self.size)
             }
             // Never more workers than its size: nothing to count.
@@ -615,7 +573,7 @@ impl State {
             let load = self.loads[i];
             let w = &mut self.workers[i];
             if !plan::takes_tasks(&load, from_caller) || (load.held == 0 && running >= limit) {
-                pending |= w.conn.has_pending();
+                pending |= w.has_pending();
                 continue;
             }
             if reused_sandbox && load.held == 0 && w.busy_while_idle() {
@@ -642,96 +600,23 @@ impl State {
                 let seq = w.push_task(job, charge, cfg);
                 match (timed, self.backend.as_mut()) {
                     (Some(t), Some(b)) if cfg.backend_keeps_timeouts => {
-                        b.keep_timeout(w.slot, seq, t);
+                        b.keep_timeout(w.slot(), seq, t);
                     }
                     (Some(t), _) => {
-                        w.deadline = Some(now + t);
+                        w.set_deadline(Some(now + t));
                         // The supervisor's poll must learn the new deadline.
                         pending = true;
                     }
                     (None, _) => {}
                 }
             }
-            if max.is_some_and(|m| w.sent >= m) {
-                w.retiring = true;
-            }
-            pending |= w.flush();
+            // A worker sent its last task retires once it is out.
+            pending |= match max.is_some_and(|m| w.sent() >= m) {
+                true => w.retire(),
+                false => w.flush(),
+            };
         }
         self.start_replacements(cfg);
         pending
-    }
-}
-
-/// The bytes a job's frames take (for the batch's size cap).
-fn frame_bytes(job: &Job) -> usize {
-    let soft = if job.soft_timeout.is_some() { HDR } else { 0 };
-    soft + HDR
-        + match &job.payload {
-            Body::Heap(p) => p.len(),
-            Body::Shm(..) => 8,
-        }
-}
-
-/// The frames of a task, as dispatch writes them to a worker.
-impl Worker {
-    /// Appends `job`'s frames (its soft limit, if any, then the task) to
-    /// the out buffer, with the fds they carry, and holds it; returns the
-    /// task's sequence number on this worker.
-    pub(crate) fn push_task(&mut self, job: Job, charge: u64, cfg: &Config) -> u64 {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.sent += 1;
-        if cfg.sandbox.is_some() {
-            // A sandboxed task's clock starts as it is sent (it goes alone,
-            // to an idle worker): its start word is the task's to rewrite.
-            self.seen_start = (seq, sys::monotonic_ns());
-        }
-        if let Some(soft) = job.soft_timeout {
-            // Its soft limit, in the frame just before it.
-            let ns = crate::deadline::nanos(soft);
-            Header::new(wire::SOFT_LIMIT, seq, ns, 0).push(self.conn.out());
-        }
-        self.push_task_frame(seq, &job, cfg.inline_shared);
-        self.held_ns += charge;
-        self.in_flight.push_back(InFlight { seq, job, charge });
-        seq
-    }
-
-    fn push_task_frame(&mut self, seq: u64, job: &Job, inline_shared: bool) -> usize {
-        let mut h = Header::new(wire::TASK, seq, job.f.tramp, job.f.func);
-        if inline_shared {
-            h.status |= wire::INLINE_SHARED;
-        }
-        // The fds go on the frame's first bytes (wire::fd_offset): the
-        // input block's, then the SharedBufs'.
-        let at = self.conn.out().len();
-        let mut nfds = 0;
-        if !job.shared.is_empty() {
-            h.status |= wire::SHARED_FDS;
-        }
-        if let Body::Shm(b, _) = &job.payload {
-            h.status |= wire::IN_BLOCK;
-            if job.retries > 0 {
-                h.status |= wire::KEEP_INPUT;
-            }
-            self.conn.attach_fd(wire::fd_offset(at, 0), b.raw_fd());
-            nfds = 1;
-        }
-        for r in &job.shared {
-            self.conn.attach_fd(wire::fd_offset(at, nfds), r.raw_fd());
-            nfds += 1;
-        }
-        let out = self.conn.out();
-        let frame = h.open(out);
-        if !job.shared.is_empty() {
-            out.extend_from_slice(&(job.shared.len() as u32).to_le_bytes());
-        }
-        match &job.payload {
-            Body::Heap(p) => out.extend_from_slice(p),
-            Body::Shm(_, n) => out.extend_from_slice(&(*n as u64).to_le_bytes()),
-        }
-        let bytes = out.len() - at;
-        frame.close(out, 0);
-        bytes
     }
 }

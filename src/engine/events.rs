@@ -1,7 +1,7 @@
 //! What the supervisor does with the backend's events: a worker started,
 //! could not be started (and the retry policy, `lifecycle::Starts`), or
-//! ended (the ledger's verdict on its tasks, the initializer's blame, its
-//! replacement).
+//! ended (its last output read, the ledger's verdict on its tasks, the
+//! initializer's blame, its replacement).
 
 use crate::engine::completion::all_lost;
 use crate::engine::core::{Shared, State};
@@ -10,7 +10,7 @@ use crate::engine::ledger::{self, Ended, Unready};
 use crate::engine::lifecycle::Retry;
 use crate::engine::seam::{End, Event};
 use crate::engine::stats::EndFacts;
-use crate::engine::workers::Worker;
+use crate::engine::worker::Worker;
 use crate::error::Error;
 use std::time::Instant;
 
@@ -45,28 +45,21 @@ pub(crate) fn on_event(shared: &Shared, st: &mut State, e: Event, done: &mut Vec
         Event::KillRefused { slot, task } => {
             // The cancelled task had finished before the kill: the worker
             // goes on.
-            if let Some(w) = st.workers.iter_mut().find(|w| w.slot == slot)
-                && matches!(w.kill, Some(KillReason::Cancel))
-                && w.kill_seq == task
-            {
-                w.kill = None;
-                w.kill_sent = false;
-                w.kill_seq = 0;
+            if let Some(w) = st.workers.iter_mut().find(|w| w.slot() == slot) {
+                w.kill_refused(task);
             }
         }
         Event::TimedOut { slot, task } => {
             // Its backend killed it for the task's timeout: that task fails
             // with `Timeout` when its end is reported.
-            if let Some(w) = st.workers.iter_mut().find(|w| w.slot == slot) {
-                let timed = w.in_flight.iter().find(|f| f.seq == task);
+            if let Some(w) = st.workers.iter_mut().find(|w| w.slot() == slot) {
+                let timed = w.in_flight().iter().find(|f| f.seq == task);
                 if let Some((id, Some(timeout))) = timed.map(|f| (f.job.id, f.job.timeout)) {
-                    w.set_kill(KillReason::Timeout { id, timeout }, 0);
-                    w.kill_sent = true;
+                    w.killed_by_backend(KillReason::Timeout { id, timeout });
                 }
             }
         }
-        // The supervisor reads its last output first (`supervisor::ended`).
-        Event::Ended { .. } => {}
+        Event::Ended { slot, end } => ended(shared, st, slot, end, done),
         Event::Gone => st.backend_lost = true,
     }
 }
@@ -119,15 +112,35 @@ fn fail_if_no_workers(st: &mut State, done: &mut Vec<Completion>) {
         && st.spawning.is_empty()
     {
         for j in st.queue.drain(..) {
-            done.push((j.slot, j.hook, Err(e.clone())));
+            done.push(Completion::new(j.slot, j.hook, Err(e.clone())));
         }
     }
+}
+
+/// The worker in `slot` ended: everything it wrote before it ended is in
+/// its socket, so that is read first; then its tasks are settled.
+fn ended(shared: &Shared, st: &mut State, slot: usize, end: End, done: &mut Vec<Completion>) {
+    let Some(i) = st.workers.iter().position(|w| w.slot() == slot) else {
+        return;
+    };
+    let mut w = st.workers.swap_remove(i);
+    let before = done.len();
+    w.read(&mut st.ready, &mut st.est, &shared.blocks, done, usize::MAX);
+    // Its crash report, read once its end was reported: for its last
+    // panics and for the tasks its end fails.
+    let words = st.backend.as_mut().and_then(|b| b.last_words(slot));
+    for c in &mut done[before..] {
+        if let Err(e) = &mut c.outcome {
+            e.add_last_words(words.as_ref());
+        }
+    }
+    worker_ended(shared, st, w, end, words, done);
 }
 
 /// A worker ended (and its last output was read): its tasks are settled
 /// (the ledger), with its crash report if there is one, the initializer
 /// perhaps blamed, and it is replaced.
-pub(crate) fn worker_ended(
+fn worker_ended(
     shared: &Shared,
     st: &mut State,
     mut w: Worker,
@@ -135,48 +148,48 @@ pub(crate) fn worker_ended(
     last_words: Option<std::sync::Arc<str>>,
     done: &mut Vec<Completion>,
 ) {
-    let mut started = shared.progress.started(w.slot);
+    let mut started = shared.progress.started(w.slot());
     if shared.cfg.sandbox.is_some() {
         // A sandboxed task owns its start word: whatever it says, the tasks
         // its worker held (one at a time) count as started, so that a task
         // cannot have itself run again, and again, by rewinding it.
-        started = started.max(w.in_flight.iter().map(|f| f.seq).max().unwrap_or(0));
+        started = started.max(w.in_flight().iter().map(|f| f.seq).max().unwrap_or(0));
     }
     // A sandboxed worker that died of one of its limits.
     let limit = match (shared.cfg.sandbox.as_ref(), end.status()) {
-        (Some(l), Some(status)) => l.cause(shared.progress.died_of(w.slot), status),
+        (Some(l), Some(status)) => l.cause(shared.progress.died_of(w.slot()), status),
         _ => None,
     };
-    let held: Vec<_> = w.in_flight.drain(..).collect();
-    if !ledger::lost_any(&held, started) && w.kill.is_none() {
-        log::debug!("procpool: worker {} exited ({end})", w.pid);
-    } else if w.kill.is_none() {
+    let held = w.take_held();
+    if !ledger::lost_any(&held, started) && w.kill().is_none() {
+        log::debug!("procpool: worker {} exited ({end})", w.pid());
+    } else if w.kill().is_none() {
         log::warn!(
             "procpool: worker {} lost ({end}) with {} task(s) in flight",
-            w.pid,
+            w.pid(),
             held.len()
         );
     }
     let facts = Ended {
-        pid: w.pid,
-        rank: w.rank,
+        pid: w.pid(),
+        rank: w.rank(),
         end,
         started,
         item: match shared.cfg.item_progress {
-            true => shared.progress.item(w.slot),
+            true => shared.progress.item(w.slot()),
             false => 0,
         },
-        kill: w.kill.as_ref(),
+        kill: w.kill(),
         limit,
     };
     let verdict = ledger::settle(held, &facts);
     st.tally.retried += verdict.retried;
     let why = EndFacts {
-        kill: w.kill.as_ref(),
+        kill: w.kill(),
         limit: limit.is_some(),
-        retiring: w.retiring,
+        retiring: w.retiring(),
     };
-    st.tally.worker_ended(why, w.slot, w.busy_ns);
+    st.tally.worker_ended(why, w.slot(), w.busy_ns());
     for job in verdict.requeue.into_iter().rev() {
         st.queue.push_front(job);
     }
@@ -185,20 +198,20 @@ pub(crate) fn worker_ended(
         .into_iter()
         .map(|(j, mut e)| {
             e.add_last_words(last_words.as_ref());
-            (j.slot, j.hook, Err(e))
+            Completion::new(j.slot, j.hook, Err(e))
         })
         .chain(
             verdict
                 .finished
                 .into_iter()
-                .map(|j| (j.slot, j.hook, all_lost(j.lost))),
+                .map(|j| Completion::new(j.slot, j.hook, all_lost(j.lost))),
         )
         .collect();
-    st.free_slots.push(w.slot);
-    if !w.ready {
+    st.free_slots.push(w.slot());
+    if !w.ready() {
         died_unready(shared, st, &mut w, end);
     }
-    replace(shared, st, w.pid, lost, done);
+    replace(shared, st, w.pid(), lost, done);
 }
 
 /// A worker died before it was ready: perhaps the initializer's fault
@@ -209,16 +222,15 @@ fn died_unready(shared: &Shared, st: &mut State, w: &mut Worker, end: End) {
         has_init: shared.cfg.has_init,
         building: st.building,
         deaths: st.unready_deaths,
-        said_so: w.init_msg.is_some(),
+        said_so: w.said_why_start_failed(),
     };
     if !ledger::blames_initializer(&u) {
         return;
     }
-    let message = w
-        .init_msg
-        .take()
-        .unwrap_or_else(|| format!("worker {} died in its initializer ({end})", w.pid));
-    let e = if w.sandbox_failed {
+    let (message, sandbox_failed) = w.take_start_failure();
+    let message =
+        message.unwrap_or_else(|| format!("worker {} died in its initializer ({end})", w.pid()));
+    let e = if sandbox_failed {
         Error::Sandbox { reason: message }
     } else {
         Error::InitializerFailed { message }

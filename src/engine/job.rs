@@ -13,7 +13,21 @@ use std::time::Duration;
 
 /// A finished task's outcome, with where it goes, to be stored once the
 /// state lock is released.
-pub(crate) type Completion = (Arc<Slot>, Hook, Outcome);
+pub(crate) struct Completion {
+    pub(crate) slot: Arc<Slot>,
+    pub(crate) hook: Hook,
+    pub(crate) outcome: Outcome,
+}
+
+impl Completion {
+    pub(crate) fn new(slot: Arc<Slot>, hook: Hook, outcome: Outcome) -> Completion {
+        Completion {
+            slot,
+            hook,
+            outcome,
+        }
+    }
+}
 
 /// The pool's settings, fixed at build time.
 #[derive(Clone, Debug)]
@@ -89,7 +103,7 @@ impl Config {
         let memory = self.max_memory_per_child.unwrap_or(0);
         let mut out = Vec::new();
         if flags != 0 || memory != 0 {
-            Header::new(wire::CONFIG, 0, flags, memory).push(&mut out);
+            Header::config(flags, memory).push(&mut out);
         }
         out
     }
@@ -134,18 +148,26 @@ pub(crate) struct Job {
 pub(crate) struct JobSpec {
     pub(crate) f: TaskFn,
     pub(crate) payload: Body,
-    pub(crate) hook: Hook,
-    pub(crate) timeout: Option<Duration>,
-    pub(crate) soft_timeout: Option<Duration>,
-    pub(crate) retries: Option<u32>,
+    /// The `SharedBuf`s its input moved out of the caller's hands.
     pub(crate) shared: Vec<Region>,
-    pub(crate) retry_shared: bool,
+    pub(crate) hook: Hook,
     /// How many items it carries: a map chunk's, or 0 for `apply` (which
     /// counts as one item: under a per-task CPU cap a task may use the cap
     /// once per item).
     pub(crate) items: u32,
     /// See [`Job::split`].
     pub(crate) split: Option<usize>,
+    pub(crate) opts: JobOptions,
+}
+
+/// What the caller asked for each job of one call (its `TaskOptions` or
+/// `MapOptions`); `None`: the pool's setting.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct JobOptions {
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) soft_timeout: Option<Duration>,
+    pub(crate) retries: Option<u32>,
+    pub(crate) retry_shared: bool,
 }
 
 /// A job sent to a worker, under the number the worker knows it by.

@@ -13,4 +13,4 @@ pub(crate) mod size;
 pub(crate) mod stats;
 pub(crate) mod supervisor;
 pub(crate) mod watch;
-pub(crate) mod workers;
+pub(crate) mod worker;

@@ -5,7 +5,6 @@
 use crate::engine::core::State;
 use crate::engine::job::KillReason;
 use crate::engine::seam::Progress;
-use crate::engine::workers::Worker;
 use crate::sys;
 use std::time::{Duration, Instant};
 
@@ -22,43 +21,41 @@ pub(crate) fn check_clocks(st: &mut State, p: &dyn Progress, sandboxed: bool) {
     let now = Instant::now();
     let now_ns = sys::monotonic_ns();
     for w in st.workers.iter_mut() {
-        if w.kill.is_some() {
+        if w.kill().is_some() {
             continue;
         }
-        if !w.cancels.is_empty() && check_cancels(w, p) {
+        if w.has_cancels() && w.check_cancels(p) {
             continue;
         }
-        let Some(d) = w.deadline else {
+        let Some(d) = w.deadline() else {
             continue;
         };
         if d > now {
             continue;
         }
-        let Some((seq, id, timeout, wall_limit)) = w.in_flight.front().map(|f| {
+        let Some((seq, id, timeout, wall_limit)) = w.in_flight().front().map(|f| {
             let t = f.job.timeout.unwrap_or_default();
             (f.seq, f.job.id, t, f.job.wall_limit.then_some(f.job.items))
         }) else {
-            w.deadline = None;
+            w.set_deadline(None);
             continue;
         };
         // A sandboxed task's clock started when it was sent (`push_task`):
         // its start words are the task's own to rewrite.
         let start = if sandboxed {
-            w.seen_start.1
+            w.seen_start_ns()
         } else {
-            if p.started(w.slot) < seq {
+            if p.started(w.slot()) < seq {
                 // Not started yet: look again soon.
-                w.deadline = Some(now + RECHECK);
+                w.set_deadline(Some(now + RECHECK));
                 continue;
             }
-            if w.seen_start.0 != seq {
-                w.seen_start = (seq, now_ns);
-            }
-            p.started_at_ns(w.slot).min(w.seen_start.1)
+            let seen = w.seen_start(seq, now_ns);
+            p.started_at_ns(w.slot()).min(seen)
         };
         let ran = Duration::from_nanos(now_ns.saturating_sub(start));
         if ran < timeout {
-            w.deadline = Some(now + (timeout - ran));
+            w.set_deadline(Some(now + (timeout - ran)));
             continue;
         }
         // A timed task is alone on its worker: whatever it runs is this task
@@ -75,30 +72,9 @@ pub(crate) fn check_clocks(st: &mut State, p: &dyn Progress, sandboxed: bool) {
         w.set_kill(reason, 0);
         log::warn!(
             "procpool: task {id} ran past {timeout:?}; killing worker {}",
-            w.pid
+            w.pid()
         );
     }
-}
-
-/// Cancelled tasks that had not started: kills the worker if one has
-/// started (returns true), forgets those that ran and finished.
-fn check_cancels(w: &mut Worker, p: &dyn Progress) -> bool {
-    let started = p.started(w.slot);
-    let mut run = None;
-    w.cancels.retain(|&seq| {
-        if p.running(w.slot, seq) {
-            run = Some(seq);
-            false
-        } else {
-            // Still waiting to start (past it: it ran and finished).
-            started < seq
-        }
-    });
-    if let Some(seq) = run {
-        w.set_kill(KillReason::Cancel, seq);
-        return true;
-    }
-    false
 }
 
 /// What is left of the CPU cap of a worker whose clock reads `ns`: the
@@ -133,40 +109,41 @@ pub(crate) fn cpu_interval(cap: Duration) -> Duration {
 pub(crate) fn check_cpu(st: &mut State, p: &dyn Progress, cap: Duration) {
     let now = Instant::now();
     for w in st.workers.iter_mut() {
-        let Some(clk) = w.cpu_clock else {
-            continue;
-        };
-        if w.kill.is_some() || w.in_flight.is_empty() || w.cpu_next.is_some_and(|at| at > now) {
+        if !w.cpu().is_on() {
             continue;
         }
-        let Some(ns) = crate::sys::sandbox::clock_ns(clk) else {
+        let due = w.cpu().next().is_none_or(|at| at <= now);
+        if w.kill().is_some() || w.in_flight().is_empty() || !due {
+            continue;
+        }
+        let Some(ns) = w.cpu().now_ns() else {
             // Gone: its exit report follows.
-            w.cpu_next = None;
+            w.cpu_mut().look_at(None);
             continue;
         };
-        let started = p.started(w.slot);
+        let started = p.started(w.slot());
         let job = &w
-            .in_flight
+            .in_flight()
             .iter()
             .find(|f| f.seq == started)
-            .unwrap_or(&w.in_flight[0])
+            .unwrap_or(&w.in_flight()[0])
             .job;
         let (id, items) = (job.id, job.items);
         // The worker records the start of each chunk item (a word it
         // writes, so a hostile task could keep moving it): each item may
         // use the cap from its own start, and the task as a whole at most
         // the cap once per item since its last result came.
-        let left = cpu_left(ns, w.cpu_base, p.item_cpu(w.slot), cap, items);
+        let left = cpu_left(ns, w.cpu().base(), p.item_cpu(w.slot()), cap, items);
         if let Some(left) = left {
             // Its threads together cannot use more than one CPU each per
             // second of wall time.
-            w.cpu_next = Some(now + cpu_interval(left));
+            w.cpu_mut().look_at(Some(now + cpu_interval(left)));
             continue;
         }
         let limit = crate::sandbox::Limit::CpuTime { per_task: cap };
         log::warn!(
             "procpool: task {id} went past its {limit}; killing worker {}",
-            w.pid
+            w.pid()
         );
         w.set_kill(KillReason::Limit { id, limit }, 0);
     }

@@ -111,7 +111,7 @@ pub(crate) fn install(fd: RawFd, level: log::LevelFilter) -> bool {
 /// A LOG frame for a record.
 pub(crate) fn frame(seq: u64, level: log::Level, target: &str, msg: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(wire::HDR + 2 + target.len() + msg.len());
-    let f = Header::new(wire::LOG, seq, level as u64, 0).open(&mut out);
+    let f = Header::log(seq, level as u64).open(&mut out);
     let target = cut(target, 256);
     out.extend_from_slice(&(target.len() as u16).to_le_bytes());
     out.extend_from_slice(target.as_bytes());
@@ -165,7 +165,8 @@ struct Record {
 /// Decodes the body of a LOG frame (`h` its header) from worker `pid` and
 /// queues it for the program's logger; an error says what was malformed.
 pub(crate) fn forward(h: &Header, body: &[u8], pid: u32) -> Result<(), String> {
-    let level = level_of(h.a).ok_or_else(|| format!("sent a log record of level {}", h.a))?;
+    let level = level_of(h.log_level())
+        .ok_or_else(|| format!("sent a log record of level {}", h.log_level()))?;
     let malformed = || "sent a malformed log record".to_string();
     if body.len() > MAX_BODY {
         return Err(malformed());
@@ -241,7 +242,7 @@ mod tests {
     fn a_frame_carries_level_task_target_and_message() {
         let out = frame(7, log::Level::Warn, "app::db", "slow query");
         let h = Header::parse(&out).unwrap();
-        assert_eq!((h.kind, h.seq, h.a), (wire::LOG, 7, 2));
+        assert_eq!((h.kind, h.seq, h.log_level()), (wire::LOG, 7, 2));
         let body = &out[wire::HDR..];
         assert_eq!(h.len as usize, body.len());
         assert_eq!(&body[..2], &7u16.to_le_bytes());
@@ -261,7 +262,7 @@ mod tests {
 
     #[test]
     fn malformed_records_are_refused() {
-        let h = |a| Header::new(wire::LOG, 1, a, 0);
+        let h = |a| Header::log(1, a);
         assert!(forward(&h(9), &[0, 0], 1).is_err());
         assert!(forward(&h(1), &[5, 0, b'x'], 1).is_err());
         assert!(forward(&h(1), &[], 1).is_err());

@@ -9,7 +9,7 @@
 //! decoded the argument by then), and the block comes back with the result
 //! and returns to the pool's cache once the caller has decoded the value.
 
-use crate::sys::sandbox as sys_sandbox;
+use crate::sys::confine;
 use crate::sys::{self, Mapping};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -130,7 +130,7 @@ impl Block {
         // MADV_DONTFORK still holds a writable copy, until it execs or
         // exits (EBUSY until then): wait for it, a bounded while.
         let mut tries = 0;
-        while let Err(e) = sys_sandbox::seal(&self.fd) {
+        while let Err(e) = confine::seal(&self.fd) {
             if e.raw_os_error() != Some(libc::EBUSY) || tries == 200 {
                 return Err(e);
             }

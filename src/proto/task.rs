@@ -117,8 +117,10 @@ pub trait Task: Serialize + DeserializeOwned + Send + 'static {
     fn run(&self, arg: Self::Arg) -> Self::Output;
 }
 
-/// The outcome of one task (or one item of a chunk), as a status byte.
-pub(crate) mod status {
+/// The outcome of one task (or one item of a chunk), as a code: a DONE
+/// frame's `status` byte (beside its flags), and each item's in a chunk's
+/// output.
+pub(crate) mod code {
     /// The body is the encoded result.
     pub(crate) const OK: u8 = 0;
     /// The task panicked; the body is the encoded message.
@@ -183,6 +185,14 @@ impl Default for SharedIo {
 pub(crate) struct Init {
     pub(crate) f: TaskFn,
     pub(crate) arg: Vec<u8>,
+}
+
+impl std::fmt::Debug for Init {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Init")
+            .field("arg_bytes", &self.arg.len())
+            .finish()
+    }
 }
 
 /// A task function as it travels: offsets of the trampoline and of the
@@ -336,7 +346,7 @@ where
         };
         let a = match decoded {
             Ok((a, _)) => a,
-            Err(e) => return (status::DECODE, e.to_string()),
+            Err(e) => return (code::DECODE, e.to_string()),
         };
         crate::deadline::item_starting();
         let r = f(a);
@@ -345,8 +355,8 @@ where
             let out = &mut *io.out;
             let encoded = shared_buf::encode_armed(|| codec::encode_into(&r, out));
             return match encoded {
-                Ok(()) => (status::OK, String::new()),
-                Err(e) => (status::ENCODE, e.to_string()),
+                Ok(()) => (code::OK, String::new()),
+                Err(e) => (code::ENCODE, e.to_string()),
             };
         }
         let had_block = io.block.is_some();
@@ -362,18 +372,18 @@ where
                 Ok((spilled, unused)) => {
                     let same = had_block && io.reuse && unused.is_none();
                     io.spilled = spilled.map(|(b, n)| (b, n, same));
-                    (status::OK, String::new())
+                    (code::OK, String::new())
                 }
-                Err(e) => (status::ENCODE, e.to_string()),
+                Err(e) => (code::ENCODE, e.to_string()),
             },
             Err(e) => {
                 w.discard();
-                (status::ENCODE, e.to_string())
+                (code::ENCODE, e.to_string())
             }
         }
     }));
     match outcome {
-        Ok((status::OK, _)) => status::OK,
+        Ok((code::OK, _)) => code::OK,
         Ok((st, msg)) => {
             io.out.truncate(start);
             io.spilled = None;
@@ -388,7 +398,7 @@ where
             put_message(io.out, &panic_message(&*p));
             // Where it panicked, and the stack if asked for, after the message.
             crate::proto::report::put_report(io.out);
-            status::PANIC
+            code::PANIC
         }
     }
 }
@@ -521,13 +531,13 @@ fn split_first(input: &[u8]) -> (&[u8], &[u8]) {
 /// gets instead.
 fn split_task<T: Task>(input: &[u8]) -> Result<(T, &[u8]), (u8, String)> {
     if input.len() < 4 {
-        return Err((status::DECODE, "a chunk without its task".into()));
+        return Err((code::DECODE, "a chunk without its task".into()));
     }
     let (first, rest) = split_first(input);
     match catch_unwind(AssertUnwindSafe(|| codec::decode::<T>(first))) {
         Ok(Ok((t, _))) => Ok((t, rest)),
-        Ok(Err(e)) => Err((status::DECODE, format!("the task's state: {e}"))),
-        Err(p) => Err((status::PANIC, panic_message(&*p))),
+        Ok(Err(e)) => Err((code::DECODE, format!("the task's state: {e}"))),
+        Err(p) => Err((code::PANIC, panic_message(&*p))),
     }
 }
 
@@ -541,7 +551,7 @@ fn fail_items<'a>(items: impl Iterator<Item = &'a [u8]>, st: u8, msg: &str, io: 
         io.out[at] = st;
         io.out[at + 1..at + 5].copy_from_slice(&n.to_le_bytes());
     }
-    status::OK
+    code::OK
 }
 
 fn run_items<A, R>(f: impl Fn(A) -> R, input: &[u8], io: &mut Io<'_>) -> u8
@@ -576,7 +586,7 @@ where
         out[at] = st;
         out[at + 1..at + 5].copy_from_slice(&n.to_le_bytes());
     }
-    status::OK
+    code::OK
 }
 
 /// Decodes the items of a chunk's output, in order: each is the task's value
@@ -604,7 +614,7 @@ pub(crate) fn chunk_item(bytes: &[u8], at: usize) -> Option<(u8, &[u8], usize)> 
 /// Whether every item of a chunk's output succeeded.
 pub(crate) fn chunk_all_ok(mut bytes: &[u8]) -> bool {
     while bytes.len() >= 5 {
-        if bytes[0] != status::OK {
+        if bytes[0] != code::OK {
             return false;
         }
         let n = u32::from_le_bytes(bytes[1..5].try_into().unwrap()) as usize;
@@ -615,7 +625,7 @@ pub(crate) fn chunk_all_ok(mut bytes: &[u8]) -> bool {
 
 /// Decodes one task's output given its status.
 pub(crate) fn decode_outcome<R: DeserializeOwned>(st: u8, body: &[u8]) -> Result<R, crate::Error> {
-    if st == status::OK {
+    if st == code::OK {
         codec::decode_untrusted::<R>(body)
             .map(|(r, _)| r)
             .map_err(|e| crate::Error::Decode {
@@ -629,7 +639,7 @@ pub(crate) fn decode_outcome<R: DeserializeOwned>(st: u8, body: &[u8]) -> Result
 
 /// The error that a non-OK status with its body stands for.
 pub(crate) fn outcome_error(st: u8, body: &[u8]) -> crate::Error {
-    if st != status::PANIC {
+    if st != code::PANIC {
         return status_error(st, take_message(body));
     }
     let (message, used) = match codec::decode_untrusted::<String>(body) {
@@ -648,7 +658,7 @@ pub(crate) fn outcome_error(st: u8, body: &[u8]) -> crate::Error {
 /// The message of an initializer that failed: its panic's message, and
 /// where it panicked.
 pub(crate) fn init_failure_message(st: u8, body: &[u8]) -> String {
-    if st != status::PANIC {
+    if st != code::PANIC {
         return take_message(body);
     }
     match outcome_error(st, body) {
@@ -666,21 +676,21 @@ pub(crate) fn init_failure_message(st: u8, body: &[u8]) -> String {
 pub(crate) fn status_error(st: u8, message: String) -> crate::Error {
     use crate::error::CodecError;
     match st {
-        status::PANIC => crate::Error::TaskPanicked {
+        code::PANIC => crate::Error::TaskPanicked {
             message,
             location: None,
             backtrace: None,
             last_words: None,
         },
-        status::ENCODE => crate::Error::Encode {
+        code::ENCODE => crate::Error::Encode {
             what: "result",
             source: CodecError::new(message),
         },
-        status::DECODE => crate::Error::Decode {
+        code::DECODE => crate::Error::Decode {
             what: "argument",
             source: CodecError::new(message),
         },
-        status::CANCELLED => crate::Error::Cancelled,
+        code::CANCELLED => crate::Error::Cancelled,
         _ => crate::Error::Broken {
             reason: format!("a worker sent an unknown status {st}: {message}"),
         },
@@ -737,7 +747,7 @@ mod tests {
         assert_eq!(decode_outcome::<u64>(st, &out).unwrap(), 42);
         // An argument cut short does not decode.
         let (st, out) = run(TaskFn::single(double), &[]);
-        assert_eq!(st, status::DECODE);
+        assert_eq!(st, code::DECODE);
         assert!(matches!(
             decode_outcome::<u64>(st, &out),
             Err(crate::Error::Decode {
@@ -750,7 +760,7 @@ mod tests {
     #[test]
     fn a_panic_becomes_its_message() {
         let (st, out) = run(TaskFn::single(fails), &encoded(&12u64));
-        assert_eq!(st, status::PANIC);
+        assert_eq!(st, code::PANIC);
         match outcome_error(st, &out) {
             crate::Error::TaskPanicked { message, .. } => assert_eq!(message, "too big: 12"),
             e => panic!("not a panic: {e:?}"),
@@ -766,7 +776,7 @@ mod tests {
         }
         assert_eq!(items(&input).count(), 3);
         let (st, out) = run(TaskFn::chunk(fails), &input);
-        assert_eq!(st, status::OK);
+        assert_eq!(st, code::OK);
         assert!(!chunk_all_ok(&out));
         let got: Vec<Result<u64, crate::Error>> = decode_chunk(&out).collect();
         assert_eq!(got.len(), 3);
@@ -801,7 +811,7 @@ mod tests {
         let (st, out) = run(TaskFn::of_task::<Scale>(), &encoded(&(&t, &7u64)));
         assert_eq!(decode_outcome::<String>(st, &out).unwrap(), "21 m");
         let (st, _) = run(TaskFn::of_task::<Scale>(), &encoded(&(&t, &70u64)));
-        assert_eq!(st, status::PANIC);
+        assert_eq!(st, code::PANIC);
     }
 
     #[test]
@@ -816,7 +826,7 @@ mod tests {
             push_item(&mut input, &x).unwrap();
         }
         let (st, out) = run(TaskFn::task_chunk::<Scale>(), &input);
-        assert_eq!(st, status::OK);
+        assert_eq!(st, code::OK);
         let got: Vec<Result<String, crate::Error>> = decode_chunk(&out).collect();
         assert_eq!(got.len(), 3);
         assert_eq!(got[0].as_ref().unwrap(), "2 s");
@@ -832,7 +842,7 @@ mod tests {
             push_item(&mut input, &x).unwrap();
         }
         let (st, out) = run(TaskFn::task_chunk::<Scale>(), &input);
-        assert_eq!(st, status::OK);
+        assert_eq!(st, code::OK);
         let got: Vec<Result<String, crate::Error>> = decode_chunk(&out).collect();
         assert_eq!(got.len(), 2);
         for r in got {
@@ -846,7 +856,7 @@ mod tests {
         }
         // A chunk cut before its task: nothing to run.
         let (st, out) = run(TaskFn::task_chunk::<Scale>(), &[1, 0]);
-        assert_eq!(st, status::OK);
+        assert_eq!(st, code::OK);
         assert_eq!(decode_chunk::<String>(&out).count(), 0);
     }
 
@@ -870,7 +880,7 @@ mod tests {
         };
         // SAFETY: made by TaskFn::chunk in this very process.
         let st = unsafe { TaskFn::chunk(double).call(&mut io) };
-        assert_eq!(st, status::OK);
+        assert_eq!(st, code::OK);
         // The last item to start was the third.
         assert_eq!(word.load(Ordering::SeqCst), 3);
         assert!(remove_item(&mut input, 0, 1));
@@ -907,14 +917,14 @@ mod tests {
         };
         // SAFETY: made by TaskFn::task_chunk in this very process.
         let st = unsafe { TaskFn::task_chunk::<Scale>().call(&mut io) };
-        assert_eq!(st, status::OK);
+        assert_eq!(st, code::OK);
         // Four items after the state: the word says the fourth, not the fifth.
         assert_eq!(word.load(Ordering::SeqCst), 4);
         // Item 0 is the first after the state; the state stays in front.
         assert!(remove_item(&mut input, lead, 0));
         assert!(!remove_item(&mut input, lead, 3));
         let (st, out) = run(TaskFn::task_chunk::<Scale>(), &input);
-        assert_eq!(st, status::OK);
+        assert_eq!(st, code::OK);
         let got: Vec<String> = decode_chunk(&out).map(|r| r.unwrap()).collect();
         assert_eq!(got, ["6 m", "9 m", "12 m"]);
     }
@@ -933,22 +943,19 @@ mod tests {
     #[test]
     fn each_status_stands_for_its_error() {
         let e = |st| status_error(st, "why".into());
-        assert!(matches!(e(status::CANCELLED), crate::Error::Cancelled));
+        assert!(matches!(e(code::CANCELLED), crate::Error::Cancelled));
         assert!(matches!(
-            e(status::ENCODE),
+            e(code::ENCODE),
             crate::Error::Encode { what: "result", .. }
         ));
         assert!(matches!(
-            e(status::DECODE),
+            e(code::DECODE),
             crate::Error::Decode {
                 what: "argument",
                 ..
             }
         ));
-        assert!(matches!(
-            e(status::PANIC),
-            crate::Error::TaskPanicked { .. }
-        ));
+        assert!(matches!(e(code::PANIC), crate::Error::TaskPanicked { .. }));
         match e(77) {
             crate::Error::Broken { reason } => assert!(reason.contains("unknown status 77")),
             other => panic!("{other:?}"),

@@ -26,7 +26,7 @@
 //! `Error::ProtocolViolation`. These are pure functions of the bytes, so
 //! that the fuzz tests below can reach them.
 
-use crate::proto::wire::{self, HDR, Header};
+use crate::proto::wire::{self, HDR, Header, ResultAt};
 
 /// Checks a frame header from a sandboxed worker, before anything is
 /// allocated for its body. `Err` says what is wrong.
@@ -49,10 +49,10 @@ pub(crate) fn check_header(h: &Header, limit: u64) -> Result<(), String> {
     if h.status & wire::SHARED_FDS != 0 {
         return Err("sent SharedBuf fds with a result (a sandboxed worker copies them)".into());
     }
-    match h.a {
-        0 | wire::OUT_NEW_BLOCK => Ok(()),
-        wire::OUT_SAME_BLOCK => Err("named its sealed input block for its result".into()),
-        a => Err(format!("sent a result of unknown shape {a}")),
+    match h.result_at() {
+        ResultAt::Inline | ResultAt::NewBlock => Ok(()),
+        ResultAt::InputBlock => Err("named its sealed input block for its result".into()),
+        ResultAt::Unknown(a) => Err(format!("sent a result of unknown shape {a}")),
     }
 }
 
@@ -61,7 +61,7 @@ pub(crate) fn check_header(h: &Header, limit: u64) -> Result<(), String> {
 /// together with the frame. Returns that length, if the result is in a
 /// block.
 pub(crate) fn check_done_body(h: &Header, body: &[u8], limit: u64) -> Result<Option<u64>, String> {
-    if h.a != wire::OUT_NEW_BLOCK {
+    if h.result_at() != ResultAt::NewBlock {
         return Ok(None);
     }
     let Ok(bytes) = <[u8; 8]>::try_from(body) else {
@@ -104,7 +104,7 @@ pub(crate) fn fds_allowed(buf: &[u8]) -> usize {
     let mut at = 0usize;
     let mut n = 0;
     while let Some(h) = buf.get(at..).and_then(Header::parse) {
-        if h.kind == wire::DONE && h.a == wire::OUT_NEW_BLOCK {
+        if h.kind == wire::DONE && h.result_at() == ResultAt::NewBlock {
             n += 1;
         }
         match (HDR as u64)
@@ -163,14 +163,13 @@ mod tests {
     /// A header of a random kind (mostly the worker's), flags and fields.
     fn header(r: &mut Rng) -> Header {
         let kinds = [wire::READY, wire::DONE, wire::DONE, wire::RETIRING, 0, 255];
-        Header {
-            len: r.len(),
-            kind: kinds[r.below(kinds.len() as u64) as usize],
-            status: r.next() as u8,
-            seq: r.below(4),
-            a: r.below(4),
-            b: r.next(),
-        }
+        let len = r.len();
+        let kind = kinds[r.below(kinds.len() as u64) as usize];
+        let status = r.next() as u8;
+        let seq = r.below(4);
+        let mut h = Header::with_fields(kind, seq, r.below(4), r.next());
+        (h.len, h.status) = (len, status);
+        h
     }
 
     /// The header's bytes, its claimed length as it is.
@@ -198,7 +197,7 @@ mod tests {
 
     #[test]
     fn a_header_past_the_limit_or_of_another_kind_is_refused() {
-        let mut h = Header::new(wire::DONE, 1, 0, 0);
+        let mut h = Header::done(1);
         h.len = LIMIT;
         assert_eq!(check_header(&h, LIMIT), Ok(()));
         h.len = LIMIT + 1;
@@ -212,9 +211,9 @@ mod tests {
         h.status = wire::SHARED_FDS;
         assert!(check_header(&h, LIMIT).is_err());
         h.status = 0;
-        h.a = wire::OUT_SAME_BLOCK;
+        h.set_result_at(ResultAt::InputBlock);
         assert!(check_header(&h, LIMIT).is_err());
-        h.a = wire::OUT_NEW_BLOCK;
+        h.set_result_at(ResultAt::NewBlock);
         h.len = 8;
         assert_eq!(check_header(&h, LIMIT), Ok(()));
         let len = |n: u64| n.to_le_bytes();
@@ -229,14 +228,18 @@ mod tests {
     #[test]
     fn only_a_result_in_a_new_block_may_carry_an_fd() {
         let mut buf = Vec::new();
-        Header::new(wire::READY, 0, 1, 0).push(&mut buf);
+        Header::ready(1).push(&mut buf);
         assert_eq!(fds_allowed(&buf), 0);
-        let f = Header::new(wire::DONE, 1, wire::OUT_NEW_BLOCK, 0).open(&mut buf);
+        let mut h = Header::done(1);
+        h.set_result_at(ResultAt::NewBlock);
+        let f = h.open(&mut buf);
         buf.extend_from_slice(&5u64.to_le_bytes());
         f.close(&mut buf, 0);
         assert_eq!(fds_allowed(&buf), 1);
         // A partial one counts once its header is in.
-        let f = Header::new(wire::DONE, 2, wire::OUT_NEW_BLOCK, 0).open(&mut buf);
+        let mut h = Header::done(2);
+        h.set_result_at(ResultAt::NewBlock);
+        let f = h.open(&mut buf);
         buf.extend_from_slice(&5u64.to_le_bytes());
         f.close(&mut buf, 0);
         buf.truncate(buf.len() - 3);

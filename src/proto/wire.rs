@@ -9,8 +9,11 @@
 //! ```
 //!
 //! All integers are little-endian. `seq` numbers the tasks sent to one
-//! worker (1, 2, ...); for a task, `a` and `b` are the trampoline and
-//! function offsets (see `task.rs`).
+//! worker (1, 2, ...). What `a` and `b` carry depends on the frame's kind
+//! (for a task, the trampoline and function offsets: see `task.rs`): each
+//! kind has its constructor and its accessors here ([`Header::task`],
+//! [`Header::tramp`], [`Header::run_time_ns`], ...), and no code outside
+//! this file reads or writes them raw.
 
 use std::ops::Range;
 
@@ -99,25 +102,41 @@ pub(crate) fn shared_prefix(status: u8, body: &[u8]) -> Option<(usize, &[u8])> {
 
 /// DONE (in `a`): the body is the 8-byte length of the output, which is in
 /// the task's input block.
-pub(crate) const OUT_SAME_BLOCK: u64 = 1;
+const OUT_SAME_BLOCK: u64 = 1;
 /// DONE (in `a`): the body is the 8-byte length of the output, which is in
 /// the block whose fd came with the frame.
-pub(crate) const OUT_NEW_BLOCK: u64 = 2;
+const OUT_NEW_BLOCK: u64 = 2;
 
-/// A frame header.
+/// Where a DONE frame's output lies (its header's `a`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ResultAt {
+    /// In the frame's body (`a` 0).
+    Inline,
+    /// In the task's input block; the body is its 8-byte length.
+    InputBlock,
+    /// In the block whose fd came with the frame; the body is its 8-byte
+    /// length.
+    NewBlock,
+    /// Anything else: no worker of this crate sends it.
+    Unknown(u64),
+}
+
+/// A frame header. `a` and `b` mean something different for each kind of
+/// frame: they are written by the kind's constructor (or setter) and read
+/// by its accessors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Header {
     pub(crate) len: u64,
     pub(crate) kind: u8,
     pub(crate) status: u8,
     pub(crate) seq: u64,
-    pub(crate) a: u64,
-    pub(crate) b: u64,
+    a: u64,
+    b: u64,
 }
 
 impl Header {
-    /// A header whose length is filled in by `finish` (or [`Open::close`]).
-    pub(crate) fn new(kind: u8, seq: u64, a: u64, b: u64) -> Self {
+    /// A header whose length is filled in by [`Open::close`].
+    fn with(kind: u8, seq: u64, a: u64, b: u64) -> Self {
         Header {
             len: 0,
             kind,
@@ -126,6 +145,137 @@ impl Header {
             a,
             b,
         }
+    }
+
+    /// A header with any `a` and `b`, for tests that feed the parser
+    /// anything.
+    #[cfg(test)]
+    pub(crate) fn with_fields(kind: u8, seq: u64, a: u64, b: u64) -> Self {
+        Header::with(kind, seq, a, b)
+    }
+
+    /// A header of `kind` for task `seq` whose `a` and `b` carry nothing.
+    pub(crate) fn new(kind: u8, seq: u64) -> Self {
+        Header::with(kind, seq, 0, 0)
+    }
+
+    /// READY: the worker `pid` serves tasks.
+    pub(crate) fn ready(pid: u32) -> Self {
+        Header::with(READY, 0, pid as u64, 0)
+    }
+
+    /// READY: the pid of the worker that sent it (the parent knows it
+    /// already; tests read it).
+    #[cfg(test)]
+    pub(crate) fn ready_pid(&self) -> u32 {
+        debug_assert_eq!(self.kind, READY);
+        self.a as u32
+    }
+
+    /// TASK `seq`: run the task at these trampoline and function offsets.
+    pub(crate) fn task(seq: u64, tramp: u64, func: u64) -> Self {
+        Header::with(TASK, seq, tramp, func)
+    }
+
+    /// TASK: the task's trampoline offset.
+    pub(crate) fn tramp(&self) -> u64 {
+        debug_assert_eq!(self.kind, TASK);
+        self.a
+    }
+
+    /// TASK: the task's function offset.
+    pub(crate) fn func(&self) -> u64 {
+        debug_assert_eq!(self.kind, TASK);
+        self.b
+    }
+
+    /// CONFIG: settings `flags` (see [`CONFIG_BACKTRACES`]) and the limit
+    /// in bytes on the growth of the worker's private memory (0: none).
+    pub(crate) fn config(flags: u64, memory: u64) -> Self {
+        Header::with(CONFIG, 0, flags, memory)
+    }
+
+    /// CONFIG: its flags.
+    pub(crate) fn config_flags(&self) -> u64 {
+        debug_assert_eq!(self.kind, CONFIG);
+        self.a
+    }
+
+    /// CONFIG: the limit on the growth of the worker's memory (0: none).
+    pub(crate) fn memory_limit(&self) -> u64 {
+        debug_assert_eq!(self.kind, CONFIG);
+        self.b
+    }
+
+    /// SOFT_LIMIT: task `seq` has a soft time limit of `ns` from its start.
+    pub(crate) fn soft_limit(seq: u64, ns: u64) -> Self {
+        Header::with(SOFT_LIMIT, seq, ns, 0)
+    }
+
+    /// SOFT_LIMIT: the limit, in ns from the task's start.
+    pub(crate) fn soft_limit_ns(&self) -> u64 {
+        debug_assert_eq!(self.kind, SOFT_LIMIT);
+        self.a
+    }
+
+    /// DONE `seq`: the output inline, its run time 0 until set.
+    pub(crate) fn done(seq: u64) -> Self {
+        Header::new(DONE, seq)
+    }
+
+    /// DONE: where its output lies.
+    pub(crate) fn result_at(&self) -> ResultAt {
+        debug_assert_eq!(self.kind, DONE);
+        match self.a {
+            0 => ResultAt::Inline,
+            OUT_SAME_BLOCK => ResultAt::InputBlock,
+            OUT_NEW_BLOCK => ResultAt::NewBlock,
+            a => ResultAt::Unknown(a),
+        }
+    }
+
+    /// DONE: says where its output lies.
+    pub(crate) fn set_result_at(&mut self, at: ResultAt) {
+        self.a = match at {
+            ResultAt::Inline => 0,
+            ResultAt::InputBlock => OUT_SAME_BLOCK,
+            ResultAt::NewBlock => OUT_NEW_BLOCK,
+            ResultAt::Unknown(a) => a,
+        };
+    }
+
+    /// DONE: the task's run time in the worker, in ns.
+    pub(crate) fn run_time_ns(&self) -> u64 {
+        debug_assert_eq!(self.kind, DONE);
+        self.b
+    }
+
+    /// DONE: sets the task's run time.
+    pub(crate) fn set_run_time_ns(&mut self, ns: u64) {
+        self.b = ns;
+    }
+
+    /// RETIRING, after task `seq`: the worker's memory grew by `grown`
+    /// bytes, past its limit.
+    pub(crate) fn retiring(seq: u64, grown: u64) -> Self {
+        Header::with(RETIRING, seq, grown, 0)
+    }
+
+    /// RETIRING: how much the worker's memory grew, in bytes.
+    pub(crate) fn growth(&self) -> u64 {
+        debug_assert_eq!(self.kind, RETIRING);
+        self.a
+    }
+
+    /// LOG: a record of task `seq`, at `level` (`proto::logs`).
+    pub(crate) fn log(seq: u64, level: u64) -> Self {
+        Header::with(LOG, seq, level, 0)
+    }
+
+    /// LOG: the record's level, as the worker sent it.
+    pub(crate) fn log_level(&self) -> u64 {
+        debug_assert_eq!(self.kind, LOG);
+        self.a
     }
 
     /// The header as it goes on the wire.
@@ -180,7 +330,8 @@ impl Header {
 /// A frame being written at the end of a buffer: [`Header::open`] appended
 /// its header, the caller appends its body, and [`Open::close`] writes the
 /// header again with the body's length. Fields of the header may change in
-/// between (`header.a`, `header.b`); the bytes are written once, at close.
+/// between (a DONE's [`Header::set_result_at`], say); the bytes are written
+/// once, at close.
 #[derive(Debug)]
 pub(crate) struct Open {
     /// The header that [`Open::close`] writes (its `len` is set there).
@@ -337,7 +488,7 @@ mod tests {
     #[test]
     fn round_trip() {
         let mut out = vec![9u8];
-        let frame = Header::new(TASK, 7, 11, 13).open(&mut out);
+        let frame = Header::task(7, 11, 13).open(&mut out);
         out.extend_from_slice(b"body");
         frame.close(&mut out, 2);
         let f = Frame::parse(&out, 1).unwrap();
@@ -351,7 +502,7 @@ mod tests {
 
     /// A whole frame of `kind` for task `seq` with `body`.
     fn frame(out: &mut Vec<u8>, kind: u8, seq: u64, body: &[u8]) {
-        let f = Header::new(kind, seq, 0, 0).open(out);
+        let f = Header::new(kind, seq).open(out);
         out.extend_from_slice(body);
         f.close(out, 0);
     }
@@ -423,7 +574,7 @@ mod tests {
     #[test]
     fn an_oversized_length_is_never_whole() {
         for len in [u64::MAX, u64::MAX - 10, 1 << 62] {
-            let mut h = Header::new(TASK, 1, 0, 0);
+            let mut h = Header::new(TASK, 1);
             h.len = len;
             let mut buf = Vec::new();
             buf.extend_from_slice(&h.to_bytes());
@@ -454,7 +605,7 @@ mod tests {
     /// `status`.
     fn with_shared(n: usize, status: u8) -> Vec<u8> {
         let mut buf = Vec::new();
-        let mut f = Header::new(DONE, 4, 0, 0).open(&mut buf);
+        let mut f = Header::new(DONE, 4).open(&mut buf);
         buf.extend_from_slice(b"abc");
         f.prefix_shared(&mut buf, n);
         f.close(&mut buf, status);
@@ -490,7 +641,7 @@ mod tests {
     #[test]
     fn a_shared_fds_flag_without_its_count_is_malformed() {
         let mut buf = Vec::new();
-        let mut h = Header::new(DONE, 4, 0, 0);
+        let mut h = Header::new(DONE, 4);
         h.status = SHARED_FDS;
         let f = h.open(&mut buf);
         buf.extend_from_slice(&[1, 0]);
@@ -514,7 +665,7 @@ mod tests {
     #[test]
     fn close_writes_the_fields_set_after_open() {
         let mut buf = vec![0xee; 5];
-        let mut f = Header::new(DONE, 9, 0, 0).open(&mut buf);
+        let mut f = Header::new(DONE, 9).open(&mut buf);
         assert_eq!(f.at(), 5);
         buf.extend_from_slice(b"scratch");
         assert_eq!(f.body(&buf), b"scratch");
@@ -535,8 +686,8 @@ mod tests {
     #[test]
     fn empty_and_message_frames_are_whole() {
         let mut buf = Vec::new();
-        Header::new(READY, 0, 77, 0).push(&mut buf);
-        Header::new(DONE, 5, 0, 0).push_message(&mut buf, 3, "too large");
+        Header::ready(77).push(&mut buf);
+        Header::new(DONE, 5).push_message(&mut buf, 3, "too large");
         let mut r = Reader::default();
         let ready = r.next(&buf).unwrap();
         assert_eq!(

@@ -3,6 +3,7 @@
 //! item is re-exported here, so callers name it `sys::name`. Nothing here
 //! knows the pool's protocol: what the bytes and words mean is `proto`'s.
 
+pub(crate) mod confine;
 mod eventfd;
 mod fd;
 mod image;
@@ -12,7 +13,6 @@ mod net;
 mod pipe;
 mod poll;
 mod process;
-pub(crate) mod sandbox;
 mod signal;
 mod socket;
 mod stack;

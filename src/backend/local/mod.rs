@@ -23,7 +23,7 @@ use crate::engine::seam::{Backend, End, Event, Progress};
 use crate::error::Error;
 use crate::proto::status::{STATUS_WORDS, SharedWords};
 use crate::sys;
-use server::{Msg, Spec};
+use server::{Msg, Setup};
 use start::StartMethod;
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
@@ -55,13 +55,13 @@ pub(crate) struct Local {
     ended_words: HashMap<usize, Arc<str>>,
 }
 
-/// Starts a fork server by `method`, with `spec` (the initializer, the
+/// Starts a fork server by `method`, with `setup` (the initializer, the
 /// shared words, the sandbox, where output goes).
-pub(crate) fn start(method: StartMethod, spec: Spec) -> Result<Local, Error> {
-    let (streams, words) = (spec.output, spec.words.clone());
+pub(crate) fn start_server(method: StartMethod, setup: Setup) -> Result<Local, Error> {
+    let (streams, words) = (setup.output, setup.words.clone());
     let (fd, pid) = match method {
-        StartMethod::ForkServer => start::exec_server(&spec)?,
-        StartMethod::Fork => fork_server(spec)?,
+        StartMethod::ForkServer => start::exec_server(&setup)?,
+        StartMethod::Fork => fork_server(setup)?,
     };
     let mut local = Local {
         fd: Some(fd),
@@ -100,47 +100,27 @@ pub(crate) fn start(method: StartMethod, spec: Spec) -> Result<Local, Error> {
 }
 
 impl Local {
-    fn send(&mut self, kind: u32, slot: usize, a: u64, b: u64) {
-        let slot = slot as u32;
-        self.out.push_back(Msg { kind, slot, a, b }.to_bytes());
+    fn send(&mut self, m: Msg) {
+        self.out.push_back(m.to_bytes());
         self.flush();
     }
 
     /// One message from the server, as an event.
     fn event(&mut self, m: Msg, mut fds: Vec<OwnedFd>) -> Option<Event> {
-        let slot = m.slot as usize;
-        let pid = m.a as u32;
-        Some(match m.kind {
-            server::SPAWNED => match self.take_spawned(slot, pid, &mut fds) {
-                Some(conn) => {
-                    self.slots.insert(pid, slot);
-                    Event::Started {
-                        slot,
-                        pid,
-                        rank: None,
-                        conn,
-                    }
-                }
-                // Its socket or a pipe did not arrive: this process is out
-                // of fds (the kernel closed them instead), and that worker
-                // reads end-of-file (what came is dropped) and exits.
-                None => Event::StartFailed {
-                    slot,
-                    cause: format!(
-                        "this process has no file descriptor free for a new worker's socket{}",
-                        fd_limit_hint()
-                    ),
-                },
+        Some(match m {
+            Msg::Spawned { slot, pid } => {
+                let slot = slot as usize;
+                self.spawned(slot, pid, &mut fds)
+            }
+            Msg::SpawnFailed { slot, errno } => Event::StartFailed {
+                slot: slot as usize,
+                cause: spawn_failure(errno),
             },
-            server::SPAWN_FAILED => Event::StartFailed {
-                slot,
-                cause: spawn_failure(m.a as i32),
-            },
-            server::KILL_REFUSED => Event::KillRefused {
+            Msg::KillRefused { pid, task, .. } => Event::KillRefused {
                 slot: *self.slots.get(&pid)?,
-                task: m.b,
+                task,
             },
-            server::EXITED => {
+            Msg::Exited { pid, status } => {
                 let slot = self.slots.remove(&pid)?;
                 // The server reaped it: all it wrote is in its pipes.
                 if let Some(words) = self.output.as_ref().and_then(|o| o.ended(slot, pid)) {
@@ -148,11 +128,37 @@ impl Local {
                 }
                 Event::Ended {
                     slot,
-                    end: End::Exited(ExitStatus::from_raw(m.b as u32 as i32)),
+                    end: End::Exited(ExitStatus::from_raw(status)),
                 }
             }
             _ => return None,
         })
+    }
+
+    /// A worker the server forked, as an event: started, or (its fds did
+    /// not all arrive) a failed start.
+    fn spawned(&mut self, slot: usize, pid: u32, fds: &mut Vec<OwnedFd>) -> Event {
+        match self.take_spawned(slot, pid, fds) {
+            Some(conn) => {
+                self.slots.insert(pid, slot);
+                Event::Started {
+                    slot,
+                    pid,
+                    rank: None,
+                    conn,
+                }
+            }
+            // Its socket or a pipe did not arrive: this process is out
+            // of fds (the kernel closed them instead), and that worker
+            // reads end-of-file (what came is dropped) and exits.
+            None => Event::StartFailed {
+                slot,
+                cause: format!(
+                    "this process has no file descriptor free for a new worker's socket{}",
+                    fd_limit_hint()
+                ),
+            },
+        }
     }
 
     /// The fds of a `SPAWNED` for the worker `pid` in `slot`: its socket
@@ -203,11 +209,12 @@ impl Backend for Local {
     }
 
     fn start(&mut self, slot: usize) {
-        self.send(server::SPAWN, slot, 0, 0);
+        self.send(Msg::Spawn { slot: slot as u32 });
     }
 
     fn kill(&mut self, slot: usize, pid: u32, task: u64) {
-        self.send(server::KILL, slot, pid as u64, task);
+        let slot = slot as u32;
+        self.send(Msg::Kill { slot, pid, task });
     }
 
     fn poll_fd(&self) -> Option<(RawFd, bool)> {
@@ -383,7 +390,7 @@ pub(crate) fn words(slots: usize, sandboxed: bool) -> Result<Arc<SharedWords>, E
 }
 
 /// Starts the fork server as a fork of the caller ([`StartMethod::Fork`]).
-fn fork_server(spec: Spec) -> Result<(OwnedFd, libc::pid_t), Error> {
+fn fork_server(setup: Setup) -> Result<(OwnedFd, libc::pid_t), Error> {
     let (parent_end, server_end) =
         sys::seqpacket_pair().map_err(|e| Error::io("creating the fork server socket", e))?;
     // Hold the stdio locks across the fork: no other thread is then in
@@ -409,7 +416,7 @@ fn fork_server(spec: Spec) -> Result<(OwnedFd, libc::pid_t), Error> {
     let server_pid = match forked? {
         sys::Forked::Child => {
             drop(parent_end);
-            server::run(server_end, &spec)
+            server::run(server_end, &setup)
         }
         sys::Forked::Parent(pid) => pid,
     };

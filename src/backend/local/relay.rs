@@ -16,7 +16,7 @@
 //! what a pipe holds without waiting and leave the rest to the pump.
 
 use super::output::{Output, Streams};
-use super::server::{KILL, Msg};
+use super::server::Msg;
 use crate::proto::status::SharedWords;
 use crate::sys;
 use std::fmt::Write as _;
@@ -250,7 +250,8 @@ impl Relays {
             return;
         };
         while let Some(&(slot, pid)) = self.kills.first() {
-            let m = Msg::new(KILL, slot as u32, pid as u64, 0).to_bytes();
+            let slot = slot as u32;
+            let m = Msg::Kill { slot, pid, task: 0 }.to_bytes();
             match sys::send_with_fds(server.as_raw_fd(), &m, &[]) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 // Sent, or the server is gone (and its workers with it).

@@ -30,48 +30,90 @@ use crate::sys;
 use crate::worker;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
-pub(crate) const SPAWN: u32 = 1;
-pub(crate) const KILL: u32 = 2;
-pub(crate) const SPAWNED: u32 = 3;
-pub(crate) const SPAWN_FAILED: u32 = 4;
-pub(crate) const EXITED: u32 = 5;
-pub(crate) const KILL_REFUSED: u32 = 6;
-/// The first message of a server started by exec: `HELLO 0 pid`.
-pub(crate) const HELLO: u32 = 7;
+const SPAWN: u32 = 1;
+const KILL: u32 = 2;
+const SPAWNED: u32 = 3;
+const SPAWN_FAILED: u32 = 4;
+const EXITED: u32 = 5;
+const KILL_REFUSED: u32 = 6;
+const HELLO: u32 = 7;
 
-/// One message between the parent and the server.
+/// One message between the parent and the server. On the wire, 24 bytes:
+/// `kind: u32 | slot: u32 | a: u64 | b: u64` (little-endian), where what
+/// `slot`, `a` and `b` carry depends on the kind; only `to_bytes` and
+/// `from_bytes` know where.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Msg {
-    pub(crate) kind: u32,
-    pub(crate) slot: u32,
-    pub(crate) a: u64,
-    pub(crate) b: u64,
+pub(crate) enum Msg {
+    /// Parent to server: fork a worker for `slot`.
+    Spawn { slot: u32 },
+    /// Parent to server: kill worker `pid` of `slot`: whatever it runs
+    /// (`task` 0), or only while it runs `task`.
+    Kill { slot: u32, pid: u32, task: u64 },
+    /// Server to parent: worker `pid` runs in `slot` (its socket and pipes
+    /// come with the message).
+    Spawned { slot: u32, pid: u32 },
+    /// Server to parent: no worker for `slot`, and why (an errno; 0 if
+    /// none). Slot `u32::MAX`: the server could not set itself up, and
+    /// exits.
+    SpawnFailed { slot: u32, errno: i32 },
+    /// Server to parent: worker `pid` exited (it is reaped), with this wait
+    /// status.
+    Exited { pid: u32, status: i32 },
+    /// Server to parent: the kill of worker `pid` for `task` was refused
+    /// (it runs that task no longer).
+    KillRefused { slot: u32, pid: u32, task: u64 },
+    /// Server to parent, its first message, from a server started by exec:
+    /// its pid, and whether its sandbox could be had (`start.rs`).
+    Hello { pid: u32, sandbox: u64 },
+    /// A kind this side does not know: ignored.
+    Other { kind: u32 },
 }
 
 impl Msg {
-    /// A message of `kind` about `slot`, with its two numbers.
-    pub(crate) fn new(kind: u32, slot: u32, a: u64, b: u64) -> Msg {
-        Msg { kind, slot, a, b }
-    }
-
     pub(crate) fn to_bytes(self) -> [u8; 24] {
-        let mut b = [0u8; 24];
-        b[0..4].copy_from_slice(&self.kind.to_le_bytes());
-        b[4..8].copy_from_slice(&self.slot.to_le_bytes());
-        b[8..16].copy_from_slice(&self.a.to_le_bytes());
-        b[16..24].copy_from_slice(&self.b.to_le_bytes());
-        b
+        let (kind, slot, a, b) = match self {
+            Msg::Spawn { slot } => (SPAWN, slot, 0, 0),
+            Msg::Kill { slot, pid, task } => (KILL, slot, pid as u64, task),
+            Msg::Spawned { slot, pid } => (SPAWNED, slot, pid as u64, 0),
+            Msg::SpawnFailed { slot, errno } => (SPAWN_FAILED, slot, errno as u64, 0),
+            Msg::Exited { pid, status } => (EXITED, 0, pid as u64, status as u32 as u64),
+            Msg::KillRefused { slot, pid, task } => (KILL_REFUSED, slot, pid as u64, task),
+            Msg::Hello { pid, sandbox } => (HELLO, 0, pid as u64, sandbox),
+            Msg::Other { kind } => (kind, 0, 0, 0),
+        };
+        let mut bytes = [0u8; 24];
+        bytes[0..4].copy_from_slice(&kind.to_le_bytes());
+        bytes[4..8].copy_from_slice(&slot.to_le_bytes());
+        bytes[8..16].copy_from_slice(&a.to_le_bytes());
+        bytes[16..24].copy_from_slice(&b.to_le_bytes());
+        bytes
     }
 
-    pub(crate) fn from_bytes(b: &[u8]) -> Option<Msg> {
-        if b.len() != 24 {
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Option<Msg> {
+        if bytes.len() != 24 {
             return None;
         }
-        Some(Msg {
-            kind: u32::from_le_bytes(b[0..4].try_into().unwrap()),
-            slot: u32::from_le_bytes(b[4..8].try_into().unwrap()),
-            a: u64::from_le_bytes(b[8..16].try_into().unwrap()),
-            b: u64::from_le_bytes(b[16..24].try_into().unwrap()),
+        let kind = u32::from_le_bytes(bytes[0..4].try_into().unwrap());
+        let slot = u32::from_le_bytes(bytes[4..8].try_into().unwrap());
+        let a = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
+        let b = u64::from_le_bytes(bytes[16..24].try_into().unwrap());
+        // A pid and a wait status travel as their 32 bits.
+        let pid = a as u32;
+        Some(match kind {
+            SPAWN => Msg::Spawn { slot },
+            KILL => Msg::Kill { slot, pid, task: b },
+            SPAWNED => Msg::Spawned { slot, pid },
+            SPAWN_FAILED => Msg::SpawnFailed {
+                slot,
+                errno: a as i32,
+            },
+            EXITED => Msg::Exited {
+                pid,
+                status: b as u32 as i32,
+            },
+            KILL_REFUSED => Msg::KillRefused { slot, pid, task: b },
+            HELLO => Msg::Hello { pid, sandbox: b },
+            kind => Msg::Other { kind },
         })
     }
 }
@@ -80,7 +122,7 @@ pub(crate) use crate::proto::task::Init;
 
 /// What the server needs to start workers; it is in the server's memory from
 /// the fork on.
-pub(crate) struct Spec {
+pub(crate) struct Setup {
     pub(crate) init: Option<Init>,
     pub(crate) words: std::sync::Arc<crate::proto::status::SharedWords>,
     pub(crate) sock_buf: usize,
@@ -102,17 +144,17 @@ pub(crate) struct Spec {
 /// First it leaves the terminal's foreground job and sets its signals and
 /// stdin, for itself and every worker it will fork, whatever started it
 /// (`README.md` beside this file, "The terminal, signals and stdio").
-pub(crate) fn run(sock: OwnedFd, spec: &Spec) -> ! {
+pub(crate) fn run(sock: OwnedFd, setup: &Setup) -> ! {
     let fd = sock.as_raw_fd();
     // The sandbox's own fds (made while the server prepared it) stay.
     let mut keep = vec![fd];
-    keep.extend(spec.prepared.as_ref().and_then(|p| p.own_fd()));
+    keep.extend(setup.prepared.as_ref().and_then(|p| p.own_fd()));
     let sigfd = set_up(&keep);
     let mut server = Server {
         fd,
         sigfd: sigfd.as_raw_fd(),
         me: std::process::id() as libc::pid_t,
-        spec,
+        setup,
         live: Vec::with_capacity(64),
     };
     loop {
@@ -166,7 +208,7 @@ fn set_up(keep: &[RawFd]) -> OwnedFd {
     sys::block_all_signals();
     sys::own_process_group();
     sys::default_dispositions();
-    worker::mark_worker_process();
+    worker::mark_pool_child();
     take_name(":srv");
     sys::neuter_fds_except(keep);
     if fd != 0 {
@@ -178,7 +220,10 @@ fn set_up(keep: &[RawFd]) -> OwnedFd {
         Ok(s) => s,
         Err(e) => {
             // Out of fds, say: tell the parent why no worker will start.
-            let m = Msg::new(SPAWN_FAILED, u32::MAX, errno(&e), 0);
+            let m = Msg::SpawnFailed {
+                slot: u32::MAX,
+                errno: errno(&e),
+            };
             let _ = sys::send_with_fds(fd, &m.to_bytes(), &[]);
             sys::exit_now(2)
         }
@@ -192,8 +237,8 @@ fn set_up(keep: &[RawFd]) -> OwnedFd {
 }
 
 /// An error's errno, as a message carries it.
-fn errno(e: &std::io::Error) -> u64 {
-    e.raw_os_error().unwrap_or(0) as u64
+fn errno(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
 }
 
 /// The server's state: its socket to the parent, and its live workers.
@@ -204,7 +249,7 @@ struct Server<'a> {
     sigfd: RawFd,
     /// This process's pid (each worker checks that it is still its parent).
     me: libc::pid_t,
-    spec: &'a Spec,
+    setup: &'a Setup,
     /// The workers forked and not reaped yet: the only pids it may signal.
     live: Vec<libc::pid_t>,
 }
@@ -234,7 +279,8 @@ impl Server<'_> {
         sys::drain(self.sigfd);
         while let Some((pid, status)) = sys::try_reap_any() {
             self.live.retain(|&p| p != pid);
-            self.send(Msg::new(EXITED, 0, pid as u64, status as u32 as u64), &[]);
+            let pid = pid as u32;
+            self.send(Msg::Exited { pid, status }, &[]);
         }
     }
 
@@ -249,9 +295,9 @@ impl Server<'_> {
         let Some(m) = Msg::from_bytes(&buf[..n]) else {
             return;
         };
-        match m.kind {
-            SPAWN => self.spawn(m.slot),
-            KILL => self.kill(m),
+        match m {
+            Msg::Spawn { slot } => self.spawn(slot),
+            Msg::Kill { slot, pid, task } => self.kill(slot, pid, task),
             _ => {}
         }
     }
@@ -260,33 +306,42 @@ impl Server<'_> {
     /// read ends of its output pipes (or why it could not). The server
     /// keeps no end of any worker's pipes.
     fn spawn(&mut self, slot: u32) {
-        let pipes = match WorkerPipes::new(self.spec.output.piped()) {
+        let pipes = match WorkerPipes::new(self.setup.output.piped()) {
             Ok(p) => p,
-            Err(e) => return self.send(Msg::new(SPAWN_FAILED, slot, errno(&e), 0), &[]),
+            Err(e) => return self.spawn_failed(slot, &e),
         };
-        match spawn(slot, self.fd, self.sigfd, self.me, self.spec, &pipes) {
+        match spawn(slot, self.fd, self.sigfd, self.me, self.setup, &pipes) {
             Ok((pid, parent_end)) => {
                 self.live.push(pid);
                 let mut fds = vec![parent_end.as_raw_fd()];
                 fds.extend(pipes.read_fds());
-                let reply = Msg::new(SPAWNED, slot, pid as u64, 0);
+                let reply = Msg::Spawned {
+                    slot,
+                    pid: pid as u32,
+                };
                 self.send(reply, &fds);
             }
-            Err(e) => self.send(Msg::new(SPAWN_FAILED, slot, errno(&e), 0), &[]),
+            Err(e) => self.spawn_failed(slot, &e),
         }
     }
 
-    /// Kills worker `m.a` of slot `m.slot`: whatever it runs (`m.b` 0), or
-    /// only while it runs task `m.b`; else says the kill was refused.
-    fn kill(&self, m: Msg) {
-        let pid = m.a as libc::pid_t;
-        if !self.live.contains(&pid) {
+    /// Tells the parent that no worker could be forked for `slot`.
+    fn spawn_failed(&self, slot: u32, e: &std::io::Error) {
+        let errno = errno(e);
+        self.send(Msg::SpawnFailed { slot, errno }, &[]);
+    }
+
+    /// Kills worker `pid` of `slot`: whatever it runs (`task` 0), or only
+    /// while it runs `task`; else says the kill was refused.
+    fn kill(&self, slot: u32, pid: u32, task: u64) {
+        let target = pid as libc::pid_t;
+        if !self.live.contains(&target) {
             return;
         }
-        if m.b == 0 || still_running(pid, self.spec.words.status(m.slot as usize), m.b) {
-            sys::kill(pid, libc::SIGKILL);
+        if task == 0 || still_running(target, self.setup.words.status(slot as usize), task) {
+            sys::kill(target, libc::SIGKILL);
         } else {
-            self.send(Msg::new(KILL_REFUSED, m.slot, m.a, m.b), &[]);
+            self.send(Msg::KillRefused { slot, pid, task }, &[]);
         }
     }
 }
@@ -297,13 +352,13 @@ fn spawn(
     server_fd: i32,
     sigfd: i32,
     me: libc::pid_t,
-    spec: &Spec,
+    setup: &Setup,
     stdio: &WorkerPipes,
 ) -> std::io::Result<(libc::pid_t, OwnedFd)> {
     let (parent_end, worker_end) = sys::stream_pair()?;
-    sys::set_socket_buffers(&parent_end, spec.sock_buf);
-    sys::set_socket_buffers(&worker_end, spec.sock_buf);
-    spec.words.status(slot as usize).reset();
+    sys::set_socket_buffers(&parent_end, setup.sock_buf);
+    sys::set_socket_buffers(&worker_end, setup.sock_buf);
+    setup.words.status(slot as usize).reset();
     // The worker has its name from its first instant (its pid reaches the
     // parent before it could set one itself); the server takes its own
     // back at once.
@@ -324,7 +379,7 @@ fn spawn(
             if stdio.install().is_err() {
                 sys::exit_now(1);
             }
-            if spec.output.piped()[0] {
+            if setup.output.piped()[0] {
                 // Its stdout is a pipe, which C's stdio buffers whole:
                 // what a task's C code printed goes out after each task.
                 worker::flush_c_stdio_after_each_task();
@@ -336,14 +391,14 @@ fn spawn(
             // This process never returns from here: its words live as
             // long as it does.
             let words: &'static crate::proto::status::SharedWords =
-                Box::leak(Box::new(spec.words.clone()));
-            let status = if spec.prepared.is_some() {
+                Box::leak(Box::new(setup.words.clone()));
+            let status = if setup.prepared.is_some() {
                 // Only this worker's own page stays mapped.
                 crate::sandbox::isolate_words(words, slot as usize)
             } else {
                 words.status(slot as usize)
             };
-            if spec.prepared.is_some() {
+            if setup.prepared.is_some() {
                 // Each task (each item of a chunk) records where its CPU
                 // time starts, for the per-task CPU cap.
                 crate::deadline::record_item_cpu_in(status.item_cpu);
@@ -351,8 +406,8 @@ fn spawn(
             worker::run(
                 worker_end,
                 status,
-                spec.init.as_ref(),
-                spec.prepared.as_ref(),
+                setup.init.as_ref(),
+                setup.prepared.as_ref(),
             )
         }
         sys::Forked::Parent(pid) => Ok((pid, parent_end)),
@@ -407,7 +462,11 @@ mod tests {
 
     #[test]
     fn a_message_travels_as_24_bytes() {
-        let m = Msg::new(KILL, 7, u64::MAX - 1, 42);
+        let m = Msg::Kill {
+            slot: 7,
+            pid: u32::MAX - 1,
+            task: 42,
+        };
         let b = m.to_bytes();
         assert_eq!(&b[..4], &KILL.to_le_bytes());
         assert_eq!(&b[4..8], &7u32.to_le_bytes());
@@ -420,7 +479,7 @@ mod tests {
     #[test]
     fn an_error_without_an_errno_is_sent_as_0() {
         let e = std::io::Error::from_raw_os_error(libc::EMFILE);
-        assert_eq!(errno(&e), libc::EMFILE as u64);
+        assert_eq!(errno(&e), libc::EMFILE);
         assert_eq!(errno(&std::io::Error::other("no errno")), 0);
     }
 }

@@ -23,7 +23,7 @@
 //!
 //! The parent hands the server three fds by number in that variable: its
 //! socket, the memfd of the shared status words, and a memfd holding the
-//! [`Spec`] (initializer, socket sizes). They are close-on-exec in the
+//! [`Setup`] (initializer, socket sizes). They are close-on-exec in the
 //! parent and stay so; only the child clears the flag, between fork and
 //! exec. The server closes every other fd, removes the variable from its
 //! environment (a task that re-runs the program gets a normal program),
@@ -53,7 +53,7 @@
 //! and outlive pools; the simple choice is cheap enough.
 
 use crate::backend::local::output;
-use crate::backend::local::server::{self, Init, Msg, Spec};
+use crate::backend::local::server::{self, Init, Msg, Setup};
 use crate::error::Error;
 use crate::proto::status::{PAGE_WORDS, STATUS_WORDS, SharedWords};
 use crate::proto::task::TaskFn;
@@ -213,34 +213,34 @@ fn cannot_exec(reason: String) -> Error {
 
 /// Starts a fork server by exec; returns the parent's end of its socket
 /// and its pid, once it has said HELLO.
-pub(crate) fn exec_server(spec: &Spec) -> Result<(OwnedFd, libc::pid_t), Error> {
+pub(crate) fn exec_server(setup: &Setup) -> Result<(OwnedFd, libc::pid_t), Error> {
     can_exec()?;
     let (parent_end, server_end) =
         sys::seqpacket_pair().map_err(|e| Error::io("creating the fork server socket", e))?;
     let config =
-        write_config(spec).map_err(|e| Error::io("writing the fork server's settings", e))?;
+        write_config(setup).map_err(|e| Error::io("writing the fork server's settings", e))?;
     // In a program started with stdin, stdout or stderr closed, these may
     // have numbers 0-2, which the server would take for its stdio: hand it
     // copies numbered above them.
     let moved = [
         above_stdio(&server_end)?,
-        above_stdio(spec.words.fd())?,
+        above_stdio(setup.words.fd())?,
         above_stdio(&config)?,
     ];
     let raw = |i: usize, fd: RawFd| moved[i].as_ref().map_or(fd, |m| m.as_raw_fd());
     let keep = [
         raw(0, server_end.as_raw_fd()),
-        raw(1, spec.words.raw_fd()),
+        raw(1, setup.words.raw_fd()),
         raw(2, config.as_raw_fd()),
     ];
-    let mut cmd = server_command(spec, keep);
-    if spec.sandbox.is_some() {
+    let mut cmd = server_command(setup, keep);
+    if setup.sandbox.is_some() {
         // A sandboxed worker gets none of the host's stdio fds (its
         // stdout and stderr are pipes of its own: the builder refuses
         // `Output::Inherit` for it).
         cmd.stdin(std::process::Stdio::null());
     }
-    let [stdout, stderr] = spec.output.server_stdio();
+    let [stdout, stderr] = setup.output.server_stdio();
     cmd.stdout(stdout).stderr(stderr);
     let child = sys::spawn_keeping(&mut cmd, keep)
         .map_err(|e| cannot_exec(format!("could not exec /proc/self/exe: {e}")))?;
@@ -261,7 +261,7 @@ pub(crate) fn exec_server(spec: &Spec) -> Result<(OwnedFd, libc::pid_t), Error> 
 /// for an unsandboxed pool (less the MPI launcher's variables if asked),
 /// only what the sandbox names for a sandboxed one; and the crate's
 /// marker, which names the fds in `keep`.
-fn server_command(spec: &Spec, keep: [RawFd; 3]) -> std::process::Command {
+fn server_command(setup: &Setup, keep: [RawFd; 3]) -> std::process::Command {
     let mut cmd = std::process::Command::new("/proc/self/exe");
     {
         use std::os::unix::process::CommandExt;
@@ -269,13 +269,13 @@ fn server_command(spec: &Spec, keep: [RawFd; 3]) -> std::process::Command {
             cmd.arg0(arg0);
         }
     }
-    if let Some(sb) = &spec.sandbox {
+    if let Some(sb) = &setup.sandbox {
         // No byte of the host's environment in the server's memory (an
         // exec's strings stay on its stack, so clearing `environ` after
         // would not do): only what the sandbox names.
         cmd.env_clear();
         cmd.envs(sb.env());
-    } else if spec.without_mpi_env {
+    } else if setup.without_mpi_env {
         for (key, _) in std::env::vars_os() {
             let k = key.to_string_lossy();
             if ["OMPI_", "PMIX_", "PMI_"].iter().any(|p| k.starts_with(p)) {
@@ -283,8 +283,8 @@ fn server_command(spec: &Spec, keep: [RawFd; 3]) -> std::process::Command {
             }
         }
     }
-    if spec.sandbox.is_none()
-        && let Some(us) = spin_for_server(spec)
+    if setup.sandbox.is_none()
+        && let Some(us) = spin_for_server(setup)
     {
         cmd.env(crate::proto::idle::SPIN_ENV, us.to_string());
     }
@@ -301,12 +301,12 @@ fn server_command(spec: &Spec, keep: [RawFd; 3]) -> std::process::Command {
 /// (`idle::remote_spin_budget`); a sandboxed server has no
 /// `PROCPOOL_SPIN_US` in its environment, so it gets the parent's (in its
 /// config).
-fn spin_for_server(spec: &Spec) -> Option<u64> {
-    if spec.without_mpi_env {
+fn spin_for_server(setup: &Setup) -> Option<u64> {
+    if setup.without_mpi_env {
         let spin = crate::proto::idle::remote_spin_budget().as_micros();
         return Some(spin.min(u64::MAX as u128) as u64);
     }
-    if spec.sandbox.is_some() {
+    if setup.sandbox.is_some() {
         return crate::proto::idle::spin_from_env();
     }
     None
@@ -359,7 +359,7 @@ fn hello(sock: &OwnedFd, pid: libc::pid_t) -> Result<(), Error> {
     };
     let msg = next_datagram(sock, pid)?;
     match Msg::from_bytes(&msg) {
-        Some(m) if m.kind == server::HELLO && m.a == pid as u64 => match m.b {
+        Some(Msg::Hello { pid: p, sandbox }) if p as libc::pid_t == pid => match sandbox {
             HELLO_OK => Ok(()),
             b @ (HELLO_WEAKER | HELLO_FAILED) => {
                 // The sandbox's report follows.
@@ -418,12 +418,12 @@ const CONFIG_MAGIC: &[u8; 8] = b"PROCPL04";
 /// spin in microseconds (a flag and the number) if the server must not
 /// take it from its environment (a sandboxed server, whose environment
 /// holds only what the sandbox names: [`spin_for_server`]).
-fn write_config(spec: &Spec) -> std::io::Result<OwnedFd> {
+fn write_config(setup: &Setup) -> std::io::Result<OwnedFd> {
     let mut bytes = Vec::with_capacity(64);
     bytes.extend_from_slice(CONFIG_MAGIC);
-    bytes.extend_from_slice(&(spec.sock_buf as u64).to_le_bytes());
-    bytes.push(spec.output.bits());
-    match &spec.init {
+    bytes.extend_from_slice(&(setup.sock_buf as u64).to_le_bytes());
+    bytes.push(setup.output.bits());
+    match &setup.init {
         None => bytes.push(0),
         Some(init) => {
             bytes.push(1);
@@ -433,7 +433,7 @@ fn write_config(spec: &Spec) -> std::io::Result<OwnedFd> {
             bytes.extend_from_slice(&init.arg);
         }
     }
-    match &spec.sandbox {
+    match &setup.sandbox {
         None => bytes.push(0),
         Some(sb) => {
             let mut enc = Vec::new();
@@ -443,7 +443,7 @@ fn write_config(spec: &Spec) -> std::io::Result<OwnedFd> {
             bytes.extend_from_slice(&enc);
         }
     }
-    match spec.sandbox.as_ref().and(spin_for_server(spec)) {
+    match setup.sandbox.as_ref().and(spin_for_server(setup)) {
         None => bytes.push(0),
         Some(us) => {
             bytes.push(1);
@@ -517,7 +517,7 @@ fn read_config(fd: OwnedFd) -> Option<Config> {
 pub(crate) fn serve_exec(value: &str) -> ! {
     sys::remove_env_single_threaded(sys::SERVER_ENV);
     sys::ignore_sigpipe();
-    crate::worker::mark_worker_process();
+    crate::worker::mark_pool_child();
     crate::worker::install_panic_hook();
     sys::install_stack_overflow_handler();
     let fds: Vec<i32> = value.split(',').filter_map(|s| s.parse().ok()).collect();
@@ -555,11 +555,9 @@ pub(crate) fn serve_exec(value: &str) -> ! {
         Some(crate::sandbox::Readiness::Weaker(p, what)) => (Some(p), HELLO_WEAKER, Some(what)),
         Some(crate::sandbox::Readiness::Failed(why)) => (None, HELLO_FAILED, Some(why)),
     };
-    let hi = Msg {
-        kind: server::HELLO,
-        slot: 0,
-        a: std::process::id() as u64,
-        b: hello,
+    let hi = Msg::Hello {
+        pid: std::process::id(),
+        sandbox: hello,
     };
     if sys::send_with_fds(sock.as_raw_fd(), &hi.to_bytes(), &[]).is_err() {
         sys::exit_now(124)
@@ -570,7 +568,7 @@ pub(crate) fn serve_exec(value: &str) -> ! {
     if hello == HELLO_FAILED {
         sys::exit_now(125)
     }
-    let spec = Spec {
+    let setup = Setup {
         init,
         words: Arc::new(words),
         sock_buf,
@@ -579,15 +577,15 @@ pub(crate) fn serve_exec(value: &str) -> ! {
         without_mpi_env: false,
         output,
     };
-    server::run(sock, &spec)
+    server::run(sock, &setup)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn spec(init: Option<Init>) -> Spec {
-        Spec {
+    fn spec(init: Option<Init>) -> Setup {
+        Setup {
             init,
             words: Arc::new(SharedWords::new(8).unwrap()),
             sock_buf: 12345,

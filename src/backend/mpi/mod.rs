@@ -68,7 +68,7 @@ mod root;
 mod tcp;
 mod transport;
 
-use crate::backend::local::server::{Init, Spec};
+use crate::backend::local::server::{Init, Setup};
 use crate::backend::local::start::StartMethod;
 use crate::backend::local::{self, Local};
 use crate::engine::core::Launch;
@@ -483,7 +483,7 @@ fn host(per_rank: Option<usize>, init: Option<Init>) -> Option<Host> {
     let cap =
         per_rank.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let started = local::words(2 * cap, false).and_then(|words| {
-        let spec = Spec {
+        let setup = Setup {
             init,
             words: words.clone(),
             sock_buf: 1 << 20,
@@ -494,7 +494,7 @@ fn host(per_rank: Option<usize>, init: Option<Init>) -> Option<Host> {
             // the launcher forwards (the builder accepts no other output).
             output: local::output::Streams::INHERIT,
         };
-        let server = local::start(StartMethod::ForkServer, spec)?;
+        let server = local::start_server(StartMethod::ForkServer, setup)?;
         Ok(Host { server, words, cap })
     });
     match started {

@@ -19,8 +19,8 @@ use crate::backend::local::Local;
 use crate::engine::seam::{Backend, End, Event};
 use crate::proto::conn::{Conn, Flushed};
 use crate::proto::status::SharedWords;
-use crate::proto::task::status;
-use crate::proto::wire::{self, Frame, Header};
+use crate::proto::task::code;
+use crate::proto::wire::{self, Frame, Header, ResultAt};
 use crate::sys::{self, PollSet};
 use mpi::topology::{Communicator, SimpleCommunicator};
 use std::collections::VecDeque;
@@ -410,7 +410,7 @@ impl<'c> WorkerRank<'c> {
                 if let Some(conn) = h.conn.as_mut() {
                     let at = conn.out().len();
                     conn.attach_fd(wire::fd_offset(at, 0), s.as_raw_fd());
-                    Header::new(wire::ADOPT, 0, 0, 0).push(conn.out());
+                    Header::new(wire::ADOPT, 0).push(conn.out());
                     conn.flush();
                 }
                 h.up = Some(Conn::shared(s));
@@ -564,7 +564,10 @@ fn results(conn: &mut Conn, out: &mut Vec<u8>, mut full: impl FnMut(&mut Vec<u8>
     let mut pos = 0;
     while let Some(f) = Frame::parse(&conn.inbuf, pos) {
         let done_in_block = f.header.kind == wire::DONE
-            && (f.header.a == wire::OUT_NEW_BLOCK || f.header.a == wire::OUT_SAME_BLOCK);
+            && matches!(
+                f.header.result_at(),
+                ResultAt::NewBlock | ResultAt::InputBlock
+            );
         if done_in_block {
             inline_result(f.header, f.body(&conn.inbuf), &mut conn.in_fds, out);
         } else {
@@ -584,12 +587,13 @@ fn inline_result(h: Header, body: &[u8], fds: &mut VecDeque<OwnedFd>, msg: &mut 
     let len = block_len(body).unwrap_or(0);
     // This rank never sends an input block to its worker, so the output can
     // only be in a new block (OUT_SAME_BLOCK would be a bug).
-    let block = if h.a == wire::OUT_NEW_BLOCK {
+    let block = if h.result_at() == ResultAt::NewBlock {
         map_block(fds.pop_front(), len)
     } else {
         Err("it named an input block that the worker was not given".into())
     };
-    let nh = Header::new(wire::DONE, h.seq, 0, h.b);
+    let mut nh = Header::done(h.seq);
+    nh.set_run_time_ns(h.run_time_ns());
     match block {
         Ok(b) => {
             let frame = nh.open(msg);
@@ -599,7 +603,7 @@ fn inline_result(h: Header, body: &[u8], fds: &mut VecDeque<OwnedFd>, msg: &mut 
         Err(e) => {
             nh.push_message(
                 msg,
-                status::ENCODE,
+                code::ENCODE,
                 &format!("a result could not be read: {e}"),
             );
         }

@@ -1,5 +1,6 @@
-//! The raw libc calls of the sandbox (`src/sandbox.rs`), kept apart from
-//! the pool's own in the other files of `sys`. Each function is a safe
+//! The raw libc calls that confine a sandboxed worker (`src/sandbox/`):
+//! namespaces, resource limits, capabilities, seals; kept apart from the
+//! pool's own in the other files of `sys`. Each function is a safe
 //! wrapper; each `unsafe` block says why it holds.
 
 use super::cvt;
@@ -214,26 +215,6 @@ pub(crate) fn set_env_single_threaded(key: &str, value: &str) {
 pub(crate) fn default_signal(sig: libc::c_int) {
     // SAFETY: signal() with SIG_DFL has no memory-safety preconditions.
     unsafe { libc::signal(sig, libc::SIG_DFL) };
-}
-
-/// A clock id of `clock_gettime` (a process's CPU clock, say).
-pub(crate) type CpuClock = libc::clockid_t;
-
-/// The clock that counts the CPU time of every thread of process `pid`.
-pub(crate) fn process_cpu_clock(pid: u32) -> Option<CpuClock> {
-    let mut clk: libc::clockid_t = 0;
-    // SAFETY: clk is a valid out-pointer.
-    let r = unsafe { libc::clock_getcpuclockid(pid as libc::pid_t, &mut clk) };
-    (r == 0).then_some(clk)
-}
-
-/// Reads a clock, in nanoseconds (`None` once its process is gone).
-pub(crate) fn clock_ns(clk: CpuClock) -> Option<u64> {
-    // SAFETY: ts is a plain-data out-parameter for clock_gettime.
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: a clock id and a valid out-pointer.
-    let r = unsafe { libc::clock_gettime(clk, &mut ts) };
-    (r == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
 /// The seals that make a memory file immutable: no write, no growth, no

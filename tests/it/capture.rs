@@ -91,7 +91,9 @@ fn every_way(pool: &Pool) {
 
 #[test]
 fn a_task_sees_its_string_and_vec_in_a_worker() {
-    within("a task in a plain pool", || every_way(&common::pool(2)));
+    common::bounded(|| {
+        within("a task in a plain pool", || every_way(&common::pool(2)));
+    })
 }
 
 #[test]
@@ -176,22 +178,24 @@ impl Task for HoldsBuf {
 
 #[test]
 fn a_state_that_cannot_be_encoded_fails_the_map_with_encode() {
-    within("a state that cannot be encoded", || {
-        let pool = common::pool(1);
-        let t = HoldsBuf {
-            buf: SharedBuf::new(16).unwrap(),
-        };
-        let is_task_encode = |e: &Error| matches!(e, Error::Encode { what: "task", .. });
-        let e = pool.map_task(&t, [1, 2]).unwrap_err();
-        assert!(is_task_encode(&e), "{e:?}");
-        let got: Vec<_> = pool.imap_task(&t, [1, 2, 3]).collect();
-        assert_eq!(got.len(), 3);
-        assert!(got.iter().all(|r| r.as_ref().is_err_and(is_task_encode)));
-        // The pool is unharmed.
-        assert_eq!(pool.map_task(&Picky { refuse: vec![] }, [1])?, vec![10]);
-        Ok::<(), Error>(())
+    common::bounded(|| {
+        within("a state that cannot be encoded", || {
+            let pool = common::pool(1);
+            let t = HoldsBuf {
+                buf: SharedBuf::new(16).unwrap(),
+            };
+            let is_task_encode = |e: &Error| matches!(e, Error::Encode { what: "task", .. });
+            let e = pool.map_task(&t, [1, 2]).unwrap_err();
+            assert!(is_task_encode(&e), "{e:?}");
+            let got: Vec<_> = pool.imap_task(&t, [1, 2, 3]).collect();
+            assert_eq!(got.len(), 3);
+            assert!(got.iter().all(|r| r.as_ref().is_err_and(is_task_encode)));
+            // The pool is unharmed.
+            assert_eq!(pool.map_task(&Picky { refuse: vec![] }, [1])?, vec![10]);
+            Ok::<(), Error>(())
+        })
+        .unwrap();
     })
-    .unwrap();
 }
 
 // ---- nested pools ----
@@ -283,12 +287,14 @@ fn a_nested_pool_under_fork_computes_the_right_answer() {
 
 #[test]
 fn the_global_pool_stays_refused_in_a_worker() {
-    fn try_global(_: ()) -> bool {
-        matches!(procpool::global(), Err(Error::InWorker))
-    }
-    within("global() in a worker", || {
-        assert!(common::pool(1).apply(try_global, ()).unwrap());
-    });
+    common::bounded(|| {
+        fn try_global(_: ()) -> bool {
+            matches!(procpool::global(), Err(Error::InWorker))
+        }
+        within("global() in a worker", || {
+            assert!(common::pool(1).apply(try_global, ()).unwrap());
+        });
+    })
 }
 
 #[test]

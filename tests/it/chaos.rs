@@ -71,106 +71,110 @@ fn killer(pool: &Pool, done: &AtomicBool) -> HashSet<u32> {
 
 #[test]
 fn every_task_resolves_once_while_workers_are_killed() {
-    let pool = Pool::builder().processes(WORKERS).build().unwrap();
-    let done = AtomicBool::new(false);
-    // How many times each task's callbacks ran: a result delivered twice (or
-    // never) shows here even though `get` can only be called once.
-    let calls: Arc<Vec<AtomicU32>> = Arc::new((0..TASKS).map(|_| AtomicU32::new(0)).collect());
-    // The tasks each dead worker took down with it.
-    let mut lost: HashMap<u32, Vec<usize>> = HashMap::new();
-    let (kills, results) = std::thread::scope(|s| {
-        let k = s.spawn(|| killer(&pool, &done));
-        let stop = SetOnDrop(&done);
-        let rs: Vec<_> = (0..TASKS)
-            .map(|i| {
-                let (c1, c2) = (calls.clone(), calls.clone());
-                let opts = TaskOptions::new()
-                    .on_success(move |_: &u64| {
-                        c1[i as usize].fetch_add(1, Ordering::SeqCst);
-                    })
-                    .on_error(move |_: &Error| {
-                        c2[i as usize].fetch_add(1, Ordering::SeqCst);
-                    });
-                pool.apply_async_with(double, i, opts).expect("submitting")
-            })
-            .collect();
-        let results: Vec<_> = rs.into_iter().map(|r| r.get()).collect();
-        drop(stop);
-        (k.join().unwrap(), results)
-    });
-    assert_eq!(results.len() as u64, TASKS);
-    for (i, r) in results.iter().enumerate() {
-        match r {
-            Ok(v) => assert_eq!(*v, 2 * i as u64, "task {i}"),
-            Err(Error::WorkerLost { pid, status, .. }) => {
-                assert_eq!(status.signal(), Some(libc::SIGKILL), "task {i}: {status}");
-                assert!(kills.contains(pid), "task {i}: lost to {pid}, never killed");
-                lost.entry(*pid).or_default().push(i);
+    common::bounded(|| {
+        let pool = Pool::builder().processes(WORKERS).build().unwrap();
+        let done = AtomicBool::new(false);
+        // How many times each task's callbacks ran: a result delivered twice (or
+        // never) shows here even though `get` can only be called once.
+        let calls: Arc<Vec<AtomicU32>> = Arc::new((0..TASKS).map(|_| AtomicU32::new(0)).collect());
+        // The tasks each dead worker took down with it.
+        let mut lost: HashMap<u32, Vec<usize>> = HashMap::new();
+        let (kills, results) = std::thread::scope(|s| {
+            let k = s.spawn(|| killer(&pool, &done));
+            let stop = SetOnDrop(&done);
+            let rs: Vec<_> = (0..TASKS)
+                .map(|i| {
+                    let (c1, c2) = (calls.clone(), calls.clone());
+                    let opts = TaskOptions::new()
+                        .on_success(move |_: &u64| {
+                            c1[i as usize].fetch_add(1, Ordering::SeqCst);
+                        })
+                        .on_error(move |_: &Error| {
+                            c2[i as usize].fetch_add(1, Ordering::SeqCst);
+                        });
+                    pool.apply_async_with(double, i, opts).expect("submitting")
+                })
+                .collect();
+            let results: Vec<_> = rs.into_iter().map(|r| r.get()).collect();
+            drop(stop);
+            (k.join().unwrap(), results)
+        });
+        assert_eq!(results.len() as u64, TASKS);
+        for (i, r) in results.iter().enumerate() {
+            match r {
+                Ok(v) => assert_eq!(*v, 2 * i as u64, "task {i}"),
+                Err(Error::WorkerLost { pid, status, .. }) => {
+                    assert_eq!(status.signal(), Some(libc::SIGKILL), "task {i}: {status}");
+                    assert!(kills.contains(pid), "task {i}: lost to {pid}, never killed");
+                    lost.entry(*pid).or_default().push(i);
+                }
+                Err(e) => panic!("task {i}: unexpected error {e:?}"),
             }
-            Err(e) => panic!("task {i}: unexpected error {e:?}"),
         }
-    }
-    // The callbacks ran before each result became ready, so the counts are
-    // final once every get() has returned.
-    let wrong: Vec<(usize, u32)> = calls
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (i, c.load(Ordering::SeqCst)))
-        .filter(|&(_, n)| n != 1)
-        .collect();
-    assert!(
-        wrong.is_empty(),
-        "tasks whose callbacks did not run exactly once (index, count): {:?}",
-        &wrong[..wrong.len().min(20)]
-    );
-    assert!(!kills.is_empty(), "the killer never killed a worker");
-    let nlost: usize = lost.values().map(Vec::len).sum();
-    eprintln!("chaos: {} kills, {nlost} tasks lost", kills.len());
-    // A worker that dies fails only the task it was running: the others it
-    // held (sent but not started, or finished) must not be lost with it.
-    let multi: Vec<_> = lost.iter().filter(|(_, v)| v.len() > 1).take(10).collect();
-    assert!(
-        multi.is_empty(),
-        "{nlost} tasks lost to {} dead workers; workers that took several tasks \
+        // The callbacks ran before each result became ready, so the counts are
+        // final once every get() has returned.
+        let wrong: Vec<(usize, u32)> = calls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i, c.load(Ordering::SeqCst)))
+            .filter(|&(_, n)| n != 1)
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "tasks whose callbacks did not run exactly once (index, count): {:?}",
+            &wrong[..wrong.len().min(20)]
+        );
+        assert!(!kills.is_empty(), "the killer never killed a worker");
+        let nlost: usize = lost.values().map(Vec::len).sum();
+        eprintln!("chaos: {} kills, {nlost} tasks lost", kills.len());
+        // A worker that dies fails only the task it was running: the others it
+        // held (sent but not started, or finished) must not be lost with it.
+        let multi: Vec<_> = lost.iter().filter(|(_, v)| v.len() > 1).take(10).collect();
+        assert!(
+            multi.is_empty(),
+            "{nlost} tasks lost to {} dead workers; workers that took several tasks \
          down with them (pid: task indexes): {multi:?}",
-        lost.len()
-    );
-    // The pool recovers: full strength, and correct.
-    assert!(common::eventually(|| pool.worker_pids().len() == WORKERS));
-    assert_eq!(
-        pool.map(double, 0..100u64).unwrap(),
-        (0..100u64).map(|x| 2 * x).collect::<Vec<_>>()
-    );
+            lost.len()
+        );
+        // The pool recovers: full strength, and correct.
+        assert!(common::eventually(|| pool.worker_pids().len() == WORKERS));
+        assert_eq!(
+            pool.map(double, 0..100u64).unwrap(),
+            (0..100u64).map(|x| 2 * x).collect::<Vec<_>>()
+        );
+    })
 }
 
 #[test]
 fn with_retries_every_task_succeeds_while_workers_are_killed() {
-    let pool = Pool::builder()
-        .processes(WORKERS)
-        .retries(100)
-        .build()
-        .unwrap();
-    let done = AtomicBool::new(false);
-    let (kills, results) = std::thread::scope(|s| {
-        let k = s.spawn(|| killer(&pool, &done));
-        let stop = SetOnDrop(&done);
-        let rs: Vec<_> = (0..TASKS)
-            .map(|i| pool.apply_async(double, i).expect("submitting"))
+    common::bounded(|| {
+        let pool = Pool::builder()
+            .processes(WORKERS)
+            .retries(100)
+            .build()
+            .unwrap();
+        let done = AtomicBool::new(false);
+        let (kills, results) = std::thread::scope(|s| {
+            let k = s.spawn(|| killer(&pool, &done));
+            let stop = SetOnDrop(&done);
+            let rs: Vec<_> = (0..TASKS)
+                .map(|i| pool.apply_async(double, i).expect("submitting"))
+                .collect();
+            let results: Vec<_> = rs.into_iter().map(|r| r.get()).collect();
+            drop(stop);
+            (k.join().unwrap(), results)
+        });
+        let wrong: Vec<_> = results
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| !matches!(r, Ok(v) if *v == 2 * *i as u64))
+            .take(20)
             .collect();
-        let results: Vec<_> = rs.into_iter().map(|r| r.get()).collect();
-        drop(stop);
-        (k.join().unwrap(), results)
-    });
-    let wrong: Vec<_> = results
-        .iter()
-        .enumerate()
-        .filter(|(i, r)| !matches!(r, Ok(v) if *v == 2 * *i as u64))
-        .take(20)
-        .collect();
-    assert!(wrong.is_empty(), "tasks without their value: {wrong:?}");
-    assert!(!kills.is_empty(), "the killer never killed a worker");
-    eprintln!("chaos with retries: {} kills", kills.len());
-    assert!(common::eventually(|| pool.worker_pids().len() == WORKERS));
+        assert!(wrong.is_empty(), "tasks without their value: {wrong:?}");
+        assert!(!kills.is_empty(), "the killer never killed a worker");
+        eprintln!("chaos with retries: {} kills", kills.len());
+        assert!(common::eventually(|| pool.worker_pids().len() == WORKERS));
+    })
 }
 
 /// A worker killed while it starts (listed in `worker_pids`, not yet ready)
@@ -178,39 +182,41 @@ fn with_retries_every_task_succeeds_while_workers_are_killed() {
 /// failed.
 #[test]
 fn workers_killed_as_they_start_are_replaced() {
-    let pool = Pool::builder().processes(2).build().unwrap();
-    let mut killed = HashSet::new();
-    // Kill every worker the moment it is listed, 100 of them: many of these
-    // kills land before the new worker has said it is ready. (Bounded: if no
-    // new worker shows up, the loop ends after a million looks.)
-    let mut looks = 0;
-    while killed.len() < 100 && looks < 1_000_000 {
-        looks += 1;
-        for pid in pool.worker_pids() {
-            if killed.insert(pid) {
-                sigkill(pid);
+    common::bounded(|| {
+        let pool = Pool::builder().processes(2).build().unwrap();
+        let mut killed = HashSet::new();
+        // Kill every worker the moment it is listed, 100 of them: many of these
+        // kills land before the new worker has said it is ready. (Bounded: if no
+        // new worker shows up, the loop ends after a million looks.)
+        let mut looks = 0;
+        while killed.len() < 100 && looks < 1_000_000 {
+            looks += 1;
+            for pid in pool.worker_pids() {
+                if killed.insert(pid) {
+                    sigkill(pid);
+                }
             }
         }
-    }
-    // A task waits for a replacement; a pool that gave up fails it at once.
-    let r = pool.apply(double, 21);
-    assert!(
-        matches!(r, Ok(42)),
-        "after {} kills, a task gives {r:?}; workers: {:?}",
-        killed.len(),
-        pool.worker_pids()
-    );
-    assert!(
-        common::eventually(|| {
-            let now = pool.worker_pids();
-            now.len() == 2 && now.iter().all(|p| !killed.contains(p))
-        }),
-        "after {} kills the pool has workers {:?}",
-        killed.len(),
-        pool.worker_pids()
-    );
-    assert_eq!(
-        pool.map(double, 0..100u64).unwrap(),
-        (0..100u64).map(|x| 2 * x).collect::<Vec<_>>()
-    );
+        // A task waits for a replacement; a pool that gave up fails it at once.
+        let r = pool.apply(double, 21);
+        assert!(
+            matches!(r, Ok(42)),
+            "after {} kills, a task gives {r:?}; workers: {:?}",
+            killed.len(),
+            pool.worker_pids()
+        );
+        assert!(
+            common::eventually(|| {
+                let now = pool.worker_pids();
+                now.len() == 2 && now.iter().all(|p| !killed.contains(p))
+            }),
+            "after {} kills the pool has workers {:?}",
+            killed.len(),
+            pool.worker_pids()
+        );
+        assert_eq!(
+            pool.map(double, 0..100u64).unwrap(),
+            (0..100u64).map(|x| 2 * x).collect::<Vec<_>>()
+        );
+    })
 }

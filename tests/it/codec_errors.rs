@@ -3,6 +3,8 @@
 //! the result in the worker, the result in the caller. Each fails its own
 //! task only; the pool (and its workers) go on.
 
+use crate::common;
+
 use crate::common::pool;
 
 use procpool::{Error, MapOptions, Pool};
@@ -149,229 +151,245 @@ fn expect_codec(r: Result<impl std::fmt::Debug, Error>, encode: bool, what: &str
 
 #[test]
 fn argument_that_fails_to_serialize_is_refused_at_submit() {
-    let pool = pool(2);
-    let workers: HashSet<u32> = pool.worker_pids().into_iter().collect();
-    expect_codec(
-        pool.apply_async(take_unencodable, Unencodable).map(|_| ()),
-        true,
-        "argument",
-        "nope",
-    );
-    expect_codec(
-        pool.apply(take_unencodable, Unencodable),
-        true,
-        "argument",
-        "nope",
-    );
-    assert_pool_fine(&pool, &workers);
+    common::bounded(|| {
+        let pool = pool(2);
+        let workers: HashSet<u32> = pool.worker_pids().into_iter().collect();
+        expect_codec(
+            pool.apply_async(take_unencodable, Unencodable).map(|_| ()),
+            true,
+            "argument",
+            "nope",
+        );
+        expect_codec(
+            pool.apply(take_unencodable, Unencodable),
+            true,
+            "argument",
+            "nope",
+        );
+        assert_pool_fine(&pool, &workers);
+    })
 }
 
 #[test]
 fn argument_that_fails_to_deserialize_in_the_worker() {
-    let pool = pool(2);
-    let workers: HashSet<u32> = pool.worker_pids().into_iter().collect();
-    let r = pool.apply_async(take_undecodable, Undecodable(5)).unwrap();
-    r.wait();
-    assert_eq!(r.successful(), Some(false));
-    expect_codec(r.get(), false, "argument", "cannot decode 5");
-    assert_pool_fine(&pool, &workers);
-    expect_codec(
-        pool.apply(take_undecodable, Undecodable(6)),
-        false,
-        "argument",
-        "cannot decode 6",
-    );
-    assert_pool_fine(&pool, &workers);
+    common::bounded(|| {
+        let pool = pool(2);
+        let workers: HashSet<u32> = pool.worker_pids().into_iter().collect();
+        let r = pool.apply_async(take_undecodable, Undecodable(5)).unwrap();
+        r.wait();
+        assert_eq!(r.successful(), Some(false));
+        expect_codec(r.get(), false, "argument", "cannot decode 5");
+        assert_pool_fine(&pool, &workers);
+        expect_codec(
+            pool.apply(take_undecodable, Undecodable(6)),
+            false,
+            "argument",
+            "cannot decode 6",
+        );
+        assert_pool_fine(&pool, &workers);
+    })
 }
 
 #[test]
 fn result_that_fails_to_serialize_in_the_worker() {
-    let pool = pool(2);
-    let workers: HashSet<u32> = pool.worker_pids().into_iter().collect();
-    let r = pool.apply_async(give_unencodable, 1).unwrap();
-    r.wait();
-    assert_eq!(r.successful(), Some(false));
-    expect_codec(r.get(), true, "result", "nope");
-    assert_pool_fine(&pool, &workers);
+    common::bounded(|| {
+        let pool = pool(2);
+        let workers: HashSet<u32> = pool.worker_pids().into_iter().collect();
+        let r = pool.apply_async(give_unencodable, 1).unwrap();
+        r.wait();
+        assert_eq!(r.successful(), Some(false));
+        expect_codec(r.get(), true, "result", "nope");
+        assert_pool_fine(&pool, &workers);
+    })
 }
 
 #[test]
 fn result_that_fails_to_deserialize_in_the_caller() {
-    let pool = pool(2);
-    let workers: HashSet<u32> = pool.worker_pids().into_iter().collect();
-    let r = pool.apply_async(give_undecodable, 8).unwrap();
-    expect_codec(r.get(), false, "result", "cannot decode 8");
-    expect_codec(
-        pool.apply(give_undecodable, 9),
-        false,
-        "result",
-        "cannot decode 9",
-    );
-    assert_pool_fine(&pool, &workers);
+    common::bounded(|| {
+        let pool = pool(2);
+        let workers: HashSet<u32> = pool.worker_pids().into_iter().collect();
+        let r = pool.apply_async(give_undecodable, 8).unwrap();
+        expect_codec(r.get(), false, "result", "cannot decode 8");
+        expect_codec(
+            pool.apply(give_undecodable, 9),
+            false,
+            "result",
+            "cannot decode 9",
+        );
+        assert_pool_fine(&pool, &workers);
+    })
 }
 
 #[test]
 fn many_codec_errors_in_a_row_leave_the_pool_working() {
-    let pool = pool(2);
-    let workers: HashSet<u32> = pool.worker_pids().into_iter().collect();
-    let rs: Vec<_> = (0..30u32)
-        .map(|i| match i % 3 {
-            0 => pool
-                .apply_async(give_unencodable, i)
-                .unwrap()
-                .get()
-                .map(|_| 0),
-            1 => pool
-                .apply_async(take_undecodable, Undecodable(i))
-                .unwrap()
-                .get(),
-            _ => pool
-                .apply_async(give_undecodable, i)
-                .unwrap()
-                .get()
-                .map(|_| 0),
-        })
-        .collect();
-    for (i, r) in rs.into_iter().enumerate() {
-        assert!(r.is_err(), "task {i}: {r:?}");
-    }
-    assert_pool_fine(&pool, &workers);
+    common::bounded(|| {
+        let pool = pool(2);
+        let workers: HashSet<u32> = pool.worker_pids().into_iter().collect();
+        let rs: Vec<_> = (0..30u32)
+            .map(|i| match i % 3 {
+                0 => pool
+                    .apply_async(give_unencodable, i)
+                    .unwrap()
+                    .get()
+                    .map(|_| 0),
+                1 => pool
+                    .apply_async(take_undecodable, Undecodable(i))
+                    .unwrap()
+                    .get(),
+                _ => pool
+                    .apply_async(give_undecodable, i)
+                    .unwrap()
+                    .get()
+                    .map(|_| 0),
+            })
+            .collect();
+        for (i, r) in rs.into_iter().enumerate() {
+            assert!(r.is_err(), "task {i}: {r:?}");
+        }
+        assert_pool_fine(&pool, &workers);
+    })
 }
 
 #[test]
 fn map_returns_the_first_codec_error_in_input_order() {
-    let pool = pool(2);
-    let workers: HashSet<u32> = pool.worker_pids().into_iter().collect();
-    // Item 3's result (1003) will not encode, in the worker, after a sleep;
-    // items 13 and 27 will not decode, in the worker, at once. Item 3 comes
-    // first in the input, so its error is the map's, whatever finishes first.
-    for chunksize in [1, 4] {
-        let m = pool
-            .map_async_with(
-                picky_slow_plus,
-                (0..40).map(Picky),
-                MapOptions::new().chunksize(chunksize),
-            )
-            .unwrap();
-        m.wait();
-        assert_eq!(m.progress(), (40, 40), "every chunk finished");
-        expect_codec(m.get(), true, "result", "will not encode 1003");
-    }
-    // Without item 3: the decode failure of item 13 is first.
-    let r = pool.map_with(
-        picky_plus,
-        (4..40).map(Picky),
-        MapOptions::new().chunksize(5),
-    );
-    expect_codec(r, false, "argument", "will not decode 13");
-    assert_pool_fine(&pool, &workers);
-    // A result that fails to decode in the caller (2013 = 1013 + 1000).
-    let r = pool.map(picky_plus, (1010..1020).map(Picky));
-    expect_codec(r, false, "result", "will not decode 2013");
-    assert_pool_fine(&pool, &workers);
+    common::bounded(|| {
+        let pool = pool(2);
+        let workers: HashSet<u32> = pool.worker_pids().into_iter().collect();
+        // Item 3's result (1003) will not encode, in the worker, after a sleep;
+        // items 13 and 27 will not decode, in the worker, at once. Item 3 comes
+        // first in the input, so its error is the map's, whatever finishes first.
+        for chunksize in [1, 4] {
+            let m = pool
+                .map_async_with(
+                    picky_slow_plus,
+                    (0..40).map(Picky),
+                    MapOptions::new().chunksize(chunksize),
+                )
+                .unwrap();
+            m.wait();
+            assert_eq!(m.progress(), (40, 40), "every chunk finished");
+            expect_codec(m.get(), true, "result", "will not encode 1003");
+        }
+        // Without item 3: the decode failure of item 13 is first.
+        let r = pool.map_with(
+            picky_plus,
+            (4..40).map(Picky),
+            MapOptions::new().chunksize(5),
+        );
+        expect_codec(r, false, "argument", "will not decode 13");
+        assert_pool_fine(&pool, &workers);
+        // A result that fails to decode in the caller (2013 = 1013 + 1000).
+        let r = pool.map(picky_plus, (1010..1020).map(Picky));
+        expect_codec(r, false, "result", "will not decode 2013");
+        assert_pool_fine(&pool, &workers);
+    })
 }
 
 #[test]
 fn map_with_an_argument_that_fails_to_serialize() {
-    let pool = pool(2);
-    let workers: HashSet<u32> = pool.worker_pids().into_iter().collect();
-    expect_codec(
-        pool.map(picky_id, (70..80).map(Picky)),
-        true,
-        "argument",
-        "will not encode 77",
-    );
-    // map_async may refuse such a map at once or fail it in get(): either
-    // way the encode error is the map's.
-    expect_codec(
-        pool.map_async(picky_id, (70..80).map(Picky))
-            .and_then(|m| m.get()),
-        true,
-        "argument",
-        "will not encode 77",
-    );
-    assert_pool_fine(&pool, &workers);
-    // The first error in input order wins, wherever it happened: here 77
-    // (in the caller) comes before 13 (in the worker)...
-    for chunksize in [1, 3] {
+    common::bounded(|| {
+        let pool = pool(2);
+        let workers: HashSet<u32> = pool.worker_pids().into_iter().collect();
         expect_codec(
-            pool.map_with(
-                picky_id,
-                (70..80).chain([13]).map(Picky),
-                MapOptions::new().chunksize(chunksize),
-            ),
+            pool.map(picky_id, (70..80).map(Picky)),
             true,
             "argument",
             "will not encode 77",
         );
-        // ... and here 13 comes first.
+        // map_async may refuse such a map at once or fail it in get(): either
+        // way the encode error is the map's.
         expect_codec(
-            pool.map_with(
-                picky_id,
-                [13].into_iter().chain(70..80).map(Picky),
-                MapOptions::new().chunksize(chunksize),
-            ),
-            false,
+            pool.map_async(picky_id, (70..80).map(Picky))
+                .and_then(|m| m.get()),
+            true,
             "argument",
-            "will not decode 13",
+            "will not encode 77",
         );
-    }
-    assert_pool_fine(&pool, &workers);
-    // The items without a bad one go through.
-    assert_eq!(
-        pool.map(picky_id, (78..90).map(Picky)).unwrap(),
-        (78..90).map(Picky).collect::<Vec<_>>()
-    );
+        assert_pool_fine(&pool, &workers);
+        // The first error in input order wins, wherever it happened: here 77
+        // (in the caller) comes before 13 (in the worker)...
+        for chunksize in [1, 3] {
+            expect_codec(
+                pool.map_with(
+                    picky_id,
+                    (70..80).chain([13]).map(Picky),
+                    MapOptions::new().chunksize(chunksize),
+                ),
+                true,
+                "argument",
+                "will not encode 77",
+            );
+            // ... and here 13 comes first.
+            expect_codec(
+                pool.map_with(
+                    picky_id,
+                    [13].into_iter().chain(70..80).map(Picky),
+                    MapOptions::new().chunksize(chunksize),
+                ),
+                false,
+                "argument",
+                "will not decode 13",
+            );
+        }
+        assert_pool_fine(&pool, &workers);
+        // The items without a bad one go through.
+        assert_eq!(
+            pool.map(picky_id, (78..90).map(Picky)).unwrap(),
+            (78..90).map(Picky).collect::<Vec<_>>()
+        );
+    })
 }
 
 #[test]
 fn imap_fails_only_the_items_that_fail_to_serialize_or_deserialize() {
-    let pool = pool(2);
-    let workers: HashSet<u32> = pool.worker_pids().into_iter().collect();
-    // chunksize 1: exactly the bad items fail: 77 in the caller; 13 and 27
-    // in the worker; 3, whose result (1003) will not encode, in the worker.
-    let input: Vec<u32> = (0..30).chain(70..80).collect();
-    let out: Vec<_> = pool
-        .imap(picky_plus, input.iter().copied().map(Picky))
-        .collect();
-    assert_eq!(out.len(), input.len());
-    for (&i, r) in input.iter().zip(out) {
-        match i {
-            3 => expect_codec(r, true, "result", "will not encode 1003"),
-            77 => expect_codec(r, true, "argument", "will not encode 77"),
-            13 | 27 => expect_codec(r, false, "argument", &format!("will not decode {i}")),
-            _ => assert_eq!(r.unwrap(), Picky(i + 1000)),
-        }
-    }
-    // Worker-side failures inside a chunk fail their own item only.
-    let out: Vec<_> = pool
-        .imap_with(
-            picky_plus,
-            (5..30).map(Picky),
-            MapOptions::new().chunksize(4),
-        )
-        .collect();
-    assert_eq!(out.len(), 25);
-    for (i, r) in (5u32..).zip(out) {
-        match i {
-            13 | 27 => expect_codec(r, false, "argument", &format!("will not decode {i}")),
-            _ => assert_eq!(r.unwrap(), Picky(i + 1000)),
-        }
-    }
-    // The same in completion order.
-    let mut ok = Vec::new();
-    let mut bad = 0;
-    for r in pool.imap_unordered(u32_to_picky, 1000..1020u32) {
-        match r {
-            Ok(p) => ok.push(p.0),
-            Err(e) => {
-                assert!(matches!(e, Error::Encode { what: "result", .. }), "{e:?}");
-                bad += 1;
+    common::bounded(|| {
+        let pool = pool(2);
+        let workers: HashSet<u32> = pool.worker_pids().into_iter().collect();
+        // chunksize 1: exactly the bad items fail: 77 in the caller; 13 and 27
+        // in the worker; 3, whose result (1003) will not encode, in the worker.
+        let input: Vec<u32> = (0..30).chain(70..80).collect();
+        let out: Vec<_> = pool
+            .imap(picky_plus, input.iter().copied().map(Picky))
+            .collect();
+        assert_eq!(out.len(), input.len());
+        for (&i, r) in input.iter().zip(out) {
+            match i {
+                3 => expect_codec(r, true, "result", "will not encode 1003"),
+                77 => expect_codec(r, true, "argument", "will not encode 77"),
+                13 | 27 => expect_codec(r, false, "argument", &format!("will not decode {i}")),
+                _ => assert_eq!(r.unwrap(), Picky(i + 1000)),
             }
         }
-    }
-    ok.sort_unstable();
-    assert_eq!(bad, 1, "only 1003 fails to encode");
-    assert_eq!(ok, (1000..1020).filter(|&i| i != 1003).collect::<Vec<_>>());
-    assert_pool_fine(&pool, &workers);
+        // Worker-side failures inside a chunk fail their own item only.
+        let out: Vec<_> = pool
+            .imap_with(
+                picky_plus,
+                (5..30).map(Picky),
+                MapOptions::new().chunksize(4),
+            )
+            .collect();
+        assert_eq!(out.len(), 25);
+        for (i, r) in (5u32..).zip(out) {
+            match i {
+                13 | 27 => expect_codec(r, false, "argument", &format!("will not decode {i}")),
+                _ => assert_eq!(r.unwrap(), Picky(i + 1000)),
+            }
+        }
+        // The same in completion order.
+        let mut ok = Vec::new();
+        let mut bad = 0;
+        for r in pool.imap_unordered(u32_to_picky, 1000..1020u32) {
+            match r {
+                Ok(p) => ok.push(p.0),
+                Err(e) => {
+                    assert!(matches!(e, Error::Encode { what: "result", .. }), "{e:?}");
+                    bad += 1;
+                }
+            }
+        }
+        ok.sort_unstable();
+        assert_eq!(bad, 1, "only 1003 fails to encode");
+        assert_eq!(ok, (1000..1020).filter(|&i| i != 1003).collect::<Vec<_>>());
+        assert_pool_fine(&pool, &workers);
+    })
 }

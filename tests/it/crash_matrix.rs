@@ -252,7 +252,7 @@ macro_rules! crash_cases {
         $(
             #[test]
             fn $name() {
-                run_case(Mode::$mode, Phase::$phase);
+                common::bounded(|| run_case(Mode::$mode, Phase::$phase));
             }
         )*
     };
@@ -302,21 +302,23 @@ fn undecodable_task(x: u64) -> Undecodable {
 
 #[test]
 fn result_that_fails_to_decode_in_the_caller() {
-    let pool = Pool::builder().processes(WORKERS).build().unwrap();
-    let before = pool.worker_pids();
-    match pool.apply(undecodable_task, 5).map(|u| u.0) {
-        Err(Error::Decode { what, source, .. }) => {
-            assert_eq!(what, "result");
-            assert!(
-                source.message().contains(REFUSE),
-                "the Deserialize error's message is lost: {source}"
-            );
+    common::bounded(|| {
+        let pool = Pool::builder().processes(WORKERS).build().unwrap();
+        let before = pool.worker_pids();
+        match pool.apply(undecodable_task, 5).map(|u| u.0) {
+            Err(Error::Decode { what, source, .. }) => {
+                assert_eq!(what, "result");
+                assert!(
+                    source.message().contains(REFUSE),
+                    "the Deserialize error's message is lost: {source}"
+                );
+            }
+            other => panic!("expected Decode {{ what: \"result\" }}, got {other:?}"),
         }
-        other => panic!("expected Decode {{ what: \"result\" }}, got {other:?}"),
-    }
-    // Nothing died: the same workers serve on.
-    assert_eq!(sorted(pool.worker_pids()), sorted(before));
-    serves_100(&pool);
+        // Nothing died: the same workers serve on.
+        assert_eq!(sorted(pool.worker_pids()), sorted(before));
+        serves_100(&pool);
+    })
 }
 
 // ---- a crash inside a stream of tasks ----
@@ -334,28 +336,30 @@ fn abort_on_7(x: u64) -> u64 {
 /// one run elsewhere and succeed.
 #[test]
 fn crash_in_imap_fails_only_that_item() {
-    let pool = Pool::builder().processes(WORKERS).build().unwrap();
-    let out: Vec<_> = pool.imap(abort_on_7, 0..40u64).collect();
-    assert_eq!(out.len(), 40);
-    let mut wrong = Vec::new();
-    for (i, r) in out.into_iter().enumerate() {
-        let ok = match &r {
-            Err(Error::WorkerLost { status, .. }) if i == 7 => {
-                status.signal() == Some(libc::SIGABRT)
+    common::bounded(|| {
+        let pool = Pool::builder().processes(WORKERS).build().unwrap();
+        let out: Vec<_> = pool.imap(abort_on_7, 0..40u64).collect();
+        assert_eq!(out.len(), 40);
+        let mut wrong = Vec::new();
+        for (i, r) in out.into_iter().enumerate() {
+            let ok = match &r {
+                Err(Error::WorkerLost { status, .. }) if i == 7 => {
+                    status.signal() == Some(libc::SIGABRT)
+                }
+                Ok(v) if i != 7 => *v == 2 * i as u64,
+                _ => false,
+            };
+            if !ok {
+                wrong.push((i, r));
             }
-            Ok(v) if i != 7 => *v == 2 * i as u64,
-            _ => false,
-        };
-        if !ok {
-            wrong.push((i, r));
         }
-    }
-    assert!(
-        wrong.is_empty(),
-        "item 7 must be WorkerLost(SIGABRT) and every other item its value; wrong: {wrong:?}"
-    );
-    assert_eq!(pool.worker_pids().len(), WORKERS);
-    serves_100(&pool);
+        assert!(
+            wrong.is_empty(),
+            "item 7 must be WorkerLost(SIGABRT) and every other item its value; wrong: {wrong:?}"
+        );
+        assert_eq!(pool.worker_pids().len(), WORKERS);
+        serves_100(&pool);
+    })
 }
 
 // ---- a panic in a worker forked while another thread held a std lock ----
@@ -372,40 +376,44 @@ fn panics(_: u64) -> u64 {
 /// of becoming `TaskPanicked`.
 #[test]
 fn a_panicking_task_resolves_even_if_another_thread_was_reporting_a_backtrace() {
-    if common::isolated(&test_name!(
-        "a_panicking_task_resolves_even_if_another_thread_was_reporting_a_backtrace"
-    )) {
-        return;
-    }
-    /// Stops the backtrace thread when dropped, even if the test panics.
-    struct Stop<'a>(&'a AtomicBool);
-    impl Drop for Stop<'_> {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::SeqCst);
+    common::bounded(|| {
+        if common::isolated(&test_name!(
+            "a_panicking_task_resolves_even_if_another_thread_was_reporting_a_backtrace"
+        )) {
+            return;
         }
-    }
-    let stop = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            while !stop.load(Ordering::SeqCst) {
-                let b = std::backtrace::Backtrace::force_capture();
-                let _ = b.to_string();
+        /// Stops the backtrace thread when dropped, even if the test panics.
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(Ordering::SeqCst) {
+                    let b = std::backtrace::Backtrace::force_capture();
+                    let _ = b.to_string();
+                }
+            });
+            let _stop = Stop(&stop);
+            for round in 0..20 {
+                let pool = Pool::builder().processes(1).build().unwrap();
+                let r = pool.apply_async(panics, round).unwrap();
+                // A liveness bound, not a timing check (a panicking task takes
+                // milliseconds).
+                assert!(
+                    r.wait_timeout(Duration::from_secs(10)),
+                    "round {round}: a panicking task never resolved (its worker hangs)"
+                );
+                match r.get() {
+                    Err(Error::TaskPanicked { message, .. }) => {
+                        assert!(message.contains(PANIC_TEXT))
+                    }
+                    other => panic!("round {round}: expected TaskPanicked, got {other:?}"),
+                }
             }
         });
-        let _stop = Stop(&stop);
-        for round in 0..20 {
-            let pool = Pool::builder().processes(1).build().unwrap();
-            let r = pool.apply_async(panics, round).unwrap();
-            // A liveness bound, not a timing check (a panicking task takes
-            // milliseconds).
-            assert!(
-                r.wait_timeout(Duration::from_secs(10)),
-                "round {round}: a panicking task never resolved (its worker hangs)"
-            );
-            match r.get() {
-                Err(Error::TaskPanicked { message, .. }) => assert!(message.contains(PANIC_TEXT)),
-                other => panic!("round {round}: expected TaskPanicked, got {other:?}"),
-            }
-        }
-    });
+    })
 }

@@ -66,13 +66,15 @@ fn fails_on_three(x: u64) -> u64 {
 
 #[test]
 fn several_results_awaited_at_once() {
-    let pool = Pool::builder().processes(2).build().unwrap();
-    let futs: Vec<_> = (0..8)
-        .map(|i| pool.apply_async(slow_square, i).unwrap())
-        .collect();
-    let (values, _) = join_all(futs);
-    let values: Vec<u64> = values.into_iter().map(Result::unwrap).collect();
-    assert_eq!(values, (0..8).map(|i| i * i).collect::<Vec<_>>());
+    common::bounded(|| {
+        let pool = Pool::builder().processes(2).build().unwrap();
+        let futs: Vec<_> = (0..8)
+            .map(|i| pool.apply_async(slow_square, i).unwrap())
+            .collect();
+        let (values, _) = join_all(futs);
+        let values: Vec<u64> = values.into_iter().map(Result::unwrap).collect();
+        assert_eq!(values, (0..8).map(|i| i * i).collect::<Vec<_>>());
+    })
 }
 
 fn gated_value((gate, v): (String, u64)) -> u64 {
@@ -85,71 +87,79 @@ fn gated_value((gate, v): (String, u64)) -> u64 {
 /// the test opens only after that poll).
 #[test]
 fn a_pending_future_is_woken_when_its_task_finishes() {
-    let pool = Pool::builder().processes(1).build().unwrap();
-    let gate = common::Gate::new("future");
-    let mut fut = pool.apply_async(gated_value, (gate.key(), 5)).unwrap();
-    let unpark = Arc::new(Unpark {
-        thread: std::thread::current(),
-        wakes: AtomicUsize::new(0),
-    });
-    let waker = Waker::from(unpark.clone());
-    let mut cx = Context::from_waker(&waker);
-    assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
-    gate.open();
-    let v = loop {
-        match Pin::new(&mut fut).poll(&mut cx) {
-            Poll::Ready(v) => break v,
-            Poll::Pending => std::thread::park_timeout(Duration::from_secs(1)),
-        }
-    };
-    assert_eq!(v.unwrap(), 5);
-    assert!(
-        unpark.wakes.load(Ordering::SeqCst) >= 1,
-        "the waker was never called"
-    );
+    common::bounded(|| {
+        let pool = Pool::builder().processes(1).build().unwrap();
+        let gate = common::Gate::new("future");
+        let mut fut = pool.apply_async(gated_value, (gate.key(), 5)).unwrap();
+        let unpark = Arc::new(Unpark {
+            thread: std::thread::current(),
+            wakes: AtomicUsize::new(0),
+        });
+        let waker = Waker::from(unpark.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut fut).poll(&mut cx).is_pending());
+        gate.open();
+        let v = loop {
+            match Pin::new(&mut fut).poll(&mut cx) {
+                Poll::Ready(v) => break v,
+                Poll::Pending => std::thread::park_timeout(Duration::from_secs(1)),
+            }
+        };
+        assert_eq!(v.unwrap(), 5);
+        assert!(
+            unpark.wakes.load(Ordering::SeqCst) >= 1,
+            "the waker was never called"
+        );
+    })
 }
 
 #[test]
 fn one_of_the_awaited_results_is_an_error() {
-    let pool = Pool::builder().processes(2).build().unwrap();
-    let futs: Vec<_> = (0..6)
-        .map(|i| pool.apply_async(fails_on_three, i).unwrap())
-        .collect();
-    let (values, _) = join_all(futs);
-    for (i, v) in values.into_iter().enumerate() {
-        if i == 3 {
-            match v {
-                Err(Error::TaskPanicked { message, .. }) => {
-                    assert!(message.contains("three is not allowed"), "{message}")
+    common::bounded(|| {
+        let pool = Pool::builder().processes(2).build().unwrap();
+        let futs: Vec<_> = (0..6)
+            .map(|i| pool.apply_async(fails_on_three, i).unwrap())
+            .collect();
+        let (values, _) = join_all(futs);
+        for (i, v) in values.into_iter().enumerate() {
+            if i == 3 {
+                match v {
+                    Err(Error::TaskPanicked { message, .. }) => {
+                        assert!(message.contains("three is not allowed"), "{message}")
+                    }
+                    other => panic!("expected TaskPanicked, got {other:?}"),
                 }
-                other => panic!("expected TaskPanicked, got {other:?}"),
+            } else {
+                assert_eq!(v.unwrap(), i as u64 + 100);
             }
-        } else {
-            assert_eq!(v.unwrap(), i as u64 + 100);
         }
-    }
+    })
 }
 
 #[test]
 fn a_map_result_is_a_future_too() {
-    let pool = Pool::builder().processes(2).build().unwrap();
-    let futs = vec![
-        pool.map_async(slow_square, 0..6).unwrap(),
-        pool.map_async(slow_square, 6..9).unwrap(),
-    ];
-    let (values, _) = join_all(futs);
-    assert_eq!(values[0].as_ref().unwrap(), &vec![0, 1, 4, 9, 16, 25]);
-    assert_eq!(values[1].as_ref().unwrap(), &vec![36, 49, 64]);
+    common::bounded(|| {
+        let pool = Pool::builder().processes(2).build().unwrap();
+        let futs = vec![
+            pool.map_async(slow_square, 0..6).unwrap(),
+            pool.map_async(slow_square, 6..9).unwrap(),
+        ];
+        let (values, _) = join_all(futs);
+        assert_eq!(values[0].as_ref().unwrap(), &vec![0, 1, 4, 9, 16, 25]);
+        assert_eq!(values[1].as_ref().unwrap(), &vec![36, 49, 64]);
+    })
 }
 
 #[test]
 fn a_future_resolves_when_the_pool_is_terminated() {
-    let pool = Pool::builder().processes(1).build().unwrap();
-    let fut = pool.apply_async(slow_square, 3).unwrap();
-    let queued = pool.apply_async(slow_square, 7).unwrap();
-    pool.terminate();
-    let (values, _) = join_all(vec![fut, queued]);
-    for v in values {
-        assert!(matches!(v, Err(Error::Terminated)), "{v:?}");
-    }
+    common::bounded(|| {
+        let pool = Pool::builder().processes(1).build().unwrap();
+        let fut = pool.apply_async(slow_square, 3).unwrap();
+        let queued = pool.apply_async(slow_square, 7).unwrap();
+        pool.terminate();
+        let (values, _) = join_all(vec![fut, queued]);
+        for v in values {
+            assert!(matches!(v, Err(Error::Terminated)), "{v:?}");
+        }
+    })
 }

@@ -110,91 +110,97 @@ fn check(r: &Report) {
 
 #[test]
 fn initializer_runs_once_in_every_worker() {
-    let pool = Pool::builder()
-        .processes(3)
-        .initializer(init, setup())
-        .build()
-        .unwrap();
-    let workers: HashSet<u32> = pool.worker_pids().into_iter().collect();
-    assert_eq!(workers.len(), 3);
+    common::bounded(|| {
+        let pool = Pool::builder()
+            .processes(3)
+            .initializer(init, setup())
+            .build()
+            .unwrap();
+        let workers: HashSet<u32> = pool.worker_pids().into_iter().collect();
+        assert_eq!(workers.len(), 3);
 
-    let reports = report_from_every_worker(&pool);
-    let seen: HashSet<u32> = reports.iter().map(|r| r.0).collect();
-    assert_eq!(seen, workers, "one report from each worker");
-    reports.iter().for_each(check);
+        let reports = report_from_every_worker(&pool);
+        let seen: HashSet<u32> = reports.iter().map(|r| r.0).collect();
+        assert_eq!(seen, workers, "one report from each worker");
+        reports.iter().for_each(check);
 
-    // Many more tasks: still once per worker, never again.
-    let rs: Vec<_> = (0..60)
-        .map(|_| pool.apply_async(report_slowly, ()).unwrap())
-        .collect();
-    for r in rs {
-        let r = r.get().unwrap();
-        check(&r);
-        assert!(workers.contains(&r.0), "{} is not a worker", r.0);
-    }
-    for r in pool.map(report, vec![(); 30]).unwrap() {
-        check(&r);
-    }
-    // The initializer never ran in the caller.
-    assert_eq!(INIT_RUNS.load(Ordering::SeqCst), 0);
-    assert!(INIT_ARG.lock().unwrap().is_none());
+        // Many more tasks: still once per worker, never again.
+        let rs: Vec<_> = (0..60)
+            .map(|_| pool.apply_async(report_slowly, ()).unwrap())
+            .collect();
+        for r in rs {
+            let r = r.get().unwrap();
+            check(&r);
+            assert!(workers.contains(&r.0), "{} is not a worker", r.0);
+        }
+        for r in pool.map(report, vec![(); 30]).unwrap() {
+            check(&r);
+        }
+        // The initializer never ran in the caller.
+        assert_eq!(INIT_RUNS.load(Ordering::SeqCst), 0);
+        assert!(INIT_ARG.lock().unwrap().is_none());
+    })
 }
 
 #[test]
 fn initializer_runs_in_workers_replaced_after_max_tasks() {
-    let pool = Pool::builder()
-        .processes(2)
-        .initializer(init, setup())
-        .max_tasks_per_child(2)
-        .build()
-        .unwrap();
-    let mut per_pid: HashMap<u32, usize> = HashMap::new();
-    // Tasks of a few ms: the pool sends them one at a time (it may pipeline
-    // tasks it has measured as very short), which `report_from_every_worker`
-    // below relies on.
-    for _ in 0..20 {
-        let r = pool.apply(report_slowly, ()).unwrap();
-        check(&r);
-        *per_pid.entry(r.0).or_default() += 1;
-    }
-    for (pid, n) in &per_pid {
+    common::bounded(|| {
+        let pool = Pool::builder()
+            .processes(2)
+            .initializer(init, setup())
+            .max_tasks_per_child(2)
+            .build()
+            .unwrap();
+        let mut per_pid: HashMap<u32, usize> = HashMap::new();
+        // Tasks of a few ms: the pool sends them one at a time (it may pipeline
+        // tasks it has measured as very short), which `report_from_every_worker`
+        // below relies on.
+        for _ in 0..20 {
+            let r = pool.apply(report_slowly, ()).unwrap();
+            check(&r);
+            *per_pid.entry(r.0).or_default() += 1;
+        }
+        for (pid, n) in &per_pid {
+            assert!(
+                *n <= 2,
+                "worker {pid} ran {n} tasks with max_tasks_per_child(2)"
+            );
+        }
         assert!(
-            *n <= 2,
-            "worker {pid} ran {n} tasks with max_tasks_per_child(2)"
+            per_pid.len() >= 10,
+            "{} workers for 20 tasks",
+            per_pid.len()
         );
-    }
-    assert!(
-        per_pid.len() >= 10,
-        "{} workers for 20 tasks",
-        per_pid.len()
-    );
-    // The current workers are replacements too, and initialized (a retired
-    // worker's replacement may still be starting: wait for it).
-    assert!(common::eventually(|| pool.worker_pids().len() == 2));
-    for r in report_from_every_worker(&pool) {
-        check(&r);
-    }
+        // The current workers are replacements too, and initialized (a retired
+        // worker's replacement may still be starting: wait for it).
+        assert!(common::eventually(|| pool.worker_pids().len() == 2));
+        for r in report_from_every_worker(&pool) {
+            check(&r);
+        }
+    })
 }
 
 #[test]
 fn initializer_runs_in_a_worker_replaced_after_a_crash() {
-    let pool = Pool::builder()
-        .processes(2)
-        .initializer(init, setup())
-        .build()
-        .unwrap();
-    let before: HashSet<u32> = pool.worker_pids().into_iter().collect();
-    match pool.apply(die, ()) {
-        Err(Error::WorkerLost { pid, .. }) => assert!(before.contains(&pid)),
-        other => panic!("expected WorkerLost, got {other:?}"),
-    }
-    let after: HashSet<u32> = pool.worker_pids().into_iter().collect();
-    assert_eq!(after.len(), 2);
-    assert_ne!(after, before, "the lost worker was replaced");
-    let reports = report_from_every_worker(&pool);
-    let seen: HashSet<u32> = reports.iter().map(|r| r.0).collect();
-    assert_eq!(seen, after);
-    reports.iter().for_each(check);
+    common::bounded(|| {
+        let pool = Pool::builder()
+            .processes(2)
+            .initializer(init, setup())
+            .build()
+            .unwrap();
+        let before: HashSet<u32> = pool.worker_pids().into_iter().collect();
+        match pool.apply(die, ()) {
+            Err(Error::WorkerLost { pid, .. }) => assert!(before.contains(&pid)),
+            other => panic!("expected WorkerLost, got {other:?}"),
+        }
+        let after: HashSet<u32> = pool.worker_pids().into_iter().collect();
+        assert_eq!(after.len(), 2);
+        assert_ne!(after, before, "the lost worker was replaced");
+        let reports = report_from_every_worker(&pool);
+        let seen: HashSet<u32> = reports.iter().map(|r| r.0).collect();
+        assert_eq!(seen, after);
+        reports.iter().for_each(check);
+    })
 }
 
 // ---- failing initializers ----------------------------------------------------
@@ -243,82 +249,90 @@ fn expect_init_failed(r: Result<Pool, Error>) -> String {
 
 #[test]
 fn panicking_initializer_fails_build_without_respawning() {
-    let log = temp_path("log");
-    let message = expect_init_failed(build_failing(init_panics, &log));
-    assert!(message.contains("init boom"), "message: {message:?}");
-    // Every attempt has finished (the pool is gone): at most one per worker
-    // slot, at least one. A respawn loop would have made more.
-    let n = attempts(&log);
-    assert!((1..=2).contains(&n), "the initializer ran {n} times");
-    let _ = std::fs::remove_file(&log);
-    // Another pool still builds.
-    let pool = Pool::builder()
-        .processes(2)
-        .initializer(init, setup())
-        .build()
-        .unwrap();
-    check(&pool.apply(report, ()).unwrap());
+    common::bounded(|| {
+        let log = temp_path("log");
+        let message = expect_init_failed(build_failing(init_panics, &log));
+        assert!(message.contains("init boom"), "message: {message:?}");
+        // Every attempt has finished (the pool is gone): at most one per worker
+        // slot, at least one. A respawn loop would have made more.
+        let n = attempts(&log);
+        assert!((1..=2).contains(&n), "the initializer ran {n} times");
+        let _ = std::fs::remove_file(&log);
+        // Another pool still builds.
+        let pool = Pool::builder()
+            .processes(2)
+            .initializer(init, setup())
+            .build()
+            .unwrap();
+        check(&pool.apply(report, ()).unwrap());
+    })
 }
 
 #[test]
 fn exiting_initializer_fails_build() {
-    let log = temp_path("log");
-    let message = expect_init_failed(build_failing(init_exits, &log));
-    assert!(message.contains('7'), "message: {message:?}");
-    let n = attempts(&log);
-    assert!((1..=2).contains(&n), "the initializer ran {n} times");
-    let _ = std::fs::remove_file(&log);
+    common::bounded(|| {
+        let log = temp_path("log");
+        let message = expect_init_failed(build_failing(init_exits, &log));
+        assert!(message.contains('7'), "message: {message:?}");
+        let n = attempts(&log);
+        assert!((1..=2).contains(&n), "the initializer ran {n} times");
+        let _ = std::fs::remove_file(&log);
+    })
 }
 
 #[test]
 fn failing_initializer_leaves_no_child_process() {
-    if common::isolated(&test_name!("failing_initializer_leaves_no_child_process")) {
-        return;
-    }
-    assert_eq!(common::children(), Vec::<u32>::new());
-    let fds = common::open_fds();
-    for f in [init_panics as fn(String), init_exits] {
-        let log = temp_path("log");
-        let e = build_failing(f, &log);
-        assert!(matches!(e, Err(Error::InitializerFailed { .. })), "{e:?}");
-        assert_eq!(common::children(), Vec::<u32>::new(), "a child is left");
-        let pids: Vec<u32> = std::fs::read_to_string(&log)
-            .unwrap()
-            .lines()
-            .map(|l| l.parse().unwrap())
-            .collect();
-        assert!(!pids.is_empty());
-        for pid in pids {
-            assert!(!common::exists(pid), "worker {pid} still exists");
+    common::bounded(|| {
+        if common::isolated(&test_name!("failing_initializer_leaves_no_child_process")) {
+            return;
         }
-        let _ = std::fs::remove_file(&log);
-    }
-    assert_eq!(common::open_fds(), fds, "fds leaked by failed builds");
+        assert_eq!(common::children(), Vec::<u32>::new());
+        let fds = common::open_fds();
+        for f in [init_panics as fn(String), init_exits] {
+            let log = temp_path("log");
+            let e = build_failing(f, &log);
+            assert!(matches!(e, Err(Error::InitializerFailed { .. })), "{e:?}");
+            assert_eq!(common::children(), Vec::<u32>::new(), "a child is left");
+            let pids: Vec<u32> = std::fs::read_to_string(&log)
+                .unwrap()
+                .lines()
+                .map(|l| l.parse().unwrap())
+                .collect();
+            assert!(!pids.is_empty());
+            for pid in pids {
+                assert!(!common::exists(pid), "worker {pid} still exists");
+            }
+            let _ = std::fs::remove_file(&log);
+        }
+        assert_eq!(common::open_fds(), fds, "fds leaked by failed builds");
+    })
 }
 
 #[test]
 fn initializer_argument_that_cannot_be_encoded_fails_build() {
-    struct Unencodable;
-    impl Serialize for Unencodable {
-        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
-            Err(serde::ser::Error::custom("no init arg"))
+    common::bounded(|| {
+        struct Unencodable;
+        impl Serialize for Unencodable {
+            fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                Err(serde::ser::Error::custom("no init arg"))
+            }
         }
-    }
-    impl<'de> Deserialize<'de> for Unencodable {
-        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            <()>::deserialize(d).map(|()| Unencodable)
+        impl<'de> Deserialize<'de> for Unencodable {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                <()>::deserialize(d).map(|()| Unencodable)
+            }
         }
-    }
-    fn init_u(_: Unencodable) {}
-    match Pool::builder()
-        .processes(2)
-        .initializer(init_u, Unencodable)
-        .build()
-    {
-        Err(Error::Encode { what, source, .. }) => {
-            assert_eq!(what, "argument");
-            assert!(source.message().contains("no init arg"), "{source}");
+        fn init_u(_: Unencodable) {}
+        match Pool::builder()
+            .processes(2)
+            .initializer(init_u, Unencodable)
+            .build()
+        {
+            Err(Error::Encode { what, source, .. }) => {
+                assert_eq!(what, "argument");
+                assert!(source.message().contains("no init arg"), "{source}");
+            }
+            other => panic!("expected Encode, got {other:?}"),
         }
-        other => panic!("expected Encode, got {other:?}"),
-    }
+    })
 }

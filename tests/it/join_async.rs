@@ -38,33 +38,35 @@ fn current_thread_runtime() -> tokio::runtime::Runtime {
 
 #[test]
 fn join_async_waits_for_the_queue_and_the_callbacks() {
-    let called = within_bound("joining", || {
-        let pool = common::pool(2);
-        let called = Arc::new(AtomicUsize::new(0));
-        let rs: Vec<_> = (0..6)
-            .map(|i| {
-                let c = called.clone();
-                let opts = TaskOptions::new().on_success(move |_: &u64| {
-                    std::thread::sleep(Duration::from_millis(5));
-                    c.fetch_add(1, Ordering::SeqCst);
-                });
-                pool.apply_async_with(nap, 10 + i, opts).unwrap()
-            })
-            .collect();
-        pool.close();
-        current_thread_runtime()
-            .block_on(pool.join_async())
-            .unwrap();
-        // Every task ran, every callback too, every process is gone.
-        assert!(rs.iter().all(|r| r.ready()));
-        let seen = called.load(Ordering::SeqCst);
-        for (i, r) in rs.into_iter().enumerate() {
-            assert_eq!(r.get().unwrap(), 10 + i as u64);
-        }
-        assert!(pool.worker_pids().is_empty());
-        seen
-    });
-    assert_eq!(called, 6, "join_async resolved before every callback ran");
+    common::bounded(|| {
+        let called = within_bound("joining", || {
+            let pool = common::pool(2);
+            let called = Arc::new(AtomicUsize::new(0));
+            let rs: Vec<_> = (0..6)
+                .map(|i| {
+                    let c = called.clone();
+                    let opts = TaskOptions::new().on_success(move |_: &u64| {
+                        std::thread::sleep(Duration::from_millis(5));
+                        c.fetch_add(1, Ordering::SeqCst);
+                    });
+                    pool.apply_async_with(nap, 10 + i, opts).unwrap()
+                })
+                .collect();
+            pool.close();
+            current_thread_runtime()
+                .block_on(pool.join_async())
+                .unwrap();
+            // Every task ran, every callback too, every process is gone.
+            assert!(rs.iter().all(|r| r.ready()));
+            let seen = called.load(Ordering::SeqCst);
+            for (i, r) in rs.into_iter().enumerate() {
+                assert_eq!(r.get().unwrap(), 10 + i as u64);
+            }
+            assert!(pool.worker_pids().is_empty());
+            seen
+        });
+        assert_eq!(called, 6, "join_async resolved before every callback ran");
+    })
 }
 
 #[test]
@@ -97,11 +99,13 @@ fn join_async_leaves_its_thread_free() {
 
 #[test]
 fn join_async_on_a_running_pool_is_still_running() {
-    let pool = common::pool(1);
-    let r = current_thread_runtime().block_on(pool.join_async());
-    assert!(matches!(r, Err(Error::StillRunning)), "{r:?}");
-    // The pool is unharmed.
-    assert_eq!(pool.apply(nap, 1).unwrap(), 1);
+    common::bounded(|| {
+        let pool = common::pool(1);
+        let r = current_thread_runtime().block_on(pool.join_async());
+        assert!(matches!(r, Err(Error::StillRunning)), "{r:?}");
+        // The pool is unharmed.
+        assert_eq!(pool.apply(nap, 1).unwrap(), 1);
+    })
 }
 
 #[test]

@@ -89,32 +89,34 @@ fn lifecycle_of(i: u64, pool: Pool) {
 
 #[test]
 fn no_fd_or_child_left_after_200_pools() {
-    if common::isolated(&test_name!("no_fd_or_child_left_after_200_pools")) {
-        return;
-    }
-    // One lifecycle first, so that whatever the standard library opens once
-    // and keeps is already open when counting starts.
-    lifecycle(0);
-    let fds = common::open_fds();
-    let fd_list = fds_from_3("/proc/self/fd");
-    let nthreads = threads();
-    for i in 1..=200 {
-        lifecycle(i);
-    }
-    assert_eq!(
-        common::open_fds(),
-        fds,
-        "open fds before: {fd_list:?}, after: {:?}",
-        fds_from_3("/proc/self/fd")
-    );
-    assert!(common::children().is_empty());
-    // Threads are not fds, but a pool's threads must not pile up either (the
-    // result-handler thread may end just after its pool, hence the wait).
-    assert!(
-        common::eventually(|| threads() <= nthreads),
-        "threads: {nthreads} before, {} after",
-        threads()
-    );
+    common::bounded(|| {
+        if common::isolated(&test_name!("no_fd_or_child_left_after_200_pools")) {
+            return;
+        }
+        // One lifecycle first, so that whatever the standard library opens once
+        // and keeps is already open when counting starts.
+        lifecycle(0);
+        let fds = common::open_fds();
+        let fd_list = fds_from_3("/proc/self/fd");
+        let nthreads = threads();
+        for i in 1..=200 {
+            lifecycle(i);
+        }
+        assert_eq!(
+            common::open_fds(),
+            fds,
+            "open fds before: {fd_list:?}, after: {:?}",
+            fds_from_3("/proc/self/fd")
+        );
+        assert!(common::children().is_empty());
+        // Threads are not fds, but a pool's threads must not pile up either (the
+        // result-handler thread may end just after its pool, hence the wait).
+        assert!(
+            common::eventually(|| threads() <= nthreads),
+            "threads: {nthreads} before, {} after",
+            threads()
+        );
+    })
 }
 
 /// A sandboxed pool also holds the read ends of its output pipes, and a
@@ -122,54 +124,58 @@ fn no_fd_or_child_left_after_200_pools() {
 /// its processes are, however the pool ended.
 #[test]
 fn no_fd_or_thread_left_after_sandboxed_pools() {
-    if common::isolated(&test_name!("no_fd_or_thread_left_after_sandboxed_pools")) {
-        return;
-    }
-    let sandboxed = || {
-        Pool::builder()
-            .processes(2)
-            .start_method(procpool::StartMethod::ForkServer)
-            .sandbox(procpool::Sandbox::new())
-            .build()
-            .unwrap()
-    };
-    lifecycle_of(0, sandboxed());
-    let fds = common::open_fds();
-    let nthreads = threads();
-    for i in 1..=30 {
-        lifecycle_of(i, sandboxed());
-    }
-    // After a drop, the pump may end a moment after the pool.
-    assert!(
-        common::eventually(|| common::open_fds() == fds),
-        "open fds: {fds} before, {} after: {:?}",
-        common::open_fds(),
-        fds_from_3("/proc/self/fd")
-    );
-    assert!(
-        common::eventually(|| threads() <= nthreads),
-        "threads: {nthreads} before, {} after",
-        threads()
-    );
+    common::bounded(|| {
+        if common::isolated(&test_name!("no_fd_or_thread_left_after_sandboxed_pools")) {
+            return;
+        }
+        let sandboxed = || {
+            Pool::builder()
+                .processes(2)
+                .start_method(procpool::StartMethod::ForkServer)
+                .sandbox(procpool::Sandbox::new())
+                .build()
+                .unwrap()
+        };
+        lifecycle_of(0, sandboxed());
+        let fds = common::open_fds();
+        let nthreads = threads();
+        for i in 1..=30 {
+            lifecycle_of(i, sandboxed());
+        }
+        // After a drop, the pump may end a moment after the pool.
+        assert!(
+            common::eventually(|| common::open_fds() == fds),
+            "open fds: {fds} before, {} after: {:?}",
+            common::open_fds(),
+            fds_from_3("/proc/self/fd")
+        );
+        assert!(
+            common::eventually(|| threads() <= nthreads),
+            "threads: {nthreads} before, {} after",
+            threads()
+        );
+    })
 }
 
 /// Each worker holds exactly one fd besides stdio: its own socket to the
 /// parent (none of another worker's, nor the server's).
 #[test]
 fn a_worker_holds_only_its_own_socket() {
-    let pool = Pool::builder().processes(2).build().unwrap();
-    let check = |pool: &Pool, when: &str| {
-        for _ in 0..4 {
-            let fds = pool.apply(my_fds, ()).unwrap();
-            assert_eq!(fds.len(), 1, "{when}: a worker's fds from 3 up: {fds:?}");
-            assert!(fds[0].1.starts_with("socket:"), "{when}: {fds:?}");
-        }
-    };
-    check(&pool, "first workers");
-    // A replacement worker too.
-    let _ = pool.apply(abort_now, ());
-    assert_eq!(pool.worker_pids().len(), 2);
-    check(&pool, "after a replacement");
+    common::bounded(|| {
+        let pool = Pool::builder().processes(2).build().unwrap();
+        let check = |pool: &Pool, when: &str| {
+            for _ in 0..4 {
+                let fds = pool.apply(my_fds, ()).unwrap();
+                assert_eq!(fds.len(), 1, "{when}: a worker's fds from 3 up: {fds:?}");
+                assert!(fds[0].1.starts_with("socket:"), "{when}: {fds:?}");
+            }
+        };
+        check(&pool, "first workers");
+        // A replacement worker too.
+        let _ = pool.apply(abort_now, ());
+        assert_eq!(pool.worker_pids().len(), 2);
+        check(&pool, "after a replacement");
+    })
 }
 
 /// The same, seen from outside for every worker at once: each holds one
@@ -177,41 +183,43 @@ fn a_worker_holds_only_its_own_socket() {
 /// to the parent and its signalfd.
 #[test]
 fn every_worker_and_the_server_hold_only_their_own_fds() {
-    let pool = Pool::builder().processes(3).build().unwrap();
-    // The workers are idle (all ready once build returns).
-    let mut sockets = Vec::new();
-    for w in pool.worker_pids() {
-        let fds = fds_from_3(&format!("/proc/{w}/fd"));
-        assert_eq!(fds.len(), 1, "worker {w}'s fds from 3 up: {fds:?}");
-        assert!(fds[0].1.starts_with("socket:"), "worker {w}: {fds:?}");
-        sockets.push(fds[0].1.clone());
-    }
-    sockets.sort();
-    sockets.dedup();
-    assert_eq!(sockets.len(), 3, "workers share a socket: {sockets:?}");
-    let server = pool.server_pid();
-    // The server sends each worker's socket, then closes its copy: just
-    // after build() it may not have closed the last one yet.
-    common::eventually(|| fds_from_3(&format!("/proc/{server}/fd")).len() <= 2);
-    let fds = fds_from_3(&format!("/proc/{server}/fd"));
-    let mut kinds: Vec<&str> = fds
-        .iter()
-        .map(|(_, t)| {
-            if t.starts_with("socket:") {
-                "socket"
-            } else {
-                t.as_str()
-            }
-        })
-        .collect();
-    kinds.sort();
-    assert_eq!(
-        kinds,
-        vec!["anon_inode:[signalfd]", "socket"],
-        "the fork server's fds from 3 up: {fds:?}"
-    );
-    // Still serving.
-    assert_eq!(pool.apply(double, 4).unwrap(), 8);
+    common::bounded(|| {
+        let pool = Pool::builder().processes(3).build().unwrap();
+        // The workers are idle (all ready once build returns).
+        let mut sockets = Vec::new();
+        for w in pool.worker_pids() {
+            let fds = fds_from_3(&format!("/proc/{w}/fd"));
+            assert_eq!(fds.len(), 1, "worker {w}'s fds from 3 up: {fds:?}");
+            assert!(fds[0].1.starts_with("socket:"), "worker {w}: {fds:?}");
+            sockets.push(fds[0].1.clone());
+        }
+        sockets.sort();
+        sockets.dedup();
+        assert_eq!(sockets.len(), 3, "workers share a socket: {sockets:?}");
+        let server = pool.server_pid();
+        // The server sends each worker's socket, then closes its copy: just
+        // after build() it may not have closed the last one yet.
+        common::eventually(|| fds_from_3(&format!("/proc/{server}/fd")).len() <= 2);
+        let fds = fds_from_3(&format!("/proc/{server}/fd"));
+        let mut kinds: Vec<&str> = fds
+            .iter()
+            .map(|(_, t)| {
+                if t.starts_with("socket:") {
+                    "socket"
+                } else {
+                    t.as_str()
+                }
+            })
+            .collect();
+        kinds.sort();
+        assert_eq!(
+            kinds,
+            vec!["anon_inode:[signalfd]", "socket"],
+            "the fork server's fds from 3 up: {fds:?}"
+        );
+        // Still serving.
+        assert_eq!(pool.apply(double, 4).unwrap(), 8);
+    })
 }
 
 static HOST_LOG: std::sync::OnceLock<std::sync::Mutex<std::fs::File>> = std::sync::OnceLock::new();
@@ -233,19 +241,21 @@ fn write_host_log(x: u64) -> u64 {
 /// task writing to them would corrupt the pool's traffic.
 #[test]
 fn a_task_writing_to_a_host_file_cannot_reach_the_pools_fds() {
-    let path = std::env::temp_dir().join(format!("procpool-host-log-{}", std::process::id()));
-    let file = std::fs::File::create(&path).unwrap();
-    let _ = HOST_LOG.set(std::sync::Mutex::new(file));
-    let pool = Pool::builder().processes(2).build().unwrap();
-    for i in 0..50 {
-        assert_eq!(pool.apply(write_host_log, i).unwrap(), i + 1);
-    }
-    // A large result goes through a shared-memory block: still intact.
-    let big = pool.apply(write_then_big, 3 << 20).unwrap();
-    assert_eq!(big.len(), 3 << 20);
-    assert!(big.iter().all(|&b| b == 7));
-    drop(pool);
-    let _ = std::fs::remove_file(&path);
+    common::bounded(|| {
+        let path = std::env::temp_dir().join(format!("procpool-host-log-{}", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        let _ = HOST_LOG.set(std::sync::Mutex::new(file));
+        let pool = Pool::builder().processes(2).build().unwrap();
+        for i in 0..50 {
+            assert_eq!(pool.apply(write_host_log, i).unwrap(), i + 1);
+        }
+        // A large result goes through a shared-memory block: still intact.
+        let big = pool.apply(write_then_big, 3 << 20).unwrap();
+        assert_eq!(big.len(), 3 << 20);
+        assert!(big.iter().all(|&b| b == 7));
+        drop(pool);
+        let _ = std::fs::remove_file(&path);
+    })
 }
 
 fn write_then_big(n: usize) -> Vec<u8> {

@@ -6,7 +6,8 @@
 //! Under plain `cargo test` every test of every module shares this process,
 //! on the harness's threads. So:
 //! - each test body runs under a bound of its own (`common::bounded`): a
-//!   hang fails that test, by name, and the others go on;
+//!   hang fails that test, by name, and the others go on (`bounds.rs`
+//!   checks that every test has one);
 //! - a test that counts what the whole process holds (children, fds,
 //!   threads, memory) or changes it (limits, the global pool) runs its body
 //!   again in a fresh process of this binary, alone (`common::isolated`);
@@ -23,6 +24,7 @@ mod common;
 
 mod apply;
 mod as_completed;
+mod bounds;
 mod callbacks;
 mod capture;
 mod chaos;

@@ -63,88 +63,100 @@ fn limited(mib: usize) -> Pool {
 
 #[test]
 fn a_worker_that_grows_past_the_limit_is_replaced_and_its_result_kept() {
-    let pool = limited(48);
-    let first = pool.worker_pids();
-    // Under the limit: the same worker goes on.
-    let a = pool.apply(leak, 8).unwrap();
-    let b = pool.apply(leak, 8).unwrap();
-    assert_eq!(vec![a], first);
-    assert_eq!(b, a, "replaced below the limit");
-    // Past it (16 + 40 > 48): the result still comes back...
-    let c = pool.apply(leak, 40).unwrap();
-    assert_eq!(c, a);
-    // ...and the next task runs in a fresh worker.
-    let d = pool.apply(pid, ()).unwrap();
-    assert_ne!(d, a, "the leaking worker was kept");
-    assert_eq!(pool.worker_pids(), vec![d]);
-    // The fresh one starts from its own baseline.
-    assert_eq!(pool.apply(leak, 8).unwrap(), d);
+    common::bounded(|| {
+        let pool = limited(48);
+        let first = pool.worker_pids();
+        // Under the limit: the same worker goes on.
+        let a = pool.apply(leak, 8).unwrap();
+        let b = pool.apply(leak, 8).unwrap();
+        assert_eq!(vec![a], first);
+        assert_eq!(b, a, "replaced below the limit");
+        // Past it (16 + 40 > 48): the result still comes back...
+        let c = pool.apply(leak, 40).unwrap();
+        assert_eq!(c, a);
+        // ...and the next task runs in a fresh worker.
+        let d = pool.apply(pid, ()).unwrap();
+        assert_ne!(d, a, "the leaking worker was kept");
+        assert_eq!(pool.worker_pids(), vec![d]);
+        // The fresh one starts from its own baseline.
+        assert_eq!(pool.apply(leak, 8).unwrap(), d);
+    })
 }
 
 #[test]
 fn tasks_queued_behind_a_retiring_worker_run_elsewhere() {
-    let _dog = common::watchdog("tasks behind a retiring worker", Duration::from_secs(120));
-    let pool = limited(16);
-    // Many tasks at once (some are sent in batches behind the leaking
-    // one): every one resolves with its value.
-    let leaky: Vec<_> = (0..6)
-        .map(|_| pool.apply_async(leak, 24).unwrap())
-        .collect();
-    let quick: Vec<_> = (0..300)
-        .map(|_| pool.apply_async(pid, ()).unwrap())
-        .collect();
-    let leak_pids: Vec<u32> = leaky.into_iter().map(|r| r.get().unwrap()).collect();
-    for r in quick {
-        r.get().unwrap();
-    }
-    let distinct: std::collections::HashSet<u32> = leak_pids.iter().copied().collect();
-    assert_eq!(distinct.len(), 6, "each leak of 24 MiB retires its worker");
+    common::bounded_for(Duration::from_secs(120), || {
+        let pool = limited(16);
+        // Many tasks at once (some are sent in batches behind the leaking
+        // one): every one resolves with its value.
+        let leaky: Vec<_> = (0..6)
+            .map(|_| pool.apply_async(leak, 24).unwrap())
+            .collect();
+        let quick: Vec<_> = (0..300)
+            .map(|_| pool.apply_async(pid, ()).unwrap())
+            .collect();
+        let leak_pids: Vec<u32> = leaky.into_iter().map(|r| r.get().unwrap()).collect();
+        for r in quick {
+            r.get().unwrap();
+        }
+        let distinct: std::collections::HashSet<u32> = leak_pids.iter().copied().collect();
+        assert_eq!(distinct.len(), 6, "each leak of 24 MiB retires its worker");
+    })
 }
 
 #[test]
 fn untouched_allocations_do_not_count() {
-    let pool = limited(32);
-    let a = pool.apply(reserve, 512).unwrap();
-    let b = pool.apply(reserve, 512).unwrap();
-    assert_eq!(a, b, "a worker was replaced for memory it never wrote");
+    common::bounded(|| {
+        let pool = limited(32);
+        let a = pool.apply(reserve, 512).unwrap();
+        let b = pool.apply(reserve, 512).unwrap();
+        assert_eq!(a, b, "a worker was replaced for memory it never wrote");
+    })
 }
 
 #[test]
 fn shared_memory_blocks_do_not_count() {
-    let pool = limited(32);
-    let big = ByteBuf::from(vec![7u8; 96 * MIB]);
-    let (back, a) = pool.apply(echo, big.clone()).unwrap();
-    assert_eq!(back.len(), big.len());
-    let (_, b) = pool.apply(echo, big).unwrap();
-    assert_eq!(a, b, "a worker was replaced for the pool's own blocks");
+    common::bounded(|| {
+        let pool = limited(32);
+        let big = ByteBuf::from(vec![7u8; 96 * MIB]);
+        let (back, a) = pool.apply(echo, big.clone()).unwrap();
+        assert_eq!(back.len(), big.len());
+        let (_, b) = pool.apply(echo, big).unwrap();
+        assert_eq!(a, b, "a worker was replaced for the pool's own blocks");
+    })
 }
 
 #[test]
 fn shared_memory_does_not_count() {
-    // Resident, but shared (RssShmem), like the pool's own blocks: only
-    // private memory (RssAnon) counts.
-    let pool = limited(32);
-    let a = pool.apply(leak_shared, 64).unwrap();
-    let b = pool.apply(leak_shared, 64).unwrap();
-    assert_eq!(a, b, "a worker was replaced for shared memory");
+    common::bounded(|| {
+        // Resident, but shared (RssShmem), like the pool's own blocks: only
+        // private memory (RssAnon) counts.
+        let pool = limited(32);
+        let a = pool.apply(leak_shared, 64).unwrap();
+        let b = pool.apply(leak_shared, 64).unwrap();
+        assert_eq!(a, b, "a worker was replaced for shared memory");
+    })
 }
 
 #[test]
 fn a_map_chunk_that_leaks_keeps_its_results() {
-    let _dog = common::watchdog("a map whose chunk leaks", Duration::from_secs(120));
-    let pool = limited(16);
-    let pids = pool.map(leak, vec![24, 24, 24]).unwrap();
-    assert_eq!(pids.len(), 3);
-    let distinct: std::collections::HashSet<u32> = pids.iter().copied().collect();
-    assert_eq!(
-        distinct.len(),
-        3,
-        "each leaking chunk retires its worker: {pids:?}"
-    );
+    common::bounded_for(Duration::from_secs(120), || {
+        let pool = limited(16);
+        let pids = pool.map(leak, vec![24, 24, 24]).unwrap();
+        assert_eq!(pids.len(), 3);
+        let distinct: std::collections::HashSet<u32> = pids.iter().copied().collect();
+        assert_eq!(
+            distinct.len(),
+            3,
+            "each leaking chunk retires its worker: {pids:?}"
+        );
+    })
 }
 
 #[test]
 fn zero_is_an_error() {
-    let r = Pool::builder().processes(1).max_memory_per_child(0).build();
-    assert!(matches!(r, Err(Error::Config(_))), "{r:?}");
+    common::bounded(|| {
+        let r = Pool::builder().processes(1).max_memory_per_child(0).build();
+        assert!(matches!(r, Err(Error::Config(_))), "{r:?}");
+    })
 }

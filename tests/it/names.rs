@@ -69,7 +69,9 @@ fn the_server_and_workers_carry_the_programs_name_under_forkserver() {
 
 #[test]
 fn the_server_and_workers_carry_the_programs_name_under_fork() {
-    common::within("names under Fork", BOUND, || check(StartMethod::Fork));
+    common::bounded(|| {
+        common::within("names under Fork", BOUND, || check(StartMethod::Fork));
+    })
 }
 
 #[test]

@@ -63,20 +63,22 @@ fn token() -> String {
 #[test]
 #[ignore = "the helper process of the tests in this file"]
 fn output_helper() {
-    let Some(mode) = common::helper_mode() else {
-        return;
-    };
-    let token = std::env::var(TOKEN_ENV).expect("the token");
-    // Past libtest's "test output_helper ... ", which has no newline.
-    common::say("HELPER-START", "");
-    match mode.as_str() {
-        "long-lines" => long_lines(),
-        "prefixed" => prefixed(&token),
-        "null" => null(&token),
-        "escapes" => escapes(&token),
-        other => panic!("unknown helper mode {other}"),
-    }
-    common::say("HELPER-DONE", "");
+    common::bounded(|| {
+        let Some(mode) = common::helper_mode() else {
+            return;
+        };
+        let token = std::env::var(TOKEN_ENV).expect("the token");
+        // Past libtest's "test output_helper ... ", which has no newline.
+        common::say("HELPER-START", "");
+        match mode.as_str() {
+            "long-lines" => long_lines(),
+            "prefixed" => prefixed(&token),
+            "null" => null(&token),
+            "escapes" => escapes(&token),
+            other => panic!("unknown helper mode {other}"),
+        }
+        common::say("HELPER-DONE", "");
+    })
 }
 
 // ---- whole lines ----
@@ -396,20 +398,22 @@ impl Drop for KillLeftChild {
 
 #[test]
 fn a_child_holding_the_workers_stderr_holds_up_neither_the_report_nor_join() {
-    let left = KillLeftChild(common::TempPath::new("output-child"));
-    let path = left.0.string();
-    // The child holds the pipe for 600 s: waiting for its end-of-file
-    // would pass this bound.
-    common::within("the held pipe test", Duration::from_secs(120), move || {
-        let pool = quiet(1);
-        let e = pool.apply(leave_a_child_then_abort, path).unwrap_err();
-        assert!(matches!(e, Error::WorkerLost { .. }), "{e:?}");
-        assert_eq!(e.last_words(), Some("leaving a child behind"), "{e:?}");
-        assert_eq!(pool.apply(double, 21).unwrap(), 42);
-        pool.close();
-        pool.join().unwrap();
-    });
-    assert!(left.0.read_pid().is_some(), "the task left no child");
+    common::bounded(|| {
+        let left = KillLeftChild(common::TempPath::new("output-child"));
+        let path = left.0.string();
+        // The child holds the pipe for 600 s: waiting for its end-of-file
+        // would pass this bound.
+        common::within("the held pipe test", Duration::from_secs(120), move || {
+            let pool = quiet(1);
+            let e = pool.apply(leave_a_child_then_abort, path).unwrap_err();
+            assert!(matches!(e, Error::WorkerLost { .. }), "{e:?}");
+            assert_eq!(e.last_words(), Some("leaving a child behind"), "{e:?}");
+            assert_eq!(pool.apply(double, 21).unwrap(), 42);
+            pool.close();
+            pool.join().unwrap();
+        });
+        assert!(left.0.read_pid().is_some(), "the task left no child");
+    })
 }
 
 fn spin_after_words(words: String) {

@@ -163,12 +163,12 @@ fn replacement_fails() {
 #[test]
 #[ignore = "the helper process of the tests in this file"]
 fn resources_helper() {
-    match common::helper_mode().as_deref() {
+    common::bounded(|| match common::helper_mode().as_deref() {
         None => {}
         Some("build") => build_under_fd_limit(),
         Some("replace") => replacement_fails(),
         Some(other) => panic!("unknown helper mode {other}"),
-    }
+    })
 }
 
 /// Runs build() in a helper under an fd limit; returns its BUILD line and
@@ -209,14 +209,16 @@ fn started(msg: &str) -> usize {
 /// at once.
 #[test]
 fn build_fails_cleanly_when_no_worker_can_start() {
-    let (build, _) = build_with(8, 2);
-    assert!(build.starts_with("err "), "{build}");
-    assert!(build.contains("Too many open files"), "{build}");
-    if build.contains("fork server") && !build.contains("could not start all") {
-        return;
-    }
-    assert!(build.contains("could not start all 8 workers"), "{build}");
-    assert_eq!(started(&build), 0, "{build}");
+    common::bounded(|| {
+        let (build, _) = build_with(8, 2);
+        assert!(build.starts_with("err "), "{build}");
+        assert!(build.contains("Too many open files"), "{build}");
+        if build.contains("fork server") && !build.contains("could not start all") {
+            return;
+        }
+        assert!(build.contains("could not start all 8 workers"), "{build}");
+        assert_eq!(started(&build), 0, "{build}");
+    })
 }
 
 /// Room for some workers' sockets but not all: build() returned a clear
@@ -224,22 +226,26 @@ fn build_fails_cleanly_when_no_worker_can_start() {
 /// had started is gone.
 #[test]
 fn build_fails_cleanly_when_fds_run_out_part_way() {
-    let (build, _) = build_with(20, 2 + 10);
-    assert!(build.starts_with("err "), "{build}");
-    assert!(build.contains("could not start all 20 workers"), "{build}");
-    assert!(build.contains("file descriptor"), "{build}");
-    assert!(build.contains("ulimit -n"), "{build}");
-    let n = started(&build);
-    assert!(n > 0 && n < 20, "{build}");
+    common::bounded(|| {
+        let (build, _) = build_with(20, 2 + 10);
+        assert!(build.starts_with("err "), "{build}");
+        assert!(build.contains("could not start all 20 workers"), "{build}");
+        assert!(build.contains("file descriptor"), "{build}");
+        assert!(build.contains("ulimit -n"), "{build}");
+        let n = started(&build);
+        assert!(n > 0 && n < 20, "{build}");
+    })
 }
 
 /// Room for every worker: a working pool.
 #[test]
 fn build_succeeds_when_every_worker_fits_under_the_fd_limit() {
-    let (build, pids) = build_with(20, 2 + 20 + 8);
-    assert_eq!(build, "ok 0", "the pool's workers after join");
-    assert_eq!(pids.len(), 21, "the server and 20 workers");
-    common::assert_dead(&pids, "the pool's processes after close() and join()");
+    common::bounded(|| {
+        let (build, pids) = build_with(20, 2 + 20 + 8);
+        assert_eq!(build, "ok 0", "the pool's workers after join");
+        assert_eq!(pids.len(), 21, "the server and 20 workers");
+        common::assert_dead(&pids, "the pool's processes after close() and join()");
+    })
 }
 
 /// Replacements that cannot start: the task of a dead worker still gets
@@ -248,38 +254,40 @@ fn build_succeeds_when_every_worker_fits_under_the_fd_limit() {
 /// fail with the start error.
 #[test]
 fn failed_replacements_fail_queued_tasks_once_no_worker_is_left() {
-    let mut h = Helper::start(&test_name!(HELPER), "replace", |_| {});
-    let (server, workers) = common::parse_pids(&h.expect("PIDS"));
-    assert_eq!(h.expect("FIRST"), "Some(7)");
-    assert_eq!(h.expect("OTHER"), "2");
-    let last = h.expect("LAST");
-    assert!(last.contains("was lost"), "the last worker's task: {last}");
-    for i in 0..5 {
-        let q = h.expect("QUEUED");
-        assert!(
-            q.contains("Broken")
-                && q.contains("no worker is left")
-                && q.contains("Too many open files"),
-            "queued task {i}: {q}"
-        );
-    }
-    let later = h.expect("LATER");
-    assert!(later.contains("no worker is left"), "{later}");
-    // The pool tried again (with backoff) before it gave up.
-    let attempts: u32 = later
-        .split(" attempts in a row")
-        .next()
-        .and_then(|head| head.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no attempt count in: {later}"));
-    assert!(attempts > 1, "no retry before giving up: {later}");
-    let join = h.expect("JOIN");
-    assert!(join.contains("no worker is left"), "{join}");
-    assert_eq!(h.expect("CHILDREN"), "[]");
-    let (status, out) = h.finish();
-    assert!(status.success(), "{status}: {out}");
-    let all: Vec<u32> = std::iter::once(server).chain(workers).collect();
-    common::assert_dead(&all, "the pool's processes after join()");
+    common::bounded(|| {
+        let mut h = Helper::start(&test_name!(HELPER), "replace", |_| {});
+        let (server, workers) = common::parse_pids(&h.expect("PIDS"));
+        assert_eq!(h.expect("FIRST"), "Some(7)");
+        assert_eq!(h.expect("OTHER"), "2");
+        let last = h.expect("LAST");
+        assert!(last.contains("was lost"), "the last worker's task: {last}");
+        for i in 0..5 {
+            let q = h.expect("QUEUED");
+            assert!(
+                q.contains("Broken")
+                    && q.contains("no worker is left")
+                    && q.contains("Too many open files"),
+                "queued task {i}: {q}"
+            );
+        }
+        let later = h.expect("LATER");
+        assert!(later.contains("no worker is left"), "{later}");
+        // The pool tried again (with backoff) before it gave up.
+        let attempts: u32 = later
+            .split(" attempts in a row")
+            .next()
+            .and_then(|head| head.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no attempt count in: {later}"));
+        assert!(attempts > 1, "no retry before giving up: {later}");
+        let join = h.expect("JOIN");
+        assert!(join.contains("no worker is left"), "{join}");
+        assert_eq!(h.expect("CHILDREN"), "[]");
+        let (status, out) = h.finish();
+        assert!(status.success(), "{status}: {out}");
+        let all: Vec<u32> = std::iter::once(server).chain(workers).collect();
+        common::assert_dead(&all, "the pool's processes after join()");
+    })
 }
 
 // ---- shared memory held after large values ---------------------------------
@@ -333,38 +341,40 @@ fn rss_shmem() -> u64 {
 /// memfds.
 #[test]
 fn shared_memory_held_after_big_results_stays_under_the_cache_bound() {
-    if common::isolated(&test_name!(
-        "shared_memory_held_after_big_results_stays_under_the_cache_bound"
-    )) {
-        return;
-    }
-    let pool = common::pool(1);
-    let arg = serde_bytes::ByteBuf::from(vec![3u8; 40_000_000]);
-    for _ in 0..3 {
-        let back = pool.apply(echo, arg.clone()).unwrap();
-        assert!(back == arg, "the echo came back changed");
-    }
-    let (warm, _) = memfd_bytes();
-    assert!(
-        warm >= 1,
-        "no block was kept warm for the next large message"
-    );
-    const N: usize = 200_000_000;
-    for i in 0..10 {
-        let v = pool.apply(big_result, N).unwrap();
-        assert_eq!(v.len(), N, "round trip {i}");
-        assert!(v[0] == 7 && v[N - 1] == 7, "round trip {i}");
-    }
-    let (count, bytes) = memfd_bytes();
-    let shmem = rss_shmem();
-    assert!(
-        bytes <= CACHE_BOUND,
-        "{count} blocks of {bytes} bytes held after 10 results of 200 MB"
-    );
-    assert!(
-        shmem <= CACHE_BOUND,
-        "RssShmem {shmem} bytes after 10 results of 200 MB ({count} blocks of {bytes} bytes)"
-    );
-    pool.close();
-    pool.join().unwrap();
+    common::bounded(|| {
+        if common::isolated(&test_name!(
+            "shared_memory_held_after_big_results_stays_under_the_cache_bound"
+        )) {
+            return;
+        }
+        let pool = common::pool(1);
+        let arg = serde_bytes::ByteBuf::from(vec![3u8; 40_000_000]);
+        for _ in 0..3 {
+            let back = pool.apply(echo, arg.clone()).unwrap();
+            assert!(back == arg, "the echo came back changed");
+        }
+        let (warm, _) = memfd_bytes();
+        assert!(
+            warm >= 1,
+            "no block was kept warm for the next large message"
+        );
+        const N: usize = 200_000_000;
+        for i in 0..10 {
+            let v = pool.apply(big_result, N).unwrap();
+            assert_eq!(v.len(), N, "round trip {i}");
+            assert!(v[0] == 7 && v[N - 1] == 7, "round trip {i}");
+        }
+        let (count, bytes) = memfd_bytes();
+        let shmem = rss_shmem();
+        assert!(
+            bytes <= CACHE_BOUND,
+            "{count} blocks of {bytes} bytes held after 10 results of 200 MB"
+        );
+        assert!(
+            shmem <= CACHE_BOUND,
+            "RssShmem {shmem} bytes after 10 results of 200 MB ({count} blocks of {bytes} bytes)"
+        );
+        pool.close();
+        pool.join().unwrap();
+    })
 }

@@ -139,21 +139,25 @@ fn abstract_connect(name: Vec<u8>) -> Result<(), String> {
 
 #[test]
 fn an_abstract_unix_socket_is_out_of_reach() {
-    use std::os::linux::net::SocketAddrExt;
-    within_bound("the abstract socket test", || {
-        let name = format!("procpool-sandbox-test-{}", std::process::id()).into_bytes();
-        let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap();
-        let listener = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
-        listener.set_nonblocking(true).unwrap();
+    common::bounded(|| {
+        use std::os::linux::net::SocketAddrExt;
+        within_bound("the abstract socket test", || {
+            let name = format!("procpool-sandbox-test-{}", std::process::id()).into_bytes();
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap();
+            let listener = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+            listener.set_nonblocking(true).unwrap();
 
-        let pool = sandboxed(1, Sandbox::new());
-        assert!(pool.apply(abstract_connect, name.clone()).unwrap().is_err());
-        assert!(matches!(listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock));
+            let pool = sandboxed(1, Sandbox::new());
+            assert!(pool.apply(abstract_connect, name.clone()).unwrap().is_err());
+            assert!(
+                matches!(listener.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+            );
 
-        let pool = plain(1);
-        assert_eq!(pool.apply(abstract_connect, name).unwrap(), Ok(()));
-        assert!(common::eventually(|| listener.accept().is_ok()));
-    });
+            let pool = plain(1);
+            assert_eq!(pool.apply(abstract_connect, name).unwrap(), Ok(()));
+            assert!(common::eventually(|| listener.accept().is_ok()));
+        });
+    })
 }
 
 // ---- no new programs, no io_uring ----
@@ -792,51 +796,59 @@ fn the_sandbox_applies_after_the_initializer() {
 
 #[test]
 fn a_sandbox_needs_the_fork_server() {
-    let r = Pool::builder()
-        .processes(1)
-        .start_method(StartMethod::Fork)
-        .sandbox(Sandbox::new())
-        .build();
-    match r {
-        Err(Error::Sandbox { reason, .. }) => assert!(reason.contains("ForkServer"), "{reason}"),
-        other => panic!("expected a sandbox error, got {other:?}"),
-    }
+    common::bounded(|| {
+        let r = Pool::builder()
+            .processes(1)
+            .start_method(StartMethod::Fork)
+            .sandbox(Sandbox::new())
+            .build();
+        match r {
+            Err(Error::Sandbox { reason, .. }) => {
+                assert!(reason.contains("ForkServer"), "{reason}")
+            }
+            other => panic!("expected a sandbox error, got {other:?}"),
+        }
+    })
 }
 
 #[test]
 fn bad_sandbox_settings_are_errors() {
-    let r = Pool::builder()
-        .processes(1)
-        .start_method(StartMethod::ForkServer)
-        .sandbox(Sandbox::new().memory_limit(0))
-        .build();
-    assert!(matches!(r, Err(Error::Config(_))), "{r:?}");
-    let r = Pool::builder()
-        .processes(1)
-        .start_method(StartMethod::ForkServer)
-        .sandbox(Sandbox::new().read_only("/no/such/path/procpool"))
-        .build();
-    assert!(matches!(r, Err(Error::Sandbox { .. })), "{r:?}");
+    common::bounded(|| {
+        let r = Pool::builder()
+            .processes(1)
+            .start_method(StartMethod::ForkServer)
+            .sandbox(Sandbox::new().memory_limit(0))
+            .build();
+        assert!(matches!(r, Err(Error::Config(_))), "{r:?}");
+        let r = Pool::builder()
+            .processes(1)
+            .start_method(StartMethod::ForkServer)
+            .sandbox(Sandbox::new().read_only("/no/such/path/procpool"))
+            .build();
+        assert!(matches!(r, Err(Error::Sandbox { .. })), "{r:?}");
+    })
 }
 
 #[test]
 fn threads_work_in_a_sandboxed_task() {
-    fn threads(n: u64) -> u64 {
-        let hs: Vec<_> = (0..n).map(|i| std::thread::spawn(move || i * 2)).collect();
-        hs.into_iter().map(|h| h.join().unwrap()).sum()
-    }
-    within_bound("the threads test", || {
-        let pool = sandboxed(1, Sandbox::new());
-        assert_eq!(pool.apply(threads, 4).unwrap(), 12);
-        // A panic comes back as usual.
-        fn boom(_: ()) {
-            panic!("boom")
+    common::bounded(|| {
+        fn threads(n: u64) -> u64 {
+            let hs: Vec<_> = (0..n).map(|i| std::thread::spawn(move || i * 2)).collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum()
         }
-        assert!(matches!(
-            pool.apply(boom, ()),
-            Err(Error::TaskPanicked { .. })
-        ));
-    });
+        within_bound("the threads test", || {
+            let pool = sandboxed(1, Sandbox::new());
+            assert_eq!(pool.apply(threads, 4).unwrap(), 12);
+            // A panic comes back as usual.
+            fn boom(_: ()) {
+                panic!("boom")
+            }
+            assert!(matches!(
+                pool.apply(boom, ()),
+                Err(Error::TaskPanicked { .. })
+            ));
+        });
+    })
 }
 
 // ---- a kernel that lacks a mechanism ----
@@ -876,11 +888,13 @@ fn a_missing_mechanism_fails_the_build_unless_a_weaker_sandbox_is_accepted() {
 #[test]
 #[ignore = "a helper: run by no_environment_variable_weakens_a_sandbox"]
 fn helper_pretend_by_environment() {
-    assert!(std::env::var_os(OLD_PRETEND_ENV).is_some());
-    let pool = sandboxed(1, Sandbox::new());
-    assert!(pool.apply(run_true, ()).unwrap().is_err());
-    assert!(pool.apply(udp_send, 9).unwrap().is_err());
-    println!("HELPER-DONE");
+    common::bounded(|| {
+        assert!(std::env::var_os(OLD_PRETEND_ENV).is_some());
+        let pool = sandboxed(1, Sandbox::new());
+        assert!(pool.apply(run_true, ()).unwrap().is_err());
+        assert!(pool.apply(udp_send, 9).unwrap().is_err());
+        println!("HELPER-DONE");
+    })
 }
 
 /// The variable that once made a server pretend mechanisms were missing,
@@ -1040,39 +1054,41 @@ fn scan_region(
 #[test]
 #[ignore = "a helper: run by the_parents_environment_never_reaches_a_sandboxed_task"]
 fn helper_secret_in_the_environment() {
-    let secret = std::env::var(SECRET_ENV).expect("the helper's secret");
-    // A worker that may run a second task, so that the one that ran the
-    // task is still there to be scanned (by default the pool kills it).
-    let sandbox = Sandbox::new()
-        .env("PROCPOOL_TEST_NAMED", "named")
-        .tasks_per_worker(2);
-    let pool = sandboxed(1, sandbox);
-    assert_eq!(pool.apply(read_secret, ()).unwrap(), None);
-    let pid = pool.worker_pids()[0];
-    match scan_memory(pid, secret.as_bytes()) {
-        Scan::NotPermitted(why) => println!("SCAN-SKIPPED sandboxed: {why}"),
-        found => {
-            assert_eq!(found, Scan::Absent, "the secret is in the sandboxed worker");
-            println!("SCANNED sandboxed: absent");
+    common::bounded(|| {
+        let secret = std::env::var(SECRET_ENV).expect("the helper's secret");
+        // A worker that may run a second task, so that the one that ran the
+        // task is still there to be scanned (by default the pool kills it).
+        let sandbox = Sandbox::new()
+            .env("PROCPOOL_TEST_NAMED", "named")
+            .tasks_per_worker(2);
+        let pool = sandboxed(1, sandbox);
+        assert_eq!(pool.apply(read_secret, ()).unwrap(), None);
+        let pid = pool.worker_pids()[0];
+        match scan_memory(pid, secret.as_bytes()) {
+            Scan::NotPermitted(why) => println!("SCAN-SKIPPED sandboxed: {why}"),
+            found => {
+                assert_eq!(found, Scan::Absent, "the secret is in the sandboxed worker");
+                println!("SCANNED sandboxed: absent");
+            }
         }
-    }
-    // The control: without a sandbox, the task reads it, and the scan
-    // finds it in the worker (so the scan can find it).
-    let pool = plain(1);
-    assert_eq!(pool.apply(read_secret, ()).unwrap(), Some(secret.clone()));
-    let pid = pool.worker_pids()[0];
-    match scan_memory(pid, secret.as_bytes()) {
-        Scan::NotPermitted(why) => println!("SCAN-SKIPPED plain: {why}"),
-        found => {
-            assert_eq!(
-                found,
-                Scan::Found,
-                "the scan misses the plain worker's copy"
-            );
-            println!("SCANNED plain: found");
+        // The control: without a sandbox, the task reads it, and the scan
+        // finds it in the worker (so the scan can find it).
+        let pool = plain(1);
+        assert_eq!(pool.apply(read_secret, ()).unwrap(), Some(secret.clone()));
+        let pid = pool.worker_pids()[0];
+        match scan_memory(pid, secret.as_bytes()) {
+            Scan::NotPermitted(why) => println!("SCAN-SKIPPED plain: {why}"),
+            found => {
+                assert_eq!(
+                    found,
+                    Scan::Found,
+                    "the scan misses the plain worker's copy"
+                );
+                println!("SCANNED plain: found");
+            }
         }
-    }
-    println!("HELPER-DONE");
+        println!("HELPER-DONE");
+    })
 }
 
 #[test]
@@ -1143,16 +1159,18 @@ const FORGED: &[u8] = b"FORGED-BY-A-TASK\n";
 #[test]
 #[ignore = "a helper: run by a_task_cannot_erase_or_forge_the_parents_log"]
 fn helper_log_file() {
-    let mode = common::helper_mode().expect("a mode");
-    println!("HELPER-LINE");
-    let pool = match mode.as_str() {
-        "sandboxed" => sandboxed(1, Sandbox::new()),
-        _ => plain(1),
-    };
-    let (t, w) = pool.apply(forge_stdout, ()).unwrap();
-    eprintln!("{mode}: ftruncate errno {t}, pwrite errno {w}");
-    pool.close();
-    pool.join().unwrap();
+    common::bounded(|| {
+        let mode = common::helper_mode().expect("a mode");
+        println!("HELPER-LINE");
+        let pool = match mode.as_str() {
+            "sandboxed" => sandboxed(1, Sandbox::new()),
+            _ => plain(1),
+        };
+        let (t, w) = pool.apply(forge_stdout, ()).unwrap();
+        eprintln!("{mode}: ftruncate errno {t}, pwrite errno {w}");
+        pool.close();
+        pool.join().unwrap();
+    })
 }
 
 /// Runs helper `helper_log_file` in `mode` with its stdout appended to the
@@ -1223,16 +1241,18 @@ fn print_lines(token: String) {
 #[test]
 #[ignore = "a helper: run by what_a_sandboxed_task_prints_reaches_the_programs_stdio"]
 fn helper_prints() {
-    let mode = common::helper_mode().expect("a mode");
-    let token = std::env::var(SECRET_ENV).expect("the token");
-    let pool = match mode.as_str() {
-        "sandboxed" => sandboxed(1, Sandbox::new()),
-        _ => plain(1),
-    };
-    pool.apply(print_lines, token).unwrap();
-    pool.close();
-    pool.join().unwrap();
-    println!("\nHELPER-DONE");
+    common::bounded(|| {
+        let mode = common::helper_mode().expect("a mode");
+        let token = std::env::var(SECRET_ENV).expect("the token");
+        let pool = match mode.as_str() {
+            "sandboxed" => sandboxed(1, Sandbox::new()),
+            _ => plain(1),
+        };
+        pool.apply(print_lines, token).unwrap();
+        pool.close();
+        pool.join().unwrap();
+        println!("\nHELPER-DONE");
+    })
 }
 
 #[test]
@@ -1797,31 +1817,33 @@ const STREAMED: u64 = 256 << 20;
 #[test]
 #[ignore = "a helper: run by a_worker_claiming_4_gib_cannot_take_the_parents_memory"]
 fn helper_claim_4gib() {
-    if std::env::var("PROCPOOL_TEST_HELPER").as_deref() != Ok("helper_claim_4gib") {
-        return;
-    }
-    let pool = sandboxed(1, Sandbox::new().result_limit(RESULT_LIMIT));
-    assert_eq!(pool.apply(double, 1).unwrap(), 2);
-    println!("BEFORE= {}", peak_rss());
-    match pool.apply(claim_4gib, 0) {
-        Err(Error::ProtocolViolation { reason, .. }) => {
-            assert!(reason.contains("claims 4294967296 bytes"), "{reason}")
+    common::bounded(|| {
+        if std::env::var("PROCPOOL_TEST_HELPER").as_deref() != Ok("helper_claim_4gib") {
+            return;
         }
-        other => panic!("expected a protocol violation, got {other:?}"),
-    }
-    println!("SANDBOXED= {}", peak_rss());
-    // The pool goes on, with a new worker.
-    assert_eq!(pool.apply(double, 21).unwrap(), 42);
-    drop(pool);
-    // Without a sandbox the parent believes the claim, and holds what
-    // streams in (the worker then exits: the task is lost with it).
-    let pool = plain(1);
-    assert!(matches!(
-        pool.apply(claim_4gib, STREAMED),
-        Err(Error::WorkerLost { .. })
-    ));
-    println!("PLAIN= {}", peak_rss());
-    println!("HELPER-DONE");
+        let pool = sandboxed(1, Sandbox::new().result_limit(RESULT_LIMIT));
+        assert_eq!(pool.apply(double, 1).unwrap(), 2);
+        println!("BEFORE= {}", peak_rss());
+        match pool.apply(claim_4gib, 0) {
+            Err(Error::ProtocolViolation { reason, .. }) => {
+                assert!(reason.contains("claims 4294967296 bytes"), "{reason}")
+            }
+            other => panic!("expected a protocol violation, got {other:?}"),
+        }
+        println!("SANDBOXED= {}", peak_rss());
+        // The pool goes on, with a new worker.
+        assert_eq!(pool.apply(double, 21).unwrap(), 42);
+        drop(pool);
+        // Without a sandbox the parent believes the claim, and holds what
+        // streams in (the worker then exits: the task is lost with it).
+        let pool = plain(1);
+        assert!(matches!(
+            pool.apply(claim_4gib, STREAMED),
+            Err(Error::WorkerLost { .. })
+        ));
+        println!("PLAIN= {}", peak_rss());
+        println!("HELPER-DONE");
+    })
 }
 
 #[test]
@@ -1907,48 +1929,50 @@ fn send_with_fds(sock: i32, bytes: &[u8], fds: &[i32]) {
 #[test]
 #[ignore = "a helper: run by fds_a_worker_floods_the_parent_with_are_closed_at_once"]
 fn helper_flood_fds() {
-    if std::env::var("PROCPOOL_TEST_HELPER").as_deref() != Ok("helper_flood_fds") {
-        return;
-    }
-    let pool = sandboxed(1, Sandbox::new().read_only("/dev/null"));
-    // Each task's worker is killed after it and replaced: count once the
-    // replacement of the first task's worker is up and that worker gone.
-    let (first, _) = pool.apply(pid_and_runs, 1).unwrap();
-    let settled = |gone: u32| {
-        assert!(common::eventually(|| {
-            let now = pool.worker_pids();
-            now.len() == 1 && now[0] != gone
-        }));
-        pool.worker_pids()[0]
-    };
-    let flooder = settled(first);
-    let before = fd_count();
-    println!("BEFORE= {before}");
-    match pool.apply(flood_fds, (2, true)) {
-        Err(Error::ProtocolViolation { reason, .. }) => {
-            assert!(reason.contains("file descriptor"), "{reason}")
+    common::bounded(|| {
+        if std::env::var("PROCPOOL_TEST_HELPER").as_deref() != Ok("helper_flood_fds") {
+            return;
         }
-        other => panic!("expected a protocol violation, got {other:?}"),
-    }
-    // Its replacement holds a socket as it did: once it is up, the parent
-    // holds what it held before.
-    settled(flooder);
-    assert!(
-        common::eventually(|| fd_count() == before),
-        "the parent holds {} fds, {before} before the flood",
-        fd_count()
-    );
-    let (last, _) = pool.apply(pid_and_runs, 21).unwrap();
-    settled(last);
-    println!("SANDBOXED= {}", fd_count());
-    drop(pool);
-    // Without a sandbox the parent keeps them while the worker lives.
-    let pool = plain(1);
-    assert_eq!(pool.apply(double, 1).unwrap(), 2);
-    let before = fd_count();
-    assert_eq!(pool.apply(flood_fds, (2, false)).unwrap(), 500);
-    println!("PLAIN= {}", fd_count() - before);
-    println!("HELPER-DONE");
+        let pool = sandboxed(1, Sandbox::new().read_only("/dev/null"));
+        // Each task's worker is killed after it and replaced: count once the
+        // replacement of the first task's worker is up and that worker gone.
+        let (first, _) = pool.apply(pid_and_runs, 1).unwrap();
+        let settled = |gone: u32| {
+            assert!(common::eventually(|| {
+                let now = pool.worker_pids();
+                now.len() == 1 && now[0] != gone
+            }));
+            pool.worker_pids()[0]
+        };
+        let flooder = settled(first);
+        let before = fd_count();
+        println!("BEFORE= {before}");
+        match pool.apply(flood_fds, (2, true)) {
+            Err(Error::ProtocolViolation { reason, .. }) => {
+                assert!(reason.contains("file descriptor"), "{reason}")
+            }
+            other => panic!("expected a protocol violation, got {other:?}"),
+        }
+        // Its replacement holds a socket as it did: once it is up, the parent
+        // holds what it held before.
+        settled(flooder);
+        assert!(
+            common::eventually(|| fd_count() == before),
+            "the parent holds {} fds, {before} before the flood",
+            fd_count()
+        );
+        let (last, _) = pool.apply(pid_and_runs, 21).unwrap();
+        settled(last);
+        println!("SANDBOXED= {}", fd_count());
+        drop(pool);
+        // Without a sandbox the parent keeps them while the worker lives.
+        let pool = plain(1);
+        assert_eq!(pool.apply(double, 1).unwrap(), 2);
+        let before = fd_count();
+        assert_eq!(pool.apply(flood_fds, (2, false)).unwrap(), 500);
+        println!("PLAIN= {}", fd_count() - before);
+        println!("HELPER-DONE");
+    })
 }
 
 #[test]
@@ -2513,16 +2537,18 @@ fn a_worker_that_shuts_its_socket_is_killed_not_kept() {
 
 #[test]
 fn the_root_cannot_be_listed() {
-    let r = Pool::builder()
-        .processes(1)
-        .start_method(StartMethod::ForkServer)
-        .sandbox(Sandbox::new().read_only("/"))
-        .build();
-    assert!(
-        matches!(&r, Err(Error::Sandbox { reason, .. }) if reason.contains("cannot list /")),
-        "{:?}",
-        r.err()
-    );
+    common::bounded(|| {
+        let r = Pool::builder()
+            .processes(1)
+            .start_method(StartMethod::ForkServer)
+            .sandbox(Sandbox::new().read_only("/"))
+            .build();
+        assert!(
+            matches!(&r, Err(Error::Sandbox { reason, .. }) if reason.contains("cannot list /")),
+            "{:?}",
+            r.err()
+        );
+    })
 }
 
 // ---- output volume ----
@@ -2549,19 +2575,21 @@ fn chatter(n: usize) -> usize {
 #[test]
 #[ignore = "a helper: run by past_the_output_cap_the_task_fails_with_the_limit"]
 fn helper_output_cap() {
-    let pool = sandboxed(1, Sandbox::new().output_limit(64 << 10));
-    assert_eq!(pool.apply(chatter, 10_000).unwrap(), 10_000);
-    match pool.apply(chatter, 1 << 30) {
-        Err(Error::LimitExceeded {
-            limit: Limit::Output { bytes },
-            ..
-        }) => assert_eq!(bytes, 64 << 10),
-        other => panic!("expected the output limit, got {other:?}"),
-    }
-    assert_eq!(pool.apply(double, 2).unwrap(), 4, "the pool went on");
-    pool.close();
-    pool.join().unwrap();
-    println!("\nHELPER-DONE");
+    common::bounded(|| {
+        let pool = sandboxed(1, Sandbox::new().output_limit(64 << 10));
+        assert_eq!(pool.apply(chatter, 10_000).unwrap(), 10_000);
+        match pool.apply(chatter, 1 << 30) {
+            Err(Error::LimitExceeded {
+                limit: Limit::Output { bytes },
+                ..
+            }) => assert_eq!(bytes, 64 << 10),
+            other => panic!("expected the output limit, got {other:?}"),
+        }
+        assert_eq!(pool.apply(double, 2).unwrap(), 4, "the pool went on");
+        pool.close();
+        pool.join().unwrap();
+        println!("\nHELPER-DONE");
+    })
 }
 
 #[test]

@@ -304,18 +304,20 @@ fn tty() {
 #[test]
 #[ignore = "the helper process of the tests in this file"]
 fn signals_helper() {
-    let Some(mode) = common::helper_mode() else {
-        return;
-    };
-    match mode.as_str() {
-        "handler-after-build" => graceful(false),
-        "handler-before-build" => graceful(true),
-        "no-handler" => no_handler(),
-        "dispositions" => dispositions(),
-        "sigchld-ignored" => sigchld_ignored(),
-        "tty" => tty(),
-        other => panic!("unknown helper mode {other}"),
-    }
+    common::bounded(|| {
+        let Some(mode) = common::helper_mode() else {
+            return;
+        };
+        match mode.as_str() {
+            "handler-after-build" => graceful(false),
+            "handler-before-build" => graceful(true),
+            "no-handler" => no_handler(),
+            "dispositions" => dispositions(),
+            "sigchld-ignored" => sigchld_ignored(),
+            "tty" => tty(),
+            other => panic!("unknown helper mode {other}"),
+        }
+    })
 }
 
 // ---- the tests -------------------------------------------------------------
@@ -367,24 +369,30 @@ fn graceful_test(mode: &str) {
 /// all 20 tasks, running and queued, finish with their values.
 #[test]
 fn ctrl_c_with_a_handler_installed_after_build_finishes_every_task() {
-    graceful_test("handler-after-build");
+    common::bounded(|| {
+        graceful_test("handler-after-build");
+    })
 }
 
 /// The same with the handler installed before build().
 #[test]
 fn ctrl_c_with_a_handler_installed_before_build_finishes_every_task() {
-    graceful_test("handler-before-build");
+    common::bounded(|| {
+        graceful_test("handler-before-build");
+    })
 }
 
 /// Without a handler, Ctrl-C ends the program (SIGINT's default action),
 /// and its pool's processes go with it.
 #[test]
 fn ctrl_c_without_a_handler_ends_the_program_and_its_pool() {
-    let (h, server, workers) = ctrl_c("no-handler");
-    let (status, out) = h.finish();
-    assert_eq!(status.signal(), Some(libc::SIGINT), "{status}: {out}");
-    let all: Vec<u32> = std::iter::once(server).chain(workers).collect();
-    common::assert_dead(&all, "the pool's processes after their program died");
+    common::bounded(|| {
+        let (h, server, workers) = ctrl_c("no-handler");
+        let (status, out) = h.finish();
+        assert_eq!(status.signal(), Some(libc::SIGINT), "{status}: {out}");
+        let all: Vec<u32> = std::iter::once(server).chain(workers).collect();
+        common::assert_dead(&all, "the pool's processes after their program died");
+    })
 }
 
 /// Started with SIGINT and SIGQUIT ignored, a SIGTERM handler and SIGUSR1
@@ -394,69 +402,71 @@ fn ctrl_c_without_a_handler_ends_the_program_and_its_pool() {
 /// /dev/null.
 #[test]
 fn tasks_run_with_a_fresh_programs_signal_state() {
-    let mut h = Helper::start(&test_name!(HELPER), "dispositions", |c| {
-        // SAFETY: signal() is async-signal-safe, as pre_exec requires.
-        unsafe {
-            c.pre_exec(|| {
-                libc::signal(libc::SIGINT, libc::SIG_IGN);
-                libc::signal(libc::SIGQUIT, libc::SIG_IGN);
-                Ok(())
-            });
-        }
-        // Held open and never written: a task that read it would wait.
-        c.stdin(std::process::Stdio::piped());
-    });
-    let host: u64 = h.expect("HOST_IGNORED").parse().unwrap();
-    assert_eq!(
-        host & (bit(libc::SIGINT) | bit(libc::SIGQUIT)),
-        bit(libc::SIGINT) | bit(libc::SIGQUIT),
-        "the helper was not started with SIGINT and SIGQUIT ignored"
-    );
-    let task = h.expect("TASK_SIGNALS");
-    let server = h.expect("SERVER_SIGNALS");
-    let child = h.expect("CHILD");
-    let stdin = h.expect("STDIN");
-    let (status, out) = h.finish();
-    assert!(status.success(), "{status}: {out}");
-    let v: Vec<u64> = task
-        .split_whitespace()
-        .map(|x| u64::from_str_radix(x, 16).unwrap() & !LIBC_OWN)
-        .collect();
-    assert_eq!(v[0], 0, "signals blocked in a task: {:x}", v[0]);
-    assert_eq!(
-        v[1],
-        bit(libc::SIGPIPE),
-        "signals ignored in a task: {:x}",
-        v[1]
-    );
-    assert_eq!(
-        v[2] & !(bit(libc::SIGSEGV) | bit(libc::SIGBUS)),
-        0,
-        "signals caught in a task: {:x}",
-        v[2]
-    );
-    let v: Vec<u64> = server
-        .split_whitespace()
-        .map(|x| u64::from_str_radix(x, 16).unwrap() & !LIBC_OWN)
-        .collect();
-    assert_eq!(
-        v[0],
-        bit(libc::SIGCHLD),
-        "blocked in the server: {:x}",
-        v[0]
-    );
-    assert_eq!(
-        v[1],
-        bit(libc::SIGPIPE),
-        "ignored in the server: {:x}",
-        v[1]
-    );
-    assert_eq!(
-        child,
-        format!("Some({}) None", libc::SIGINT),
-        "how `sh -c 'sleep 5'` ended after a SIGINT"
-    );
-    assert_eq!(stdin, "/dev/null 0", "a task's stdin");
+    common::bounded(|| {
+        let mut h = Helper::start(&test_name!(HELPER), "dispositions", |c| {
+            // SAFETY: signal() is async-signal-safe, as pre_exec requires.
+            unsafe {
+                c.pre_exec(|| {
+                    libc::signal(libc::SIGINT, libc::SIG_IGN);
+                    libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+                    Ok(())
+                });
+            }
+            // Held open and never written: a task that read it would wait.
+            c.stdin(std::process::Stdio::piped());
+        });
+        let host: u64 = h.expect("HOST_IGNORED").parse().unwrap();
+        assert_eq!(
+            host & (bit(libc::SIGINT) | bit(libc::SIGQUIT)),
+            bit(libc::SIGINT) | bit(libc::SIGQUIT),
+            "the helper was not started with SIGINT and SIGQUIT ignored"
+        );
+        let task = h.expect("TASK_SIGNALS");
+        let server = h.expect("SERVER_SIGNALS");
+        let child = h.expect("CHILD");
+        let stdin = h.expect("STDIN");
+        let (status, out) = h.finish();
+        assert!(status.success(), "{status}: {out}");
+        let v: Vec<u64> = task
+            .split_whitespace()
+            .map(|x| u64::from_str_radix(x, 16).unwrap() & !LIBC_OWN)
+            .collect();
+        assert_eq!(v[0], 0, "signals blocked in a task: {:x}", v[0]);
+        assert_eq!(
+            v[1],
+            bit(libc::SIGPIPE),
+            "signals ignored in a task: {:x}",
+            v[1]
+        );
+        assert_eq!(
+            v[2] & !(bit(libc::SIGSEGV) | bit(libc::SIGBUS)),
+            0,
+            "signals caught in a task: {:x}",
+            v[2]
+        );
+        let v: Vec<u64> = server
+            .split_whitespace()
+            .map(|x| u64::from_str_radix(x, 16).unwrap() & !LIBC_OWN)
+            .collect();
+        assert_eq!(
+            v[0],
+            bit(libc::SIGCHLD),
+            "blocked in the server: {:x}",
+            v[0]
+        );
+        assert_eq!(
+            v[1],
+            bit(libc::SIGPIPE),
+            "ignored in the server: {:x}",
+            v[1]
+        );
+        assert_eq!(
+            child,
+            format!("Some({}) None", libc::SIGINT),
+            "how `sh -c 'sleep 5'` ended after a SIGINT"
+        );
+        assert_eq!(stdin, "/dev/null 0", "a task's stdin");
+    })
 }
 
 /// Started with SIGCHLD ignored (set before exec, so the kernel would reap
@@ -465,35 +475,37 @@ fn tasks_run_with_a_fresh_programs_signal_state() {
 /// close() + join() return with nothing left.
 #[test]
 fn sigchld_ignored_by_the_host_loses_no_worker() {
-    let mut h = Helper::start(&test_name!(HELPER), "sigchld-ignored", |c| {
-        // SAFETY: signal() is async-signal-safe, as pre_exec requires.
-        unsafe {
-            c.pre_exec(|| {
-                libc::signal(libc::SIGCHLD, libc::SIG_IGN);
-                Ok(())
-            });
-        }
-    });
-    let host: u64 = h.expect("HOST_IGNORED").parse().unwrap();
-    assert_ne!(
-        host & bit(libc::SIGCHLD),
-        0,
-        "the helper was not started with SIGCHLD ignored"
-    );
-    let (server, first) = common::parse_pids(&h.expect("PIDS"));
-    let lost = h.expect("LOST");
-    let after = h.expect("AFTER");
-    let (_, later) = common::parse_pids(&h.expect("PIDS"));
-    let joined = h.expect("JOIN");
-    let children = h.expect("CHILDREN");
-    let (status, out) = h.finish();
-    assert_eq!(lost, "Some(7)", "{out}");
-    assert_eq!(after, "2", "{out}");
-    assert_eq!(joined, "Ok(())", "{out}");
-    assert_eq!(children, "[]", "{out}");
-    assert!(status.success(), "{status}: {out}");
-    let all: Vec<u32> = std::iter::once(server).chain(first).chain(later).collect();
-    common::assert_dead(&all, "the pool's processes after close() and join()");
+    common::bounded(|| {
+        let mut h = Helper::start(&test_name!(HELPER), "sigchld-ignored", |c| {
+            // SAFETY: signal() is async-signal-safe, as pre_exec requires.
+            unsafe {
+                c.pre_exec(|| {
+                    libc::signal(libc::SIGCHLD, libc::SIG_IGN);
+                    Ok(())
+                });
+            }
+        });
+        let host: u64 = h.expect("HOST_IGNORED").parse().unwrap();
+        assert_ne!(
+            host & bit(libc::SIGCHLD),
+            0,
+            "the helper was not started with SIGCHLD ignored"
+        );
+        let (server, first) = common::parse_pids(&h.expect("PIDS"));
+        let lost = h.expect("LOST");
+        let after = h.expect("AFTER");
+        let (_, later) = common::parse_pids(&h.expect("PIDS"));
+        let joined = h.expect("JOIN");
+        let children = h.expect("CHILDREN");
+        let (status, out) = h.finish();
+        assert_eq!(lost, "Some(7)", "{out}");
+        assert_eq!(after, "2", "{out}");
+        assert_eq!(joined, "Ok(())", "{out}");
+        assert_eq!(children, "[]", "{out}");
+        assert!(status.success(), "{status}: {out}");
+        let all: Vec<u32> = std::iter::once(server).chain(first).chain(later).collect();
+        common::assert_dead(&all, "the pool's processes after close() and join()");
+    })
 }
 
 // ---- the fork server killed from outside (in this process) ----------------
@@ -520,51 +532,53 @@ fn assert_broken_by_kill<T: std::fmt::Debug>(r: Result<T, Error>, what: &str) ->
 /// how the server ended; so does every later call, and join().
 #[test]
 fn a_killed_fork_server_breaks_the_pool_for_every_later_call() {
-    let pool = Pool::builder().processes(2).build().unwrap();
-    let gate = common::Gate::new("server-killed");
-    let running = pool.apply_async(gated_one, gate.key()).unwrap();
-    let server = pool.server_pid();
-    let workers = pool.worker_pids();
-    // SAFETY: a signal to the pool's own server, a pid from its API and a
-    // child of this process that has not been reaped (the pool reaps it).
-    let killed = unsafe { libc::kill(server as libc::pid_t, libc::SIGKILL) };
-    assert_eq!(killed, 0);
-    assert!(
-        running.wait_timeout(common::HELPER_BOUND),
-        "the task in flight never resolved"
-    );
-    let reason = assert_broken_by_kill(running.get(), "the task in flight");
-    let _dog = common::watchdog(
-        "calls on a pool whose server was killed",
-        common::HELPER_BOUND,
-    );
-    assert_broken_by_kill(pool.apply(inc, 1), "apply");
-    assert_broken_by_kill(pool.apply_async(inc, 1).map(|_| ()), "apply_async");
-    assert_broken_by_kill(pool.map(inc, 0..10), "map");
-    assert_broken_by_kill(pool.map_async(inc, 0..10).map(|_| ()), "map_async");
-    let first = pool.imap(inc, 0..10).next().expect("one item");
-    assert_broken_by_kill(first, "imap");
-    pool.close();
-    assert_eq!(
-        assert_broken_by_kill(pool.join(), "join"),
-        reason,
-        "join's error"
-    );
-    assert_broken_by_kill(pool.join(), "join, again");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    assert_eq!(
-        assert_broken_by_kill(rt.block_on(pool.join_async()), "join_async"),
-        reason,
-        "join_async's error"
-    );
-    assert_broken_by_kill(pool.apply(inc, 1), "apply after close");
-    // The server was reaped (it was this process's child); the workers died
-    // with it.
-    assert!(!common::exists(server), "server {server} was not reaped");
-    common::assert_dead(&workers, "the workers of a killed server");
-    gate.open();
+    common::bounded(|| {
+        let pool = Pool::builder().processes(2).build().unwrap();
+        let gate = common::Gate::new("server-killed");
+        let running = pool.apply_async(gated_one, gate.key()).unwrap();
+        let server = pool.server_pid();
+        let workers = pool.worker_pids();
+        // SAFETY: a signal to the pool's own server, a pid from its API and a
+        // child of this process that has not been reaped (the pool reaps it).
+        let killed = unsafe { libc::kill(server as libc::pid_t, libc::SIGKILL) };
+        assert_eq!(killed, 0);
+        assert!(
+            running.wait_timeout(common::HELPER_BOUND),
+            "the task in flight never resolved"
+        );
+        let reason = assert_broken_by_kill(running.get(), "the task in flight");
+        let _dog = common::watchdog(
+            "calls on a pool whose server was killed",
+            common::HELPER_BOUND,
+        );
+        assert_broken_by_kill(pool.apply(inc, 1), "apply");
+        assert_broken_by_kill(pool.apply_async(inc, 1).map(|_| ()), "apply_async");
+        assert_broken_by_kill(pool.map(inc, 0..10), "map");
+        assert_broken_by_kill(pool.map_async(inc, 0..10).map(|_| ()), "map_async");
+        let first = pool.imap(inc, 0..10).next().expect("one item");
+        assert_broken_by_kill(first, "imap");
+        pool.close();
+        assert_eq!(
+            assert_broken_by_kill(pool.join(), "join"),
+            reason,
+            "join's error"
+        );
+        assert_broken_by_kill(pool.join(), "join, again");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert_eq!(
+            assert_broken_by_kill(rt.block_on(pool.join_async()), "join_async"),
+            reason,
+            "join_async's error"
+        );
+        assert_broken_by_kill(pool.apply(inc, 1), "apply after close");
+        // The server was reaped (it was this process's child); the workers died
+        // with it.
+        assert!(!common::exists(server), "server {server} was not reaped");
+        common::assert_dead(&workers, "the workers of a killed server");
+        gate.open();
+    })
 }
 
 /// A task that opens the program's terminal gets an error at once: the
@@ -573,29 +587,31 @@ fn a_killed_fork_server_breaks_the_pool_for_every_later_call() {
 /// SIGTTOU (which, outside the terminal's foreground job, would be forever).
 #[test]
 fn a_task_that_opens_the_terminal_gets_an_error_not_a_stop() {
-    let exe = std::env::current_exe().unwrap();
-    let cmdline = format!(
-        "{} {} --exact --ignored --nocapture --test-threads=1",
-        exe.display(),
-        test_name!(HELPER)
-    );
-    let run = common::run_program_with_deadline(
-        std::process::Command::new("script")
-            .args(["-qec", &cmdline, "/dev/null"])
-            .env(common::HELPER_ENV, "tty"),
-        common::HELPER_BOUND,
-    );
-    assert!(
-        run.stdout.contains("HOST_TTY true"),
-        "the helper had no terminal (is `script` there?): {:?}\n{}\n{}",
-        run.status,
-        run.stdout,
-        run.stderr
-    );
-    assert!(
-        run.stdout
-            .contains(&format!("TASK open failed: {}", libc::ENXIO)),
-        "{}",
-        run.stdout
-    );
+    common::bounded(|| {
+        let exe = std::env::current_exe().unwrap();
+        let cmdline = format!(
+            "{} {} --exact --ignored --nocapture --test-threads=1",
+            exe.display(),
+            test_name!(HELPER)
+        );
+        let run = common::run_program_with_deadline(
+            std::process::Command::new("script")
+                .args(["-qec", &cmdline, "/dev/null"])
+                .env(common::HELPER_ENV, "tty"),
+            common::HELPER_BOUND,
+        );
+        assert!(
+            run.stdout.contains("HOST_TTY true"),
+            "the helper had no terminal (is `script` there?): {:?}\n{}\n{}",
+            run.status,
+            run.stdout,
+            run.stderr
+        );
+        assert!(
+            run.stdout
+                .contains(&format!("TASK open failed: {}", libc::ENXIO)),
+            "{}",
+            run.stdout
+        );
+    })
 }

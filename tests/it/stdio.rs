@@ -82,37 +82,39 @@ fn print_everything() {
 #[test]
 #[ignore = "the helper process of the tests in this file"]
 fn stdio_helper() {
-    match common::helper_mode().as_deref() {
+    common::bounded(|| match common::helper_mode().as_deref() {
         None => {}
         Some("print") => print_everything(),
         Some(other) => panic!("unknown helper mode {other}"),
-    }
+    })
 }
 
 #[test]
 fn output_without_a_newline_reaches_stdout_after_close_and_join() {
-    let mut h = Helper::start(&test_name!(HELPER), "print", |_| {});
-    let workers = h.expect("WORKERS");
-    h.expect("DONE");
-    let (status, out) = h.finish();
-    assert!(status.success(), "{status}: {out}");
-    for i in (0..10).chain(100..103).chain([500]) {
+    common::bounded(|| {
+        let mut h = Helper::start(&test_name!(HELPER), "print", |_| {});
+        let workers = h.expect("WORKERS");
+        h.expect("DONE");
+        let (status, out) = h.finish();
+        assert!(status.success(), "{status}: {out}");
+        for i in (0..10).chain(100..103).chain([500]) {
+            assert!(
+                out.contains(&format!("<task {i}>")),
+                "<task {i}> is missing:\n{out}"
+            );
+        }
+        for w in workers.split_whitespace() {
+            assert!(
+                out.contains(&format!("<init plain {w}>")),
+                "worker {w}'s initializer output is missing:\n{out}"
+            );
+        }
+        // One per worker that ran a task (and maybe one for a replacement
+        // started before close()).
         assert!(
-            out.contains(&format!("<task {i}>")),
-            "<task {i}> is missing:\n{out}"
+            out.matches("<init recycled ").count() >= 3,
+            "one initializer per recycled worker:\n{out}"
         );
-    }
-    for w in workers.split_whitespace() {
-        assert!(
-            out.contains(&format!("<init plain {w}>")),
-            "worker {w}'s initializer output is missing:\n{out}"
-        );
-    }
-    // One per worker that ran a task (and maybe one for a replacement
-    // started before close()).
-    assert!(
-        out.matches("<init recycled ").count() >= 3,
-        "one initializer per recycled worker:\n{out}"
-    );
-    assert!(out.contains("<init failing>"), "{out}");
+        assert!(out.contains("<init failing>"), "{out}");
+    })
 }

@@ -56,70 +56,74 @@ fn marks_after_a_long_sleep((x, base): (u64, String)) -> u64 {
 /// was free while it waited.
 #[test]
 fn an_imap_stream_leaves_its_thread_to_other_tasks() {
-    let _dog = common::watchdog("a 100,000-item imap stream", BOUND);
-    let pool = pool(2);
-    let gate = Arc::new(Gate::new("stream-ticker"));
-    let key = gate.key();
-    let items = (0..100_000u64).map(move |x| (x, (x == 0).then(|| key.clone())));
-    let mut stream = pool.imap_with(double_after_gate, items, MapOptions::new().chunksize(1000));
-    let ticks = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let (t, s, g) = (ticks.clone(), stop.clone(), gate.clone());
-    let (count, ticker_thread) = runtime().block_on(async move {
-        let ticker = tokio::spawn(async move {
-            while !s.load(Ordering::SeqCst) {
-                if t.fetch_add(1, Ordering::SeqCst) + 1 == 3 {
-                    g.open();
+    common::bounded_for(BOUND, || {
+        let pool = pool(2);
+        let gate = Arc::new(Gate::new("stream-ticker"));
+        let key = gate.key();
+        let items = (0..100_000u64).map(move |x| (x, (x == 0).then(|| key.clone())));
+        let mut stream =
+            pool.imap_with(double_after_gate, items, MapOptions::new().chunksize(1000));
+        let ticks = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (t, s, g) = (ticks.clone(), stop.clone(), gate.clone());
+        let (count, ticker_thread) = runtime().block_on(async move {
+            let ticker = tokio::spawn(async move {
+                while !s.load(Ordering::SeqCst) {
+                    if t.fetch_add(1, Ordering::SeqCst) + 1 == 3 {
+                        g.open();
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(1)).await;
+                std::thread::current().id()
+            });
+            let mut count = 0u64;
+            while let Some(r) = next(&mut stream).await {
+                assert_eq!(r.unwrap(), 2 * count, "item {count}");
+                count += 1;
             }
-            std::thread::current().id()
+            // Stop the ticker and learn which thread it ran on.
+            stop.store(true, Ordering::SeqCst);
+            (count, ticker.await.unwrap())
         });
-        let mut count = 0u64;
-        while let Some(r) = next(&mut stream).await {
-            assert_eq!(r.unwrap(), 2 * count, "item {count}");
-            count += 1;
-        }
-        // Stop the ticker and learn which thread it ran on.
-        stop.store(true, Ordering::SeqCst);
-        (count, ticker.await.unwrap())
-    });
-    assert_eq!(count, 100_000);
-    assert!(
-        ticks.load(Ordering::SeqCst) >= 3,
-        "the ticker never opened the gate"
-    );
-    assert_eq!(ticker_thread, std::thread::current().id());
+        assert_eq!(count, 100_000);
+        assert!(
+            ticks.load(Ordering::SeqCst) >= 3,
+            "the ticker never opened the gate"
+        );
+        assert_eq!(ticker_thread, std::thread::current().id());
+    })
 }
 
 /// `imap_unordered` as a stream, spawned: a `Send + 'static` input makes
 /// the stream `Send + 'static`.
 #[test]
 fn an_imap_unordered_stream_can_be_spawned() {
-    let _dog = common::watchdog("a spawned imap_unordered stream", BOUND);
-    let pool = pool(2);
-    let mut stream = pool.imap_unordered_with(square, 0..2000u64, MapOptions::new().chunksize(7));
-    let rt = runtime();
-    let got = rt
-        .block_on(rt.spawn(async move {
-            let mut got = Vec::new();
-            while let Some(r) = next(&mut stream).await {
-                got.push(r.unwrap());
-            }
-            // Done stays done.
-            assert!(next(&mut stream).await.is_none());
-            got
-        }))
-        .unwrap();
-    assert_eq!(got.len(), 2000);
-    let got: HashSet<u64> = got.into_iter().collect();
-    assert_eq!(got, (0..2000u64).map(|x| x * x).collect());
+    common::bounded_for(BOUND, || {
+        let pool = pool(2);
+        let mut stream =
+            pool.imap_unordered_with(square, 0..2000u64, MapOptions::new().chunksize(7));
+        let rt = runtime();
+        let got = rt
+            .block_on(rt.spawn(async move {
+                let mut got = Vec::new();
+                while let Some(r) = next(&mut stream).await {
+                    got.push(r.unwrap());
+                }
+                // Done stays done.
+                assert!(next(&mut stream).await.is_none());
+                got
+            }))
+            .unwrap();
+        assert_eq!(got.len(), 2000);
+        let got: HashSet<u64> = got.into_iter().collect();
+        assert_eq!(got, (0..2000u64).map(|x| x * x).collect());
 
-    let mut ordered = pool.imap(square, vec![3u64, 4]);
-    let got = rt
-        .block_on(rt.spawn(async move { (next(&mut ordered).await, next(&mut ordered).await) }))
-        .unwrap();
-    assert_eq!((got.0.unwrap().unwrap(), got.1.unwrap().unwrap()), (9, 16));
+        let mut ordered = pool.imap(square, vec![3u64, 4]);
+        let got = rt
+            .block_on(rt.spawn(async move { (next(&mut ordered).await, next(&mut ordered).await) }))
+            .unwrap();
+        assert_eq!((got.0.unwrap().unwrap(), got.1.unwrap().unwrap()), (9, 16));
+    })
 }
 
 /// Takes the first item of a stream, drops it, then closes and joins the
@@ -159,16 +163,17 @@ fn drop_mid_stream(unordered: bool) -> (usize, Vec<u64>) {
 
 #[test]
 fn dropping_a_stream_mid_way_cancels_what_is_in_flight() {
-    let _dog = common::watchdog("dropping streams mid-way", BOUND);
-    for unordered in [false, true] {
-        let (pulled, ran) = drop_mid_stream(unordered);
-        assert!(
-            pulled >= 2,
-            "unordered {unordered}: only {pulled} pulled, nothing was in flight"
-        );
-        assert!(
-            ran.is_empty(),
-            "unordered {unordered}: cancelled tasks ran to their end: {ran:?} of {pulled} pulled"
-        );
-    }
+    common::bounded_for(BOUND, || {
+        for unordered in [false, true] {
+            let (pulled, ran) = drop_mid_stream(unordered);
+            assert!(
+                pulled >= 2,
+                "unordered {unordered}: only {pulled} pulled, nothing was in flight"
+            );
+            assert!(
+                ran.is_empty(),
+                "unordered {unordered}: cancelled tasks ran to their end: {ran:?} of {pulled} pulled"
+            );
+        }
+    })
 }

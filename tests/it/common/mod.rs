@@ -511,6 +511,11 @@ pub fn assert_dead(pids: &[u32], what: &str) {
     assert!(all, "{what}: still alive (pid, stat): {alive:?}");
 }
 
+/// How long a test body under [`bounded`] may run: far more than any test
+/// takes on a loaded two-core machine, and short enough that a hang is
+/// named within a couple of minutes.
+pub const TEST_BOUND: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// The name of the test this thread runs (the harness names each test's
 /// thread after it: `apply::my_test`), for a message.
 pub fn current_test() -> String {
@@ -520,10 +525,50 @@ pub fn current_test() -> String {
         .to_string()
 }
 
+/// Runs a test's body under [`TEST_BOUND`]: `#[test] fn t() {
+/// common::bounded(|| { ... }) }`. See [`bounded_for`].
+pub fn bounded<T: Send + 'static>(body: impl FnOnce() -> T + Send + 'static) -> T {
+    bounded_for(TEST_BOUND, body)
+}
+
+/// Runs a test's body on a thread of its own, named as the test, and
+/// waits at most `bound` for it. A body that panics fails the test with
+/// its own panic; one still running at `bound` fails it with a message
+/// that names the test (its thread is left behind, and the other tests
+/// of the process go on). For a test that may take long by design (a
+/// helper with a long deadline of its own), with a bound above that.
+pub fn bounded_for<T: Send + 'static>(
+    bound: std::time::Duration,
+    body: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let name = current_test();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            let _ = tx.send(body());
+        })
+        .expect("starting a test's thread");
+    match rx.recv_timeout(bound) {
+        Ok(v) => {
+            let _ = thread.join();
+            v
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match thread.join() {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(()) => unreachable!("the body ended without a value or a panic"),
+        },
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("test {name} did not finish within {bound:?}: hung")
+        }
+    }
+}
+
 /// A watchdog for a test whose calls could hang: if the guard is still alive
 /// after `bound`, the test process prints why (and the test's name) and
 /// aborts, so a hang fails the run instead of eating it. Drop the guard when
-/// the risky part is done.
+/// the risky part is done. [`bounded`] fails only the test; this is for a
+/// bound on a part of one, where the whole process may end.
 pub struct Watchdog(std::sync::Arc<std::sync::atomic::AtomicBool>);
 
 pub fn watchdog(what: &'static str, bound: std::time::Duration) -> Watchdog {

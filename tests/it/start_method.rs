@@ -71,6 +71,7 @@ fn start_hammering() {
 /// finish within 10 s, else prints `ALL DONE`. With `PROCPOOL_HAMMER_COUNT`
 /// set it goes on instead, and prints how many hung (the README's figure).
 #[test]
+#[ignore = "a helper: run by pools_built_while_threads_hammer_locks_all_work_with_the_fork_server and the_same_program_hangs_with_fork"]
 fn hammer_helper() {
     common::bounded(|| {
         let Ok(pools) = std::env::var("PROCPOOL_HAMMER_POOLS") else {
@@ -397,6 +398,7 @@ fn pid_of_worker(_: ()) -> u32 {
 /// Helper mode: deletes or replaces this copy of the binary, then builds a
 /// pool and runs a task in it.
 #[test]
+#[ignore = "a helper: run by a_deleted_or_replaced_program_still_builds_pools"]
 fn changed_binary_helper() {
     common::bounded(|| {
         let Ok(how) = std::env::var("PROCPOOL_CHANGE_BINARY") else {
@@ -435,6 +437,7 @@ fn a_deleted_or_replaced_program_still_builds_pools() {
                     .args([
                         &test_name!("changed_binary_helper"),
                         "--exact",
+                        "--ignored",
                         "--nocapture",
                         "--test-threads=1",
                     ])
@@ -479,6 +482,7 @@ fn a_task_from_outside_the_executable_is_refused() {
 /// Helper mode: builds a pool with the environment as given and prints the
 /// outcome.
 #[test]
+#[ignore = "a helper: run by procpool_start_method_sets_the_default"]
 fn env_default_helper() {
     common::bounded(|| {
         if std::env::var_os("PROCPOOL_ENV_HELPER").is_none() {
@@ -532,14 +536,16 @@ fn env_and_cwd(_: ()) -> (Option<String>, String) {
 /// Helper mode: sets a variable and the working directory at run time,
 /// then builds a pool and prints what its worker sees.
 #[test]
+#[ignore = "a helper: run by the_server_starts_from_the_callers_environment_and_directory_at_build"]
 fn env_and_cwd_helper() {
     common::bounded(|| {
         let Ok(dir) = std::env::var("PROCPOOL_CWD_HELPER") else {
             return;
         };
-        // SAFETY: this helper process has one thread here (the harness runs it
-        // with --test-threads=1 and no pool exists yet), so nothing reads the
-        // environment concurrently.
+        // SAFETY: no other thread of this helper process reads the
+        // environment: the harness runs it with --test-threads=1, its test
+        // thread only waits for this one (common::bounded), and no pool
+        // exists yet.
         unsafe { std::env::set_var("PROCPOOL_SET_AT_RUN_TIME", "yes") };
         std::env::set_current_dir(&dir).unwrap();
         for method in BOTH {
@@ -577,6 +583,7 @@ fn the_server_starts_from_the_callers_environment_and_directory_at_build() {
 /// Helper mode: closes stdin (so the pool's first fds get low numbers),
 /// then builds pools under both methods.
 #[test]
+#[ignore = "a helper: run by a_program_with_stdin_closed_builds_pools"]
 fn closed_stdin_helper() {
     common::bounded(|| {
         if std::env::var_os("PROCPOOL_CLOSED_STDIN").is_none() {
@@ -706,6 +713,7 @@ fn plugin_path() -> std::path::PathBuf {
 /// Helper mode: loads the plugin and reports what each start method gives
 /// inside it.
 #[test]
+#[ignore = "a helper: run by inside_a_shared_library_the_fork_server_refuses_clearly_and_fork_works"]
 fn plugin_helper() {
     common::bounded(|| {
         let Ok(lib) = std::env::var("PROCPOOL_PLUGIN") else {
@@ -782,6 +790,7 @@ static HANG_CONSTRUCTOR: extern "C" fn() = hang_in_server_if_asked;
 
 /// Helper mode: builds a pool whose server hangs before it says hello.
 #[test]
+#[ignore = "a helper: run by a_server_that_never_says_hello_is_an_error_not_a_hang"]
 fn silent_server_helper() {
     common::bounded(|| {
         if std::env::var_os("PROCPOOL_TEST_HANG_SERVER").is_none() {

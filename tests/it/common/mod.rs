@@ -225,16 +225,18 @@ pub struct HelperRun {
     pub stderr: String,
 }
 
-/// Runs this test binary again with only test `name` (a [`test_name!`]), `envs` added to its
-/// environment, and a deadline: a run still going at the deadline is killed
-/// (it is our own child) and reported with `status: None`. For tests that
-/// need a fresh process (its own environment or threads) or that must show
-/// a hang without hanging.
+/// Runs this test binary again with only test `name` (a [`test_name!`]: an
+/// `#[ignore]`d helper test, which a plain run of the suite skips), `envs`
+/// added to its environment, and a deadline: a run still going at the
+/// deadline is killed (it is our own child) and reported with `status:
+/// None`. For tests that need a fresh process (its own environment or
+/// threads) or that must show a hang without hanging.
 pub fn run_helper(name: &str, envs: &[(&str, &str)], deadline: std::time::Duration) -> HelperRun {
     let exe = std::env::current_exe().expect("current_exe");
     run_program_with_deadline(
         Command::new(exe)
-            .args([name, "--exact", "--nocapture", "--test-threads=1"])
+            .args([name, "--exact", "--ignored", "--nocapture"])
+            .arg("--test-threads=1")
             .envs(envs.iter().copied()),
         deadline,
     )

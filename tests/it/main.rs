@@ -41,6 +41,7 @@ mod leaks;
 mod lifecycle;
 mod map;
 mod memory_recycle;
+mod mpi;
 mod names;
 mod output;
 mod parent_death;

@@ -9,9 +9,11 @@
 //! start method:
 //!
 //! ```text
-//! cargo test --test it -- --ignored --exact --test-threads=1 \
-//!     mpi::on_one_host mpi::across_two_simulated_hosts
+//! cargo test --test it -- --ignored --exact --nocapture mpi::on_one_host
+//! cargo test --test it -- --ignored --exact --nocapture mpi::across_two_simulated_hosts
 //! ```
+//!
+//! (`.ci/mpi-tests.sh`, after the `mpi` feature's build and lints.)
 //!
 //! Each test first builds the examples (`cargo build --release --features
 //! mpi --examples`, nothing to do once built), then runs its cases one at a
@@ -21,6 +23,7 @@
 
 use crate::common;
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -363,8 +366,13 @@ impl Case {
         let limit = Duration::from_secs(u64::from(CASE_LIMIT) + 30);
         let run = common::run_program_with_deadline(&mut cmd, limit);
         let out = format!("{}{}", run.stdout, run.stderr);
-        let why = match (run.status.and_then(|s| s.code()), self.want) {
-            (None | Some(124) | Some(137), _) => Some("timed out".to_string()),
+        // As a shell reports it: a process killed by a signal as 128 + it.
+        let code = run
+            .status
+            .map(|s| s.code().unwrap_or(128 + s.signal().unwrap_or(0)));
+        let why = match (code, self.want) {
+            // timeout's own statuses, or our deadline.
+            (None | Some(124 | 137), _) => Some("timed out".to_string()),
             (Some(0), Want::Failure) => Some("exited 0; a failure was expected".into()),
             (Some(c), Want::Code(w)) if c != w => Some(format!("exited {c}; {w} was expected")),
             _ if !out.contains(self.has) => Some(format!("its output lacks: {}", self.has)),

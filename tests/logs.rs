@@ -1,9 +1,18 @@
 //! `forward_logs`: a worker's `log` records, from its task and from the
-//! task's threads, reach this process's logger with the worker's pid.
+//! task's threads, reach this process's logger with the worker's pid; and
+//! `Output::Log`, which makes each line a worker prints a record.
+//!
+//! A binary of its own, apart from the other integration tests
+//! (`tests/it/`): these install a `log` logger, one per process for good,
+//! and a worker forked from a process with a logger inherits it (which one
+//! of the tests here shows), so in the shared binary they would change
+//! what every other test's `Fork` workers start with.
 
+#[macro_use]
+#[path = "it/common/mod.rs"]
 mod common;
 
-use procpool::{Pool, Sandbox, StartMethod};
+use procpool::{Output, Pool, Sandbox, StartMethod};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -162,4 +171,53 @@ fn pool_forkserver_marker() -> Pool {
     let p = pool(StartMethod::ForkServer, Some(log::LevelFilter::Info));
     p.apply(logs_twice, "tok-marker".into()).unwrap();
     p
+}
+
+// ---- Output::Log ----
+
+/// The records the workers' output became (target `procpool::worker`)
+/// whose message holds `needle`.
+fn output_records_with(needle: &str) -> Vec<(log::Level, String)> {
+    let seen = SEEN.lock().unwrap();
+    seen.iter()
+        .filter(|r| r.1 == "procpool::worker" && r.2.contains(needle))
+        .map(|r| (r.0, r.2.clone()))
+        .collect()
+}
+
+/// A task: a line on stdout and one on stderr; returns its pid.
+fn say_hello(token: String) -> u32 {
+    use std::io::Write;
+    let mut out = std::io::stdout();
+    out.write_all(format!("hello {token}\n").as_bytes())
+        .unwrap();
+    out.flush().unwrap();
+    std::io::stderr()
+        .write_all(format!("warning {token}\n").as_bytes())
+        .unwrap();
+    std::process::id()
+}
+
+#[test]
+fn log_mode_makes_each_line_a_record_naming_the_worker() {
+    common::within("the log test", Duration::from_secs(180), || {
+        capture();
+        let token = format!("tok{}-output-log", std::process::id());
+        let pool = Pool::builder()
+            .processes(1)
+            .stdout(Output::Log)
+            .stderr(Output::Log)
+            .build()
+            .unwrap();
+        let pid = pool.apply(say_hello, token.clone()).unwrap();
+        pool.close();
+        pool.join().unwrap();
+        let found = common::eventually(|| output_records_with(&token).len() >= 2);
+        let records = output_records_with(&token);
+        assert!(found && records.len() == 2, "{records:?}");
+        let out = format!("worker {pid}: hello {token}");
+        let err = format!("worker {pid}: warning {token}");
+        assert!(records.contains(&(log::Level::Info, out)), "{records:?}");
+        assert!(records.contains(&(log::Level::Warn, err)), "{records:?}");
+    });
 }

@@ -3,7 +3,7 @@
 //! executable would start the host program, not this library; `build()`
 //! says so and names `StartMethod::Fork` as the way out, which works.
 //!
-//! Built as a `cdylib`; `tests/start_method.rs` loads it with `dlopen` and
+//! Built as a `cdylib`; `tests/it/start_method.rs` loads it with `dlopen` and
 //! calls [`procpool_plugin_try`].
 
 use procpool::{Pool, StartMethod};

@@ -14,7 +14,7 @@
 //! The limit of it: a task that is short by its function's estimate but
 //! blocks holds up to about [`PIPELINE_NS`] of estimated work queued behind
 //! it on its worker. (While another worker is idle, a quick task goes
-//! there instead: `tests/apply.rs`.)
+//! there instead: `tests/it/apply.rs`.)
 
 use crate::proto::task::TaskFn;
 use std::collections::HashMap;

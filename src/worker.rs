@@ -18,9 +18,9 @@
 use crate::proto::codec;
 use crate::proto::shared_buf::{self, Mode, Region, Supply};
 use crate::proto::shm::Block;
-use crate::proto::status::Status;
 use crate::proto::task::{self, Init, Io, SharedIo, TaskFn, code};
 use crate::proto::wire::{self, Frame, Header, ResultAt};
+use crate::proto::words::Status;
 use crate::sandbox::{Active, Prepared};
 use crate::sys;
 use std::borrow::Cow;
@@ -764,7 +764,7 @@ mod tests {
     struct Served {
         _serial: std::sync::MutexGuard<'static, ()>,
         sock: OwnedFd,
-        words: Arc<crate::proto::status::SharedWords>,
+        words: Arc<crate::proto::words::SharedWords>,
         thread: std::thread::JoinHandle<Result<(), Stop>>,
         buf: Vec<u8>,
         fds: VecDeque<OwnedFd>,
@@ -777,7 +777,7 @@ mod tests {
             let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
             let (sock, theirs) = sys::stream_pair().unwrap();
             let words = Arc::new(
-                crate::proto::status::SharedWords::new(crate::proto::status::STATUS_WORDS).unwrap(),
+                crate::proto::words::SharedWords::new(crate::proto::words::STATUS_WORDS).unwrap(),
             );
             let w = words.clone();
             let thread = std::thread::spawn(move || serve(theirs, w.status(0), None, None));

@@ -25,7 +25,7 @@
 
 use crate::api::encode::{Encoded, check_shared, encode_error};
 use crate::engine::completion::{Hook, Slot};
-use crate::engine::core::Shared;
+use crate::engine::core::Engine;
 use crate::engine::job::JobOptions;
 use crate::error::Error;
 use crate::proto::shared_buf::{self, Mode, Region};
@@ -240,7 +240,7 @@ pub(crate) struct ChunkFeeder<I> {
     /// error that fails every chunk.
     pub(crate) prefix: Result<Vec<u8>, Error>,
     pub(crate) sizing: Sizing,
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) engine: Arc<Engine>,
     /// What goes with each chunk's job.
     pub(crate) opts: JobOptions,
     pub(crate) mode: Mode,
@@ -395,14 +395,14 @@ where
         if let Some(e) = c.err {
             return Pending::Failed(e, c.n);
         }
-        let slot = self.shared.new_slot();
+        let slot = self.engine.new_slot();
         let bytes = c.payload.len() - c.lead;
         let input = Encoded {
             payload: Body::Heap(c.payload),
             shared,
         };
         let job = input.job(self.f, hook(c.n), c.n, split.then_some(c.lead), self.opts);
-        match self.shared.submit(slot.clone(), job) {
+        match self.engine.submit(slot.clone(), job) {
             Ok(()) => Pending::Chunk(slot, c.n, bytes),
             Err(e) => Pending::Failed(e, c.n),
         }
@@ -422,7 +422,7 @@ where
         let size = match &mut self.sizing {
             Sizing::Fixed(size) => Ok(*size),
             Sizing::Auto(a) => {
-                a.run_ns = self.shared.item_estimate(self.f);
+                a.run_ns = self.engine.item_estimate(self.f);
                 Err(a.target(room))
             }
         };

@@ -8,7 +8,7 @@
 //! everything queued before it.
 
 use crate::engine::completion::Signal;
-use crate::engine::core::Shared;
+use crate::engine::core::Engine;
 use crate::error::{Error, Result};
 use std::future::Future;
 use std::pin::Pin;
@@ -40,7 +40,7 @@ enum State {
     /// The supervisor thread has not finished.
     Supervisor {
         exited: Arc<Signal>,
-        shared: Arc<Shared>,
+        engine: Arc<Engine>,
     },
     /// The result-handler thread runs the callbacks queued before; then
     /// the future resolves with the pool's broken error, if any.
@@ -50,9 +50,9 @@ enum State {
 }
 
 impl JoinFuture {
-    pub(crate) fn new(exited: Arc<Signal>, shared: Arc<Shared>) -> JoinFuture {
+    pub(crate) fn new(exited: Arc<Signal>, engine: Arc<Engine>) -> JoinFuture {
         JoinFuture {
-            state: State::Supervisor { exited, shared },
+            state: State::Supervisor { exited, engine },
         }
     }
 
@@ -73,13 +73,13 @@ impl Future for JoinFuture {
                     let e = e.take();
                     self.state = State::Done(e);
                 }
-                State::Supervisor { exited, shared } => {
+                State::Supervisor { exited, engine } => {
                     if exited.poll(cx).is_pending() {
                         return Poll::Pending;
                     }
                     // As join(): a pool that broke meanwhile says so.
-                    let broken = shared.broken();
-                    self.state = match shared.handler.drained_signal() {
+                    let broken = engine.broken();
+                    self.state = match engine.handler.drained_signal() {
                         Some(s) => State::Callbacks(s, broken),
                         None => State::Done(broken),
                     };

@@ -10,7 +10,7 @@ use crate::api::result::{
     AsyncResult, Imap, ImapUnordered, MapResult, Ready, assemble, decode_payload,
 };
 use crate::engine::completion::{Group, Hook, Hub, Outcome, Payload, Signal, Slot, complete};
-use crate::engine::core::{Launch, Shared};
+use crate::engine::core::{Engine, Launch};
 use crate::engine::lifecycle::Phase;
 use crate::engine::supervisor;
 use crate::error::{Error, Result};
@@ -59,7 +59,7 @@ use std::thread::JoinHandle;
 /// pool.apply(move |x: i32| x + k, 1);
 /// ```
 pub struct Pool {
-    shared: Arc<Shared>,
+    engine: Arc<Engine>,
     /// The supervisor thread, until it is joined.
     supervisor: Mutex<Option<JoinHandle<()>>>,
     /// Set when the supervisor thread ends (for `join_async`).
@@ -69,8 +69,8 @@ pub struct Pool {
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pool")
-            .field("processes", &self.shared.size())
-            .field("phase", &self.shared.phase())
+            .field("processes", &self.engine.size())
+            .field("phase", &self.engine.phase())
             .finish()
     }
 }
@@ -79,8 +79,8 @@ impl Pool {
     /// Starts the supervisor thread over a backend, asks for the workers
     /// and waits until they are ready.
     pub(crate) fn start(launch: Launch) -> Result<Pool> {
-        let shared = Shared::new(launch)?;
-        let s2 = shared.clone();
+        let engine = Engine::new(launch)?;
+        let s2 = engine.clone();
         let exited = Signal::new();
         let on_exit = SetOnDrop(exited.clone());
         let thread = std::thread::Builder::new()
@@ -90,22 +90,22 @@ impl Pool {
                 supervisor::run(s2)
             })
             .map_err(|e| {
-                shared.abandon(Error::Terminated);
+                engine.abandon(Error::Terminated);
                 Error::io("starting the supervisor thread", e)
             })?;
         let pool = Pool {
-            shared,
+            engine,
             supervisor: Mutex::new(Some(thread)),
             exited,
         };
-        pool.shared.start_workers()?;
+        pool.engine.start_workers()?;
         Ok(pool)
     }
 
     /// The number of worker processes the pool keeps (as built, or as
     /// [`resize`](Self::resize) last set it).
     pub fn processes(&self) -> usize {
-        self.shared.size()
+        self.engine.size()
     }
 
     /// Grows or shrinks the pool to `n` workers, while it runs.
@@ -137,7 +137,7 @@ impl Pool {
     /// # Ok::<(), procpool::Error>(())
     /// ```
     pub fn resize(&self, n: usize) -> Result<()> {
-        self.shared.resize(n)
+        self.engine.resize(n)
     }
 
     /// What the pool has done since it was built (tasks by outcome,
@@ -145,7 +145,7 @@ impl Pool {
     /// and what it holds now: see [`Stats`](crate::Stats) for each
     /// counter's unit.
     pub fn stats(&self) -> crate::Stats {
-        self.shared.stats()
+        self.engine.stats()
     }
 
     /// The pids of the live workers.
@@ -156,12 +156,12 @@ impl Pool {
     /// # Ok::<(), procpool::Error>(())
     /// ```
     pub fn worker_pids(&self) -> Vec<u32> {
-        self.shared.worker_pids()
+        self.engine.worker_pids()
     }
 
     /// How this pool's tasks carry `SharedBuf`s.
     fn shared_mode(&self) -> Mode {
-        if self.shared.cfg.inline_shared {
+        if self.engine.cfg.inline_shared {
             Mode::Inline
         } else {
             Mode::Fds
@@ -175,7 +175,7 @@ impl Pool {
     /// own pid (rank 0's): each worker rank has a fork server of its own, on
     /// its own host.
     pub fn server_pid(&self) -> u32 {
-        self.shared.server_pid()
+        self.engine.server_pid()
     }
 
     /// Runs `f(arg)` in a worker and waits for its value.
@@ -219,7 +219,7 @@ impl Pool {
         input: &P,
         opts: TaskOptions<R>,
     ) -> Result<AsyncResult<R>> {
-        let cache = (!self.shared.cfg.inline_bodies).then_some(&*self.shared.blocks);
+        let cache = (!self.engine.cfg.inline_bodies).then_some(&*self.engine.blocks);
         let input = encode_arg(input, cache, self.shared_mode())?;
         let job_opts = opts.job_options();
         let hook = match (opts.on_success, opts.on_error) {
@@ -229,12 +229,12 @@ impl Pool {
                 run_callbacks(r, ok, err)
             })),
         };
-        let slot = self.shared.new_slot();
+        let slot = self.engine.new_slot();
         let job = input.job(tf, hook, 0, None, job_opts);
-        self.shared.submit(slot.clone(), job)?;
+        self.engine.submit(slot.clone(), job)?;
         Ok(AsyncResult {
             slot,
-            pool: Arc::downgrade(&self.shared),
+            pool: Arc::downgrade(&self.engine),
             _r: PhantomData,
         })
     }
@@ -289,19 +289,19 @@ impl Pool {
         items: impl IntoIterator<Item = A>,
         opts: MapOptions<R>,
     ) -> Result<MapResult<R>> {
-        self.shared.check_running()?;
+        self.engine.check_running()?;
         let items: Vec<A> = items.into_iter().collect();
         let total = items.len();
         // In a sandboxed pool each item is alone (a chunk shares one
         // process, and its fate) unless the caller sets a chunk size.
         let chunksize = opts
             .chunksize
-            .unwrap_or_else(|| match self.shared.cfg.sandbox {
+            .unwrap_or_else(|| match self.engine.cfg.sandbox {
                 Some(_) => 1,
                 None => total.div_ceil(4 * self.processes()).max(1),
             });
         let nchunks = total.div_ceil(chunksize);
-        let first = self.shared.reserve_ids(nchunks as u64);
+        let first = self.engine.reserve_ids(nchunks as u64);
         let done = Slot::new(0);
         let group = Group::new(nchunks, done.clone());
         let chunks: Vec<Arc<Slot>> = (0..nchunks).map(|i| Slot::new(first + i as u64)).collect();
@@ -318,7 +318,7 @@ impl Pool {
             chunks,
             group,
             total,
-            pool: Arc::downgrade(&self.shared),
+            pool: Arc::downgrade(&self.engine),
             early: None,
             callbacks,
             _r: PhantomData,
@@ -326,7 +326,7 @@ impl Pool {
         if nchunks == 0 {
             // Nothing to run: the map is done now (callbacks still run on the
             // result-handler thread).
-            result.group.finish(&self.shared.handler);
+            result.group.finish(&self.engine.handler);
             return Ok(result);
         }
         // Submit each chunk as soon as it is encoded, so the workers start
@@ -338,12 +338,12 @@ impl Pool {
             let input = match encode_chunk(prefix, chunk, mode) {
                 Ok(x) => x,
                 Err(e) => {
-                    complete(slot.clone(), hook, Err(e), &self.shared.handler);
+                    complete(slot.clone(), hook, Err(e), &self.engine.handler);
                     continue;
                 }
             };
             let job = input.job(tf, hook, chunk.len(), None, job_opts);
-            if let Err(e) = self.shared.submit(slot.clone(), job) {
+            if let Err(e) = self.engine.submit(slot.clone(), job) {
                 // Closed or terminated: nothing of this map may run.
                 result.cancel();
                 return Err(e);
@@ -358,7 +358,7 @@ impl Pool {
     /// one process, and its fate), nor where the backend cannot say which
     /// item of a chunk a dead worker ran (MPI ranks).
     fn sizes_chunks<R>(&self, opts: &MapOptions<R>) -> bool {
-        let cfg = &self.shared.cfg;
+        let cfg = &self.engine.cfg;
         opts.chunksize.is_none()
             && cfg.item_progress
             && cfg.sandbox.is_none()
@@ -408,7 +408,7 @@ impl Pool {
             f: tf,
             prefix,
             sizing,
-            shared: self.shared.clone(),
+            engine: self.engine.clone(),
             opts: opts.job_options(),
             mode: self.shared_mode(),
             ended: false,
@@ -492,7 +492,7 @@ impl Pool {
             bound,
             waited: false,
             exhausted: false,
-            pool: Arc::downgrade(&self.shared),
+            pool: Arc::downgrade(&self.engine),
         }
     }
 
@@ -547,20 +547,20 @@ impl Pool {
             exhausted: false,
             next_index: 0,
             hub: Hub::new(),
-            pool: Arc::downgrade(&self.shared),
+            pool: Arc::downgrade(&self.engine),
         }
     }
 
     /// Stops taking tasks; queued tasks still run. Then [`join`](Self::join)
     /// waits for them and for the workers to exit.
     pub fn close(&self) {
-        self.shared.close();
+        self.engine.close();
     }
 
     /// Kills the workers at once and resolves every outstanding result with
     /// [`Error::Terminated`]; returns once every process of the pool is reaped.
     pub fn terminate(&self) {
-        self.shared.terminate();
+        self.engine.terminate();
         self.join_supervisor();
     }
 
@@ -577,13 +577,13 @@ impl Pool {
     /// error ([`Error::Broken`], [`Error::InitializerFailed`]) once
     /// everything is reaped: the tasks that were waiting did not run.
     pub fn join(&self) -> Result<()> {
-        if self.shared.phase() == Phase::Running {
+        if self.engine.phase() == Phase::Running {
             return Err(Error::StillRunning);
         }
         self.join_supervisor();
         // As in CPython, the callbacks of finished tasks have run by now.
-        self.shared.handler.drain();
-        match self.shared.broken() {
+        self.engine.handler.drain();
+        match self.engine.broken() {
             Some(e) => Err(e),
             None => Ok(()),
         }
@@ -607,10 +607,10 @@ impl Pool {
     /// # Ok::<(), procpool::Error>(())
     /// ```
     pub fn join_async(&self) -> JoinFuture {
-        if self.shared.phase() == Phase::Running {
+        if self.engine.phase() == Phase::Running {
             return JoinFuture::failed(Error::StillRunning);
         }
-        JoinFuture::new(self.exited.clone(), self.shared.clone())
+        JoinFuture::new(self.exited.clone(), self.engine.clone())
     }
 
     fn join_supervisor(&self) {

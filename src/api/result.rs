@@ -3,7 +3,7 @@
 
 use crate::api::feed::{Bound, ChunkFeeder, Pending};
 use crate::engine::completion::{Buf, Group, Hook, Hub, Outcome, Payload, Slot};
-use crate::engine::core::Shared;
+use crate::engine::core::Engine;
 use crate::error::{Error, Result};
 use crate::proto::shared_buf::Supply;
 use crate::proto::task;
@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 pub(crate) fn decode_payload<R: DeserializeOwned + 'static>(o: Outcome) -> Result<R> {
     match o? {
-        Payload::Bytes(b, mut shared) => {
-            shared.decoding(|| task::decode_outcome(task::code::OK, b.bytes()))
+        Payload::Bytes(b, mut engine) => {
+            engine.decoding(|| task::decode_outcome(task::code::OK, b.bytes()))
         }
         Payload::Value(v) => v.downcast::<R>().map(|b| *b).map_err(|_| Error::Broken {
             reason: "a stored value had an unexpected type".into(),
@@ -55,11 +55,11 @@ fn chunk_items<R: DeserializeOwned>(
 /// A chunk's items, whether it was split or not (see [`chunk_items`]).
 fn decode_items<R: DeserializeOwned>(p: Payload, into: &mut impl Extend<Result<R>>) -> bool {
     match p {
-        Payload::Bytes(b, mut shared) => {
-            shared.decoding(|| into.extend(task::decode_chunk::<R>(b.bytes())))
+        Payload::Bytes(b, mut engine) => {
+            engine.decoding(|| into.extend(task::decode_chunk::<R>(b.bytes())))
         }
-        Payload::Items(b, mut shared, lost) => {
-            shared.decoding(|| into.extend(chunk_items::<R>(b.bytes(), lost)))
+        Payload::Items(b, mut engine, lost) => {
+            engine.decoding(|| into.extend(chunk_items::<R>(b.bytes(), lost)))
         }
         _ => return false,
     }
@@ -86,7 +86,7 @@ fn decode_items<R: DeserializeOwned>(p: Payload, into: &mut impl Extend<Result<R
 #[must_use = "the task's result is lost unless you get() or await it"]
 pub struct AsyncResult<R> {
     pub(crate) slot: Arc<Slot>,
-    pub(crate) pool: Weak<Shared>,
+    pub(crate) pool: Weak<Engine>,
     pub(crate) _r: PhantomData<fn() -> R>,
 }
 
@@ -163,7 +163,7 @@ pub struct MapResult<R> {
     pub(crate) chunks: Vec<Arc<Slot>>,
     pub(crate) group: Arc<Group>,
     pub(crate) total: usize,
-    pub(crate) pool: Weak<Shared>,
+    pub(crate) pool: Weak<Engine>,
     pub(crate) early: Option<Error>,
     /// Whether callbacks run when the map is done (then the value is
     /// decoded once, on the result-handler thread).
@@ -634,7 +634,7 @@ pub struct Imap<R, I> {
     /// Whether it waited for the front (a slow input) since it last pulled.
     pub(crate) waited: bool,
     pub(crate) exhausted: bool,
-    pub(crate) pool: Weak<Shared>,
+    pub(crate) pool: Weak<Engine>,
 }
 
 impl<R: DeserializeOwned, I> Imap<R, I>
@@ -751,7 +751,7 @@ where
 
 imap_iterator!(Imap);
 
-fn cancel_pending(pool: &Weak<Shared>, pending: impl Iterator<Item = u64>) {
+fn cancel_pending(pool: &Weak<Engine>, pending: impl Iterator<Item = u64>) {
     let ids: Vec<u64> = pending.collect();
     if ids.is_empty() {
         return;
@@ -796,7 +796,7 @@ pub struct ImapUnordered<R, I> {
     pub(crate) next_index: usize,
     /// Signalled with a chunk's index in `in_flight` when it finishes.
     pub(crate) hub: Arc<Hub>,
-    pub(crate) pool: Weak<Shared>,
+    pub(crate) pool: Weak<Engine>,
 }
 
 impl<R: DeserializeOwned, I> ImapUnordered<R, I>

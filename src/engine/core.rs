@@ -61,7 +61,7 @@ pub(crate) struct State {
 }
 
 /// Everything the pool's threads share.
-pub(crate) struct Shared {
+pub(crate) struct Engine {
     state: Mutex<State>,
     pub(crate) cv: Condvar,
     pub(crate) wake: OwnedFd,
@@ -83,8 +83,8 @@ pub(crate) struct Launch {
     pub(crate) table: SlotTable,
 }
 
-impl Shared {
-    pub(crate) fn new(launch: Launch) -> Result<Arc<Shared>, Error> {
+impl Engine {
+    pub(crate) fn new(launch: Launch) -> Result<Arc<Engine>, Error> {
         let Launch {
             cfg,
             backend,
@@ -99,7 +99,7 @@ impl Shared {
             }
         };
         let sandboxed = cfg.sandbox.is_some();
-        Ok(Arc::new(Shared {
+        Ok(Arc::new(Engine {
             state: Mutex::new(State {
                 phase: Phase::Running,
                 queue: VecDeque::new(),

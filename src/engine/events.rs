@@ -4,9 +4,9 @@
 //! initializer's blame, its replacement).
 
 use crate::engine::completion::all_lost;
-use crate::engine::core::{Shared, State};
+use crate::engine::core::{Engine, State};
 use crate::engine::job::{Completion, KillReason};
-use crate::engine::ledger::{self, Ended, Unready};
+use crate::engine::ledger::{self, Facts, Unready};
 use crate::engine::lifecycle::Retry;
 use crate::engine::seam::{End, Event};
 use crate::engine::stats::EndFacts;
@@ -15,7 +15,7 @@ use crate::error::Error;
 use std::time::Instant;
 
 /// One event from the backend.
-pub(crate) fn on_event(shared: &Shared, st: &mut State, e: Event, done: &mut Vec<Completion>) {
+pub(crate) fn on_event(engine: &Engine, st: &mut State, e: Event, done: &mut Vec<Completion>) {
     match e {
         Event::Started {
             slot,
@@ -30,9 +30,9 @@ pub(crate) fn on_event(shared: &Shared, st: &mut State, e: Event, done: &mut Vec
             st.tally.workers_started += 1;
             log::debug!("procpool: worker {pid} started");
             st.workers
-                .push(Worker::new(slot, pid, rank, conn, &shared.cfg));
+                .push(Worker::new(slot, pid, rank, conn, &engine.cfg));
             // Started for a pool that has shrunk since: retired at once.
-            st.trim(shared.cfg.sandbox.is_some());
+            st.trim(engine.cfg.sandbox.is_some());
         }
         Event::StartFailed { slot, cause } => {
             if let Some(i) = st.spawning.iter().position(|s| s.0 == slot) {
@@ -40,7 +40,7 @@ pub(crate) fn on_event(shared: &Shared, st: &mut State, e: Event, done: &mut Vec
                 st.free_slots.push(slot);
                 done.append(&mut held);
             }
-            start_failed(shared, st, cause, done);
+            start_failed(engine, st, cause, done);
         }
         Event::KillRefused { slot, task } => {
             // The cancelled task had finished before the kill: the worker
@@ -59,7 +59,7 @@ pub(crate) fn on_event(shared: &Shared, st: &mut State, e: Event, done: &mut Vec
                 }
             }
         }
-        Event::Ended { slot, end } => ended(shared, st, slot, end, done),
+        Event::Ended { slot, end } => ended(engine, st, slot, end, done),
         Event::Gone => st.backend_lost = true,
     }
 }
@@ -76,19 +76,19 @@ pub(crate) fn on_event(shared: &Shared, st: &mut State, e: Event, done: &mut Vec
 /// the count); then, if no worker is left, the pool is broken: every queued
 /// task fails with this error, and so do later submissions. With workers
 /// left it goes on with fewer, and tries again when the next one exits.
-fn start_failed(shared: &Shared, st: &mut State, cause: String, done: &mut Vec<Completion>) {
+fn start_failed(engine: &Engine, st: &mut State, cause: String, done: &mut Vec<Completion>) {
     log::warn!("procpool: could not start a worker: {cause}");
     if st.building {
         let e = Error::Broken {
             reason: format!(
                 "could not start all {} workers ({} started): {cause}",
-                shared.cfg.processes,
+                engine.cfg.processes,
                 st.workers.len()
             ),
         };
         st.init_error.get_or_insert(e.clone());
         st.broken.get_or_insert(e);
-        shared.cv.notify_all();
+        engine.cv.notify_all();
         return;
     }
     if st.starts.failed(Instant::now()) == Retry::Later {
@@ -102,7 +102,7 @@ fn start_failed(shared: &Shared, st: &mut State, cause: String, done: &mut Vec<C
             ),
         });
         fail_if_no_workers(st, done);
-        shared.cv.notify_all();
+        engine.cv.notify_all();
     }
 }
 
@@ -119,13 +119,13 @@ fn fail_if_no_workers(st: &mut State, done: &mut Vec<Completion>) {
 
 /// The worker in `slot` ended: everything it wrote before it ended is in
 /// its socket, so that is read first; then its tasks are settled.
-fn ended(shared: &Shared, st: &mut State, slot: usize, end: End, done: &mut Vec<Completion>) {
+fn ended(engine: &Engine, st: &mut State, slot: usize, end: End, done: &mut Vec<Completion>) {
     let Some(i) = st.workers.iter().position(|w| w.slot() == slot) else {
         return;
     };
     let mut w = st.workers.swap_remove(i);
     let before = done.len();
-    w.read(&mut st.ready, &mut st.est, &shared.blocks, done, usize::MAX);
+    w.read(&mut st.ready, &mut st.est, &engine.blocks, done, usize::MAX);
     // Its crash report, read once its end was reported: for its last
     // panics and for the tasks its end fails.
     let words = st.backend.as_mut().and_then(|b| b.last_words(slot));
@@ -134,30 +134,30 @@ fn ended(shared: &Shared, st: &mut State, slot: usize, end: End, done: &mut Vec<
             e.add_last_words(words.as_ref());
         }
     }
-    worker_ended(shared, st, w, end, words, done);
+    worker_ended(engine, st, w, end, words, done);
 }
 
 /// A worker ended (and its last output was read): its tasks are settled
 /// (the ledger), with its crash report if there is one, the initializer
 /// perhaps blamed, and it is replaced.
 fn worker_ended(
-    shared: &Shared,
+    engine: &Engine,
     st: &mut State,
     mut w: Worker,
     end: End,
     last_words: Option<std::sync::Arc<str>>,
     done: &mut Vec<Completion>,
 ) {
-    let mut started = shared.progress.started(w.slot());
-    if shared.cfg.sandbox.is_some() {
+    let mut started = engine.progress.started(w.slot());
+    if engine.cfg.sandbox.is_some() {
         // A sandboxed task owns its start word: whatever it says, the tasks
         // its worker held (one at a time) count as started, so that a task
         // cannot have itself run again, and again, by rewinding it.
         started = started.max(w.in_flight().iter().map(|f| f.seq).max().unwrap_or(0));
     }
     // A sandboxed worker that died of one of its limits.
-    let limit = match (shared.cfg.sandbox.as_ref(), end.status()) {
-        (Some(l), Some(status)) => l.cause(shared.progress.died_of(w.slot()), status),
+    let limit = match (engine.cfg.sandbox.as_ref(), end.status()) {
+        (Some(l), Some(status)) => l.cause(engine.progress.died_of(w.slot()), status),
         _ => None,
     };
     let held = w.take_held();
@@ -170,13 +170,13 @@ fn worker_ended(
             held.len()
         );
     }
-    let facts = Ended {
+    let facts = Facts {
         pid: w.pid(),
         rank: w.rank(),
         end,
         started,
-        item: match shared.cfg.item_progress {
-            true => shared.progress.item(w.slot()),
+        item: match engine.cfg.item_progress {
+            true => engine.progress.item(w.slot()),
             false => 0,
         },
         kill: w.kill(),
@@ -209,17 +209,17 @@ fn worker_ended(
         .collect();
     st.free_slots.push(w.slot());
     if !w.ready() {
-        died_unready(shared, st, &mut w, end);
+        died_unready(engine, st, &mut w, end);
     }
-    replace(shared, st, w.pid(), lost, done);
+    replace(engine, st, w.pid(), lost, done);
 }
 
 /// A worker died before it was ready: perhaps the initializer's fault
 /// (`ledger::blames_initializer`); the pool then breaks.
-fn died_unready(shared: &Shared, st: &mut State, w: &mut Worker, end: End) {
-    st.unready_deaths += u32::from(shared.cfg.has_init);
+fn died_unready(engine: &Engine, st: &mut State, w: &mut Worker, end: End) {
+    st.unready_deaths += u32::from(engine.cfg.has_init);
     let u = Unready {
-        has_init: shared.cfg.has_init,
+        has_init: engine.cfg.has_init,
         building: st.building,
         deaths: st.unready_deaths,
         said_so: w.said_why_start_failed(),
@@ -239,7 +239,7 @@ fn died_unready(shared: &Shared, st: &mut State, w: &mut Worker, end: End) {
         st.init_error = Some(e.clone());
     }
     st.broken = Some(e);
-    shared.cv.notify_all();
+    engine.cv.notify_all();
 }
 
 /// Replaces an ended worker if the pool still wants one; `lost` (its
@@ -247,7 +247,7 @@ fn died_unready(shared: &Shared, st: &mut State, w: &mut Worker, end: End) {
 /// failed starts that is due makes up the count then, not now: the delay
 /// is the point.
 fn replace(
-    shared: &Shared,
+    engine: &Engine,
     st: &mut State,
     pid: u32,
     lost: Vec<Completion>,
@@ -256,13 +256,13 @@ fn replace(
     if st.phase.wants_workers(st.queue.is_empty())
         && st.broken.is_none()
         && st.starts.retry_at.is_none()
-        && st.short_of_workers(&shared.cfg)
+        && st.short_of_workers(&engine.cfg)
     {
         log::debug!("procpool: replacing worker {pid}");
         let back = st.request_spawn(lost);
         done.extend(back);
         // Also make up for starts that failed earlier.
-        st.make_up_workers(&shared.cfg, done);
+        st.make_up_workers(&engine.cfg, done);
     } else {
         done.extend(lost);
         fail_if_no_workers(st, done);

@@ -14,7 +14,7 @@ use crate::proto::task;
 use crate::sandbox::Limit;
 
 /// The facts about a worker that ended.
-pub(crate) struct Ended<'a> {
+pub(crate) struct Facts<'a> {
     pub(crate) pid: u32,
     /// The MPI rank it ran on, if it did.
     pub(crate) rank: Option<usize>,
@@ -55,7 +55,7 @@ pub(crate) fn lost_any(held: &[InFlight], started: u64) -> bool {
 /// the one it started never started: they run elsewhere. Cancelled tasks
 /// are dropped (their callers have `Cancelled`). Of a split chunk that
 /// died with its worker, only the item that ran fails (see [`split`]).
-pub(crate) fn settle(held: impl IntoIterator<Item = InFlight>, e: &Ended<'_>) -> Verdict {
+pub(crate) fn settle(held: impl IntoIterator<Item = InFlight>, e: &Facts<'_>) -> Verdict {
     let mut v = Verdict::default();
     for f in held {
         if f.job.cancelled {
@@ -127,7 +127,7 @@ fn submitted_place(lost: &[(u32, Error)], i: u32) -> u32 {
 
 /// The error for a task the worker had started, or `None` if it runs again
 /// (its retry is then spent).
-fn started_task_error(job: &mut Job, e: &Ended<'_>) -> Option<Error> {
+fn started_task_error(job: &mut Job, e: &Facts<'_>) -> Option<Error> {
     let pid = e.pid;
     match e.kill {
         Some(KillReason::Timeout { id, timeout }) if *id == job.id => {
@@ -252,8 +252,8 @@ mod tests {
         End::Exited(ExitStatus::from_raw(sig))
     }
 
-    fn ended(started: u64, kill: Option<&KillReason>) -> Ended<'_> {
-        Ended {
+    fn ended(started: u64, kill: Option<&KillReason>) -> Facts<'_> {
+        Facts {
             pid: 42,
             rank: None,
             end: killed(9),

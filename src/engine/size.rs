@@ -1,7 +1,7 @@
 //! The pool's size and its slot table: how many workers it keeps, and the
 //! slots their status words live in.
 //!
-//! A worker lives in a slot; a slot's status words (`proto::status`) are
+//! A worker lives in a slot; a slot's status words (`proto::words`) are
 //! made before the fork server, which every worker is forked from, so the
 //! backend reserves room for every slot the pool may ever use when the
 //! pool is built (memory it never touches costs nothing). The table hands
@@ -13,7 +13,7 @@
 //! first: an idle worker goes at once, a busy one once the tasks it holds
 //! are done (a sandboxed worker is killed, never waited for, as everywhere
 //! it retires). A worker still being started when the pool shrinks is
-//! retired as it arrives. (`State::trim` and `Shared::resize`, in
+//! retired as it arrives. (`State::trim` and `Engine::resize`, in
 //! `core.rs`, apply these rules.)
 
 /// The slots a pool may use.

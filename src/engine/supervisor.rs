@@ -6,7 +6,7 @@
 //! timeouts, pending cancels and the sandbox's CPU cap; replaces workers;
 //! and winds the pool down.
 
-use crate::engine::core::{Shared, State};
+use crate::engine::core::{Engine, State};
 use crate::engine::events;
 use crate::engine::job::Completion;
 use crate::engine::lifecycle::Phase;
@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 /// The supervisor thread. A panic in it (a bug) fails every outstanding
 /// task and kills the workers rather than leave callers waiting forever.
-pub(crate) fn run(shared: Arc<Shared>) {
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_loop(&shared)));
+pub(crate) fn run(engine: Arc<Engine>) {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_loop(&engine)));
     if let Err(p) = outcome {
         let reason = format!(
             "the pool's supervisor thread panicked: {}",
@@ -31,8 +31,8 @@ pub(crate) fn run(shared: Arc<Shared>) {
         );
         log::error!("procpool: {reason}");
         let e = Error::Broken { reason };
-        shared.lock().broken = Some(e.clone());
-        shared.abandon(e);
+        engine.lock().broken = Some(e.clone());
+        engine.abandon(e);
     }
 }
 
@@ -46,15 +46,15 @@ struct Polled {
 }
 
 /// How the pool ends, once the loop sees it has.
-enum Ending {
+enum Shutdown {
     /// It finished (closed and drained, or terminated): wait for the backend.
     Finished(Option<Box<dyn Backend>>),
     /// The backend ended on its own: the pool is broken.
     Lost(Option<Box<dyn Backend>>),
 }
 
-fn run_loop(shared: &Shared) {
-    let cpu_watch = shared
+fn run_loop(engine: &Engine) {
+    let cpu_watch = engine
         .cfg
         .sandbox
         .as_ref()
@@ -69,35 +69,35 @@ fn run_loop(shared: &Shared) {
     let mut events = Vec::new();
     loop {
         let timeout_ms = {
-            let st = shared.lock();
+            let st = engine.lock();
             if st.finished {
                 break;
             }
-            prepare_poll(shared, &st, &mut polled, cpu_watch)
+            prepare_poll(engine, &st, &mut polled, cpu_watch)
         };
-        wait(&mut polled.set, timeout_ms, shared.cfg.spin);
+        wait(&mut polled.set, timeout_ms, engine.cfg.spin);
         let mut done: Vec<Completion> = Vec::new();
         let ending = {
-            let mut guard = shared.lock();
-            handle_io(shared, &mut guard, &polled, &mut events, &mut done);
-            after_io(shared, &mut guard, &mut done)
+            let mut guard = engine.lock();
+            handle_io(engine, &mut guard, &polled, &mut events, &mut done);
+            after_io(engine, &mut guard, &mut done)
         };
-        shared.run_completions(done);
+        engine.run_completions(done);
         match ending {
             None => {}
-            Some(Ending::Finished(b)) => {
+            Some(Shutdown::Finished(b)) => {
                 if let Some(b) = b {
                     b.wait();
                 }
-                shared.cv.notify_all();
+                engine.cv.notify_all();
                 break;
             }
-            Some(Ending::Lost(b)) => {
+            Some(Shutdown::Lost(b)) => {
                 let reason = match b {
                     Some(b) => b.wait(),
                     None => "the fork server exited".into(),
                 };
-                backend_lost(shared, reason);
+                backend_lost(engine, reason);
                 break;
             }
         }
@@ -107,10 +107,10 @@ fn run_loop(shared: &Shared) {
 /// Fills the poll set; returns how long the poll may sleep (ms, -1: until
 /// something happens): until the nearest deadline, pending-cancel check or
 /// retry of a failed start.
-fn prepare_poll(shared: &Shared, st: &State, p: &mut Polled, cpu_watch: Option<Duration>) -> i32 {
+fn prepare_poll(engine: &Engine, st: &State, p: &mut Polled, cpu_watch: Option<Duration>) -> i32 {
     p.set.clear();
     p.who.clear();
-    p.set.push(shared.wake.as_raw_fd(), true, false);
+    p.set.push(engine.wake.as_raw_fd(), true, false);
     p.backend = st
         .backend
         .as_ref()
@@ -172,14 +172,14 @@ fn wait(set: &mut PollSet, timeout_ms: i32, spin: std::time::Duration) {
 /// Reads the workers that have something, flushes those that can take
 /// more, and hears the backend.
 fn handle_io(
-    shared: &Shared,
+    engine: &Engine,
     st: &mut State,
     p: &Polled,
     events: &mut Vec<Event>,
     done: &mut Vec<Completion>,
 ) {
     if p.set.ready(0) {
-        sys::drain(shared.wake.as_raw_fd());
+        sys::drain(engine.wake.as_raw_fd());
     }
     let ready_before = st.ready;
     for (k, &slot) in p.who.iter().enumerate() {
@@ -198,7 +198,7 @@ fn handle_io(
             w.read(
                 &mut st.ready,
                 &mut st.est,
-                &shared.blocks,
+                &engine.blocks,
                 done,
                 READ_BUDGET,
             );
@@ -207,7 +207,7 @@ fn handle_io(
     }
     if st.ready != ready_before {
         st.unready_deaths = 0;
-        shared.cv.notify_all();
+        engine.cv.notify_all();
     }
     if let Some(i) = p.backend
         && let Some(b) = st.backend.as_mut()
@@ -220,28 +220,28 @@ fn handle_io(
         }
     }
     for e in events.drain(..) {
-        events::on_event(shared, st, e, done);
+        events::on_event(engine, st, e, done);
     }
 }
 
 /// What the loop does once the I/O is handled: retries, clocks, kills, and
 /// the lifecycle. Returns how the pool ends, if it does now.
-fn after_io(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) -> Option<Ending> {
+fn after_io(engine: &Engine, st: &mut State, done: &mut Vec<Completion>) -> Option<Shutdown> {
     if st.backend_lost {
-        return Some(Ending::Lost(st.backend.take()));
+        return Some(Shutdown::Lost(st.backend.take()));
     }
     if st.starts.take_due(Instant::now())
         && st.phase.wants_workers(st.queue.is_empty())
         && st.broken.is_none()
     {
-        st.make_up_workers(&shared.cfg, done);
+        st.make_up_workers(&engine.cfg, done);
     }
-    if let Some(limits) = &shared.cfg.sandbox {
+    if let Some(limits) = &engine.cfg.sandbox {
         retire_sandboxed(st, limits);
     }
-    watch::check_clocks(st, &*shared.progress, shared.cfg.sandbox.is_some());
-    if let Some(cap) = shared.cfg.sandbox.as_ref().and_then(|l| l.cpu_per_task) {
-        watch::check_cpu(st, &*shared.progress, cap);
+    watch::check_clocks(st, &*engine.progress, engine.cfg.sandbox.is_some());
+    if let Some(cap) = engine.cfg.sandbox.as_ref().and_then(|l| l.cpu_per_task) {
+        watch::check_cpu(st, &*engine.progress, cap);
     }
     st.send_kills();
     let finished = match st.phase {
@@ -258,7 +258,7 @@ fn after_io(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) -> Opti
                         w.retire();
                     }
                 }
-                if let Some(limits) = &shared.cfg.sandbox {
+                if let Some(limits) = &engine.cfg.sandbox {
                     retire_sandboxed(st, limits);
                     st.send_kills();
                 }
@@ -270,9 +270,9 @@ fn after_io(shared: &Shared, st: &mut State, done: &mut Vec<Completion>) -> Opti
     };
     if finished {
         st.finished = true;
-        return Some(Ending::Finished(st.backend.take()));
+        return Some(Shutdown::Finished(st.backend.take()));
     }
-    st.dispatch(&shared.cfg, false);
+    st.dispatch(&engine.cfg, false);
     // Dispatch may have marked a worker for a kill (a reused sandboxed
     // worker found busy while idle).
     st.send_kills();
@@ -319,11 +319,11 @@ fn with_last_words(backend: Option<&mut Box<dyn Backend>>, slot: usize, done: &m
 /// The backend ended on its own (its server killed from outside, say): the
 /// pool is broken. Every outstanding task fails with the error that says
 /// why, and so do later submissions and `join`.
-fn backend_lost(shared: &Shared, reason: String) {
+fn backend_lost(engine: &Engine, reason: String) {
     log::error!("procpool: {reason}; the pool is broken");
     let mut done = Vec::new();
     {
-        let mut st = shared.lock();
+        let mut st = engine.lock();
         // What broke it first, if something did (the server could not
         // start, say), says more than its exit.
         let e = st.broken.get_or_insert(Error::Broken { reason }).clone();
@@ -333,6 +333,6 @@ fn backend_lost(shared: &Shared, reason: String) {
         st.phase = Phase::Terminated;
         st.finished = true;
     }
-    shared.cv.notify_all();
-    shared.run_completions(done);
+    engine.cv.notify_all();
+    engine.run_completions(done);
 }

@@ -14,7 +14,7 @@ pub(crate) mod logs;
 pub(crate) mod report;
 pub(crate) mod shared_buf;
 pub(crate) mod shm;
-pub(crate) mod status;
 pub(crate) mod task;
 pub(crate) mod untrusted;
 pub(crate) mod wire;
+pub(crate) mod words;

@@ -4,7 +4,7 @@
 
 use super::seccomp::filters;
 use super::{Spec, cause};
-use crate::proto::status::{SharedWords, Status};
+use crate::proto::words::{SharedWords, Status};
 use crate::sys::confine;
 use std::os::fd::RawFd;
 use std::path::PathBuf;

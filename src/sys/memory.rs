@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicU64;
 
 /// A shared, read-write mapping of a memory file seen as an array of
 /// `AtomicU64`, which (unlike a [`Mapping`]) the children of a `fork()`
-/// inherit: the memory behind the status words (`proto::status`).
+/// inherit: the memory behind the status words (`proto::words`).
 pub(crate) struct SharedAtomics {
     ptr: *mut AtomicU64,
     bytes: usize,

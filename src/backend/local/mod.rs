@@ -6,7 +6,7 @@
 //! turned into the engine's typed events (`engine::seam`).
 //!
 //! Each worker stores, in a page of shared memory made before the server
-//! (`proto::status`), the task it has started and when, which is how the
+//! (`proto::words`), the task it has started and when, which is how the
 //! engine's [`Progress`] sees it.
 //!
 //! `README.md` beside this file says what is particular to forking workers
@@ -21,7 +21,7 @@ pub(crate) mod start;
 
 use crate::engine::seam::{Backend, End, Event, Progress};
 use crate::error::Error;
-use crate::proto::status::{STATUS_WORDS, SharedWords};
+use crate::proto::words::{STATUS_WORDS, SharedWords};
 use crate::sys;
 use server::{Msg, Setup};
 use start::StartMethod;

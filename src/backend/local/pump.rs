@@ -5,7 +5,7 @@
 
 use super::output::Streams;
 use super::relay::{self, Outgoing, Relays};
-use crate::proto::status::SharedWords;
+use crate::proto::words::SharedWords;
 use crate::sys;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 pub(crate) const DRAIN_WAIT: Duration = Duration::from_secs(2);
 
 /// The pump's state, shared by its thread and the pool's backend.
-struct Shared {
+struct PumpState {
     relays: Mutex<Relays>,
     /// Wakes the pump's thread: a worker was added, lines wait to be
     /// written, or the pool is done.
@@ -27,7 +27,7 @@ struct Shared {
 /// module doc), and its handle. Dropping it lets the thread end by
 /// itself, within [`DRAIN_WAIT`].
 pub(crate) struct Pump {
-    shared: Arc<Shared>,
+    shared: Arc<PumpState>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -41,7 +41,7 @@ impl Pump {
         server: OwnedFd,
     ) -> std::io::Result<Pump> {
         let wake = sys::eventfd()?;
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(PumpState {
             relays: Mutex::new(Relays::new(streams, words, server)),
             wake,
         });
@@ -127,14 +127,14 @@ impl Drop for Pump {
 
 /// The relays, even if a thread panicked holding them (their state is
 /// consistent after each read).
-fn lock(shared: &Shared) -> MutexGuard<'_, Relays> {
+fn lock(shared: &PumpState) -> MutexGuard<'_, Relays> {
     shared.relays.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The pump's loop: polls every open pipe, reads what is ready, writes
 /// the whole lines out (without the lock), until the pool is done and
 /// the pipes are at end-of-file or past the deadline.
-fn run(shared: &Shared) {
+fn run(shared: &PumpState) {
     let mut set = sys::PollSet::default();
     let mut who = Vec::new();
     loop {

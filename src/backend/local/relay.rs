@@ -17,7 +17,7 @@
 
 use super::output::{Output, Streams};
 use super::server::Msg;
-use crate::proto::status::SharedWords;
+use crate::proto::words::SharedWords;
 use crate::sys;
 use std::fmt::Write as _;
 use std::os::fd::{AsRawFd, OwnedFd};

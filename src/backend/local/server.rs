@@ -124,7 +124,7 @@ pub(crate) use crate::proto::task::Init;
 /// the fork on.
 pub(crate) struct Setup {
     pub(crate) init: Option<Init>,
-    pub(crate) words: std::sync::Arc<crate::proto::status::SharedWords>,
+    pub(crate) words: std::sync::Arc<crate::proto::words::SharedWords>,
     pub(crate) sock_buf: usize,
     /// The sandbox asked for (in the parent, and in the config it writes).
     pub(crate) sandbox: Option<crate::sandbox::Spec>,
@@ -390,7 +390,7 @@ fn spawn(
             }
             // This process never returns from here: its words live as
             // long as it does.
-            let words: &'static crate::proto::status::SharedWords =
+            let words: &'static crate::proto::words::SharedWords =
                 Box::leak(Box::new(setup.words.clone()));
             let status = if setup.prepared.is_some() {
                 // Only this worker's own page stays mapped.
@@ -419,7 +419,7 @@ fn spawn(
 /// its next task between the check and the kill. Resumes it (SIGCONT) if
 /// it does not run that task. A worker that exits meanwhile is left for the
 /// SIGCHLD loop to reap (waitid with WNOWAIT leaves it unreaped).
-fn still_running(pid: libc::pid_t, status: crate::proto::status::Status<'_>, seq: u64) -> bool {
+fn still_running(pid: libc::pid_t, status: crate::proto::words::Status<'_>, seq: u64) -> bool {
     if !status.running(seq) {
         return false;
     }

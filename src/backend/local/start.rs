@@ -55,8 +55,8 @@
 use crate::backend::local::output;
 use crate::backend::local::server::{self, Init, Msg, Setup};
 use crate::error::Error;
-use crate::proto::status::{PAGE_WORDS, STATUS_WORDS, SharedWords};
 use crate::proto::task::TaskFn;
+use crate::proto::words::{PAGE_WORDS, STATUS_WORDS, SharedWords};
 use crate::sys;
 use std::io::{Read, Seek, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};

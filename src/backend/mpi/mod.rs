@@ -76,7 +76,7 @@ use crate::engine::job::Config;
 use crate::engine::seam::{Backend, Event};
 use crate::engine::size::SlotTable;
 use crate::error::Error;
-use crate::proto::status::SharedWords;
+use crate::proto::words::SharedWords;
 use crate::sys;
 use mpi::Threading;
 use mpi::topology::SimpleCommunicator;

@@ -10,9 +10,9 @@
 //! Each result is written before the next task starts, so a worker that
 //! dies loses no finished task's result: everything it finished is in the
 //! socket, and the parent reads it before it decides what was lost.
-//! (Holding results back to write several at once was tried; a crash then
-//! failed tasks that had finished. Tasks still arrive in batches, one read
-//! for many.) Large inputs and outputs travel in shared-memory blocks (see
+//! (Holding results back to write several at once would fail, on a crash,
+//! tasks that had finished. Tasks still arrive in batches, one read for
+//! many.) Large inputs and outputs travel in shared-memory blocks (see
 //! `proto/shm.rs`).
 
 use crate::proto::codec;

@@ -38,11 +38,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// About how much work (run and pull time, estimated) an auto-sized chunk
-/// holds. A chunk's own cost in the pool is a few microseconds; at 100 µs
-/// a chunk, results came back faster than the supervisor's 50 µs spin
-/// (`proto::idle`), which then never slept: it took a third of the CPU
-/// time of an imap of tiny items (perf), against a tenth for `map`. At
-/// 1 ms it sleeps between results.
+/// holds: far above a chunk's own cost in the pool, and long enough that
+/// results come back slower than the supervisor's spin (`proto::idle`),
+/// which then sleeps between results rather than spin through them (the
+/// figures are in `docs/performance.md`, "Figures behind the code's
+/// choices").
 pub(crate) const CHUNK_NS: u64 = 1_000_000;
 /// The most items in an auto-sized chunk.
 pub(crate) const MAX_ITEMS: usize = 1 << 15;

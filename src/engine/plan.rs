@@ -8,8 +8,8 @@
 //! unknown length, one with a timeout (its clock starts when it does) or
 //! one with `SharedBuf`s (a worker holds one task's fds at a time) goes to
 //! an idle worker alone, so long tasks spread evenly. The least busy
-//! workers are served first. (An estimate per worker was tried first and
-//! was wrong: a worker that had run tiny tasks took a batch of slow ones.)
+//! workers are served first. (An estimate per worker would be wrong: a
+//! worker that had run tiny tasks would take a batch of slow ones.)
 //!
 //! The limit of it: a task that is short by its function's estimate but
 //! blocks holds up to about [`PIPELINE_NS`] of estimated work queued behind

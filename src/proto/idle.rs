@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 /// How long the supervisor thread and an idle worker poll without sleeping
 /// before they block: a result or the next task often comes within
 /// microseconds, while waking a thread that sleeps on an idle CPU costs
-/// tens of microseconds on a virtual machine (measured here: a synchronous
-/// `apply` took 70-80 us with no spin, 8-15 us with a 50 us spin). The spin
+/// tens of microseconds on a virtual machine (the figures that chose 50 us
+/// are in `docs/performance.md`, "Figures behind the code's choices"). The spin
 /// happens only at the moment a thread runs out of work, so an idle pool
 /// uses no CPU. `PROCPOOL_SPIN_US` overrides it (0 turns it off); on a
 /// machine with one CPU there is none.
@@ -25,9 +25,8 @@ pub(crate) fn spin_budget() -> Duration {
 /// The spin of a pool whose workers are on other hosts (the MPI backend),
 /// for its supervisor, its ranks' relays and their workers: a round trip
 /// there takes tens of microseconds more than on one machine, and a thread
-/// that has gone to sleep in the meantime costs more again to wake
-/// (measured on this project's 2-core VM over two simulated hosts: an MPI
-/// `apply` took 57-75 us with a 50 us spin, 37-46 us with 250 us).
+/// that has gone to sleep in the meantime costs more again to wake (the
+/// figures that chose 250 us are in `docs/performance.md`).
 /// `PROCPOOL_SPIN_US` overrides it too.
 pub(crate) fn remote_spin_budget() -> Duration {
     static US: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();

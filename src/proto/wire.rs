@@ -60,8 +60,8 @@ pub(crate) const SANDBOX_FAILED: u8 = 8;
 /// An MPI rank to its worker, with one fd: from now on the worker reads
 /// its tasks from that fd, a TCP stream from the engine on another host.
 /// Its results still go to the rank, which relays them (in batches, and
-/// after the worker's death too) on that stream. (9 was a TIMEOUT frame,
-/// which the MPI backend no longer sends.)
+/// after the worker's death too) on that stream. (Kind 9 is retired: it
+/// must not be given to a new frame.)
 pub(crate) const ADOPT: u8 = 10;
 /// Worker to parent: a log record of task `seq` (`a`: its level; the body:
 /// `proto::logs`).

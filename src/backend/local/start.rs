@@ -47,8 +47,8 @@
 //! lock another thread held at that instant stays held in them.
 //!
 //! One server per pool (not one per program, as CPython's forkserver):
-//! measured here, an exec'd server costs about a millisecond more than a
-//! fork, while a shared server would have to apply each pool's
+//! an exec'd server costs about a millisecond more than a fork (the
+//! start-up rows of `docs/performance.md`), while a shared server would have to apply each pool's
 //! environment, working directory, initializer and limits after each fork
 //! and outlive pools; the simple choice is cheap enough.
 

@@ -36,13 +36,12 @@
 //! does every rank under `PROCPOOL_MPI_STREAMS=mpi`), through rank 0's
 //! thread.
 //!
-//! Why the streams are not MPI messages: measured on the project's 2-core
-//! VM over two simulated hosts, an `apply` took 110-135 us relayed
-//! through two threads that poll MPI, 40-50 us relayed by the rank over
-//! TCP, and 33-36 us with the worker reading its tasks from TCP itself (a
-//! bare MPI round trip there: 10-15 us). Results written on TCP by the
-//! worker itself made `apply_async` 2-3x slower than locally: one segment
-//! per result, which the rank's batches avoid.
+//! Why the streams are not MPI messages: relaying every task and result
+//! through threads that poll MPI costs an `apply` several times what a
+//! TCP stream does, and results written on TCP by the worker itself (one
+//! segment per result) cost `apply_async` more than the rank's batches do
+//! (the figures are in `docs/performance.md`, "Figures behind the code's
+//! choices").
 //!
 //! So a rank keeps a local pool's guarantees: a task that crashes ends
 //! only its worker (`WorkerLost` names the rank), a timeout or a cancel

@@ -184,8 +184,8 @@ fn program_name() -> String {
 
 /// The name (`comm`) of one of the pool's processes: the program's name,
 /// cut so that `suffix` (`:srv`, `:w3`) fits in the kernel's 15 bytes.
-/// The suffix keeps `pgrep -x` and `killall` of the program's name from
-/// matching the pool's processes.
+/// The suffix keeps an exact match of the program's name (`pgrep -x`, a
+/// kill by name) from taking in the pool's processes.
 pub(crate) fn process_name(program: &str, suffix: &str) -> String {
     let mut cut = program.len().min(15usize.saturating_sub(suffix.len()));
     while !program.is_char_boundary(cut) {

@@ -1963,6 +1963,9 @@ fn helper_flood_fds() {
         );
         let (last, _) = pool.apply(pid_and_runs, 21).unwrap();
         settled(last);
+        // A killed worker's output pipes close once the output thread
+        // has read their end, after its replacement is up.
+        common::eventually(|| fd_count() == before);
         println!("SANDBOXED= {}", fd_count());
         drop(pool);
         // Without a sandbox the parent keeps them while the worker lives.

@@ -34,7 +34,9 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 AGENT="$HERE/mpi-hosts-agent"
 SUBNET=10.77.0
 BRIDGE=ppmpibr0
-HOSTS=(h1 h2)
+NHOSTS=${MPI_HOSTS:-2}
+HOSTS=()
+for ((k = 1; k <= NHOSTS; k++)); do HOSTS+=("h$k"); done
 SLOTS=${MPI_HOSTS_SLOTS:-2}
 STATE=/run/procpool-mpi-hosts
 SKIP=77
@@ -58,7 +60,8 @@ need_tools() {
 
 down() {
   local h ns pids
-  for h in "${HOSTS[@]}"; do
+  # Every host an earlier `up` made, whatever MPI_HOSTS it had.
+  for h in $(ip netns list 2>/dev/null | sed -n 's/^procpool-\(h[0-9]*\).*/\1/p') "${HOSTS[@]}"; do
     ns=$(ns_of "$h")
     if ip netns list 2>/dev/null | grep -qw "$ns"; then
       # Whatever is left on the host is from a run of this script: a rank

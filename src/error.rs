@@ -229,6 +229,23 @@ pub enum Error {
     /// The pool's configuration is invalid (zero processes, say).
     #[error("invalid configuration: {0}")]
     Config(&'static str),
+    /// Over MPI: the rank that held the task was lost as a whole (its
+    /// process died, or its host failed or was cut off from rank 0), so
+    /// the task's result will never come. No wait status exists for a
+    /// rank, so none is given: `rank` and `host` say which was lost.
+    ///
+    /// A task with retries left runs again on another rank instead, and
+    /// tasks not yet sent to the rank stay queued: only the tasks the rank
+    /// held fail, each exactly once. The pool goes on with the other
+    /// ranks (see [`Pool::processes`](crate::Pool::processes)).
+    #[error("MPI rank {rank} on host {host} was lost (its process died, or its host failed or was cut off) while it held the task")]
+    #[non_exhaustive]
+    RankLost {
+        /// The rank that was lost.
+        rank: usize,
+        /// Its host's name, as the rank reported it when the pool started.
+        host: String,
+    },
     /// The task went past a limit of the pool's [`Sandbox`]: its worker
     /// was killed (or ended itself) and has been replaced.
     ///

@@ -75,8 +75,9 @@ pub struct Stats {
 pub struct Failed {
     /// [`Error::TaskPanicked`](crate::Error::TaskPanicked).
     pub panicked: u64,
-    /// [`Error::WorkerLost`](crate::Error::WorkerLost) and
-    /// [`Error::WorkerLostShared`](crate::Error::WorkerLostShared).
+    /// [`Error::WorkerLost`](crate::Error::WorkerLost),
+    /// [`Error::WorkerLostShared`](crate::Error::WorkerLostShared) and,
+    /// over MPI, [`Error::RankLost`](crate::Error::RankLost).
     pub worker_lost: u64,
     /// [`Error::Timeout`](crate::Error::Timeout).
     pub timed_out: u64,

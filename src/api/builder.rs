@@ -64,6 +64,9 @@ pub struct PoolBuilder {
     #[cfg(any(feature = "mpi", docsrs))]
     #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
     workers_per_rank: Option<usize>,
+    #[cfg(any(feature = "mpi", docsrs))]
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    rank_timeout: Option<std::time::Duration>,
 }
 
 impl PoolBuilder {
@@ -327,8 +330,16 @@ impl PoolBuilder {
     /// - [`AsyncResult::cancel`] on a running task kills its worker there.
     /// - [`Pool::worker_pids`] gives the workers' pids on their hosts.
     ///
-    /// A rank that dies as a whole (its host lost, or the rank killed)
-    /// ends the job: Open MPI aborts every rank when one of them dies.
+    /// A rank lost as a whole (its process killed, its host down or cut
+    /// off) costs only the tasks it held, when the launcher lets the
+    /// other ranks live on (Open MPI: `--mca orte_enable_recovery 1 --mca
+    /// orte_abort_on_non_zero_status 0`; MPICH: `-disable-auto-cleanup`):
+    /// rank 0 notices within [`rank_timeout`](Self::rank_timeout), those
+    /// tasks fail with [`Error::RankLost`] (or run again elsewhere under
+    /// retries), and the pool goes on with the other ranks. Losing rank 0
+    /// ends the job: every other rank exits by itself within its
+    /// `rank_timeout`. `docs/mpi.md` ("What holds where") says what each
+    /// MPI implementation allows.
     ///
     /// ```no_run
     /// fn square(x: u64) -> u64 { x * x }
@@ -353,6 +364,25 @@ impl PoolBuilder {
     #[cfg_attr(docsrs, doc(cfg(feature = "mpi")))]
     pub fn workers_per_rank(mut self, n: usize) -> Self {
         self.workers_per_rank = Some(n);
+        self
+    }
+
+    /// Over MPI ([`mpi`](Self::mpi)): how long a rank may stay silent
+    /// before it counts as lost (default 4 s). Ranks and rank 0 tell each
+    /// other they live several times within it, so a rank whose host is
+    /// cut off is noticed within about this long; one whose process dies
+    /// is noticed within half a second, from its workers' streams.
+    ///
+    /// Rank 0 then stops sending it tasks and fails (or runs again, under
+    /// retries) the tasks it held, with [`Error::RankLost`]. The same
+    /// bound works the other way: a rank that hears nothing from rank 0
+    /// for this long kills its workers and exits, so nothing is left on a
+    /// host cut off from the job. Set it longer where a rank may stall
+    /// (a loaded host, a slow network); less than 1 s is an error.
+    #[cfg(any(feature = "mpi", docsrs))]
+    #[cfg_attr(docsrs, doc(cfg(feature = "mpi")))]
+    pub fn rank_timeout(mut self, limit: std::time::Duration) -> Self {
+        self.rank_timeout = Some(limit);
         self
     }
 
@@ -426,6 +456,7 @@ impl PoolBuilder {
             return Pool::start(crate::backend::mpi::start(
                 self.processes,
                 self.workers_per_rank,
+                self.rank_timeout,
                 cfg,
                 init,
             )?);

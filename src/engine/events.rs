@@ -60,7 +60,33 @@ pub(crate) fn on_event(engine: &Engine, st: &mut State, e: Event, done: &mut Vec
             }
         }
         Event::Ended { slot, end } => ended(engine, st, slot, end, done),
+        Event::RankLost {
+            rank,
+            host,
+            why,
+            capacity,
+        } => rank_lost(engine, st, (rank, host, why), capacity),
         Event::Gone => st.backend_lost = true,
+    }
+}
+
+/// An MPI rank was lost as a whole: the pool shrinks to what the other
+/// ranks can host (its workers' ends follow, and settle their tasks), or
+/// breaks if no rank is left.
+fn rank_lost(engine: &Engine, st: &mut State, lost: (usize, &str, String), capacity: usize) {
+    let (rank, host, why) = lost;
+    st.size = st.size.min(capacity);
+    log::warn!(
+        "procpool: MPI rank {rank} on {host} was lost ({why}); the tasks it held fail with \
+         Error::RankLost, or run again elsewhere if they have retries; the pool goes on with \
+         {} worker(s)",
+        st.size
+    );
+    if capacity == 0 && st.broken.is_none() {
+        st.broken = Some(Error::Broken {
+            reason: format!("every worker rank of the MPI pool was lost (the last: rank {rank} on {host}, {why})"),
+        });
+        engine.cv.notify_all();
     }
 }
 
@@ -149,10 +175,13 @@ fn worker_ended(
     done: &mut Vec<Completion>,
 ) {
     let mut started = engine.progress.started(w.slot());
-    if engine.cfg.sandbox.is_some() {
+    if engine.cfg.sandbox.is_some() || matches!(end, End::RankLost { .. }) {
         // A sandboxed task owns its start word: whatever it says, the tasks
         // its worker held (one at a time) count as started, so that a task
-        // cannot have itself run again, and again, by rewinding it.
+        // cannot have itself run again, and again, by rewinding it. A lost
+        // rank said nothing of how far its workers got: each task sent
+        // there may have run, so each counts as started (it fails, or
+        // spends a retry), and only tasks never sent stay queued.
         started = started.max(w.in_flight().iter().map(|f| f.seq).max().unwrap_or(0));
     }
     // A sandboxed worker that died of one of its limits.

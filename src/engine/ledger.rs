@@ -162,6 +162,12 @@ fn started_task_error(job: &mut Job, e: &Facts<'_>) -> Option<Error> {
         job.retries -= 1;
         return None;
     }
+    if let End::RankLost { rank, host } = e.end {
+        return Some(Error::RankLost {
+            rank,
+            host: host.to_string(),
+        });
+    }
     let Some(status) = e.end.status() else {
         return Some(Error::Broken {
             reason: format!(

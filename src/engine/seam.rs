@@ -27,6 +27,9 @@ pub(crate) enum End {
     /// rank whose fork server was lost: its workers died with it).
     #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
     Abandoned,
+    /// Its MPI rank was lost as a whole (`host`: the rank's host name).
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    RankLost { rank: usize, host: &'static str },
 }
 
 impl End {
@@ -35,7 +38,7 @@ impl End {
     pub(crate) fn status(self) -> Option<ExitStatus> {
         match self {
             End::Exited(s) => Some(s),
-            End::Abandoned => None,
+            End::Abandoned | End::RankLost { .. } => None,
         }
     }
 }
@@ -45,6 +48,7 @@ impl std::fmt::Display for End {
         match self {
             End::Exited(s) => write!(f, "{s}"),
             End::Abandoned => write!(f, "abandoned"),
+            End::RankLost { rank, host } => write!(f, "lost with MPI rank {rank} on {host}"),
         }
     }
 }
@@ -73,6 +77,16 @@ pub(crate) enum Event {
     TimedOut { slot: usize, task: u64 },
     /// The worker in `slot` ended.
     Ended { slot: usize, end: End },
+    /// An MPI rank was lost as a whole (`why`): it hosts no workers from
+    /// now on, and the backend can host at most `capacity` workers. Its
+    /// workers' `Ended` (`End::RankLost`) follow.
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    RankLost {
+        rank: usize,
+        host: &'static str,
+        why: String,
+        capacity: usize,
+    },
     /// The backend itself ended: nothing more can be started or reaped.
     Gone,
 }

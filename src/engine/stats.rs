@@ -23,7 +23,7 @@ pub(crate) struct Counters {
 fn kind(e: &Error) -> usize {
     match e {
         Error::TaskPanicked { .. } => 0,
-        Error::WorkerLost { .. } | Error::WorkerLostShared { .. } => 1,
+        Error::WorkerLost { .. } | Error::WorkerLostShared { .. } | Error::RankLost { .. } => 1,
         Error::Timeout { .. } => 2,
         Error::Cancelled => 3,
         Error::LimitExceeded { .. } => 4,

@@ -45,9 +45,20 @@
 //!
 //! So a rank keeps a local pool's guarantees: a task that crashes ends
 //! only its worker (`WorkerLost` names the rank), a timeout or a cancel
-//! kills the worker on its rank, and the rank goes on. What it cannot keep:
-//! a rank that dies as a whole ends the MPI job (the launcher stops every
-//! rank). `docs/mpi.md`, "What holds where", has the table.
+//! kills the worker on its rank, and the rank goes on.
+//!
+//! A rank lost as a whole (its process killed, its host down or cut off)
+//! costs the tasks it held, when the launcher lets the others live on
+//! (`peers.rs` and `root.rs`): rank 0 notices from the rank's silence
+//! (BEATs both ways, several per rank timeout), from a message it does not
+//! take, or from its workers' TCP streams shut with no word of their end;
+//! the engine shrinks the pool and fails those tasks with `RankLost` (or
+//! runs them again under retries); the rank is fenced off. A rank that
+//! loses rank 0 ends its workers and exits. MPI is then not finalised
+//! (finalising is collective, and would wait for the lost rank), and every
+//! MPI call returns errors rather than aborting (`MPI_ERRORS_RETURN`).
+//! What the launchers allow is measured in `docs/mpi.md`, "What holds
+//! where".
 //!
 //! Tasks travel as code offsets from an anchor (see `proto/task.rs`). These
 //! are the same in every rank of one binary, which the hash check makes
@@ -62,6 +73,7 @@
 //! `INLINE_SHARED` bit tells the rank's worker to do the same with its
 //! result (rank 0 keeps that bit when it inlines an input block).
 
+mod peers;
 mod rank;
 mod root;
 mod tcp;
@@ -78,16 +90,18 @@ use crate::error::Error;
 use crate::proto::words::SharedWords;
 use crate::sys;
 use mpi::Threading;
+use mpi::raw::AsRaw;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
-use rank::WorkerRank;
+use peers::Peers;
+use rank::{Finish, WorkerRank};
 use root::{Command, Handed, Root, Seam};
-use std::collections::VecDeque;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
-use transport::{all_gather, stop_ranks};
+use std::time::Duration;
+use transport::{Link, all_gather, stop_ranks};
 
 const NEED_RANKS: &str = "the mpi backend needs at least 2 MPI ranks: start the program with \
      `mpirun -n N` or `srun -n N` (N >= 2); rank 0 gets the pool, the other ranks are its workers";
@@ -95,6 +109,10 @@ const ONCE: &str = "the mpi backend initialises MPI itself, and MPI can be initi
      per process: build at most one MPI pool per program run";
 const MISMATCH: &str = "the MPI ranks do not all run the same executable (the hashes of their \
      /proc/self/exe differ): start the same binary on every rank";
+
+/// How a worker rank exits when it lost rank 0 (`EX_TEMPFAIL`): its work
+/// was cut short, not wrong.
+const EXIT_ORPHANED: i32 = 75;
 
 /// Set once an MPI pool was attempted in this process.
 static USED: AtomicBool = AtomicBool::new(false);
@@ -114,12 +132,17 @@ enum Role {
 pub(crate) fn start(
     requested: Option<usize>,
     per_rank: Option<usize>,
+    rank_timeout: Option<Duration>,
     mut cfg: Config,
     init: Option<Init>,
 ) -> Result<Launch, Error> {
     check_launcher()?;
     if per_rank == Some(0) {
         return Err(Error::Config("workers_per_rank must be at least 1"));
+    }
+    let rank_timeout = rank_timeout.unwrap_or(peers::DEFAULT_TIMEOUT);
+    if rank_timeout < peers::MIN_TIMEOUT {
+        return Err(Error::Config("rank_timeout must be at least 1 s"));
     }
     if USED.swap(true, Ordering::SeqCst) {
         return Err(Error::Config(ONCE));
@@ -134,15 +157,21 @@ pub(crate) fn start(
     let (seam_tx, seam_rx) = mpsc::channel::<Seam>();
     let thread = std::thread::Builder::new()
         .name("procpool-mpi".into())
-        .spawn(move || mpi_thread(role_tx, seam_rx, host))
+        .spawn(move || mpi_thread(role_tx, seam_rx, host, rank_timeout))
         .map_err(|e| Error::io("starting the MPI thread", e))?;
     let caps = match role_rx.recv() {
         Ok(Ok(Role::Root { caps })) => caps,
         Ok(Ok(Role::Worker)) => {
-            // A worker rank: the thread serves until rank 0 says STOP, then
-            // finalises MPI. Everything else in this process ends with it.
-            let code = if thread.join().is_ok() { 0 } else { 101 };
-            std::process::exit(code)
+            // A worker rank: the thread serves until rank 0 says STOP (or
+            // is lost), then finalises MPI if it may. Everything else in
+            // this process ends with it.
+            match thread.join().unwrap_or(101) {
+                // Cut off from the job (its workers are gone): exit without
+                // anything that could wait on it (flushing output, MPI's
+                // exit hooks).
+                EXIT_ORPHANED => sys::exit_now(EXIT_ORPHANED),
+                code => std::process::exit(code),
+            }
         }
         Ok(Err(e)) => {
             let _ = thread.join();
@@ -182,7 +211,7 @@ pub(crate) fn start(
 /// Rank 0: joins the engine's side of the seam to the MPI thread's (the
 /// channels and the eventfds that wake either side).
 fn connect(
-    thread: std::thread::JoinHandle<()>,
+    thread: std::thread::JoinHandle<i32>,
     seam_tx: mpsc::Sender<Seam>,
     slots: usize,
 ) -> Result<(Mpi, Arc<Handed>), Error> {
@@ -223,7 +252,7 @@ struct Mpi {
     events: mpsc::Receiver<Event>,
     wake_root: Arc<OwnedFd>,
     wake_engine: Arc<OwnedFd>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: Option<std::thread::JoinHandle<i32>>,
     /// The thread ended (its channel closed).
     gone: bool,
 }
@@ -359,62 +388,69 @@ fn exe_hash() -> std::io::Result<u64> {
 }
 
 /// The "procpool-mpi" thread: initialises MPI, checks the binaries, runs
-/// rank 0's server or a worker rank's loop, and finalises MPI.
+/// rank 0's server or a worker rank's loop, and finalises MPI if no rank
+/// was lost (finalising is collective: it would wait for a lost rank).
+/// Returns the exit status for a worker rank's process.
 fn mpi_thread(
     role_tx: mpsc::Sender<Result<Role, Error>>,
     setup_rx: mpsc::Receiver<Seam>,
     host: Option<Host>,
-) {
+    timeout: Duration,
+) -> i32 {
     let Some((universe, provided)) = mpi::initialize_with_threading(Threading::Funneled) else {
         let _ = role_tx.send(Err(Error::Config(ONCE)));
-        return;
+        return 0;
     };
     if provided < Threading::Funneled {
         log::warn!("procpool: the MPI library gives only {provided:?} threading support");
     }
-    {
-        let world = universe.world();
-        let comm = world.duplicate();
-        run_rank(&comm, role_tx, setup_rx, host);
+    let world = universe.world();
+    return_errors(&world);
+    let comm = world.duplicate();
+    return_errors(&comm);
+    let (finalize, code) = run_rank(&comm, role_tx, setup_rx, host, timeout);
+    if finalize {
+        drop(comm);
+        // MPI_Finalize: every worker rank has stopped by now.
+        drop(universe);
+    } else {
+        // A rank was lost: freeing the communicator or finalising could
+        // wait for it forever. The process ends without.
+        std::mem::forget(comm);
+        std::mem::forget(universe);
     }
-    // MPI_Finalize: every worker rank has stopped by now.
-    drop(universe);
+    code
 }
 
+/// Makes MPI calls on `comm` return errors rather than abort the job, so
+/// that a lost rank does not take the survivors with it.
+fn return_errors(comm: &SimpleCommunicator) {
+    // SAFETY: `comm.as_raw()` is a valid communicator handle while `comm`
+    // lives (it is borrowed for the call), and RSMPI_ERRORS_RETURN is one
+    // of MPI's predefined error handlers, valid after MPI_Init, which has
+    // run (the universe exists). The call has no other precondition.
+    unsafe {
+        mpi::ffi::MPI_Comm_set_errhandler(comm.as_raw(), mpi::ffi::RSMPI_ERRORS_RETURN);
+    }
+}
+
+/// Runs this rank's part. Returns whether MPI may be finalised, and the
+/// exit status for a worker rank's process.
 fn run_rank(
     comm: &SimpleCommunicator,
     role_tx: mpsc::Sender<Result<Role, Error>>,
     setup_rx: mpsc::Receiver<Seam>,
     mut host: Option<Host>,
-) {
+    timeout: Duration,
+) -> (bool, i32) {
     let size = comm.size() as usize;
     let rank = comm.rank() as usize;
     if size < 2 {
         let _ = role_tx.send(Err(Error::Config(NEED_RANKS)));
-        return;
+        return (true, 0);
     }
-    let mine = exe_hash().unwrap_or_else(|e| {
-        log::error!("procpool: MPI rank {rank} cannot read /proc/self/exe: {e}");
-        // A value no real hash is expected to be: it fails the check.
-        rank as u64 ^ 0x9e37_79b9_7f4a_7c15
-    });
-    let mut all = vec![0u64; size];
-    all_gather(comm, mine, &mut all);
-    let differ: Vec<usize> = (1..size).filter(|&r| all[r] != all[0]).collect();
-    if !differ.is_empty() {
-        if rank == 0 {
-            log::error!("procpool: MPI ranks {differ:?} run a different executable than rank 0");
-            let _ = role_tx.send(Err(Error::Config(MISMATCH)));
-        } else {
-            if differ.contains(&rank) {
-                eprintln!(
-                    "procpool: MPI rank {rank} runs a different executable than rank 0; \
-                     it serves no pool and exits"
-                );
-            }
-            let _ = role_tx.send(Ok(Role::Worker));
-        }
-        return;
+    if !same_binaries(comm, &role_tx) {
+        return (true, 0);
     }
     if rank == 0 {
         // Rank 0 hosts no workers (a server started before the rank was
@@ -425,34 +461,92 @@ fn run_rank(
     }
     let mut caps = vec![0u64; size];
     let cap = host.as_ref().map_or(0, |h| h.cap as u64);
-    all_gather(comm, cap, &mut caps);
+    all_gather(comm, &cap, &mut caps[..]);
     let caps: Vec<usize> = caps.iter().map(|&c| c as usize).collect();
-    if rank == 0 {
-        let role = if caps.iter().sum::<usize>() == 0 {
-            Err(Error::Broken {
-                reason: "no MPI rank could start its fork server to host workers".into(),
-            })
-        } else {
-            Ok(Role::Root { caps: caps.clone() })
-        };
-        if role_tx.send(role).is_err() || caps.iter().sum::<usize>() == 0 {
-            stop_ranks(comm, &mut VecDeque::new());
-            return;
-        }
-        drop(role_tx);
-        match setup_rx.recv() {
-            Ok(seam) => Root::new(comm, seam, caps).run(),
-            // The builder failed after MPI was up: stop the ranks.
-            Err(_) => stop_ranks(comm, &mut VecDeque::new()),
-        }
-    } else {
+    let mut peers = Peers::new(rank, size, timeout);
+    peers.set_hosts(host_names(comm));
+    let mut link = Link::new(comm, peers);
+    if rank != 0 {
         let _ = role_tx.send(Ok(Role::Worker));
         drop(role_tx);
-        match host {
-            Some(h) => WorkerRank::new(comm, h.server, h.words, h.cap).run(),
-            None => wait_for_stop(comm),
-        }
+        let finish = match host {
+            Some(h) => WorkerRank::new(link, h.server, h.words, h.cap).run(),
+            None => wait_for_stop(link),
+        };
+        return match finish {
+            Finish::Stopped { finalize } => (finalize, 0),
+            Finish::Orphaned => (false, EXIT_ORPHANED),
+        };
     }
+    let role = if caps.iter().sum::<usize>() == 0 {
+        Err(Error::Broken {
+            reason: "no MPI rank could start its fork server to host workers".into(),
+        })
+    } else {
+        Ok(Role::Root { caps: caps.clone() })
+    };
+    if role_tx.send(role).is_err() || caps.iter().sum::<usize>() == 0 {
+        return (stop_ranks(&mut link), 0);
+    }
+    drop(role_tx);
+    let finalize = match setup_rx.recv() {
+        Ok(seam) => Root::new(link, seam, caps).run(),
+        // The builder failed after MPI was up: stop the ranks.
+        Err(_) => stop_ranks(&mut link),
+    };
+    (finalize, 0)
+}
+
+/// The binary check: every rank hashes its executable and all exchange
+/// the hashes. On a mismatch, rank 0's builder gets `Error::Config` and
+/// the other ranks exit. Returns whether they match.
+fn same_binaries(comm: &SimpleCommunicator, role_tx: &mpsc::Sender<Result<Role, Error>>) -> bool {
+    let size = comm.size() as usize;
+    let rank = comm.rank() as usize;
+    let mine = exe_hash().unwrap_or_else(|e| {
+        log::error!("procpool: MPI rank {rank} cannot read /proc/self/exe: {e}");
+        // A value no real hash is expected to be: it fails the check.
+        rank as u64 ^ 0x9e37_79b9_7f4a_7c15
+    });
+    let mut all = vec![0u64; size];
+    all_gather(comm, &mine, &mut all[..]);
+    let differ: Vec<usize> = (1..size).filter(|&r| all[r] != all[0]).collect();
+    if differ.is_empty() {
+        return true;
+    }
+    if rank == 0 {
+        log::error!("procpool: MPI ranks {differ:?} run a different executable than rank 0");
+        let _ = role_tx.send(Err(Error::Config(MISMATCH)));
+    } else {
+        if differ.contains(&rank) {
+            eprintln!(
+                "procpool: MPI rank {rank} runs a different executable than rank 0; \
+                 it serves no pool and exits"
+            );
+        }
+        let _ = role_tx.send(Ok(Role::Worker));
+    }
+    false
+}
+
+/// Every rank's host name (this host's as its UTS namespace has it), for
+/// the errors that name a lost rank's host.
+fn host_names(comm: &SimpleCommunicator) -> Vec<String> {
+    const LEN: usize = 64;
+    let size = comm.size() as usize;
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let mut mine = [0u8; LEN];
+    let name = name.trim().as_bytes();
+    let n = name.len().min(LEN);
+    mine[..n].copy_from_slice(&name[..n]);
+    let mut all = vec![0u8; LEN * size];
+    all_gather(comm, &mine[..], &mut all[..]);
+    all.chunks(LEN)
+        .map(|c| {
+            let end = c.iter().position(|&b| b == 0).unwrap_or(LEN);
+            String::from_utf8_lossy(&c[..end]).into_owned()
+        })
+        .collect()
 }
 
 /// What a worker rank hosts its workers with: its fork server, the
@@ -505,21 +599,31 @@ fn host(per_rank: Option<usize>, init: Option<Init>) -> Option<Host> {
     }
 }
 
-/// A rank that hosts no workers waits for STOP, acknowledges it, and returns.
-fn wait_for_stop(comm: &SimpleCommunicator) {
-    let mut inbox = VecDeque::new();
+/// A rank that hosts no workers waits for STOP and acknowledges it, or
+/// for rank 0's loss.
+fn wait_for_stop(mut link: Link<'_>) -> Finish {
     let mut idle = transport::Backoff::new(transport::MAX_IDLE);
     loop {
-        if transport::pump(comm, &mut inbox) {
+        if link.pump() {
             idle.reset();
         } else {
             idle.sleep();
         }
-        while let Some((from, msg)) = inbox.pop_front() {
-            if from == 0 && msg.first() == Some(&transport::M_STOP) {
-                transport::send(comm, &mut inbox, 0, &[transport::M_STOP_ACK]);
-                return;
+        while let Some((from, msg)) = link.inbox.pop_front() {
+            match (from, msg.first()) {
+                (0, Some(&transport::M_STOP)) => {
+                    link.post(0, &[transport::M_STOP_ACK]);
+                    link.flush(link.peers.timeout());
+                    let finalize = msg.get(1) == Some(&transport::FINALIZE);
+                    return Finish::Stopped { finalize };
+                }
+                (0, Some(&transport::M_FENCE)) => return Finish::Orphaned,
+                _ => {}
             }
+        }
+        link.beat();
+        if !link.take_stuck().is_empty() || link.peers.silent().is_some() {
+            return Finish::Orphaned;
         }
     }
 }

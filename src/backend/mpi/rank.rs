@@ -12,6 +12,12 @@
 //! had started (from its status words), once the worker's last output is
 //! on its way. On STOP it closes its server (which kills its workers),
 //! acknowledges and returns.
+//!
+//! It tells rank 0 it lives several times per rank timeout (`peers`).
+//! If it hears nothing from rank 0 for the whole timeout, or rank 0 fences
+//! it off (it was counted as lost), it closes its server too and returns
+//! [`Finish::Orphaned`]: the process then exits without finalising MPI, so
+//! nothing is left on a host cut off from the job.
 
 use super::tcp::{self, Dial};
 use super::transport::*;
@@ -22,7 +28,7 @@ use crate::proto::task::code;
 use crate::proto::wire::{self, Frame, Header, ResultAt};
 use crate::proto::words::SharedWords;
 use crate::sys::{self, PollSet};
-use mpi::topology::{Communicator, SimpleCommunicator};
+use mpi::topology::Communicator;
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
@@ -73,15 +79,26 @@ struct Hosted {
     ended: Option<i32>,
 }
 
+/// How a worker rank's service ended.
+pub(super) enum Finish {
+    /// Rank 0 said STOP; `finalize`: every rank is live, so MPI may be
+    /// finalised.
+    Stopped { finalize: bool },
+    /// Rank 0 was silent past the rank timeout, or fenced this rank off.
+    Orphaned,
+}
+
 pub(super) struct WorkerRank<'c> {
-    comm: &'c SimpleCommunicator,
+    link: Link<'c>,
     server: Local,
     words: Arc<SharedWords>,
     free: Vec<usize>,
     hosted: Vec<Hosted>,
     events: Vec<Event>,
-    inbox: Inbox,
     msg: Vec<u8>,
+    /// Rank 0 is gone for this rank: a message to it did not go out within
+    /// the rank timeout, or it said FENCE.
+    orphaned: bool,
     /// A connection to rank 0 failed: later workers' streams go over MPI.
     tcp_failed: bool,
     /// The TCP streams of workers that ended, read (and what comes thrown
@@ -94,27 +111,27 @@ impl<'c> WorkerRank<'c> {
     /// A rank whose fork server (`server`, with `words`) may host `cap`
     /// workers at once.
     pub(super) fn new(
-        comm: &'c SimpleCommunicator,
+        link: Link<'c>,
         server: Local,
         words: Arc<SharedWords>,
         cap: usize,
     ) -> Self {
         WorkerRank {
-            comm,
+            link,
             server,
             words,
             // A replacement may start before the worker it replaces is gone.
             free: (0..2 * cap).rev().collect(),
             hosted: Vec::new(),
             events: Vec::new(),
-            inbox: VecDeque::new(),
             msg: Vec::new(),
+            orphaned: false,
             tcp_failed: false,
             lingering: Vec::new(),
         }
     }
 
-    pub(super) fn run(mut self) {
+    pub(super) fn run(mut self) -> Finish {
         let mut idle = Backoff::new(MAX_IDLE);
         let mut polled = PollSet::default();
         let mut last_look = Instant::now();
@@ -125,17 +142,17 @@ impl<'c> WorkerRank<'c> {
             let mut active = false;
             if self.relaying() || last_look.elapsed() >= CONTROL_LOOK {
                 last_look = Instant::now();
-                active = pump(self.comm, &mut self.inbox);
+                active = self.link.pump();
             }
-            let mut stop = false;
-            while let Some((from, msg)) = self.inbox.pop_front() {
+            let mut finish = None;
+            while let Some((from, msg)) = self.link.inbox.pop_front() {
                 if from == 0 {
                     active = true;
-                    stop |= self.on_message(&msg);
+                    finish = finish.or(self.on_message(&msg));
                 }
             }
-            if stop {
-                break;
+            if let Some(finish) = finish.or_else(|| self.root_lost()) {
+                return self.finish(finish);
             }
             active |= self.server_events();
             for i in (0..self.hosted.len()).rev() {
@@ -175,10 +192,43 @@ impl<'c> WorkerRank<'c> {
             }
             self.linger();
         }
-        // STOP: closing the server's socket makes it kill and reap every
-        // worker, then exit.
+    }
+
+    /// Says "I live" to rank 0 when it is time. `Orphaned` if rank 0 is
+    /// gone for this rank.
+    fn root_lost(&mut self) -> Option<Finish> {
+        self.link.beat();
+        self.orphaned |= !self.link.take_stuck().is_empty();
+        if self.orphaned || self.link.peers.silent().is_some() {
+            return Some(Finish::Orphaned);
+        }
+        None
+    }
+
+    /// Ends the service: closing the server's socket makes it kill and
+    /// reap every worker, then exit. A STOP is acknowledged.
+    fn finish(mut self, finish: Finish) -> Finish {
+        let rank = self.link.comm.rank();
         let _ = Box::new(self.server).wait();
-        send(self.comm, &mut self.inbox, 0, &[M_STOP_ACK]);
+        match finish {
+            Finish::Stopped { .. } => {
+                self.link.post(0, &[M_STOP_ACK]);
+                self.link.flush(self.link.peers.timeout());
+            }
+            Finish::Orphaned => {
+                // Said once its workers are gone, and without waiting: on a
+                // host cut off from the job, the launcher's daemon may no
+                // longer take this rank's output.
+                let msg = format!(
+                    "procpool: MPI rank {rank} lost rank 0 (silent for {:?}, or it counted this \
+                     rank as lost); it ended its workers and exits\n",
+                    self.link.peers.timeout()
+                );
+                let _ = sys::set_nonblocking_raw(2);
+                let _ = sys::write(2, msg.as_bytes());
+            }
+        }
+        finish
     }
 
     /// Whether a worker's stream goes over MPI (so MPI must be polled
@@ -209,25 +259,28 @@ impl<'c> WorkerRank<'c> {
         });
     }
 
+    /// Sends a control message to rank 0, without waiting (a message it
+    /// does not take within the rank timeout orphans this rank).
     fn tell(&mut self, msg: &[u8]) {
-        send(self.comm, &mut self.inbox, 0, msg);
+        self.link.post(0, msg);
     }
 
     fn find(&self, remote: usize) -> Option<usize> {
         self.hosted.iter().position(|h| h.remote == remote)
     }
 
-    /// One message from rank 0; returns true on STOP.
-    fn on_message(&mut self, msg: &[u8]) -> bool {
-        let Some(&kind) = msg.first() else {
-            return false;
-        };
-        if kind == M_STOP {
-            return true;
+    /// One message from rank 0; returns how the service ends, if it does.
+    fn on_message(&mut self, msg: &[u8]) -> Option<Finish> {
+        let kind = *msg.first()?;
+        match kind {
+            M_STOP => {
+                let finalize = msg.get(1) == Some(&FINALIZE);
+                return Some(Finish::Stopped { finalize });
+            }
+            M_FENCE => return Some(Finish::Orphaned),
+            _ => {}
         }
-        let Some(remote) = slot_of(msg) else {
-            return false;
-        };
+        let remote = slot_of(msg)?;
         match kind {
             M_START => self.start(remote, Dial::decode(&msg[5..])),
             M_DATA => {
@@ -262,7 +315,7 @@ impl<'c> WorkerRank<'c> {
             }
             _ => {}
         }
-        false
+        None
     }
 
     fn start(&mut self, remote: usize, dial: Option<Dial>) {
@@ -392,7 +445,7 @@ impl<'c> WorkerRank<'c> {
                     h.drained = true;
                 }
             }
-            Event::TimedOut { .. } => {}
+            Event::TimedOut { .. } | Event::RankLost { .. } => {}
         }
     }
 
@@ -404,7 +457,7 @@ impl<'c> WorkerRank<'c> {
         let Some(dial) = h.dial.as_ref().filter(|_| !self.tcp_failed) else {
             return false;
         };
-        match tcp::connect(dial, h.remote, self.comm.rank() as usize, h.pid) {
+        match tcp::connect(dial, h.remote, self.link.comm.rank() as usize, h.pid) {
             Ok(s) => {
                 // The worker takes the stream over: ADOPT, with the fd.
                 if let Some(conn) = h.conn.as_mut() {
@@ -420,7 +473,7 @@ impl<'c> WorkerRank<'c> {
                 eprintln!(
                     "procpool: MPI rank {} cannot connect to rank 0 ({e}); its workers' \
                      streams go over MPI",
-                    self.comm.rank()
+                    self.link.comm.rank()
                 );
                 self.tcp_failed = true;
                 false
@@ -450,11 +503,13 @@ impl<'c> WorkerRank<'c> {
                 match h.up.as_mut() {
                     Some(up) => results(conn, up.out(), |_| {}),
                     None => {
-                        let (comm, inbox, msg) = (self.comm, &mut self.inbox, &mut self.msg);
+                        let (link, msg) = (&mut self.link, &mut self.msg);
                         msg.clear();
                         msg.extend_from_slice(&header(M_DATA, remote));
-                        results(conn, msg, |m| send_data(comm, inbox, 0, m));
-                        send_data(comm, inbox, 0, msg);
+                        let mut sent = true;
+                        results(conn, msg, |m| sent &= link.send_data(0, m));
+                        sent &= link.send_data(0, msg);
+                        self.orphaned |= !sent;
                     }
                 }
             }
@@ -469,7 +524,18 @@ impl<'c> WorkerRank<'c> {
             None => true,
         };
         if h.ended.is_some() && (h.drained || h.conn.is_none()) && flushed {
-            if let Some(up) = h.up.take() {
+            let h = self.hosted.swap_remove(i);
+            self.free.push(h.local);
+            let status = h.ended.unwrap_or(SERVER_LOST);
+            let started = self.words.status(h.local).started.load(Ordering::SeqCst);
+            let mut m = header(M_ENDED, remote);
+            m.extend_from_slice(&(status as u32).to_le_bytes());
+            m.extend_from_slice(&started.to_le_bytes());
+            m.extend_from_slice(&h.timed_out.to_le_bytes());
+            // ENDED first: rank 0 takes a stream shut before it as a sign
+            // that this rank died.
+            self.tell(&m);
+            if let Some(up) = h.up {
                 // After the worker's last bytes: rank 0 reports its end
                 // once this arrives. Then read until the engine closes.
                 up.shutdown_write();
@@ -477,17 +543,6 @@ impl<'c> WorkerRank<'c> {
                 let _ = sys::set_nonblocking(&fd);
                 self.lingering.push((fd, Instant::now() + LINGER));
             }
-            let h = &self.hosted[i];
-            let status = h.ended.unwrap_or(SERVER_LOST);
-            let started = self.words.status(h.local).started.load(Ordering::SeqCst);
-            let mut m = header(M_ENDED, remote);
-            m.extend_from_slice(&(status as u32).to_le_bytes());
-            m.extend_from_slice(&started.to_le_bytes());
-            m.extend_from_slice(&h.timed_out.to_le_bytes());
-            let local = h.local;
-            self.hosted.swap_remove(i);
-            self.free.push(local);
-            self.tell(&m);
             active = true;
         }
         active

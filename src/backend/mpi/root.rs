@@ -23,9 +23,19 @@
 //!   started by its own status words, and the task it was killed for, if a
 //!   timeout): once the worker's last output is in the engine's socket, the
 //!   thread reports `TimedOut` if so, then `Ended`.
+//! - A rank lost as a whole: silent for the rank timeout (`peers`), a
+//!   message to it that does not go out within it, or one of its workers'
+//!   TCP streams shut with no ENDED from the rank within [`SHUT_GRACE`]
+//!   (its process died: the kernel closed its sockets). The thread
+//!   reports `RankLost` (the engine shrinks to what the other ranks can
+//!   host), then `Ended` with `End::RankLost` for each of the rank's
+//!   workers, whose tasks the engine fails or runs again; it starts no
+//!   worker there again, drops whatever the rank still sends (it no longer
+//!   probes it, and its streams are closed), and sends it a FENCE.
 //! - The engine drops its command channel (the pool is finished): the
-//!   thread tells every rank to STOP, waits for each to acknowledge, and
-//!   returns (MPI is finalised after it).
+//!   thread tells every live rank to STOP, waits (at most the rank
+//!   timeout) for each to acknowledge, and returns; MPI is finalised after
+//!   it only if no rank was lost.
 
 use super::tcp::Listener;
 use super::transport::*;
@@ -33,8 +43,7 @@ use crate::engine::seam::{End, Event, Progress};
 use crate::proto::conn::{Conn, Flushed};
 use crate::proto::wire::Frame;
 use crate::sys::{self, PollSet};
-use mpi::topology::SimpleCommunicator;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
@@ -142,6 +151,12 @@ impl Progress for Handed {
 /// the end anyway.
 const LAST_BYTES_WAIT: Duration = Duration::from_secs(60);
 
+/// How long after one of a rank's workers' TCP streams shut, with no ENDED
+/// for it, the rank counts as lost: a live rank sends the ENDED before it
+/// shuts the stream, so only a rank whose process died (or is dying) takes
+/// longer.
+const SHUT_GRACE: Duration = Duration::from_millis(500);
+
 /// Rank 0's ends of the seam.
 pub(super) struct Seam {
     pub(super) commands: mpsc::Receiver<Command>,
@@ -181,16 +196,19 @@ struct Session {
     /// The rank said the worker ended: its wait status, the task it was
     /// killed for running past its timeout (0: none), and when it said so.
     ended: Option<(i32, u64, Instant)>,
+    /// When its TCP stream was seen shut before the rank said it ended.
+    shut_early: Option<Instant>,
 }
 
 pub(super) struct Root<'c> {
-    comm: &'c SimpleCommunicator,
+    link: Link<'c>,
     seam: Seam,
     /// How many workers each rank may host, and hosts now (rank 0: none).
     caps: Vec<usize>,
     hosted: Vec<usize>,
     sessions: HashMap<usize, Session>,
-    inbox: Inbox,
+    /// Ranks to count as lost, and why (found where a session is borrowed).
+    doomed: Vec<(usize, String)>,
     /// Reused buffer for outgoing stream bytes.
     msg: Vec<u8>,
     /// Where ranks connect the workers' streams (`None`: they go over MPI).
@@ -198,7 +216,7 @@ pub(super) struct Root<'c> {
 }
 
 impl<'c> Root<'c> {
-    pub(super) fn new(comm: &'c SimpleCommunicator, seam: Seam, caps: Vec<usize>) -> Self {
+    pub(super) fn new(link: Link<'c>, seam: Seam, caps: Vec<usize>) -> Self {
         let hosted = vec![0; caps.len()];
         let listener = if std::env::var("PROCPOOL_MPI_STREAMS").is_ok_and(|v| v == "mpi") {
             None
@@ -214,17 +232,19 @@ impl<'c> Root<'c> {
         };
         Root {
             listener,
-            comm,
+            link,
             seam,
             caps,
             hosted,
             sessions: HashMap::new(),
-            inbox: VecDeque::new(),
+            doomed: Vec::new(),
             msg: Vec::new(),
         }
     }
 
-    pub(super) fn run(mut self) {
+    /// Serves the engine until it closes; returns whether MPI may be
+    /// finalised (no rank was lost).
+    pub(super) fn run(mut self) -> bool {
         let mut idle = Backoff::new(MAX_IDLE);
         let mut polled = PollSet::default();
         // The slot of each worker socket in `polled` (after the wake fd).
@@ -245,9 +265,14 @@ impl<'c> Root<'c> {
                     who.push(slot);
                 }
             }
-            for s in self.sessions.values().filter(|s| s.ended.is_some()) {
-                if let Some(fd) = &s.stream {
+            // A stream's shut: after the rank's ENDED, its last bytes are
+            // in; before it, the rank may be gone.
+            let first_shut = polled.len();
+            let mut shut_who = Vec::new();
+            for (&slot, s) in self.sessions.iter() {
+                if let Some(fd) = s.stream.as_ref().filter(|_| s.shut_early.is_none()) {
                     polled.push_peer_shut(fd.as_raw_fd());
+                    shut_who.push(slot);
                 }
             }
             let first_tcp = polled.len();
@@ -257,6 +282,14 @@ impl<'c> Root<'c> {
             let _ = polled.poll(0);
             if polled.ready(0) {
                 sys::drain(self.seam.wake_me.as_raw_fd());
+            }
+            for (k, slot) in shut_who.iter().enumerate() {
+                if polled.ready(first_shut + k)
+                    && let Some(s) = self.sessions.get_mut(slot)
+                    && s.ended.is_none()
+                {
+                    s.shut_early = Some(Instant::now());
+                }
             }
             let Some(mut active) = self.commands() else {
                 break;
@@ -271,6 +304,7 @@ impl<'c> Root<'c> {
                 active |= self.accept_streams();
             }
             active |= self.receive();
+            active |= self.watch();
             who.clear();
             who.extend(self.sessions.keys());
             for &slot in who.iter() {
@@ -286,7 +320,7 @@ impl<'c> Root<'c> {
                 let _ = polled.poll(1);
             }
         }
-        stop_ranks(self.comm, &mut self.inbox);
+        stop_ranks(&mut self.link)
     }
 
     fn report(&self, e: Event) {
@@ -294,8 +328,10 @@ impl<'c> Root<'c> {
         sys::eventfd_signal(self.seam.wake_engine.as_raw_fd());
     }
 
+    /// Sends a control message to a rank, without waiting (`watch`
+    /// dooms a rank that does not take one within the rank timeout).
     fn tell(&mut self, rank: usize, msg: &[u8]) {
-        send(self.comm, &mut self.inbox, rank, msg);
+        self.link.post(rank, msg);
     }
 
     /// Carries out the engine's commands. `None`: the engine closed its
@@ -341,12 +377,79 @@ impl<'c> Root<'c> {
 
     /// Receives what the ranks sent and handles it.
     fn receive(&mut self) -> bool {
-        let mut active = pump(self.comm, &mut self.inbox);
-        while let Some((from, msg)) = self.inbox.pop_front() {
-            self.on_message(from, msg);
+        let mut active = self.link.pump();
+        while let Some((from, msg)) = self.link.inbox.pop_front() {
+            // A rank counted as lost is fenced off: nothing it sends counts.
+            if self.link.peers.is_live(from) {
+                self.on_message(from, msg);
+            }
             active = true;
         }
         active
+    }
+
+    /// Says "I live" to the ranks when it is time, and counts as lost a
+    /// rank that is silent past the rank timeout or whose worker's stream
+    /// shut with no word of the worker's end. Returns whether one was lost.
+    fn watch(&mut self) -> bool {
+        self.link.beat();
+        for r in self.link.take_stuck() {
+            let why = format!("it took no message for {:?}", self.link.peers.timeout());
+            self.doomed.push((r, why));
+        }
+        if let Some(r) = self.link.peers.silent() {
+            let why = format!("silent for {:?}", self.link.peers.timeout());
+            self.doomed.push((r, why));
+        }
+        for s in self.sessions.values() {
+            if s.ended.is_none() && s.shut_early.is_some_and(|t| t.elapsed() > SHUT_GRACE) {
+                let why = "a worker's stream closed and the rank said nothing".to_string();
+                self.doomed.push((s.rank, why));
+            }
+        }
+        let doomed = std::mem::take(&mut self.doomed);
+        let any = !doomed.is_empty();
+        for (rank, why) in doomed {
+            self.lose(rank, why);
+        }
+        any
+    }
+
+    /// Counts `rank` as lost: the engine hears of it and of its workers'
+    /// ends, nothing is started there again, and the rank is fenced off.
+    fn lose(&mut self, rank: usize, why: String) {
+        if !self.link.lose(rank) {
+            return;
+        }
+        let host = self.link.peers.host(rank);
+        eprintln!("procpool: MPI rank {rank} on {host} is lost ({why})");
+        self.caps[rank] = 0;
+        let capacity = self.caps.iter().sum();
+        self.report(Event::RankLost {
+            rank,
+            host,
+            why,
+            capacity,
+        });
+        let slots: Vec<usize> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.rank == rank)
+            .map(|(&slot, _)| slot)
+            .collect();
+        for slot in slots {
+            let s = self.sessions.remove(&slot);
+            self.hosted[rank] -= 1;
+            if s.is_some_and(|s| s.theirs.is_some()) {
+                let cause = format!("MPI rank {rank} on {host} was lost before the worker started");
+                self.report(Event::StartFailed { slot, cause });
+            } else {
+                let end = End::RankLost { rank, host };
+                self.report(Event::Ended { slot, end });
+            }
+        }
+        // If it lives and hears this, it ends its workers and exits.
+        self.link.post_to_lost(rank, &[M_FENCE]);
     }
 
     fn spawn(&mut self, slot: usize) {
@@ -385,6 +488,7 @@ impl<'c> Root<'c> {
                 stream: None,
                 tcp: None,
                 ended: None,
+                shut_early: None,
             },
         );
         let mut m = header(M_START, slot);
@@ -435,11 +539,14 @@ impl<'c> Root<'c> {
             self.msg.extend_from_slice(&s.conn.inbuf[f.at..f.end]);
             pos = f.end;
             if self.msg.len() >= CHUNK {
-                send_data(self.comm, &mut self.inbox, rank, &mut self.msg);
+                self.link.send_data(rank, &mut self.msg);
             }
         }
         s.conn.consume(pos);
-        send_data(self.comm, &mut self.inbox, rank, &mut self.msg);
+        if !self.link.send_data(rank, &mut self.msg) && self.link.peers.is_live(rank) {
+            let why = "stream bytes to it did not go out within the rank timeout".to_string();
+            self.doomed.push((rank, why));
+        }
         if eof {
             s.eof = true;
             self.tell(rank, &header(M_EOF, slot));

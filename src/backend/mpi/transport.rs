@@ -1,5 +1,6 @@
-//! How the MPI backend's ranks talk: message kinds, sending without
-//! deadlock, receiving what has arrived, the hash exchange, the stop
+//! How the MPI backend's ranks talk: message kinds, the [`Link`] (sending
+//! without deadlock and without waiting on a lost rank, receiving what has
+//! arrived from the ranks still live), the start-up exchanges, the stop
 //! handshake, and reading a relayed stream.
 //!
 //! All messages use one tag of a duplicate of the world communicator, so
@@ -8,11 +9,20 @@
 //! capped at 1 ms, because a blocking receive busy-spins a whole core.
 //! While a send is pending, its sender keeps receiving, so two ranks that
 //! send large messages to each other cannot deadlock.
+//!
+//! A rank may be lost as a whole (`peers`). So a receive probes each live
+//! rank by name, never `MPI_ANY_SOURCE` (which an MPI library may keep
+//! failing once one rank is gone), and a send gives up after a bound: its
+//! buffer is then left to MPI for good (a few bytes per lost rank), and
+//! the caller counts the rank as lost. The communicator returns errors
+//! instead of aborting the job (`MPI_ERRORS_RETURN`).
 
 use crate::proto::conn::{Conn, Filled};
 pub(super) use crate::proto::idle::Backoff;
 use crate::proto::shm::Block;
 use crate::proto::wire;
+use super::peers::Peers;
+use mpi::request::{Request, StaticScope};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use std::collections::VecDeque;
@@ -33,8 +43,12 @@ pub(super) const M_EOF: u8 = 3;
 /// Rank 0 to a worker rank: kill the worker (8 bytes: 0, or the task it
 /// must be running for the kill to happen).
 pub(super) const M_KILL: u8 = 4;
-/// Rank 0 to a worker rank: the pool is finished; acknowledge and exit.
+/// Rank 0 to a worker rank: the pool is finished; acknowledge and exit
+/// (1 byte: [`FINALIZE`] if every rank is live, so MPI can be finalised;
+/// else 0).
 pub(super) const M_STOP: u8 = 5;
+/// In a STOP message: finalise MPI after it.
+pub(super) const FINALIZE: u8 = 1;
 /// A worker rank to rank 0: the worker ended. 4 bytes: its wait status
 /// (or [`SERVER_LOST`]); 8: the task it had started; 8: the task it was
 /// killed for running past its timeout (0: none).
@@ -61,6 +75,14 @@ pub(super) const M_TIMEOUT: u8 = 11;
 /// Rank 0 to a worker rank: the worker must skip this task, cancelled
 /// before it started (8 bytes: the task), through its skip word.
 pub(super) const M_SKIP: u8 = 12;
+
+/// Either way: I live (nothing follows). Sent several times within the
+/// rank timeout (`peers`).
+pub(super) const M_BEAT: u8 = 13;
+/// Rank 0 to a rank it counts as lost: exit now (nothing follows). Never
+/// waited for: the rank may never get it, and then exits when it has not
+/// heard from rank 0 for its rank timeout.
+pub(super) const M_FENCE: u8 = 14;
 
 /// The status in an ENDED message when the rank's fork server itself was
 /// lost: its workers died with it, and no wait status was seen.
@@ -97,83 +119,284 @@ pub(super) const READ_CHUNK: usize = 256 << 10;
 pub(super) const MAX_IDLE: Duration = Duration::from_millis(1);
 /// A thread waiting for a send sleeps at most this long between tests.
 pub(super) const MAX_SEND_WAIT: Duration = Duration::from_micros(100);
-/// How long rank 0 waits for the ranks to acknowledge STOP before it aborts
-/// the job (MPI finalisation would hang on a rank that never answers).
-pub(super) const STOP_BOUND: Duration = Duration::from_secs(30);
 /// Socket buffer size, as for local workers.
 pub(super) const SOCK_BUF: usize = 1 << 20;
 
 /// Received messages, with the rank each came from.
 pub(super) type Inbox = VecDeque<(usize, Vec<u8>)>;
 
-/// Receives every message that has arrived. Returns whether there was one.
-pub(super) fn pump(comm: &SimpleCommunicator, inbox: &mut Inbox) -> bool {
-    let mut any = false;
-    while let Some((msg, st)) = comm.any_process().immediate_matched_probe() {
-        let len = usize::try_from(st.count(u8::equivalent_datatype())).unwrap_or(0);
-        let mut v = vec![0u8; len];
-        msg.matched_receive_into(&mut v[..]);
-        inbox.push_back((st.source_rank() as usize, v));
-        any = true;
-    }
-    any
+/// One rank's way to the others: the communicator, what has arrived, the
+/// messages on their way, and which ranks live.
+pub(super) struct Link<'c> {
+    pub(super) comm: &'c SimpleCommunicator,
+    pub(super) inbox: Inbox,
+    pub(super) peers: Peers,
+    /// Control messages on their way, never waited for: each with its
+    /// request, its bytes, its rank and when it was posted.
+    outbox: Vec<Posted>,
+    /// Live ranks with a message posted more than the rank timeout ago and
+    /// still not taken, for the caller to count as lost.
+    stuck: Vec<usize>,
 }
 
-/// Sends one message and waits until its buffer is free again. Meanwhile
-/// it receives whatever arrives, so a peer that is itself sending to us is
-/// never blocked.
-pub(super) fn send(comm: &SimpleCommunicator, inbox: &mut Inbox, to: usize, msg: &[u8]) {
-    mpi::request::scope(|scope| {
-        let mut req = comm.process_at_rank(to as i32).immediate_send(scope, msg);
+struct Posted {
+    req: Request<'static, [u8]>,
+    bytes: Owned,
+    to: usize,
+    at: Instant,
+}
+
+impl<'c> Link<'c> {
+    pub(super) fn new(comm: &'c SimpleCommunicator, peers: Peers) -> Self {
+        Link {
+            comm,
+            inbox: VecDeque::new(),
+            peers,
+            outbox: Vec::new(),
+            stuck: Vec::new(),
+        }
+    }
+
+    /// Receives every message that has arrived from a live rank, and
+    /// notes that it was heard; moves the posted messages on. Returns
+    /// whether a message arrived.
+    pub(super) fn pump(&mut self) -> bool {
+        let mut any = false;
+        for i in 0..self.peers.live().len() {
+            let from = self.peers.live()[i];
+            let p = self.comm.process_at_rank(from as i32);
+            let mut got = false;
+            while let Some((msg, st)) = p.immediate_matched_probe() {
+                let len = usize::try_from(st.count(u8::equivalent_datatype())).unwrap_or(0);
+                let mut v = vec![0u8; len];
+                msg.matched_receive_into(&mut v[..]);
+                self.inbox.push_back((from, v));
+                got = true;
+            }
+            if got {
+                self.peers.heard(from);
+            }
+            any |= got;
+        }
+        self.progress();
+        any
+    }
+
+    /// Frees the posted messages that went out; notes the ranks that have
+    /// not taken one within the rank timeout.
+    fn progress(&mut self) {
+        let timeout = self.peers.timeout();
+        for p in std::mem::take(&mut self.outbox) {
+            match p.req.test() {
+                Ok(_) => p.bytes.free(),
+                Err(req) => {
+                    if p.at.elapsed() > timeout && !self.stuck.contains(&p.to) {
+                        self.stuck.push(p.to);
+                    }
+                    self.outbox.push(Posted { req, ..p });
+                }
+            }
+        }
+    }
+
+    /// The live ranks that did not take a message within the rank timeout
+    /// (since the last call).
+    pub(super) fn take_stuck(&mut self) -> Vec<usize> {
+        let mut stuck = std::mem::take(&mut self.stuck);
+        stuck.retain(|&r| self.peers.is_live(r));
+        stuck
+    }
+
+    /// Counts `rank` as lost: nothing more is received from or sent to
+    /// it, and what was posted to it is left to MPI for good. Returns
+    /// whether it was live until now.
+    pub(super) fn lose(&mut self, rank: usize) -> bool {
+        let mut i = 0;
+        while i < self.outbox.len() {
+            if self.outbox[i].to == rank {
+                let p = self.outbox.swap_remove(i);
+                // MPI may still read the bytes: the request and the copy
+                // are left to it (`Owned` leaks the copy unless freed).
+                std::mem::forget(p.req);
+            } else {
+                i += 1;
+            }
+        }
+        self.peers.lose(rank)
+    }
+
+    /// Sends a control message to a live rank without waiting: it goes
+    /// out as MPI progresses (every `pump`), in order with every other
+    /// message to that rank. Nothing is sent to a rank counted as lost.
+    pub(super) fn post(&mut self, to: usize, msg: &[u8]) {
+        if !self.peers.is_live(to) {
+            return;
+        }
+        let bytes = Owned::new(msg);
+        let req = self
+            .comm
+            .process_at_rank(to as i32)
+            .immediate_send(StaticScope, bytes.bytes());
+        self.outbox.push(Posted {
+            req,
+            bytes,
+            to,
+            at: Instant::now(),
+        });
+    }
+
+    /// Sends a message to a rank counted as lost, never to be waited for
+    /// (a fence): MPI keeps the copy for good.
+    pub(super) fn post_to_lost(&mut self, to: usize, msg: &[u8]) {
+        let bytes = Owned::new(msg);
+        let req = self
+            .comm
+            .process_at_rank(to as i32)
+            .immediate_send(StaticScope, bytes.bytes());
+        std::mem::forget(req);
+    }
+
+    /// Says "I live" to every live rank, when it is time.
+    pub(super) fn beat(&mut self) {
+        if self.peers.beat_due() {
+            for i in 0..self.peers.live().len() {
+                let r = self.peers.live()[i];
+                self.post(r, &[M_BEAT]);
+            }
+        }
+    }
+
+    /// Waits, at most `bound`, until every posted message went out.
+    pub(super) fn flush(&mut self, bound: Duration) {
+        let deadline = Instant::now() + bound;
         let mut wait = Backoff::new(MAX_SEND_WAIT);
+        while !self.outbox.is_empty() && Instant::now() < deadline {
+            self.progress();
+            wait.sleep();
+        }
+    }
+
+    /// Sends one message to a live rank and waits until MPI is done with
+    /// it (a stream's bytes: the wait holds the stream back while the
+    /// rank is slow), receiving meanwhile, so that a peer that is itself
+    /// sending to us is never blocked, and saying "I live" to the others.
+    /// Returns false if the send did not complete within the rank timeout
+    /// (the rank is lost, or the way to it): MPI then keeps the copy it
+    /// was given for good, and the caller counts the rank as lost.
+    pub(super) fn send(&mut self, to: usize, msg: &[u8]) -> bool {
+        if !self.peers.is_live(to) {
+            return false;
+        }
+        let owned = Owned::new(msg);
+        let mut req = self
+            .comm
+            .process_at_rank(to as i32)
+            .immediate_send(StaticScope, owned.bytes());
+        let mut wait = Backoff::new(MAX_SEND_WAIT);
+        let deadline = Instant::now() + self.peers.timeout();
         loop {
             match req.test() {
-                Ok(_) => return,
+                Ok(_) => {
+                    owned.free();
+                    return true;
+                }
                 Err(r) => req = r,
             }
-            if pump(comm, inbox) {
+            if Instant::now() > deadline {
+                // MPI may still read the buffer: the request and the copy
+                // are left to it.
+                std::mem::forget(req);
+                return false;
+            }
+            self.beat();
+            if self.pump() {
                 wait.reset();
             } else {
                 wait.sleep();
             }
         }
-    });
+    }
+
+    /// Sends stream bytes in messages of at most `CHUNK` bytes. `msg`
+    /// holds an `M_DATA` header (`header`) and then the bytes; the header
+    /// stays. Returns false as [`send`](Self::send) does.
+    pub(super) fn send_data(&mut self, to: usize, msg: &mut Vec<u8>) -> bool {
+        const HEAD: usize = 5;
+        if msg.len() <= HEAD {
+            return true;
+        }
+        let mut sent = true;
+        if msg.len() <= CHUNK + HEAD {
+            sent = self.send(to, msg);
+        } else {
+            let mut part = Vec::with_capacity(CHUNK + HEAD);
+            for piece in msg[HEAD..].chunks(CHUNK) {
+                part.clear();
+                part.extend_from_slice(&msg[..HEAD]);
+                part.extend_from_slice(piece);
+                sent &= self.send(to, &part);
+            }
+        }
+        msg.truncate(HEAD);
+        if msg.capacity() > 4 * CHUNK {
+            msg.shrink_to(HEAD);
+        }
+        sent
+    }
 }
 
-/// Sends stream bytes in messages of at most `CHUNK` bytes. `msg` holds
-/// an `M_DATA` header (`header`) and then the bytes; the header stays.
-pub(super) fn send_data(
-    comm: &SimpleCommunicator,
-    inbox: &mut Inbox,
-    to: usize,
-    msg: &mut Vec<u8>,
-) {
-    const HEAD: usize = 5;
-    if msg.len() <= HEAD {
-        return;
-    }
-    if msg.len() <= CHUNK + HEAD {
-        send(comm, inbox, to, msg);
-    } else {
-        let mut part = Vec::with_capacity(CHUNK + HEAD);
-        for piece in msg[HEAD..].chunks(CHUNK) {
-            part.clear();
-            part.extend_from_slice(&msg[..HEAD]);
-            part.extend_from_slice(piece);
-            send(comm, inbox, to, &part);
+impl Drop for Link<'_> {
+    /// What is still on its way is left to MPI (a request dropped before
+    /// it completed would panic): the process is about to end, or MPI to
+    /// be finalised, which completes it.
+    fn drop(&mut self) {
+        for p in self.outbox.drain(..) {
+            std::mem::forget(p.req);
         }
     }
-    msg.truncate(HEAD);
-    if msg.capacity() > 4 * CHUNK {
-        msg.shrink_to(HEAD);
+}
+
+/// A copy of a message that MPI reads while a send is pending: it must
+/// outlive the send, which a lost rank may never complete. It is freed once
+/// the send completed, and otherwise leaked (left to MPI).
+struct Owned {
+    raw: *mut [u8],
+}
+
+impl Owned {
+    fn new(msg: &[u8]) -> Self {
+        Owned {
+            raw: Box::into_raw(msg.to_vec().into_boxed_slice()),
+        }
+    }
+
+    fn bytes(&self) -> &'static [u8] {
+        // SAFETY: `raw` came from `Box::into_raw`, so it is valid and
+        // aligned; the box is only freed by `free`, which takes `self` and
+        // is called once the one send that borrows these bytes completed
+        // (MPI reads them no more); never freed, it lives for the rest of
+        // the process, hence 'static. Nothing writes through `raw`.
+        unsafe { &*self.raw }
+    }
+
+    /// The send completed: the copy can go.
+    fn free(self) {
+        // SAFETY: `raw` came from `Box::into_raw` and is freed only here,
+        // once; the send that read it completed, and the `&'static` given
+        // to it went with its request, so nothing refers to it any more.
+        drop(unsafe { Box::from_raw(self.raw) });
     }
 }
 
-/// The hash exchange: a non-blocking all-gather, polled with backoff so
+/// The start-up exchanges (hashes, capacities, host names): a non-blocking all-gather, polled with backoff so
 /// that ranks that wait for a late rank 0 do not spin.
-pub(super) fn all_gather(comm: &SimpleCommunicator, mine: u64, all: &mut [u64]) {
+pub(super) fn all_gather<S, R>(comm: &SimpleCommunicator, mine: &S, all: &mut R)
+where
+    S: mpi::datatype::Buffer + ?Sized,
+    R: mpi::datatype::BufferMut + ?Sized,
+{
     mpi::request::scope(|scope| {
-        let mut req = comm.immediate_all_gather_into(scope, &mine, all);
+        let mut req = comm.immediate_all_gather_into(scope, mine, all);
         let mut idle = Backoff::new(MAX_IDLE);
         loop {
             match req.test() {
@@ -185,19 +408,25 @@ pub(super) fn all_gather(comm: &SimpleCommunicator, mine: u64, all: &mut [u64]) 
     });
 }
 
-/// Tells every worker rank to stop and waits for each to acknowledge, so
-/// that MPI can be finalised.
-pub(super) fn stop_ranks(comm: &SimpleCommunicator, inbox: &mut Inbox) {
-    let size = comm.size() as usize;
-    for r in 1..size {
-        send(comm, inbox, r, &[M_STOP]);
-    }
+/// Tells every live worker rank to stop and waits, at most the rank
+/// timeout, for each to acknowledge. Returns whether MPI may be finalised:
+/// no rank was lost, ever, and every one acknowledged (finalising is
+/// collective, and would wait for a lost rank forever). The ranks are told
+/// the same in the STOP message.
+pub(super) fn stop_ranks(link: &mut Link<'_>) -> bool {
+    let size = link.comm.size() as usize;
+    let finalize = !link.peers.any_lost();
+    let stop = [M_STOP, if finalize { FINALIZE } else { 0 }];
     let mut acked = vec![false; size];
     acked[0] = true;
-    let deadline = Instant::now() + STOP_BOUND;
+    for r in 1..size {
+        link.post(r, &stop);
+        acked[r] |= !link.peers.is_live(r);
+    }
+    let deadline = Instant::now() + link.peers.timeout();
     let mut idle = Backoff::new(MAX_IDLE);
     loop {
-        while let Some((from, msg)) = inbox.pop_front() {
+        while let Some((from, msg)) = link.inbox.pop_front() {
             if msg.first() == Some(&M_STOP_ACK)
                 && let Some(a) = acked.get_mut(from)
             {
@@ -205,16 +434,20 @@ pub(super) fn stop_ranks(comm: &SimpleCommunicator, inbox: &mut Inbox) {
             }
         }
         if acked.iter().all(|&a| a) {
-            return;
+            // The STOPs went out (they were taken: acknowledged).
+            link.flush(link.peers.timeout());
+            return finalize;
         }
         if Instant::now() > deadline {
             let missing: Vec<usize> = (0..size).filter(|&r| !acked[r]).collect();
             eprintln!(
-                "procpool: MPI ranks {missing:?} did not stop within {STOP_BOUND:?}; aborting the MPI job"
+                "procpool: MPI ranks {missing:?} did not acknowledge the pool's end within {:?}; \
+                 MPI is not finalised",
+                link.peers.timeout()
             );
-            comm.abort(70);
+            return false;
         }
-        if pump(comm, inbox) {
+        if link.pump() {
             idle.reset();
         } else {
             idle.sleep();

@@ -84,8 +84,7 @@ fn run() -> Result<(), String> {
     let before = pool.processes();
     let t0 = Instant::now();
 
-    let resolved: Arc<Vec<AtomicU32>> =
-        Arc::new((0..TASKS).map(|_| AtomicU32::new(0)).collect());
+    let resolved: Arc<Vec<AtomicU32>> = Arc::new((0..TASKS).map(|_| AtomicU32::new(0)).collect());
     let seen = Arc::new(Mutex::new(Seen::default()));
     let mut pending = Vec::with_capacity(TASKS as usize);
     for i in 0..TASKS {
@@ -106,7 +105,12 @@ fn run() -> Result<(), String> {
             .map_err(|e| format!("submitting task {i}: {e}"))?;
         pending.push(r);
     }
-    let done = || resolved.iter().filter(|n| n.load(Ordering::SeqCst) > 0).count();
+    let done = || {
+        resolved
+            .iter()
+            .filter(|n| n.load(Ordering::SeqCst) > 0)
+            .count()
+    };
     // The moment to lose the host: a quarter of the results are in.
     let mut ready_at = None;
     while ready.is_some() && ready_at.is_none() {
@@ -142,7 +146,10 @@ fn run() -> Result<(), String> {
         }
     })?;
     if let Some(i) = resolved.iter().position(|n| n.load(Ordering::SeqCst) != 1) {
-        return Err(format!("task {i} resolved {} times", resolved[i].load(Ordering::SeqCst)));
+        return Err(format!(
+            "task {i} resolved {} times",
+            resolved[i].load(Ordering::SeqCst)
+        ));
     }
     let seen = std::mem::take(&mut *seen.lock().unwrap());
     check_failures(&seen, lost, retries, size)?;
@@ -199,7 +206,9 @@ fn check_failures(
         };
     };
     if lost == 0 || lost >= size {
-        return Err(format!("HOSTLOSS_LOST_RANK={lost}: not a worker rank of {size}"));
+        return Err(format!(
+            "HOSTLOSS_LOST_RANK={lost}: not a worker rank of {size}"
+        ));
     }
     if retries > 0 {
         return match seen.failures.first_key_value() {
@@ -213,20 +222,31 @@ fn check_failures(
     for (i, e) in &seen.failures {
         match e {
             Error::RankLost { rank, host, .. } if *rank == lost && !host.is_empty() => {}
-            other => return Err(format!("task {i} failed otherwise than RankLost of rank {lost}: {other}")),
+            other => {
+                return Err(format!(
+                    "task {i} failed otherwise than RankLost of rank {lost}: {other}"
+                ));
+            }
         }
     }
     Ok(())
 }
 
 /// The pool went on without the lost rank's workers, and works.
-fn check_survivors(pool: &Pool, lost: Option<usize>, before: usize, after: usize) -> Result<(), String> {
+fn check_survivors(
+    pool: &Pool,
+    lost: Option<usize>,
+    before: usize,
+    after: usize,
+) -> Result<(), String> {
     let want = match lost {
         Some(_) => before - WORKERS_PER_RANK,
         None => before,
     };
     if after != want {
-        return Err(format!("the pool has {after} workers after the loss; {want} were expected"));
+        return Err(format!(
+            "the pool has {after} workers after the loss; {want} were expected"
+        ));
     }
     let who = pool
         .map(whoami, vec![1u64; 40])

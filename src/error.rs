@@ -238,7 +238,9 @@ pub enum Error {
     /// tasks not yet sent to the rank stay queued: only the tasks the rank
     /// held fail, each exactly once. The pool goes on with the other
     /// ranks (see [`Pool::processes`](crate::Pool::processes)).
-    #[error("MPI rank {rank} on host {host} was lost (its process died, or its host failed or was cut off) while it held the task")]
+    #[error(
+        "MPI rank {rank} on host {host} was lost (its process died, or its host failed or was cut off) while it held the task"
+    )]
     #[non_exhaustive]
     RankLost {
         /// The rank that was lost.

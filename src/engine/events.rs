@@ -84,7 +84,9 @@ fn rank_lost(engine: &Engine, st: &mut State, lost: (usize, &str, String), capac
     );
     if capacity == 0 && st.broken.is_none() {
         st.broken = Some(Error::Broken {
-            reason: format!("every worker rank of the MPI pool was lost (the last: rank {rank} on {host}, {why})"),
+            reason: format!(
+                "every worker rank of the MPI pool was lost (the last: rank {rank} on {host}, {why})"
+            ),
         });
         engine.cv.notify_all();
     }

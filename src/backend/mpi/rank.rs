@@ -110,12 +110,7 @@ pub(super) struct WorkerRank<'c> {
 impl<'c> WorkerRank<'c> {
     /// A rank whose fork server (`server`, with `words`) may host `cap`
     /// workers at once.
-    pub(super) fn new(
-        link: Link<'c>,
-        server: Local,
-        words: Arc<SharedWords>,
-        cap: usize,
-    ) -> Self {
+    pub(super) fn new(link: Link<'c>, server: Local, words: Arc<SharedWords>, cap: usize) -> Self {
         WorkerRank {
             link,
             server,

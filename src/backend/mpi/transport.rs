@@ -17,11 +17,11 @@
 //! the caller counts the rank as lost. The communicator returns errors
 //! instead of aborting the job (`MPI_ERRORS_RETURN`).
 
+use super::peers::Peers;
 use crate::proto::conn::{Conn, Filled};
 pub(super) use crate::proto::idle::Backoff;
 use crate::proto::shm::Block;
 use crate::proto::wire;
-use super::peers::Peers;
 use mpi::request::{Request, StaticScope};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
@@ -417,11 +417,11 @@ pub(super) fn stop_ranks(link: &mut Link<'_>) -> bool {
     let size = link.comm.size() as usize;
     let finalize = !link.peers.any_lost();
     let stop = [M_STOP, if finalize { FINALIZE } else { 0 }];
-    let mut acked = vec![false; size];
-    acked[0] = true;
+    let mut acked: Vec<bool> = (0..size)
+        .map(|r| r == 0 || !link.peers.is_live(r))
+        .collect();
     for r in 1..size {
         link.post(r, &stop);
-        acked[r] |= !link.peers.is_live(r);
     }
     let deadline = Instant::now() + link.peers.timeout();
     let mut idle = Backoff::new(MAX_IDLE);

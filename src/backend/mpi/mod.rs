@@ -155,30 +155,39 @@ pub(crate) fn start(
     };
     let (role_tx, role_rx) = mpsc::channel::<Result<Role, Error>>();
     let (seam_tx, seam_rx) = mpsc::channel::<Seam>();
-    let thread = std::thread::Builder::new()
+    let (finishing_tx, finishing) = mpsc::channel::<()>();
+    let handle = std::thread::Builder::new()
         .name("procpool-mpi".into())
-        .spawn(move || mpi_thread(role_tx, seam_rx, host, rank_timeout))
+        .spawn(move || mpi_thread(role_tx, seam_rx, finishing_tx, host, rank_timeout))
         .map_err(|e| Error::io("starting the MPI thread", e))?;
+    let thread = MpiThread {
+        handle,
+        finishing,
+        bound: rank_timeout,
+    };
     let caps = match role_rx.recv() {
         Ok(Ok(Role::Root { caps })) => caps,
         Ok(Ok(Role::Worker)) => {
             // A worker rank: the thread serves until rank 0 says STOP (or
             // is lost), then finalises MPI if it may. Everything else in
             // this process ends with it.
-            match thread.join().unwrap_or(101) {
+            match thread.finish() {
                 // Cut off from the job (its workers are gone): exit without
                 // anything that could wait on it (flushing output, MPI's
                 // exit hooks).
-                EXIT_ORPHANED => sys::exit_now(EXIT_ORPHANED),
-                code => std::process::exit(code),
+                Some(EXIT_ORPHANED) => sys::exit_now(EXIT_ORPHANED),
+                Some(code) => std::process::exit(code),
+                // MPI_Finalize hung (the rank served to the end): MPI's exit
+                // hooks could hang too.
+                None => sys::exit_now(0),
             }
         }
         Ok(Err(e)) => {
-            let _ = thread.join();
+            let _ = thread.finish();
             return Err(e);
         }
         Err(_) => {
-            let _ = thread.join();
+            let _ = thread.finish();
             return Err(Error::Broken {
                 reason: "the MPI thread ended before MPI was up".into(),
             });
@@ -211,7 +220,7 @@ pub(crate) fn start(
 /// Rank 0: joins the engine's side of the seam to the MPI thread's (the
 /// channels and the eventfds that wake either side).
 fn connect(
-    thread: std::thread::JoinHandle<i32>,
+    thread: MpiThread,
     seam_tx: mpsc::Sender<Seam>,
     slots: usize,
 ) -> Result<(Mpi, Arc<Handed>), Error> {
@@ -245,6 +254,38 @@ fn connect(
     Ok((backend, handed))
 }
 
+/// The "procpool-mpi" thread, and word of when it starts to finalise MPI.
+struct MpiThread {
+    handle: std::thread::JoinHandle<i32>,
+    /// A message (or the sender's end) once it is finishing.
+    finishing: mpsc::Receiver<()>,
+    /// How long finalising may take.
+    bound: Duration,
+}
+
+impl MpiThread {
+    /// Waits for the thread to end, and returns its exit code; None if
+    /// `MPI_Finalize` did not return within the bound. MPICH over UCX's
+    /// TCP transport can hang there now and then (a peer's connection is
+    /// never flushed, even after a barrier): then the process goes on, and
+    /// ends, without it.
+    fn finish(self) -> Option<i32> {
+        let _ = self.finishing.recv();
+        let deadline = std::time::Instant::now() + self.bound;
+        while !self.handle.is_finished() {
+            if std::time::Instant::now() > deadline {
+                eprintln!(
+                    "procpool: MPI_Finalize did not return within {:?}; this process ends without it",
+                    self.bound
+                );
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Some(self.handle.join().unwrap_or(101))
+    }
+}
+
 /// The engine's side of the MPI backend (rank 0's thread is the other).
 struct Mpi {
     /// `None` once closed: the thread then stops the ranks.
@@ -252,7 +293,7 @@ struct Mpi {
     events: mpsc::Receiver<Event>,
     wake_root: Arc<OwnedFd>,
     wake_engine: Arc<OwnedFd>,
-    thread: Option<std::thread::JoinHandle<i32>>,
+    thread: Option<MpiThread>,
     /// The thread ended (its channel closed).
     gone: bool,
 }
@@ -326,7 +367,7 @@ impl Backend for Mpi {
     fn wait(mut self: Box<Self>) -> String {
         self.close();
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            let _ = t.finish();
         }
         format!("{} exited", self.what())
     }
@@ -394,6 +435,7 @@ fn exe_hash() -> std::io::Result<u64> {
 fn mpi_thread(
     role_tx: mpsc::Sender<Result<Role, Error>>,
     setup_rx: mpsc::Receiver<Seam>,
+    finishing: mpsc::Sender<()>,
     host: Option<Host>,
     timeout: Duration,
 ) -> i32 {
@@ -409,6 +451,7 @@ fn mpi_thread(
     let comm = world.duplicate();
     return_errors(&comm);
     let (finalize, code) = run_rank(&comm, role_tx, setup_rx, host, timeout);
+    let _ = finishing.send(());
     if finalize {
         drop(comm);
         // MPI_Finalize: every worker rank has stopped by now.

@@ -283,8 +283,19 @@ case "${1:-}" in
     ip link set "pp-$2" down && echo "cut: $2"
     ;;
   mend)
-    host_ns "${2:-}" >/dev/null
-    ip link set "pp-$2" up && echo "mended: $2"
+    ns=$(host_ns "${2:-}")
+    ip link set "pp-$2" up || exit 1
+    # What the hosts learnt while it was cut off (neighbours that did not
+    # answer) would keep them apart for a while: "No route to host".
+    for n in $(ip netns list | sed -n 's/^\(procpool-h[0-9]*\).*/\1/p'); do
+      ip -n "$n" neigh flush all 2>/dev/null
+    done
+    if command -v ping >/dev/null 2>&1; then
+      for _ in 1 2 3 4 5 6 7 8 9 10; do
+        ip netns exec "$ns" ping -c 1 -W 1 "$SUBNET.1" >/dev/null 2>&1 && break
+      done
+    fi
+    echo "mended: $2"
     ;;
   left) left ;;
   down)

@@ -34,47 +34,75 @@ fn double(x: u64) -> u64 {
     x * 2
 }
 
-/// Creates the file at `path` and returns at once: a short task, which
-/// the pool sends to a busy worker, to run after what it runs.
-fn touch(path: String) -> bool {
-    std::fs::File::create(&path).is_ok()
+/// Creates the file at `path`, if any, and returns at once. Without a
+/// path it does nothing: microseconds, however loaded the machine, so
+/// the pool learns that it is short and sends it to busy workers too.
+fn touch(path: Option<String>) -> bool {
+    path.is_none_or(|p| std::fs::File::create(p).is_ok())
 }
 
-/// Creates the file at `path`, then sleeps `ms`: quick by what the pool
-/// learns of it (it is warmed up with 0 ms), so that a worker that runs
-/// a long one is still sent short tasks.
-fn pause((path, ms): (String, u64)) -> bool {
+/// Creates the file at `path`, if any, then sleeps `ms`: short by what
+/// the pool learns of it (it is warmed up without a path and with 0 ms),
+/// so that a worker that runs a long one is still sent short tasks.
+fn pause((path, ms): (Option<String>, u64)) -> bool {
     let made = touch(path);
     std::thread::sleep(Duration::from_millis(ms));
     made
 }
 
+/// How many times the queued-cancel case sets itself up before it fails.
+const QUEUED_TRIES: u32 = 3;
+
 /// A task sent to a busy worker and cancelled before it starts never runs:
-/// the worker's rank is told to skip it. Every worker runs a `pause`,
-/// which the pool takes for a quick task: the last one started is short,
-/// the others 6 s, so that no worker is free, and no pause has told the
-/// pool how long it really takes, before the `touch` tasks are queued.
-/// When the short pause ends, the pool tops up every busy worker with
-/// them. Once no more of them finish, those still pending wait behind a
-/// pause on their worker: one of them is cancelled, and must not leave its
-/// file.
+/// the worker's rank is told to skip it. See [`queue_behind`] for how a
+/// task comes to wait behind another on its worker. The pool sends a
+/// busy worker only tasks it has learnt are short; the warm-up makes sure
+/// of that with tasks that do nothing. Should no task wait on a worker
+/// all the same (the stats show the tasks still in the pool's queue), the
+/// case is set up again, and after [`QUEUED_TRIES`] it fails: it never
+/// passes without checking.
 fn a_queued_task_never_runs(pool: &procpool::Pool, dir: &MarkerDir) -> Result<(), String> {
-    for i in 0..50 {
-        // The pool learns that `touch` and `pause` are short.
-        pool.apply(touch, dir.file(&format!("warm-{i}")))
-            .map_err(|e| e.to_string())?;
-        pool.apply(pause, (dir.file(&format!("warm-pause-{i}")), 0))
-            .map_err(|e| e.to_string())?;
+    let mut why = String::new();
+    for t in 1..=QUEUED_TRIES {
+        match queue_behind(pool, dir, t)? {
+            Some(v) => {
+                println!(
+                    "a task cancelled while queued behind a running one on its worker never ran \
+                     (task {v}, set-up {t} of {QUEUED_TRIES})"
+                );
+                return Ok(());
+            }
+            None => why = format!("set-up {t}: no task waited on a worker"),
+        }
+    }
+    Err(format!(
+        "after {QUEUED_TRIES} set-ups, no task waited behind a running one on its worker ({why})"
+    ))
+}
+
+/// One try: every worker runs a `pause`, the last one started short, the
+/// others 6 s, so that no worker is free before 40 `touch` tasks are
+/// queued. When the short pause ends, the pool tops up every busy worker
+/// with them. Once no more finish, those still pending wait behind a
+/// pause on their worker, if the pool's queue is empty: one of them is
+/// cancelled, and must not leave its file. Returns the cancelled task, or
+/// None if the tasks did not go to the workers.
+fn queue_behind(pool: &procpool::Pool, dir: &MarkerDir, t: u32) -> Result<Option<usize>, String> {
+    // The pool learns that `touch` and `pause` are short (and forgets what
+    // an earlier try's long pauses taught it).
+    for _ in 0..60 {
+        pool.apply(touch, None).map_err(|e| e.to_string())?;
+        pool.apply(pause, (None, 0)).map_err(|e| e.to_string())?;
     }
     let n = pool.processes();
     // One at a time, each once the last runs: each goes to an idle worker
-    // (a quick task for a busy one could wait behind the last).
+    // (a short task for a busy one could wait behind the last).
     let mut blockers = Vec::new();
     for i in 0..n {
         let ms = if i + 1 == n { 300 } else { 6_000 };
-        let path = dir.file(&format!("block-{i}"));
+        let path = dir.file(&format!("block-{t}-{i}"));
         let r = pool
-            .apply_async(pause, (path.clone(), ms))
+            .apply_async(pause, (Some(path.clone()), ms))
             .map_err(|e| e.to_string())?;
         blockers.push(r);
         wait_until(BOUND, "a pause runs", || {
@@ -85,12 +113,13 @@ fn a_queued_task_never_runs(pool: &procpool::Pool, dir: &MarkerDir) -> Result<()
             }
         })?;
     }
+    let file = |i: usize| dir.file(&format!("queued-{t}-{i}"));
     let queued = (0..40)
-        .map(|i| pool.apply_async(touch, dir.file(&format!("queued-{i}"))))
+        .map(|i| pool.apply_async(touch, Some(file(i))))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
     // Once the short pause has ended and no more results come, those still
-    // pending wait behind a long pause.
+    // pending wait behind a long pause, or in the pool's queue.
     if let Some(short) = blockers.pop() {
         short
             .get()
@@ -106,7 +135,11 @@ fn a_queued_task_never_runs(pool: &procpool::Pool, dir: &MarkerDir) -> Result<()
         }
         done = now;
     }
-    let victim = queued.iter().position(|q| !q.ready());
+    let on_workers = pool.stats().queued == 0;
+    let victim = queued
+        .iter()
+        .position(|q| !q.ready())
+        .filter(|_| on_workers);
     if let Some(v) = victim
         && !queued[v].cancel()
     {
@@ -123,23 +156,14 @@ fn a_queued_task_never_runs(pool: &procpool::Pool, dir: &MarkerDir) -> Result<()
             }
         }
     }
-    let Some(v) = victim else {
-        // The pool learns run times as they come: on a loaded machine
-        // `touch` may not count as quick, and then no busy worker is sent
-        // one. Nothing to check then; say so.
-        println!(
-            "not checked: no task waited behind a running one ({done} of 40 done once the short \
-             pause ended; the machine may be too loaded for `touch` to count as quick)"
-        );
-        return Ok(());
-    };
-    if std::path::Path::new(&dir.file(&format!("queued-{v}"))).exists() {
+    if let Some(v) = victim
+        && std::path::Path::new(&file(v)).exists()
+    {
         return Err(format!(
             "queued task {v} was cancelled but ran all the same"
         ));
     }
-    println!("a task cancelled while queued behind a running one on its worker never ran");
-    Ok(())
+    Ok(victim)
 }
 
 /// Waits for the task's marker: (rank, pid, host) of the worker running it.

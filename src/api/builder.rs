@@ -448,6 +448,7 @@ impl PoolBuilder {
             inline_bodies: false,
             // The MPI backend sets it: its ranks keep their own clocks.
             backend_keeps_timeouts: false,
+            prefetch_chunks: false,
             spin: crate::proto::idle::spin_budget(),
             item_progress: true,
         };

@@ -294,11 +294,19 @@ impl Pool {
         let total = items.len();
         // In a sandboxed pool each item is alone (a chunk shares one
         // process, and its fate) unless the caller sets a chunk size.
+        // Workers on other hosts hold their next chunk while they run one
+        // (`Config::prefetch_chunks`): smaller chunks there, so that less
+        // of the first and last chunks' way is waited for.
+        let per_worker = if self.engine.cfg.prefetch_chunks {
+            16
+        } else {
+            4
+        };
         let chunksize = opts
             .chunksize
             .unwrap_or_else(|| match self.engine.cfg.sandbox {
                 Some(_) => 1,
-                None => total.div_ceil(4 * self.processes()).max(1),
+                None => total.div_ceil(per_worker * self.processes()).max(1),
             });
         let nchunks = total.div_ceil(chunksize);
         let first = self.engine.reserve_ids(nchunks as u64);

@@ -591,6 +591,7 @@ impl State {
                     estimate: self.est.get(front.f, front.items),
                     timed: front.timeout.is_some(),
                     has_shared: !front.shared.is_empty(),
+                    prefetch: cfg.prefetch_chunks && front.items > 1,
                 };
                 let Some(charge) = batch.admit(c, frame_bytes(front)) else {
                     break;

@@ -71,6 +71,11 @@ pub(crate) struct Config {
     /// goes to the backend with it (`Backend::keep_timeout`), and the engine kills nothing on
     /// its own clock.
     pub(crate) backend_keeps_timeouts: bool,
+    /// Whether a worker running a long map chunk may be sent the next one
+    /// to hold (one deep): for workers on other hosts, where a chunk's
+    /// result and the next chunk take long enough on the way that the
+    /// worker would otherwise wait for them.
+    pub(crate) prefetch_chunks: bool,
     /// How long the supervisor polls without sleeping once it runs out of
     /// work (`proto::idle`): longer for workers on other hosts.
     pub(crate) spin: std::time::Duration,

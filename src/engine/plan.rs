@@ -94,6 +94,9 @@ pub(crate) struct Candidate {
     pub(crate) estimate: Option<u64>,
     pub(crate) timed: bool,
     pub(crate) has_shared: bool,
+    /// A map chunk that may wait behind one long task on a remote worker
+    /// (`Config::prefetch_chunks`).
+    pub(crate) prefetch: bool,
 }
 
 /// One worker's batch, built one task at a time from the front of the
@@ -104,6 +107,8 @@ pub(crate) struct Batch {
     left: usize,
     held_ns: u64,
     holds_any: bool,
+    /// The worker holds exactly one task, and nothing joined it yet.
+    holds_one: bool,
     bytes: usize,
     closed: bool,
 }
@@ -121,6 +126,7 @@ impl Batch {
             left,
             held_ns: w.held_ns,
             holds_any: w.held > 0,
+            holds_one: w.held == 1,
             bytes: 0,
             closed: false,
         }
@@ -133,7 +139,10 @@ impl Batch {
             return None;
         }
         let short = c.estimate.is_some_and(|e| e < SHORT_TASK_NS) && !c.timed && !c.has_shared;
-        if self.holds_any && (!short || self.held_ns >= PIPELINE_NS) {
+        // A long map chunk may wait, alone, behind the one task a remote
+        // worker runs.
+        let prefetch = !short && c.prefetch && !c.timed && !c.has_shared && self.holds_one;
+        if self.holds_any && !prefetch && (!short || self.held_ns >= PIPELINE_NS) {
             return None;
         }
         let charge = if short {
@@ -144,6 +153,7 @@ impl Batch {
         self.left -= 1;
         self.held_ns += charge;
         self.holds_any = true;
+        self.holds_one = false;
         self.bytes += bytes;
         // A long or timed task goes alone; so do the tasks past the size cap.
         if !short || self.bytes >= MAX_BATCH_BYTES {
@@ -171,6 +181,7 @@ mod tests {
             estimate: Some(1_000),
             timed: false,
             has_shared: false,
+            prefetch: false,
         }
     }
 
@@ -239,6 +250,39 @@ mod tests {
         assert_eq!(Batch::new(&busy, 100, 1).admit(long, 100), None);
         // 1,000 ns each: three fit before the pipeline is full.
         assert_eq!(count(Batch::new(&busy, 100, 1), short(), 100), 3);
+    }
+
+    #[test]
+    fn a_remote_worker_running_a_long_chunk_holds_the_next_one() {
+        let chunk = Candidate {
+            estimate: Some(10 * PIPELINE_NS),
+            prefetch: true,
+            ..short()
+        };
+        let one = Load {
+            held: 1,
+            held_ns: PIPELINE_NS,
+            ..idle(u64::MAX)
+        };
+        let mut b = Batch::new(&one, 100, 1);
+        assert_eq!(b.admit(chunk, 100), Some(PIPELINE_NS));
+        assert_eq!(b.admit(chunk, 100), None, "one deep only");
+        // Not behind two tasks, not a timed one, not where the pool does
+        // not prefetch.
+        let two = Load { held: 2, ..one };
+        assert_eq!(Batch::new(&two, 100, 1).admit(chunk, 100), None);
+        for c in [
+            Candidate {
+                timed: true,
+                ..chunk
+            },
+            Candidate {
+                prefetch: false,
+                ..chunk
+            },
+        ] {
+            assert_eq!(Batch::new(&one, 100, 1).admit(c, 100), None, "{c:?}");
+        }
     }
 
     #[test]

@@ -203,6 +203,9 @@ pub(crate) fn start(
     // Tasks go to other hosts, where no fd (of a shared-memory block) can
     // go with them.
     cfg.inline_bodies = true;
+    // A map chunk's result and the next chunk cross the network while
+    // the worker would wait: it holds the next one.
+    cfg.prefetch_chunks = true;
     cfg.spin = crate::proto::idle::remote_spin_budget();
     // A rank reports the task its dead worker started, not the item: an
     // imap keeps one item per chunk unless told otherwise.

@@ -467,6 +467,7 @@ mod tests {
             inline_shared: false,
             inline_bodies: false,
             backend_keeps_timeouts: false,
+            prefetch_chunks: false,
             spin: Duration::ZERO,
             item_progress: true,
         }

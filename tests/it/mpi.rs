@@ -445,7 +445,8 @@ const LOSSES_OPEN_MPI: &[Case] = &[
 /// only. A killed host ends the whole job there (Hydra's mpiexec fails
 /// when a host's proxy dies), so that case does not apply. After a cut
 /// mpiexec exits with the cut-off rank's status, 75, once the link is
-/// back.
+/// back, or (1 run in 5) dies of SIGPIPE (141) as it writes to the cut
+/// host's closed connection.
 const LOSSES_MPICH: &[Case] = &[
     Case {
         name: "four hosts: h3's link cut, no retries: only its tasks fail; its rank exits by itself",
@@ -456,7 +457,7 @@ const LOSSES_MPICH: &[Case] = &[
             "cut",
             "0",
             "@mpi_hostloss",
-            "exit=75",
+            "exit=75,141",
         ],
         has: "mpi-hostloss.sh: cut h3, retries 0: passed",
         limit: LOSS_LIMIT,
@@ -471,7 +472,7 @@ const LOSSES_MPICH: &[Case] = &[
             "cut",
             "1",
             "@mpi_hostloss",
-            "exit=75",
+            "exit=75,141",
         ],
         has: "mpi-hostloss.sh: cut h3, retries 1: passed",
         limit: LOSS_LIMIT,

@@ -167,21 +167,7 @@ pub(crate) fn start(
     };
     let caps = match role_rx.recv() {
         Ok(Ok(Role::Root { caps })) => caps,
-        Ok(Ok(Role::Worker)) => {
-            // A worker rank: the thread serves until rank 0 says STOP (or
-            // is lost), then finalises MPI if it may. Everything else in
-            // this process ends with it.
-            match thread.finish() {
-                // Cut off from the job (its workers are gone): exit without
-                // anything that could wait on it (flushing output, MPI's
-                // exit hooks).
-                Some(EXIT_ORPHANED) => sys::exit_now(EXIT_ORPHANED),
-                Some(code) => std::process::exit(code),
-                // MPI_Finalize hung (the rank served to the end): MPI's exit
-                // hooks could hang too.
-                None => sys::exit_now(0),
-            }
-        }
+        Ok(Ok(Role::Worker)) => serve_then_exit(thread),
         Ok(Err(e)) => {
             let _ = thread.finish();
             return Err(e);
@@ -197,6 +183,35 @@ pub(crate) fn start(
     // command channel makes the MPI thread stop the ranks and finalise.
     let workers: usize = caps.iter().sum();
     cfg.processes = requested.unwrap_or(workers).min(workers);
+    remote(&mut cfg);
+    let table = SlotTable::new(cfg.processes, None);
+    let (backend, handed) = connect(thread, seam_tx, table.in_use)?;
+    Ok(Launch {
+        cfg,
+        backend: Box::new(backend),
+        progress: handed,
+        table,
+    })
+}
+
+/// A worker rank: the thread serves until rank 0 says STOP (or is lost),
+/// then finalises MPI if it may. Everything else in this process ends
+/// with it.
+fn serve_then_exit(thread: MpiThread) -> ! {
+    match thread.finish() {
+        // Cut off from the job (its workers are gone): exit without
+        // anything that could wait on it (flushing output, MPI's exit
+        // hooks).
+        Some(EXIT_ORPHANED) => sys::exit_now(EXIT_ORPHANED),
+        Some(code) => std::process::exit(code),
+        // MPI_Finalize hung (the rank served to the end): MPI's exit hooks
+        // could hang too.
+        None => sys::exit_now(0),
+    }
+}
+
+/// The engine's settings for workers on other hosts.
+fn remote(cfg: &mut Config) {
     // Each rank times its own tasks: clocks of different hosts are not
     // comparable.
     cfg.backend_keeps_timeouts = true;
@@ -210,14 +225,6 @@ pub(crate) fn start(
     // A rank reports the task its dead worker started, not the item: an
     // imap keeps one item per chunk unless told otherwise.
     cfg.item_progress = false;
-    let table = SlotTable::new(cfg.processes, None);
-    let (backend, handed) = connect(thread, seam_tx, table.in_use)?;
-    Ok(Launch {
-        cfg,
-        backend: Box::new(backend),
-        progress: handed,
-        table,
-    })
 }
 
 /// Rank 0: joins the engine's side of the seam to the MPI thread's (the

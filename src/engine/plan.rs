@@ -11,6 +11,11 @@
 //! workers are served first. (An estimate per worker would be wrong: a
 //! worker that had run tiny tasks would take a batch of slow ones.)
 //!
+//! One exception: a worker on another host (MPI) that runs one long map
+//! chunk may hold the next, one deep (`Candidate::prefetch`), since the
+//! chunk's result and the next chunk take long enough on the network that
+//! the worker would otherwise wait for them.
+//!
 //! The limit of it: a task that is short by its function's estimate but
 //! blocks holds up to about [`PIPELINE_NS`] of estimated work queued behind
 //! it on its worker. (While another worker is idle, a quick task goes

@@ -57,8 +57,15 @@
 //! loses rank 0 ends its workers and exits. MPI is then not finalised
 //! (finalising is collective, and would wait for the lost rank), and every
 //! MPI call returns errors rather than aborting (`MPI_ERRORS_RETURN`).
-//! What the launchers allow is measured in `docs/mpi.md`, "What holds
-//! where".
+//! Where no rank was lost, `MPI_Finalize` is bounded all the same: the
+//! rank timeout after it starts, the process goes on without it
+//! (`MpiThread::finish`; MPICH over UCX's TCP transport hangs there now
+//! and then). What the launchers allow is measured in `docs/mpi.md`,
+//! "Losing a host".
+//!
+//! Over MPI a worker running a long map chunk holds the next one
+//! (`Config::prefetch_chunks`, `engine/plan.rs`): the result of one and the
+//! next take long enough on the network that it would wait for them.
 //!
 //! Tasks travel as code offsets from an anchor (see `proto/task.rs`). These
 //! are the same in every rank of one binary, which the hash check makes
@@ -512,11 +519,15 @@ fn run_rank(
             let _ = Box::new(h.server).wait();
         }
     }
-    let mut caps = vec![0u64; size];
+    // Each rank's capacity and rank timeout (ms).
+    let mut all = vec![0u64; 2 * size];
     let cap = host.as_ref().map_or(0, |h| h.cap as u64);
-    all_gather(comm, &cap, &mut caps[..]);
-    let caps: Vec<usize> = caps.iter().map(|&c| c as usize).collect();
+    let mine = [cap, timeout.as_millis() as u64];
+    all_gather(comm, &mine[..], &mut all[..]);
+    let caps: Vec<usize> = all.chunks(2).map(|c| c[0] as usize).collect();
+    let shortest = all.chunks(2).map(|c| c[1]).min().unwrap_or(0);
     let mut peers = Peers::new(rank, size, timeout);
+    peers.set_shortest(Duration::from_millis(shortest));
     peers.set_hosts(host_names(comm));
     let mut link = Link::new(comm, peers);
     if rank != 0 {

@@ -2,8 +2,9 @@
 //! when to say "I live" again, and which count as lost.
 //!
 //! Rank 0 watches every worker rank; a worker rank watches rank 0 only.
-//! Each side sends a BEAT to the other [`BEATS`] times per rank timeout,
-//! and any message counts as a sign of life. A rank silent for the whole
+//! Each side sends a BEAT to the other [`BEATS`] times per rank timeout
+//! (the shortest of the job's, should its ranks set different ones), and
+//! any message counts as a sign of life. A rank silent for the whole
 //! timeout is lost: rank 0 fails what it held and fences it off (it never
 //! hears from it again), and a worker rank that loses rank 0 ends its
 //! workers and exits. Rank 0 also learns of a rank whose process died
@@ -21,6 +22,8 @@ pub(super) const BEATS: u32 = 8;
 
 pub(super) struct Peers {
     timeout: Duration,
+    /// How often to send a BEAT.
+    beat: Duration,
     /// Per rank: when it was last heard from; `None` once lost (and for
     /// this rank, and the ranks this one does not watch).
     heard: Vec<Option<Instant>>,
@@ -40,12 +43,19 @@ impl Peers {
         let watched = |r: usize| r != me && (me == 0 || r == 0);
         Peers {
             timeout,
+            beat: timeout / BEATS,
             heard: (0..size).map(|r| watched(r).then_some(now)).collect(),
             live: (0..size).filter(|&r| watched(r)).collect(),
             lost: false,
             last_beat: now,
             hosts: vec![""; size],
         }
+    }
+
+    /// The job's shortest rank timeout is `shortest`: BEATs go often
+    /// enough for the rank that waits least.
+    pub(super) fn set_shortest(&mut self, shortest: Duration) {
+        self.beat = shortest.min(self.timeout) / BEATS;
     }
 
     /// The host names the ranks reported (kept for the rest of the process:
@@ -87,7 +97,7 @@ impl Peers {
     /// Whether it is time to send the watched ranks a BEAT (and, if so,
     /// the clock starts again).
     pub(super) fn beat_due(&mut self) -> bool {
-        let due = self.last_beat.elapsed() >= self.timeout / BEATS;
+        let due = self.last_beat.elapsed() >= self.beat;
         if due {
             self.last_beat = Instant::now();
         }
@@ -138,6 +148,19 @@ mod tests {
         // Hearing from it again changes nothing: it is fenced off.
         p.heard(2);
         assert!(!p.is_live(2));
+    }
+
+    #[test]
+    fn beats_go_as_often_as_the_shortest_timeout_of_the_job_needs() {
+        let mut p = Peers::new(2, 4, Duration::from_secs(60));
+        assert_eq!(p.beat, Duration::from_secs(60) / BEATS);
+        p.set_shortest(Duration::from_secs(4));
+        assert_eq!(p.beat, Duration::from_millis(500));
+        // Never less often than its own timeout needs.
+        p.set_shortest(Duration::from_secs(600));
+        assert_eq!(p.beat, Duration::from_secs(60) / BEATS);
+        // Its own silence threshold stays its own.
+        assert_eq!(p.timeout(), Duration::from_secs(60));
     }
 
     #[test]

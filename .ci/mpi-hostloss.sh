@@ -15,6 +15,12 @@
 #   cut    h3's link goes down for CUT_FOR seconds (default 15), then comes
 #          back. By then h3's rank must have exited by itself (it lost
 #          rank 0): only the launcher's daemon may be left there.
+#   fence  h3's link goes down for 8 s, but the worker ranks wait 60 s
+#          before they count rank 0 as lost (HOSTLOSS_WORKER_TIMEOUT): when
+#          the link comes back h3's rank still runs, though rank 0 has
+#          counted it as lost (and holds the pool up: HOSTLOSS_HOLD). Rank
+#          0 must fence it off: it must exit within 20 s, and nothing it
+#          sends may count.
 #
 # LAUNCHER says what the launcher must do once the program has printed
 # its result: `exit=N` (exit by itself, with status N, or one of N,M,...,
@@ -29,8 +35,10 @@ set -uo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 HOSTS="$HERE/mpi-hosts.sh"
-how=${1:?HOW: none, kill or cut}
+how=${1:?HOW: none, kill, cut or fence}
 retries=${2:?RETRIES}
+# END=terminate: the program ends its pool with terminate().
+export HOSTLOSS_END=${END:-join}
 example=${3:?EXAMPLE}
 want=${4:?LAUNCHER: exit=N or may-stay}
 CUT_FOR=${CUT_FOR:-15}
@@ -49,10 +57,16 @@ fail=()
 # TCP transport deadlocks now and then (mpi-hosts.sh).
 [ "$how" = none ] || export UCX_TLS=tcp,self
 export HOSTLOSS_READY=$work/ready HOSTLOSS_RETRIES=$retries
-export MPI_HOSTS_PASS="HOSTLOSS_READY HOSTLOSS_RETRIES"
+export MPI_HOSTS_PASS="HOSTLOSS_READY HOSTLOSS_RETRIES HOSTLOSS_END"
 if [ "$how" != none ]; then
   export HOSTLOSS_LOST_RANK=$LOST_RANK
   MPI_HOSTS_PASS+=" HOSTLOSS_LOST_RANK"
+fi
+if [ "$how" = fence ]; then
+  # Rank 0 stays up 20 s after the tasks, so that it is there when h3's
+  # rank comes back.
+  export HOSTLOSS_WORKER_TIMEOUT=60 HOSTLOSS_HOLD=20
+  MPI_HOSTS_PASS+=" HOSTLOSS_WORKER_TIMEOUT HOSTLOSS_HOLD"
 fi
 
 # The launcher itself: mpi-hosts.sh execs it.
@@ -94,7 +108,20 @@ if [ "$how" != none ]; then
         fi
         bash "$HOSTS" mend "$LOST_HOST"
         ;;
-      *) echo "HOW: none, kill or cut" >&2; exit 2 ;;
+      fence)
+        bash "$HOSTS" cut "$LOST_HOST"
+        sleep 8
+        if rank_gone; then
+          fail+=("rank $LOST_RANK had exited while cut off: nothing to fence")
+        fi
+        bash "$HOSTS" mend "$LOST_HOST"
+        if wait_for 20 rank_gone; then
+          echo "-- once its link was back, rank $LOST_RANK was fenced off: it exited"
+        else
+          fail+=("rank $LOST_RANK still ran 20 s after its link came back")
+        fi
+        ;;
+      *) echo "HOW: none, kill, cut or fence" >&2; exit 2 ;;
     esac
   else
     fail+=("the program did not create its ready file")
@@ -145,4 +172,4 @@ if [ ${#fail[@]} -gt 0 ]; then
   printf 'mpi-hostloss.sh: FAILED: %s\n' "${fail[@]}"
   exit 1
 fi
-echo "mpi-hostloss.sh: $how $LOST_HOST, retries $retries: passed"
+echo "mpi-hostloss.sh: $how $LOST_HOST, retries $retries, $HOSTLOSS_END: passed"

@@ -14,7 +14,15 @@
 //! - `HOSTLOSS_RETRIES`: the tasks' retries, 0 (the default) or more;
 //! - `HOSTLOSS_READY`: a path this program creates once a quarter of the
 //!   results are in: the moment to lose the host;
-//! - `HOSTLOSS_LOST_RANK`: the rank that will be lost (unset: none).
+//! - `HOSTLOSS_LOST_RANK`: the rank that will be lost (unset: none);
+//! - `HOSTLOSS_END`: `terminate` ends the pool with `terminate()` (the
+//!   default is `close()` and `join()`);
+//! - `HOSTLOSS_WORKER_TIMEOUT`: the worker ranks' rank timeout, in
+//!   seconds (the default is rank 0's, 4 s): longer, a rank cut off for a
+//!   while outlives rank 0's verdict, and when its link comes back rank 0
+//!   must fence it off (it then exits);
+//! - `HOSTLOSS_HOLD`: seconds to keep the pool up once the tasks are
+//!   done, before it ends (for the lost rank to come back meanwhile).
 //!
 //! It checks, and prints `mpi_hostloss: ok` (exit 0) or why not (exit 1):
 //! - every task resolves exactly once (its callbacks count);
@@ -25,7 +33,7 @@
 //! - no task succeeded on the lost rank after it was counted as lost;
 //! - the pool shrinks by the lost rank's workers, and a map over the
 //!   survivors works;
-//! - `close()` and `join()` return.
+//! - `close()` and `join()` (or `terminate()`) return.
 //!
 //! It also prints how long after the ready file the first task failed or
 //! ran again: the time to notice the loss (less the harness's reaction).
@@ -76,8 +84,20 @@ struct Seen {
     first_failure: Option<Instant>,
 }
 
+/// The pool: on a worker rank, with HOSTLOSS_WORKER_TIMEOUT as its rank
+/// timeout (the worker ranks serve in here and never return).
+fn pool() -> Result<(Pool, usize), String> {
+    let mut b = Pool::builder().mpi().workers_per_rank(WORKERS_PER_RANK);
+    if let (Some(s), Some(1..)) = (env_num("HOSTLOSS_WORKER_TIMEOUT")?, my_rank()) {
+        b = b.rank_timeout(Duration::from_secs(s));
+    }
+    let pool = b.build().map_err(|e| e.to_string())?;
+    Ok((pool, world_size()?))
+}
+
 fn run() -> Result<(), String> {
-    let (pool, size) = mpi_pool()?;
+    let (pool, size) = pool()?;
+    let terminate = std::env::var("HOSTLOSS_END").is_ok_and(|v| v == "terminate");
     let retries = env_num("HOSTLOSS_RETRIES")?.unwrap_or(0) as u32;
     let lost = env_num("HOSTLOSS_LOST_RANK")?.map(|r| r as usize);
     let ready = std::env::var("HOSTLOSS_READY").ok();
@@ -156,7 +176,18 @@ fn run() -> Result<(), String> {
     let noticed = seen.first_failure.or(retried_at);
     let after = pool.processes();
     check_survivors(&pool, lost, before, after)?;
-    close_and_join(pool)?;
+    if let Some(secs) = env_num("HOSTLOSS_HOLD")? {
+        // The pool stays up while the lost rank may come back: nothing it
+        // sends may count (every task still resolved once).
+        std::thread::sleep(Duration::from_secs(secs));
+        if let Some(i) = resolved.iter().position(|n| n.load(Ordering::SeqCst) != 1) {
+            return Err(format!(
+                "after the hold, task {i} has resolved {} times",
+                resolved[i].load(Ordering::SeqCst)
+            ));
+        }
+    }
+    end(pool, terminate)?;
     let noticed = match (ready_at, noticed) {
         (Some(r), Some(n)) => format!("{} ms", n.saturating_duration_since(r).as_millis()),
         _ => "-".into(),
@@ -164,8 +195,13 @@ fn run() -> Result<(), String> {
     println!(
         "mpi_hostloss: ok ({TASKS} tasks, retries {retries}, lost rank {lost:?}: {} failed with \
          RankLost; workers {before} -> {after}; first failure or retry after the ready file: \
-         {noticed}; results per rank: {ran_on:?})",
-        seen.failures.len()
+         {noticed}; results per rank: {ran_on:?}; ended by {})",
+        seen.failures.len(),
+        if terminate {
+            "terminate()"
+        } else {
+            "close() and join()"
+        }
     );
     Ok(())
 }
@@ -259,16 +295,28 @@ fn check_survivors(
     Ok(())
 }
 
-/// `close()` and `join()` return, with a rank missing, within the limit.
-fn close_and_join(pool: Pool) -> Result<(), String> {
+/// `close()` and `join()`, or `terminate()`, return, with a rank missing,
+/// within a minute.
+fn end(pool: Pool, terminate: bool) -> Result<(), String> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        pool.close();
-        let _ = tx.send(pool.join().map_err(|e| e.to_string()));
+        let r = if terminate {
+            pool.terminate();
+            Ok(())
+        } else {
+            pool.close();
+            pool.join().map_err(|e| format!("join: {e}"))
+        };
+        let _ = tx.send(r);
     });
+    let what = if terminate {
+        "terminate()"
+    } else {
+        "close() and join()"
+    };
     match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(r) => r.map_err(|e| format!("join: {e}")),
-        Err(_) => Err("close() and join() did not return within 60 s".into()),
+        Ok(r) => r,
+        Err(_) => Err(format!("{what} did not return within 60 s")),
     }
 }
 

@@ -339,6 +339,9 @@ const ACROSS: &[Case] = &[
     },
 ];
 
+/// The program ends its pool with `terminate()` (`.ci/mpi-hostloss.sh`).
+const END_TERMINATE: Option<(&str, &str)> = Some(("END", "terminate"));
+
 /// How long a host-loss case may run: the loss waits for a quarter of
 /// the tasks, a cut lasts 15 s, and the launcher gets 30 s to end.
 const LOSS_LIMIT: u32 = 240;
@@ -366,7 +369,7 @@ const FOUR_HOSTS: &[Case] = &[
             "@mpi_hostloss",
             "exit=0",
         ],
-        has: "mpi-hostloss.sh: none h3, retries 0: passed",
+        has: "mpi-hostloss.sh: none h3, retries 0, join: passed",
         limit: LOSS_LIMIT,
         ..CASE
     },
@@ -378,6 +381,9 @@ const FOUR_HOSTS: &[Case] = &[
 /// settings the survivors go on after either loss; after a killed host
 /// `mpirun` does not exit by itself (the script ends it with SIGTERM once
 /// the program is done), after a cut it exits 0 once the link is back.
+/// With retries the program ends its pool with `terminate()`, without
+/// with `close()` and `join()`. Last, a rank that outlives rank 0's
+/// verdict is fenced off when its link comes back.
 const LOSSES_OPEN_MPI: &[Case] = &[
     Case {
         name: "four hosts: h3's processes killed, no retries: only its tasks fail, RankLost",
@@ -390,12 +396,12 @@ const LOSSES_OPEN_MPI: &[Case] = &[
             "@mpi_hostloss",
             "may-stay",
         ],
-        has: "mpi-hostloss.sh: kill h3, retries 0: passed",
+        has: "mpi-hostloss.sh: kill h3, retries 0, join: passed",
         limit: LOSS_LIMIT,
         ..CASE
     },
     Case {
-        name: "four hosts: h3's processes killed, retries(1): all 2,000 succeed",
+        name: "four hosts: h3's processes killed, retries(1): all 2,000 succeed; terminate() returns",
         launch: Launch::Alone,
         args: &[
             "bash",
@@ -405,7 +411,8 @@ const LOSSES_OPEN_MPI: &[Case] = &[
             "@mpi_hostloss",
             "may-stay",
         ],
-        has: "mpi-hostloss.sh: kill h3, retries 1: passed",
+        has: "mpi-hostloss.sh: kill h3, retries 1, terminate: passed",
+        env: END_TERMINATE,
         limit: LOSS_LIMIT,
         ..CASE
     },
@@ -420,12 +427,12 @@ const LOSSES_OPEN_MPI: &[Case] = &[
             "@mpi_hostloss",
             "exit=0",
         ],
-        has: "mpi-hostloss.sh: cut h3, retries 0: passed",
+        has: "mpi-hostloss.sh: cut h3, retries 0, join: passed",
         limit: LOSS_LIMIT,
         ..CASE
     },
     Case {
-        name: "four hosts: h3's link cut, retries(1): all 2,000 succeed",
+        name: "four hosts: h3's link cut, retries(1): all 2,000 succeed; terminate() returns",
         launch: Launch::Alone,
         args: &[
             "bash",
@@ -435,7 +442,23 @@ const LOSSES_OPEN_MPI: &[Case] = &[
             "@mpi_hostloss",
             "exit=0",
         ],
-        has: "mpi-hostloss.sh: cut h3, retries 1: passed",
+        has: "mpi-hostloss.sh: cut h3, retries 1, terminate: passed",
+        env: END_TERMINATE,
+        limit: LOSS_LIMIT,
+        ..CASE
+    },
+    Case {
+        name: "four hosts: h3 cut off for 8 s but its rank waits 60 s: once back, it is fenced off",
+        launch: Launch::Alone,
+        args: &[
+            "bash",
+            "%.ci/mpi-hostloss.sh",
+            "fence",
+            "0",
+            "@mpi_hostloss",
+            "exit=0",
+        ],
+        has: "mpi-hostloss.sh: fence h3, retries 0, join: passed",
         limit: LOSS_LIMIT,
         ..CASE
     },
@@ -445,8 +468,9 @@ const LOSSES_OPEN_MPI: &[Case] = &[
 /// only. A killed host ends the whole job there (Hydra's mpiexec fails
 /// when a host's proxy dies), so that case does not apply. After a cut
 /// mpiexec exits with the cut-off rank's status, 75, once the link is
-/// back, or (1 run in 5) dies of SIGPIPE (141) as it writes to the cut
-/// host's closed connection.
+/// back, or now and then fails itself on the cut host's connection: dies
+/// of SIGPIPE (141) as it writes to it, or stops on an assertion (255).
+/// The program's own checks decide the case.
 const LOSSES_MPICH: &[Case] = &[
     Case {
         name: "four hosts: h3's link cut, no retries: only its tasks fail; its rank exits by itself",
@@ -457,14 +481,14 @@ const LOSSES_MPICH: &[Case] = &[
             "cut",
             "0",
             "@mpi_hostloss",
-            "exit=75,141",
+            "exit=75,141,255",
         ],
-        has: "mpi-hostloss.sh: cut h3, retries 0: passed",
+        has: "mpi-hostloss.sh: cut h3, retries 0, join: passed",
         limit: LOSS_LIMIT,
         ..CASE
     },
     Case {
-        name: "four hosts: h3's link cut, retries(1): all 2,000 succeed",
+        name: "four hosts: h3's link cut, retries(1): all 2,000 succeed; terminate() returns",
         launch: Launch::Alone,
         args: &[
             "bash",
@@ -472,9 +496,25 @@ const LOSSES_MPICH: &[Case] = &[
             "cut",
             "1",
             "@mpi_hostloss",
-            "exit=75,141",
+            "exit=75,141,255",
         ],
-        has: "mpi-hostloss.sh: cut h3, retries 1: passed",
+        has: "mpi-hostloss.sh: cut h3, retries 1, terminate: passed",
+        env: END_TERMINATE,
+        limit: LOSS_LIMIT,
+        ..CASE
+    },
+    Case {
+        name: "four hosts: h3 cut off for 8 s but its rank waits 60 s: once back, it is fenced off",
+        launch: Launch::Alone,
+        args: &[
+            "bash",
+            "%.ci/mpi-hostloss.sh",
+            "fence",
+            "0",
+            "@mpi_hostloss",
+            "exit=75,141,255",
+        ],
+        has: "mpi-hostloss.sh: fence h3, retries 0, join: passed",
         limit: LOSS_LIMIT,
         ..CASE
     },
@@ -784,62 +824,76 @@ fn bound_for(cases: &[Case]) -> Duration {
 
 /// On this host: [`ONE_HOST`], with [`STREAMS_IN_MPI_MESSAGES`] after the
 /// chaos run.
-fn one_host(mpi: Mpi) {
+fn one_host_cases() -> Vec<Case> {
     let mut cases = ONE_HOST.to_vec();
     cases.splice(6..6, STREAMS_IN_MPI_MESSAGES.iter().copied());
-    common::bounded_for(bound_for(&cases), move || {
-        let dir = examples(mpi);
-        run_all(&cases, &Launcher::one_host(mpi), &dir);
-    })
+    cases
+}
+
+/// Over four hosts: [`FOUR_HOSTS`], then the losses `mpi` survives.
+fn four_host_cases(mpi: Mpi) -> Vec<Case> {
+    let losses = match mpi {
+        Mpi::OpenMpi => LOSSES_OPEN_MPI,
+        Mpi::Mpich => LOSSES_MPICH,
+    };
+    [FOUR_HOSTS, losses].concat()
+}
+
+/// The cases on this host.
+fn one_host(mpi: Mpi) {
+    let dir = examples(mpi);
+    run_all(&one_host_cases(), &Launcher::one_host(mpi), &dir);
 }
 
 /// `cases` over `n` simulated hosts: network namespaces on a bridge, each
 /// with its own hostname, reaching each other over TCP only. Where they
 /// cannot be made here the script says SKIP, and this fails nothing
 /// (unless PROCPOOL_MPI_REQUIRED is set).
-fn across(n: usize, mpi: Mpi, cases: Vec<Case>) {
-    common::bounded_for(bound_for(&cases), move || {
-        let dir = examples(mpi);
-        let Some(_hosts) = Hosts::up(n, mpi) else {
-            println!("skipped: the runs across {n} hosts; see the SKIP line above");
-            return;
-        };
-        run_all(&cases, &Launcher::across(mpi), &dir);
-    })
+fn across(n: usize, mpi: Mpi, cases: &[Case]) {
+    let dir = examples(mpi);
+    let Some(_hosts) = Hosts::up(n, mpi) else {
+        println!("skipped: the runs across {n} hosts; see the SKIP line above");
+        return;
+    };
+    run_all(cases, &Launcher::across(mpi), &dir);
 }
 
 #[test]
 #[ignore = "needs Open MPI's mpirun and the mpi feature's build tools; .ci/run runs it"]
 fn on_one_host() {
-    one_host(Mpi::OpenMpi)
+    common::bounded_for(bound_for(&one_host_cases()), || one_host(Mpi::OpenMpi))
 }
 
 #[test]
 #[ignore = "needs Open MPI's mpirun, root, and the mpi feature's build tools; .ci/run runs it"]
 fn across_two_simulated_hosts() {
-    across(2, Mpi::OpenMpi, ACROSS.to_vec())
+    common::bounded_for(bound_for(ACROSS), || across(2, Mpi::OpenMpi, ACROSS))
 }
 
 #[test]
 #[ignore = "needs Open MPI's mpirun, root, and the mpi feature's build tools; .ci/run runs it"]
 fn across_four_simulated_hosts() {
-    across(4, Mpi::OpenMpi, [FOUR_HOSTS, LOSSES_OPEN_MPI].concat())
+    common::bounded_for(bound_for(&four_host_cases(Mpi::OpenMpi)), || {
+        across(4, Mpi::OpenMpi, &four_host_cases(Mpi::OpenMpi))
+    })
 }
 
 #[test]
 #[ignore = "needs MPICH's mpiexec and the mpi feature's build tools; .ci/run runs it"]
 fn mpich_on_one_host() {
-    one_host(Mpi::Mpich)
+    common::bounded_for(bound_for(&one_host_cases()), || one_host(Mpi::Mpich))
 }
 
 #[test]
 #[ignore = "needs MPICH's mpiexec, root, and the mpi feature's build tools; .ci/run runs it"]
 fn mpich_across_two_simulated_hosts() {
-    across(2, Mpi::Mpich, ACROSS.to_vec())
+    common::bounded_for(bound_for(ACROSS), || across(2, Mpi::Mpich, ACROSS))
 }
 
 #[test]
 #[ignore = "needs MPICH's mpiexec, root, and the mpi feature's build tools; .ci/run runs it"]
 fn mpich_across_four_simulated_hosts() {
-    across(4, Mpi::Mpich, [FOUR_HOSTS, LOSSES_MPICH].concat())
+    common::bounded_for(bound_for(&four_host_cases(Mpi::Mpich)), || {
+        across(4, Mpi::Mpich, &four_host_cases(Mpi::Mpich))
+    })
 }

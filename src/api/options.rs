@@ -221,7 +221,9 @@ impl<R> MapOptions<R> {
     setters! {
         /// Items per task, as in CPython: every chunk but the last holds
         /// exactly `n` items. Zero counts as 1. Without it, `map` uses
-        /// ceil(n / (4 × workers)) as CPython does, and `imap` and
+        /// ceil(n / (4 × workers)) as CPython does (over MPI ceil(n / (16 ×
+        /// workers)): there a worker holds its next chunk while it runs
+        /// one), and `imap` and
         /// `imap_unordered` size each chunk themselves, from what the pool
         /// learns of the task's run time and of the input's (see
         /// [`Pool::imap`](crate::Pool::imap)); `chunksize(1)` gives CPython's `imap`, one item

@@ -347,8 +347,8 @@ const END_TERMINATE: Option<(&str, &str)> = Some(("END", "terminate"));
 const LOSS_LIMIT: u32 = 240;
 
 /// The runs over four simulated hosts, one rank a host (rank 2 on h3), on
-/// both implementations: the ranks land, and the job of `mpi_hostloss`
-/// without a loss. Then the losses each implementation survives
+/// both implementations: the ranks land, the job of `mpi_hostloss`
+/// without a loss, and the benchmark. Then the losses each implementation survives
 /// ([`LOSSES_OPEN_MPI`], [`LOSSES_MPICH`]).
 const FOUR_HOSTS: &[Case] = &[
     Case {
@@ -371,6 +371,13 @@ const FOUR_HOSTS: &[Case] = &[
         ],
         has: "mpi-hostloss.sh: none h3, retries 0, join: passed",
         limit: LOSS_LIMIT,
+        ..CASE
+    },
+    Case {
+        name: "four hosts: the benchmark runs (MPI beside local)",
+        args: &["-np", "4", "@mpi_bench"],
+        has: "MPI, 3 worker ranks",
+        show: true,
         ..CASE
     },
 ];
@@ -398,6 +405,7 @@ const LOSSES_OPEN_MPI: &[Case] = &[
         ],
         has: "mpi-hostloss.sh: kill h3, retries 0, join: passed",
         limit: LOSS_LIMIT,
+        show: true,
         ..CASE
     },
     Case {
@@ -429,6 +437,7 @@ const LOSSES_OPEN_MPI: &[Case] = &[
         ],
         has: "mpi-hostloss.sh: cut h3, retries 0, join: passed",
         limit: LOSS_LIMIT,
+        show: true,
         ..CASE
     },
     Case {
@@ -485,6 +494,7 @@ const LOSSES_MPICH: &[Case] = &[
         ],
         has: "mpi-hostloss.sh: cut h3, retries 0, join: passed",
         limit: LOSS_LIMIT,
+        show: true,
         ..CASE
     },
     Case {

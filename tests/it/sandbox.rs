@@ -1774,6 +1774,24 @@ fn fd_count() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count() - 1
 }
 
+/// The fds this process holds, once the number has held still for half a
+/// second (at most 10 s).
+fn settled_fd_count() -> usize {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut last = fd_count();
+    let mut since = std::time::Instant::now();
+    while std::time::Instant::now() < end && since.elapsed() < std::time::Duration::from_millis(500)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let now = fd_count();
+        if now != last {
+            last = now;
+            since = std::time::Instant::now();
+        }
+    }
+    last
+}
+
 /// Runs this test binary again with only the ignored helper test `name`,
 /// selected by `PROCPOOL_TEST_HELPER`, so that what it measures of its
 /// process (peak memory, fds) is its own; returns its output.
@@ -1945,7 +1963,10 @@ fn helper_flood_fds() {
             pool.worker_pids()[0]
         };
         let flooder = settled(first);
-        let before = fd_count();
+        // The first worker's output pipes close once the output thread
+        // reads their end, which can come after its replacement is up:
+        // count once the number holds still.
+        let before = settled_fd_count();
         println!("BEFORE= {before}");
         match pool.apply(flood_fds, (2, true)) {
             Err(Error::ProtocolViolation { reason, .. }) => {
@@ -1956,8 +1977,10 @@ fn helper_flood_fds() {
         // Its replacement holds a socket as it did: once it is up, the parent
         // holds what it held before.
         settled(flooder);
+        // No more than before (a pipe counted then may have closed since,
+        // on a loaded machine): the 500 flooded fds are gone.
         assert!(
-            common::eventually(|| fd_count() == before),
+            common::eventually(|| fd_count() <= before),
             "the parent holds {} fds, {before} before the flood",
             fd_count()
         );
@@ -1982,7 +2005,12 @@ fn helper_flood_fds() {
 fn fds_a_worker_floods_the_parent_with_are_closed_at_once() {
     within_bound("the fd flood test", || {
         let out = run_ignored_helper("helper_flood_fds");
-        assert_eq!(reported(&out, "SANDBOXED="), reported(&out, "BEFORE="));
+        // No more than before the flood (fewer if a pipe counted then, of
+        // a worker killed earlier, closed since).
+        assert!(
+            reported(&out, "SANDBOXED=") <= reported(&out, "BEFORE="),
+            "{out}"
+        );
         // The control: without a sandbox they stay for the worker's life.
         assert!(reported(&out, "PLAIN=") >= 500, "{out}");
     });

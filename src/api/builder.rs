@@ -338,7 +338,7 @@ impl PoolBuilder {
     /// tasks fail with [`Error::RankLost`] (or run again elsewhere under
     /// retries), and the pool goes on with the other ranks. Losing rank 0
     /// ends the job: every other rank exits by itself within its
-    /// `rank_timeout`. `docs/mpi.md` ("What holds where") says what each
+    /// `rank_timeout`. `docs/mpi.md` ("Losing a host") says what each
     /// MPI implementation allows.
     ///
     /// ```no_run
@@ -378,7 +378,9 @@ impl PoolBuilder {
     /// bound works the other way: a rank that hears nothing from rank 0
     /// for this long kills its workers and exits, so nothing is left on a
     /// host cut off from the job. Set it longer where a rank may stall
-    /// (a loaded host, a slow network); less than 1 s is an error.
+    /// (a loaded host, a slow network); less than 1 s is an error. It
+    /// also bounds `MPI_Finalize` at the pool's end, which some MPI
+    /// builds can hang in (`docs/mpi.md`).
     #[cfg(any(feature = "mpi", docsrs))]
     #[cfg_attr(docsrs, doc(cfg(feature = "mpi")))]
     pub fn rank_timeout(mut self, limit: std::time::Duration) -> Self {

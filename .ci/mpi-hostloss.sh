@@ -2,7 +2,7 @@
 # One host lost in the middle of an MPI job, on the simulated hosts of
 # .ci/mpi-hosts.sh (up, with MPI_HOSTS=4 and MPI_IMPL set as for it):
 #
-#   mpi-hostloss.sh HOW RETRIES EXAMPLE LAUNCHER
+#   mpi-hostloss.sh HOW RETRIES LAUNCHER EXAMPLE
 #
 # runs EXAMPLE (the path of the mpi_hostloss example, built for MPI_IMPL)
 # with 4 ranks, one a host (rank 0 on h1, ..., rank 2 on h3), with the
@@ -39,8 +39,8 @@ how=${1:?HOW: none, kill, cut or fence}
 retries=${2:?RETRIES}
 # END=terminate: the program ends its pool with terminate().
 export HOSTLOSS_END=${END:-join}
-example=${3:?EXAMPLE}
-want=${4:?LAUNCHER: exit=N or may-stay}
+want=${3:?LAUNCHER: exit=N or may-stay}
+example=${4:?EXAMPLE}
 CUT_FOR=${CUT_FOR:-15}
 LOST_HOST=h3
 LOST_RANK=2

@@ -55,10 +55,13 @@ enum Launch {
     /// After the launcher, with the ranks' hostnames sorted, unique and
     /// joined by commas on one line.
     Hostnames,
+    /// After `bash .ci/mpi-hostloss.sh`, with the `mpi_hostloss` example
+    /// last.
+    HostLoss,
 }
 
 /// One run of an example and what it must show. In `args`, `@NAME` is
-/// the path of example NAME, and `%PATH` a file of this repository.
+/// the path of example NAME.
 #[derive(Clone, Copy)]
 struct Case {
     name: &'static str,
@@ -346,6 +349,19 @@ const END_TERMINATE: Option<(&str, &str)> = Some(("END", "terminate"));
 /// the tasks, a cut lasts 15 s, and the launcher gets 30 s to end.
 const LOSS_LIMIT: u32 = 240;
 
+/// A run of `.ci/mpi-hostloss.sh` with `args` (HOW RETRIES LAUNCHER) on
+/// `mpi_hostloss`, which passes if its output has `has`.
+const fn loss(name: &'static str, args: &'static [&'static str], has: &'static str) -> Case {
+    Case {
+        name,
+        launch: Launch::HostLoss,
+        args,
+        has,
+        limit: LOSS_LIMIT,
+        ..CASE
+    }
+}
+
 /// The runs over four simulated hosts, one rank a host (rank 2 on h3), on
 /// both implementations: the ranks land, the job of `mpi_hostloss`
 /// without a loss, and the benchmark. Then the losses each implementation survives
@@ -358,21 +374,11 @@ const FOUR_HOSTS: &[Case] = &[
         has: "h1,h2,h3,h4",
         ..CASE
     },
-    Case {
-        name: "four hosts: 2,000 tasks, nothing lost",
-        launch: Launch::Alone,
-        args: &[
-            "bash",
-            "%.ci/mpi-hostloss.sh",
-            "none",
-            "0",
-            "@mpi_hostloss",
-            "exit=0",
-        ],
-        has: "mpi-hostloss.sh: none h3, retries 0, join: passed",
-        limit: LOSS_LIMIT,
-        ..CASE
-    },
+    loss(
+        "four hosts: 2,000 tasks, nothing lost",
+        &["none", "0", "exit=0"],
+        "mpi-hostloss.sh: none h3, retries 0, join: passed",
+    ),
     Case {
         name: "four hosts: the benchmark runs (MPI beside local)",
         args: &["-np", "4", "@mpi_bench"],
@@ -393,84 +399,42 @@ const FOUR_HOSTS: &[Case] = &[
 /// verdict is fenced off when its link comes back.
 const LOSSES_OPEN_MPI: &[Case] = &[
     Case {
-        name: "four hosts: h3's processes killed, no retries: only its tasks fail, RankLost",
-        launch: Launch::Alone,
-        args: &[
-            "bash",
-            "%.ci/mpi-hostloss.sh",
-            "kill",
-            "0",
-            "@mpi_hostloss",
-            "may-stay",
-        ],
-        has: "mpi-hostloss.sh: kill h3, retries 0, join: passed",
-        limit: LOSS_LIMIT,
         show: true,
-        ..CASE
+        ..loss(
+            "four hosts: h3's processes killed, no retries: only its tasks fail, RankLost",
+            &["kill", "0", "may-stay"],
+            "mpi-hostloss.sh: kill h3, retries 0, join: passed",
+        )
     },
     Case {
-        name: "four hosts: h3's processes killed, retries(1): all 2,000 succeed; terminate() returns",
-        launch: Launch::Alone,
-        args: &[
-            "bash",
-            "%.ci/mpi-hostloss.sh",
-            "kill",
-            "1",
-            "@mpi_hostloss",
-            "may-stay",
-        ],
-        has: "mpi-hostloss.sh: kill h3, retries 1, terminate: passed",
         env: END_TERMINATE,
-        limit: LOSS_LIMIT,
-        ..CASE
+        ..loss(
+            "four hosts: h3's processes killed, retries(1): all 2,000 succeed; terminate() returns",
+            &["kill", "1", "may-stay"],
+            "mpi-hostloss.sh: kill h3, retries 1, terminate: passed",
+        )
     },
     Case {
-        name: "four hosts: h3's link cut, no retries: only its tasks fail; its rank exits by itself",
-        launch: Launch::Alone,
-        args: &[
-            "bash",
-            "%.ci/mpi-hostloss.sh",
-            "cut",
-            "0",
-            "@mpi_hostloss",
-            "exit=0",
-        ],
-        has: "mpi-hostloss.sh: cut h3, retries 0, join: passed",
-        limit: LOSS_LIMIT,
         show: true,
-        ..CASE
+        ..loss(
+            "four hosts: h3's link cut, no retries: only its tasks fail; its rank exits by itself",
+            &["cut", "0", "exit=0"],
+            "mpi-hostloss.sh: cut h3, retries 0, join: passed",
+        )
     },
     Case {
-        name: "four hosts: h3's link cut, retries(1): all 2,000 succeed; terminate() returns",
-        launch: Launch::Alone,
-        args: &[
-            "bash",
-            "%.ci/mpi-hostloss.sh",
-            "cut",
-            "1",
-            "@mpi_hostloss",
-            "exit=0",
-        ],
-        has: "mpi-hostloss.sh: cut h3, retries 1, terminate: passed",
         env: END_TERMINATE,
-        limit: LOSS_LIMIT,
-        ..CASE
+        ..loss(
+            "four hosts: h3's link cut, retries(1): all 2,000 succeed; terminate() returns",
+            &["cut", "1", "exit=0"],
+            "mpi-hostloss.sh: cut h3, retries 1, terminate: passed",
+        )
     },
-    Case {
-        name: "four hosts: h3 cut off for 8 s but its rank waits 60 s: once back, it is fenced off",
-        launch: Launch::Alone,
-        args: &[
-            "bash",
-            "%.ci/mpi-hostloss.sh",
-            "fence",
-            "0",
-            "@mpi_hostloss",
-            "exit=0",
-        ],
-        has: "mpi-hostloss.sh: fence h3, retries 0, join: passed",
-        limit: LOSS_LIMIT,
-        ..CASE
-    },
+    loss(
+        "four hosts: h3 cut off for 8 s but its rank waits 60 s: once back, it is fenced off",
+        &["fence", "0", "exit=0"],
+        "mpi-hostloss.sh: fence h3, retries 0, join: passed",
+    ),
 ];
 
 /// The same under MPICH 4.0 (Hydra, `-disable-auto-cleanup`): a cut link
@@ -482,52 +446,26 @@ const LOSSES_OPEN_MPI: &[Case] = &[
 /// The program's own checks decide the case.
 const LOSSES_MPICH: &[Case] = &[
     Case {
-        name: "four hosts: h3's link cut, no retries: only its tasks fail; its rank exits by itself",
-        launch: Launch::Alone,
-        args: &[
-            "bash",
-            "%.ci/mpi-hostloss.sh",
-            "cut",
-            "0",
-            "@mpi_hostloss",
-            "exit=75,141,255",
-        ],
-        has: "mpi-hostloss.sh: cut h3, retries 0, join: passed",
-        limit: LOSS_LIMIT,
         show: true,
-        ..CASE
+        ..loss(
+            "four hosts: h3's link cut, no retries: only its tasks fail; its rank exits by itself",
+            &["cut", "0", "exit=75,141,255"],
+            "mpi-hostloss.sh: cut h3, retries 0, join: passed",
+        )
     },
     Case {
-        name: "four hosts: h3's link cut, retries(1): all 2,000 succeed; terminate() returns",
-        launch: Launch::Alone,
-        args: &[
-            "bash",
-            "%.ci/mpi-hostloss.sh",
-            "cut",
-            "1",
-            "@mpi_hostloss",
-            "exit=75,141,255",
-        ],
-        has: "mpi-hostloss.sh: cut h3, retries 1, terminate: passed",
         env: END_TERMINATE,
-        limit: LOSS_LIMIT,
-        ..CASE
+        ..loss(
+            "four hosts: h3's link cut, retries(1): all 2,000 succeed; terminate() returns",
+            &["cut", "1", "exit=75,141,255"],
+            "mpi-hostloss.sh: cut h3, retries 1, terminate: passed",
+        )
     },
-    Case {
-        name: "four hosts: h3 cut off for 8 s but its rank waits 60 s: once back, it is fenced off",
-        launch: Launch::Alone,
-        args: &[
-            "bash",
-            "%.ci/mpi-hostloss.sh",
-            "fence",
-            "0",
-            "@mpi_hostloss",
-            "exit=75,141,255",
-        ],
-        has: "mpi-hostloss.sh: fence h3, retries 0, join: passed",
-        limit: LOSS_LIMIT,
-        ..CASE
-    },
+    loss(
+        "four hosts: h3 cut off for 8 s but its rank waits 60 s: once back, it is fenced off",
+        &["fence", "0", "exit=75,141,255"],
+        "mpi-hostloss.sh: fence h3, retries 0, join: passed",
+    ),
 ];
 
 /// An MPI implementation, and how this file launches with it.
@@ -643,14 +581,10 @@ impl Case {
     /// Its command line: the launcher, then the arguments, with the
     /// examples of `dir`.
     fn argv(&self, launcher: &Launcher, dir: &Path) -> Vec<String> {
-        let args = self.args.iter().map(|a| {
-            if let Some(ex) = a.strip_prefix('@') {
-                dir.join(ex).to_string_lossy().into_owned()
-            } else if let Some(file) = a.strip_prefix('%') {
-                format!("{}/{file}", env!("CARGO_MANIFEST_DIR"))
-            } else {
-                a.to_string()
-            }
+        let example = |ex: &str| dir.join(ex).to_string_lossy().into_owned();
+        let args = self.args.iter().map(|a| match a.strip_prefix('@') {
+            Some(ex) => example(ex),
+            None => a.to_string(),
         });
         let launch = launcher
             .argv
@@ -659,6 +593,15 @@ impl Case {
             .chain(self.env.into_iter().flat_map(|(k, _)| launcher.pass(k)));
         match self.launch {
             Launch::Alone => args.collect(),
+            Launch::HostLoss => {
+                let script = concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/mpi-hostloss.sh");
+                ["bash", script]
+                    .into_iter()
+                    .map(String::from)
+                    .chain(args)
+                    .chain(std::iter::once(example("mpi_hostloss")))
+                    .collect()
+            }
             Launch::Mpirun => launch.chain(args).collect(),
             Launch::Hostnames => ["bash", "-c", HOSTNAMES, "_"]
                 .into_iter()

@@ -283,9 +283,8 @@ struct MpiThread {
 impl MpiThread {
     /// Waits for the thread to end, and returns its exit code; None if
     /// `MPI_Finalize` did not return within the bound. MPICH over UCX's
-    /// TCP transport can hang there now and then (a peer's connection is
-    /// never flushed, even after a barrier): then the process goes on, and
-    /// ends, without it.
+    /// TCP transport can hang there now and then (a rank waits for a peer
+    /// that has moved on): then the process goes on, and ends, without it.
     fn finish(self) -> Option<i32> {
         let _ = self.finishing.recv();
         let deadline = std::time::Instant::now() + self.bound;
